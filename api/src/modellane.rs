@@ -1,0 +1,198 @@
+//! `ModelLane` (cluster-scoped): where models run — a set of warm runner pods with a bounded
+//! queue and a fallback lane.
+
+use k8s_openapi::{
+    api::core::v1::{
+        EmptyDirVolumeSource, EnvVar, HostPathVolumeSource, NFSVolumeSource,
+        PersistentVolumeClaimVolumeSource, ResourceRequirements,
+    },
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// A set of warm GPU runner pods serving one model (Dedicated) or several (Shared).
+// Each printcolumn(...) repeats `type_`; clippy reads that as a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "framelane.dev",
+    version = "v1alpha1",
+    kind = "ModelLane",
+    plural = "modellanes",
+    shortname = "lane",
+    category = "framelane",
+    status = "ModelLaneStatus",
+    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
+    printcolumn(name = "Models", type_ = "string", json_path = ".spec.models"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyRunners"),
+    printcolumn(name = "Queue", type_ = "integer", json_path = ".status.queueDepth"),
+    printcolumn(name = "Fallback", type_ = "string", json_path = ".status.fallback.cause"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("!has(self.spec.fallback) || self.spec.fallback.lane != self.metadata.name").message("spec.fallback.lane must name another lane, not this one")
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.mode != 'Dedicated' || size(self.models) == 1").message("a Dedicated lane serves exactly one model: list one in spec.models, or use mode: Shared"))]
+pub struct ModelLaneSpec {
+    /// `Dedicated`: one model, always loaded and warm. `Shared`: several models, switched
+    /// safely (unload, empty the GPU cache, load) as jobs need them.
+    pub mode: LaneMode,
+    /// Names of the VideoModels this lane serves (exactly one for a Dedicated lane).
+    #[schemars(length(min = 1, max = 16), extend("x-kubernetes-list-type" = "set", "items" = {"type": "string", "minLength": 1, "maxLength": 253}))]
+    pub models: Vec<String>,
+    /// Number of warm runner pods. Never zero: a lane is kept warm so jobs never wait for a
+    /// cold start. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 64))]
+    pub replicas: Option<i32>,
+    /// The runner pods' image, resources, environment and model volume. Fields left out
+    /// come from the operator's configuration (Helm values).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<RunnerTemplate>,
+    /// Queue limits. Left out: the operator's defaults (maxDepth 25, maxWaitSeconds 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueueSpec>,
+    /// Where this lane's jobs go when it cannot run them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<FallbackSpec>,
+}
+
+/// Whether a lane serves one model or several.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum LaneMode {
+    /// One model, loaded once and kept warm.
+    Dedicated,
+    /// Several models, switched as jobs need them.
+    Shared,
+}
+
+/// How the runner pods of a lane look.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RunnerTemplate {
+    /// Container image of the runner (framelane-runner).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub image: Option<String>,
+    /// Compute resources of the runner container, e.g. `limits: {nvidia.com/gpu: 1}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Extra environment variables of the runner container.
+    /// `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` is always set; setting it here
+    /// overrides it and raises a Warning Event and a condition on the lane.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// Volume holding the model packages, mounted read-only into every runner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_volume: Option<LaneVolume>,
+    /// Volume the runners write videos to, under `<namespace>/<job name>/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_volume: Option<LaneVolume>,
+}
+
+/// A volume of the runner pods: exactly one source, with the same shape as in a Pod.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("[has(self.persistentVolumeClaim), has(self.hostPath), has(self.nfs), has(self.emptyDir)].filter(x, x).size() == 1").message("set exactly one of persistentVolumeClaim, hostPath, nfs or emptyDir"))]
+pub struct LaneVolume {
+    /// A PersistentVolumeClaim in the operator's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_volume_claim: Option<PersistentVolumeClaimVolumeSource>,
+    /// A directory on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_path: Option<HostPathVolumeSource>,
+    /// An NFS export.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nfs: Option<NFSVolumeSource>,
+    /// Scratch space that lives as long as the pod (outputs are lost with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub empty_dir: Option<EmptyDirVolumeSource>,
+}
+
+/// Bounds on a lane's queue.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueSpec {
+    /// Most unfinished (Queued or Running) jobs the lane holds. Further creates are
+    /// rejected with HTTP 503 `queue_overloaded`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_depth: Option<i32>,
+    /// Seconds a queued job may wait while the lane has no available runner before it moves
+    /// to the fallback lane (or fails with reason `QueueWaitTimeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub max_wait_seconds: Option<i32>,
+}
+
+/// Where a lane's jobs go when it cannot run them.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct FallbackSpec {
+    /// Name of the ModelLane that takes this lane's jobs while it is in fallback. It must
+    /// serve this lane's models.
+    #[schemars(length(min = 1, max = 253))]
+    pub lane: String,
+    /// The manual switch: `true` sends new jobs to the fallback lane now (cause `manual`).
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// What the operator last observed about a lane.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelLaneStatus {
+    /// `Ready`: every runner fresh. `Degraded`: some runners fresh. `Unavailable`: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<LanePhase>,
+    /// Runners whose heartbeat Lease is fresh.
+    #[serde(default)]
+    pub ready_runners: i32,
+    /// Unfinished (Queued or Running) jobs admitted to this lane.
+    #[serde(default)]
+    pub queue_depth: i32,
+    /// Whether new jobs for this lane's models go to its fallback lane, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<FallbackStatus>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Standard conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// How well a lane can run jobs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum LanePhase {
+    /// Every runner has a fresh heartbeat.
+    Ready,
+    /// At least one, but not every, runner has a fresh heartbeat.
+    Degraded,
+    /// No runner has a fresh heartbeat.
+    Unavailable,
+}
+
+/// A lane's fallback state.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct FallbackStatus {
+    /// Whether new jobs for this lane's models go to the fallback lane.
+    pub active: bool,
+    /// Why the lane is in fallback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<FallbackCause>,
+    /// When the lane entered fallback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Time>,
+}
+
+/// Why a lane is in fallback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum FallbackCause {
+    /// Its pods cannot be scheduled, or no runner has been fresh for 60 s.
+    Capacity,
+    /// Pod creation is refused by a ResourceQuota.
+    Quota,
+    /// An admin set `spec.fallback.force: true`.
+    Manual,
+}

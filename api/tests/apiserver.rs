@@ -1,0 +1,630 @@
+//! The API types as the real kube-apiserver of the local control plane serves them: the CRDs
+//! install, valid objects round-trip, every schema rule rejects bad input with a message
+//! naming the field, a VideoJob's spec cannot change, and kubectl shows the printer columns
+//! and the field documentation.
+
+use std::{fs, path::Path, process::Output, time::Duration};
+
+use anyhow::{Context, Result, bail, ensure};
+use framelane_api::{ModelLane, VideoJob, VideoModel};
+use framelane_testenv::TestEnv;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams},
+};
+use serde_json::{Value, json};
+
+/// Objects from `examples/`, so the samples a user applies are proven valid too.
+fn example(file: &str, name: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(file);
+    let text = fs::read_to_string(&path).expect("example file exists");
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| {
+            serde_yaml::from_value::<Value>(serde_yaml::Value::deserialize(doc).unwrap()).unwrap()
+        })
+        .find(|obj| obj["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("{} has no object named {name}", path.display()))
+}
+
+use serde::Deserialize as _;
+
+/// A name no other test run uses, for cluster-scoped objects.
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{prefix}-{}-{nanos}", std::process::id())
+}
+
+fn dynamic<K: Resource<DynamicType = ()>>(
+    client: kube::Client,
+    ns: Option<&str>,
+) -> Api<DynamicObject> {
+    let ar = ApiResource::erase::<K>(&());
+    match ns {
+        Some(ns) => Api::namespaced_with(client, ns, &ar),
+        None => Api::all_with(client, &ar),
+    }
+}
+
+/// Creates `obj` and expects the API server to refuse it as Invalid (422) with a cause on
+/// `field` whose message contains `hint`.
+async fn expect_invalid(
+    api: &Api<DynamicObject>,
+    obj: Value,
+    field: &str,
+    hint: &str,
+) -> Result<()> {
+    let obj: DynamicObject = serde_json::from_value(obj)?;
+    let status = match api.create(&PostParams::default(), &obj).await {
+        Ok(_) => bail!("the API server accepted an object that breaks `{field}` ({hint})"),
+        Err(kube::Error::Api(status)) => status,
+        Err(e) => return Err(e.into()),
+    };
+    ensure!(
+        status.code == 422,
+        "expected 422 for `{field}`, got {}: {}",
+        status.code,
+        status.message
+    );
+    let causes = status
+        .details
+        .as_ref()
+        .map(|d| d.causes.clone())
+        .unwrap_or_default();
+    ensure!(
+        causes
+            .iter()
+            .any(|c| c.field == field && c.message.contains(hint)),
+        "no cause on `{field}` mentioning {hint:?}; the API server said: {}",
+        status.message
+    );
+    ensure!(
+        status.message.contains(field),
+        "message does not name `{field}`: {}",
+        status.message
+    );
+    Ok(())
+}
+
+fn with(mut obj: Value, pointer: &str, value: Value) -> Value {
+    let (parent, key) = pointer.rsplit_once('/').expect("a JSON pointer");
+    let target = obj
+        .pointer_mut(parent)
+        .expect("parent exists in the example");
+    match value {
+        Value::Null => {
+            target.as_object_mut().unwrap().remove(key);
+        }
+        v => target[key] = v,
+    }
+    obj
+}
+
+fn stdout(out: Output) -> Result<String> {
+    ensure!(
+        out.status.success(),
+        "kubectl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+#[tokio::test]
+async fn crds_install_and_become_established() -> Result<()> {
+    let env = TestEnv::get()?;
+    let crds: Api<CustomResourceDefinition> = Api::all(env.client().await?);
+    for (_, crd) in framelane_api::crds::all() {
+        let name = crd.name_any();
+        crds.patch(
+            &name,
+            &PatchParams::apply("framelane-tests").force(),
+            &Patch::Apply(&crd),
+        )
+        .await?;
+        let mut established = false;
+        for _ in 0..60 {
+            let got = crds.get(&name).await?;
+            let conditions = got.status.and_then(|s| s.conditions).unwrap_or_default();
+            if conditions
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+            {
+                established = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        ensure!(established, "CRD {name} never became Established");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn valid_objects_of_each_kind_round_trip() -> Result<()> {
+    let env = TestEnv::get()?;
+    let ns = env.namespace("roundtrip").await?;
+    let client = env.client().await?;
+
+    let mut model: VideoModel = serde_json::from_value(example("videomodels.yaml", "phr00t"))?;
+    model.metadata.name = Some(unique("phr00t"));
+    let models: Api<VideoModel> = Api::all(client.clone());
+    let created = models.create(&PostParams::default(), &model).await?;
+    assert_eq!(
+        created.spec, model.spec,
+        "VideoModel spec changed on the way through the API server"
+    );
+    assert_eq!(created.spec.fixed_parameters.cfg, Some(1.0));
+
+    let mut lane: ModelLane = serde_json::from_value(example("modellanes.yaml", "anisora"))?;
+    lane.metadata.name = Some(unique("anisora"));
+    let lanes: Api<ModelLane> = Api::all(client.clone());
+    let created = lanes.create(&PostParams::default(), &lane).await?;
+    assert_eq!(
+        created.spec, lane.spec,
+        "ModelLane spec changed on the way through the API server"
+    );
+
+    let job: VideoJob = serde_json::from_value(example("videojob.yaml", "cat-on-beach"))?;
+    let jobs: Api<VideoJob> = ns.api();
+    let created = jobs.create(&PostParams::default(), &job).await?;
+    assert_eq!(
+        created.spec, job.spec,
+        "VideoJob spec changed on the way through the API server"
+    );
+    assert!(
+        created.status.is_none(),
+        "a new VideoJob has no status until the operator writes one"
+    );
+
+    // Status is a subresource: written through /status, ignored on the main resource.
+    let status = json!({"status": {"phase": "Queued", "lane": "anisora", "queuePosition": 1,
+        "progress": {"stage": "Denoising", "step": 3, "totalSteps": 8, "percent": 41}}});
+    let patched = jobs
+        .patch_status(
+            "cat-on-beach",
+            &PatchParams::default(),
+            &Patch::Merge(&status),
+        )
+        .await?;
+    let got = patched.status.context("status after /status patch")?;
+    assert_eq!(got.queue_position, Some(1));
+    assert_eq!(got.progress.map(|p| p.percent), Some(41));
+    let ignored = json!({"status": {"phase": "Failed"}});
+    let after = jobs
+        .patch(
+            "cat-on-beach",
+            &PatchParams::default(),
+            &Patch::Merge(&ignored),
+        )
+        .await?;
+    assert_eq!(
+        after.status.and_then(|s| s.phase),
+        Some(framelane_api::videojob::JobPhase::Queued),
+        "writing status through the main resource must not change it"
+    );
+
+    models
+        .delete(&model.name_any(), &Default::default())
+        .await?;
+    lanes.delete(&lane.name_any(), &Default::default()).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn videojob_schema_rules_reject_bad_input_naming_the_field() -> Result<()> {
+    let env = TestEnv::get()?;
+    let ns = env.namespace("jobschema").await?;
+    let api = dynamic::<VideoJob>(env.client().await?, Some(&ns.name));
+    let good = with(
+        example("videojob.yaml", "cat-on-beach"),
+        "/metadata/namespace",
+        json!(ns.name),
+    );
+    let long = |n: usize| json!("x".repeat(n));
+    let cases: Vec<(&str, Value, &str, &str)> = vec![
+        (
+            "/spec/width",
+            json!(128),
+            "spec.width",
+            "greater than or equal to 256",
+        ),
+        ("/spec/width", json!(840), "spec.width", "multiple of 16"),
+        (
+            "/spec/height",
+            json!(8192),
+            "spec.height",
+            "less than or equal to 4096",
+        ),
+        ("/spec/height", json!(488), "spec.height", "multiple of 16"),
+        ("/spec/frames", json!(80), "spec.frames", "4k+1"),
+        (
+            "/spec/frames",
+            json!(0),
+            "spec.frames",
+            "greater than or equal to 1",
+        ),
+        (
+            "/spec/prompt",
+            json!(""),
+            "spec.prompt",
+            "at least 1 chars long",
+        ),
+        (
+            "/spec/prompt",
+            json!("  \t "),
+            "spec.prompt",
+            "non-whitespace",
+        ),
+        (
+            "/spec/prompt",
+            long(2001),
+            "spec.prompt",
+            "may not be more than 2000",
+        ),
+        (
+            "/spec/negativePrompt",
+            long(1001),
+            "spec.negativePrompt",
+            "may not be more than 1000",
+        ),
+        (
+            "/spec/seed",
+            json!(-2),
+            "spec.seed",
+            "greater than or equal to -1",
+        ),
+        (
+            "/spec/seed",
+            json!(4294967296_i64),
+            "spec.seed",
+            "less than or equal to 4294967295",
+        ),
+        (
+            "/spec/steps",
+            json!(0),
+            "spec.steps",
+            "greater than or equal to 1",
+        ),
+        (
+            "/spec/cfg",
+            json!(-1.0),
+            "spec.cfg",
+            "greater than or equal to 0",
+        ),
+        (
+            "/spec/fps",
+            json!(0),
+            "spec.fps",
+            "greater than or equal to 1",
+        ),
+        (
+            "/spec/mode",
+            json!("v2v"),
+            "spec.mode",
+            "supported values: \"t2v\", \"i2v\"",
+        ),
+        (
+            "/spec/mode",
+            json!("i2v"),
+            "spec.image",
+            "spec.image is required when mode is i2v",
+        ),
+        ("/spec/model", Value::Null, "spec.model", "Required value"),
+        (
+            "/spec/ttlSecondsAfterFinished",
+            json!(-1),
+            "spec.ttlSecondsAfterFinished",
+            "greater than or equal to 0",
+        ),
+    ];
+    for (i, (pointer, value, field, hint)) in cases.into_iter().enumerate() {
+        let bad = with(
+            with(good.clone(), "/metadata/name", json!(format!("bad-{i}"))),
+            pointer,
+            value,
+        );
+        expect_invalid(&api, bad, field, hint)
+            .await
+            .with_context(|| format!("case {pointer}"))?;
+    }
+    // The i2v rule is satisfied by an image, and -1 means a random seed.
+    let ok = with(
+        with(good.clone(), "/spec/mode", json!("i2v")),
+        "/spec/image",
+        json!("inputs/cat.png"),
+    );
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(with(ok, "/spec/seed", json!(-1)))?,
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn modellane_schema_rules_reject_bad_input_naming_the_field() -> Result<()> {
+    let env = TestEnv::get()?;
+    let api = dynamic::<ModelLane>(env.client().await?, None);
+    let name = unique("lane");
+    let good = with(
+        example("modellanes.yaml", "anisora"),
+        "/metadata/name",
+        json!(name),
+    );
+    let cases: Vec<(&str, Value, &str, &str)> = vec![
+        (
+            "/spec/mode",
+            json!("Exclusive"),
+            "spec.mode",
+            "supported values: \"Dedicated\", \"Shared\"",
+        ),
+        (
+            "/spec/models",
+            json!(["anisora", "phr00t"]),
+            "spec",
+            "a Dedicated lane serves exactly one model",
+        ),
+        (
+            "/spec/models",
+            json!([]),
+            "spec.models",
+            "should have at least 1 items",
+        ),
+        (
+            "/spec/replicas",
+            json!(0),
+            "spec.replicas",
+            "greater than or equal to 1",
+        ),
+        (
+            "/spec/queue/maxDepth",
+            json!(0),
+            "spec.queue.maxDepth",
+            "greater than or equal to 1",
+        ),
+        (
+            "/spec/queue/maxWaitSeconds",
+            json!(0),
+            "spec.queue.maxWaitSeconds",
+            "greater than or equal to 1",
+        ),
+        (
+            "/spec/runner/modelVolume",
+            json!({"persistentVolumeClaim": {"claimName": "models"}, "hostPath": {"path": "/models"}}),
+            "spec.runner.modelVolume",
+            "set exactly one of persistentVolumeClaim, hostPath, nfs or emptyDir",
+        ),
+        (
+            "/spec/fallback/lane",
+            json!(name),
+            "<nil>",
+            "spec.fallback.lane must name another lane",
+        ),
+    ];
+    for (pointer, value, field, hint) in cases {
+        expect_invalid(&api, with(good.clone(), pointer, value), field, hint)
+            .await
+            .with_context(|| format!("case {pointer}"))?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn videomodel_schema_rules_reject_bad_input_naming_the_field() -> Result<()> {
+    let env = TestEnv::get()?;
+    let api = dynamic::<VideoModel>(env.client().await?, None);
+    let good = with(
+        example("videomodels.yaml", "anisora"),
+        "/metadata/name",
+        json!(unique("model")),
+    );
+    let cases: Vec<(&str, Value, &str, &str)> = vec![
+        (
+            "/spec/fixedParameters/steps",
+            json!(0),
+            "spec.fixedParameters.steps",
+            "greater than or equal to 1",
+        ),
+        (
+            "/spec/defaults/width",
+            json!(500),
+            "spec.defaults.width",
+            "multiple of 16",
+        ),
+        (
+            "/spec/defaults/frames",
+            json!(80),
+            "spec.defaults.frames",
+            "4k+1",
+        ),
+        (
+            "/spec/package/path",
+            json!("../etc"),
+            "spec.package.path",
+            "relative path inside the model volume",
+        ),
+        (
+            "/spec/modes",
+            json!([]),
+            "spec.modes",
+            "should have at least 1 items",
+        ),
+        (
+            "/spec/modes",
+            json!(["t2v", "t2v"]),
+            "spec.modes[1]",
+            "Duplicate value",
+        ),
+        (
+            "/spec/modes",
+            json!(["x2v"]),
+            "spec.modes[0]",
+            "supported values: \"t2v\", \"i2v\"",
+        ),
+    ];
+    for (pointer, value, field, hint) in cases {
+        expect_invalid(&api, with(good.clone(), pointer, value), field, hint)
+            .await
+            .with_context(|| format!("case {pointer}"))?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn videojob_spec_is_immutable_but_labels_are_not() -> Result<()> {
+    let env = TestEnv::get()?;
+    let ns = env.namespace("immutable").await?;
+    let jobs: Api<VideoJob> = ns.api();
+    let job: VideoJob = serde_json::from_value(example("videojob.yaml", "cat-on-beach"))?;
+    jobs.create(&PostParams::default(), &job).await?;
+
+    let change = json!({"spec": {"prompt": "a dog surfing at dawn"}});
+    match jobs
+        .patch(
+            "cat-on-beach",
+            &PatchParams::default(),
+            &Patch::Merge(&change),
+        )
+        .await
+    {
+        Ok(_) => bail!("the API server let a VideoJob's spec change"),
+        Err(kube::Error::Api(s)) => {
+            ensure!(s.code == 422, "expected 422, got {}: {}", s.code, s.message);
+            ensure!(
+                s.message.contains("spec: Invalid value")
+                    && s.message.contains("spec is immutable"),
+                "unclear refusal: {}",
+                s.message
+            );
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let labels = json!({"metadata": {"labels": {"team": "a"}}});
+    let after = jobs
+        .patch(
+            "cat-on-beach",
+            &PatchParams::default(),
+            &Patch::Merge(&labels),
+        )
+        .await?;
+    assert_eq!(after.spec.prompt, "a cat surfing at dusk");
+    assert_eq!(after.labels().get("team").map(String::as_str), Some("a"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn kubectl_shows_printer_columns_short_names_and_docs() -> Result<()> {
+    let env = TestEnv::get()?;
+    let ns = env.namespace("kubectl").await?;
+    let jobs: Api<VideoJob> = ns.api();
+    let job: VideoJob = serde_json::from_value(example("videojob.yaml", "cat-on-beach"))?;
+    jobs.create(&PostParams::default(), &job).await?;
+    let status = json!({"status": {"phase": "Running", "lane": "anisora",
+        "progress": {"stage": "Denoising", "step": 3, "totalSteps": 8, "percent": 41}}});
+    jobs.patch_status(
+        "cat-on-beach",
+        &PatchParams::default(),
+        &Patch::Merge(&status),
+    )
+    .await?;
+
+    let out = stdout(ns.kubectl().args(["get", "videojobs"]).output()?)?;
+    let mut lines = out.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "MODEL", "PHASE", "LANE", "PROGRESS", "AGE"],
+        "{out}"
+    );
+    let row: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        &row[..5],
+        ["cat-on-beach", "anisora", "Running", "anisora", "41"],
+        "{out}"
+    );
+    let short = stdout(ns.kubectl().args(["get", "vj", "-o", "name"]).output()?)?;
+    assert_eq!(short.trim(), "videojob.framelane.dev/cat-on-beach");
+    let category = stdout(
+        ns.kubectl()
+            .args(["get", "framelane", "-o", "name"])
+            .output()?,
+    )?;
+    assert!(
+        category.contains("videojob.framelane.dev/cat-on-beach"),
+        "{category}"
+    );
+
+    let lanes: Api<ModelLane> = Api::all(env.client().await?);
+    let mut lane: ModelLane = serde_json::from_value(example("modellanes.yaml", "anisora"))?;
+    let name = unique("cols");
+    lane.metadata.name = Some(name.clone());
+    lanes.create(&PostParams::default(), &lane).await?;
+    let status = json!({"status": {"phase": "Ready", "readyRunners": 1, "queueDepth": 3,
+        "fallback": {"active": true, "cause": "capacity"}}});
+    lanes
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
+    let out = stdout(env.kubectl().args(["get", "lane", &name]).output()?)?;
+    let mut lines = out.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "NAME", "MODE", "MODELS", "READY", "QUEUE", "FALLBACK", "AGE"
+        ],
+        "{out}"
+    );
+    let row: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        &row[..6],
+        [
+            name.as_str(),
+            "Dedicated",
+            "[\"anisora\"]",
+            "1",
+            "3",
+            "capacity"
+        ],
+        "{out}"
+    );
+    lanes.delete(&name, &Default::default()).await?;
+
+    let explain = stdout(
+        env.kubectl()
+            .args(["explain", "videojob.spec.steps"])
+            .output()?,
+    )?;
+    assert!(explain.contains("FIELD: steps <integer>"), "{explain}");
+    assert!(
+        explain.contains("Fixed by the model (anisora: 8, phr00t: 4)"),
+        "{explain}"
+    );
+    let explain = stdout(
+        env.kubectl()
+            .args(["explain", "modellane.spec.fallback.force"])
+            .output()?,
+    )?;
+    assert!(explain.contains("The manual switch"), "{explain}");
+    Ok(())
+}

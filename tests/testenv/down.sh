@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Stops the testenv control plane that tests/testenv/up.sh started for this checkout and removes
+# its state ($REPO/.testenv and $REPO/.testenv.lock). Safe to run at any time: after a failed or
+# interrupted up.sh, or when nothing is running (exit 0). It only ever signals processes that
+# were started from this checkout's .testenv, so other checkouts' testenvs are left alone.
+#
+# Internal knobs, used by up.sh when it tears down after a failure:
+#   TESTENV_LOCK_HELD=1  the caller already holds the lock: do not take it, do not delete it.
+#   TESTENV_KEEP_LOGS=1  keep .testenv/logs so the failure can be inspected.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(git -C "$HERE" rev-parse --show-toplevel)
+STATE="$REPO/.testenv"
+LOCK="$REPO/.testenv.lock"
+
+log() { echo "testenv: $*" >&2; }
+
+# Same lock as up.sh, so a down.sh never tears down under an up.sh that is still starting.
+# We delete the lock file at the end; anyone who was waiting on it then holds a lock on a
+# deleted file, which is why the lock is only trusted when it is still the file at $LOCK.
+take_lock() {
+  while :; do
+    exec 9>>"$LOCK"
+    if ! flock -n 9; then
+      log "waiting for another up.sh/down.sh of this checkout to finish (lock $LOCK)"
+      flock 9
+    fi
+    if [ "$LOCK" -ef /dev/fd/9 ]; then return 0; fi
+    exec 9>&-
+  done
+}
+
+# Prints the pids of the live processes of one component of this checkout's testenv.
+pids_of() { # component
+  local pid args
+  # From its pid file first...
+  pid=$(cat "$STATE/$1.pid" 2>/dev/null || true)
+  if [[ "$pid" =~ ^[0-9]+$ ]] && is_ours "$1" "$pid"; then echo "$pid"; fi
+  # ...then a sweep, for a process whose pid file was never written (up.sh killed between
+  # starting it and recording it) or was deleted by hand together with .testenv.
+  while read -r pid args; do
+    if matches "$1" "$args"; then echo "$pid"; fi
+  done < <(ps -eo pid=,args= 2>/dev/null || true)
+}
+
+# A process is ours if it runs the component's binary and names our state dir in its
+# arguments (every component is started with a path inside it), so a stale pid file whose pid
+# got reused, or another checkout's testenv, is never signalled.
+matches() { # component args
+  local exe=${2%% *}
+  [ "${exe##*/}" = "$1" ] && [[ "$2" == *"$STATE/"* ]]
+}
+is_ours() { # component pid
+  local args
+  args=$(ps -o args= -p "$2" 2>/dev/null) || return 1
+  matches "$1" "$args"
+}
+
+# Signals a process and, when it leads its own process group (up.sh starts every component
+# with setsid), the whole group, so nothing it forked survives.
+signal() { # SIG pid
+  local pgid
+  pgid=$(ps -o pgid= -p "$2" 2>/dev/null | tr -d ' ' || true)
+  if [ "$pgid" = "$2" ]; then kill -"$1" -- "-$2" 2>/dev/null || true; fi
+  kill -"$1" "$2" 2>/dev/null || true
+}
+
+# Waits up to 5 s for the pids to exit; returns the ones still alive in $left.
+wait_gone() { # pids...
+  local p
+  for _ in $(seq 50); do
+    left=()
+    for p in "$@"; do kill -0 "$p" 2>/dev/null && left+=("$p"); done
+    [ "${#left[@]}" -eq 0 ] && return 0
+    sleep 0.1
+  done
+}
+
+# SIGTERM, then SIGKILL whatever is still there after a few seconds.
+stop() { # component...
+  local pids
+  mapfile -t pids < <(for c in "$@"; do pids_of "$c"; done | sort -un)
+  [ "${#pids[@]}" -gt 0 ] || return 0
+  log "stopping $* (pid ${pids[*]})"
+  for p in "${pids[@]}"; do signal TERM "$p"; done
+  wait_gone "${pids[@]}"
+  if [ "${#left[@]}" -gt 0 ]; then
+    log "killing ${left[*]} (still running 5 s after SIGTERM)"
+    for p in "${left[@]}"; do signal KILL "$p"; done
+    wait_gone "${left[@]}"
+  fi
+}
+
+if [ "${TESTENV_LOCK_HELD:-}" != 1 ]; then take_lock; fi
+
+# etcd last: stopped together with the apiserver, etcd waits on the apiserver's open watches
+# and both need SIGKILL; after it, each wave exits in a second or two.
+stop kwok kube-scheduler kube-controller-manager kube-apiserver
+stop etcd
+
+if [ "${TESTENV_KEEP_LOGS:-}" = 1 ] && [ -d "$STATE/logs" ]; then
+  find "$STATE" -mindepth 1 -maxdepth 1 ! -name logs -exec rm -rf {} +
+else
+  rm -rf "$STATE"
+fi
+# Deleted while we hold it; a waiter notices (see take_lock) and locks the new file.
+if [ "${TESTENV_LOCK_HELD:-}" != 1 ]; then rm -f "$LOCK"; fi

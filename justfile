@@ -12,9 +12,10 @@ default:
 tools:
     @tests/testenv/tools.sh
 
-# Start the local control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok, 2 fake GPU nodes) with the CRDs installed.
+# Start the local control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok, 2 fake GPU nodes) with the CRDs installed, and framelane-operator from this checkout.
 up:
     tests/testenv/up.sh
+    tests/testenv/operator.sh
 
 # Stop the local control plane and remove its state.
 down:
@@ -25,14 +26,23 @@ demo: up
     #!/usr/bin/env bash
     set -euo pipefail
     kubectl="$(tests/testenv/tools.sh)/kubectl"
+    "$kubectl" apply -f tests/testenv/volumes.yaml
     "$kubectl" apply -f examples/videomodels.yaml -f examples/modellanes.yaml
+    "$kubectl" delete -n default videojob cat-on-beach --ignore-not-found --wait
     "$kubectl" apply -n default -f examples/videojob.yaml
-    "$kubectl" get nodes -o custom-columns=NODE:.metadata.name,READY:.status.conditions[-1].type,GPUS:.status.allocatable.nvidia\\.com/gpu
+    "$kubectl" wait -n default --for=jsonpath='{.status.phase}'=Queued videojob/cat-on-beach --timeout=30s
+    "$kubectl" wait -n framelane-system --for=condition=Ready pod -l framelane.dev/lane=anisora --timeout=60s
+    "$kubectl" get nodes -o 'custom-columns=NODE:.metadata.name,READY:.status.conditions[?(@.type=="Ready")].status,GPUS:.status.allocatable.nvidia\.com/gpu'
     "$kubectl" get videomodels
     "$kubectl" get modellanes
-    "$kubectl" get videojobs -A
+    "$kubectl" get pods -n framelane-system -o wide
+    "$kubectl" get videojobs -n default
+    "$kubectl" describe videojob -n default cat-on-beach | sed -n '/^Events:/,$p'
+
     echo
-    echo "The control plane keeps running. Try: export KUBECONFIG=$KUBECONFIG; kubectl explain videojob.spec"
+    echo "The runner pods are kwok pods that run no code, so nothing claims the job: with no runner"
+    echo "heartbeat, it fails with QueueWaitTimeout after the lane's maxWaitSeconds (30 s)."
+    echo "The control plane keeps running. Try: export KUBECONFIG=$KUBECONFIG; kubectl get vj -w"
     echo "Stop it with: just down"
 
 # Regenerate crds/ from the Rust types in api/.
@@ -49,3 +59,8 @@ lint:
 test: tools lint
     tests/testenv/up.sh
     cargo test --workspace
+
+# Benchmarks against the local control plane; record the figures in docs/benchmarks.md.
+bench: tools
+    tests/testenv/up.sh
+    cargo bench -p framelane-operator --bench queue

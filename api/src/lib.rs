@@ -7,8 +7,10 @@
 
 pub mod crds;
 pub mod modellane;
+pub mod runner;
 pub mod videojob;
 pub mod videomodel;
+pub mod wellknown;
 
 pub use modellane::{ModelLane, ModelLaneSpec, ModelLaneStatus};
 pub use videojob::{VideoJob, VideoJobSpec, VideoJobStatus};

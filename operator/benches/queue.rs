@@ -1,0 +1,142 @@
+//! `just bench`: VideoJobs created as fast as the API server takes them, against the
+//! operator (release build) on the local control plane. Prints create→Queued latency
+//! (p50/p99), jobs admitted per second, and the operator's resident memory with 10,000
+//! VideoJobs in its caches.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use framelane_api::{VideoJob, videojob::JobPhase};
+use futures::{StreamExt, TryStreamExt, stream};
+use kube::{
+    ResourceExt,
+    runtime::{WatchStreamExt, watcher},
+};
+use serde_json::json;
+use support::{Fixture, eventually, phase};
+
+const FIRST: usize = 1_000;
+const TOTAL: usize = 10_000;
+const CONCURRENCY: usize = 32;
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let fx = Fixture::new("bench").await?;
+    let model = fx.model("anisora", 8, None).await?;
+    fx.lane(
+        "anisora",
+        &[&model],
+        json!({"queue": {"maxDepth": 10000, "maxWaitSeconds": 86400}}),
+    )
+    .await?;
+    let op = fx.operator("bench")?;
+    eventually(30, "the operator to lead", || async {
+        Ok(op
+            .metrics()
+            .await?
+            .contains("framelane_leader 1")
+            .then_some(()))
+    })
+    .await?;
+
+    // When the watch first shows each job Queued.
+    let queued_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let seen = queued_at.clone();
+    let watch = tokio::spawn(
+        watcher(fx.jobs.clone(), watcher::Config::default())
+            .applied_objects()
+            .try_for_each(move |job: VideoJob| {
+                if phase(&job) == Some(JobPhase::Queued) {
+                    seen.lock()
+                        .unwrap()
+                        .entry(job.name_any())
+                        .or_insert_with(Instant::now);
+                }
+                futures::future::ready(Ok(()))
+            }),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let started = Instant::now();
+    let created: Vec<(String, Instant)> = stream::iter(0..FIRST)
+        .map(|i| {
+            let fx = &fx;
+            let model = &model;
+            async move {
+                let name = format!("job-{i:05}");
+                let t = Instant::now();
+                fx.create_job(name.clone(), model).await.map(|_| (name, t))
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .try_collect()
+        .await?;
+    let create_secs = started.elapsed().as_secs_f64();
+    eventually(120, "1,000 jobs Queued", || async {
+        Ok((queued_at.lock().unwrap().len() >= FIRST).then_some(()))
+    })
+    .await?;
+    let seen = queued_at.lock().unwrap().clone();
+    let mut latencies: Vec<f64> = created
+        .iter()
+        .map(|(name, t)| seen[name].duration_since(*t).as_secs_f64() * 1000.0)
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let last_queued = seen.values().max().copied().unwrap_or(started);
+    let pct =
+        |p: f64| latencies[((latencies.len() as f64 * p).ceil() as usize).min(latencies.len()) - 1];
+    println!("create→Queued over {FIRST} jobs (concurrency {CONCURRENCY}):");
+    println!(
+        "  creates/s accepted by the API server: {:.0}",
+        FIRST as f64 / create_secs
+    );
+    println!(
+        "  jobs admitted (Queued) per second:    {:.0}",
+        FIRST as f64 / last_queued.duration_since(started).as_secs_f64()
+    );
+    println!(
+        "  latency p50: {:.1} ms   p99: {:.1} ms   max: {:.1} ms",
+        pct(0.50),
+        pct(0.99),
+        pct(1.0)
+    );
+
+    stream::iter(FIRST..TOTAL)
+        .map(|i| {
+            let fx = &fx;
+            let model = &model;
+            async move {
+                fx.create_job(format!("job-{i:05}"), model)
+                    .await
+                    .map(|_| ())
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .try_collect::<Vec<()>>()
+        .await?;
+    eventually(600, "10,000 jobs Queued", || async {
+        Ok((queued_at.lock().unwrap().len() >= TOTAL).then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", op.child.id()))?;
+    let rss_kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("0")
+        .parse()?;
+    println!(
+        "operator resident memory with {TOTAL} VideoJobs cached: {:.1} MiB",
+        rss_kib / 1024.0
+    );
+    watch.abort();
+    Ok(())
+}

@@ -1,0 +1,28 @@
+//! Reconcile errors; each variant is a label of `framelane_reconcile_errors_total`.
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the object changed while it was being updated; it is reconciled again")]
+    Conflict,
+    #[error("the API server refused a request: {0}")]
+    Kube(#[source] kube::Error),
+}
+
+impl Error {
+    /// The metric label of the error.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Conflict => "conflict",
+            Error::Kube(_) => "kube_api",
+        }
+    }
+}
+
+impl From<kube::Error> for Error {
+    fn from(e: kube::Error) -> Self {
+        match e {
+            kube::Error::Api(s) if s.code == 409 => Error::Conflict,
+            e => Error::Kube(e),
+        }
+    }
+}

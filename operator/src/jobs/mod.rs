@@ -1,0 +1,504 @@
+//! The VideoJob controller: admits new jobs to their lane, times out jobs whose lane has no
+//! runner, requeues jobs whose runner died, cancels deleted jobs, and deletes finished jobs
+//! after their TTL. Only the leader runs it.
+
+pub mod decide;
+
+use std::{sync::Arc, time::Duration};
+
+use framelane_api::{
+    VideoJob,
+    runner::{fresh_until, set_condition},
+    videojob::{JobPhase, LaneAssignment, VideoJobStatus},
+    wellknown::{JOB_FINALIZER, Reason, job_condition},
+};
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+    runtime::{
+        controller::Action,
+        events::{Event, EventType},
+    },
+};
+use rand::Rng;
+use serde_json::json;
+
+use self::decide::{Decision, Facts, decide};
+use crate::{
+    context::Context, context::route, error::Error, index::key_of, metrics::FinishedLabels,
+};
+
+pub async fn reconcile(job: Arc<VideoJob>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let result = reconcile_inner(&job, &ctx).await;
+    let labels = crate::metrics::ControllerLabels {
+        controller: "videojob".into(),
+    };
+    ctx.metrics
+        .reconcile_duration
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn reconcile_inner(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
+    if !ctx.synced() {
+        return Ok(Action::requeue(Duration::from_millis(200)));
+    }
+    if !ctx.owns(job) {
+        return Ok(Action::await_change());
+    }
+    let now = Timestamp::now();
+    record_metrics(job, ctx);
+    if needs_finalizer(job) {
+        return add_finalizer(job, ctx).await;
+    }
+    let facts = facts(job, ctx, now);
+    match decide(job, &facts) {
+        Decision::Admit { .. } => admit_in_creation_order(job, ctx).await,
+        Decision::Fail { reason, message } => fail(job, ctx, reason, &message).await,
+        Decision::Requeue => requeue(job, ctx).await,
+        Decision::Delete => {
+            api(ctx, job)
+                .delete(&job.name_any(), &DeleteParams::background())
+                .await?;
+            Ok(Action::await_change())
+        }
+        Decision::Release => release(job, ctx).await,
+        Decision::Wait(d) if d.is_zero() => Ok(Action::await_change()),
+        Decision::Wait(d) => Ok(Action::requeue(d)),
+    }
+}
+
+fn facts(job: &VideoJob, ctx: &Context, now: Timestamp) -> Facts {
+    let status = job.status.clone().unwrap_or_default();
+    let lanes = ctx.lanes.state();
+    let lane = match status.lane.as_deref() {
+        Some(name) => lanes
+            .iter()
+            .find(|l| l.name_any() == name)
+            .cloned()
+            .ok_or_else(|| format!("lane {name} was deleted")),
+        None => route_new(job, ctx, &lanes),
+    };
+    let runner_fresh_until = status.runner.as_deref().and_then(|runner| {
+        ctx.leases
+            .state()
+            .iter()
+            .find(|l| l.name_any() == runner)
+            .and_then(|l| fresh_until(l))
+    });
+    Facts {
+        now,
+        lane: lane.map(|l| ctx.lane_facts(&l, now)),
+        runner_fresh_until,
+        max_attempts: ctx.config.max_attempts,
+    }
+}
+
+fn route_new(
+    job: &VideoJob,
+    ctx: &Context,
+    lanes: &[Arc<framelane_api::ModelLane>],
+) -> Result<Arc<framelane_api::ModelLane>, String> {
+    let model = &job.spec.model;
+    if !ctx.models.state().iter().any(|m| &m.name_any() == model) {
+        let mut known: Vec<String> = ctx.models.state().iter().map(|m| m.name_any()).collect();
+        known.sort();
+        return Err(format!(
+            "VideoModel {model} does not exist; set spec.model to one of [{}]",
+            known.join(", ")
+        ));
+    }
+    route(model, lanes).cloned().ok_or_else(|| {
+        format!(
+            "no ModelLane serves model {model}; create one (kubectl get modellanes shows the lanes)"
+        )
+    })
+}
+
+fn api(ctx: &Context, job: &VideoJob) -> Api<VideoJob> {
+    Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default())
+}
+
+/// Admits `job`. Slots are reserved in the index, in creation order, for every job created up
+/// to and including it that still waits: a lane's FIFO order is the order users created the
+/// jobs in, however the reconciles of a burst interleave, and the depth check and the slot it
+/// takes are one step (the final arbiter of the depth limit). The API writes then run outside
+/// the lock, so the admissions of a burst proceed in parallel.
+async fn admit_in_creation_order(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
+    let reservation = {
+        let mut index = ctx.index.lock().expect("index lock");
+        match index.reservation(job) {
+            Some(r) => Some(r),
+            None => reserve_backlog(job, ctx, &mut index),
+        }
+    };
+    let Some(reservation) = reservation else {
+        // Full, or its lane vanished: decide again, which fails it with the reason.
+        return match decide(job, &facts(job, ctx, Timestamp::now())) {
+            Decision::Fail { reason, message } => fail(job, ctx, reason, &message).await,
+            Decision::Admit { lane } => {
+                let depth = ctx.index.lock().expect("index lock").queues.depth(&lane);
+                let message = format!(
+                    "queue_overloaded: lane {lane} holds {depth} unfinished jobs; create the job again once some finish"
+                );
+                fail(job, ctx, Reason::QueueOverloaded, &message).await
+            }
+            _ => Ok(Action::requeue(Duration::from_secs(1))),
+        };
+    };
+    let result = admit(job, ctx, &reservation).await;
+    let changed = ctx
+        .index
+        .lock()
+        .expect("index lock")
+        .settle(job, result.as_ref().ok());
+    ctx.notify_lanes(changed);
+    result?;
+    let lane = ctx
+        .lanes
+        .state()
+        .into_iter()
+        .find(|l| l.name_any() == reservation.lane);
+    Ok(Action::requeue(lane.map_or(Duration::from_secs(30), |l| {
+        ctx.lane_facts(&l, Timestamp::now()).max_wait
+    })))
+}
+
+/// Reserves slots, oldest first, for the jobs created up to `job` that wait for admission
+/// and fit their lane; returns `job`'s reservation if it got one.
+fn reserve_backlog(
+    job: &VideoJob,
+    ctx: &Context,
+    index: &mut crate::index::Index,
+) -> Option<crate::index::Reservation> {
+    let mut backlog: Vec<Arc<VideoJob>> = ctx
+        .jobs
+        .state()
+        .into_iter()
+        .filter(|j| {
+            j.status.as_ref().and_then(|s| s.phase).is_none()
+                && j.metadata.deletion_timestamp.is_none()
+        })
+        .filter(|j| {
+            creation_key(j) <= creation_key(job)
+                && !index.is_stale(j)
+                && index.reservation(j).is_none()
+        })
+        .collect();
+    backlog.sort_by_key(|j| creation_key(j));
+    let now = Timestamp::now();
+    let lanes = ctx.lanes.state();
+    let mut mine = None;
+    for pending in backlog {
+        let Ok(lane) = route_new(&pending, ctx, &lanes) else {
+            continue;
+        };
+        let facts = ctx.lane_facts_at_depth(&lane, now, index.queues.depth(&lane.name_any()));
+        if facts.depth >= facts.max_depth {
+            continue;
+        }
+        let reservation = index.reserve(&pending, &facts.name, now);
+        if pending.uid() == job.uid() {
+            mine = Some(reservation);
+        }
+    }
+    mine
+}
+
+/// The order users created jobs in: creation time, then the API server's revision.
+fn creation_key(job: &VideoJob) -> (Option<Timestamp>, u64) {
+    let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    (
+        created,
+        job.resource_version()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    )
+}
+
+/// Writes a reserved admission: one Queued status write, conditional on the job being
+/// unchanged since the reservation.
+async fn admit(
+    job: &VideoJob,
+    ctx: &Context,
+    r: &crate::index::Reservation,
+) -> Result<VideoJob, Error> {
+    let api = api(ctx, job);
+    let lane = &r.lane;
+    let mut admitted = job.clone();
+    let seed = match job.spec.seed {
+        Some(seed) if seed >= 0 => seed,
+        _ => i64::from(rand::rng().random::<u32>()),
+    };
+    let position = r.position;
+    let mut status = VideoJobStatus {
+        phase: Some(JobPhase::Queued),
+        lane: Some(lane.clone()),
+        lane_mode: Some(LaneAssignment::Dedicated),
+        queue_position: Some(position),
+        queued_at: Some(MicroTime(r.queued_at)),
+        attempts: Some(0),
+        seed: Some(seed),
+        reason: Some(Reason::Admitted.as_str().into()),
+        message: Some(format!("waiting in lane {lane} at position {position}")),
+        observed_generation: job.metadata.generation,
+        ..Default::default()
+    };
+    let generation = job.metadata.generation;
+    set_condition(
+        &mut status.conditions,
+        job_condition::ADMITTED,
+        true,
+        Reason::Admitted,
+        &format!("admitted to lane {lane}"),
+        generation,
+    );
+    admitted.status = Some(status);
+    let written = api
+        .replace_status(&job.name_any(), &PostParams::default(), &admitted)
+        .await?;
+    publish(
+        ctx,
+        job,
+        EventType::Normal,
+        Reason::Admitted,
+        &format!("admitted to lane {lane} at position {position}"),
+    )
+    .await;
+    Ok(written)
+}
+
+async fn fail(
+    job: &VideoJob,
+    ctx: &Context,
+    reason: Reason,
+    message: &str,
+) -> Result<Action, Error> {
+    let mut failed = job.clone();
+    let status = failed.status.get_or_insert_with(Default::default);
+    let was_running = status.phase == Some(JobPhase::Running);
+    status.phase = Some(JobPhase::Failed);
+    status.finished_at = Some(MicroTime(Timestamp::now()));
+    status.queue_position = None;
+    status.reason = Some(reason.as_str().into());
+    status.message = Some(message.into());
+    status.observed_generation = job.metadata.generation;
+    let generation = job.metadata.generation;
+    if was_running {
+        set_condition(
+            &mut status.conditions,
+            job_condition::RUNNING,
+            false,
+            reason,
+            message,
+            generation,
+        );
+    }
+    set_condition(
+        &mut status.conditions,
+        job_condition::FAILED,
+        true,
+        reason,
+        message,
+        generation,
+    );
+    let lane = status.lane.clone();
+    let written = api(ctx, job)
+        .replace_status(&job.name_any(), &PostParams::default(), &failed)
+        .await?;
+    let changed = ctx.index.lock().expect("index lock").observe(&written);
+    ctx.notify_lanes(changed);
+    if reason == Reason::QueueWaitTimeout
+        && let Some(lane) = lane
+    {
+        ctx.metrics
+            .timeout_drops
+            .get_or_create(&crate::metrics::Metrics::lane(&lane))
+            .inc();
+    }
+    tracing::info!(job = %key_of(job).name, namespace = %key_of(job).namespace, %reason, message, "job failed");
+    publish(ctx, job, EventType::Warning, reason, message).await;
+    Ok(Action::await_change())
+}
+
+async fn requeue(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
+    let mut requeued = job.clone();
+    let status = requeued.status.get_or_insert_with(Default::default);
+    let runner = status.runner.take().unwrap_or_default();
+    let attempts = status.attempts.unwrap_or(1);
+    let lane = status.lane.clone().unwrap_or_default();
+    let message = format!(
+        "runner {runner} stopped sending heartbeats; the job is back at its place in lane {lane} (attempt {attempts} of {} lost)",
+        ctx.config.max_attempts
+    );
+    status.phase = Some(JobPhase::Queued);
+    status.started_at = None;
+    status.progress = None;
+    status.reason = Some(Reason::Requeued.as_str().into());
+    status.message = Some(message.clone());
+    let generation = job.metadata.generation;
+    set_condition(
+        &mut status.conditions,
+        job_condition::RUNNING,
+        false,
+        Reason::RunnerLost,
+        &message,
+        generation,
+    );
+    let written = api(ctx, job)
+        .replace_status(&job.name_any(), &PostParams::default(), &requeued)
+        .await?;
+    let changed = ctx.index.lock().expect("index lock").observe(&written);
+    ctx.notify_lanes(changed);
+    ctx.metrics
+        .runner_lost_requeues
+        .get_or_create(&crate::metrics::Metrics::lane(&lane))
+        .inc();
+    tracing::warn!(job = %job.name_any(), runner, lane, attempts, "runner lost; job requeued");
+    publish(ctx, job, EventType::Warning, Reason::RunnerLost, &message).await;
+    Ok(Action::await_change())
+}
+
+async fn release(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
+    if !job.finalizers().iter().any(|f| f == JOB_FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    let phase = job.status.as_ref().and_then(|s| s.phase);
+    if !matches!(phase, Some(JobPhase::Succeeded | JobPhase::Failed)) {
+        let message = match phase {
+            Some(JobPhase::Running) => {
+                "deleted while running; its runner is gone, so the slot is freed"
+            }
+            _ => "deleted while queued; it left the queue",
+        };
+        publish(ctx, job, EventType::Normal, Reason::Cancelled, message).await;
+        let labels = FinishedLabels {
+            phase: "Failed".into(),
+            reason: Reason::Cancelled.as_str().into(),
+        };
+        ctx.metrics.jobs_finished.get_or_create(&labels).inc();
+    }
+    let finalizers: Vec<String> = job
+        .finalizers()
+        .iter()
+        .filter(|f| *f != JOB_FINALIZER)
+        .cloned()
+        .collect();
+    let patch =
+        json!({"metadata": {"resourceVersion": job.resource_version(), "finalizers": finalizers}});
+    match api(ctx, job)
+        .patch(
+            &job.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    let changed = ctx.index.lock().expect("index lock").forget(job);
+    ctx.notify_lanes(changed);
+    Ok(Action::await_change())
+}
+
+/// A running job carries the finalizer, so deleting it waits until its runner has stopped
+/// and the slot is freed only then. A queued job needs none: deleting it just removes it
+/// from the queue, and admission stays a single write.
+fn needs_finalizer(job: &VideoJob) -> bool {
+    job.status.as_ref().and_then(|s| s.phase) == Some(JobPhase::Running)
+        && job.metadata.deletion_timestamp.is_none()
+        && !job.finalizers().iter().any(|f| f == JOB_FINALIZER)
+}
+
+async fn add_finalizer(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
+    let mut finalizers = job.finalizers().to_vec();
+    finalizers.push(JOB_FINALIZER.into());
+    let patch =
+        json!({"metadata": {"resourceVersion": job.resource_version(), "finalizers": finalizers}});
+    api(ctx, job)
+        .patch(
+            &job.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    Ok(Action::await_change())
+}
+
+/// Counts a job once in the queue-wait histogram (when it starts) and the finished counter
+/// (when it ends), for what happened while this replica leads.
+fn record_metrics(job: &VideoJob, ctx: &Context) {
+    let Some(status) = job.status.as_ref() else {
+        return;
+    };
+    let uid = job.uid().unwrap_or_default();
+    let lane = status.lane.clone().unwrap_or_default();
+    if let (Some(started), Some(queued)) = (&status.started_at, &status.queued_at)
+        && started.0 >= ctx.leader_since
+        && ctx
+            .counted
+            .lock()
+            .expect("counted lock")
+            .insert(format!("{uid}/start/{}", status.attempts.unwrap_or(0)))
+    {
+        let wait = started.0.duration_since(queued.0).as_secs_f64().max(0.0);
+        ctx.metrics
+            .queue_wait
+            .get_or_create(&crate::metrics::Metrics::lane(&lane))
+            .observe(wait);
+    }
+    if let (Some(phase @ (JobPhase::Succeeded | JobPhase::Failed)), Some(finished)) =
+        (status.phase, &status.finished_at)
+        && finished.0 >= ctx.leader_since
+        && ctx
+            .counted
+            .lock()
+            .expect("counted lock")
+            .insert(format!("{uid}/finished"))
+    {
+        let labels = FinishedLabels {
+            phase: format!("{phase:?}"),
+            reason: status.reason.clone().unwrap_or_default(),
+        };
+        ctx.metrics.jobs_finished.get_or_create(&labels).inc();
+    }
+}
+
+/// Publishes an Event without holding up the reconcile that caused it.
+async fn publish(ctx: &Context, job: &VideoJob, type_: EventType, reason: Reason, note: &str) {
+    let event = Event {
+        type_,
+        reason: reason.as_str().into(),
+        note: Some(note.into()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    let (recorder, reference, name) = (ctx.recorder.clone(), job.object_ref(&()), job.name_any());
+    tokio::spawn(async move {
+        if let Err(e) = recorder.publish(&event, &reference).await {
+            tracing::warn!(error = %e, job = %name, "cannot publish Event");
+        }
+    });
+}
+
+pub fn error_policy(job: Arc<VideoJob>, error: &Error, ctx: Arc<Context>) -> Action {
+    let labels = crate::metrics::ErrorLabels {
+        controller: "videojob".into(),
+        error: error.kind().into(),
+    };
+    ctx.metrics.reconcile_errors.get_or_create(&labels).inc();
+    if !matches!(error, Error::Conflict) {
+        tracing::warn!(job = %job.name_any(), %error, "reconcile failed");
+    }
+    Action::requeue(Duration::from_millis(if matches!(error, Error::Conflict) {
+        100
+    } else {
+        2000
+    }))
+}

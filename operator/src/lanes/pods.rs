@@ -1,0 +1,305 @@
+//! The runner pods a lane should have, built from plain data (no client), so the shape of
+//! a runner pod is tested without a cluster.
+
+use std::collections::BTreeMap;
+
+use framelane_api::{
+    ModelLane,
+    modellane::{LaneMode, LaneVolume},
+    wellknown::{ALLOC_CONF_DEFAULT, ALLOC_CONF_ENV, LABEL_LANE, LABEL_MODEL, SHARED_MODEL_LABEL},
+};
+use k8s_openapi::{
+    api::core::v1::{
+        Container, EnvVar, EnvVarSource, ObjectFieldSelector, PersistentVolumeClaimVolumeSource,
+        Pod, PodSpec, ResourceRequirements, Volume, VolumeMount,
+    },
+    apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::ObjectMeta},
+};
+use kube::{Resource, ResourceExt};
+
+use crate::config::Config;
+
+/// Where a runner finds model packages.
+pub const MODELS_MOUNT: &str = "/models";
+/// Where a runner writes videos.
+pub const OUTPUTS_MOUNT: &str = "/outputs";
+
+/// The label value that names a lane's model on its pods.
+pub fn model_label(lane: &ModelLane) -> String {
+    match lane.spec.mode {
+        LaneMode::Dedicated => lane.spec.models.first().cloned().unwrap_or_default(),
+        LaneMode::Shared => SHARED_MODEL_LABEL.into(),
+    }
+}
+
+/// The lane's override of the allocator setting, if it has one.
+pub fn allocator_override(lane: &ModelLane) -> Option<String> {
+    let env = lane
+        .spec
+        .runner
+        .as_ref()
+        .map(|r| r.env.as_slice())
+        .unwrap_or_default();
+    env.iter()
+        .find(|e| e.name == ALLOC_CONF_ENV)
+        .map(|e| e.value.clone().unwrap_or_default())
+}
+
+/// The runner pods the lane should have: `replicas` of them (at least one), named
+/// `<lane>-<template hash>-<index>` so that a changed template replaces them.
+pub fn desired_pods(lane: &ModelLane, config: &Config) -> Vec<Pod> {
+    let replicas = lane.spec.replicas.unwrap_or(1).max(1);
+    let template = pod_spec(lane, config);
+    let hash = template_hash(&template);
+    let owner = lane
+        .controller_owner_ref(&())
+        .expect("a ModelLane read from the API server has a name and uid");
+    (0..replicas)
+        .map(|i| Pod {
+            metadata: ObjectMeta {
+                name: Some(format!("{}-{hash}-{i}", lane.name_any())),
+                namespace: Some(config.namespace.clone()),
+                labels: Some(BTreeMap::from([
+                    (LABEL_LANE.into(), lane.name_any()),
+                    (LABEL_MODEL.into(), model_label(lane)),
+                    ("app.kubernetes.io/name".into(), "framelane-runner".into()),
+                    ("app.kubernetes.io/component".into(), "runner".into()),
+                ])),
+                owner_references: Some(vec![owner.clone()]),
+                ..Default::default()
+            },
+            spec: Some(template.clone()),
+            status: None,
+        })
+        .collect()
+}
+
+fn pod_spec(lane: &ModelLane, config: &Config) -> PodSpec {
+    let runner = lane.spec.runner.clone().unwrap_or_default();
+    let field = |path: &str| EnvVarSource {
+        field_ref: Some(ObjectFieldSelector {
+            field_path: path.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut env = vec![
+        EnvVar {
+            name: "POD_NAME".into(),
+            value_from: Some(field("metadata.name")),
+            ..Default::default()
+        },
+        EnvVar {
+            name: "POD_NAMESPACE".into(),
+            value_from: Some(field("metadata.namespace")),
+            ..Default::default()
+        },
+        EnvVar {
+            name: "FRAMELANE_LANE".into(),
+            value: Some(lane.name_any()),
+            ..Default::default()
+        },
+        EnvVar {
+            name: "FRAMELANE_LANE_MODE".into(),
+            value: Some(format!("{:?}", lane.spec.mode)),
+            ..Default::default()
+        },
+        EnvVar {
+            name: "FRAMELANE_MODELS".into(),
+            value: Some(lane.spec.models.join(",")),
+            ..Default::default()
+        },
+        EnvVar {
+            name: "FRAMELANE_MODELS_DIR".into(),
+            value: Some(MODELS_MOUNT.into()),
+            ..Default::default()
+        },
+        EnvVar {
+            name: "FRAMELANE_OUTPUT_DIR".into(),
+            value: Some(OUTPUTS_MOUNT.into()),
+            ..Default::default()
+        },
+    ];
+    if allocator_override(lane).is_none() {
+        env.push(EnvVar {
+            name: ALLOC_CONF_ENV.into(),
+            value: Some(ALLOC_CONF_DEFAULT.into()),
+            ..Default::default()
+        });
+    }
+    env.extend(runner.env.iter().cloned());
+    let resources = runner
+        .resources
+        .clone()
+        .unwrap_or_else(|| ResourceRequirements {
+            limits: Some(BTreeMap::from([(
+                config.gpu_resource.clone(),
+                Quantity("1".into()),
+            )])),
+            ..Default::default()
+        });
+    let claim = |name: &str| LaneVolume {
+        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+            claim_name: name.into(),
+            read_only: None,
+        }),
+        ..Default::default()
+    };
+    let models = runner
+        .model_volume
+        .clone()
+        .unwrap_or_else(|| claim(&config.models_claim));
+    let outputs = runner
+        .output_volume
+        .clone()
+        .unwrap_or_else(|| claim(&config.outputs_claim));
+    PodSpec {
+        containers: vec![Container {
+            name: "runner".into(),
+            image: Some(
+                runner
+                    .image
+                    .clone()
+                    .unwrap_or_else(|| config.runner_image.clone()),
+            ),
+            env: Some(env),
+            resources: Some(resources),
+            volume_mounts: Some(vec![
+                VolumeMount {
+                    name: "models".into(),
+                    mount_path: MODELS_MOUNT.into(),
+                    read_only: Some(true),
+                    ..Default::default()
+                },
+                VolumeMount {
+                    name: "outputs".into(),
+                    mount_path: OUTPUTS_MOUNT.into(),
+                    ..Default::default()
+                },
+            ]),
+            ..Default::default()
+        }],
+        volumes: Some(vec![volume("models", models), volume("outputs", outputs)]),
+        restart_policy: Some("Always".into()),
+        ..Default::default()
+    }
+}
+
+fn volume(name: &str, source: LaneVolume) -> Volume {
+    Volume {
+        name: name.into(),
+        persistent_volume_claim: source.persistent_volume_claim,
+        host_path: source.host_path,
+        nfs: source.nfs,
+        empty_dir: source.empty_dir,
+        ..Default::default()
+    }
+}
+
+/// A short, stable hash of the pod template (FNV-1a over its JSON), so pods are replaced
+/// exactly when what they would run changes.
+fn template_hash(spec: &PodSpec) -> String {
+    let json = serde_json::to_vec(spec).expect("a PodSpec serializes");
+    let hash = json.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    });
+    format!("{:06x}", hash & 0xff_ffff)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use serde_json::json;
+
+    use super::*;
+
+    fn lane(spec: serde_json::Value) -> ModelLane {
+        let mut lane: ModelLane = serde_json::from_value(json!({
+            "apiVersion": "framelane.dev/v1alpha1", "kind": "ModelLane",
+            "metadata": {"name": "anisora", "uid": "u-1"}, "spec": spec}))
+        .unwrap();
+        lane.metadata.uid = Some("u-1".into());
+        lane
+    }
+    fn config() -> Config {
+        Config::parse_from(["framelane-operator", "--namespace", "fl"])
+    }
+    fn env_of(pod: &Pod) -> Vec<(String, Option<String>)> {
+        pod.spec.as_ref().unwrap().containers[0]
+            .env
+            .clone()
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.name, e.value))
+            .collect()
+    }
+
+    #[test]
+    fn a_minimal_lane_gets_one_gpu_pod_with_the_allocator_setting() {
+        let pods = desired_pods(
+            &lane(json!({"mode": "Dedicated", "models": ["anisora"]})),
+            &config(),
+        );
+        assert_eq!(pods.len(), 1);
+        let pod = &pods[0];
+        assert!(pod.name_any().starts_with("anisora-"));
+        assert_eq!(pod.labels()[LABEL_LANE], "anisora");
+        assert_eq!(pod.labels()[LABEL_MODEL], "anisora");
+        assert_eq!(pod.owner_references()[0].kind, "ModelLane");
+        assert_eq!(pod.owner_references()[0].controller, Some(true));
+        assert!(env_of(pod).contains(&(ALLOC_CONF_ENV.into(), Some(ALLOC_CONF_DEFAULT.into()))));
+        let limits = pod.spec.as_ref().unwrap().containers[0]
+            .resources
+            .clone()
+            .unwrap()
+            .limits
+            .unwrap();
+        assert_eq!(limits["nvidia.com/gpu"], Quantity("1".into()));
+    }
+
+    #[test]
+    fn an_explicit_override_is_honoured_once() {
+        let lane = lane(
+            json!({"mode": "Shared", "models": ["a", "b"], "replicas": 2,
+            "runner": {"env": [{"name": ALLOC_CONF_ENV, "value": "backend:cudaMallocAsync"}]}}),
+        );
+        assert_eq!(
+            allocator_override(&lane).as_deref(),
+            Some("backend:cudaMallocAsync")
+        );
+        let pods = desired_pods(&lane, &config());
+        assert_eq!(pods.len(), 2);
+        let settings: Vec<_> = env_of(&pods[0])
+            .into_iter()
+            .filter(|(n, _)| n == ALLOC_CONF_ENV)
+            .collect();
+        assert_eq!(
+            settings,
+            [(
+                ALLOC_CONF_ENV.to_string(),
+                Some("backend:cudaMallocAsync".to_string())
+            )]
+        );
+        assert_eq!(pods[1].labels()[LABEL_MODEL], SHARED_MODEL_LABEL);
+    }
+
+    #[test]
+    fn changing_the_template_renames_the_pods() {
+        let a = desired_pods(
+            &lane(json!({"mode": "Dedicated", "models": ["anisora"]})),
+            &config(),
+        );
+        let b = desired_pods(
+            &lane(
+                json!({"mode": "Dedicated", "models": ["anisora"], "runner": {"image": "other:1"}}),
+            ),
+            &config(),
+        );
+        assert_ne!(a[0].name_any(), b[0].name_any());
+        let again = desired_pods(
+            &lane(json!({"mode": "Dedicated", "models": ["anisora"]})),
+            &config(),
+        );
+        assert_eq!(a[0].name_any(), again[0].name_any());
+    }
+}

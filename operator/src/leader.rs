@@ -1,0 +1,109 @@
+//! Leader election on a `Lease`: only the holder reconciles and writes. A standby takes over
+//! once the holder has not renewed for the lease duration (a killed leader never renews).
+
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::{
+    api::coordination::v1::{Lease, LeaseSpec},
+    apimachinery::pkg::apis::meta::v1::MicroTime,
+};
+use kube::{
+    Api,
+    api::{ObjectMeta, PostParams},
+};
+
+/// One replica's view of the election.
+pub struct Elector {
+    api: Api<Lease>,
+    name: String,
+    identity: String,
+    duration: Duration,
+}
+
+impl Elector {
+    pub fn new(api: Api<Lease>, name: &str, identity: &str, duration: Duration) -> Self {
+        Elector {
+            api,
+            name: name.into(),
+            identity: identity.into(),
+            duration,
+        }
+    }
+
+    /// How often the leader renews (and a standby retries): a third of the lease.
+    pub fn retry_interval(&self) -> Duration {
+        self.duration / 3
+    }
+
+    /// Takes or renews the Lease. `Ok(true)`: this replica leads until at least now + the
+    /// lease duration. Every write carries the resourceVersion it read, so two replicas can
+    /// never both succeed.
+    pub async fn try_lead(&self) -> Result<bool, kube::Error> {
+        let now = Timestamp::now();
+        let seconds = self.duration.as_secs() as i32;
+        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(self.name.clone()),
+                    ..Default::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(self.identity.clone()),
+                    lease_duration_seconds: Some(seconds),
+                    acquire_time: Some(MicroTime(now)),
+                    renew_time: Some(MicroTime(now)),
+                    lease_transitions: Some(0),
+                    ..Default::default()
+                }),
+            };
+            return conflict_is_false(self.api.create(&PostParams::default(), &lease).await);
+        };
+        let spec = lease.spec.get_or_insert_with(Default::default);
+        let mine = spec.holder_identity.as_deref() == Some(self.identity.as_str());
+        let expired = match (&spec.renew_time, spec.lease_duration_seconds) {
+            (Some(renewed), Some(secs)) => {
+                renewed.0 + SignedDuration::from_secs(i64::from(secs)) < now
+            }
+            _ => true,
+        };
+        if !mine && !expired {
+            return Ok(false);
+        }
+        if !mine {
+            spec.holder_identity = Some(self.identity.clone());
+            spec.acquire_time = Some(MicroTime(now));
+            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+        }
+        spec.lease_duration_seconds = Some(seconds);
+        spec.renew_time = Some(MicroTime(now));
+        conflict_is_false(
+            self.api
+                .replace(&self.name, &PostParams::default(), &lease)
+                .await,
+        )
+    }
+
+    /// Gives the Lease up (on a clean shutdown), so a standby takes over at once.
+    pub async fn release(&self) -> Result<(), kube::Error> {
+        if let Some(mut lease) = self.api.get_opt(&self.name).await? {
+            let spec = lease.spec.get_or_insert_with(Default::default);
+            if spec.holder_identity.as_deref() == Some(self.identity.as_str()) {
+                spec.holder_identity = None;
+                spec.renew_time = None;
+                self.api
+                    .replace(&self.name, &PostParams::default(), &lease)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn conflict_is_false(result: Result<Lease, kube::Error>) -> Result<bool, kube::Error> {
+    match result {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,144 @@
+//! Prometheus metrics (prefix `framelane_`, units in names). The names are defined here and
+//! nowhere else.
+
+use std::sync::atomic::AtomicI64;
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LaneLabels {
+    pub lane: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FinishedLabels {
+    pub phase: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabels {
+    pub controller: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub controller: String,
+    pub error: String,
+}
+
+/// Every metric the operator exports.
+pub struct Metrics {
+    pub registry: Registry,
+    pub queue_depth: Family<LaneLabels, Gauge>,
+    pub ready_runners: Family<LaneLabels, Gauge>,
+    pub queue_wait: Family<LaneLabels, Histogram>,
+    pub jobs_finished: Family<FinishedLabels, Counter>,
+    pub timeout_drops: Family<LaneLabels, Counter>,
+    pub runner_lost_requeues: Family<LaneLabels, Counter>,
+    pub reconcile_duration: Family<ControllerLabels, Histogram>,
+    pub reconcile_errors: Family<ErrorLabels, Counter>,
+    pub leader: Gauge<i64, AtomicI64>,
+}
+
+/// Queue wait buckets: fine around the 30 s default `maxWaitSeconds`.
+const QUEUE_WAIT_BUCKETS: [f64; 18] = [
+    0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 25.0, 28.0, 29.0, 30.0, 31.0, 32.0, 35.0, 45.0,
+    60.0, 300.0,
+];
+const RECONCILE_BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("framelane");
+        let queue_depth = Family::default();
+        registry.register(
+            "queue_depth_jobs",
+            "Unfinished (Queued or Running) jobs per lane",
+            queue_depth.clone(),
+        );
+        let ready_runners = Family::default();
+        registry.register(
+            "lane_ready_runners",
+            "Runners with a fresh heartbeat per lane",
+            ready_runners.clone(),
+        );
+        let queue_wait = Family::<LaneLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(QUEUE_WAIT_BUCKETS)
+        });
+        registry.register(
+            "queue_wait_seconds",
+            "Time from admission to a runner starting the job",
+            queue_wait.clone(),
+        );
+        let jobs_finished = Family::default();
+        registry.register(
+            "jobs_finished",
+            "Jobs that reached Succeeded or Failed, by phase and reason",
+            jobs_finished.clone(),
+        );
+        let timeout_drops = Family::default();
+        registry.register(
+            "queue_timeout_drops",
+            "Queued jobs failed with QueueWaitTimeout because their lane had no runner for maxWaitSeconds",
+            timeout_drops.clone(),
+        );
+        let runner_lost_requeues = Family::default();
+        registry.register(
+            "runner_lost_requeues",
+            "Jobs put back in the queue because their runner died",
+            runner_lost_requeues.clone(),
+        );
+        let reconcile_duration =
+            Family::<ControllerLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new(RECONCILE_BUCKETS)
+            });
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time of one reconcile",
+            reconcile_duration.clone(),
+        );
+        let reconcile_errors = Family::default();
+        registry.register(
+            "reconcile_errors",
+            "Failed reconciles by controller and error kind",
+            reconcile_errors.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica is the leader and reconciles",
+            leader.clone(),
+        );
+        Metrics {
+            registry,
+            queue_depth,
+            ready_runners,
+            queue_wait,
+            jobs_finished,
+            timeout_drops,
+            runner_lost_requeues,
+            reconcile_duration,
+            reconcile_errors,
+            leader,
+        }
+    }
+}
+
+impl Metrics {
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn lane(lane: &str) -> LaneLabels {
+        LaneLabels { lane: lane.into() }
+    }
+}

@@ -1,0 +1,252 @@
+//! Queue arithmetic, with no Kubernetes in it: which unfinished jobs each lane holds, in what
+//! order, and how deep each queue is. The index feeds it watch events; the controller and
+//! (later) the admission webhook read it.
+
+use std::collections::{BTreeSet, HashMap};
+
+use jiff::Timestamp;
+
+/// A job as the queue sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// What the queue needs to know about one job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Slot {
+    /// Waiting in `lane`, admitted at `queued_at`.
+    Queued { lane: String, queued_at: Timestamp },
+    /// Claimed by a runner of `lane`.
+    Running { lane: String },
+    /// Finished, or not admitted to any lane: holds no slot.
+    None,
+}
+
+/// One lane's unfinished jobs.
+#[derive(Debug, Default)]
+pub struct LaneQueue {
+    /// Queued jobs, oldest first: the FIFO order runners claim in.
+    queued: BTreeSet<(Timestamp, JobKey)>,
+    running: BTreeSet<JobKey>,
+}
+
+impl LaneQueue {
+    /// Unfinished (Queued or Running) jobs: the number `maxDepth` bounds.
+    pub fn depth(&self) -> usize {
+        self.queued.len() + self.running.len()
+    }
+
+    /// Queued jobs in claim order, each with its 1-based position.
+    pub fn positions(&self) -> impl Iterator<Item = (&JobKey, i32)> {
+        self.queued
+            .iter()
+            .zip(1..)
+            .map(|((_, key), pos)| (key, pos))
+    }
+}
+
+/// Every lane's queue, kept in step with the jobs' status.
+#[derive(Debug, Default)]
+pub struct Queues {
+    lanes: HashMap<String, LaneQueue>,
+    slots: HashMap<JobKey, Slot>,
+}
+
+impl Queues {
+    /// Records a job's current slot; returns the lanes whose queue changed.
+    pub fn set(&mut self, key: JobKey, slot: Slot) -> Vec<String> {
+        let old = self.slots.remove(&key).unwrap_or(Slot::None);
+        if old == slot {
+            if slot != Slot::None {
+                self.slots.insert(key, slot);
+            }
+            return Vec::new();
+        }
+        let mut changed = Vec::new();
+        match old {
+            Slot::Queued { lane, queued_at } => {
+                if let Some(q) = self.lanes.get_mut(&lane) {
+                    q.queued.remove(&(queued_at, key.clone()));
+                }
+                changed.push(lane);
+            }
+            Slot::Running { lane } => {
+                if let Some(q) = self.lanes.get_mut(&lane) {
+                    q.running.remove(&key);
+                }
+                changed.push(lane);
+            }
+            Slot::None => {}
+        }
+        match &slot {
+            Slot::Queued { lane, queued_at } => {
+                self.lanes
+                    .entry(lane.clone())
+                    .or_default()
+                    .queued
+                    .insert((*queued_at, key.clone()));
+                changed.push(lane.clone());
+            }
+            Slot::Running { lane } => {
+                self.lanes
+                    .entry(lane.clone())
+                    .or_default()
+                    .running
+                    .insert(key.clone());
+                changed.push(lane.clone());
+            }
+            Slot::None => {}
+        }
+        if slot != Slot::None {
+            self.slots.insert(key, slot);
+        }
+        changed.dedup();
+        changed
+    }
+
+    /// A lane's queue (empty when it holds nothing).
+    pub fn lane(&self, lane: &str) -> Option<&LaneQueue> {
+        self.lanes.get(lane)
+    }
+
+    /// Unfinished jobs of a lane.
+    pub fn depth(&self, lane: &str) -> usize {
+        self.lanes.get(lane).map_or(0, LaneQueue::depth)
+    }
+
+    /// The 1-based position of a queued job in its lane.
+    pub fn position(&self, key: &JobKey) -> Option<i32> {
+        let Some(Slot::Queued { lane, queued_at }) = self.slots.get(key) else {
+            return None;
+        };
+        let q = self.lanes.get(lane)?;
+        Some(q.queued.range(..(*queued_at, key.clone())).count() as i32 + 1)
+    }
+
+    /// The latest admission time recorded, so a new leader keeps admission times increasing.
+    pub fn latest_queued_at(&self) -> Option<Timestamp> {
+        self.lanes
+            .values()
+            .filter_map(|q| q.queued.last().map(|(t, _)| *t))
+            .max()
+    }
+}
+
+/// Hands out strictly increasing admission times, so FIFO order never depends on a tie.
+#[derive(Debug, Default)]
+pub struct AdmissionClock {
+    last: Option<Timestamp>,
+}
+
+impl AdmissionClock {
+    /// Raises the clock to at least `seen` (an admission time another leader wrote).
+    pub fn observe(&mut self, seen: Timestamp) {
+        self.last = Some(self.last.map_or(seen, |l| l.max(seen)));
+    }
+
+    /// The next admission time: now, or a microsecond after the last one.
+    pub fn next(&mut self, now: Timestamp) -> Timestamp {
+        let t = match self.last {
+            Some(last) if now <= last => last + jiff::SignedDuration::from_micros(1),
+            _ => now,
+        };
+        // Status times are written with microsecond precision; keep the clock on that grid.
+        let t =
+            Timestamp::from_microsecond(t.as_microsecond()).expect("a valid timestamp stays valid");
+        self.last = Some(t);
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str) -> JobKey {
+        JobKey {
+            namespace: "ns".into(),
+            name: name.into(),
+        }
+    }
+    fn at(micros: i64) -> Timestamp {
+        Timestamp::from_microsecond(micros).unwrap()
+    }
+    fn queued(lane: &str, micros: i64) -> Slot {
+        Slot::Queued {
+            lane: lane.into(),
+            queued_at: at(micros),
+        }
+    }
+
+    #[test]
+    fn positions_follow_admission_time_not_names() {
+        let mut q = Queues::default();
+        q.set(key("b"), queued("l", 1));
+        q.set(key("a"), queued("l", 2));
+        q.set(key("c"), queued("l", 3));
+        let order: Vec<_> = q
+            .lane("l")
+            .unwrap()
+            .positions()
+            .map(|(k, p)| (k.name.clone(), p))
+            .collect();
+        assert_eq!(order, [("b".into(), 1), ("a".into(), 2), ("c".into(), 3)]);
+        assert_eq!(q.position(&key("c")), Some(3));
+    }
+
+    #[test]
+    fn depth_counts_queued_and_running_and_frees_on_finish() {
+        let mut q = Queues::default();
+        q.set(key("a"), queued("l", 1));
+        q.set(key("b"), queued("l", 2));
+        assert_eq!(q.set(key("a"), Slot::Running { lane: "l".into() }), ["l"]);
+        assert_eq!(q.depth("l"), 2);
+        assert_eq!(
+            q.position(&key("b")),
+            Some(1),
+            "the running job no longer counts for positions"
+        );
+        q.set(key("a"), Slot::None);
+        assert_eq!(q.depth("l"), 1);
+        q.set(key("b"), Slot::None);
+        assert_eq!(q.depth("l"), 0);
+    }
+
+    #[test]
+    fn a_requeued_job_goes_back_to_its_old_place() {
+        let mut q = Queues::default();
+        q.set(key("first"), queued("l", 1));
+        q.set(key("second"), queued("l", 2));
+        q.set(key("first"), Slot::Running { lane: "l".into() });
+        q.set(key("third"), queued("l", 3));
+        q.set(key("first"), queued("l", 1));
+        assert_eq!(q.position(&key("first")), Some(1));
+        assert_eq!(q.position(&key("third")), Some(3));
+    }
+
+    #[test]
+    fn moving_lanes_changes_both() {
+        let mut q = Queues::default();
+        q.set(key("a"), queued("dedicated", 1));
+        let mut changed = q.set(key("a"), queued("shared", 1));
+        changed.sort();
+        assert_eq!(changed, ["dedicated", "shared"]);
+        assert_eq!(q.depth("dedicated"), 0);
+        assert_eq!(q.depth("shared"), 1);
+        assert!(
+            q.set(key("a"), queued("shared", 1)).is_empty(),
+            "no change, nothing to resync"
+        );
+    }
+
+    #[test]
+    fn admission_clock_is_strictly_increasing() {
+        let mut c = AdmissionClock::default();
+        c.observe(at(1_000));
+        assert_eq!(c.next(at(500)), at(1_001));
+        assert_eq!(c.next(at(500)), at(1_002));
+        assert_eq!(c.next(at(5_000)), at(5_000));
+    }
+}

@@ -1,0 +1,248 @@
+//! Wires the operator together: leader election, caches, the two controllers and the
+//! HTTP endpoints.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use framelane_api::{ModelLane, VideoJob, VideoModel, wellknown::LABEL_LANE};
+use futures::{StreamExt, TryStreamExt, future};
+use jiff::Timestamp;
+use k8s_openapi::api::{coordination::v1::Lease, core::v1::Pod};
+use kube::{
+    Api, Client, ResourceExt,
+    runtime::{
+        Controller, WatchStreamExt,
+        controller::Config as ControllerConfig,
+        events::{Recorder, Reporter},
+        reflector::{self, ObjectRef},
+        watcher,
+    },
+};
+use tokio::sync::mpsc;
+use tokio_stream_shim::UnboundedReceiverStream;
+
+use crate::{
+    config::Config, context::Context, index::Index, jobs, lanes, leader::Elector, metrics::Metrics,
+};
+
+mod tokio_stream_shim {
+    //! An mpsc receiver as a Stream, without another dependency.
+    use std::{
+        pin::Pin,
+        task::{Context, Poll},
+    };
+
+    pub struct UnboundedReceiverStream<T>(pub tokio::sync::mpsc::UnboundedReceiver<T>);
+
+    impl<T> futures::Stream for UnboundedReceiverStream<T> {
+        type Item = T;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+            self.0.poll_recv(cx)
+        }
+    }
+}
+
+/// Runs the operator until SIGTERM/SIGINT, or until it loses leadership (then it exits
+/// non-zero so its Deployment restarts it as a standby).
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let client = match &config.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)?;
+            let options = kube::config::KubeConfigOptions::default();
+            Client::try_from(kube::Config::from_custom_kubeconfig(kubeconfig, &options).await?)?
+        }
+        None => Client::try_default().await?,
+    };
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    tokio::spawn(crate::http::serve(
+        config.metrics_addr,
+        metrics.clone(),
+        ready.clone(),
+    ));
+
+    let identity = config
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("framelane-operator-{}", std::process::id()));
+    let elector = Arc::new(Elector::new(
+        Api::namespaced(client.clone(), &config.namespace),
+        &config.leader_lease,
+        &identity,
+        config.leader_lease_seconds,
+    ));
+    // A standby is healthy and ready: it is waiting to lead.
+    ready.store(true, Ordering::Relaxed);
+    tracing::info!(
+        identity,
+        lease = config.leader_lease,
+        "waiting to become the leader"
+    );
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            led = elector.try_lead() => match led {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "leader election failed; retrying"),
+            }
+        }
+        tokio::time::sleep(elector.retry_interval()).await;
+    }
+    tracing::info!(identity, "became the leader");
+    metrics.leader.set(1);
+    tokio::spawn(keep_leading(elector.clone(), config.leader_lease_seconds));
+
+    tokio::select! {
+        result = controllers(client, config, metrics) => result?,
+        _ = &mut shutdown => {}
+    }
+    elector.release().await?;
+    tracing::info!("released leadership; exiting");
+    Ok(())
+}
+
+/// Renews the Lease; exits the process as soon as leadership cannot be confirmed within the
+/// lease duration, so two leaders never write at once.
+async fn keep_leading(elector: Arc<Elector>, duration: Duration) {
+    let mut confirmed = Instant::now();
+    loop {
+        tokio::time::sleep(elector.retry_interval()).await;
+        match elector.try_lead().await {
+            Ok(true) => confirmed = Instant::now(),
+            Ok(false) => {
+                tracing::error!("another replica holds the leader Lease; exiting");
+                std::process::exit(1);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot renew the leader Lease"),
+        }
+        if confirmed.elapsed() >= duration - elector.retry_interval() {
+            tracing::error!("could not renew the leader Lease in time; exiting");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn controllers(client: Client, config: Config, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    let jobs_api: Api<VideoJob> = match &config.watch_namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let lanes_api: Api<ModelLane> = Api::all(client.clone());
+    let models_api: Api<VideoModel> = Api::all(client.clone());
+    let leases_api: Api<Lease> = Api::namespaced(client.clone(), &config.namespace);
+    let pods_api: Api<Pod> = Api::namespaced(client.clone(), &config.namespace);
+    let lane_watch = match &config.lane_selector {
+        Some(selector) => watcher::Config::default().labels(selector),
+        None => watcher::Config::default(),
+    };
+
+    let (models, models_writer) = reflector::store();
+    tokio::spawn(
+        watcher(models_api, watcher::Config::default())
+            .default_backoff()
+            .reflect(models_writer)
+            .for_each(|_| future::ready(())),
+    );
+
+    let (leases, leases_writer) = reflector::store();
+    let lease_stream = watcher(
+        leases_api,
+        watcher::Config::default().labels(framelane_api::wellknown::LABEL_RUNNER),
+    )
+    .default_backoff()
+    .reflect(leases_writer)
+    .applied_objects();
+    let (lanes, lanes_writer) = reflector::store();
+    let lane_stream = watcher(lanes_api, lane_watch)
+        .default_backoff()
+        .reflect(lanes_writer)
+        .applied_objects();
+
+    let index = Arc::new(Mutex::new(Index::default()));
+    let (lane_tx, lane_rx) = mpsc::unbounded_channel::<String>();
+    let (jobs, jobs_writer) = reflector::store();
+    let job_index = index.clone();
+    let job_lane_tx = lane_tx.clone();
+    let job_store = jobs.clone();
+    let job_stream = watcher(jobs_api, watcher::Config::default())
+        .default_backoff()
+        .reflect(jobs_writer)
+        .inspect_ok(move |event| {
+            let changed = {
+                let mut index = job_index.lock().expect("index lock");
+                match event {
+                    watcher::Event::Apply(job) | watcher::Event::InitApply(job) => {
+                        index.observe(job)
+                    }
+                    watcher::Event::Delete(job) => index.forget(job),
+                    watcher::Event::InitDone => {
+                        let all = job_store.state();
+                        index.rebuild(all.iter().map(|j| j.as_ref()));
+                        Vec::new()
+                    }
+                    watcher::Event::Init => Vec::new(),
+                }
+            };
+            for lane in changed {
+                let _ = job_lane_tx.send(lane);
+            }
+        })
+        .touched_objects();
+
+    let reporter = Reporter {
+        controller: "framelane-operator".into(),
+        instance: config.identity.clone(),
+    };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client: client.clone(),
+        config: config.clone(),
+        metrics,
+        lanes: lanes.clone(),
+        models: models.clone(),
+        leases: leases.clone(),
+        jobs: jobs.clone(),
+        index,
+        lane_changes: lane_tx,
+        leader_since: Timestamp::now(),
+        counted: Mutex::new(Default::default()),
+    });
+
+    let lane_controller = Controller::for_stream(lane_stream, lanes)
+        .with_config(ControllerConfig::default().concurrency(4))
+        .owns(pods_api, watcher::Config::default().labels(LABEL_LANE))
+        .watches_stream(lease_stream, |lease: Lease| {
+            lease
+                .labels()
+                .get(LABEL_LANE)
+                .map(|lane| ObjectRef::<ModelLane>::new(lane))
+        })
+        .reconcile_on(
+            UnboundedReceiverStream(lane_rx).map(|lane| ObjectRef::<ModelLane>::new(&lane)),
+        )
+        .run(lanes::reconcile, lanes::error_policy, ctx.clone())
+        .for_each(|_| future::ready(()));
+    let job_controller = Controller::for_stream(job_stream, jobs)
+        .with_config(ControllerConfig::default().concurrency(32))
+        .run(jobs::reconcile, jobs::error_policy, ctx)
+        .for_each(|_| future::ready(()));
+    future::join(lane_controller, job_controller).await;
+    Ok(())
+}

@@ -1,0 +1,638 @@
+//! The controller on the real local control plane, with tests playing runners through the
+//! runner contract: dedicated lanes, FIFO queues with exact positions and depth, lost
+//! runners, leader failover, cancellation, lane pods, and queue-wait timeouts.
+
+mod support;
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result, ensure};
+use framelane_api::{
+    ModelLane, VideoJob,
+    modellane::LanePhase,
+    videojob::JobPhase,
+    wellknown::{ALLOC_CONF_DEFAULT, ALLOC_CONF_ENV, LABEL_LANE},
+};
+use k8s_openapi::api::{coordination::v1::Lease, core::v1::Pod};
+use kube::{
+    Api, ResourceExt,
+    api::{DeleteParams, ListParams},
+};
+use serde_json::json;
+use support::{Behaviour, Fixture, count_phases, eventually, phase};
+use tokio::sync::Semaphore;
+
+async fn all_in_phase(fx: &Fixture, n: usize, want: JobPhase, secs: u64) -> Result<Vec<VideoJob>> {
+    eventually(secs, &format!("{n} jobs {want:?}"), || async {
+        let jobs = fx.list_jobs().await?;
+        Ok((jobs.len() == n && jobs.iter().all(|j| phase(j) == Some(want))).then_some(jobs))
+    })
+    .await
+    .with_context(|| "phases at timeout".to_string())
+}
+
+#[tokio::test]
+async fn dedicated_lanes_keep_their_models_warm_and_to_themselves() -> Result<()> {
+    let fx = Fixture::new("dedicated").await?;
+    let anisora = fx.model("anisora", 8, None).await?;
+    let phr00t = fx.model("phr00t", 4, Some(1.0)).await?;
+    let anisora_lane = fx.lane("anisora", &[&anisora], json!({})).await?;
+    let phr00t_lane = fx.lane("phr00t", &[&phr00t], json!({})).await?;
+    let _op = fx.operator("op")?;
+    let a = fx.runner("runner-anisora", &anisora_lane, Behaviour::default());
+    let p = fx.runner("runner-phr00t", &phr00t_lane, Behaviour::default());
+
+    for i in 0..4 {
+        fx.create_job(&format!("consecutive-{i}"), &anisora).await?;
+    }
+    let jobs = all_in_phase(&fx, 4, JobPhase::Succeeded, 60).await?;
+    for job in &jobs {
+        let s = job.status.as_ref().unwrap();
+        assert_eq!(s.lane.as_deref(), Some(anisora_lane.as_str()));
+        assert_eq!(s.runner.as_deref(), Some("runner-anisora"));
+    }
+    assert_eq!(
+        a.loads.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "consecutive anisora jobs reload the model"
+    );
+
+    for i in 0..6 {
+        let model = if i % 2 == 0 { &anisora } else { &phr00t };
+        fx.create_job(&format!("alternating-{i}"), model).await?;
+    }
+    let jobs = all_in_phase(&fx, 10, JobPhase::Succeeded, 60).await?;
+    for job in jobs
+        .iter()
+        .filter(|j| j.name_any().starts_with("alternating"))
+    {
+        let s = job.status.as_ref().unwrap();
+        let (lane, runner) = if job.spec.model == anisora {
+            (&anisora_lane, "runner-anisora")
+        } else {
+            (&phr00t_lane, "runner-phr00t")
+        };
+        assert_eq!(
+            s.lane.as_ref(),
+            Some(lane),
+            "{} ran on the wrong lane",
+            job.name_any()
+        );
+        assert_eq!(s.runner.as_deref(), Some(runner));
+        assert_eq!(s.attempts, Some(1));
+        let output = s.output.as_ref().context("output")?;
+        assert_eq!(
+            output.path,
+            format!("{}/{}/video.mp4", fx.ns.name, job.name_any())
+        );
+    }
+    assert_eq!(a.loads.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(p.loads.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // What a user sees.
+    let out = fx
+        .ns
+        .kubectl()
+        .args(["get", "vj", "alternating-1"])
+        .output()?;
+    let text = String::from_utf8(out.stdout)?;
+    let row: Vec<&str> = text
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        &row[..5],
+        [
+            "alternating-1",
+            phr00t.as_str(),
+            "Succeeded",
+            phr00t_lane.as_str(),
+            "100"
+        ],
+        "{text}"
+    );
+    let out = fx
+        .ns
+        .kubectl()
+        .args(["describe", "vj", "alternating-1"])
+        .output()?;
+    let text = String::from_utf8(out.stdout)?;
+    assert!(
+        text.contains("Admitted") && text.contains(&format!("admitted to lane {phr00t_lane}")),
+        "{text}"
+    );
+    Ok(())
+}
+
+/// Checks, at a quiet moment, that each lane's queued jobs have positions 1..n in admission
+/// order and that the lane's queueDepth counts its unfinished jobs.
+async fn positions_settle(fx: &Fixture, lanes: &[String]) -> Result<()> {
+    eventually(60, "positions and depth to settle", || async {
+        let jobs = fx.list_jobs().await?;
+        for lane in lanes {
+            let mut queued: Vec<&VideoJob> = jobs
+                .iter()
+                .filter(|j| {
+                    j.status.as_ref().and_then(|s| s.lane.as_ref()) == Some(lane)
+                        && phase(j) == Some(JobPhase::Queued)
+                })
+                .collect();
+            queued.sort_by_key(|j| framelane_api::runner::queue_key(j));
+            let positions: Vec<Option<i32>> = queued
+                .iter()
+                .map(|j| j.status.as_ref().unwrap().queue_position)
+                .collect();
+            let want: Vec<Option<i32>> = (1..=queued.len() as i32).map(Some).collect();
+            let unfinished = jobs
+                .iter()
+                .filter(|j| j.status.as_ref().and_then(|s| s.lane.as_ref()) == Some(lane))
+                .filter(|j| matches!(phase(j), Some(JobPhase::Queued | JobPhase::Running)))
+                .count() as i32;
+            if positions != want || fx.lane_status(lane).await?.queue_depth != unfinished {
+                return Ok(None);
+            }
+        }
+        Ok(Some(()))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_hundred_jobs_run_once_each_in_fifo_order_with_exact_positions() -> Result<()> {
+    let fx = Fixture::new("fifo").await?;
+    let anisora = fx.model("anisora", 8, None).await?;
+    let phr00t = fx.model("phr00t", 4, Some(1.0)).await?;
+    let lanes = vec![
+        fx.lane("anisora", &[&anisora], json!({})).await?,
+        fx.lane("phr00t", &[&phr00t], json!({})).await?,
+    ];
+    let _op = fx.operator("op")?;
+    let gates: Vec<Arc<Semaphore>> = (0..2).map(|_| Arc::new(Semaphore::new(0))).collect();
+    let runners: Vec<_> = (0..4)
+        .map(|i| {
+            let behaviour = Behaviour {
+                permits: Some(gates[i % 2].clone()),
+                ..Default::default()
+            };
+            fx.runner(&format!("runner-{i}"), &lanes[i % 2], behaviour)
+        })
+        .collect();
+
+    for i in 0..100 {
+        fx.create_job(
+            &format!("job-{i:03}"),
+            if i % 2 == 0 { &anisora } else { &phr00t },
+        )
+        .await?;
+    }
+    all_in_phase(&fx, 100, JobPhase::Queued, 60).await?;
+    positions_settle(&fx, &lanes).await?;
+
+    for batch in 1..=5 {
+        for gate in &gates {
+            gate.add_permits(10);
+        }
+        eventually(60, &format!("batch {batch} done"), || async {
+            let jobs = fx.list_jobs().await?;
+            let done = jobs
+                .iter()
+                .filter(|j| phase(j) == Some(JobPhase::Succeeded))
+                .count();
+            let running = jobs
+                .iter()
+                .filter(|j| phase(j) == Some(JobPhase::Running))
+                .count();
+            Ok((done == batch * 20 && running == 0).then_some(()))
+        })
+        .await?;
+        positions_settle(&fx, &lanes)
+            .await
+            .with_context(|| format!("after batch {batch}"))?;
+    }
+
+    let jobs = fx.list_jobs().await?;
+    let mut runs: HashMap<String, usize> = HashMap::new();
+    for runner in &runners {
+        for (job, _) in runner.log.lock().unwrap().iter() {
+            *runs.entry(job.clone()).or_default() += 1;
+        }
+    }
+    ensure!(
+        runs.len() == 100 && runs.values().all(|n| *n == 1),
+        "not every job ran exactly once: {runs:?}"
+    );
+    for lane in &lanes {
+        let mut in_lane: Vec<&VideoJob> = jobs
+            .iter()
+            .filter(|j| j.status.as_ref().unwrap().lane.as_ref() == Some(lane))
+            .collect();
+        assert_eq!(in_lane.len(), 50);
+        in_lane.sort_by_key(|j| j.status.as_ref().unwrap().started_at.clone().unwrap().0);
+        let by_start: Vec<String> = in_lane.iter().map(|j| j.name_any()).collect();
+        in_lane.sort_by_key(|j| framelane_api::runner::queue_key(j));
+        let by_queue: Vec<String> = in_lane.iter().map(|j| j.name_any()).collect();
+        assert_eq!(
+            by_start, by_queue,
+            "lane {lane} did not start its jobs in FIFO order"
+        );
+        let mut by_creation = by_queue.clone();
+        by_creation.sort();
+        assert_eq!(
+            by_queue, by_creation,
+            "lane {lane} did not queue its jobs in the order they were created"
+        );
+    }
+    assert!(
+        jobs.iter()
+            .all(|j| j.status.as_ref().unwrap().attempts == Some(1))
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_runner_killed_mid_job_loses_it_to_another_runner() -> Result<()> {
+    let fx = Fixture::new("lost").await?;
+    let model = fx.model("anisora", 8, None).await?;
+    let lane = fx.lane("anisora", &[&model], json!({})).await?;
+    let _op = fx.operator("op")?;
+    let slow = Behaviour {
+        steps: 60,
+        step_time: Duration::from_millis(500),
+        permits: None,
+    };
+    let first = fx.runner("runner-first", &lane, slow);
+    fx.create_job("survivor", &model).await?;
+    eventually(30, "runner-first running the job", || async {
+        let job = fx.jobs.get("survivor").await?;
+        Ok(
+            (job.status.as_ref().and_then(|s| s.runner.as_deref()) == Some("runner-first"))
+                .then_some(()),
+        )
+    })
+    .await?;
+    first.kill();
+    let _second = fx.runner("runner-second", &lane, Behaviour::default());
+    let done = eventually(60, "the job to finish on runner-second", || async {
+        let job = fx.jobs.get("survivor").await?;
+        Ok((phase(&job) == Some(JobPhase::Succeeded)).then_some(job))
+    })
+    .await?;
+    let status = done.status.unwrap();
+    assert_eq!(status.runner.as_deref(), Some("runner-second"));
+    assert_eq!(
+        status.attempts,
+        Some(2),
+        "the lost run counts as an attempt"
+    );
+    let out = fx
+        .ns
+        .kubectl()
+        .args(["describe", "vj", "survivor"])
+        .output()?;
+    let text = String::from_utf8(out.stdout)?;
+    assert!(
+        text.contains("RunnerLost")
+            && text.contains("runner runner-first stopped sending heartbeats"),
+        "{text}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn killing_the_leader_mid_run_loses_no_job_and_runs_none_twice() -> Result<()> {
+    let fx = Fixture::new("failover").await?;
+    let anisora = fx.model("anisora", 8, None).await?;
+    let phr00t = fx.model("phr00t", 4, Some(1.0)).await?;
+    let lanes = [
+        fx.lane("anisora", &[&anisora], json!({})).await?,
+        fx.lane("phr00t", &[&phr00t], json!({})).await?,
+    ];
+    let mut ops = [fx.operator("op-a")?, fx.operator("op-b")?];
+    let leases: Api<Lease> = fx.ns.api();
+    let leader = eventually(30, "a leader", || async {
+        let lease = leases.get_opt("framelane-operator").await?;
+        Ok(lease.and_then(|l| l.spec.and_then(|s| s.holder_identity)))
+    })
+    .await?;
+    let runners: Vec<_> = (0..4)
+        .map(|i| fx.runner(&format!("runner-{i}"), &lanes[i % 2], Behaviour::default()))
+        .collect();
+
+    let create = |range: std::ops::Range<usize>| {
+        let fx = &fx;
+        let (anisora, phr00t) = (&anisora, &phr00t);
+        async move {
+            for chunk in range.collect::<Vec<_>>().chunks(10) {
+                let creates = chunk.iter().map(|i| {
+                    fx.create_job(
+                        format!("job-{i:03}"),
+                        if i % 2 == 0 { anisora } else { phr00t },
+                    )
+                });
+                for r in futures::future::join_all(creates).await {
+                    r?;
+                }
+            }
+            anyhow::Ok(())
+        }
+    };
+    create(0..100).await?;
+    eventually(60, "a quarter of the jobs done", || async {
+        Ok((fx
+            .list_jobs()
+            .await?
+            .iter()
+            .filter(|j| phase(j) == Some(JobPhase::Succeeded))
+            .count()
+            >= 50)
+            .then_some(()))
+    })
+    .await?;
+    let killed_at = tokio::time::Instant::now();
+    let index = if leader == "op-a" { 0 } else { 1 };
+    ops[index].kill();
+    create(100..200).await?;
+    let standby = if leader == "op-a" { "op-b" } else { "op-a" };
+    eventually(20, "the standby to take over", || async {
+        let lease = leases.get("framelane-operator").await?;
+        Ok((lease.spec.and_then(|s| s.holder_identity).as_deref() == Some(standby)).then_some(()))
+    })
+    .await?;
+    let takeover = killed_at.elapsed();
+    ensure!(
+        takeover < Duration::from_secs(15),
+        "standby took {takeover:?} to take over"
+    );
+
+    let jobs = all_in_phase(&fx, 200, JobPhase::Succeeded, 180)
+        .await
+        .with_context(|| "after failover")?;
+    let mut runs: HashMap<String, usize> = HashMap::new();
+    for runner in &runners {
+        for (job, _) in runner.log.lock().unwrap().iter() {
+            *runs.entry(job.clone()).or_default() += 1;
+        }
+    }
+    ensure!(
+        runs.len() == 200 && runs.values().all(|n| *n == 1),
+        "jobs lost or run twice: {} distinct",
+        runs.len()
+    );
+    assert!(
+        jobs.iter()
+            .all(|j| j.status.as_ref().unwrap().attempts == Some(1)),
+        "{:?}",
+        count_phases(&jobs)
+    );
+    let survivor = &ops[1 - index];
+    assert!(
+        survivor.metrics().await?.contains("framelane_leader 1"),
+        "the standby does not report itself as leader"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn deleting_queued_and_running_jobs_cancels_them_and_frees_their_slots() -> Result<()> {
+    let fx = Fixture::new("cancel").await?;
+    let model = fx.model("anisora", 8, None).await?;
+    let lane = fx.lane("anisora", &[&model], json!({})).await?;
+    let _op = fx.operator("op")?;
+    let slow = Behaviour {
+        steps: 100,
+        step_time: Duration::from_millis(200),
+        permits: None,
+    };
+    let runner = fx.runner("runner", &lane, slow);
+    for name in ["first", "second", "third"] {
+        fx.create_job(name, &model).await?;
+    }
+    // One job runs (the runner holds it, with the finalizer), two wait.
+    let (running, mut queued) = eventually(30, "one job running, two queued, depth 3", || async {
+        let jobs = fx.list_jobs().await?;
+        let running: Vec<&VideoJob> = jobs
+            .iter()
+            .filter(|j| phase(j) == Some(JobPhase::Running) && !j.finalizers().is_empty())
+            .collect();
+        let mut queued: Vec<&VideoJob> = jobs
+            .iter()
+            .filter(|j| phase(j) == Some(JobPhase::Queued))
+            .collect();
+        queued.sort_by_key(|j| framelane_api::runner::queue_key(j));
+        let depth = fx.lane_status(&lane).await?.queue_depth;
+        Ok(
+            (running.len() == 1 && queued.len() == 2 && depth == 3).then(|| {
+                (
+                    running[0].name_any(),
+                    queued.iter().map(|j| j.name_any()).collect::<Vec<_>>(),
+                )
+            }),
+        )
+    })
+    .await?;
+
+    let last = queued.pop().expect("two queued");
+    fx.jobs.delete(&last, &DeleteParams::default()).await?;
+    eventually(10, "the queued job gone and its slot free", || async {
+        let gone = fx.jobs.get_opt(&last).await?.is_none();
+        Ok((gone && fx.lane_status(&lane).await?.queue_depth == 2).then_some(()))
+    })
+    .await?;
+
+    fx.jobs.delete(&running, &DeleteParams::default()).await?;
+    let next = queued.pop().expect("one left");
+    eventually(
+        20,
+        "the running job stopped and gone, the next one running",
+        || async {
+            let gone = fx.jobs.get_opt(&running).await?.is_none();
+            let next = fx.jobs.get(&next).await?;
+            Ok((gone && phase(&next) == Some(JobPhase::Running)).then_some(()))
+        },
+    )
+    .await?;
+    assert_eq!(
+        runner.cancelled.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the runner did not stop the deleted job"
+    );
+    eventually(10, "depth 1", || async {
+        Ok((fx.lane_status(&lane).await?.queue_depth == 1).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn lane_pods_carry_the_gpu_and_allocator_setting_and_go_with_the_lane() -> Result<()> {
+    let fx = Fixture::new("pods").await?;
+    let model = fx.model("anisora", 8, None).await?;
+    // A lane that asks for a GPU (its own runner spec) and one that overrides the allocator.
+    let gpu_lane = fx
+        .lane(
+            "gpu",
+            &[&model],
+            json!({"runner": {"resources": {"limits": {"nvidia.com/gpu": 1}}}}),
+        )
+        .await?;
+    let override_lane = fx
+        .lane("override", &[&model], json!({"runner": {"env": [{"name": ALLOC_CONF_ENV, "value": "backend:cudaMallocAsync"}]}}))
+        .await?;
+    let _op = fx.operator("op")?;
+    let pods: Api<Pod> = fx.ns.api();
+    let pod = eventually(30, "the GPU lane's pod Running", || async {
+        let list = pods
+            .list(&ListParams::default().labels(&format!("{LABEL_LANE}={gpu_lane}")))
+            .await?
+            .items;
+        Ok(list
+            .into_iter()
+            .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")))
+    })
+    .await?;
+    let container = &pod.spec.as_ref().unwrap().containers[0];
+    let env: Vec<(String, Option<String>)> = container
+        .env
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.name, e.value))
+        .collect();
+    assert!(
+        env.contains(&(ALLOC_CONF_ENV.into(), Some(ALLOC_CONF_DEFAULT.into()))),
+        "{env:?}"
+    );
+    let limits = container.resources.clone().unwrap().limits.unwrap();
+    assert_eq!(limits["nvidia.com/gpu"].0, "1");
+    assert_eq!(pod.labels()["framelane.dev/model"], model);
+    assert!(
+        pod.spec
+            .as_ref()
+            .unwrap()
+            .node_name
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("gpu-node-")
+    );
+
+    // A runner pod that dies is replaced.
+    pods.delete(&pod.name_any(), &DeleteParams::default().grace_period(0))
+        .await?;
+    eventually(30, "a replacement pod", || async {
+        let list = pods
+            .list(&ListParams::default().labels(&format!("{LABEL_LANE}={gpu_lane}")))
+            .await?
+            .items;
+        Ok(list
+            .iter()
+            .any(|p| p.uid() != pod.uid() && p.metadata.deletion_timestamp.is_none())
+            .then_some(()))
+    })
+    .await?;
+
+    let lanes: Api<ModelLane> = Api::all(fx.client.clone());
+    let overridden = eventually(30, "the override condition", || async {
+        let lane = lanes.get(&override_lane).await?;
+        let cond = lane
+            .status
+            .unwrap_or_default()
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "AllocatorOverridden");
+        Ok(cond.filter(|c| c.status == "True"))
+    })
+    .await?;
+    assert!(
+        overridden.message.contains("backend:cudaMallocAsync"),
+        "{}",
+        overridden.message
+    );
+    let out = fx
+        .ns
+        .env
+        .kubectl()
+        .args(["describe", "lane", &override_lane])
+        .output()?;
+    let text = String::from_utf8(out.stdout)?;
+    assert!(
+        text.contains("Warning") && text.contains("AllocatorOverridden"),
+        "{text}"
+    );
+
+    lanes.delete(&gpu_lane, &DeleteParams::default()).await?;
+    eventually(60, "the deleted lane's pods garbage-collected", || async {
+        let list = pods
+            .list(&ListParams::default().labels(&format!("{LABEL_LANE}={gpu_lane}")))
+            .await?
+            .items;
+        Ok(list.is_empty().then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn queued_jobs_time_out_when_their_lane_has_no_runner() -> Result<()> {
+    let fx = Fixture::new("timeout").await?;
+    let model = fx.model("anisora", 8, None).await?;
+    let lane = fx
+        .lane(
+            "anisora",
+            &[&model],
+            json!({"queue": {"maxWaitSeconds": 3}}),
+        )
+        .await?;
+    let op = fx.operator("op")?;
+    fx.create_job("waiting", &model).await?;
+    let failed = eventually(30, "QueueWaitTimeout", || async {
+        let job = fx.jobs.get("waiting").await?;
+        Ok((phase(&job) == Some(JobPhase::Failed)).then_some(job))
+    })
+    .await?;
+    let status = failed.status.unwrap();
+    assert_eq!(status.reason.as_deref(), Some("QueueWaitTimeout"));
+    assert!(
+        status
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("had no available runner for 3 s")
+    );
+    let waited = status
+        .finished_at
+        .unwrap()
+        .0
+        .duration_since(status.queued_at.unwrap().0);
+    ensure!(
+        waited.as_secs_f64() >= 3.0,
+        "timed out after only {waited:?}"
+    );
+    eventually(
+        10,
+        "the timed-out job's slot freed on an Unavailable lane",
+        || async {
+            let lane_status = fx.lane_status(&lane).await?;
+            Ok(
+                (lane_status.phase == Some(LanePhase::Unavailable) && lane_status.queue_depth == 0)
+                    .then_some(()),
+            )
+        },
+    )
+    .await?;
+    let metrics = op.metrics().await?;
+    assert!(
+        metrics.contains(&format!(
+            "framelane_queue_timeout_drops_total{{lane=\"{lane}\"}} 1"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "framelane_jobs_finished_total{phase=\"Failed\",reason=\"QueueWaitTimeout\"} 1"
+        ),
+        "{metrics}"
+    );
+    Ok(())
+}

@@ -1,0 +1,413 @@
+//! A test fixture for the operator on the real local control plane: its own namespace,
+//! models and lanes (selected by a label only this test's operators watch), operator
+//! processes, and simulated runners that follow the runner contract.
+
+#![allow(dead_code)] // each test binary uses a different part of the fixture
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Result, bail};
+use framelane_api::{
+    ModelLane, VideoJob, VideoModel,
+    runner::Runner,
+    videojob::{JobPhase, Output},
+    wellknown::Reason,
+};
+use framelane_testenv::{TestEnv, TestNamespace};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{ListParams, PostParams},
+};
+use serde_json::{Value, json};
+use tokio::sync::{Semaphore, watch};
+
+pub const INSTANCE_LABEL: &str = "framelane.dev/test-instance";
+
+pub struct Fixture {
+    pub ns: TestNamespace,
+    pub client: Client,
+    pub jobs: Api<VideoJob>,
+}
+
+impl Fixture {
+    pub async fn new(prefix: &str) -> Result<Fixture> {
+        let env = TestEnv::get()?;
+        let ns = env.namespace(prefix).await?;
+        let client = ns.client.clone();
+        let jobs = ns.api();
+        Ok(Fixture { ns, client, jobs })
+    }
+
+    /// A cluster-scoped name unique to this test: `<namespace>-<name>`.
+    pub fn scoped(&self, name: &str) -> String {
+        format!("{}-{name}", self.ns.name)
+    }
+
+    /// Creates a VideoModel with `steps` (and `cfg`, if any).
+    pub async fn model(&self, name: &str, steps: i32, cfg: Option<f64>) -> Result<String> {
+        let name = self.scoped(name);
+        let mut fixed = json!({"steps": steps});
+        if let Some(cfg) = cfg {
+            fixed["cfg"] = json!(cfg);
+        }
+        let model: VideoModel = serde_json::from_value(json!({
+            "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoModel",
+            "metadata": {"name": name, "labels": {INSTANCE_LABEL: self.ns.name}},
+            "spec": {"fixedParameters": fixed, "defaults": {"width": 832, "height": 480, "frames": 81, "fps": 16},
+                "limits": {"maxWidth": 1280, "maxHeight": 1280, "maxFrames": 161}, "package": {"path": name}, "modes": ["t2v"]}
+        }))?;
+        Api::<VideoModel>::all(self.client.clone())
+            .create(&PostParams::default(), &model)
+            .await?;
+        Ok(name)
+    }
+
+    /// Creates a lane watched only by this test's operators. `spec` is merged over a
+    /// Dedicated lane for `models` whose runners request CPU only (so tests do not hold the
+    /// fake GPUs), unless `spec` sets its own runner.
+    pub async fn lane(&self, name: &str, models: &[&str], spec: Value) -> Result<String> {
+        let name = self.scoped(name);
+        let mut full = json!({"mode": "Dedicated", "models": models,
+            "runner": {"resources": {"requests": {"cpu": "100m"}}, "modelVolume": {"emptyDir": {}}, "outputVolume": {"emptyDir": {}}}, "queue": {"maxDepth": 500, "maxWaitSeconds": 300}});
+        merge(&mut full, spec);
+        let lane: ModelLane = serde_json::from_value(json!({
+            "apiVersion": "framelane.dev/v1alpha1", "kind": "ModelLane",
+            "metadata": {"name": name, "labels": {INSTANCE_LABEL: self.ns.name}}, "spec": full
+        }))?;
+        Api::<ModelLane>::all(self.client.clone())
+            .create(&PostParams::default(), &lane)
+            .await?;
+        Ok(name)
+    }
+
+    /// Starts an operator process for this test's lanes and namespace.
+    pub fn operator(&self, identity: &str) -> Result<OperatorProcess> {
+        OperatorProcess::start(&self.ns, identity, &[])
+    }
+
+    pub async fn create_job(&self, name: impl Into<String>, model: &str) -> Result<VideoJob> {
+        let name: String = name.into();
+        let job: VideoJob = serde_json::from_value(json!({
+            "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob", "metadata": {"name": name},
+            "spec": {"model": model, "prompt": format!("job {name}"), "frames": 17, "width": 256, "height": 256}
+        }))?;
+        Ok(self.jobs.create(&PostParams::default(), &job).await?)
+    }
+
+    pub async fn list_jobs(&self) -> Result<Vec<VideoJob>> {
+        Ok(self.jobs.list(&ListParams::default()).await?.items)
+    }
+
+    pub async fn lane_status(
+        &self,
+        lane: &str,
+    ) -> Result<framelane_api::modellane::ModelLaneStatus> {
+        Ok(Api::<ModelLane>::all(self.client.clone())
+            .get(lane)
+            .await?
+            .status
+            .unwrap_or_default())
+    }
+
+    /// Starts a simulated runner of `lane`, called `name`.
+    pub fn runner(&self, name: &str, lane: &str, behaviour: Behaviour) -> SimRunner {
+        SimRunner::start(
+            self.client.clone(),
+            &self.ns.name,
+            name,
+            lane,
+            self.jobs.clone(),
+            behaviour,
+        )
+    }
+}
+
+/// Removes the test's lanes (their pods go with them) and models, also when the test failed,
+/// so a rerun on the same control plane finds the fake GPUs free.
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let selector = format!("{INSTANCE_LABEL}={}", self.ns.name);
+        let _ = self
+            .ns
+            .env
+            .kubectl()
+            .args(["delete", "modellanes", "-l", &selector, "--wait=false"])
+            .output();
+        let _ = self
+            .ns
+            .env
+            .kubectl()
+            .args(["delete", "videomodels", "-l", &selector, "--wait=false"])
+            .output();
+    }
+}
+
+fn merge(base: &mut Value, over: Value) {
+    match (base, over) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                merge(b.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+/// An operator process; killed (SIGKILL) when dropped.
+pub struct OperatorProcess {
+    pub child: Child,
+    pub metrics_port: u16,
+    pub log: PathBuf,
+}
+
+impl OperatorProcess {
+    pub fn start(ns: &TestNamespace, identity: &str, extra: &[&str]) -> Result<OperatorProcess> {
+        let port = free_port()?;
+        let log =
+            std::env::temp_dir().join(format!("framelane-operator-{}-{identity}.log", ns.name));
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new(env!("CARGO_BIN_EXE_framelane-operator"))
+            .env("KUBECONFIG", &ns.env.kubeconfig)
+            .env("RUST_LOG", "info,kube=warn")
+            .args([
+                "--namespace",
+                &ns.name,
+                "--watch-namespace",
+                &ns.name,
+                "--identity",
+                identity,
+            ])
+            .args(["--lane-selector", &format!("{INSTANCE_LABEL}={}", ns.name)])
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .args(extra)
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .stdin(Stdio::null())
+            .spawn()?;
+        Ok(OperatorProcess {
+            child,
+            metrics_port: port,
+            log,
+        })
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn metrics(&self) -> Result<String> {
+        let out = tokio::process::Command::new("curl")
+            .args([
+                "-sf",
+                &format!("http://127.0.0.1:{}/metrics", self.metrics_port),
+            ])
+            .output()
+            .await?;
+        Ok(String::from_utf8(out.stdout)?)
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// How a simulated runner works.
+#[derive(Clone)]
+pub struct Behaviour {
+    /// Denoising steps per job.
+    pub steps: i32,
+    /// Time per step.
+    pub step_time: Duration,
+    /// When set, each job needs a permit: the test lets jobs through in batches.
+    pub permits: Option<Arc<Semaphore>>,
+}
+
+impl Default for Behaviour {
+    fn default() -> Self {
+        Behaviour {
+            steps: 2,
+            step_time: Duration::from_millis(10),
+            permits: None,
+        }
+    }
+}
+
+/// What the runners did, in order: (job name, runner name).
+pub type RunLog = Arc<Mutex<Vec<(String, String)>>>;
+
+/// A runner that follows the contract: heartbeat, claim the oldest job, report progress
+/// at each step, stop on cancellation, complete. Dropping it (or `kill`) stops it dead,
+/// like a crashed pod: no more heartbeats, no clean-up.
+pub struct SimRunner {
+    pub name: String,
+    task: tokio::task::JoinHandle<()>,
+    pub log: RunLog,
+    pub loads: Arc<AtomicUsize>,
+    pub cancelled: Arc<AtomicUsize>,
+}
+
+impl SimRunner {
+    pub fn start(
+        client: Client,
+        ns: &str,
+        name: &str,
+        lane: &str,
+        jobs: Api<VideoJob>,
+        behaviour: Behaviour,
+    ) -> SimRunner {
+        let log: RunLog = Arc::default();
+        let loads = Arc::new(AtomicUsize::new(0));
+        let cancelled = Arc::new(AtomicUsize::new(0));
+        let (model_tx, model_rx) = watch::channel(None::<String>);
+        let mut runner = Runner::start(client, ns, name, lane, jobs);
+        let (task_log, task_loads, task_cancelled) =
+            (log.clone(), loads.clone(), cancelled.clone());
+        let task = tokio::spawn(async move {
+            let _heartbeat = runner.keep_alive(model_rx);
+            loop {
+                let permit = match &behaviour.permits {
+                    Some(s) => Some(s.clone().acquire_owned().await.expect("semaphore open")),
+                    None => None,
+                };
+                let mut claimed = loop {
+                    match runner.claim_next().await {
+                        Ok(Some(job)) => break job,
+                        Ok(None) => runner.wait_for_change(Duration::from_millis(200)).await,
+                        Err(e) => {
+                            eprintln!("runner {}: claim failed: {e}", runner.name());
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                };
+                // Each permit lets exactly one job through.
+                if let Some(permit) = permit {
+                    permit.forget();
+                }
+                let model = claimed.job().spec.model.clone();
+                if model_tx.borrow().as_deref() != Some(model.as_str()) {
+                    task_loads.fetch_add(1, Ordering::SeqCst);
+                    model_tx.send_replace(Some(model));
+                }
+                let job_name = claimed.job().name_any();
+                task_log
+                    .lock()
+                    .unwrap()
+                    .push((job_name.clone(), runner.name().to_string()));
+                let mut cancelled_at = None;
+                for step in 1..=behaviour.steps {
+                    if claimed.is_cancelled() {
+                        cancelled_at = Some(step);
+                        break;
+                    }
+                    tokio::time::sleep(behaviour.step_time).await;
+                    let percent = step * 100 / behaviour.steps;
+                    if let Err(e) = claimed
+                        .progress("Denoising", step, behaviour.steps, percent)
+                        .await
+                    {
+                        eprintln!("runner {}: {e}", runner.name());
+                        break;
+                    }
+                }
+                let result = if let Some(step) = cancelled_at {
+                    task_cancelled.fetch_add(1, Ordering::SeqCst);
+                    claimed
+                        .fail(
+                            Reason::Cancelled,
+                            &format!("cancelled at step {step}"),
+                            None,
+                        )
+                        .await
+                        .map(|_| ())
+                } else {
+                    let output = Output {
+                        path: format!(
+                            "{}/{job_name}/video.mp4",
+                            claimed.job().namespace().unwrap_or_default()
+                        ),
+                        frames: 17,
+                        fps: 16,
+                        width: 256,
+                        height: 256,
+                        ..Default::default()
+                    };
+                    claimed.complete(output, None).await.map(|_| ())
+                };
+                if let Err(e) = result {
+                    eprintln!("runner {}: finishing {job_name}: {e}", runner.name());
+                }
+            }
+        });
+        SimRunner {
+            name: name.into(),
+            task,
+            log,
+            loads,
+            cancelled,
+        }
+    }
+
+    /// Stops the runner as a crash would.
+    pub fn kill(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for SimRunner {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Polls `check` every 200 ms until it returns `Some`, for at most `secs`.
+pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out after {secs} s waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub fn phase(job: &VideoJob) -> Option<JobPhase> {
+    job.status.as_ref().and_then(|s| s.phase)
+}
+
+pub fn count_phases(jobs: &[VideoJob]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for job in jobs {
+        *counts.entry(format!("{:?}", phase(job))).or_insert(0) += 1;
+    }
+    counts
+}

@@ -52,11 +52,23 @@ crds:
 
 # Formatting and lints, as CI runs them.
 lint:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    eval "$(gpu-runner/scripts/setup-torch.sh)"
     cargo fmt --all --check
     cargo clippy --workspace --all-targets -- -D warnings
 
+# Install libtorch (torch 2.11 from PyPI, cached outside the checkout); prints its exports.
+torch:
+    @gpu-runner/scripts/setup-torch.sh
+
 # Run every test against the real local control plane (started if needed).
-test: tools lint
+test: tools
+    #!/usr/bin/env bash
+    set -euo pipefail
+    eval "$(gpu-runner/scripts/setup-torch.sh)"
+    cargo fmt --all --check
+    cargo clippy --workspace --all-targets -- -D warnings
     tests/testenv/up.sh
     cargo test --workspace
 

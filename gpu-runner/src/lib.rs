@@ -1,0 +1,29 @@
+//! Framelane's GPU runner core: model packages, the flow-matching sampling loop in Rust,
+//! memory hygiene around every job, H.264/MP4 output, and the model cache of a lane.
+//!
+//! - [`package`]: load and validate a model package (manifest + TorchScript modules).
+//! - [`schedule`], [`sampler`]: sigma schedules and the sampling loop.
+//! - [`generate`]: one job end to end, with progress, cancellation and cleanup.
+//! - [`video`]: frames to MP4 + preview PNG.
+//! - [`cache`]: Dedicated / Shared model switching.
+//! - [`memory`], [`accel`]: device selection, allocator statistics, emptying the cache.
+
+pub mod accel;
+pub mod cache;
+pub mod generate;
+pub mod memory;
+pub mod package;
+pub mod sampler;
+pub mod schedule;
+pub mod video;
+
+/// The text of a caught panic (tch raises some libtorch errors as panics).
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else {
+        "libtorch raised an error".to_owned()
+    }
+}

@@ -1,0 +1,95 @@
+//! Shared test setup: the torch venv's Python, and tiny model packages made by
+//! tests/make_tiny_packages.py once per test binary.
+
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use framelane_runner::generate::JobRequest;
+use framelane_runner::memory::RunnerDevice;
+
+pub const FIX: &str =
+    "run `eval \"$(gpu-runner/scripts/setup-torch.sh)\"` first (see gpu-runner/README.md)";
+
+/// The Python with torch 2.11 that makes the packages and runs the reference loop. Missing is
+/// a failure, never a skip: these tests are the runner's proof of correctness.
+pub fn python() -> PathBuf {
+    let Some(path) = std::env::var_os("FRAMELANE_TORCH_PYTHON") else {
+        panic!("FRAMELANE_TORCH_PYTHON is not set; {FIX}");
+    };
+    let path = PathBuf::from(path);
+    assert!(
+        path.is_file(),
+        "FRAMELANE_TORCH_PYTHON={} does not exist; {FIX}",
+        path.display()
+    );
+    path
+}
+
+pub fn tests_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests")
+}
+
+/// Runs a script from tests/ with the torch Python, panicking with its stderr on failure.
+pub fn run_python(script: &str, args: &[&Path], stdin: Option<&str>) -> String {
+    use std::io::Write;
+    let mut child = Command::new(python())
+        .arg(tests_dir().join(script))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start the torch Python: {e}; {FIX}"));
+    let mut pipe = child.stdin.take().unwrap();
+    pipe.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    drop(pipe);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Tiny `anisora` and `phr00t` packages, made once per test binary.
+pub fn packages() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        run_python("make_tiny_packages.py", &[dir.path()], None);
+        dir
+    })
+    .path()
+}
+
+pub fn anisora() -> PathBuf {
+    packages().join("anisora")
+}
+
+pub fn phr00t() -> PathBuf {
+    packages().join("phr00t")
+}
+
+pub fn cpu() -> RunnerDevice {
+    RunnerDevice::cpu().expect("CPU device")
+}
+
+/// A small job: 9 frames of 32x32.
+pub fn job(name: &str, seed: u32) -> JobRequest {
+    JobRequest {
+        namespace: "default".to_owned(),
+        name: name.to_owned(),
+        prompt: "a red fox running through snow".to_owned(),
+        negative_prompt: Some("blurry".to_owned()),
+        width: 32,
+        height: 32,
+        frames: 9,
+        fps: None,
+        cfg: None,
+        seed,
+    }
+}

@@ -6,7 +6,7 @@ use std::path::Path;
 use tch::{Kind, Tensor};
 
 use crate::accel::AccelError;
-use crate::memory::{MemoryReport, RunnerDevice, is_out_of_memory};
+use crate::memory::{JobMemory, RunnerDevice, is_out_of_memory};
 use crate::package::ModelPackage;
 use crate::sampler::{self, Denoiser, Noise, SampleError, SamplingPlan, StepControl};
 use crate::video::{self, Frames, VideoError, VideoOutput};
@@ -105,7 +105,7 @@ impl JobError {
 #[derive(Debug)]
 pub struct JobOutcome {
     pub result: Result<VideoOutput, JobError>,
-    pub memory: Result<MemoryReport, AccelError>,
+    pub memory: Result<JobMemory, AccelError>,
 }
 
 /// Runs `job` on `model` and writes its files under `out_root`. `on_progress` may cancel at
@@ -147,7 +147,7 @@ pub fn run_job(
     });
     let memory = before.and_then(|before| {
         let after = device.clean_up()?;
-        Ok(MemoryReport::new(device, &before, &after))
+        Ok(JobMemory::new(device, &before, &after))
     });
     match &memory {
         Ok(report) => report.log(&job_id),

@@ -1,5 +1,6 @@
 //! Device selection and memory hygiene: what runs after every job and every model switch.
 
+use framelane_api::videojob::MemoryReport;
 use serde::Serialize;
 use tch::Device;
 
@@ -78,31 +79,31 @@ impl RunnerDevice {
     }
 }
 
-/// One job's memory, as `status.memory` (the API's MemoryReport), runner metrics and the
-/// structured log line carry it.
-#[derive(Serialize, Clone, Debug, Default, PartialEq, Eq)]
+/// One job's memory: what `status.memory` shows (the API's own `MemoryReport`), plus the
+/// allocator counters that go to runner metrics and the structured log line.
+#[derive(Serialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct MemoryReport {
-    pub device: String,
-    pub peak_allocated_bytes: i64,
-    pub peak_reserved_bytes: i64,
-    pub after_cleanup_allocated_bytes: i64,
-    pub after_cleanup_reserved_bytes: i64,
+pub struct JobMemory {
+    /// Exactly `status.memory`.
+    #[serde(flatten)]
+    pub status: MemoryReport,
     /// Allocator retries (cache flushes to satisfy an allocation) during the job.
     pub alloc_retries: i64,
     /// Out-of-memory errors the allocator raised during the job.
     pub ooms: i64,
 }
 
-impl MemoryReport {
+impl JobMemory {
     /// `before` is taken at [`RunnerDevice::begin_job`], `after` at [`RunnerDevice::clean_up`].
     pub fn new(device: &RunnerDevice, before: &MemoryStats, after: &MemoryStats) -> Self {
-        MemoryReport {
-            device: device.name(),
-            peak_allocated_bytes: after.allocated_peak,
-            peak_reserved_bytes: after.reserved_peak,
-            after_cleanup_allocated_bytes: after.allocated_current,
-            after_cleanup_reserved_bytes: after.reserved_current,
+        JobMemory {
+            status: MemoryReport {
+                device: device.name(),
+                peak_allocated_bytes: after.allocated_peak,
+                peak_reserved_bytes: after.reserved_peak,
+                after_cleanup_allocated_bytes: after.allocated_current,
+                after_cleanup_reserved_bytes: after.reserved_current,
+            },
             alloc_retries: after.num_alloc_retries - before.num_alloc_retries,
             ooms: after.num_ooms - before.num_ooms,
         }
@@ -112,11 +113,11 @@ impl MemoryReport {
     pub fn log(&self, job: &str) {
         tracing::info!(
             job,
-            device = %self.device,
-            peak_allocated_bytes = self.peak_allocated_bytes,
-            peak_reserved_bytes = self.peak_reserved_bytes,
-            after_cleanup_allocated_bytes = self.after_cleanup_allocated_bytes,
-            after_cleanup_reserved_bytes = self.after_cleanup_reserved_bytes,
+            device = %self.status.device,
+            peak_allocated_bytes = self.status.peak_allocated_bytes,
+            peak_reserved_bytes = self.status.peak_reserved_bytes,
+            after_cleanup_allocated_bytes = self.status.after_cleanup_allocated_bytes,
+            after_cleanup_reserved_bytes = self.status.after_cleanup_reserved_bytes,
             alloc_retries = self.alloc_retries,
             ooms = self.ooms,
             "job memory"
@@ -161,11 +162,14 @@ mod tests {
         let device = RunnerDevice {
             device: Device::Cuda(0),
         };
-        let r = MemoryReport::new(&device, &before, &after);
-        assert_eq!(r.device, "cuda:0");
+        let r = JobMemory::new(&device, &before, &after);
+        assert_eq!(r.status.device, "cuda:0");
         assert_eq!((r.alloc_retries, r.ooms), (2, 1));
         assert_eq!(
-            (r.peak_allocated_bytes, r.after_cleanup_reserved_bytes),
+            (
+                r.status.peak_allocated_bytes,
+                r.status.after_cleanup_reserved_bytes
+            ),
             (100, 20)
         );
     }

@@ -62,9 +62,9 @@ fn same_seed_gives_a_byte_identical_mp4_with_every_frame() {
     assert!(buf.iter().any(|&v| v != buf[0]), "preview is a flat image");
 
     let memory = first.memory.unwrap();
-    assert_eq!(memory.device, "cpu");
-    assert!(memory.peak_allocated_bytes >= memory.after_cleanup_allocated_bytes);
-    assert!(memory.peak_allocated_bytes > 0);
+    assert_eq!(memory.status.device, "cpu");
+    assert!(memory.status.peak_allocated_bytes >= memory.status.after_cleanup_allocated_bytes);
+    assert!(memory.status.peak_allocated_bytes > 0);
     assert_eq!(memory.ooms, 0);
 }
 

@@ -97,11 +97,11 @@ fn shared_switching_frees_the_old_model_and_dedicated_loads_once() {
         outcome.result.unwrap();
         let memory = outcome.memory.unwrap();
         assert_eq!(
-            memory.after_cleanup_allocated_bytes - baseline,
+            memory.status.after_cleanup_allocated_bytes - baseline,
             weights,
             "job {i} left tensors behind"
         );
-        assert!(memory.peak_allocated_bytes > memory.after_cleanup_allocated_bytes);
+        assert!(memory.status.peak_allocated_bytes > memory.status.after_cleanup_allocated_bytes);
     }
     assert_eq!(shared.loads(), 5);
     shared.unload().unwrap();

@@ -138,6 +138,19 @@ impl Metrics {
         out
     }
 
+    /// Runs one reconcile of `controller`, recording how long it took.
+    pub async fn timed<T>(&self, controller: &str, reconcile: impl Future<Output = T>) -> T {
+        let started = std::time::Instant::now();
+        let result = reconcile.await;
+        let labels = ControllerLabels {
+            controller: controller.into(),
+        };
+        self.reconcile_duration
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
     pub fn lane(lane: &str) -> LaneLabels {
         LaneLabels { lane: lane.into() }
     }

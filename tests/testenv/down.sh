@@ -9,27 +9,7 @@
 #   TESTENV_KEEP_LOGS=1  keep .testenv/logs so the failure can be inspected.
 set -euo pipefail
 
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO=$(git -C "$HERE" rev-parse --show-toplevel)
-STATE="$REPO/.testenv"
-LOCK="$REPO/.testenv.lock"
-
-log() { echo "testenv: $*" >&2; }
-
-# Same lock as up.sh, so a down.sh never tears down under an up.sh that is still starting.
-# We delete the lock file at the end; anyone who was waiting on it then holds a lock on a
-# deleted file, which is why the lock is only trusted when it is still the file at $LOCK.
-take_lock() {
-  while :; do
-    exec 9>>"$LOCK"
-    if ! flock -n 9; then
-      log "waiting for another up.sh/down.sh of this checkout to finish (lock $LOCK)"
-      flock 9
-    fi
-    if [ "$LOCK" -ef /dev/fd/9 ]; then return 0; fi
-    exec 9>&-
-  done
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Prints the pids of the live processes of one component of this checkout's testenv.
 pids_of() { # component

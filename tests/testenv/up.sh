@@ -12,11 +12,7 @@
 # The binaries come from tools.sh (built once, cached outside the checkout).
 set -euo pipefail
 
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO=$(git -C "$HERE" rev-parse --show-toplevel)
-STATE="$REPO/.testenv"
-# Outside .testenv so that down.sh can delete the whole state dir while the lock is held.
-LOCK="$REPO/.testenv.lock"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 PKI="$STATE/pki"
 LOGS="$STATE/logs"
 CRDS="$REPO/crds"
@@ -25,24 +21,6 @@ SERVICE_CIDR=10.0.0.0/24 # the "kubernetes" Service gets 10.0.0.1
 POD_CIDR=10.244.0.0/16   # kwok hands out pod IPs from here; must not overlap SERVICE_CIDR
 MAX_ATTEMPTS=3           # fresh starts, when a picked port was taken before we bound it
 
-log() { echo "testenv: $*" >&2; }
-
-# ---------------------------------------------------------------------------------------------
-# Lock. Held for the whole run (fd 9) and released when this shell exits. down.sh deletes the
-# lock file while holding it, so a lock is only trusted when it is still the file at $LOCK.
-# The components must not inherit fd 9 (they would keep the lock held for as long as they run):
-# see `launch`.
-take_lock() {
-  while :; do
-    exec 9>>"$LOCK"
-    if ! flock -n 9; then
-      log "another up.sh/down.sh of this checkout is running; waiting for it (lock $LOCK)"
-      flock 9
-    fi
-    if [ "$LOCK" -ef /dev/fd/9 ]; then return 0; fi
-    exec 9>&-
-  done
-}
 # A re-run after a port clash (see on_failure) inherits the lock on fd 9 through exec.
 if [ "${_TESTENV_REEXEC:-}" != 1 ]; then take_lock; fi
 

@@ -31,16 +31,9 @@ use crate::{
 };
 
 pub async fn reconcile(job: Arc<VideoJob>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = std::time::Instant::now();
-    let result = reconcile_inner(&job, &ctx).await;
-    let labels = crate::metrics::ControllerLabels {
-        controller: "videojob".into(),
-    };
     ctx.metrics
-        .reconcile_duration
-        .get_or_create(&labels)
-        .observe(started.elapsed().as_secs_f64());
-    result
+        .timed("videojob", reconcile_inner(&job, &ctx))
+        .await
 }
 
 async fn reconcile_inner(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {

@@ -26,16 +26,9 @@ use serde_json::json;
 use crate::{context::Context, error::Error, metrics::Metrics};
 
 pub async fn reconcile(lane: Arc<ModelLane>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = std::time::Instant::now();
-    let result = reconcile_inner(&lane, &ctx).await;
-    let labels = crate::metrics::ControllerLabels {
-        controller: "modellane".into(),
-    };
     ctx.metrics
-        .reconcile_duration
-        .get_or_create(&labels)
-        .observe(started.elapsed().as_secs_f64());
-    result
+        .timed("modellane", reconcile_inner(&lane, &ctx))
+        .await
 }
 
 async fn reconcile_inner(lane: &ModelLane, ctx: &Context) -> Result<Action, Error> {

@@ -62,7 +62,8 @@ pub struct ModelCache {
     mode: LaneMode,
     device: RunnerDevice,
     packages: Vec<PackageRef>,
-    loaded: Option<ModelPackage>,
+    /// The loaded package, under the model name the lane knows it by (its VideoModel).
+    loaded: Option<(String, ModelPackage)>,
     loads: u64,
 }
 
@@ -90,7 +91,7 @@ impl ModelCache {
 
     /// The model on the device, if any (a runner is ready once this is `Some`).
     pub fn loaded_model(&self) -> Option<&str> {
-        self.loaded.as_ref().map(|p| p.manifest.model.as_str())
+        self.loaded.as_ref().map(|(model, _)| model.as_str())
     }
 
     /// How many times a package was loaded.
@@ -114,15 +115,14 @@ impl ModelCache {
             self.unload()?;
             self.load(&pkg)?;
         }
-        Ok(self.loaded.as_ref().expect("loaded above"))
+        Ok(&self.loaded.as_ref().expect("loaded above").1)
     }
 
     /// Drops the loaded model, if any, and returns the device's memory to the driver.
     pub fn unload(&mut self) -> Result<(), CacheError> {
-        let Some(old) = self.loaded.take() else {
+        let Some((model, old)) = self.loaded.take() else {
             return Ok(());
         };
-        let model = old.manifest.model.clone();
         drop(old);
         let after = self.device.clean_up()?;
         tracing::info!(
@@ -173,7 +173,7 @@ impl ModelCache {
             reserved_bytes = stats.reserved_current,
             "model loaded"
         );
-        self.loaded = Some(loaded);
+        self.loaded = Some((pkg.model.clone(), loaded));
         self.loads += 1;
         Ok(())
     }

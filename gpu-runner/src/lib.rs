@@ -6,11 +6,13 @@
 //! - [`generate`]: one job end to end, with progress, cancellation and cleanup.
 //! - [`video`]: frames to MP4 + preview PNG.
 //! - [`cache`]: Dedicated / Shared model switching.
+//! - [`job`]: a claimed VideoJob to a request, and the outcome back to its status.
 //! - [`memory`], [`accel`]: device selection, allocator statistics, emptying the cache.
 
 pub mod accel;
 pub mod cache;
 pub mod generate;
+pub mod job;
 pub mod memory;
 pub mod package;
 pub mod sampler;

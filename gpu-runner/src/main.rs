@@ -1,0 +1,439 @@
+//! framelane-runner: the process in a lane's runner pod. It loads its model (Dedicated) or
+//! switches between models (Shared), renews its heartbeat Lease, claims its lane's oldest
+//! queued VideoJob, generates the video with progress at every step, and records the output
+//! or the failure, with the job's GPU memory, in the job's status.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use clap::Parser;
+use framelane_api::{
+    VideoJob, VideoModel,
+    runner::{ClaimedJob, ContractError, Runner},
+    wellknown::Reason,
+};
+use framelane_runner::{
+    cache::{LaneMode, ModelCache, PackageRef},
+    generate::{Progress, run_job},
+    job::{output_for, reason_for, request_for},
+    memory::RunnerDevice,
+    sampler::StepControl,
+};
+use kube::{Api, Client, ResourceExt};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use tokio::sync::{mpsc, watch};
+use warp::{Filter, http::StatusCode};
+
+/// framelane-runner: generates the VideoJobs of one lane.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// This runner's name (its pod's name); also the name of its heartbeat Lease.
+    #[arg(long, env = "POD_NAME")]
+    name: String,
+    /// Namespace of the heartbeat Lease (the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: String,
+    /// The lane this runner serves.
+    #[arg(long, env = "FRAMELANE_LANE")]
+    lane: String,
+    /// Dedicated (one model, loaded at start and kept) or Shared (switch as jobs need).
+    #[arg(long, env = "FRAMELANE_LANE_MODE", default_value = "Dedicated")]
+    mode: String,
+    /// The lane's VideoModels, comma-separated.
+    #[arg(long, env = "FRAMELANE_MODELS", value_delimiter = ',')]
+    models: Vec<String>,
+    /// Root of the model volume; each VideoModel's spec.package.path is below it.
+    #[arg(long, env = "FRAMELANE_MODELS_DIR", default_value = "/models")]
+    models_dir: PathBuf,
+    /// Root of the output volume; videos go to <namespace>/<name>/.
+    #[arg(long, env = "FRAMELANE_OUTPUT_DIR", default_value = "/outputs")]
+    output_dir: PathBuf,
+    /// Only VideoJobs of this namespace (default: every namespace).
+    #[arg(long, env = "FRAMELANE_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "FRAMELANE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Kubeconfig to use (default: $KUBECONFIG, ~/.kube/config, or the in-cluster account).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MemoryLabels {
+    kind: String,
+}
+
+/// The runner's metrics (prefix `framelane_runner_`).
+struct Metrics {
+    registry: Registry,
+    jobs: Family<ResultLabels, Counter>,
+    generation_seconds: Histogram,
+    model_loads: Counter,
+    warm_hits: Counter,
+    memory_after_cleanup: Family<MemoryLabels, Gauge>,
+    ooms: Counter,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("framelane_runner");
+        let jobs = Family::default();
+        registry.register(
+            "jobs",
+            "Jobs this runner finished, by result (Succeeded or a failure reason)",
+            jobs.clone(),
+        );
+        let generation_seconds =
+            Histogram::new([1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0]);
+        registry.register(
+            "generation_seconds",
+            "Time from claim to the final status of a job",
+            generation_seconds.clone(),
+        );
+        let model_loads = Counter::default();
+        registry.register(
+            "model_loads",
+            "Model packages loaded onto the device (cold loads)",
+            model_loads.clone(),
+        );
+        let warm_hits = Counter::default();
+        registry.register(
+            "warm_hits",
+            "Jobs that found their model already loaded",
+            warm_hits.clone(),
+        );
+        let memory_after_cleanup = Family::default();
+        registry.register(
+            "gpu_memory_after_cleanup_bytes",
+            "Device memory still allocated or reserved after the last job's cleanup",
+            memory_after_cleanup.clone(),
+        );
+        let ooms = Counter::default();
+        registry.register("gpu_oom", "Jobs that ran out of GPU memory", ooms.clone());
+        Metrics {
+            registry,
+            jobs,
+            generation_seconds,
+            model_loads,
+            warm_hits,
+            memory_after_cleanup,
+            ooms,
+        }
+    }
+
+    fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn".into()),
+        )
+        .init();
+    let client = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)?;
+            Client::try_from(
+                kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?,
+            )?
+        }
+        None => Client::try_default().await?,
+    };
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    tokio::spawn(serve(args.metrics_addr, metrics.clone(), ready.clone()));
+
+    let mode = match args.mode.as_str() {
+        "Dedicated" => LaneMode::Dedicated,
+        "Shared" => LaneMode::Shared,
+        other => anyhow::bail!("--mode {other:?}: use Dedicated or Shared (the lane's spec.mode)"),
+    };
+    let models_api: Api<VideoModel> = Api::all(client.clone());
+    let mut models = Vec::new();
+    for name in &args.models {
+        let model = models_api
+            .get(name)
+            .await
+            .with_context(|| format!("VideoModel {name} (from --models) cannot be read; create it or fix the lane's spec.models"))?;
+        models.push(model);
+    }
+    let packages = models
+        .iter()
+        .map(|m| PackageRef {
+            model: m.name_any(),
+            dir: args.models_dir.join(&m.spec.package.path),
+            expected_steps: u32::try_from(m.spec.fixed_parameters.steps).ok(),
+        })
+        .collect();
+    let device = RunnerDevice::detect()?;
+    tracing::info!(device = %device.name(), lane = args.lane, "runner starting");
+    let cache = Arc::new(Mutex::new(ModelCache::new(mode, device, packages)?));
+    let (loaded_tx, loaded_rx) = watch::channel(None::<String>);
+    if mode == LaneMode::Dedicated {
+        // A Dedicated runner is ready (and announces itself) only with its model loaded.
+        let model = args.models[0].clone();
+        let loaded = tokio::task::spawn_blocking({
+            let cache = cache.clone();
+            move || cache.lock().expect("cache lock").get(&model).map(|_| ())
+        })
+        .await?;
+        loaded.with_context(|| format!("loading model {}", args.models[0]))?;
+        metrics.model_loads.inc();
+        loaded_tx.send_replace(Some(args.models[0].clone()));
+    }
+    ready.store(true, Ordering::Relaxed);
+
+    let jobs: Api<VideoJob> = match &args.watch_namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let mut runner = Runner::start(client, &args.namespace, &args.name, &args.lane, jobs);
+    let _heartbeat = runner.keep_alive(loaded_rx);
+    let worker = Worker {
+        cache,
+        device,
+        output_dir: args.output_dir.clone(),
+        models,
+        metrics,
+        loaded: loaded_tx,
+    };
+    loop {
+        match runner.claim_next().await {
+            Ok(Some(job)) => worker.run(job).await,
+            Ok(None) => runner.wait_for_change(Duration::from_secs(2)).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "claiming a job failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+struct Worker {
+    cache: Arc<Mutex<ModelCache>>,
+    device: RunnerDevice,
+    output_dir: PathBuf,
+    models: Vec<VideoModel>,
+    metrics: Arc<Metrics>,
+    loaded: watch::Sender<Option<String>>,
+}
+
+impl Worker {
+    /// Generates one claimed job and writes its final status. Never panics the runner: every
+    /// failure becomes the job's reason.
+    async fn run(&self, mut claimed: ClaimedJob) {
+        let started = Instant::now();
+        let job = claimed.job().clone();
+        let name = format!("{}/{}", job.namespace().unwrap_or_default(), job.name_any());
+        let Some(model) = self
+            .models
+            .iter()
+            .find(|m| m.name_any() == job.spec.model)
+            .cloned()
+        else {
+            let message = format!(
+                "this runner serves {:?}, not model {}; check the lane's spec.models",
+                self.model_names(),
+                job.spec.model
+            );
+            self.finish(
+                claimed.fail(Reason::GenerationFailed, &message, None).await,
+                "GenerationFailed",
+                &name,
+            );
+            return;
+        };
+        let request = request_for(&job, &model);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<Progress>();
+        let task = tokio::task::spawn_blocking({
+            let (cache, device, out, cancel, metrics) = (
+                self.cache.clone(),
+                self.device,
+                self.output_dir.clone(),
+                cancel.clone(),
+                self.metrics.clone(),
+            );
+            let model_name = model.name_any();
+            move || {
+                let mut cache = cache.lock().expect("cache lock");
+                let loads = cache.loads();
+                let package = cache.get(&model_name).map_err(|e| e.to_string())?;
+                let outcome = run_job(package, &device, &request, &out, |p| {
+                    let _ = progress_tx.send(*p);
+                    if cancel.load(Ordering::Relaxed) {
+                        StepControl::Cancel
+                    } else {
+                        StepControl::Continue
+                    }
+                });
+                if cache.loads() > loads {
+                    metrics.model_loads.inc();
+                } else {
+                    metrics.warm_hits.inc();
+                }
+                Ok::<_, String>((outcome, cache.loaded_model().map(str::to_owned)))
+            }
+        });
+        tokio::pin!(task);
+        let mut percent = 0;
+        let outcome = loop {
+            tokio::select! {
+                Some(p) = progress_rx.recv() => {
+                    if claimed.is_cancelled() {
+                        cancel.store(true, Ordering::Relaxed);
+                    }
+                    // Stages without steps (loading, decoding, encoding) keep the last percent.
+                    if let Some(done) = (p.step * 100).checked_div(p.total_steps) {
+                        percent = done as i32;
+                    }
+                    match claimed.progress(p.stage.as_str(), p.step as i32, p.total_steps as i32, percent).await {
+                        Err(ContractError::Lost(_)) => cancel.store(true, Ordering::Relaxed),
+                        Err(e) => tracing::warn!(job = %name, error = %e, "cannot write progress"),
+                        Ok(()) => {}
+                    }
+                }
+                joined = &mut task => break joined,
+            }
+        };
+        self.metrics
+            .generation_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let (outcome, loaded) = match outcome {
+            Ok(Ok(done)) => done,
+            Ok(Err(load_error)) => {
+                let message = format!(
+                    "model {} could not be loaded: {load_error}",
+                    model.name_any()
+                );
+                self.finish(
+                    claimed.fail(Reason::GenerationFailed, &message, None).await,
+                    "GenerationFailed",
+                    &name,
+                );
+                return;
+            }
+            Err(panic) => {
+                let message = format!("the generation task failed: {panic}");
+                self.finish(
+                    claimed.fail(Reason::GenerationFailed, &message, None).await,
+                    "GenerationFailed",
+                    &name,
+                );
+                return;
+            }
+        };
+        self.loaded.send_replace(loaded);
+        let memory = outcome.memory.ok().map(|m| {
+            let kinds = [
+                ("allocated", m.status.after_cleanup_allocated_bytes),
+                ("reserved", m.status.after_cleanup_reserved_bytes),
+            ];
+            for (kind, bytes) in kinds {
+                self.metrics
+                    .memory_after_cleanup
+                    .get_or_create(&MemoryLabels { kind: kind.into() })
+                    .set(bytes);
+            }
+            m.status
+        });
+        match outcome.result {
+            Ok(video) => self.finish(
+                claimed.complete(output_for(&video), memory).await,
+                "Succeeded",
+                &name,
+            ),
+            Err(error) => {
+                let reason = reason_for(&error);
+                if reason == Reason::GpuOutOfMemory {
+                    self.metrics.ooms.inc();
+                }
+                self.finish(
+                    claimed.fail(reason, &error.to_string(), memory).await,
+                    reason.as_str(),
+                    &name,
+                );
+            }
+        }
+    }
+
+    fn finish(&self, written: Result<VideoJob, ContractError>, result: &str, name: &str) {
+        match written {
+            Ok(_) => {
+                self.metrics
+                    .jobs
+                    .get_or_create(&ResultLabels {
+                        result: result.into(),
+                    })
+                    .inc();
+                tracing::info!(job = name, result, "job finished");
+            }
+            // Deleted or taken away meanwhile: nothing of ours to record.
+            Err(e) => tracing::warn!(job = name, error = %e, "final status not written"),
+        }
+    }
+
+    fn model_names(&self) -> Vec<String> {
+        self.models.iter().map(|m| m.name_any()).collect()
+    }
+}
+
+async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) {
+    let healthz = warp::path!("healthz").map(|| "ok".to_string());
+    let readyz = warp::path!("readyz").map(move || {
+        if ready.load(Ordering::Relaxed) {
+            warp::reply::with_status("ok".to_string(), StatusCode::OK)
+        } else {
+            warp::reply::with_status(
+                "loading the model".to_string(),
+                StatusCode::SERVICE_UNAVAILABLE,
+            )
+        }
+    });
+    let metrics = warp::path!("metrics").map(move || {
+        warp::http::Response::builder()
+            .header(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+            .body(metrics.render())
+            .expect("a static header is valid")
+    });
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => {
+            warp::serve(warp::get().and(healthz.or(readyz).or(metrics)))
+                .incoming(listener)
+                .run()
+                .await
+        }
+        Err(e) => tracing::error!(%addr, error = %e, "cannot serve /healthz, /readyz and /metrics"),
+    }
+}

@@ -21,29 +21,9 @@ up:
 down:
     tests/testenv/down.sh
 
-# Start the control plane, apply the sample objects from examples/ and show them.
+# The whole flow on a local control plane: the operator, runner processes with tiny built-in models, one job per model, live progress, a summary.
 demo: up
-    #!/usr/bin/env bash
-    set -euo pipefail
-    kubectl="$(tests/testenv/tools.sh)/kubectl"
-    "$kubectl" apply -f tests/testenv/volumes.yaml
-    "$kubectl" apply -f examples/videomodels.yaml -f examples/modellanes.yaml
-    "$kubectl" delete -n default videojob cat-on-beach --ignore-not-found --wait
-    "$kubectl" apply -n default -f examples/videojob.yaml
-    "$kubectl" wait -n default --for=jsonpath='{.status.phase}'=Queued videojob/cat-on-beach --timeout=30s
-    "$kubectl" wait -n framelane-system --for=condition=Ready pod -l framelane.dev/lane=anisora --timeout=60s
-    "$kubectl" get nodes -o 'custom-columns=NODE:.metadata.name,READY:.status.conditions[?(@.type=="Ready")].status,GPUS:.status.allocatable.nvidia\.com/gpu'
-    "$kubectl" get videomodels
-    "$kubectl" get modellanes
-    "$kubectl" get pods -n framelane-system -o wide
-    "$kubectl" get videojobs -n default
-    "$kubectl" describe videojob -n default cat-on-beach | sed -n '/^Events:/,$p'
-
-    echo
-    echo "The runner pods are kwok pods that run no code, so nothing claims the job: with no runner"
-    echo "heartbeat, it fails with QueueWaitTimeout after the lane's maxWaitSeconds (30 s)."
-    echo "The control plane keeps running. Try: export KUBECONFIG=$KUBECONFIG; kubectl get vj -w"
-    echo "Stop it with: just down"
+    tests/testenv/demo.sh
 
 # Regenerate crds/ from the Rust types in api/.
 crds:

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The README's first command (`just demo`, after `just up`): the default models and lanes,
+# runner processes for the two Dedicated lanes, one job per model, live progress, and a
+# summary. Exits non-zero if any job does not succeed.
+set -euo pipefail
+
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+export KUBECONFIG="$STATE/kubeconfig"
+kubectl() { "$("$HERE/tools.sh")/kubectl" "$@"; }
+
+kubectl apply -f "$HERE/volumes.yaml" >/dev/null
+kubectl apply -f "$REPO/examples/videomodels.yaml" -f "$REPO/examples/modellanes.yaml"
+kubectl wait -n framelane-system --for=condition=Ready pod -l 'framelane.dev/lane in (anisora,phr00t)' --timeout=60s >/dev/null
+"$HERE/runners.sh" anisora phr00t
+kubectl wait --for=jsonpath='{.status.readyRunners}'=1 modellane/anisora modellane/phr00t --timeout=120s >/dev/null
+
+kubectl delete -n default videojob cat-on-beach lighthouse-storm --ignore-not-found --wait >/dev/null
+kubectl apply -n default -f "$REPO/examples/videojob.yaml" -f "$REPO/examples/videojob-phr00t.yaml"
+echo
+echo "Nodes, lanes and runner pods (kwok plays the pods; runner processes play their code):"
+kubectl get nodes -o 'custom-columns=NODE:.metadata.name,READY:.status.conditions[?(@.type=="Ready")].status,GPUS:.status.allocatable.nvidia\.com/gpu'
+kubectl get modellanes
+kubectl get pods -n framelane-system -o wide
+echo
+echo "Jobs, every 2 s (kubectl get videojobs -n default):"
+deadline=$((SECONDS + 600))
+while :; do
+  kubectl get videojobs -n default
+  phases=$(kubectl get videojobs -n default -o jsonpath='{.items[*].status.phase}')
+  case "$phases" in *Failed*) break ;; esac
+  [ "$phases" = "Succeeded Succeeded" ] && break
+  if ((SECONDS > deadline)); then log "jobs not finished after 10 minutes"; break; fi
+  sleep 2
+done
+
+echo
+echo "Summary:"
+kubectl get videojobs -n default -o json | OUTPUTS="$STATE/outputs" python3 -c '
+import json, os, sys
+from datetime import datetime
+def t(s): return datetime.fromisoformat(s.replace("Z", "+00:00")) if s else None
+rows = [("JOB", "MODEL", "LANE", "PHASE", "REASON", "SECONDS", "OUTPUT")]
+ok = True
+for j in json.load(sys.stdin)["items"]:
+    st = j.get("status", {})
+    start, end = t(st.get("queuedAt")), t(st.get("finishedAt"))
+    secs = f"{(end - start).total_seconds():.1f}" if start and end else "-"
+    out = st.get("output", {}).get("path")
+    rows.append((j["metadata"]["name"], j["spec"]["model"], st.get("lane", "-"), st.get("phase", "-"),
+                 st.get("reason", "-"), secs, os.path.join(os.environ["OUTPUTS"], out) if out else "-"))
+    ok = ok and st.get("phase") == "Succeeded"
+widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+for r in rows:
+    print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+sys.exit(0 if ok else 1)
+'
+echo
+echo "The MP4s and previews are under $STATE/outputs/default/; play one with: ffplay $STATE/outputs/default/cat-on-beach/video.mp4"
+echo "Everything keeps running: export KUBECONFIG=$KUBECONFIG; kubectl describe videojob -n default cat-on-beach"
+echo "Stop it all with: just down"

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs framelane-runner processes from this checkout for the Dedicated lanes named as
+# arguments, each playing its lane's (kwok) pod: same name, same namespace, so its heartbeat
+# Lease is the pod's. Models are the tiny packages the runner's tests make (real TorchScript,
+# random weights), under .testenv/models; videos go to .testenv/outputs. down.sh stops them.
+#
+#   tests/testenv/runners.sh anisora phr00t
+set -euo pipefail
+
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+[ -f "$STATE/kubeconfig" ] || { log "no control plane; run just up first"; exit 1; }
+export KUBECONFIG="$STATE/kubeconfig"
+KUBECTL="$("$HERE/tools.sh")/kubectl"
+eval "$("$REPO/gpu-runner/scripts/setup-torch.sh")"
+
+cargo build --quiet --manifest-path "$REPO/Cargo.toml" -p framelane-runner
+BIN="$REPO/target/debug/framelane-runner"
+if [ ! -f "$STATE/models/anisora/manifest.json" ]; then
+  log "making the tiny model packages in $STATE/models"
+  "$FRAMELANE_TORCH_PYTHON" "$REPO/gpu-runner/tests/make_tiny_packages.py" "$STATE/models"
+fi
+mkdir -p "$STATE/outputs"
+
+for lane in "$@"; do
+  pod=$("$KUBECTL" get pods -n framelane-system -l "framelane.dev/lane=$lane" -o jsonpath='{.items[0].metadata.name}')
+  [ -n "$pod" ] || { log "lane $lane has no runner pod yet"; exit 1; }
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  # The state dir in the arguments is how down.sh recognises this checkout's runners.
+  setsid nohup "$BIN" --name "$pod" --namespace framelane-system --lane "$lane" --mode Dedicated \
+    --models "$lane" --models-dir "$STATE/models" --output-dir "$STATE/outputs" \
+    --kubeconfig "$STATE/kubeconfig" --metrics-addr "127.0.0.1:$port" \
+    </dev/null >"$STATE/logs/framelane-runner-$lane.log" 2>&1 &
+  echo "$!" >"$STATE/framelane-runner-$lane.pid"
+  log "runner for lane $lane plays pod $pod (log $STATE/logs/framelane-runner-$lane.log, metrics http://127.0.0.1:$port/metrics)"
+done

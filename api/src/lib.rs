@@ -8,6 +8,8 @@
 pub mod crds;
 pub mod modellane;
 pub mod runner;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod videojob;
 pub mod videomodel;
 pub mod wellknown;

@@ -27,14 +27,13 @@ use framelane_runner::{
     memory::RunnerDevice,
     sampler::StepControl,
 };
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, ResourceExt};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 use tokio::sync::{mpsc, watch};
-use warp::{Filter, http::StatusCode};
 
 /// framelane-runner: generates the VideoJobs of one lane.
 #[derive(Parser, Debug)]
@@ -139,7 +138,9 @@ impl Metrics {
             ooms,
         }
     }
+}
 
+impl framelane_api::serve::Metrics for Metrics {
     fn render(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
@@ -158,18 +159,15 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,kube=warn".into()),
         )
         .init();
-    let client = match &args.kubeconfig {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)?;
-            Client::try_from(
-                kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?,
-            )?
-        }
-        None => Client::try_default().await?,
-    };
+    let client = framelane_api::serve::client(args.kubeconfig.as_deref()).await?;
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
-    tokio::spawn(serve(args.metrics_addr, metrics.clone(), ready.clone()));
+    tokio::spawn(framelane_api::serve::probes(
+        args.metrics_addr,
+        metrics.clone(),
+        ready.clone(),
+        "loading the model".into(),
+    ));
 
     let mode = match args.mode.as_str() {
         "Dedicated" => LaneMode::Dedicated,
@@ -403,37 +401,5 @@ impl Worker {
 
     fn model_names(&self) -> Vec<String> {
         self.models.iter().map(|m| m.name_any()).collect()
-    }
-}
-
-async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) {
-    let healthz = warp::path!("healthz").map(|| "ok".to_string());
-    let readyz = warp::path!("readyz").map(move || {
-        if ready.load(Ordering::Relaxed) {
-            warp::reply::with_status("ok".to_string(), StatusCode::OK)
-        } else {
-            warp::reply::with_status(
-                "loading the model".to_string(),
-                StatusCode::SERVICE_UNAVAILABLE,
-            )
-        }
-    });
-    let metrics = warp::path!("metrics").map(move || {
-        warp::http::Response::builder()
-            .header(
-                "content-type",
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )
-            .body(metrics.render())
-            .expect("a static header is valid")
-    });
-    match tokio::net::TcpListener::bind(addr).await {
-        Ok(listener) => {
-            warp::serve(warp::get().and(healthz.or(readyz).or(metrics)))
-                .incoming(listener)
-                .run()
-                .await
-        }
-        Err(e) => tracing::error!(%addr, error = %e, "cannot serve /healthz, /readyz and /metrics"),
     }
 }

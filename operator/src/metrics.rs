@@ -129,15 +129,16 @@ impl Default for Metrics {
     }
 }
 
-impl Metrics {
-    /// The text exposition of every metric.
-    pub fn render(&self) -> String {
+impl framelane_api::serve::Metrics for Metrics {
+    fn render(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
     }
+}
 
+impl Metrics {
     /// Runs one reconcile of `controller`, recording how long it took.
     pub async fn timed<T>(&self, controller: &str, reconcile: impl Future<Output = T>) -> T {
         let started = std::time::Instant::now();

@@ -50,20 +50,14 @@ mod tokio_stream_shim {
 /// Runs the operator until SIGTERM/SIGINT, or until it loses leadership (then it exits
 /// non-zero so its Deployment restarts it as a standby).
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let client = match &config.kubeconfig {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)?;
-            let options = kube::config::KubeConfigOptions::default();
-            Client::try_from(kube::Config::from_custom_kubeconfig(kubeconfig, &options).await?)?
-        }
-        None => Client::try_default().await?,
-    };
+    let client = framelane_api::serve::client(config.kubeconfig.as_deref()).await?;
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
-    tokio::spawn(crate::http::serve(
+    tokio::spawn(framelane_api::serve::probes(
         config.metrics_addr,
         metrics.clone(),
         ready.clone(),
+        "starting".into(),
     ));
 
     let identity = config

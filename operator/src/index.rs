@@ -2,7 +2,7 @@
 //! controller's own write of the same job; a resourceVersion check keeps the index from
 //! stepping back to an older state.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use framelane_api::{VideoJob, videojob::JobPhase};
 use kube::ResourceExt;
@@ -16,6 +16,20 @@ pub struct Index {
     pub clock: AdmissionClock,
     versions: HashMap<JobKey, u64>,
     reservations: HashMap<JobKey, Reservation>,
+    /// Jobs waiting for admission, in creation order.
+    awaiting: BTreeSet<(CreationKey, JobKey)>,
+    awaiting_keys: HashMap<JobKey, CreationKey>,
+}
+
+/// The order users created jobs in: creation time, then the API server's revision.
+pub type CreationKey = (Option<jiff::Timestamp>, u64);
+
+/// The creation key of a job.
+pub fn creation_key(job: &VideoJob) -> CreationKey {
+    (
+        job.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        version(job).unwrap_or(0),
+    )
 }
 
 /// A slot taken for a job whose admission is still being written to the API server.
@@ -71,7 +85,29 @@ impl Index {
         if let Slot::Queued { queued_at, .. } = &slot {
             self.clock.observe(*queued_at);
         }
+        let waiting = job.status.as_ref().and_then(|s| s.phase).is_none()
+            && job.metadata.deletion_timestamp.is_none();
+        self.set_awaiting(&key, waiting.then(|| creation_key(job)));
         self.queues.set(key, slot)
+    }
+
+    fn set_awaiting(&mut self, key: &JobKey, creation: Option<CreationKey>) {
+        if let Some(old) = self.awaiting_keys.remove(key) {
+            self.awaiting.remove(&(old, key.clone()));
+        }
+        if let Some(c) = creation {
+            self.awaiting.insert((c, key.clone()));
+            self.awaiting_keys.insert(key.clone(), c);
+        }
+    }
+
+    /// Jobs waiting for admission that were created no later than `upto`, oldest first.
+    pub fn awaiting_upto(&self, upto: CreationKey) -> Vec<JobKey> {
+        self.awaiting
+            .iter()
+            .take_while(|(c, _)| *c <= upto)
+            .map(|(_, k)| k.clone())
+            .collect()
     }
 
     /// Whether this copy of a job is older than one the index has already seen (a cache
@@ -128,6 +164,7 @@ impl Index {
         let key = key_of(job);
         self.versions.remove(&key);
         self.reservations.remove(&key);
+        self.set_awaiting(&key, None);
         self.queues.set(key, Slot::None)
     }
 

@@ -27,7 +27,11 @@ use serde_json::json;
 
 use self::decide::{Decision, Facts, decide};
 use crate::{
-    context::Context, context::route, error::Error, index::key_of, metrics::FinishedLabels,
+    context::Context,
+    context::route,
+    error::Error,
+    index::{creation_key, key_of},
+    metrics::FinishedLabels,
 };
 
 pub async fn reconcile(job: Arc<VideoJob>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -168,20 +172,16 @@ fn reserve_backlog(
     ctx: &Context,
     index: &mut crate::index::Index,
 ) -> Option<crate::index::Reservation> {
-    let mut backlog: Vec<Arc<VideoJob>> = ctx
-        .jobs
-        .state()
-        .into_iter()
-        .filter(|j| {
-            j.status.as_ref().and_then(|s| s.phase).is_none()
-                && j.metadata.deletion_timestamp.is_none()
-        })
-        .filter(|j| {
-            creation_key(j) <= creation_key(job)
-                && !index.is_stale(j)
-                && index.reservation(j).is_none()
-        })
+    // The jobs awaiting admission up to this one, oldest first, and this one itself (after a
+    // failed write it is no longer in the index's list).
+    let mut backlog: Vec<Arc<VideoJob>> = index
+        .awaiting_upto(creation_key(job))
+        .iter()
+        .filter_map(|key| ctx.jobs_cache(key))
+        .filter(|j| j.uid() != job.uid())
         .collect();
+    backlog.push(Arc::new(job.clone()));
+    backlog.retain(|j| !index.is_stale(j) && index.reservation(j).is_none());
     backlog.sort_by_key(|j| creation_key(j));
     let now = Timestamp::now();
     let lanes = ctx.lanes.state();
@@ -200,17 +200,6 @@ fn reserve_backlog(
         }
     }
     mine
-}
-
-/// The order users created jobs in: creation time, then the API server's revision.
-fn creation_key(job: &VideoJob) -> (Option<Timestamp>, u64) {
-    let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0);
-    (
-        created,
-        job.resource_version()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0),
-    )
 }
 
 /// Writes a reserved admission: one Queued status write, conditional on the job being

@@ -10,6 +10,11 @@ kubectl() { "$("$HERE/tools.sh")/kubectl" "$@"; }
 
 kubectl apply -f "$HERE/volumes.yaml" >/dev/null
 kubectl apply -f "$REPO/examples/videomodels.yaml" -f "$REPO/examples/modellanes.yaml"
+# The operator creates the lanes' runner pods; wait for them to exist, then to run.
+for _ in $(seq 120); do
+  [ "$(kubectl get pods -n framelane-system -l 'framelane.dev/lane in (anisora,phr00t)' -o name | wc -l)" -ge 2 ] && break
+  sleep 0.5
+done
 kubectl wait -n framelane-system --for=condition=Ready pod -l 'framelane.dev/lane in (anisora,phr00t)' --timeout=60s >/dev/null
 "$HERE/runners.sh" anisora phr00t
 kubectl wait --for=jsonpath='{.status.readyRunners}'=1 modellane/anisora modellane/phr00t --timeout=120s >/dev/null

@@ -22,6 +22,11 @@ fi
 mkdir -p "$STATE/outputs"
 
 for lane in "$@"; do
+  if pid=$(cat "$STATE/framelane-runner-$lane.pid" 2>/dev/null) && kill -0 "$pid" 2>/dev/null; then
+    log "restarting the runner of lane $lane (pid $pid)"
+    kill "$pid"
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+  fi
   pod=$("$KUBECTL" get pods -n framelane-system -l "framelane.dev/lane=$lane" -o jsonpath='{.items[0].metadata.name}')
   [ -n "$pod" ] || { log "lane $lane has no runner pod yet"; exit 1; }
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

@@ -31,9 +31,16 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, kube::Error> {
     Client::try_from(config)
 }
 
-/// Something that renders Prometheus text.
+/// A binary's metrics: a prometheus-client registry, rendered as Prometheus text.
 pub trait Metrics: Send + Sync + 'static {
-    fn render(&self) -> String;
+    fn registry(&self) -> &prometheus_client::registry::Registry;
+
+    fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, self.registry())
+            .expect("writing to a String cannot fail");
+        out
+    }
 }
 
 /// Serves `/healthz` (always ok), `/readyz` (ok while `ready` is set; else `not_ready`) and

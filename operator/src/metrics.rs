@@ -130,11 +130,8 @@ impl Default for Metrics {
 }
 
 impl framelane_api::serve::Metrics for Metrics {
-    fn render(&self) -> String {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
-        out
+    fn registry(&self) -> &Registry {
+        &self.registry
     }
 }
 

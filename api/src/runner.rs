@@ -46,11 +46,6 @@ pub enum ContractError {
     Lost(String),
 }
 
-/// Whether a heartbeat Lease is fresh at `now`.
-pub fn lease_is_fresh(lease: &Lease, now: Timestamp) -> bool {
-    fresh_until(lease).is_some_and(|until| until > now)
-}
-
 /// When a heartbeat Lease stops being fresh.
 pub fn fresh_until(lease: &Lease) -> Option<Timestamp> {
     let spec = lease.spec.as_ref()?;

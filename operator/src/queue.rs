@@ -115,23 +115,6 @@ impl Queues {
     pub fn depth(&self, lane: &str) -> usize {
         self.lanes.get(lane).map_or(0, LaneQueue::depth)
     }
-
-    /// The 1-based position of a queued job in its lane.
-    pub fn position(&self, key: &JobKey) -> Option<i32> {
-        let Some(Slot::Queued { lane, queued_at }) = self.slots.get(key) else {
-            return None;
-        };
-        let q = self.lanes.get(lane)?;
-        Some(q.queued.range(..(*queued_at, key.clone())).count() as i32 + 1)
-    }
-
-    /// The latest admission time recorded, so a new leader keeps admission times increasing.
-    pub fn latest_queued_at(&self) -> Option<Timestamp> {
-        self.lanes
-            .values()
-            .filter_map(|q| q.queued.last().map(|(t, _)| *t))
-            .max()
-    }
 }
 
 /// Hands out strictly increasing admission times, so FIFO order never depends on a tie.
@@ -164,6 +147,13 @@ impl AdmissionClock {
 mod tests {
     use super::*;
 
+    /// A job's 1-based place in lane `l`, as the lane reconciler writes it.
+    fn position(q: &Queues, name: &str) -> Option<i32> {
+        q.lane("l")?
+            .positions()
+            .find(|(k, _)| k.name == name)
+            .map(|(_, p)| p)
+    }
     fn key(name: &str) -> JobKey {
         JobKey {
             namespace: "ns".into(),
@@ -193,7 +183,7 @@ mod tests {
             .map(|(k, p)| (k.name.clone(), p))
             .collect();
         assert_eq!(order, [("b".into(), 1), ("a".into(), 2), ("c".into(), 3)]);
-        assert_eq!(q.position(&key("c")), Some(3));
+        assert_eq!(position(&q, "c"), Some(3));
     }
 
     #[test]
@@ -204,7 +194,7 @@ mod tests {
         assert_eq!(q.set(key("a"), Slot::Running { lane: "l".into() }), ["l"]);
         assert_eq!(q.depth("l"), 2);
         assert_eq!(
-            q.position(&key("b")),
+            position(&q, "b"),
             Some(1),
             "the running job no longer counts for positions"
         );
@@ -222,8 +212,8 @@ mod tests {
         q.set(key("first"), Slot::Running { lane: "l".into() });
         q.set(key("third"), queued("l", 3));
         q.set(key("first"), queued("l", 1));
-        assert_eq!(q.position(&key("first")), Some(1));
-        assert_eq!(q.position(&key("third")), Some(3));
+        assert_eq!(position(&q, "first"), Some(1));
+        assert_eq!(position(&q, "third"), Some(3));
     }
 
     #[test]

@@ -134,17 +134,11 @@ async fn admit_in_creation_order(job: &VideoJob, ctx: &Context) -> Result<Action
         }
     };
     let Some(reservation) = reservation else {
-        // Full, or its lane vanished: decide again, which fails it with the reason.
+        // Full, or its lane vanished: decide again, which fails it with the reason. Anything
+        // else means this copy of the job is older than an admission already written.
         return match decide(job, &facts(job, ctx, Timestamp::now())) {
             Decision::Fail { reason, message } => fail(job, ctx, reason, &message).await,
-            Decision::Admit { lane } => {
-                let depth = ctx.index.lock().expect("index lock").queues.depth(&lane);
-                let message = format!(
-                    "queue_overloaded: lane {lane} holds {depth} unfinished jobs; create the job again once some finish"
-                );
-                fail(job, ctx, Reason::QueueOverloaded, &message).await
-            }
-            _ => Ok(Action::requeue(Duration::from_secs(1))),
+            _ => Ok(Action::requeue(Duration::from_millis(200))),
         };
     };
     let result = admit(job, ctx, &reservation).await;

@@ -205,14 +205,22 @@ pub fn plan_for(model: &ModelPackage, job: &JobRequest) -> SamplingPlan {
 }
 
 /// Encodes a prompt with the package's tokenizer and text encoder.
-pub fn encode_prompt(model: &ModelPackage, text: &str) -> Result<Tensor, tch::TchError> {
-    let m = &model.manifest;
-    let ids = m.tokenizer.encode(text, m.text_length as usize);
+pub fn encode_prompt(model: &ModelPackage, text: &str) -> Result<Tensor, JobError> {
+    let ids = model
+        .tokenizer
+        .encode(text)
+        .map_err(|reason| JobError::InvalidRequest {
+            field: "prompt",
+            reason,
+        })?;
+    let torch = |e: tch::TchError| JobError::torch(Stage::EncodingPrompt, e.to_string());
     let ids = Tensor::from_slice(&ids)
-        .f_view([1, m.text_length])?
-        .f_to_device(model.device)?;
+        .f_view([1, model.manifest.text_length])
+        .map_err(torch)?
+        .f_to_device(model.device)
+        .map_err(torch)?;
     let _guard = tch::no_grad_guard();
-    model.text_encoder.forward_ts(&[ids])
+    model.text_encoder.forward_ts(&[ids]).map_err(torch)
 }
 
 /// Latents after the sampling loop, float32 on the device.
@@ -237,10 +245,10 @@ pub fn denoise(
         return Err(cancelled(0));
     }
     let torch = |stage| move |e: tch::TchError| JobError::torch(stage, e.to_string());
-    let cond = encode_prompt(model, &job.prompt).map_err(torch(Stage::EncodingPrompt))?;
+    let cond = encode_prompt(model, &job.prompt)?;
     let uncond = if plan.uses_uncond() {
         let negative = job.negative_prompt.as_deref().unwrap_or("");
-        Some(encode_prompt(model, negative).map_err(torch(Stage::EncodingPrompt))?)
+        Some(encode_prompt(model, negative)?)
     } else {
         None
     };

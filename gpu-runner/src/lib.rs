@@ -2,6 +2,7 @@
 //! memory hygiene around every job, H.264/MP4 output, and the model cache of a lane.
 //!
 //! - [`package`]: load and validate a model package (manifest + TorchScript modules).
+//! - [`tokenizer`]: prompts to input ids (`bytes`, or a package's Hugging Face `tokenizer.json`).
 //! - [`schedule`], [`sampler`]: sigma schedules and the sampling loop.
 //! - [`generate`]: one job end to end, with progress, cancellation and cleanup.
 //! - [`video`]: frames to MP4 + preview PNG.
@@ -17,6 +18,7 @@ pub mod memory;
 pub mod package;
 pub mod sampler;
 pub mod schedule;
+pub mod tokenizer;
 pub mod video;
 
 /// The text of a caught panic (tch raises some libtorch errors as panics).

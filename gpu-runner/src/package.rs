@@ -9,6 +9,7 @@ use tch::{CModule, Device, Kind, Tensor};
 
 use crate::sampler::SamplerKind;
 use crate::schedule::{ScheduleError, SigmaSchedule};
+use crate::tokenizer::{PromptTokenizer, TokenizerError, TokenizerKind};
 
 pub const MANIFEST: &str = "manifest.json";
 pub const TEXT_ENCODER: &str = "text_encoder.pt";
@@ -31,30 +32,6 @@ impl ModuleDtype {
         match self {
             ModuleDtype::Float32 => Kind::Float,
             ModuleDtype::Bfloat16 => Kind::BFloat16,
-        }
-    }
-}
-
-/// How prompts become `text_encoder` input ids.
-#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Tokenizer {
-    /// UTF-8 bytes: byte `b` is id `b + 1`, 0 pads; truncated to `textLength`.
-    Bytes,
-}
-
-impl Tokenizer {
-    pub fn encode(self, text: &str, length: usize) -> Vec<i64> {
-        match self {
-            Tokenizer::Bytes => {
-                let mut ids: Vec<i64> = text
-                    .bytes()
-                    .take(length)
-                    .map(|b| i64::from(b) + 1)
-                    .collect();
-                ids.resize(length, 0);
-                ids
-            }
         }
     }
 }
@@ -82,7 +59,7 @@ pub struct Manifest {
     pub timestep_scale: f64,
     pub fps: u32,
     pub dtype: ModuleDtype,
-    pub tokenizer: Tokenizer,
+    pub tokenizer: TokenizerKind,
     /// Bytes the weights take on the device; checked against free memory before loading.
     pub weight_bytes: u64,
 }
@@ -126,6 +103,8 @@ pub enum PackageError {
         manifest: u32,
         expected: u32,
     },
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
     #[error("{path}: not a loadable TorchScript module: {message}")]
     ModuleLoad { path: PathBuf, message: String },
     #[error("{path}: probe run failed: {message}")]
@@ -231,6 +210,7 @@ pub struct ModelPackage {
     pub dir: PathBuf,
     pub manifest: Manifest,
     pub device: Device,
+    pub tokenizer: PromptTokenizer,
     pub text_encoder: CModule,
     pub denoiser: CModule,
     pub vae_decoder: CModule,
@@ -245,6 +225,8 @@ impl ModelPackage {
         expected_steps: Option<u32>,
     ) -> Result<ModelPackage, PackageError> {
         let manifest = Manifest::read(dir, expected_steps)?;
+        let tokenizer =
+            PromptTokenizer::load(dir, manifest.tokenizer, manifest.text_length as usize)?;
         let kind = manifest.dtype.kind();
         let load = |file: &str| -> Result<CModule, PackageError> {
             let path = dir.join(file);
@@ -255,24 +237,30 @@ impl ModelPackage {
                 path: path.clone(),
                 message,
             };
-            if kind == Kind::Float {
-                let mut module = CModule::load_on_device(&path, device)
-                    .map_err(|e| load_error(e.to_string()))?;
-                module.set_eval();
-                return Ok(module);
-            }
-            // Converted on the CPU so the device never holds a float32 copy of the weights.
-            let mut module = CModule::load_on_device(&path, Device::Cpu)
-                .map_err(|e| load_error(e.to_string()))?;
+            let mut module =
+                CModule::load_on_device(&path, device).map_err(|e| load_error(e.to_string()))?;
             module.set_eval();
-            // tch's `CModule::to` panics instead of returning libtorch's error.
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                module.to(device, kind, false);
-            }))
-            .map_err(|panic| load_error(crate::panic_message(&panic)))?;
+            // A module with no parameter in the manifest's dtype was exported in another one
+            // and is converted here (both copies are on the device for a moment). Mixed
+            // precision exports (bfloat16 with the layers diffusers keeps in float32) load as
+            // saved.
+            let kinds: Vec<Kind> = module
+                .named_parameters()
+                .map_err(|e| load_error(e.to_string()))?
+                .iter()
+                .map(|(_, t)| t.kind())
+                .collect();
+            if !kinds.is_empty() && !kinds.contains(&kind) {
+                // tch's `CModule::to` panics instead of returning libtorch's error.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    module.to(device, kind, false);
+                }))
+                .map_err(|panic| load_error(crate::panic_message(&panic)))?;
+            }
             Ok(module)
         };
         let package = ModelPackage {
+            tokenizer,
             text_encoder: load(TEXT_ENCODER)?,
             denoiser: load(DENOISER)?,
             vae_decoder: load(VAE_DECODER)?,
@@ -289,7 +277,16 @@ impl ModelPackage {
         let _guard = tch::no_grad_guard();
         let m = &self.manifest;
         let kind = m.dtype.kind();
-        let ids = Tensor::zeros([1, m.text_length], (Kind::Int64, self.device));
+        let ids = self
+            .tokenizer
+            .encode("a probe prompt")
+            .map_err(|message| TokenizerError {
+                path: self.dir.join(crate::tokenizer::TOKENIZER_JSON),
+                message,
+            })?;
+        let ids = Tensor::from_slice(&ids)
+            .view([1, m.text_length])
+            .to_device(self.device);
         let context = self.probe_one(TEXT_ENCODER, &self.text_encoder, &[&ids], |s| {
             (s.len() == 3 && s[0] == 1 && s[1] == m.text_length)
                 .then_some(())
@@ -297,9 +294,8 @@ impl ModelPackage {
         })?;
         let latent_shape = [1, m.latent_channels, 2, 2, 2];
         let latents = Tensor::zeros(latent_shape, (kind, self.device));
-        let timestep = Tensor::from_slice(&[500.0f32])
-            .to_device(self.device)
-            .to_kind(kind);
+        // The timestep stays float32 whatever the module dtype (see sampler.rs).
+        let timestep = Tensor::from_slice(&[500.0f32]).to_device(self.device);
         let _ = self.probe_one(
             DENOISER,
             &self.denoiser,

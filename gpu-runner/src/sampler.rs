@@ -91,7 +91,8 @@ pub enum SampleError {
 /// The denoiser and how to call it.
 pub struct Denoiser<'a> {
     pub module: &'a CModule,
-    /// The module's dtype; inputs are cast to it and outputs back to float32.
+    /// The module's dtype; the latent is cast to it and the output back to float32. The
+    /// timestep stays float32: in bfloat16, 937.5 would reach the module as 936.
     pub kind: Kind,
 }
 
@@ -105,9 +106,8 @@ impl Denoiser<'_> {
         let out = if self.kind == Kind::Float {
             self.module.forward_ts(&[x, timestep, context])?
         } else {
-            let x = x.f_to_kind(self.kind)?;
-            let t = timestep.f_to_kind(self.kind)?;
-            self.module.forward_ts(&[&x, &t, context])?
+            self.module
+                .forward_ts(&[&x.f_to_kind(self.kind)?, timestep, context])?
         };
         out.f_to_kind(Kind::Float)
     }

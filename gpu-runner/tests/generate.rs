@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use framelane_runner::generate::{JobError, JobOutcome, Progress, Stage, run_job};
 use framelane_runner::package::ModelPackage;
@@ -68,29 +67,6 @@ fn same_seed_gives_a_byte_identical_mp4_with_every_frame() {
     assert_eq!(memory.ooms, 0);
 }
 
-/// ffprobe's JSON for the first video stream and the format.
-fn ffprobe(path: &Path) -> Option<serde_json::Value> {
-    let out = Command::new("ffprobe")
-        .args([
-            "-v",
-            "error",
-            "-count_frames",
-            "-show_streams",
-            "-show_format",
-            "-of",
-            "json",
-        ])
-        .arg(path)
-        .output()
-        .ok()?;
-    assert!(
-        out.status.success(),
-        "ffprobe: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some(serde_json::from_slice(&out.stdout).unwrap())
-}
-
 #[test]
 fn ffprobe_sees_h264_with_the_requested_frames_fps_and_duration() {
     let device = common::cpu();
@@ -101,7 +77,7 @@ fn ffprobe_sees_h264_with_the_requested_frames_fps_and_duration() {
     job.fps = Some(8);
     job.width = 48;
     let video = run(&pkg, out.path(), &job).result.unwrap();
-    let probe = ffprobe(&out.path().join(&video.path))
+    let probe = common::ffprobe(&out.path().join(&video.path))
         .expect("ffprobe is missing: install it (apt-get install ffmpeg); .ci/run does");
     let stream = &probe["streams"][0];
     assert_eq!(stream["codec_name"], "h264");

@@ -93,3 +93,26 @@ pub fn job(name: &str, seed: u32) -> JobRequest {
         seed,
     }
 }
+
+/// ffprobe's JSON for the first video stream and the format.
+pub fn ffprobe(path: &Path) -> Option<serde_json::Value> {
+    let out = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-count_frames",
+            "-show_streams",
+            "-show_format",
+            "-of",
+            "json",
+        ])
+        .arg(path)
+        .output()
+        .ok()?;
+    assert!(
+        out.status.success(),
+        "ffprobe: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(serde_json::from_slice(&out.stdout).unwrap())
+}

@@ -189,7 +189,14 @@ async fn main() -> anyhow::Result<()> {
         })
         .collect();
     let device = RunnerDevice::detect()?;
-    tracing::info!(device = %device.name(), lane = args.lane, "runner starting");
+    // Bytes allocated before any model is loaded: after a Shared switch's unload the device
+    // is back to this (on the CPU, the counting allocator's live tensor bytes).
+    tracing::info!(
+        device = %device.name(),
+        lane = args.lane,
+        allocated_bytes = device.stats()?.allocated_current,
+        "runner starting"
+    );
     let cache = Arc::new(Mutex::new(ModelCache::new(mode, device, packages)?));
     let (loaded_tx, loaded_rx) = watch::channel(None::<String>);
     if mode == LaneMode::Dedicated {

@@ -1,109 +1,248 @@
-//! End to end on the local control plane: a VideoJob is admitted by the operator, a
-//! framelane-runner process (playing the lane's pod) claims it, writes progress at each
-//! step, and records the MP4 whose size and sha256 match the file. Consecutive jobs reuse the
-//! loaded model: one load in the runner's log.
+//! End to end on the local control plane, through the `framelane-runner` binary playing the
+//! lane's pod, with the operator admitting jobs:
+//! - a VideoJob becomes an MP4 whose size and sha256 match its status; consecutive jobs reuse
+//!   the loaded model (one load in the runner's log);
+//! - a Shared runner fed alternating anisora/phr00t jobs logs each unload before the next
+//!   load, and every unload leaves the live tensor bytes where they were before any model;
+//! - a job deleted mid-generation stops at a step boundary, ends Cancelled and goes away; the
+//!   runner stays healthy and runs the next job.
 
 mod common;
 
-use std::{process::Stdio, time::Duration};
+use std::{path::PathBuf, process::Stdio, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use framelane_api::{ModelLane, VideoJob, VideoModel, videojob::JobPhase};
-use framelane_testenv::TestEnv;
-use kube::{Api, api::PostParams};
-use serde_json::json;
+use framelane_testenv::{TestEnv, TestNamespace};
+use kube::{
+    Api,
+    api::{DeleteParams, PostParams},
+};
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use tokio::task::JoinHandle;
 
 const INSTANCE_LABEL: &str = "framelane.dev/test-instance";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_videojob_becomes_an_mp4_and_the_model_stays_loaded() -> Result<()> {
-    let env = TestEnv::get()?;
-    let ns = env.namespace("runner-e2e").await?;
-    let packages = common::packages();
-    let labels = json!({INSTANCE_LABEL: ns.name});
-    let model = format!("{}-anisora", ns.name);
-    let lane = model.clone();
-    let video_model: VideoModel = serde_json::from_value(json!({
-        "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoModel", "metadata": {"name": model, "labels": labels},
-        "spec": {"fixedParameters": {"steps": 8}, "defaults": {"width": 256, "height": 256, "frames": 17, "fps": 8},
-            "limits": {"maxWidth": 512, "maxHeight": 512, "maxFrames": 33}, "package": {"path": "anisora"}, "modes": ["t2v"]}
-    }))?;
-    Api::<VideoModel>::all(ns.client.clone())
-        .create(&PostParams::default(), &video_model)
-        .await?;
-    let model_lane: ModelLane = serde_json::from_value(json!({
-        "apiVersion": "framelane.dev/v1alpha1", "kind": "ModelLane", "metadata": {"name": lane, "labels": labels},
-        "spec": {"mode": "Dedicated", "models": [model], "runner": {"resources": {"requests": {"cpu": "100m"}},
-            "modelVolume": {"emptyDir": {}}, "outputVolume": {"emptyDir": {}}}}
-    }))?;
-    Api::<ModelLane>::all(ns.client.clone())
-        .create(&PostParams::default(), &model_lane)
-        .await?;
+/// One test's operator, lane, models and runner process.
+struct Setup {
+    env: &'static TestEnv,
+    ns: TestNamespace,
+    operator: JoinHandle<Result<()>>,
+    runner: tokio::process::Child,
+    log: PathBuf,
+    out: tempfile::TempDir,
+    /// Test-scoped VideoModel name of each package (`anisora`, `phr00t`).
+    models: Vec<(String, String)>,
+    health: String,
+}
 
-    let kubeconfig = env.kubeconfig.to_string_lossy().into_owned();
-    let selector = format!("{INSTANCE_LABEL}={}", ns.name);
-    let config = framelane_operator::config::Config::parse_from([
-        "framelane-operator",
-        "--kubeconfig",
-        &kubeconfig,
-        "--namespace",
-        &ns.name,
-        "--watch-namespace",
-        &ns.name,
-        "--lane-selector",
-        &selector,
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "--identity",
-        "e2e",
-    ]);
-    let operator = tokio::spawn(framelane_operator::run::run(config));
+impl Setup {
+    /// A lane of `mode` serving `packages` (package directories with their fixed steps), the
+    /// operator watching only this test's objects, and a runner process for the lane.
+    async fn start(prefix: &str, mode: &str, packages: &[(&str, u32)]) -> Result<Setup> {
+        let env = TestEnv::get()?;
+        let ns = env.namespace(prefix).await?;
+        let labels = json!({INSTANCE_LABEL: ns.name});
+        let mut models = Vec::new();
+        for (package, steps) in packages {
+            let model = format!("{}-{package}", ns.name);
+            let video_model: VideoModel = serde_json::from_value(json!({
+                "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoModel", "metadata": {"name": model, "labels": labels},
+                "spec": {"fixedParameters": {"steps": steps}, "defaults": {"width": 256, "height": 256, "frames": 17, "fps": 8},
+                    "limits": {"maxWidth": 1024, "maxHeight": 1024, "maxFrames": 33}, "package": {"path": package}, "modes": ["t2v"]}
+            }))?;
+            Api::<VideoModel>::all(ns.client.clone())
+                .create(&PostParams::default(), &video_model)
+                .await?;
+            models.push((package.to_string(), model));
+        }
+        let lane = format!("{}-lane", ns.name);
+        let names: Vec<&String> = models.iter().map(|(_, m)| m).collect();
+        let model_lane: ModelLane = serde_json::from_value(json!({
+            "apiVersion": "framelane.dev/v1alpha1", "kind": "ModelLane", "metadata": {"name": lane, "labels": labels},
+            "spec": {"mode": mode, "models": names, "runner": {"resources": {"requests": {"cpu": "100m"}},
+                "modelVolume": {"emptyDir": {}}, "outputVolume": {"emptyDir": {}}}}
+        }))?;
+        Api::<ModelLane>::all(ns.client.clone())
+            .create(&PostParams::default(), &model_lane)
+            .await?;
 
-    let out = tempfile::tempdir()?;
-    let log = out.path().join("runner.log");
-    let mut runner = tokio::process::Command::new(env!("CARGO_BIN_EXE_framelane-runner"))
-        .args([
-            "--name",
-            "runner-0",
-            "--namespace",
-            &ns.name,
-            "--lane",
-            &lane,
-            "--models",
-            &model,
-        ])
-        .arg("--models-dir")
-        .arg(packages)
-        .arg("--output-dir")
-        .arg(out.path())
-        .args([
-            "--watch-namespace",
-            &ns.name,
-            "--metrics-addr",
-            "127.0.0.1:0",
+        let kubeconfig = env.kubeconfig.to_string_lossy().into_owned();
+        let selector = format!("{INSTANCE_LABEL}={}", ns.name);
+        let config = framelane_operator::config::Config::parse_from([
+            "framelane-operator",
             "--kubeconfig",
             &kubeconfig,
-        ])
-        .stdout(std::fs::File::create(&log)?)
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()?;
+            "--namespace",
+            &ns.name,
+            "--watch-namespace",
+            &ns.name,
+            "--lane-selector",
+            &selector,
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--identity",
+            &format!("{prefix}-e2e"),
+        ]);
+        let operator = tokio::spawn(framelane_operator::run::run(config));
 
-    let jobs: Api<VideoJob> = ns.api();
-    for name in ["first", "second"] {
+        // A free port for the runner's probes, so the test can call them.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let health = format!("127.0.0.1:{port}");
+        let out = tempfile::tempdir()?;
+        let log = out.path().join("runner.log");
+        let model_list = names
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let runner = tokio::process::Command::new(env!("CARGO_BIN_EXE_framelane-runner"))
+            .args([
+                "--name",
+                "runner-0",
+                "--namespace",
+                &ns.name,
+                "--lane",
+                &lane,
+            ])
+            .args(["--mode", mode, "--models", &model_list])
+            .arg("--models-dir")
+            .arg(common::packages())
+            .arg("--output-dir")
+            .arg(out.path())
+            .args(["--watch-namespace", &ns.name, "--metrics-addr", &health])
+            .args(["--kubeconfig", &kubeconfig])
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        Ok(Setup {
+            env,
+            ns,
+            operator,
+            runner,
+            log,
+            out,
+            models,
+            health,
+        })
+    }
+
+    fn model(&self, package: &str) -> &str {
+        &self.models.iter().find(|(p, _)| p == package).unwrap().1
+    }
+
+    fn jobs(&self) -> Api<VideoJob> {
+        self.ns.api()
+    }
+
+    async fn create_job(&self, name: &str, spec: Value) -> Result<()> {
         let job: VideoJob = serde_json::from_value(json!({
             "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob", "metadata": {"name": name},
-            "spec": {"model": model, "prompt": format!("a fox, take {name}"), "seed": 7}
+            "spec": spec,
         }))?;
-        jobs.create(&PostParams::default(), &job).await?;
+        self.jobs().create(&PostParams::default(), &job).await?;
+        Ok(())
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The runner's JSON log lines.
+    fn log_lines(&self) -> Vec<Value> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Fails with the runner's log if it exited.
+    fn check_runner(&mut self) -> Result<()> {
+        if let Some(code) = self.runner.try_wait()? {
+            bail!("the runner exited with {code}:\n{}", self.log_text());
+        }
+        Ok(())
+    }
+
+    /// Waits until every job in `names` Succeeded; any failure fails the test.
+    async fn wait_succeeded(&mut self, names: &[&str], limit: Duration) -> Result<Vec<VideoJob>> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let mut done = Vec::new();
+            for name in names {
+                let job = self.jobs().get(name).await?;
+                match job.status.as_ref().and_then(|s| s.phase) {
+                    Some(JobPhase::Succeeded) => done.push(job),
+                    Some(JobPhase::Failed) => bail!("job {name} failed: {:?}", job.status),
+                    _ => {}
+                }
+            }
+            if done.len() == names.len() {
+                return Ok(done);
+            }
+            self.check_runner()?;
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "jobs {names:?} not done after {limit:?}\n{}",
+                    self.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// HTTP status of GET `path` on the runner's probe port.
+    async fn probe(&self, path: &str) -> Result<u16> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(&self.health).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: runner\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .with_context(|| format!("no HTTP status in {response:?}"))
+    }
+
+    async fn stop(mut self) -> Result<()> {
+        self.runner.kill().await?;
+        self.operator.abort();
+        let selector = format!("{INSTANCE_LABEL}={}", self.ns.name);
+        let _ = self
+            .env
+            .kubectl()
+            .args([
+                "delete",
+                "modellanes,videomodels",
+                "-l",
+                &selector,
+                "--wait=false",
+            ])
+            .output();
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_videojob_becomes_an_mp4_and_the_model_stays_loaded() -> Result<()> {
+    let mut setup = Setup::start("runner-e2e", "Dedicated", &[("anisora", 8)]).await?;
+    let model = setup.model("anisora").to_owned();
+    for name in ["first", "second"] {
+        let spec = json!({"model": model, "prompt": format!("a fox, take {name}"), "seed": 7});
+        setup.create_job(name, spec).await?;
     }
 
     let mut saw_progress = false;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     let done = loop {
-        let list = jobs.list(&Default::default()).await?.items;
+        let list = setup.jobs().list(&Default::default()).await?.items;
         for job in &list {
             let progress = job.status.as_ref().and_then(|s| s.progress.clone());
             if let Some(p) = progress
@@ -126,17 +265,12 @@ async fn a_videojob_becomes_an_mp4_and_the_model_stays_loaded() -> Result<()> {
         {
             bail!("a job failed: {:?}", failed.status);
         }
-        if let Some(code) = runner.try_wait()? {
-            bail!(
-                "the runner exited with {code}:\n{}",
-                std::fs::read_to_string(&log)?
-            );
-        }
+        setup.check_runner()?;
         if tokio::time::Instant::now() > deadline {
             bail!(
                 "jobs not done after 180 s: {:?}\n{}",
                 list.iter().map(|j| &j.status).collect::<Vec<_>>(),
-                std::fs::read_to_string(&log)?
+                setup.log_text()
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -150,7 +284,7 @@ async fn a_videojob_becomes_an_mp4_and_the_model_stays_loaded() -> Result<()> {
         let status = job.status.clone().context("status")?;
         assert_eq!(status.runner.as_deref(), Some("runner-0"));
         let output = status.output.context("status.output")?;
-        let file = out.path().join(&output.path);
+        let file = setup.out.path().join(&output.path);
         let bytes =
             std::fs::read(&file).with_context(|| format!("{} is not there", file.display()))?;
         assert_eq!(bytes.len() as i64, output.size_bytes);
@@ -164,7 +298,9 @@ async fn a_videojob_becomes_an_mp4_and_the_model_stays_loaded() -> Result<()> {
             (256, 256, 17, 8)
         );
         assert!(
-            out.path()
+            setup
+                .out
+                .path()
                 .join(output.preview_path.context("preview")?)
                 .is_file()
         );
@@ -173,25 +309,169 @@ async fn a_videojob_becomes_an_mp4_and_the_model_stays_loaded() -> Result<()> {
         assert!(memory.peak_allocated_bytes >= memory.after_cleanup_allocated_bytes);
         assert_eq!(status.progress.map(|p| p.percent), Some(100));
     }
-    let text = std::fs::read_to_string(&log)?;
+    let text = setup.log_text();
     assert_eq!(
         text.matches("\"model loaded\"").count(),
         1,
         "consecutive jobs reloaded the model:\n{text}"
     );
     assert_eq!(text.matches("\"job finished\"").count(), 2, "{text}");
+    setup.stop().await
+}
 
-    runner.kill().await?;
-    operator.abort();
-    let _ = env
-        .kubectl()
-        .args([
-            "delete",
-            "modellanes,videomodels",
-            "-l",
-            &selector,
-            "--wait=false",
-        ])
-        .output();
-    Ok(())
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_runner_unloads_before_each_switch_and_keeps_no_old_tensor() -> Result<()> {
+    let mut setup =
+        Setup::start("runner-shared", "Shared", &[("anisora", 8), ("phr00t", 4)]).await?;
+    let order = ["anisora", "phr00t", "anisora", "phr00t"];
+    let mut names = Vec::new();
+    for (i, package) in order.iter().enumerate() {
+        let name = format!("job-{i}-{package}");
+        let spec = json!({"model": setup.model(package), "prompt": format!("a fox, take {i}"),
+            "seed": i, "width": 256, "height": 256, "frames": 9});
+        setup.create_job(&name, spec).await?;
+        // Created one after the other, so the queue (and the runner) takes them in this order.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        names.push(name);
+    }
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    setup
+        .wait_succeeded(&names, Duration::from_secs(240))
+        .await?;
+
+    let lines = setup.log_lines();
+    let message = |l: &Value| l["fields"]["message"].as_str().unwrap_or("").to_owned();
+    let baseline = lines
+        .iter()
+        .find(|l| message(l) == "runner starting")
+        .and_then(|l| l["fields"]["allocated_bytes"].as_i64())
+        .context("no `runner starting` line with allocated_bytes")?;
+    let events: Vec<(String, String, i64)> = lines
+        .iter()
+        .filter(|l| matches!(message(l).as_str(), "model loaded" | "model unloaded"))
+        .map(|l| {
+            let model = l["fields"]["model"].as_str().unwrap_or("").to_owned();
+            let bytes = l["fields"]["allocated_bytes"].as_i64().unwrap_or(-1);
+            (message(l), model, bytes)
+        })
+        .collect();
+    let expected: Vec<(String, String)> = [
+        ("model loaded", "anisora"),
+        ("model unloaded", "anisora"),
+        ("model loaded", "phr00t"),
+        ("model unloaded", "phr00t"),
+        ("model loaded", "anisora"),
+        ("model unloaded", "anisora"),
+        ("model loaded", "phr00t"),
+    ]
+    .iter()
+    .map(|(e, p)| (e.to_string(), setup.model(p).to_owned()))
+    .collect();
+    assert_eq!(
+        events
+            .iter()
+            .map(|(e, m, _)| (e.clone(), m.clone()))
+            .collect::<Vec<_>>(),
+        expected,
+        "each switch logs the unload before the load:\n{}",
+        setup.log_text()
+    );
+    let mut loaded_bytes = std::collections::BTreeMap::new();
+    for (event, model, bytes) in &events {
+        if event == "model unloaded" {
+            assert_eq!(
+                *bytes,
+                baseline,
+                "unloading {model} left {} bytes of tensors behind",
+                bytes - baseline
+            );
+        } else {
+            assert!(*bytes > baseline, "{model} loaded no weights?");
+            // Each load of a model takes the same bytes: nothing of an earlier load survives.
+            assert_eq!(*loaded_bytes.entry(model.clone()).or_insert(*bytes), *bytes);
+        }
+    }
+    setup.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_deleted_mid_generation_stops_and_the_runner_runs_the_next() -> Result<()> {
+    let mut setup = Setup::start("runner-cancel", "Dedicated", &[("anisora", 8)]).await?;
+    let model = setup.model("anisora").to_owned();
+    // Large enough that its eight steps take seconds on the CPU.
+    let spec = json!({"model": model, "prompt": "a long fox", "seed": 3,
+        "width": 1024, "height": 1024, "frames": 33});
+    setup.create_job("long", spec).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let job = setup.jobs().get("long").await?;
+        let progress = job.status.as_ref().and_then(|s| s.progress.clone());
+        if progress.is_some_and(|p| p.stage.as_deref() == Some("Denoising") && p.step >= 1) {
+            break;
+        }
+        ensure!(
+            job.status.as_ref().and_then(|s| s.phase) != Some(JobPhase::Succeeded),
+            "the job finished before it could be deleted"
+        );
+        setup.check_runner()?;
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no denoising step after 180 s:\n{}",
+            setup.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    setup
+        .jobs()
+        .delete("long", &DeleteParams::default())
+        .await?;
+
+    // The runner stops at the next step boundary, records Cancelled, and the operator lets
+    // the deleted job go.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while setup.jobs().get_opt("long").await?.is_some() {
+        setup.check_runner()?;
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the deleted job is still there after 60 s:\n{}",
+            setup.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lines = setup.log_lines();
+    let failed = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "job failed")
+        .with_context(|| format!("no `job failed` line:\n{}", setup.log_text()))?;
+    assert_eq!(failed["fields"]["reason"], "Cancelled");
+    let error = failed["fields"]["error"].as_str().unwrap_or("");
+    let completed: u32 = error
+        .split("after ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no step count in {error:?}"))?;
+    assert!(
+        (1..8).contains(&completed),
+        "stopped after {completed} of 8 steps: {error}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "job finished"
+                && l["fields"]["result"] == "Cancelled"),
+        "the Cancelled status was not written:\n{}",
+        setup.log_text()
+    );
+    let video = setup.out.path().join(&setup.ns.name).join("long/video.mp4");
+    assert!(!video.exists(), "a cancelled job wrote {}", video.display());
+
+    assert_eq!(setup.probe("/healthz").await?, 200);
+    assert_eq!(setup.probe("/readyz").await?, 200);
+    let spec = json!({"model": model, "prompt": "the next fox", "seed": 4});
+    setup.create_job("next", spec).await?;
+    setup
+        .wait_succeeded(&["next"], Duration::from_secs(120))
+        .await?;
+    setup.stop().await
 }

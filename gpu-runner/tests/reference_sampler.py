@@ -6,7 +6,7 @@ noise order, driven from a plain Python loop.
 stdin: a JSON list of cases {"package", "prompt", "negativePrompt", "width", "height",
 "frames", "seed", "sampler", "cfg", "eta", "sigmas", "out"}; for each case the final latents
 (float32, little-endian, C order) are written to `out`, and stdout gets one JSON line per case
-with the latent shape.
+with the latent shape and the seconds per denoising step (benches/runner.rs reports them).
 
 Noise contract (shared with src/sampler.rs): seed the CPU generator with `seed`, draw the
 initial latent noise, then (euler_ancestral only) one noise tensor per step, all float32
@@ -15,6 +15,7 @@ standard normal of the latent shape, before any step runs.
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -47,6 +48,7 @@ def run(case: dict) -> list:
     with torch.no_grad():
         cond = te(tokenize(case["prompt"], length))
         uncond = te(tokenize(case.get("negativePrompt") or "", length)) if cfg != 1.0 else None
+        started = time.perf_counter()
         for i in range(steps):
             s, s_next = sigmas[i], sigmas[i + 1]
             t = torch.tensor([s * scale], dtype=torch.float32)
@@ -69,13 +71,15 @@ def run(case: dict) -> list:
             ratio = sigma_down / s
             x = ratio * x + (1.0 - ratio) * denoised
             x = (alpha_next / alpha_down) * x + step_noise[i] * renoise
+    per_step = (time.perf_counter() - started) / steps
     x.contiguous().numpy().astype("<f4").tofile(case["out"])
-    return shape
+    return shape, per_step
 
 
 def main():
     for case in json.load(sys.stdin):
-        print(json.dumps({"out": case["out"], "shape": run(case)}), flush=True)
+        shape, per_step = run(case)
+        print(json.dumps({"out": case["out"], "shape": shape, "secondsPerStep": per_step}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,160 @@
+//! The GPU memory check (scripts/gpu-check.sh runs it): a Shared model cache alternating
+//! anisora and phr00t jobs on one device, with a ballast allocation that leaves room for one
+//! model but not both, so every switch must really free the old model.
+//!
+//!     gpu_check PACKAGES_DIR [JOBS]
+//!
+//! Prints one table row per model and fails (exit 1) on any failed job, any OOM, or a model
+//! whose peak reserved memory varies by more than 2 % across its jobs. Run it once per
+//! PYTORCH_CUDA_ALLOC_CONF setting (the allocator reads it at CUDA start).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, bail, ensure};
+use framelane_runner::cache::{LOAD_HEADROOM, LaneMode, ModelCache, PackageRef};
+use framelane_runner::generate::{JobRequest, run_job};
+use framelane_runner::memory::RunnerDevice;
+use framelane_runner::package::Manifest;
+use framelane_runner::sampler::StepControl;
+use tch::{Kind, Tensor};
+
+const GIB: f64 = (1u64 << 30) as f64;
+/// Free memory kept beyond one model's weights for a job's activations.
+const ACTIVATIONS: u64 = 4 << 30;
+
+#[derive(Default)]
+struct ModelRow {
+    jobs: u32,
+    peak_reserved: Vec<i64>,
+    after_cleanup_reserved: i64,
+    retries: i64,
+    ooms: i64,
+    seconds: f64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let root = PathBuf::from(
+        args.next()
+            .context("usage: gpu_check PACKAGES_DIR [JOBS]")?,
+    );
+    let jobs: u32 = match args.next() {
+        Some(n) => n.parse().context("JOBS must be a number")?,
+        None => 20,
+    };
+    let device = RunnerDevice::detect()?;
+    let models = [("anisora", 8), ("phr00t", 4)];
+    let refs: Vec<PackageRef> = models
+        .iter()
+        .map(|(m, steps)| PackageRef {
+            model: m.to_string(),
+            dir: root.join(m),
+            expected_steps: Some(*steps),
+        })
+        .collect();
+    let mut weights = 0;
+    for r in &refs {
+        weights = weights.max(Manifest::read(&r.dir, r.expected_steps)?.weight_bytes);
+    }
+    // Ballast: leave one model (with the load headroom) plus activations, and less than two.
+    let ballast = match device.free_bytes()? {
+        Some(free) => {
+            let keep = (weights as f64 * LOAD_HEADROOM) as u64 + ACTIVATIONS;
+            ensure!(
+                2 * weights > keep,
+                "packages of {:.1} GiB are too small for the check: make them larger than {:.1} GiB (--weight-gib)",
+                weights as f64 / GIB,
+                (ACTIVATIONS as f64 / GIB) / (2.0 - LOAD_HEADROOM)
+            );
+            let size = free.saturating_sub(keep);
+            Some(Tensor::empty([size as i64], (Kind::Uint8, device.device)))
+        }
+        None => None,
+    };
+    let conf = std::env::var("PYTORCH_CUDA_ALLOC_CONF").unwrap_or_else(|_| "(unset)".into());
+    println!(
+        "device {}, PYTORCH_CUDA_ALLOC_CONF={conf}, largest package {:.2} GiB, ballast {:.2} GiB, {jobs} jobs",
+        device.name(),
+        weights as f64 / GIB,
+        ballast.as_ref().map_or(0, |b| b.numel()) as f64 / GIB
+    );
+
+    let out = std::env::temp_dir().join("framelane-gpu-check");
+    let mut cache = ModelCache::new(LaneMode::Shared, device, refs)?;
+    let mut rows: BTreeMap<&str, ModelRow> = BTreeMap::new();
+    for i in 0..jobs {
+        let (model, _) = models[i as usize % 2];
+        let started = Instant::now();
+        let package = cache
+            .get(model)
+            .with_context(|| format!("job {i}: loading {model}"))?;
+        let request = JobRequest {
+            namespace: "gpu-check".into(),
+            name: format!("job-{i}"),
+            prompt: format!("a fox, take {i}"),
+            negative_prompt: Some("blurry".into()),
+            width: 832,
+            height: 480,
+            frames: 81,
+            fps: None,
+            cfg: None,
+            seed: i,
+        };
+        let outcome = run_job(package, &device, &request, &out, |_| StepControl::Continue);
+        if let Err(e) = outcome.result {
+            bail!("job {i} ({model}) failed: {e}");
+        }
+        let memory = outcome.memory?;
+        let row = rows.entry(model).or_default();
+        row.jobs += 1;
+        row.peak_reserved.push(memory.status.peak_reserved_bytes);
+        row.after_cleanup_reserved = memory.status.after_cleanup_reserved_bytes;
+        row.retries += memory.alloc_retries;
+        row.ooms += memory.ooms;
+        row.seconds += started.elapsed().as_secs_f64();
+    }
+    std::fs::remove_dir_all(&out).ok();
+
+    println!(
+        "| model | jobs | peak reserved min..max GiB | spread | after cleanup GiB | retries | OOMs | s/job |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut failures = Vec::new();
+    for (model, row) in &rows {
+        let min = *row.peak_reserved.iter().min().unwrap_or(&0);
+        let max = *row.peak_reserved.iter().max().unwrap_or(&0);
+        let spread = if min > 0 {
+            (max - min) as f64 / min as f64
+        } else {
+            0.0
+        };
+        println!(
+            "| {model} | {} | {:.3}..{:.3} | {:.2} % | {:.3} | {} | {} | {:.2} |",
+            row.jobs,
+            min as f64 / GIB,
+            max as f64 / GIB,
+            spread * 100.0,
+            row.after_cleanup_reserved as f64 / GIB,
+            row.retries,
+            row.ooms,
+            row.seconds / f64::from(row.jobs)
+        );
+        if row.ooms > 0 {
+            failures.push(format!("{model}: {} OOMs", row.ooms));
+        }
+        if spread > 0.02 {
+            failures.push(format!(
+                "{model}: peak reserved varies by {:.2} % (limit 2 %)",
+                spread * 100.0
+            ));
+        }
+    }
+    drop(ballast);
+    if !failures.is_empty() {
+        bail!("GPU check failed: {}", failures.join("; "));
+    }
+    println!("GPU check passed: no OOM, peak reserved flat within 2 % per model");
+    Ok(())
+}

@@ -388,7 +388,11 @@ async fn killing_the_leader_mid_run_loses_no_job_and_runs_none_twice() -> Result
     );
     let survivor = &ops[1 - index];
     assert!(
-        survivor.metrics().await?.contains("framelane_leader 1"),
+        survivor
+            .metrics()
+            .await?
+            .lines()
+            .any(|l| l == "framelane_leader 1"),
         "the standby does not report itself as leader"
     );
     Ok(())

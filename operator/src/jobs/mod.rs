@@ -52,6 +52,17 @@ async fn reconcile_inner(job: &VideoJob, ctx: &Context) -> Result<Action, Error>
     if needs_finalizer(job) {
         return add_finalizer(job, ctx).await;
     }
+    // A job another reconcile reserved a slot for (admitting a backlog in creation order)
+    // is admitted with it: deciding again would count its own slot against it.
+    if ctx
+        .index
+        .lock()
+        .expect("index lock")
+        .reservation(job)
+        .is_some()
+    {
+        return admit_in_creation_order(job, ctx).await;
+    }
     let facts = facts(job, ctx, now);
     match decide(job, &facts) {
         Decision::Admit { .. } => admit_in_creation_order(job, ctx).await,
@@ -142,11 +153,14 @@ async fn admit_in_creation_order(job: &VideoJob, ctx: &Context) -> Result<Action
         };
     };
     let result = admit(job, ctx, &reservation).await;
-    let changed = ctx
-        .index
-        .lock()
-        .expect("index lock")
-        .settle(job, result.as_ref().ok());
+    let changed = {
+        let mut index = ctx.index.lock().expect("index lock");
+        let mut changed = index.settle(job, result.as_ref().ok());
+        if matches!(&result, Err(Error::Kube(kube::Error::Api(s))) if s.code == 404) {
+            changed.extend(index.forget(job));
+        }
+        changed
+    };
     ctx.notify_lanes(changed);
     result?;
     let lane = ctx
@@ -175,7 +189,7 @@ fn reserve_backlog(
         .filter(|j| j.uid() != job.uid())
         .collect();
     backlog.push(Arc::new(job.clone()));
-    backlog.retain(|j| !index.is_stale(j) && index.reservation(j).is_none());
+    backlog.retain(|j| index.knows(j) && !index.is_stale(j) && index.reservation(j).is_none());
     backlog.sort_by_key(|j| creation_key(j));
     let now = Timestamp::now();
     let lanes = ctx.lanes.state();

@@ -54,8 +54,10 @@ test: tools
 
 # Benchmarks against the local control plane; record the figures in docs/benchmarks.md.
 bench: tools
+    command -v wrk >/dev/null || apt-get install -y wrk
     tests/testenv/up.sh
     cargo bench -p framelane-operator --bench queue
+    cargo bench -p framelane-operator --bench webhook
     eval "$(gpu-runner/scripts/setup-torch.sh)" && cargo bench -p framelane-runner --bench runner
 
 # GPU memory check on one H100/H200 (torch 2.11 installed, no network): 20 alternating jobs on a Shared runner, with expandable_segments on and off. Args: --jobs N --weight-gib G --binary PATH.

@@ -41,7 +41,8 @@ async fn main() -> Result<()> {
         Ok(op
             .metrics()
             .await?
-            .contains("framelane_leader 1")
+            .lines()
+            .any(|l| l == "framelane_leader 1")
             .then_some(()))
     })
     .await?;

@@ -67,6 +67,51 @@ pub struct Config {
     /// Runs of a job (the first one included) before a lost runner fails it with RunnerLost.
     #[arg(long, default_value_t = 3)]
     pub max_attempts: i32,
+    /// Address the admission webhook listens on (HTTPS). Unset: no webhook.
+    #[arg(long, env = "FRAMELANE_WEBHOOK_ADDR")]
+    pub webhook_addr: Option<SocketAddr>,
+    /// `host:port` where the other replicas reach this one's webhook (default: $POD_IP, or
+    /// the listen address, with the webhook port).
+    #[arg(long, env = "FRAMELANE_WEBHOOK_ADVERTISE")]
+    pub webhook_advertise: Option<String>,
+    /// This pod's IP (the downward API sets it in a cluster).
+    #[arg(long, env = "POD_IP")]
+    pub pod_ip: Option<String>,
+    /// Name of the webhook's Service in --namespace: its DNS names go into the certificate.
+    #[arg(long, default_value = "framelane-webhook")]
+    pub webhook_service: String,
+    /// Secret in --namespace with the webhook's CA and serving certificate (created when
+    /// missing).
+    #[arg(long, default_value = "framelane-webhook-tls")]
+    pub webhook_secret: String,
+    /// ValidatingWebhookConfiguration whose caBundle the leader keeps equal to the CA.
+    #[arg(long, default_value = "framelane")]
+    pub webhook_configuration: String,
+    /// Lifetime of the serving certificate; renewed with a third of it left.
+    #[arg(long, value_parser = parse_seconds, default_value = "2592000")]
+    pub webhook_cert_seconds: Duration,
+    /// Lifetime of the webhook CA; renewed with a third of it left, with an overlap.
+    #[arg(long, value_parser = parse_seconds, default_value = "31536000")]
+    pub webhook_ca_seconds: Duration,
+}
+
+impl Config {
+    /// Where other replicas reach this one's webhook.
+    pub fn webhook_endpoint(&self) -> Option<String> {
+        let addr = self.webhook_addr?;
+        if let Some(a) = &self.webhook_advertise {
+            return Some(a.clone());
+        }
+        let host = match (&self.pod_ip, addr.ip()) {
+            (Some(ip), _) => ip.clone(),
+            (None, ip) if ip.is_unspecified() => "127.0.0.1".into(),
+            (None, ip) => ip.to_string(),
+        };
+        Some(match host.contains(':') {
+            true => format!("[{host}]:{}", addr.port()),
+            false => format!("{host}:{}", addr.port()),
+        })
+    }
 }
 
 fn parse_seconds(s: &str) -> Result<Duration, String> {

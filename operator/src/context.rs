@@ -113,6 +113,18 @@ impl Context {
 
     /// The same, for a caller that already holds the index.
     pub fn lane_facts_at_depth(&self, lane: &ModelLane, now: Timestamp, depth: usize) -> LaneFacts {
+        let (max_depth, max_wait) = self.lane_limits(lane);
+        LaneFacts {
+            name: lane.name_any(),
+            max_depth,
+            max_wait,
+            depth,
+            unavailable_since: self.lane_availability(lane, now).unavailable_since,
+        }
+    }
+
+    /// A lane's `maxDepth` and `maxWaitSeconds`, with the operator's defaults.
+    pub fn lane_limits(&self, lane: &ModelLane) -> (usize, std::time::Duration) {
         let queue = lane.spec.queue.as_ref();
         let max_depth = queue
             .and_then(|q| q.max_depth)
@@ -120,13 +132,10 @@ impl Context {
         let max_wait = queue
             .and_then(|q| q.max_wait_seconds)
             .unwrap_or(self.config.default_max_wait_seconds);
-        LaneFacts {
-            name: lane.name_any(),
-            max_depth: max_depth.max(1) as usize,
-            max_wait: std::time::Duration::from_secs(max_wait.max(1) as u64),
-            depth,
-            unavailable_since: self.lane_availability(lane, now).unavailable_since,
-        }
+        (
+            max_depth.max(1) as usize,
+            std::time::Duration::from_secs(max_wait.max(1) as u64),
+        )
     }
 
     /// Whether the lane, model and heartbeat caches hold a full list: routing a new job

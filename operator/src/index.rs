@@ -2,7 +2,10 @@
 //! controller's own write of the same job; a resourceVersion check keeps the index from
 //! stepping back to an older state.
 
-use std::collections::{BTreeSet, HashMap};
+use std::{
+    collections::{BTreeSet, HashMap},
+    time::Instant,
+};
 
 use framelane_api::{VideoJob, videojob::JobPhase};
 use kube::ResourceExt;
@@ -18,7 +21,14 @@ pub struct Index {
     reservations: HashMap<JobKey, Reservation>,
     /// Jobs waiting for admission, in creation order.
     awaiting: BTreeSet<(CreationKey, JobKey)>,
-    awaiting_keys: HashMap<JobKey, CreationKey>,
+    awaiting_keys: HashMap<JobKey, (CreationKey, String)>,
+    /// Jobs awaiting admission, counted by model.
+    awaiting_models: HashMap<String, usize>,
+    /// Creates the admission webhook let through that the watch has not shown yet, with the
+    /// lane they count against and when the hold lapses (the create failed after all).
+    holds: HashMap<JobKey, (String, Instant)>,
+    /// Whether a full list of jobs has been read (before that the counts are partial).
+    pub synced: bool,
 }
 
 /// The order users created jobs in: creation time, then the API server's revision.
@@ -87,18 +97,79 @@ impl Index {
         }
         let waiting = job.status.as_ref().and_then(|s| s.phase).is_none()
             && job.metadata.deletion_timestamp.is_none();
-        self.set_awaiting(&key, waiting.then(|| creation_key(job)));
+        self.holds.remove(&key);
+        self.set_awaiting(
+            &key,
+            waiting.then(|| (creation_key(job), job.spec.model.clone())),
+        );
         self.queues.set(key, slot)
     }
 
-    fn set_awaiting(&mut self, key: &JobKey, creation: Option<CreationKey>) {
-        if let Some(old) = self.awaiting_keys.remove(key) {
+    fn set_awaiting(&mut self, key: &JobKey, awaiting: Option<(CreationKey, String)>) {
+        if let Some((old, model)) = self.awaiting_keys.remove(key) {
             self.awaiting.remove(&(old, key.clone()));
+            if let Some(n) = self.awaiting_models.get_mut(&model) {
+                *n -= 1;
+                if *n == 0 {
+                    self.awaiting_models.remove(&model);
+                }
+            }
         }
-        if let Some(c) = creation {
+        if let Some((c, model)) = awaiting {
             self.awaiting.insert((c, key.clone()));
-            self.awaiting_keys.insert(key.clone(), c);
+            *self.awaiting_models.entry(model.clone()).or_default() += 1;
+            self.awaiting_keys.insert(key.clone(), (c, model));
         }
+    }
+
+    /// Unfinished jobs that count against `lane`'s depth limit: admitted (Queued or
+    /// Running), created but not yet admitted (`route` gives a model's lane), and creates the
+    /// webhook let through that the watch has not shown yet.
+    pub fn unfinished(
+        &self,
+        lane: &str,
+        route: impl Fn(&str) -> Option<String>,
+        now: Instant,
+    ) -> usize {
+        let awaiting: usize = self
+            .awaiting_models
+            .iter()
+            .filter(|(model, _)| route(model).as_deref() == Some(lane))
+            .map(|(_, n)| n)
+            .sum();
+        let held = self
+            .holds
+            .values()
+            .filter(|(l, until)| l == lane && *until > now)
+            .count();
+        self.queues.depth(lane) + awaiting + held
+    }
+
+    /// The admission webhook's atomic check-and-take: holds a slot of `lane` for the create
+    /// of `key` if fewer than `max_depth` jobs count against it, else returns the count. A
+    /// job the index already knows takes no second slot (its create fails as a duplicate).
+    /// With `dry_run` nothing is held.
+    pub fn hold(
+        &mut self,
+        key: JobKey,
+        lane: &str,
+        max_depth: usize,
+        route: impl Fn(&str) -> Option<String>,
+        (now, until): (Instant, Instant),
+        dry_run: bool,
+    ) -> Result<(), usize> {
+        self.holds.retain(|_, (_, u)| *u > now);
+        if self.versions.contains_key(&key) || self.awaiting_keys.contains_key(&key) {
+            return Ok(());
+        }
+        let count = self.unfinished(lane, route, now) - usize::from(self.holds.contains_key(&key));
+        if count >= max_depth {
+            return Err(count);
+        }
+        if !dry_run {
+            self.holds.insert(key, (lane.to_string(), until));
+        }
+        Ok(())
     }
 
     /// Jobs waiting for admission that were created no later than `upto`, oldest first.
@@ -108,6 +179,12 @@ impl Index {
             .take_while(|(c, _)| *c <= upto)
             .map(|(_, k)| k.clone())
             .collect()
+    }
+
+    /// Whether the index holds the job: every job the watch showed and that was not deleted
+    /// since (a reconcile can still hold a copy of a job deleted a moment ago).
+    pub fn knows(&self, job: &VideoJob) -> bool {
+        self.versions.contains_key(&key_of(job))
     }
 
     /// Whether this copy of a job is older than one the index has already seen (a cache
@@ -132,6 +209,7 @@ impl Index {
         );
         self.versions
             .insert(key.clone(), version(job).unwrap_or(0) + 1);
+        self.set_awaiting(&key, None);
         let reservation = Reservation {
             lane: lane.into(),
             queued_at,
@@ -149,11 +227,18 @@ impl Index {
     /// The admission was written (`written`) or failed (`None`): the reservation ends.
     pub fn settle(&mut self, job: &VideoJob, written: Option<&VideoJob>) -> Vec<String> {
         let key = key_of(job);
-        self.reservations.remove(&key);
+        if self.reservations.remove(&key).is_none() {
+            // Deleted (or the index rebuilt) while the write was on its way: what the watch
+            // shows has the last word.
+            return Vec::new();
+        }
         match written {
             Some(written) => self.observe(written),
             None => {
                 self.versions.remove(&key);
+                if job.status.as_ref().and_then(|s| s.phase).is_none() {
+                    self.set_awaiting(&key, Some((creation_key(job), job.spec.model.clone())));
+                }
                 self.queues.set(key, Slot::None)
             }
         }
@@ -164,19 +249,91 @@ impl Index {
         let key = key_of(job);
         self.versions.remove(&key);
         self.reservations.remove(&key);
+        self.holds.remove(&key);
         self.set_awaiting(&key, None);
         self.queues.set(key, Slot::None)
     }
 
     /// Rebuilds everything from a full list (after a watch restart, deletions may have been
-    /// missed).
+    /// missed). Webhook holds stay: their creates may still be on their way.
     pub fn rebuild<'a>(&mut self, jobs: impl Iterator<Item = &'a VideoJob>) {
         *self = Index {
             clock: std::mem::take(&mut self.clock),
+            holds: std::mem::take(&mut self.holds),
+            synced: true,
             ..Default::default()
         };
         for job in jobs {
             self.observe(job);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+
+    fn job(name: &str, version: u64) -> VideoJob {
+        serde_json::from_value(json!({
+            "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob",
+            "metadata": {"name": name, "namespace": "ns", "resourceVersion": version.to_string()},
+            "spec": {"model": "anisora", "prompt": "p"}
+        }))
+        .unwrap()
+    }
+
+    fn key(name: &str) -> JobKey {
+        key_of(&job(name, 1))
+    }
+
+    #[test]
+    fn holds_count_until_the_watch_shows_the_job_and_lapse_after() {
+        let lane_of = |m: &str| (m == "anisora").then(|| "lane-a".to_string());
+        let mut index = Index::default();
+        let now = Instant::now();
+        let until = (now, now + Duration::from_secs(15));
+        for name in ["a", "b"] {
+            assert_eq!(
+                index.hold(key(name), "lane-a", 3, lane_of, until, false),
+                Ok(())
+            );
+        }
+        assert_eq!(
+            index.hold(key("dry"), "lane-a", 3, lane_of, until, true),
+            Ok(()),
+            "a dry run fits but holds nothing"
+        );
+        assert_eq!(index.unfinished("lane-a", lane_of, now), 2);
+        index.observe(&job("a", 5));
+        assert_eq!(
+            index.unfinished("lane-a", lane_of, now),
+            2,
+            "a shown job counts as awaiting admission instead of held"
+        );
+        assert_eq!(
+            index.hold(key("c"), "lane-a", 3, lane_of, until, false),
+            Ok(())
+        );
+        assert_eq!(
+            index.hold(key("d"), "lane-a", 3, lane_of, until, false),
+            Err(3)
+        );
+        assert_eq!(
+            index.hold(key("a"), "lane-a", 3, lane_of, until, false),
+            Ok(()),
+            "an existing name takes no slot: its create fails as a duplicate"
+        );
+        let later = now + Duration::from_secs(16);
+        assert_eq!(
+            index.hold(key("d"), "lane-a", 3, lane_of, (later, later), false),
+            Ok(()),
+            "holds of creates that never arrived lapse"
+        );
+        index.forget(&job("a", 6));
+        assert_eq!(index.unfinished("lane-a", lane_of, later), 0);
     }
 }

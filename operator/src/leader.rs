@@ -1,7 +1,7 @@
 //! Leader election on a `Lease`: only the holder reconciles and writes. A standby takes over
 //! once the holder has not renewed for the lease duration (a killed leader never renews).
 
-use std::time::Duration;
+use std::{sync::Mutex, time::Duration};
 
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::{
@@ -13,22 +13,68 @@ use kube::{
     api::{ObjectMeta, PostParams},
 };
 
+/// The Lease annotation with the leader's webhook address (`host:port`), where standbys
+/// hand admission reviews for the depth decision.
+pub const WEBHOOK_ENDPOINT: &str = "framelane.dev/webhook-endpoint";
+
 /// One replica's view of the election.
 pub struct Elector {
     api: Api<Lease>,
     name: String,
     identity: String,
     duration: Duration,
+    /// This replica's webhook address, published while it leads.
+    endpoint: Option<String>,
+    /// The current leader's webhook address, as last read.
+    leader_endpoint: Mutex<Option<String>>,
 }
 
 impl Elector {
-    pub fn new(api: Api<Lease>, name: &str, identity: &str, duration: Duration) -> Self {
+    pub fn new(
+        api: Api<Lease>,
+        name: &str,
+        identity: &str,
+        duration: Duration,
+        endpoint: Option<String>,
+    ) -> Self {
         Elector {
             api,
             name: name.into(),
             identity: identity.into(),
             duration,
+            endpoint,
+            leader_endpoint: Mutex::new(None),
         }
+    }
+
+    /// The leader's webhook address, as of the last look at the Lease.
+    pub fn leader_endpoint(&self) -> Option<String> {
+        self.leader_endpoint.lock().expect("endpoint lock").clone()
+    }
+
+    /// Reads the Lease now and returns the leader's webhook address (for a standby that has
+    /// none yet, or whose last one stopped answering).
+    pub async fn refresh_leader_endpoint(&self) -> Result<Option<String>, kube::Error> {
+        let endpoint = self.api.get_opt(&self.name).await?.and_then(|lease| {
+            lease
+                .metadata
+                .annotations
+                .and_then(|mut a| a.remove(WEBHOOK_ENDPOINT))
+        });
+        self.saw(endpoint.clone());
+        Ok(endpoint)
+    }
+
+    fn saw(&self, endpoint: Option<String>) {
+        *self.leader_endpoint.lock().expect("endpoint lock") = endpoint;
+    }
+
+    fn publish(&self, meta: &mut ObjectMeta) {
+        let annotations = meta.annotations.get_or_insert_with(Default::default);
+        match &self.endpoint {
+            Some(e) => annotations.insert(WEBHOOK_ENDPOINT.into(), e.clone()),
+            None => annotations.remove(WEBHOOK_ENDPOINT),
+        };
     }
 
     /// How often the leader renews (and a standby retries): a third of the lease.
@@ -43,11 +89,13 @@ impl Elector {
         let now = Timestamp::now();
         let seconds = self.duration.as_secs() as i32;
         let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+            let mut metadata = ObjectMeta {
+                name: Some(self.name.clone()),
+                ..Default::default()
+            };
+            self.publish(&mut metadata);
             let lease = Lease {
-                metadata: ObjectMeta {
-                    name: Some(self.name.clone()),
-                    ..Default::default()
-                },
+                metadata,
                 spec: Some(LeaseSpec {
                     holder_identity: Some(self.identity.clone()),
                     lease_duration_seconds: Some(seconds),
@@ -68,8 +116,16 @@ impl Elector {
             _ => true,
         };
         if !mine && !expired {
+            self.saw(
+                lease
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(WEBHOOK_ENDPOINT).cloned()),
+            );
             return Ok(false);
         }
+        self.publish(&mut lease.metadata);
         if !mine {
             spec.holder_identity = Some(self.identity.clone());
             spec.acquire_time = Some(MicroTime(now));

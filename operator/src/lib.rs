@@ -5,6 +5,7 @@
 //! - `index`: watch events to in-memory queues.
 //! - `jobs`, `lanes`: the two reconcilers; `lanes::pods` builds runner pods from plain data.
 //! - `leader`: leader election; `metrics`: observability.
+//! - `webhook`: the admission webhook (parameters, exact queue depth, certificates).
 //! - `run`: wires it all together.
 
 pub mod config;
@@ -17,3 +18,4 @@ pub mod leader;
 pub mod metrics;
 pub mod queue;
 pub mod run;
+pub mod webhook;

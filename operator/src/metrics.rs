@@ -31,6 +31,22 @@ pub struct ErrorLabels {
     pub error: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdmissionLabels {
+    pub lane: String,
+    /// `allowed` or `denied`.
+    pub result: String,
+    /// Empty when allowed; `invalid_parameters`, `queue_overloaded`, `bad_request` or
+    /// `unavailable` when denied.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertificateLabels {
+    /// `serving` or `ca`.
+    pub certificate: String,
+}
+
 /// Every metric the operator exports.
 pub struct Metrics {
     pub registry: Registry,
@@ -43,12 +59,20 @@ pub struct Metrics {
     pub reconcile_duration: Family<ControllerLabels, Histogram>,
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub leader: Gauge<i64, AtomicI64>,
+    pub admission_decisions: Family<AdmissionLabels, Counter>,
+    pub webhook_duration: Histogram,
+    pub certificate_expiry: Family<CertificateLabels, Gauge>,
 }
 
 /// Queue wait buckets: fine around the 30 s default `maxWaitSeconds`.
 const QUEUE_WAIT_BUCKETS: [f64; 18] = [
     0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 25.0, 28.0, 29.0, 30.0, 31.0, 32.0, 35.0, 45.0,
     60.0, 300.0,
+];
+/// Webhook buckets: its own time is well under a millisecond; a review a standby hands to
+/// the leader adds a network round trip.
+const WEBHOOK_BUCKETS: [f64; 11] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0,
 ];
 const RECONCILE_BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
 
@@ -114,8 +138,29 @@ impl Default for Metrics {
             "1 while this replica is the leader and reconciles",
             leader.clone(),
         );
+        let admission_decisions = Family::default();
+        registry.register(
+            "admission_decisions",
+            "Admission webhook decisions on VideoJob creates, by lane, result and reason",
+            admission_decisions.clone(),
+        );
+        let webhook_duration = Histogram::new(WEBHOOK_BUCKETS);
+        registry.register(
+            "webhook_duration_seconds",
+            "Time the admission webhook took to answer a review",
+            webhook_duration.clone(),
+        );
+        let certificate_expiry = Family::default();
+        registry.register(
+            "webhook_certificate_expiry_timestamp_seconds",
+            "When the webhook's serving certificate and CA expire (Unix time)",
+            certificate_expiry.clone(),
+        );
         Metrics {
             registry,
+            admission_decisions,
+            webhook_duration,
+            certificate_expiry,
             queue_depth,
             ready_runners,
             queue_wait,

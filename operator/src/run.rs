@@ -27,7 +27,13 @@ use tokio::sync::mpsc;
 use tokio_stream_shim::UnboundedReceiverStream;
 
 use crate::{
-    config::Config, context::Context, index::Index, jobs, lanes, leader::Elector, metrics::Metrics,
+    config::Config,
+    context::Context,
+    index::Index,
+    jobs, lanes,
+    leader::Elector,
+    metrics::Metrics,
+    webhook::{self, Webhook, certs::Policy},
 };
 
 mod tokio_stream_shim {
@@ -69,8 +75,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         &config.leader_lease,
         &identity,
         config.leader_lease_seconds,
+        config.webhook_endpoint(),
     ));
-    // A standby is healthy and ready: it is waiting to lead.
+    let (models, models_writer) = reflector::store();
+    tokio::spawn(
+        watcher(
+            Api::<VideoModel>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .reflect(models_writer)
+        .for_each(|_| future::ready(())),
+    );
+    let webhook = match config.webhook_addr {
+        Some(addr) => {
+            Some(start_webhook(&client, &config, addr, &models, &elector, &metrics).await)
+        }
+        None => None,
+    };
+    // A standby is healthy and ready (serving the webhook when it has one): it is waiting
+    // to lead.
     ready.store(true, Ordering::Relaxed);
     tracing::info!(
         identity,
@@ -93,9 +117,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(identity, "became the leader");
     metrics.leader.set(1);
     tokio::spawn(keep_leading(elector.clone(), config.leader_lease_seconds));
+    if let Some(webhook) = &webhook {
+        tokio::spawn(webhook::maintain_certificates(
+            Api::namespaced(client.clone(), &config.namespace),
+            Api::all(client.clone()),
+            config.webhook_secret.clone(),
+            config.webhook_configuration.clone(),
+            webhook.policy.clone(),
+        ));
+    }
 
     tokio::select! {
-        result = controllers(client, config, metrics) => result?,
+        result = controllers(client, config, metrics, models, webhook) => result?,
         _ = &mut shutdown => {}
     }
     elector.release().await?;
@@ -133,27 +166,63 @@ async fn shutdown_signal() {
     }
 }
 
-async fn controllers(client: Client, config: Config, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+/// Starts the admission webhook: loads (or creates) its certificate and serves HTTPS. Returns
+/// once the certificate is loaded.
+async fn start_webhook(
+    client: &Client,
+    config: &Config,
+    addr: std::net::SocketAddr,
+    models: &reflector::Store<VideoModel>,
+    elector: &Arc<Elector>,
+    metrics: &Arc<Metrics>,
+) -> Arc<Webhook> {
+    let policy = Policy::for_service(
+        &config.webhook_service,
+        &config.namespace,
+        config.webhook_ca_seconds,
+        config.webhook_cert_seconds,
+    );
+    let webhook = Arc::new(Webhook::new(
+        models.clone(),
+        elector.clone(),
+        metrics.clone(),
+        policy,
+    ));
+    tokio::spawn(webhook.clone().follow_certificates(
+        Api::namespaced(client.clone(), &config.namespace),
+        config.webhook_secret.clone(),
+    ));
+    let (certs, routes) = (webhook.certs.clone(), webhook.clone().routes());
+    tokio::spawn(async move {
+        if let Err(e) = webhook::tls::serve(addr, certs, routes).await {
+            tracing::error!(%addr, error = %e, "cannot serve the admission webhook");
+            std::process::exit(1);
+        }
+    });
+    while !webhook.certs.is_loaded() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    webhook
+}
+
+async fn controllers(
+    client: Client,
+    config: Config,
+    metrics: Arc<Metrics>,
+    models: reflector::Store<VideoModel>,
+    webhook: Option<Arc<Webhook>>,
+) -> anyhow::Result<()> {
     let jobs_api: Api<VideoJob> = match &config.watch_namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
     let lanes_api: Api<ModelLane> = Api::all(client.clone());
-    let models_api: Api<VideoModel> = Api::all(client.clone());
     let leases_api: Api<Lease> = Api::namespaced(client.clone(), &config.namespace);
     let pods_api: Api<Pod> = Api::namespaced(client.clone(), &config.namespace);
     let lane_watch = match &config.lane_selector {
         Some(selector) => watcher::Config::default().labels(selector),
         None => watcher::Config::default(),
     };
-
-    let (models, models_writer) = reflector::store();
-    tokio::spawn(
-        watcher(models_api, watcher::Config::default())
-            .default_backoff()
-            .reflect(models_writer)
-            .for_each(|_| future::ready(())),
-    );
 
     let (leases, leases_writer) = reflector::store();
     let lease_stream = watcher(
@@ -219,6 +288,9 @@ async fn controllers(client: Client, config: Config, metrics: Arc<Metrics>) -> a
         counted: Mutex::new(Default::default()),
     });
 
+    if let Some(webhook) = webhook {
+        let _ = webhook.leader.set(ctx.clone());
+    }
     let lane_controller = Controller::for_stream(lane_stream, lanes)
         .with_config(ControllerConfig::default().concurrency(4))
         .owns(pods_api, watcher::Config::default().labels(LABEL_LANE))

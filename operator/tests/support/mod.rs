@@ -23,6 +23,7 @@ use framelane_api::{
     wellknown::Reason,
 };
 use framelane_testenv::{TestEnv, TestNamespace};
+use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use kube::{
     Api, Client, ResourceExt,
     api::{ListParams, PostParams},
@@ -54,16 +55,29 @@ impl Fixture {
 
     /// Creates a VideoModel with `steps` (and `cfg`, if any).
     pub async fn model(&self, name: &str, steps: i32, cfg: Option<f64>) -> Result<String> {
+        self.model_with(name, steps, cfg, json!({})).await
+    }
+
+    /// The same, with `spec` merged over the model's spec.
+    pub async fn model_with(
+        &self,
+        name: &str,
+        steps: i32,
+        cfg: Option<f64>,
+        spec: Value,
+    ) -> Result<String> {
         let name = self.scoped(name);
         let mut fixed = json!({"steps": steps});
         if let Some(cfg) = cfg {
             fixed["cfg"] = json!(cfg);
         }
+        let mut full = json!({"fixedParameters": fixed, "defaults": {"width": 832, "height": 480, "frames": 81, "fps": 16},
+            "limits": {"maxWidth": 1280, "maxHeight": 1280, "maxFrames": 161}, "package": {"path": name}, "modes": ["t2v"]});
+        merge(&mut full, spec);
         let model: VideoModel = serde_json::from_value(json!({
             "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoModel",
             "metadata": {"name": name, "labels": {INSTANCE_LABEL: self.ns.name}},
-            "spec": {"fixedParameters": fixed, "defaults": {"width": 832, "height": 480, "frames": 81, "fps": 16},
-                "limits": {"maxWidth": 1280, "maxHeight": 1280, "maxFrames": 161}, "package": {"path": name}, "modes": ["t2v"]}
+            "spec": full
         }))?;
         Api::<VideoModel>::all(self.client.clone())
             .create(&PostParams::default(), &model)
@@ -92,6 +106,88 @@ impl Fixture {
     /// Starts an operator process for this test's lanes and namespace.
     pub fn operator(&self, identity: &str) -> Result<OperatorProcess> {
         OperatorProcess::start(&self.ns, identity, &[])
+    }
+
+    /// The test's jobs through a client that does not retry: kube-rs retries every 503 by
+    /// default (15 times, backing off to minutes), which would hide `queue_overloaded`.
+    pub async fn jobs_without_retries(&self) -> Result<Api<VideoJob>> {
+        let kubeconfig = kube::config::Kubeconfig::read_from(&self.ns.env.kubeconfig)?;
+        let mut config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+        config.default_retry = false;
+        Ok(Api::namespaced(Client::try_from(config)?, &self.ns.name))
+    }
+
+    /// The name of this test's ValidatingWebhookConfiguration.
+    pub fn webhook_configuration(&self) -> String {
+        format!("framelane-{}", self.ns.name)
+    }
+
+    /// Starts an operator that also serves the admission webhook, on `port` (0: a free one).
+    /// Returns it and its webhook port.
+    pub fn webhook_operator(
+        &self,
+        identity: &str,
+        port: u16,
+        extra: &[&str],
+    ) -> Result<(OperatorProcess, u16)> {
+        let port = if port == 0 { free_port()? } else { port };
+        let mut args = vec![
+            "--webhook-addr".to_string(),
+            format!("127.0.0.1:{port}"),
+            "--webhook-configuration".into(),
+            self.webhook_configuration(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Ok((OperatorProcess::start(&self.ns, identity, &args)?, port))
+    }
+
+    /// Registers the webhook at `port` for this test's namespace only (so other tests on
+    /// the shared control plane never call it), as the chart does for a cluster: CREATE of
+    /// VideoJobs, failurePolicy Fail, no side effects, a 5 s timeout. The operator fills in
+    /// the caBundle.
+    pub async fn register_webhook(&self, port: u16) -> Result<()> {
+        let configuration: ValidatingWebhookConfiguration = serde_json::from_value(json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+            "metadata": {"name": self.webhook_configuration(), "labels": {INSTANCE_LABEL: self.ns.name}},
+            "webhooks": [{
+                "name": "videojobs.framelane.dev",
+                "admissionReviewVersions": ["v1"],
+                "sideEffects": "None",
+                "failurePolicy": "Fail",
+                "timeoutSeconds": 5,
+                "clientConfig": {"url": format!("https://127.0.0.1:{port}/validate-videojob")},
+                "rules": [{"apiGroups": ["framelane.dev"], "apiVersions": ["v1alpha1"],
+                    "operations": ["CREATE"], "resources": ["videojobs"], "scope": "Namespaced"}],
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": self.ns.name}},
+            }]
+        }))?;
+        Api::<ValidatingWebhookConfiguration>::all(self.client.clone())
+            .create(&PostParams::default(), &configuration)
+            .await?;
+        Ok(())
+    }
+
+    /// Waits until the API server calls the webhook over TLS (the operator has published
+    /// its CA): a dry-run create with a wrong `steps` for `model` is refused with 422.
+    pub async fn webhook_effective(&self, model: &str) -> Result<()> {
+        let probe: VideoJob = serde_json::from_value(json!({
+            "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob", "metadata": {"name": "webhook-probe"},
+            "spec": {"model": model, "prompt": "probe", "steps": 999}
+        }))?;
+        let dry_run = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        let jobs = self.jobs_without_retries().await?;
+        eventually(60, "the webhook to answer over TLS", || async {
+            Ok(match jobs.create(&dry_run, &probe).await {
+                Err(kube::Error::Api(s)) if s.code == 422 => Some(()),
+                _ => None,
+            })
+        })
+        .await
     }
 
     pub async fn create_job(&self, name: impl Into<String>, model: &str) -> Result<VideoJob> {
@@ -147,6 +243,18 @@ impl Drop for Fixture {
             .env
             .kubectl()
             .args(["delete", "videomodels", "-l", &selector, "--wait=false"])
+            .output();
+        let _ = self
+            .ns
+            .env
+            .kubectl()
+            .args([
+                "delete",
+                "validatingwebhookconfigurations",
+                "-l",
+                &selector,
+                "--wait=false",
+            ])
             .output();
     }
 }
@@ -232,6 +340,41 @@ fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+/// A TCP round robin in front of several webhook replicas, as a Service spreads
+/// connections over the pods behind it.
+pub struct RoundRobin {
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RoundRobin {
+    pub async fn start(backends: Vec<u16>) -> Result<RoundRobin> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let task = tokio::spawn(async move {
+            let mut next = 0;
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let backend = backends[next % backends.len()];
+                next += 1;
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", backend)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Ok(RoundRobin { port, task })
+    }
+}
+
+impl Drop for RoundRobin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// How a simulated runner works.

@@ -1,0 +1,199 @@
+//! `just bench`: the admission webhook on the local control plane.
+//!
+//! 1. The webhook alone, over HTTPS with keep-alive at concurrency 64 (wrk, from Debian's
+//!    packages): decisions per second and p50/p99 latency, for an admitted create (the leader
+//!    takes a queue slot) and for one refused with 422.
+//! 2. VideoJob creates through the API server into a namespace with the webhook registered
+//!    and into one without, in alternating blocks of one run: creates per second and p99,
+//!    and the ratio. The creates are server-side dry runs, so both sides do the same work
+//!    (admission, validation, no storage) apart from the webhook call itself.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use framelane_api::VideoJob;
+use framelane_testenv::TestEnv;
+use futures::{StreamExt, stream};
+use kube::{Api, api::PostParams};
+use serde_json::json;
+use support::{Fixture, eventually};
+
+const WRK_SECONDS: u32 = 10;
+const BLOCKS: usize = 4;
+const PER_BLOCK: usize = 500;
+const CONCURRENCY: usize = 32;
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let fx = Fixture::new("whbench").await?;
+    let model = fx.model("anisora", 8, None).await?;
+    fx.lane(
+        "anisora",
+        &[&model],
+        json!({"queue": {"maxDepth": 10000, "maxWaitSeconds": 86400}}),
+    )
+    .await?;
+    let (op, port) = fx.webhook_operator("bench", 0, &[])?;
+    eventually(30, "the operator to lead", || async {
+        Ok(op
+            .metrics()
+            .await?
+            .lines()
+            .any(|l| l == "framelane_leader 1")
+            .then_some(()))
+    })
+    .await?;
+    fx.register_webhook(port).await?;
+    fx.webhook_effective(&model).await?;
+
+    let admitted = review(&fx.ns.name, json!({"model": model, "prompt": "a cat"}));
+    let refused = review(
+        &fx.ns.name,
+        json!({"model": model, "prompt": "a cat", "steps": 20}),
+    );
+    for (what, body) in [
+        ("admitted create", admitted),
+        ("refused create (422)", refused),
+    ] {
+        let (rps, p50, p99) = wrk(port, &body)?;
+        println!(
+            "webhook over HTTPS, keep-alive, concurrency 64, {what}: {rps:.0} decisions/s, p50 {p50:.3} ms, p99 {p99:.3} ms"
+        );
+    }
+
+    // Creates through the API server: this namespace has the webhook, the other has none.
+    let other = TestEnv::get()?.namespace("whbench-off").await?;
+    let with: Api<VideoJob> = fx.jobs_without_retries().await?;
+    let without: Api<VideoJob> = Api::namespaced(with.clone().into_client(), &other.name);
+    let mut samples = [Vec::new(), Vec::new()];
+    let mut elapsed = [Duration::ZERO; 2];
+    for block in 0..BLOCKS {
+        for (side, api) in [&with, &without].into_iter().enumerate() {
+            let started = Instant::now();
+            let latencies = creates(api, &model, &format!("b{block}"), PER_BLOCK).await?;
+            elapsed[side] += started.elapsed();
+            samples[side].extend(latencies);
+        }
+    }
+    let mut summary = Vec::new();
+    for (side, name) in ["with the webhook", "without"].into_iter().enumerate() {
+        let lat = &mut samples[side];
+        lat.sort();
+        let p99 = lat[lat.len() * 99 / 100].as_secs_f64() * 1000.0;
+        let rate = lat.len() as f64 / elapsed[side].as_secs_f64();
+        println!(
+            "VideoJob creates through the API server {name}: {rate:.0}/s, p50 {:.1} ms, p99 {p99:.1} ms ({} creates, concurrency {CONCURRENCY})",
+            lat[lat.len() / 2].as_secs_f64() * 1000.0,
+            lat.len()
+        );
+        summary.push((rate, p99));
+    }
+    println!(
+        "with/without: p99 latency ratio {:.2}, throughput ratio {:.2}",
+        summary[0].1 / summary[1].1,
+        summary[1].0 / summary[0].0
+    );
+    Ok(())
+}
+
+/// An AdmissionReview for creating a VideoJob with `spec` in `namespace`.
+fn review(namespace: &str, spec: serde_json::Value) -> String {
+    json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "00000000-0000-0000-0000-000000000001", "operation": "CREATE",
+            "namespace": namespace, "name": "wrk-job",
+            "kind": {"group": "framelane.dev", "version": "v1alpha1", "kind": "VideoJob"},
+            "resource": {"group": "framelane.dev", "version": "v1alpha1", "resource": "videojobs"},
+            "object": {"apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob",
+                "metadata": {"name": "wrk-job", "namespace": namespace}, "spec": spec}
+        }
+    })
+    .to_string()
+}
+
+/// Runs wrk against the webhook with `body`; returns requests/s, p50 and p99 in ms.
+fn wrk(port: u16, body: &str) -> Result<(f64, f64, f64)> {
+    let script = std::env::temp_dir().join(format!("framelane-wrk-{port}.lua"));
+    std::fs::write(
+        &script,
+        format!(
+            "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = [==[{body}]==]\n"
+        ),
+    )?;
+    let out = std::process::Command::new("wrk")
+        .args([
+            "-t2",
+            "-c64",
+            &format!("-d{WRK_SECONDS}s"),
+            "--latency",
+            "-s",
+        ])
+        .arg(&script)
+        .arg(format!("https://127.0.0.1:{port}/validate-videojob"))
+        .output()
+        .context("running wrk (apt-get install wrk)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || text.contains("Non-2xx") {
+        bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let field = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix).map(str::trim))
+            .with_context(|| format!("no {prefix:?} in wrk's output:\n{text}"))
+    };
+    Ok((
+        field("Requests/sec:")?.parse()?,
+        millis(field("50%")?)?,
+        millis(field("99%")?)?,
+    ))
+}
+
+/// wrk's latency text ("512.00us", "1.20ms", "2.00s") in milliseconds.
+fn millis(text: &str) -> Result<f64> {
+    let (number, factor) = if let Some(n) = text.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = text.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        bail!("unknown latency {text:?}")
+    };
+    Ok(number.parse::<f64>()? * factor)
+}
+
+/// `n` server-side dry-run creates at CONCURRENCY; returns each one's latency.
+async fn creates(
+    api: &Api<VideoJob>,
+    model: &str,
+    prefix: &str,
+    n: usize,
+) -> Result<Vec<Duration>> {
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let results: Vec<Result<Duration>> = stream::iter(0..n)
+        .map(|i| {
+            let job: VideoJob = serde_json::from_value(json!({
+                "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob",
+                "metadata": {"name": format!("{prefix}-{i}")},
+                "spec": {"model": model, "prompt": "a cat"}
+            }))
+            .expect("a VideoJob");
+            let (api, dry_run) = (api, &dry_run);
+            async move {
+                let started = Instant::now();
+                api.create(dry_run, &job).await?;
+                Ok(started.elapsed())
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}

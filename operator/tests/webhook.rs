@@ -1,0 +1,522 @@
+//! The admission webhook on the real local control plane: the API server calls the operator
+//! over TLS, with the CA the operator generated and published.
+
+mod support;
+
+use std::{collections::BTreeSet, time::Duration};
+
+use anyhow::{Result, ensure};
+use framelane_api::VideoJob;
+use futures::future::join_all;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Api, ResourceExt,
+    api::{DeleteParams, ListParams, PostParams},
+};
+use serde_json::{Value, json};
+use support::{Fixture, RoundRobin, eventually};
+
+/// A test's models (anisora-like: 8 steps, t2v and i2v; phr00t-like: 4 steps, cfg 1.0, t2v
+/// only) and a Dedicated lane for each, with no runner.
+struct Setup {
+    fx: Fixture,
+    anisora: String,
+    phr00t: String,
+    lane: String,
+}
+
+async fn setup(prefix: &str, max_depth: i32) -> Result<Setup> {
+    let fx = Fixture::new(prefix).await?;
+    let anisora = fx
+        .model_with("anisora", 8, None, json!({"modes": ["t2v", "i2v"]}))
+        .await?;
+    let phr00t = fx.model("phr00t", 4, Some(1.0)).await?;
+    let queue = json!({"queue": {"maxDepth": max_depth, "maxWaitSeconds": 3600}});
+    let lane = fx.lane("anisora", &[&anisora], queue.clone()).await?;
+    fx.lane("phr00t", &[&phr00t], queue).await?;
+    Ok(Setup {
+        fx,
+        anisora,
+        phr00t,
+        lane,
+    })
+}
+
+fn job(name: &str, spec: Value) -> VideoJob {
+    serde_json::from_value(json!({
+        "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob",
+        "metadata": {"name": name}, "spec": spec
+    }))
+    .expect("a VideoJob")
+}
+
+/// The Status a refused create returns.
+async fn refusal(jobs: &Api<VideoJob>, job: &VideoJob) -> Result<Box<kube::core::Status>> {
+    match jobs.create(&PostParams::default(), job).await {
+        Err(kube::Error::Api(status)) => Ok(status),
+        Ok(_) => anyhow::bail!("{} was admitted", job.name_any()),
+        Err(e) => anyhow::bail!("{} failed without a Status: {e}", job.name_any()),
+    }
+}
+
+fn cause_fields(status: &kube::core::Status) -> Vec<String> {
+    status
+        .details
+        .iter()
+        .flat_map(|d| d.causes.iter())
+        .map(|c| c.field.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn wrong_parameters_are_refused_with_every_field_and_its_fix() -> Result<()> {
+    let Setup {
+        fx,
+        anisora,
+        phr00t,
+        ..
+    } = setup("wh-params", 25).await?;
+    let (operator, port) = fx.webhook_operator("a", 0, &[])?;
+    fx.register_webhook(port).await?;
+    fx.webhook_effective(&anisora).await?;
+
+    let steps = refusal(
+        &fx.jobs,
+        &job(
+            "steps",
+            json!({"model": anisora, "prompt": "a cat", "steps": 20}),
+        ),
+    )
+    .await?;
+    assert_eq!((steps.code, steps.reason.as_str()), (422, "Invalid"));
+    assert_eq!(cause_fields(&steps), ["spec.steps"]);
+    let message = &steps.details.as_ref().unwrap().causes[0].message;
+    assert_eq!(
+        message,
+        &format!("must be 8 for model {anisora}, got 20: remove spec.steps or set it to 8")
+    );
+
+    let cfg = refusal(
+        &fx.jobs,
+        &job(
+            "cfg",
+            json!({"model": phr00t, "prompt": "a cat", "cfg": 3.5}),
+        ),
+    )
+    .await?;
+    assert_eq!(
+        (cfg.code, cause_fields(&cfg)),
+        (422, vec!["spec.cfg".into()])
+    );
+    assert!(cfg.message.contains("must be 1.0"), "{}", cfg.message);
+
+    let many = refusal(
+        &fx.jobs,
+        &job(
+            "many",
+            json!({"model": phr00t, "prompt": "a cat", "mode": "i2v", "image": "cat.png",
+                "steps": 6, "cfg": 2.0, "width": 2048, "frames": 321}),
+        ),
+    )
+    .await?;
+    assert_eq!(
+        cause_fields(&many),
+        [
+            "spec.mode",
+            "spec.steps",
+            "spec.cfg",
+            "spec.width",
+            "spec.frames"
+        ]
+    );
+
+    let unknown = refusal(
+        &fx.jobs,
+        &job("unknown", json!({"model": "wan-2-9", "prompt": "a cat"})),
+    )
+    .await?;
+    assert_eq!(cause_fields(&unknown), ["spec.model"]);
+    assert!(unknown.message.contains(&anisora), "lists the models");
+
+    // Left out, steps and cfg take the fixed values; the fixed values themselves pass.
+    for (name, spec) in [
+        ("plain", json!({"model": anisora, "prompt": "a cat"})),
+        (
+            "fixed",
+            json!({"model": phr00t, "prompt": "a cat", "steps": 4, "cfg": 1.0}),
+        ),
+    ] {
+        fx.jobs
+            .create(&PostParams::default(), &job(name, spec))
+            .await?;
+    }
+    let stored: BTreeSet<String> = fx.list_jobs().await?.iter().map(|j| j.name_any()).collect();
+    assert_eq!(stored, BTreeSet::from(["fixed".into(), "plain".into()]));
+
+    // What a user sees from kubectl.
+    let manifest = json!({"apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob",
+        "metadata": {"name": "kubectl-steps", "namespace": fx.ns.name},
+        "spec": {"model": anisora, "prompt": "a cat", "steps": 20}});
+    let out = kubectl_apply(&fx, &manifest)?;
+    ensure!(!out.status.success(), "kubectl apply succeeded");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("spec.steps: must be 8") && stderr.contains("set it to 8"),
+        "{stderr}"
+    );
+
+    // Four refusals above, kubectl's, and the probes of webhook_effective.
+    let metrics = operator.metrics().await?;
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                r#"framelane_admission_decisions_total{lane="",result="denied",reason="invalid_parameters"} "#,
+            )
+        })
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(refused >= 6, "{metrics}");
+    Ok(())
+}
+
+fn kubectl_apply(fx: &Fixture, manifest: &Value) -> Result<std::process::Output> {
+    use std::io::Write;
+    let mut child = fx
+        .ns
+        .env
+        .kubectl()
+        .args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(manifest.to_string().as_bytes())?;
+    Ok(child.wait_with_output()?)
+}
+
+/// `n` concurrent creates; returns how many were admitted, and the refusals. A create the
+/// API server throttles (429, before admission: the tests share one control plane) is sent
+/// again, as client-go would.
+async fn burst(
+    jobs: &Api<VideoJob>,
+    model: &str,
+    prefix: &str,
+    n: usize,
+) -> (usize, Vec<Box<kube::core::Status>>) {
+    let creates = (0..n).map(|i| {
+        let job = job(
+            &format!("{prefix}-{i}"),
+            json!({"model": model, "prompt": format!("burst {i}")}),
+        );
+        async move {
+            loop {
+                match jobs.create(&PostParams::default(), &job).await {
+                    Err(kube::Error::Api(s)) if s.code == 429 => {
+                        tokio::time::sleep(Duration::from_millis(200)).await
+                    }
+                    result => return result,
+                }
+            }
+        }
+    });
+    let mut admitted = 0;
+    let mut refused = Vec::new();
+    for result in join_all(creates).await {
+        match result {
+            Ok(_) => admitted += 1,
+            Err(kube::Error::Api(status)) => refused.push(status),
+            Err(e) => panic!("a create failed without a Status: {e}"),
+        }
+    }
+    (admitted, refused)
+}
+
+/// How many refusals of each kind: (code, reason, the message's first words).
+fn summary(refused: &[Box<kube::core::Status>]) -> std::collections::BTreeMap<String, usize> {
+    let mut kinds = std::collections::BTreeMap::new();
+    for s in refused {
+        let words: String = s.message.chars().take(100).collect();
+        *kinds
+            .entry(format!("{} {} {words}", s.code, s.reason))
+            .or_default() += 1;
+    }
+    kinds
+}
+
+fn assert_overloaded(refused: &[Box<kube::core::Status>], lane: &str) {
+    for status in refused {
+        assert_eq!(
+            (status.code, status.reason.as_str()),
+            (503, "ServiceUnavailable"),
+            "{status:?}"
+        );
+        assert!(
+            status.message.contains(&format!(
+                "queue_overloaded: lane {lane} holds 25 unfinished jobs and its maxDepth is 25"
+            )) && status.message.contains("maxWaitSeconds 3600"),
+            "{}",
+            status.message
+        );
+    }
+}
+
+async fn delete_all(fx: &Fixture) -> Result<()> {
+    fx.jobs
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await?;
+    eventually(60, "every job to be gone", || async {
+        Ok(fx.list_jobs().await?.is_empty().then_some(()))
+    })
+    .await
+}
+
+/// Five bursts of 200 creates against a lane with maxDepth 25: exactly 25 in each.
+async fn bursts_admit_exactly_max_depth(s: &Setup, rounds: usize) -> Result<()> {
+    let jobs = s.fx.jobs_without_retries().await?;
+    for round in 0..rounds {
+        let (admitted, refused) = burst(&jobs, &s.anisora, &format!("r{round}"), 200).await;
+        assert_eq!(
+            (admitted, refused.len()),
+            (25, 175),
+            "round {round}: {:?}",
+            summary(&refused)
+        );
+        assert_overloaded(&refused, &s.lane);
+        assert_eq!(s.fx.list_jobs().await?.len(), 25, "round {round}");
+        delete_all(&s.fx).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_burst_fills_a_lane_exactly_and_freed_slots_are_taken_at_once() -> Result<()> {
+    let s = setup("wh-burst", 25).await?;
+    let (operator, port) = s.fx.webhook_operator("a", 0, &[])?;
+    s.fx.register_webhook(port).await?;
+    s.fx.webhook_effective(&s.anisora).await?;
+    bursts_admit_exactly_max_depth(&s, 5).await?;
+
+    let no_retries = s.fx.jobs_without_retries().await?;
+    let (admitted, refused) = burst(&no_retries, &s.anisora, "full", 200).await;
+    assert_eq!(admitted, 25, "{:?}", summary(&refused));
+    // Free 5 slots: two jobs fail, three are deleted.
+    let jobs = s.fx.list_jobs().await?;
+    for job in &jobs[..2] {
+        let status = json!({"status": {"phase": "Failed", "reason": "Cancelled", "message": "freed by the test"}});
+        s.fx.jobs
+            .patch_status(
+                &job.name_any(),
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(status),
+            )
+            .await?;
+    }
+    for job in &jobs[2..5] {
+        s.fx.jobs
+            .delete(&job.name_any(), &DeleteParams::default())
+            .await?;
+    }
+    eventually(30, "the lane to count 20 unfinished jobs", || async {
+        let depth = s.fx.lane_status(&s.lane).await?.queue_depth;
+        Ok((depth == 20).then_some(()))
+    })
+    .await?;
+    let (admitted, refused) = burst(&no_retries, &s.anisora, "after", 200).await;
+    assert_eq!(
+        (admitted, refused.len()),
+        (5, 195),
+        "{:?}",
+        summary(&refused)
+    );
+    assert_overloaded(&refused, &s.lane);
+
+    let metrics = operator.metrics().await?;
+    let line = format!(
+        r#"framelane_admission_decisions_total{{lane="{}",result="denied",reason="queue_overloaded"}} {}"#,
+        s.lane,
+        175 * 5 + 175 + 195
+    );
+    assert!(metrics.contains(&line), "{line} not in\n{metrics}");
+    assert!(metrics.contains("framelane_webhook_duration_seconds_bucket"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_replicas_behind_one_address_admit_exactly_max_depth() -> Result<()> {
+    let s = setup("wh-replicas", 25).await?;
+    let (a, port_a) = s.fx.webhook_operator("a", 0, &[])?;
+    eventually(30, "replica a to lead", || async {
+        Ok(a.metrics()
+            .await?
+            .lines()
+            .any(|l| l == "framelane_leader 1")
+            .then_some(()))
+    })
+    .await?;
+    let (b, port_b) = s.fx.webhook_operator("b", 0, &[])?;
+    let service = RoundRobin::start(vec![port_a, port_b]).await?;
+    s.fx.register_webhook(service.port).await?;
+    s.fx.webhook_effective(&s.anisora).await?;
+    bursts_admit_exactly_max_depth(&s, 5).await?;
+
+    // The standby answered its share: it handed every review to the leader.
+    let standby = b.metrics().await?;
+    assert!(
+        standby.lines().any(|l| l == "framelane_leader 0"),
+        "{standby}"
+    );
+    let served = standby
+        .lines()
+        .find_map(|l| l.strip_prefix("framelane_webhook_duration_seconds_count "))
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(served >= 100, "the standby answered only {served} reviews");
+    drop((a, b));
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_the_webhook_down_creates_fail_clearly_and_nothing_stored_changes() -> Result<()> {
+    let s = setup("wh-down", 25).await?;
+    let (mut operator, port) = s.fx.webhook_operator("a", 0, &[])?;
+    s.fx.register_webhook(port).await?;
+    s.fx.webhook_effective(&s.anisora).await?;
+    for name in ["kept-1", "kept-2"] {
+        s.fx.jobs
+            .create(
+                &PostParams::default(),
+                &job(name, json!({"model": s.anisora, "prompt": "kept"})),
+            )
+            .await?;
+    }
+    // Let the (leaderless from now on) jobs settle, then take the webhook away.
+    eventually(30, "both jobs to be Queued", || async {
+        let jobs = s.fx.list_jobs().await?;
+        Ok(jobs
+            .iter()
+            .all(|j| support::phase(j) == Some(framelane_api::videojob::JobPhase::Queued))
+            .then_some(()))
+    })
+    .await?;
+    let before: Vec<(String, String)> =
+        s.fx.list_jobs()
+            .await?
+            .iter()
+            .map(|j| (j.name_any(), j.resource_version().unwrap_or_default()))
+            .collect();
+    operator.kill();
+
+    let refused =
+        s.fx.jobs
+            .create(
+                &PostParams::default(),
+                &job("while-down", json!({"model": s.anisora, "prompt": "x"})),
+            )
+            .await;
+    let Err(kube::Error::Api(status)) = refused else {
+        anyhow::bail!("a create succeeded with the webhook down: {refused:?}");
+    };
+    assert!(
+        status
+            .message
+            .contains("failed calling webhook \"videojobs.framelane.dev\""),
+        "{}",
+        status.message
+    );
+    let after: Vec<(String, String)> =
+        s.fx.list_jobs()
+            .await?
+            .iter()
+            .map(|j| (j.name_any(), j.resource_version().unwrap_or_default()))
+            .collect();
+    assert_eq!(before, after, "stored jobs are untouched");
+
+    let (_operator, _) = s.fx.webhook_operator("b", port, &[])?;
+    eventually(60, "creates to succeed again", || async {
+        let job = job("after-restart", json!({"model": s.anisora, "prompt": "x"}));
+        Ok(s.fx.jobs.create(&PostParams::default(), &job).await.ok())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn certificates_rotate_during_a_stream_of_creates_without_a_failed_request() -> Result<()> {
+    let s = setup("wh-rotate", 25).await?;
+    // Serving certificates live 6 s (renewed every ~4 s), the CA 24 s (renewed every ~16 s).
+    let (_operator, port) = s.fx.webhook_operator(
+        "a",
+        0,
+        &["--webhook-cert-seconds", "6", "--webhook-ca-seconds", "24"],
+    )?;
+    s.fx.register_webhook(port).await?;
+    s.fx.webhook_effective(&s.anisora).await?;
+
+    let secrets: Api<Secret> = Api::namespaced(s.fx.client.clone(), &s.fx.ns.name);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    let watch = async {
+        let (mut certs, mut cas) = (BTreeSet::new(), BTreeSet::new());
+        while tokio::time::Instant::now() < deadline {
+            let secret = secrets.get("framelane-webhook-tls").await?;
+            let data = secret.data.unwrap_or_default();
+            let text = |k: &str| String::from_utf8_lossy(&data[k].0).to_string();
+            certs.insert(text("tls.crt"));
+            let current_ca = text("ca.crt");
+            cas.insert(
+                current_ca
+                    .split("-----END")
+                    .next()
+                    .unwrap_or("")
+                    .to_string(),
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        anyhow::Ok((certs, cas))
+    };
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let no_retries = s.fx.jobs_without_retries().await?;
+    let stream = (0..4).map(|worker| {
+        let (jobs, dry_run, model) = (&no_retries, &dry_run, &s.anisora);
+        async move {
+            let mut done = 0;
+            while tokio::time::Instant::now() < deadline {
+                let job = job(
+                    &format!("w{worker}-{done}"),
+                    json!({"model": model, "prompt": "rotation"}),
+                );
+                jobs.create(dry_run, &job)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("create {done} of worker {worker}: {e}"))?;
+                done += 1;
+            }
+            anyhow::Ok(done)
+        }
+    });
+    let (watched, creates) = tokio::join!(watch, join_all(stream));
+    let (certs, cas) = watched?;
+    let mut total = 0;
+    for created in creates {
+        total += created?;
+    }
+    assert!(total > 100, "only {total} creates in 40 s");
+    assert!(
+        certs.len() >= 5,
+        "{} serving certificates in 40 s",
+        certs.len()
+    );
+    assert!(cas.len() >= 2, "{} CAs in 40 s", cas.len());
+    println!(
+        "{total} creates, none failed, across {} serving certificates and {} CAs",
+        certs.len(),
+        cas.len()
+    );
+    Ok(())
+}

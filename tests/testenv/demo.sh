@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's first command (`just demo`, after `just up`): the default models and lanes,
-# runner processes for the two Dedicated lanes, one job per model, live progress, and a
-# summary. Exits non-zero if any job does not succeed.
+# runner processes for the two Dedicated lanes, one job per model, live progress, a wrong
+# parameter and a burst refused at admission, and a summary. Exits non-zero if any job does
+# not succeed or admission does not refuse what it should.
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -37,6 +38,32 @@ while :; do
   if ((SECONDS > deadline)); then log "jobs not finished after 10 minutes"; break; fi
   sleep 2
 done
+
+echo
+echo "Admission: a wrong parameter is refused before anything is stored (HTTP 422):"
+echo '$ kubectl apply -f -   # an anisora job with steps: 20'
+refused=$(kubectl apply -n default -f - 2>&1 <<EOF || true
+apiVersion: framelane.dev/v1alpha1
+kind: VideoJob
+metadata: {name: cat-twenty-steps}
+spec: {model: anisora, prompt: a cat surfing at dusk, steps: 20}
+EOF
+)
+echo "$refused"
+[[ "$refused" == *"spec.steps: must be 8"* ]] || { log "the wrong steps were not refused"; exit 1; }
+
+echo
+echo "Admission: a burst of 30 jobs at the anisora lane (maxDepth 25); what does not fit is refused (HTTP 503):"
+for i in $(seq 30); do
+  printf 'apiVersion: framelane.dev/v1alpha1\nkind: VideoJob\nmetadata: {name: burst-%d, labels: {framelane.dev/demo: burst}}\nspec: {model: anisora, prompt: burst %d, width: 256, height: 256, frames: 5}\n---\n' "$i" "$i"
+done >"$STATE/burst.yaml"
+burst=$(kubectl create -n default -f "$STATE/burst.yaml" 2>&1 || true)
+admitted=$(grep -c ' created$' <<<"$burst" || true)
+overloaded=$(grep -c 'queue_overloaded' <<<"$burst" || true)
+echo "  admitted: $admitted, refused with queue_overloaded: $overloaded; one refusal:"
+grep -m1 'queue_overloaded' <<<"$burst" | sed 's/^/  /' || true
+((admitted + overloaded == 30 && overloaded > 0)) || { log "the burst was not limited: $burst"; exit 1; }
+kubectl delete videojobs -n default -l framelane.dev/demo=burst --wait=false >/dev/null
 
 echo
 echo "Summary:"

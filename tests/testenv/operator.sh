@@ -60,16 +60,17 @@ setsid nohup "$BIN" --kubeconfig "$STATE/kubeconfig" --namespace framelane-syste
   </dev/null >"$STATE/logs/framelane-operator.log" 2>&1 &
 echo "$!" >"$STATE/framelane-operator.pid"
 echo "FRAMELANE_OPERATOR_METRICS=http://127.0.0.1:$PORT/metrics" >>"$STATE/env"
-for _ in $(seq 100); do
-  # Ready, and the API server trusts its webhook (a dry run naming no model is refused).
-  if curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 &&
-    "$KUBECTL" create --dry-run=server -o name -f - 2>&1 <<EOF | grep -q "spec.model"
+probe() {
+  "$KUBECTL" create --dry-run=server -o name -f - 2>&1 <<EOF || true
 apiVersion: framelane.dev/v1alpha1
 kind: VideoJob
 metadata: {name: webhook-probe, namespace: framelane-system}
 spec: {model: webhook-probe, prompt: probe}
 EOF
-  then
+}
+for _ in $(seq 100); do
+  # Ready, and the API server trusts its webhook (a dry run naming no model is refused).
+  if curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && [[ "$(probe)" == *spec.model* ]]; then
     echo "operator: running (metrics http://127.0.0.1:$PORT/metrics, log $STATE/logs/framelane-operator.log)"
     exit 0
   fi

@@ -10,13 +10,24 @@ export KUBECONFIG="$STATE/kubeconfig"
 kubectl() { "$("$HERE/tools.sh")/kubectl" "$@"; }
 
 kubectl apply -f "$HERE/volumes.yaml" >/dev/null
-kubectl apply -f "$REPO/examples/videomodels.yaml" -f "$REPO/examples/modellanes.yaml"
+kubectl apply -f "$REPO/examples/videomodels.yaml"
+# The Dedicated lanes first, so their runner pods get the two fake GPUs; the Shared lane's
+# pod then waits for a free GPU (Pending), as it would on a full cluster.
+kubectl create --dry-run=client -o json -f "$REPO/examples/modellanes.yaml" | python3 -c '
+import json, sys
+text, decoder, at = sys.stdin.read(), json.JSONDecoder(), 0
+while text[at:].strip():
+    lane, end = decoder.raw_decode(text, at + len(text[at:]) - len(text[at:].lstrip()))
+    at = end
+    if lane["spec"]["mode"] == "Dedicated":
+        print(json.dumps(lane))' | kubectl apply -f -
 # The operator creates the lanes' runner pods; wait for them to exist, then to run.
 for _ in $(seq 120); do
   [ "$(kubectl get pods -n framelane-system -l 'framelane.dev/lane in (anisora,phr00t)' -o name | wc -l)" -ge 2 ] && break
   sleep 0.5
 done
 kubectl wait -n framelane-system --for=condition=Ready pod -l 'framelane.dev/lane in (anisora,phr00t)' --timeout=60s >/dev/null
+kubectl apply -f "$REPO/examples/modellanes.yaml"
 "$HERE/runners.sh" anisora phr00t
 kubectl wait --for=jsonpath='{.status.readyRunners}'=1 modellane/anisora modellane/phr00t --timeout=120s >/dev/null
 

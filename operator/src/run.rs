@@ -166,8 +166,7 @@ async fn shutdown_signal() {
     }
 }
 
-/// Starts the admission webhook: loads (or creates) its certificate and serves HTTPS. Returns
-/// once the certificate is loaded.
+/// Starts the admission webhook: loads (or creates) its certificate, then serves HTTPS.
 async fn start_webhook(
     client: &Client,
     config: &Config,
@@ -192,6 +191,10 @@ async fn start_webhook(
         Api::namespaced(client.clone(), &config.namespace),
         config.webhook_secret.clone(),
     ));
+    // Listen only with a certificate: a connection before it would fail its handshake.
+    while !webhook.certs.is_loaded() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (certs, routes) = (webhook.certs.clone(), webhook.clone().routes());
     tokio::spawn(async move {
         if let Err(e) = webhook::tls::serve(addr, certs, routes).await {
@@ -199,9 +202,6 @@ async fn start_webhook(
             std::process::exit(1);
         }
     });
-    while !webhook.certs.is_loaded() {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     webhook
 }
 

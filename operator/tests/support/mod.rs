@@ -169,6 +169,20 @@ impl Fixture {
         Ok(())
     }
 
+    /// Points this test's webhook configuration at `port`, keeping its caBundle.
+    pub async fn point_webhook(&self, port: u16) -> Result<()> {
+        let patch = json!([{"op": "replace", "path": "/webhooks/0/clientConfig/url",
+            "value": format!("https://127.0.0.1:{port}/validate-videojob")}]);
+        Api::<ValidatingWebhookConfiguration>::all(self.client.clone())
+            .patch(
+                &self.webhook_configuration(),
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::<()>::Json(serde_json::from_value(patch)?),
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Waits until the API server calls the webhook over TLS (the operator has published
     /// its CA): a dry-run create with a wrong `steps` for `model` is refused with 422.
     pub async fn webhook_effective(&self, model: &str) -> Result<()> {
@@ -316,6 +330,19 @@ impl OperatorProcess {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until /readyz answers 200 (with a webhook: once it serves its certificate).
+    pub async fn until_ready(&self) -> Result<()> {
+        let url = format!("http://127.0.0.1:{}/readyz", self.metrics_port);
+        eventually(30, "the operator to be ready", || async {
+            let out = tokio::process::Command::new("curl")
+                .args(["-sf", &url])
+                .output()
+                .await?;
+            Ok(out.status.success().then_some(()))
+        })
+        .await
     }
 
     pub async fn metrics(&self) -> Result<String> {

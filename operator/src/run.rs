@@ -244,8 +244,11 @@ async fn controllers(
     let job_index = index.clone();
     let job_lane_tx = lane_tx.clone();
     let job_store = jobs.clone();
+    // managedFields are most of a VideoJob's bytes and nothing here reads them: the cache
+    // drops them (writes leave them alone: an update without them keeps the stored ones).
     let job_stream = watcher(jobs_api, watcher::Config::default())
         .default_backoff()
+        .modify(|job: &mut VideoJob| job.metadata.managed_fields = None)
         .reflect(jobs_writer)
         .inspect_ok(move |event| {
             let changed = {

@@ -71,6 +71,9 @@ EOF
 for _ in $(seq 100); do
   # Ready, and the API server trusts its webhook (a dry run naming no model is refused).
   if curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && [[ "$(probe)" == *spec.model* ]]; then
+    # The default models (anisora, phr00t), as the chart installs them; lanes are up to the
+    # user (each holds a fake GPU).
+    "$KUBECTL" apply -f "$REPO/examples/videomodels.yaml" >/dev/null
     echo "operator: running (metrics http://127.0.0.1:$PORT/metrics, log $STATE/logs/framelane-operator.log)"
     exit 0
   fi

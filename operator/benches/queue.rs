@@ -37,15 +37,7 @@ async fn main() -> Result<()> {
     )
     .await?;
     let op = fx.operator("bench")?;
-    eventually(30, "the operator to lead", || async {
-        Ok(op
-            .metrics()
-            .await?
-            .lines()
-            .any(|l| l == "framelane_leader 1")
-            .then_some(()))
-    })
-    .await?;
+    op.until_leading().await?;
 
     // When the watch first shows each job Queued.
     let queued_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();

@@ -19,7 +19,7 @@ use framelane_testenv::TestEnv;
 use futures::{StreamExt, stream};
 use kube::{Api, api::PostParams};
 use serde_json::json;
-use support::{Fixture, eventually};
+use support::Fixture;
 
 const WRK_SECONDS: u32 = 10;
 const BLOCKS: usize = 4;
@@ -37,15 +37,7 @@ async fn main() -> Result<()> {
     )
     .await?;
     let (op, port) = fx.webhook_operator("bench", 0, &[])?;
-    eventually(30, "the operator to lead", || async {
-        Ok(op
-            .metrics()
-            .await?
-            .lines()
-            .any(|l| l == "framelane_leader 1")
-            .then_some(()))
-    })
-    .await?;
+    op.until_leading().await?;
     fx.register_webhook(port).await?;
     fx.webhook_effective(&model).await?;
 

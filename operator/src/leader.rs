@@ -9,7 +9,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::MicroTime,
 };
 use kube::{
-    Api,
+    Api, ResourceExt,
     api::{ObjectMeta, PostParams},
 };
 
@@ -55,12 +55,11 @@ impl Elector {
     /// Reads the Lease now and returns the leader's webhook address (for a standby that has
     /// none yet, or whose last one stopped answering).
     pub async fn refresh_leader_endpoint(&self) -> Result<Option<String>, kube::Error> {
-        let endpoint = self.api.get_opt(&self.name).await?.and_then(|lease| {
-            lease
-                .metadata
-                .annotations
-                .and_then(|mut a| a.remove(WEBHOOK_ENDPOINT))
-        });
+        let endpoint = self
+            .api
+            .get_opt(&self.name)
+            .await?
+            .and_then(|l| endpoint_of(&l));
         self.saw(endpoint.clone());
         Ok(endpoint)
     }
@@ -116,13 +115,7 @@ impl Elector {
             _ => true,
         };
         if !mine && !expired {
-            self.saw(
-                lease
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(WEBHOOK_ENDPOINT).cloned()),
-            );
+            self.saw(endpoint_of(&lease));
             return Ok(false);
         }
         self.publish(&mut lease.metadata);
@@ -154,6 +147,11 @@ impl Elector {
         }
         Ok(())
     }
+}
+
+/// The webhook address a Lease's holder published.
+fn endpoint_of(lease: &Lease) -> Option<String> {
+    lease.annotations().get(WEBHOOK_ENDPOINT).cloned()
 }
 
 fn conflict_is_false(result: Result<Lease, kube::Error>) -> Result<bool, kube::Error> {

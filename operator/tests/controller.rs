@@ -388,11 +388,7 @@ async fn killing_the_leader_mid_run_loses_no_job_and_runs_none_twice() -> Result
     );
     let survivor = &ops[1 - index];
     assert!(
-        survivor
-            .metrics()
-            .await?
-            .lines()
-            .any(|l| l == "framelane_leader 1"),
+        support::sample(&survivor.metrics().await?, "framelane_leader") == Some(1.0),
         "the standby does not report itself as leader"
     );
     Ok(())

@@ -14,7 +14,7 @@ use kube::{
     api::{DeleteParams, ListParams, PostParams},
 };
 use serde_json::{Value, json};
-use support::{Fixture, RoundRobin, eventually};
+use support::{Fixture, RoundRobin, eventually, sample};
 
 /// A test's models (anisora-like: 8 steps, t2v and i2v; phr00t-like: 4 steps, cfg 1.0, t2v
 /// only) and a Dedicated lane for each, with no runner.
@@ -167,16 +167,12 @@ async fn wrong_parameters_are_refused_with_every_field_and_its_fix() -> Result<(
 
     // Four refusals above, kubectl's, and the probes of webhook_effective.
     let metrics = operator.metrics().await?;
-    let refused: u64 = metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(
-                r#"framelane_admission_decisions_total{lane="",result="denied",reason="invalid_parameters"} "#,
-            )
-        })
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    assert!(refused >= 6, "{metrics}");
+    let refused = sample(
+        &metrics,
+        r#"framelane_admission_decisions_total{lane="",result="denied",reason="invalid_parameters"}"#,
+    )
+    .unwrap_or(0.0);
+    assert!(refused >= 6.0, "{metrics}");
     Ok(())
 }
 
@@ -350,14 +346,7 @@ async fn a_burst_fills_a_lane_exactly_and_freed_slots_are_taken_at_once() -> Res
 async fn two_replicas_behind_one_address_admit_exactly_max_depth() -> Result<()> {
     let s = setup("wh-replicas", 25).await?;
     let (a, port_a) = s.fx.webhook_operator("a", 0, &[])?;
-    eventually(30, "replica a to lead", || async {
-        Ok(a.metrics()
-            .await?
-            .lines()
-            .any(|l| l == "framelane_leader 1")
-            .then_some(()))
-    })
-    .await?;
+    a.until_leading().await?;
     let (b, port_b) = s.fx.webhook_operator("b", 0, &[])?;
     b.until_ready().await?;
     let service = RoundRobin::start(vec![port_b, port_a]).await?;
@@ -368,25 +357,17 @@ async fn two_replicas_behind_one_address_admit_exactly_max_depth() -> Result<()>
     // The API server speaks HTTP/2 to the webhook and may send everything over the one
     // connection the round robin gave to either replica. Send it all to the standby now:
     // it answers every review by handing the depth decision to the leader.
-    let served = |metrics: String| {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("framelane_webhook_duration_seconds_count "))
-            .and_then(|n| n.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let before = served(b.metrics().await?);
+    let served =
+        |metrics: &str| sample(metrics, "framelane_webhook_duration_seconds_count").unwrap_or(0.0);
+    let before = served(&b.metrics().await?);
     s.fx.point_webhook(port_b).await?;
     s.fx.webhook_effective(&s.anisora).await?;
     bursts_admit_exactly_max_depth(&s, 3).await?;
     let standby = b.metrics().await?;
+    assert_eq!(sample(&standby, "framelane_leader"), Some(0.0), "{standby}");
+    let answered = served(&standby) - before;
     assert!(
-        standby.lines().any(|l| l == "framelane_leader 0"),
-        "{standby}"
-    );
-    let answered = served(standby) - before;
-    assert!(
-        answered >= 500,
+        answered >= 500.0,
         "the standby answered only {answered} of the 600 creates"
     );
     drop((a, b));

@@ -123,16 +123,15 @@ impl Webhook {
 
     async fn answer(&self, body: Bytes, may_forward: bool) -> Vec<u8> {
         use futures::FutureExt;
-        if !matches!(self.models.wait_until_ready().now_or_never(), Some(Ok(()))) {
-            let denial = Denial::unavailable(STARTING);
-            return self.decided(&uid_of(&body), "", Some(&denial), "unavailable");
-        }
-        let (request, job) = match check(&body, &self.models.state()) {
-            Ok(Some(checked)) => checked,
-            Ok(None) => return review::respond(&uid_of(&body), None),
+        let models = matches!(self.models.wait_until_ready().now_or_never(), Some(Ok(())))
+            .then(|| self.models.state());
+        let (request, job) = match check(&body, models.as_deref()) {
+            Ok((request, Some(job))) => (request, job),
+            Ok((request, None)) => return review::respond(&request.uid, None),
             Err((uid, denial)) => {
                 let reason = match denial.code {
                     422 => "invalid_parameters",
+                    503 => "unavailable",
                     _ => "bad_request",
                 };
                 return self.decided(&uid, "", Some(&denial), reason);
@@ -287,22 +286,22 @@ fn json(body: Vec<u8>) -> warp::http::Response<Vec<u8>> {
         .expect("a static header is valid")
 }
 
-fn uid_of(body: &[u8]) -> String {
-    review::parse(body).map(|r| r.uid).unwrap_or_default()
-}
-
 /// Everything the webhook decides without the queue: reads the review and checks the job's
-/// parameters. `Ok(None)`: not a create, nothing to check.
+/// parameters against `models` (`None` while the model cache is still being read). The job
+/// is `None` for an operation other than a create: nothing to check.
 pub fn check(
     body: &[u8],
-    models: &[Arc<VideoModel>],
-) -> Result<Option<(Request, VideoJob)>, (String, Denial)> {
+    models: Option<&[Arc<VideoModel>]>,
+) -> Result<(Request, Option<VideoJob>), (String, Denial)> {
     let request = review::parse(body).map_err(|(uid, m)| (uid, Denial::bad_request(m)))?;
     if request.operation != "CREATE" {
-        return Ok(None);
+        return Ok((request, None));
     }
+    let Some(models) = models else {
+        return Err((request.uid, Denial::unavailable(STARTING)));
+    };
     match params::check(&request, models) {
-        Ok(job) => Ok(Some((request, job))),
+        Ok(job) => Ok((request, Some(job))),
         Err(denial) => Err((request.uid, denial)),
     }
 }
@@ -484,9 +483,8 @@ mod tests {
     /// What a replica answers before the queue step, for any body.
     fn answer(body: &[u8]) -> Value {
         let models = params::tests::models();
-        let out = match check(body, &models) {
-            Ok(Some((request, _))) => review::respond(&request.uid, None),
-            Ok(None) => review::respond(&uid_of(body), None),
+        let out = match check(body, Some(&models)) {
+            Ok((request, _)) => review::respond(&request.uid, None),
             Err((uid, denial)) => review::respond(&uid, Some(&denial)),
         };
         serde_json::from_slice(&out).expect("the answer is JSON")

@@ -345,6 +345,14 @@ impl OperatorProcess {
         .await
     }
 
+    /// Waits until this replica reports itself the leader.
+    pub async fn until_leading(&self) -> Result<()> {
+        eventually(30, "the operator to lead", || async {
+            Ok((sample(&self.metrics().await?, "framelane_leader") == Some(1.0)).then_some(()))
+        })
+        .await
+    }
+
     pub async fn metrics(&self) -> Result<String> {
         let out = tokio::process::Command::new("curl")
             .args([
@@ -550,6 +558,14 @@ impl Drop for SimRunner {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// The value of one series (its name with labels, as Prometheus text writes it) in `metrics`.
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        let value = l.strip_prefix(series)?.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
 }
 
 /// Polls `check` every 200 ms until it returns `Some`, for at most `secs`.

@@ -184,7 +184,8 @@ impl Fixture {
     }
 
     /// Waits until the API server calls the webhook over TLS (the operator has published
-    /// its CA): a dry-run create with a wrong `steps` for `model` is refused with 422.
+    /// its CA): a dry-run create with a wrong `steps` for `model` is refused with 422, and
+    /// one without it is admitted.
     pub async fn webhook_effective(&self, model: &str) -> Result<()> {
         let probe: VideoJob = serde_json::from_value(json!({
             "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob", "metadata": {"name": "webhook-probe"},
@@ -200,6 +201,14 @@ impl Fixture {
                 Err(kube::Error::Api(s)) if s.code == 422 => Some(()),
                 _ => None,
             })
+        })
+        .await?;
+        // And the leader has read its caches: a valid create is admitted (a dry run takes
+        // no slot).
+        let mut valid = probe.clone();
+        valid.spec.steps = None;
+        eventually(60, "the webhook to admit a valid job", || async {
+            Ok(jobs.create(&dry_run, &valid).await.ok().map(|_| ()))
         })
         .await
     }

@@ -41,6 +41,11 @@ pub struct Config {
         default_value = "ghcr.io/framelane/runner:0.1.0"
     )]
     pub runner_image: String,
+    /// ServiceAccount of the runner pods, in --namespace (it needs the runner's RBAC: its
+    /// heartbeat Leases, VideoModels, VideoJobs and their status). Unset: the namespace's
+    /// `default` account.
+    #[arg(long, env = "FRAMELANE_RUNNER_SERVICE_ACCOUNT")]
+    pub runner_service_account: Option<String>,
     /// Extended resource a lane's runner requests (one each) when the lane sets no resources.
     #[arg(long, default_value = "nvidia.com/gpu")]
     pub gpu_resource: String,

@@ -13,13 +13,16 @@ use framelane_api::{
     videojob::JobPhase,
     wellknown::{ALLOC_CONF_DEFAULT, ALLOC_CONF_ENV, LABEL_LANE},
 };
-use k8s_openapi::api::{coordination::v1::Lease, core::v1::Pod};
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{Namespace, Pod, ServiceAccount},
+};
 use kube::{
     Api, ResourceExt,
-    api::{DeleteParams, ListParams},
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
-use support::{Behaviour, Fixture, count_phases, eventually, phase};
+use support::{Behaviour, Fixture, OperatorProcess, count_phases, eventually, phase};
 use tokio::sync::Semaphore;
 
 async fn all_in_phase(fx: &Fixture, n: usize, want: JobPhase, secs: u64) -> Result<Vec<VideoJob>> {
@@ -468,6 +471,34 @@ async fn deleting_queued_and_running_jobs_cancels_them_and_frees_their_slots() -
 #[tokio::test]
 async fn lane_pods_carry_the_gpu_and_allocator_setting_and_go_with_the_lane() -> Result<()> {
     let fx = Fixture::new("pods").await?;
+    // The runner pods' namespace enforces the `restricted` Pod Security Standard, and the
+    // runners have their own ServiceAccount.
+    Api::<Namespace>::all(fx.client.clone())
+        .patch(
+            &fx.ns.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {
+                "pod-security.kubernetes.io/enforce": "restricted"}}})),
+        )
+        .await?;
+    let pods: Api<Pod> = fx.ns.api();
+    let root: Pod = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "root"}, "spec": {"containers": [{"name": "c", "image": "busybox"}]}}))?;
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    match pods.create(&dry_run, &root).await {
+        Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("restricted") => {}
+        other => anyhow::bail!("the namespace does not enforce restricted: {other:?}"),
+    }
+    let account: ServiceAccount = serde_json::from_value(
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "runner"}}),
+    )?;
+    fx.ns
+        .api::<ServiceAccount>()
+        .create(&PostParams::default(), &account)
+        .await?;
     let model = fx.model("anisora", 8, None).await?;
     // A lane that asks for a GPU (its own runner spec) and one that overrides the allocator.
     let gpu_lane = fx
@@ -480,8 +511,7 @@ async fn lane_pods_carry_the_gpu_and_allocator_setting_and_go_with_the_lane() ->
     let override_lane = fx
         .lane("override", &[&model], json!({"runner": {"env": [{"name": ALLOC_CONF_ENV, "value": "backend:cudaMallocAsync"}]}}))
         .await?;
-    let _op = fx.operator("op")?;
-    let pods: Api<Pod> = fx.ns.api();
+    let _op = OperatorProcess::start(&fx.ns, "op", &["--runner-service-account", "runner"])?;
     let pod = eventually(30, "the GPU lane's pod Running", || async {
         let list = pods
             .list(&ListParams::default().labels(&format!("{LABEL_LANE}={gpu_lane}")))
@@ -507,6 +537,48 @@ async fn lane_pods_carry_the_gpu_and_allocator_setting_and_go_with_the_lane() ->
     let limits = container.resources.clone().unwrap().limits.unwrap();
     assert_eq!(limits["nvidia.com/gpu"].0, "1");
     assert_eq!(pod.labels()["framelane.dev/model"], model);
+    let spec = pod.spec.as_ref().unwrap();
+    assert_eq!(spec.service_account_name.as_deref(), Some("runner"));
+    let security = spec.security_context.clone().unwrap();
+    assert_eq!(
+        (
+            security.run_as_non_root,
+            security.run_as_user,
+            security.run_as_group,
+            security.fs_group
+        ),
+        (Some(true), Some(65532), Some(65532), Some(65532))
+    );
+    assert_eq!(security.seccomp_profile.unwrap().type_, "RuntimeDefault");
+    let restricted = container.security_context.clone().unwrap();
+    assert_eq!(restricted.allow_privilege_escalation, Some(false));
+    assert_eq!(restricted.read_only_root_filesystem, Some(true));
+    assert_eq!(
+        restricted.capabilities.unwrap().drop,
+        Some(vec!["ALL".into()])
+    );
+    let tmp = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == "/tmp")
+        .context("a /tmp mount")?;
+    assert!(
+        spec.volumes
+            .iter()
+            .flatten()
+            .any(|v| v.name == tmp.name && v.empty_dir.is_some()),
+        "{:?}",
+        spec.volumes
+    );
+    let uid_from = container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "POD_UID")
+        .and_then(|e| e.value_from.clone()?.field_ref)
+        .context("POD_UID from the downward API")?;
+    assert_eq!(uid_from.field_path, "metadata.uid");
     assert!(
         pod.spec
             .as_ref()

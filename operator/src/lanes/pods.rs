@@ -10,8 +10,9 @@ use framelane_api::{
 };
 use k8s_openapi::{
     api::core::v1::{
-        Container, EnvVar, EnvVarSource, ObjectFieldSelector, PersistentVolumeClaimVolumeSource,
-        Pod, PodSpec, ResourceRequirements, Volume, VolumeMount,
+        Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector,
+        PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, ResourceRequirements,
+        SeccompProfile, SecurityContext, Volume, VolumeMount,
     },
     apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::ObjectMeta},
 };
@@ -23,6 +24,12 @@ use crate::config::Config;
 pub const MODELS_MOUNT: &str = "/models";
 /// Where a runner writes videos.
 pub const OUTPUTS_MOUNT: &str = "/outputs";
+/// A writable emptyDir for temporary files (libtorch, openh264): the root filesystem is
+/// read-only.
+pub const TMP_MOUNT: &str = "/tmp";
+/// The user, group and fsGroup runner pods run as (not root: the `restricted` Pod Security
+/// Standard), the `nonroot` user of distroless images.
+pub const RUNNER_UID: i64 = 65532;
 
 /// The label value that names a lane's model on its pods.
 pub fn model_label(lane: &ModelLane) -> String {
@@ -92,6 +99,12 @@ fn pod_spec(lane: &ModelLane, config: &Config) -> PodSpec {
         EnvVar {
             name: "POD_NAMESPACE".into(),
             value_from: Some(field("metadata.namespace")),
+            ..Default::default()
+        },
+        // The runner makes its pod the owner of its heartbeat Lease, so the Lease goes with it.
+        EnvVar {
+            name: "POD_UID".into(),
+            value_from: Some(field("metadata.uid")),
             ..Default::default()
         },
         EnvVar {
@@ -176,10 +189,45 @@ fn pod_spec(lane: &ModelLane, config: &Config) -> PodSpec {
                     mount_path: OUTPUTS_MOUNT.into(),
                     ..Default::default()
                 },
+                VolumeMount {
+                    name: "tmp".into(),
+                    mount_path: TMP_MOUNT.into(),
+                    ..Default::default()
+                },
             ]),
+            security_context: Some(SecurityContext {
+                allow_privilege_escalation: Some(false),
+                capabilities: Some(Capabilities {
+                    drop: Some(vec!["ALL".into()]),
+                    add: None,
+                }),
+                read_only_root_filesystem: Some(true),
+                ..Default::default()
+            }),
             ..Default::default()
         }],
-        volumes: Some(vec![volume("models", models), volume("outputs", outputs)]),
+        volumes: Some(vec![
+            volume("models", models),
+            volume("outputs", outputs),
+            Volume {
+                name: "tmp".into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Default::default()
+            },
+        ]),
+        // What the `restricted` Pod Security Standard asks for.
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(RUNNER_UID),
+            run_as_group: Some(RUNNER_UID),
+            fs_group: Some(RUNNER_UID),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                localhost_profile: None,
+            }),
+            ..Default::default()
+        }),
+        service_account_name: config.runner_service_account.clone(),
         restart_policy: Some("Always".into()),
         ..Default::default()
     }
@@ -255,6 +303,83 @@ mod tests {
             .limits
             .unwrap();
         assert_eq!(limits["nvidia.com/gpu"], Quantity("1".into()));
+    }
+
+    #[test]
+    fn runner_pods_meet_the_restricted_pod_security_standard() {
+        let pods = desired_pods(
+            &lane(json!({"mode": "Dedicated", "models": ["anisora"]})),
+            &config(),
+        );
+        let spec = pods[0].spec.as_ref().unwrap();
+        let pod = spec.security_context.as_ref().unwrap();
+        assert_eq!(pod.run_as_non_root, Some(true));
+        assert_eq!(
+            (pod.run_as_user, pod.run_as_group, pod.fs_group),
+            (Some(65532), Some(65532), Some(65532))
+        );
+        assert_eq!(
+            pod.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
+            Some("RuntimeDefault")
+        );
+        let container = spec.containers[0].security_context.as_ref().unwrap();
+        assert_eq!(container.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            container.capabilities.as_ref().unwrap().drop,
+            Some(vec!["ALL".to_string()])
+        );
+        assert_eq!(container.read_only_root_filesystem, Some(true));
+        // The read-only root leaves /tmp writable, on an emptyDir.
+        let tmp = spec.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.mount_path == "/tmp")
+            .expect("a /tmp mount");
+        let volume = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == tmp.name)
+            .unwrap();
+        assert!(volume.empty_dir.is_some(), "{volume:?}");
+        assert_ne!(tmp.read_only, Some(true));
+    }
+
+    #[test]
+    fn runner_pods_know_their_uid_and_use_the_configured_account() {
+        let minimal = lane(json!({"mode": "Dedicated", "models": ["anisora"]}));
+        let pods = desired_pods(&minimal, &config());
+        let env = pods[0].spec.as_ref().unwrap().containers[0]
+            .env
+            .clone()
+            .unwrap();
+        let uid = env.iter().find(|e| e.name == "POD_UID").expect("POD_UID");
+        let field = uid.value_from.as_ref().unwrap().field_ref.as_ref().unwrap();
+        assert_eq!(field.field_path, "metadata.uid");
+        assert_eq!(
+            pods[0].spec.as_ref().unwrap().service_account_name,
+            None,
+            "the namespace's default account unless one is configured"
+        );
+
+        let with_account = Config::parse_from([
+            "framelane-operator",
+            "--namespace",
+            "fl",
+            "--runner-service-account",
+            "framelane-runner",
+        ]);
+        let pods = desired_pods(&minimal, &with_account);
+        assert_eq!(
+            pods[0]
+                .spec
+                .as_ref()
+                .unwrap()
+                .service_account_name
+                .as_deref(),
+            Some("framelane-runner")
+        );
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //!
 //! - A runner renews a heartbeat `Lease` (holder = its pod name, the loaded model in an
 //!   annotation) every few seconds. A lane is available while one of its runners is fresh.
+//!   When the runner knows its pod's uid, the pod owns the Lease, so the garbage collector
+//!   removes the Lease with the pod.
 //! - Jobs are a durable queue in the API server. A runner claims the oldest Queued job of
 //!   its lane with a resourceVersion precondition, so no job runs twice.
 //! - Every later write checks that the job is still this runner's and still Running, so a
@@ -14,7 +16,7 @@ use std::{sync::Arc, time::Duration};
 use futures::StreamExt;
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
-    apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time},
+    apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, OwnerReference, Time},
     jiff::Timestamp,
 };
 use kube::{
@@ -54,6 +56,31 @@ pub fn fresh_until(lease: &Lease) -> Option<Timestamp> {
     renewed
         .checked_add(jiff::SignedDuration::from_secs(secs))
         .ok()
+}
+
+/// A heartbeat Lease's owner references: the runner's pod `name` with `uid`, when known
+/// (replacing a reference to an earlier pod of that name), and whatever else owns it.
+fn pod_owned(
+    current: Option<Vec<OwnerReference>>,
+    name: &str,
+    uid: Option<&str>,
+) -> Option<Vec<OwnerReference>> {
+    let Some(uid) = uid else {
+        return current;
+    };
+    let mut owners: Vec<OwnerReference> = current
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|o| !(o.api_version == "v1" && o.kind == "Pod"))
+        .collect();
+    owners.push(OwnerReference {
+        api_version: "v1".into(),
+        kind: "Pod".into(),
+        name: name.into(),
+        uid: uid.into(),
+        ..Default::default()
+    });
+    Some(owners)
 }
 
 /// The FIFO key of a queued job: admission time, then namespace and name.
@@ -103,6 +130,8 @@ pub fn set_condition(
 pub struct Runner {
     name: String,
     lane: String,
+    /// The uid of the runner's pod (called like the runner), when known.
+    pod_uid: Option<String>,
     leases: Api<Lease>,
     jobs: Api<VideoJob>,
     store: reflector::Store<VideoJob>,
@@ -137,11 +166,19 @@ impl Runner {
         Runner {
             name: name.into(),
             lane: lane.into(),
+            pod_uid: None,
             leases: Api::namespaced(client, namespace),
             jobs,
             store,
             changed,
         }
+    }
+
+    /// Makes the runner's pod (named like the runner, in the Lease's namespace, with this
+    /// uid) the owner of the heartbeat Lease, so the Lease is garbage-collected with the pod.
+    pub fn owned_by_pod(mut self, uid: impl Into<String>) -> Self {
+        self.pod_uid = Some(uid.into());
+        self
     }
 
     /// The runner's name (its pod's name).
@@ -159,6 +196,11 @@ impl Runner {
         match self.leases.get_opt(&self.name).await? {
             Some(mut lease) => {
                 lease.metadata.annotations = Some(annotations);
+                lease.metadata.owner_references = pod_owned(
+                    lease.metadata.owner_references.take(),
+                    &self.name,
+                    self.pod_uid.as_deref(),
+                );
                 let spec = lease.spec.get_or_insert_with(Default::default);
                 spec.holder_identity = Some(self.name.clone());
                 spec.lease_duration_seconds = Some(LEASE_DURATION.as_secs() as i32);
@@ -179,6 +221,7 @@ impl Runner {
                             .into(),
                         ),
                         annotations: Some(annotations),
+                        owner_references: pod_owned(None, &self.name, self.pod_uid.as_deref()),
                         ..Default::default()
                     },
                     spec: Some(LeaseSpec {
@@ -476,5 +519,41 @@ impl ClaimedJob {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner(api_version: &str, kind: &str, name: &str, uid: &str) -> OwnerReference {
+        OwnerReference {
+            api_version: api_version.into(),
+            kind: kind.into(),
+            name: name.into(),
+            uid: uid.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_pod_owns_the_heartbeat_once_its_uid_is_known() {
+        assert_eq!(pod_owned(None, "r-0", None), None);
+        let other = owner("example.com/v1", "Thing", "t", "u-t");
+        assert_eq!(
+            pod_owned(Some(vec![other.clone()]), "r-0", None),
+            Some(vec![other.clone()]),
+            "without a uid the owners stay as they are"
+        );
+        assert_eq!(
+            pod_owned(None, "r-0", Some("u-1")),
+            Some(vec![owner("v1", "Pod", "r-0", "u-1")])
+        );
+        // A pod of the same name that replaced an earlier one takes over its Lease.
+        let earlier = owner("v1", "Pod", "r-0", "u-0");
+        assert_eq!(
+            pod_owned(Some(vec![earlier, other.clone()]), "r-0", Some("u-1")),
+            Some(vec![other, owner("v1", "Pod", "r-0", "u-1")])
+        );
     }
 }

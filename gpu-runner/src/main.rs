@@ -42,6 +42,10 @@ struct Args {
     /// This runner's name (its pod's name); also the name of its heartbeat Lease.
     #[arg(long, env = "POD_NAME")]
     name: String,
+    /// The uid of this runner's pod: when set, the pod owns the heartbeat Lease, which the
+    /// garbage collector then deletes with the pod.
+    #[arg(long, env = "POD_UID")]
+    pod_uid: Option<String>,
     /// Namespace of the heartbeat Lease (the pod's namespace).
     #[arg(long, env = "POD_NAMESPACE")]
     namespace: String,
@@ -218,6 +222,9 @@ async fn main() -> anyhow::Result<()> {
         None => Api::all(client.clone()),
     };
     let mut runner = Runner::start(client, &args.namespace, &args.name, &args.lane, jobs);
+    if let Some(uid) = &args.pod_uid {
+        runner = runner.owned_by_pod(uid);
+    }
     let _heartbeat = runner.keep_alive(loaded_rx);
     let worker = Worker {
         cache,

@@ -10,6 +10,7 @@ use anyhow::{Context, Result, ensure};
 use framelane_api::{
     ModelLane, VideoJob,
     modellane::LanePhase,
+    runner::Runner,
     videojob::JobPhase,
     wellknown::{ALLOC_CONF_DEFAULT, ALLOC_CONF_ENV, LABEL_LANE},
 };
@@ -642,6 +643,77 @@ async fn lane_pods_carry_the_gpu_and_allocator_setting_and_go_with_the_lane() ->
         Ok(list.is_empty().then_some(()))
     })
     .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_runner_heartbeat_is_owned_by_its_pod_and_goes_with_the_lane() -> Result<()> {
+    let fx = Fixture::new("lease-owner").await?;
+    let model = fx.model("anisora", 8, None).await?;
+    let lane = fx.lane("anisora", &[&model], json!({})).await?;
+    let _op = fx.operator("op")?;
+    let pods: Api<Pod> = fx.ns.api();
+    let pod = eventually(30, "the lane's pod Running", || async {
+        let list = pods
+            .list(&ListParams::default().labels(&format!("{LABEL_LANE}={lane}")))
+            .await?
+            .items;
+        Ok(list
+            .into_iter()
+            .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")))
+    })
+    .await?;
+    // The runner in that pod, as the runner binary starts with POD_UID set.
+    let uid = pod.uid().context("a stored pod has a uid")?;
+    let runner = Runner::start(
+        fx.client.clone(),
+        &fx.ns.name,
+        &pod.name_any(),
+        &lane,
+        fx.jobs.clone(),
+    )
+    .owned_by_pod(uid.clone());
+    runner.heartbeat(Some(&model)).await?;
+    let leases: Api<Lease> = fx.ns.api();
+    let lease = leases.get(&pod.name_any()).await?;
+    let owners = lease.owner_references();
+    assert_eq!(owners.len(), 1, "{owners:?}");
+    assert_eq!(
+        (
+            owners[0].api_version.as_str(),
+            owners[0].kind.as_str(),
+            owners[0].name.as_str(),
+            owners[0].uid.as_str()
+        ),
+        ("v1", "Pod", pod.name_any().as_str(), uid.as_str())
+    );
+    // Renewing keeps the owner.
+    runner.heartbeat(Some(&model)).await?;
+    assert_eq!(
+        leases.get(&pod.name_any()).await?.owner_references(),
+        owners
+    );
+    eventually(30, "the lane to count the runner", || async {
+        Ok((fx.lane_status(&lane).await?.ready_runners == 1).then_some(()))
+    })
+    .await?;
+
+    // Deleting the lane takes its pod, and the garbage collector the pod's heartbeat.
+    Api::<ModelLane>::all(fx.client.clone())
+        .delete(&lane, &DeleteParams::default())
+        .await?;
+    eventually(60, "the heartbeat Lease garbage-collected", || async {
+        Ok(leases
+            .get_opt(&pod.name_any())
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
+    ensure!(
+        pods.get_opt(&pod.name_any()).await?.is_none(),
+        "the Lease went before its pod"
+    );
     Ok(())
 }
 

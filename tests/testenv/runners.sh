@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs framelane-runner processes from this checkout for the Dedicated lanes named as
-# arguments, each playing its lane's (kwok) pod: same name, same namespace, so its heartbeat
-# Lease is the pod's. Models are the tiny packages the runner's tests make (real TorchScript,
-# random weights), under .testenv/models; videos go to .testenv/outputs. down.sh stops them.
+# arguments, each playing its lane's (kwok) pod: same name, namespace and uid, so its heartbeat
+# Lease is the pod's and is garbage-collected with it. Models are the tiny packages the
+# runner's tests make (real TorchScript, random weights), under .testenv/models; videos go to
+# .testenv/outputs. down.sh stops them.
 #
 #   tests/testenv/runners.sh anisora phr00t
 set -euo pipefail
@@ -29,9 +30,10 @@ for lane in "$@"; do
   fi
   pod=$("$KUBECTL" get pods -n framelane-system -l "framelane.dev/lane=$lane" -o jsonpath='{.items[0].metadata.name}')
   [ -n "$pod" ] || { log "lane $lane has no runner pod yet"; exit 1; }
+  uid=$("$KUBECTL" get pod -n framelane-system "$pod" -o jsonpath='{.metadata.uid}')
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   # The state dir in the arguments is how down.sh recognises this checkout's runners.
-  setsid nohup "$BIN" --name "$pod" --namespace framelane-system --lane "$lane" --mode Dedicated \
+  setsid nohup "$BIN" --name "$pod" --namespace framelane-system --pod-uid "$uid" --lane "$lane" --mode Dedicated \
     --models "$lane" --models-dir "$STATE/models" --output-dir "$STATE/outputs" \
     --kubeconfig "$STATE/kubeconfig" --metrics-addr "127.0.0.1:$port" \
     </dev/null >"$STATE/logs/framelane-runner-$lane.log" 2>&1 &

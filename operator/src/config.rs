@@ -86,7 +86,7 @@ pub struct Config {
     #[arg(long, default_value = "framelane-webhook")]
     pub webhook_service: String,
     /// Secret in --namespace with the webhook's CA and serving certificate (created when
-    /// missing).
+    /// missing, filled when it has none).
     #[arg(long, default_value = "framelane-webhook-tls")]
     pub webhook_secret: String,
     /// ValidatingWebhookConfiguration whose caBundle the leader keeps equal to the CA.

@@ -8,7 +8,9 @@ use std::{collections::BTreeSet, time::Duration};
 use anyhow::{Result, ensure};
 use framelane_api::VideoJob;
 use futures::future::join_all;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::{
+    admissionregistration::v1::ValidatingWebhookConfiguration, core::v1::Secret,
+};
 use kube::{
     Api, ResourceExt,
     api::{DeleteParams, ListParams, PostParams},
@@ -436,6 +438,62 @@ async fn with_the_webhook_down_creates_fail_clearly_and_nothing_stored_changes()
         Ok(s.fx.jobs.create(&PostParams::default(), &job).await.ok())
     })
     .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_empty_secret_made_by_the_chart_is_filled_and_serves_the_webhook() -> Result<()> {
+    let s = setup("wh-empty-secret", 25).await?;
+    // What `helm install` creates, so that `helm uninstall` removes it: an Opaque Secret
+    // without data.
+    let secrets: Api<Secret> = Api::namespaced(s.fx.client.clone(), &s.fx.ns.name);
+    let empty: Secret = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "framelane-webhook-tls", "labels": {"app.kubernetes.io/managed-by": "Helm"}},
+        "type": "Opaque"}))?;
+    let created = secrets.create(&PostParams::default(), &empty).await?;
+    // Two replicas start at once: one fills the Secret, the other reads what it wrote.
+    let (_a, port) = s.fx.webhook_operator("a", 0, &[])?;
+    let (_b, _) = s.fx.webhook_operator("b", 0, &[])?;
+    s.fx.register_webhook(port).await?;
+    s.fx.webhook_effective(&s.anisora).await?;
+
+    let filled = secrets.get("framelane-webhook-tls").await?;
+    assert_eq!(filled.type_.as_deref(), Some("Opaque"), "the type stays");
+    assert_eq!(
+        filled.uid(),
+        created.uid(),
+        "the chart's Secret, not a new one"
+    );
+    assert_eq!(
+        filled
+            .labels()
+            .get("app.kubernetes.io/managed-by")
+            .map(String::as_str),
+        Some("Helm")
+    );
+    let data = filled.data.unwrap_or_default();
+    let keys: Vec<&str> = data.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["ca.crt", "ca.key", "tls.crt", "tls.key"]);
+    let configuration = Api::<ValidatingWebhookConfiguration>::all(s.fx.client.clone())
+        .get(&s.fx.webhook_configuration())
+        .await?;
+    assert_eq!(
+        configuration.webhooks.unwrap_or_default()[0]
+            .client_config
+            .ca_bundle
+            .as_ref(),
+        Some(&data["ca.crt"]),
+        "the API server trusts the CA the operator wrote into the chart's Secret"
+    );
+    let refused = refusal(
+        &s.fx.jobs,
+        &job(
+            "steps",
+            json!({"model": s.anisora, "prompt": "a cat", "steps": 20}),
+        ),
+    )
+    .await?;
+    assert_eq!(refused.code, 422);
     Ok(())
 }
 

@@ -217,12 +217,12 @@ impl Webhook {
         }
     }
 
-    /// Reads the webhook Secret (creating it when no replica has yet) and keeps the served
+    /// Reads the webhook Secret (creating or filling it when no replica has yet) and keeps the served
     /// certificate and the CA used to reach the leader current as it changes. Runs on every
     /// replica, for the life of the process.
     pub async fn follow_certificates(self: Arc<Self>, secrets: Api<Secret>, name: String) {
         while let Err(e) = ensure_secret(&secrets, &name, &self.policy).await {
-            tracing::warn!(secret = name, error = %e, "cannot create the webhook Secret; retrying");
+            tracing::warn!(secret = name, error = %e, "cannot create or fill the webhook Secret; retrying");
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
@@ -365,32 +365,56 @@ fn hold_slot(ctx: &Context, request: &Request, job: &VideoJob) -> (String, Optio
     }
 }
 
+/// Makes sure the Secret holds a CA and serving certificate: creates it when missing, and
+/// fills it when it exists without usable material (the Helm chart creates it empty, so that
+/// `helm uninstall` removes it). Its type and any other keys stay as they are.
 async fn ensure_secret(
     secrets: &Api<Secret>,
     name: &str,
     policy: &Policy,
 ) -> Result<(), kube::Error> {
-    if secrets.get_opt(name).await?.is_some() {
-        return Ok(());
-    }
-    let material = Material::generate(policy, jiff::Timestamp::now().as_second())
-        .expect("generating a key pair and certificate");
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        type_: Some("kubernetes.io/tls".into()),
-        data: Some(material.to_data()),
-        ..Default::default()
+    let generate = || {
+        Material::generate(policy, jiff::Timestamp::now().as_second())
+            .expect("generating a key pair and certificate")
     };
-    match secrets.create(&PostParams::default(), &secret).await {
-        Ok(_) => {
-            tracing::info!(secret = name, "created the webhook CA and certificate");
-            Ok(())
+    loop {
+        let Some(mut secret) = secrets.get_opt(name).await? else {
+            let secret = Secret {
+                metadata: ObjectMeta {
+                    name: Some(name.into()),
+                    ..Default::default()
+                },
+                type_: Some("kubernetes.io/tls".into()),
+                data: Some(generate().to_data()),
+                ..Default::default()
+            };
+            match secrets.create(&PostParams::default(), &secret).await {
+                Ok(_) => {
+                    tracing::info!(secret = name, "created the webhook CA and certificate");
+                    return Ok(());
+                }
+                // Created meanwhile, by another replica or the chart: read what it holds.
+                Err(kube::Error::Api(s)) if s.code == 409 => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        let data = secret.data.get_or_insert_with(Default::default);
+        if Material::from_data(data).is_some() {
+            return Ok(());
         }
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
-        Err(e) => Err(e),
+        data.extend(generate().to_data());
+        // The read's resourceVersion is the precondition: one replica fills the Secret.
+        match secrets.replace(name, &PostParams::default(), &secret).await {
+            Ok(_) => {
+                tracing::info!(
+                    secret = name,
+                    "filled the webhook Secret with a new CA and certificate"
+                );
+                return Ok(());
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => continue,
+            Err(e) => return Err(e),
+        }
     }
 }
 

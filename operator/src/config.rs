@@ -85,8 +85,18 @@ pub struct Config {
     /// Name of the webhook's Service in --namespace: its DNS names go into the certificate.
     #[arg(long, default_value = "framelane-webhook")]
     pub webhook_service: String,
-    /// Secret in --namespace with the webhook's CA and serving certificate (created when
-    /// missing, filled when it has none).
+    /// Who issues the webhook's certificates: `operator` generates, rotates and publishes
+    /// them itself; `external` (cert-manager) writes the Secret (ca.crt, tls.crt, tls.key) and
+    /// the caBundle, and the operator only serves what the Secret holds.
+    #[arg(
+        long,
+        env = "FRAMELANE_WEBHOOK_CERTIFICATES",
+        value_enum,
+        default_value_t = CertificateSource::Operator
+    )]
+    pub webhook_certificates: CertificateSource,
+    /// Secret in --namespace with the webhook's CA and serving certificate (with
+    /// `--webhook-certificates operator`: created when missing, filled when it has none).
     #[arg(long, default_value = "framelane-webhook-tls")]
     pub webhook_secret: String,
     /// ValidatingWebhookConfiguration whose caBundle the leader keeps equal to the CA.
@@ -98,6 +108,17 @@ pub struct Config {
     /// Lifetime of the webhook CA; renewed with a third of it left, with an overlap.
     #[arg(long, value_parser = parse_seconds, default_value = "31536000")]
     pub webhook_ca_seconds: Duration,
+}
+
+/// Who issues the webhook's certificates.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertificateSource {
+    /// The operator: a self-signed CA and a serving certificate in the Secret, rotated before
+    /// expiry, the CA published as the webhook configuration's caBundle.
+    Operator,
+    /// Someone else (cert-manager and its cainjector): the operator serves the Secret's
+    /// certificate, reloading it when it changes, and never writes the Secret or caBundle.
+    External,
 }
 
 impl Config {

@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use tokio_stream_shim::UnboundedReceiverStream;
 
 use crate::{
-    config::Config,
+    config::{CertificateSource, Config},
     context::Context,
     index::Index,
     jobs, lanes,
@@ -117,7 +117,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(identity, "became the leader");
     metrics.leader.set(1);
     tokio::spawn(keep_leading(elector.clone(), config.leader_lease_seconds));
-    if let Some(webhook) = &webhook {
+    if let Some(webhook) = webhook
+        .as_ref()
+        .filter(|w| w.source == CertificateSource::Operator)
+    {
         tokio::spawn(webhook::maintain_certificates(
             Api::namespaced(client.clone(), &config.namespace),
             Api::all(client.clone()),
@@ -166,7 +169,8 @@ async fn shutdown_signal() {
     }
 }
 
-/// Starts the admission webhook: loads (or creates) its certificate, then serves HTTPS.
+/// Starts the admission webhook: loads its certificate (with the operator's own
+/// certificates: creating it first when needed), then serves HTTPS.
 async fn start_webhook(
     client: &Client,
     config: &Config,
@@ -186,9 +190,11 @@ async fn start_webhook(
         elector.clone(),
         metrics.clone(),
         policy,
+        config.webhook_certificates,
     ));
     tokio::spawn(webhook.clone().follow_certificates(
-        Api::namespaced(client.clone(), &config.namespace),
+        client.clone(),
+        config.namespace.clone(),
         config.webhook_secret.clone(),
     ));
     // Listen only with a certificate: a connection before it would fail its handshake.

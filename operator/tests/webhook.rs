@@ -5,8 +5,9 @@ mod support;
 
 use std::{collections::BTreeSet, time::Duration};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use framelane_api::VideoJob;
+use framelane_operator::webhook::certs::{self, Material, Policy};
 use futures::future::join_all;
 use k8s_openapi::api::{
     admissionregistration::v1::ValidatingWebhookConfiguration, core::v1::Secret,
@@ -569,6 +570,222 @@ async fn certificates_rotate_during_a_stream_of_creates_without_a_failed_request
         "{total} creates, none failed, across {} serving certificates and {} CAs",
         certs.len(),
         cas.len()
+    );
+    Ok(())
+}
+
+/// The certificate the webhook on `port` presents (DER), verified against `ca` for
+/// 127.0.0.1, as the API server verifies it.
+async fn served_certificate(port: u16, ca: &str) -> Result<Vec<u8>> {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+        roots.add(cert?)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("127.0.0.1")?, tcp)
+        .await?;
+    let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
+    Ok(chain.first().context("no certificate presented")?.to_vec())
+}
+
+fn der(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .expect("a PEM certificate")
+        .to_vec()
+}
+
+/// The Secret as cert-manager writes it: type kubernetes.io/tls, the serving pair and (when
+/// its issuer has one) the CA; never a CA key.
+fn cert_manager_secret(keys: &[(&str, &str)]) -> Result<Secret> {
+    let data: serde_json::Map<String, Value> = keys
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
+    Ok(serde_json::from_value(
+        json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "framelane-webhook-tls",
+            "annotations": {"cert-manager.io/certificate-name": "framelane-webhook"}},
+        "type": "kubernetes.io/tls", "stringData": data}),
+    )?)
+}
+
+#[tokio::test]
+async fn certificates_from_cert_manager_are_served_and_reloaded_without_a_failed_request()
+-> Result<()> {
+    let s = setup("wh-external", 25).await?;
+    let ns = s.fx.ns.name.clone();
+    let secrets: Api<Secret> = Api::namespaced(s.fx.client.clone(), &ns);
+    let day = Duration::from_secs(86_400);
+    let policy = Policy::for_service("framelane-webhook", &ns, day * 365, day);
+    let now = jiff::Timestamp::now().as_second();
+    let issued = Material::generate(&policy, now)?;
+
+    // Before cert-manager has issued anything: not ready, and the log says what is missing.
+    let (operator, port) =
+        s.fx.webhook_operator("a", 0, &["--webhook-certificates", "external"])?;
+    operator
+        .until_logged(&format!(
+            "the webhook Secret {ns}/framelane-webhook-tls does not exist; the webhook is not ready until it has ca.crt, tls.crt and tls.key"
+        ))
+        .await?;
+    ensure!(!operator.ready().await?, "ready without a certificate");
+    // A Secret without ca.crt is not enough: the forwarder to the leader trusts ca.crt.
+    secrets
+        .create(
+            &PostParams::default(),
+            &cert_manager_secret(&[("tls.crt", &issued.cert), ("tls.key", &issued.key)])?,
+        )
+        .await?;
+    operator
+        .until_logged(&format!(
+            "the webhook Secret {ns}/framelane-webhook-tls is unusable: it lacks ca.crt"
+        ))
+        .await?;
+    ensure!(!operator.ready().await?, "ready without ca.crt");
+
+    // cert-manager completes the Secret; its cainjector sets the caBundle.
+    let full = |m: &Material| {
+        cert_manager_secret(&[
+            ("ca.crt", &m.ca_bundle),
+            ("tls.crt", &m.cert),
+            ("tls.key", &m.key),
+        ])
+    };
+    let mut secret = secrets.get("framelane-webhook-tls").await?;
+    secret.string_data = full(&issued)?.string_data;
+    secrets
+        .replace("framelane-webhook-tls", &PostParams::default(), &secret)
+        .await?;
+    s.fx.register_webhook(port).await?;
+    s.fx.set_ca_bundle(&issued.ca_bundle).await?;
+    operator.until_ready().await?;
+    s.fx.webhook_effective(&s.anisora).await?;
+    let refused = refusal(
+        &s.fx.jobs,
+        &job(
+            "steps",
+            json!({"model": s.anisora, "prompt": "a cat", "steps": 20}),
+        ),
+    )
+    .await?;
+    assert_eq!(refused.code, 422);
+    s.fx.jobs
+        .create(
+            &PostParams::default(),
+            &job("admitted", json!({"model": s.anisora, "prompt": "a cat"})),
+        )
+        .await?;
+    let serving_expiry = |metrics: String| {
+        sample(
+            &metrics,
+            r#"framelane_webhook_certificate_expiry_timestamp_seconds{certificate="serving"}"#,
+        )
+    };
+    assert_eq!(
+        serving_expiry(operator.metrics().await?),
+        Some(issued.serving()?.not_after as f64)
+    );
+    assert_eq!(
+        served_certificate(port, &issued.ca_bundle).await?,
+        der(&issued.cert)
+    );
+
+    // cert-manager renews the serving certificate under the same CA while creates go on (a
+    // Certificate whose duration grew from one day to four: due at once).
+    let longer = Policy {
+        cert_validity: day * 4,
+        ..policy.clone()
+    };
+    let (renewed, what) = issued
+        .rotate(&longer, jiff::Timestamp::now().as_second(), true)?
+        .context("a renewal is due with less than a third of the life left")?;
+    assert_eq!(what, certs::Rotation::Certificate);
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let no_retries = s.fx.jobs_without_retries().await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
+    let stream = (0..4).map(|worker| {
+        let (jobs, dry_run, model) = (&no_retries, &dry_run, &s.anisora);
+        async move {
+            let mut done = 0;
+            while tokio::time::Instant::now() < deadline {
+                let job = job(
+                    &format!("w{worker}-{done}"),
+                    json!({"model": model, "prompt": "renewal"}),
+                );
+                jobs.create(dry_run, &job)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("create {done} of worker {worker}: {e}"))?;
+                done += 1;
+            }
+            anyhow::Ok(done)
+        }
+    });
+    let renew = async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let mut secret = secrets.get("framelane-webhook-tls").await?;
+        secret.data = None;
+        secret.string_data = full(&renewed)?.string_data;
+        secrets
+            .replace("framelane-webhook-tls", &PostParams::default(), &secret)
+            .await?;
+        let expected = renewed.serving()?.not_after as f64;
+        eventually(10, "the renewed certificate to be loaded", || async {
+            Ok((serving_expiry(operator.metrics().await?) == Some(expected)).then_some(()))
+        })
+        .await
+    };
+    let (renewed_in_time, creates) = tokio::join!(renew, join_all(stream));
+    renewed_in_time?;
+    let mut total = 0;
+    for created in creates {
+        total += created?;
+    }
+    assert!(total > 20, "only {total} creates in 12 s");
+    assert_ne!(renewed.serving()?.not_after, issued.serving()?.not_after);
+    assert_eq!(
+        served_certificate(port, &issued.ca_bundle).await?,
+        der(&renewed.cert),
+        "new handshakes get the renewed certificate"
+    );
+
+    // The operator wrote neither the Secret nor the caBundle.
+    let data = secrets
+        .get("framelane-webhook-tls")
+        .await?
+        .data
+        .unwrap_or_default();
+    let keys: Vec<&str> = data.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["ca.crt", "tls.crt", "tls.key"]);
+    assert_eq!(data["tls.crt"].0, renewed.cert.as_bytes());
+    let configuration = Api::<ValidatingWebhookConfiguration>::all(s.fx.client.clone())
+        .get(&s.fx.webhook_configuration())
+        .await?;
+    assert_eq!(
+        configuration.webhooks.unwrap_or_default()[0]
+            .client_config
+            .ca_bundle
+            .as_ref()
+            .map(|b| b.0.as_slice()),
+        Some(issued.ca_bundle.as_bytes())
+    );
+    assert!(
+        !operator
+            .log_text()
+            .contains("published the webhook CA bundle"),
+        "{}",
+        operator.log_text()
     );
     Ok(())
 }

@@ -55,6 +55,49 @@ pub struct Material {
     pub key: String,
 }
 
+/// What every replica serves and trusts, read from the Secret (PEM): the CA bundle (the
+/// API server's trust, and the replicas' when they reach the leader), the serving chain and
+/// its key. Whoever issues the certificates, the operator or cert-manager, writes these keys.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Serving {
+    pub ca_bundle: String,
+    pub cert: String,
+    pub key: String,
+}
+
+impl Serving {
+    /// Reads the Secret data; `Err` names each key that is missing, empty or not text.
+    pub fn from_data(data: &BTreeMap<String, ByteString>) -> Result<Serving, Vec<&'static str>> {
+        let text = |k: &str| {
+            String::from_utf8(data.get(k)?.0.clone())
+                .ok()
+                .filter(|t| !t.trim().is_empty())
+        };
+        match (text("ca.crt"), text("tls.crt"), text("tls.key")) {
+            (Some(ca_bundle), Some(cert), Some(key)) => Ok(Serving {
+                ca_bundle,
+                cert,
+                key,
+            }),
+            (ca, cert, key) => Err([("ca.crt", ca), ("tls.crt", cert), ("tls.key", key)]
+                .into_iter()
+                .filter(|(_, v)| v.is_none())
+                .map(|(k, _)| k)
+                .collect()),
+        }
+    }
+
+    /// The serving certificate's facts (the first of the chain).
+    pub fn serving(&self) -> Result<Info, CertError> {
+        Ok(certificates(&self.cert, "tls.crt")?.remove(0))
+    }
+
+    /// The facts of the bundle's first CA.
+    pub fn ca(&self) -> Result<Info, CertError> {
+        Ok(certificates(&self.ca_bundle, "ca.crt")?.remove(0))
+    }
+}
+
 /// What a rotation changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rotation {
@@ -360,6 +403,34 @@ mod tests {
         let (pruned, what) = renewed.rotate(&policy(), T0 + 3001, true).unwrap().unwrap();
         assert_eq!(what, Rotation::Pruned, "the old CA expired");
         assert_eq!(certificates(&pruned.ca_bundle, "ca.crt").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn what_a_replica_serves_is_read_by_key_and_missing_keys_are_named() {
+        let m = Material::generate(&policy(), T0).unwrap();
+        let mut data = m.to_data();
+        let serving = Serving::from_data(&data).unwrap();
+        assert_eq!(
+            (&serving.ca_bundle, &serving.cert, &serving.key),
+            (&m.ca_bundle, &m.cert, &m.key)
+        );
+        assert_eq!(
+            serving.serving().unwrap().serial,
+            m.serving().unwrap().serial
+        );
+        // cert-manager's Secret has no ca.key: a replica does not need it.
+        data.remove("ca.key");
+        assert!(Serving::from_data(&data).is_ok());
+        data.remove("ca.crt");
+        data.insert("tls.key".into(), ByteString(b"  ".to_vec()));
+        assert_eq!(
+            Serving::from_data(&data).unwrap_err(),
+            ["ca.crt", "tls.key"]
+        );
+        assert_eq!(
+            Serving::from_data(&BTreeMap::new()).unwrap_err(),
+            ["ca.crt", "tls.crt", "tls.key"]
+        );
     }
 
     #[test]

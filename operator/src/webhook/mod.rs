@@ -7,7 +7,9 @@
 //!   watch has not shown yet) and takes a slot in the same step as the check. A standby hands
 //!   the review to the leader (its address is on the leader Lease), so the limit is exact
 //!   with any number of replicas; the controller still rejects anything that slipped past.
-//! - Certificates: see `certs`; every replica serves the Secret's current one.
+//! - Certificates: see `certs`; every replica serves the Secret's current one. The operator
+//!   issues them, or (`--webhook-certificates external`) cert-manager does: then the operator
+//!   never writes the Secret or the caBundle, it only reloads what cert-manager writes.
 
 pub mod certs;
 pub mod params;
@@ -15,6 +17,7 @@ pub mod review;
 pub mod tls;
 
 use std::{
+    collections::BTreeMap,
     sync::{Arc, OnceLock, RwLock},
     time::{Duration, Instant},
 };
@@ -27,17 +30,18 @@ use k8s_openapi::{
     api::{admissionregistration::v1::ValidatingWebhookConfiguration, core::v1::Secret},
 };
 use kube::{
-    Api, ResourceExt,
+    Api, Client, ResourceExt,
     api::{ObjectMeta, PostParams},
     runtime::{WatchStreamExt, reflector::Store, watcher},
 };
 
 use self::{
-    certs::{Material, Policy, Rotation},
+    certs::{Material, Policy, Rotation, Serving},
     review::{Denial, Request},
     tls::{Forwarder, Reloadable},
 };
 use crate::{
+    config::CertificateSource,
     context::{Context, route},
     leader::Elector,
     metrics::{AdmissionLabels, Metrics},
@@ -66,6 +70,7 @@ pub struct Webhook {
     pub metrics: Arc<Metrics>,
     pub certs: Arc<Reloadable>,
     pub policy: Policy,
+    pub source: CertificateSource,
     forwarder: RwLock<Option<Arc<Forwarder>>>,
 }
 
@@ -75,6 +80,7 @@ impl Webhook {
         elector: Arc<Elector>,
         metrics: Arc<Metrics>,
         policy: Policy,
+        source: CertificateSource,
     ) -> Webhook {
         Webhook {
             models,
@@ -83,6 +89,7 @@ impl Webhook {
             metrics,
             certs: Arc::default(),
             policy,
+            source,
             forwarder: RwLock::new(None),
         }
     }
@@ -217,48 +224,99 @@ impl Webhook {
         }
     }
 
-    /// Reads the webhook Secret (creating or filling it when no replica has yet) and keeps the served
-    /// certificate and the CA used to reach the leader current as it changes. Runs on every
-    /// replica, for the life of the process.
-    pub async fn follow_certificates(self: Arc<Self>, secrets: Api<Secret>, name: String) {
-        while let Err(e) = ensure_secret(&secrets, &name, &self.policy).await {
-            tracing::warn!(secret = name, error = %e, "cannot create or fill the webhook Secret; retrying");
-            tokio::time::sleep(Duration::from_secs(2)).await;
+    /// Reads the webhook Secret `name` in `namespace` (with the operator's own certificates:
+    /// creating or filling it when no replica has yet) and keeps the served certificate and
+    /// the CA used to reach the leader current as it changes. Runs on every replica, for the
+    /// life of the process.
+    pub async fn follow_certificates(
+        self: Arc<Self>,
+        client: Client,
+        namespace: String,
+        name: String,
+    ) {
+        let secrets: Api<Secret> = Api::namespaced(client, &namespace);
+        let qualified = format!("{namespace}/{name}");
+        if self.source == CertificateSource::Operator {
+            while let Err(e) = ensure_secret(&secrets, &name, &self.policy).await {
+                tracing::warn!(secret = qualified, error = %e, "cannot create or fill the webhook Secret; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
         }
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        let mut secrets =
-            std::pin::pin!(watcher(secrets, config).default_backoff().applied_objects());
-        while let Some(event) = secrets.next().await {
-            let secret = match event {
-                Ok(secret) => secret,
-                Err(e) => {
-                    tracing::warn!(error = %e, "watching the webhook Secret failed");
-                    continue;
+        let mut events = std::pin::pin!(watcher(secrets, config).default_backoff());
+        // Whether the latest (re)list found the Secret.
+        let mut found = false;
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(watcher::Event::Apply(secret) | watcher::Event::InitApply(secret)) => {
+                    found = true;
+                    if let Err(e) = self.load(&secret) {
+                        tracing::error!(
+                            secret = qualified,
+                            error = %e,
+                            "the webhook Secret {qualified} is unusable: {e}; {}{}",
+                            self.consequence(),
+                            self.hint()
+                        );
+                    }
                 }
-            };
-            if let Err(e) = self.load(&secret) {
-                tracing::error!(secret = name, error = %e, "the webhook Secret is unusable");
+                Ok(watcher::Event::Init) => found = false,
+                Ok(watcher::Event::InitDone) if !found => tracing::error!(
+                    secret = qualified,
+                    "the webhook Secret {qualified} does not exist; {}{}",
+                    self.consequence(),
+                    self.hint()
+                ),
+                Ok(watcher::Event::Delete(_)) => tracing::warn!(
+                    secret = qualified,
+                    "the webhook Secret {qualified} was deleted; {}{}",
+                    self.consequence(),
+                    self.hint()
+                ),
+                Ok(watcher::Event::InitDone) => {}
+                Err(e) => tracing::warn!(error = %e, "watching the webhook Secret failed"),
             }
         }
     }
 
+    /// What a Secret that cannot be used means for this replica now.
+    fn consequence(&self) -> &'static str {
+        match self.certs.is_loaded() {
+            true => "still serving the certificate loaded before",
+            false => "the webhook is not ready until it has ca.crt, tls.crt and tls.key",
+        }
+    }
+
+    fn hint(&self) -> &'static str {
+        match self.source {
+            CertificateSource::External => {
+                " (with --webhook-certificates external, cert-manager's Certificate writes them)"
+            }
+            CertificateSource::Operator => "",
+        }
+    }
+
     fn load(&self, secret: &Secret) -> Result<(), String> {
-        let material = secret
-            .data
-            .as_ref()
-            .and_then(Material::from_data)
-            .ok_or("it lacks ca.crt, ca.key, tls.crt or tls.key")?;
+        let empty = BTreeMap::new();
+        let material = Serving::from_data(secret.data.as_ref().unwrap_or(&empty))
+            .map_err(|missing| format!("it lacks {}", missing.join(", ")))?;
         let serving = material.serving().map_err(|e| e.to_string())?;
         let ca = material.ca().map_err(|e| e.to_string())?;
-        self.certs.load(&material)?;
         let stale = self
             .forwarder
             .read()
             .expect("forwarder lock")
             .as_ref()
             .is_none_or(|f| f.ca_bundle != material.ca_bundle);
-        if stale {
-            let forwarder = Forwarder::new(&material.ca_bundle, self.policy.server_name())?;
+        let forwarder = match stale {
+            true => Some(Forwarder::new(
+                &material.ca_bundle,
+                self.policy.server_name(),
+            )?),
+            false => None,
+        };
+        self.certs.load(&material)?;
+        if let Some(forwarder) = forwarder {
             *self.forwarder.write().expect("forwarder lock") = Some(Arc::new(forwarder));
         }
         for (which, not_after) in [("serving", serving.not_after), ("ca", ca.not_after)] {

@@ -19,7 +19,7 @@ use hyper_util::{
 };
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
-    crypto::ring::{default_provider, sign::any_supported_type},
+    crypto::ring::default_provider,
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
     server::{ClientHello, ResolvesServerCert},
     sign::CertifiedKey,
@@ -28,7 +28,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use warp::Filter;
 
-use super::certs::Material;
+use super::certs::Serving;
 
 /// The serving certificate, replaced in place when the Secret changes: new handshakes get the
 /// new one, open connections carry on.
@@ -44,15 +44,17 @@ impl ResolvesServerCert for Reloadable {
 }
 
 impl Reloadable {
-    pub fn load(&self, material: &Material) -> Result<(), String> {
-        let chain = CertificateDer::pem_slice_iter(material.cert.as_bytes())
+    /// Serves `serving`'s chain and key from the next handshake on.
+    pub fn load(&self, serving: &Serving) -> Result<(), String> {
+        let chain = CertificateDer::pem_slice_iter(serving.cert.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("tls.crt: {e}"))?;
-        let key = PrivateKeyDer::from_pem_slice(material.key.as_bytes())
+        let key = PrivateKeyDer::from_pem_slice(serving.key.as_bytes())
             .map_err(|e| format!("tls.key: {e}"))?;
-        let key = any_supported_type(&key).map_err(|e| format!("tls.key: {e}"))?;
-        *self.current.write().expect("certificate lock") =
-            Some(Arc::new(CertifiedKey::new(chain, key)));
+        // Also checks that the key is the certificate's.
+        let certified = CertifiedKey::from_der(chain, key, &default_provider())
+            .map_err(|e| format!("tls.crt and tls.key: {e}"))?;
+        *self.current.write().expect("certificate lock") = Some(Arc::new(certified));
         Ok(())
     }
 

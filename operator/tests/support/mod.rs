@@ -23,7 +23,7 @@ use framelane_api::{
     wellknown::Reason,
 };
 use framelane_testenv::{TestEnv, TestNamespace};
-use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+use k8s_openapi::{ByteString, api::admissionregistration::v1::ValidatingWebhookConfiguration};
 use kube::{
     Api, Client, ResourceExt,
     api::{ListParams, PostParams},
@@ -165,6 +165,24 @@ impl Fixture {
         }))?;
         Api::<ValidatingWebhookConfiguration>::all(self.client.clone())
             .create(&PostParams::default(), &configuration)
+            .await?;
+        Ok(())
+    }
+
+    /// Sets the caBundle of this test's webhook configuration, as cert-manager's cainjector
+    /// does.
+    pub async fn set_ca_bundle(&self, pem: &str) -> Result<()> {
+        let configurations = Api::<ValidatingWebhookConfiguration>::all(self.client.clone());
+        let mut configuration = configurations.get(&self.webhook_configuration()).await?;
+        for webhook in configuration.webhooks.iter_mut().flatten() {
+            webhook.client_config.ca_bundle = Some(ByteString(pem.as_bytes().to_vec()));
+        }
+        configurations
+            .replace(
+                &self.webhook_configuration(),
+                &PostParams::default(),
+                &configuration,
+            )
             .await?;
         Ok(())
     }
@@ -341,15 +359,28 @@ impl OperatorProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits until /readyz answers 200 (with a webhook: once it serves its certificate).
-    pub async fn until_ready(&self) -> Result<()> {
+    /// Whether /readyz answers 200 (with a webhook: once it serves its certificate).
+    pub async fn ready(&self) -> Result<bool> {
         let url = format!("http://127.0.0.1:{}/readyz", self.metrics_port);
+        let out = tokio::process::Command::new("curl")
+            .args(["-sf", &url])
+            .output()
+            .await?;
+        Ok(out.status.success())
+    }
+
+    /// Waits until /readyz answers 200.
+    pub async fn until_ready(&self) -> Result<()> {
         eventually(30, "the operator to be ready", || async {
-            let out = tokio::process::Command::new("curl")
-                .args(["-sf", &url])
-                .output()
-                .await?;
-            Ok(out.status.success().then_some(()))
+            Ok(self.ready().await?.then_some(()))
+        })
+        .await
+    }
+
+    /// Waits until the operator's log has a line containing `text`.
+    pub async fn until_logged(&self, text: &str) -> Result<()> {
+        eventually(30, &format!("the operator to log {text:?}"), || async {
+            Ok(self.log_text().contains(text).then_some(()))
         })
         .await
     }

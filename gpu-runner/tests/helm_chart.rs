@@ -1,0 +1,1089 @@
+//! The Helm chart (charts/framelane), as a cluster admin meets it, on the local control plane:
+//! - `helm lint --strict` is clean and `helm template` renders manifests that kubeconform
+//!   validates strictly against this Kubernetes version's own schemas (from the API server),
+//!   for the default values and every option; wrong values are refused naming the key;
+//!   values.schema.json and the chart's CRDs are what the generators write;
+//! - `helm install` creates everything; the operator and the runners then run as processes
+//!   here (kwok pods run no containers), each authenticated with a token of the chart's own
+//!   ServiceAccount bound to the pod it plays, configured from the pod's own spec: so the
+//!   chart's RBAC is exactly what they run with, and jobs are admitted, run and completed
+//!   under it; `kubectl auth can-i` shows each account's allowed and forbidden verbs, and a
+//!   runner cannot write another runner's heartbeat Lease;
+//! - `helm upgrade` changes a lane's replicas and the lane follows; `helm rollback` restores
+//!   it; jobs in flight all finish; operator-made certificates survive both;
+//! - `helm uninstall` leaves nothing behind but the CRDs.
+
+mod common;
+
+use std::{
+    collections::BTreeSet,
+    ffi::OsStr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::{CommandFactory, Parser};
+use framelane_api::{ModelLane, VideoJob, videojob::JobPhase};
+use framelane_operator::config::Config;
+use framelane_testenv::{TestEnv, TestNamespace};
+use k8s_openapi::api::{
+    admissionregistration::v1::ValidatingWebhookConfiguration,
+    apps::v1::Deployment,
+    coordination::v1::Lease,
+    core::v1::{EnvVar, PersistentVolume, Pod, Secret},
+    policy::v1::PodDisruptionBudget,
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, ListParams, PostParams},
+    config::{AuthInfo, KubeConfigOptions, Kubeconfig, NamedAuthInfo},
+};
+use serde_json::{Value, json};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("gpu-runner sits in the repository root")
+        .to_path_buf()
+}
+
+fn chart() -> PathBuf {
+    repo().join("charts/framelane")
+}
+
+/// Runs a tool and returns its stdout; a failure carries its output.
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    ensure!(
+        out.status.success(),
+        "{cmd:?} exited with {}:\n{stdout}{stderr}",
+        out.status
+    );
+    Ok(stdout)
+}
+
+/// Runs a tool that should fail, and returns what it printed.
+fn run_failing(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output()?;
+    ensure!(!out.status.success(), "{cmd:?} should have failed");
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+fn helm(env: &TestEnv) -> Command {
+    let mut cmd = Command::new(env.bin_dir.join("helm"));
+    cmd.env("KUBECONFIG", &env.kubeconfig);
+    cmd
+}
+
+/// The documents of a multi-document YAML stream, as JSON values.
+fn documents(yaml: &str) -> Result<Vec<Value>> {
+    let mut docs = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let value: Value = serde::Deserialize::deserialize(doc)?;
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    Ok(docs)
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> Result<&'a Value> {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .with_context(|| format!("no {kind} {name} rendered"))
+}
+
+/// The Kubernetes version of the local control plane, for `helm template --kube-version`.
+async fn kube_version(client: &Client) -> Result<String> {
+    Ok(client
+        .apiserver_version()
+        .await?
+        .git_version
+        .trim_start_matches('v')
+        .to_string())
+}
+
+/// Strict JSON schemas of every kind this API server serves (CRDs included), written by
+/// tests/chart/jsonschemas.py from its OpenAPI document.
+fn schemas(env: &TestEnv, dir: &Path) -> Result<()> {
+    let openapi = run(env.kubectl().args(["get", "--raw", "/openapi/v2"]))?;
+    let mut child = Command::new("python3")
+        .arg(repo().join("tests/chart/jsonschemas.py"))
+        .arg(dir)
+        .stdin(Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(&mut child.stdin.take().expect("piped"), openapi.as_bytes())?;
+    ensure!(child.wait()?.success(), "jsonschemas.py failed");
+    Ok(())
+}
+
+/// Kinds whose CRDs (Prometheus Operator, cert-manager) the local control plane does not
+/// have, so kubeconform has no schema for them; their rendering is checked by hand below.
+const UNVALIDATED_KINDS: &str = "ServiceMonitor,PodMonitor,PrometheusRule,Certificate,Issuer";
+
+#[tokio::test]
+async fn the_chart_lints_and_renders_valid_manifests_for_every_option() -> Result<()> {
+    let env = TestEnv::get()?;
+    let client = env.client().await?;
+    let version = kube_version(&client).await?;
+    let dir = tempfile::tempdir()?;
+    schemas(env, dir.path())?;
+    let location = format!(
+        "{}/{{{{ .ResourceKind }}}}{{{{ .KindSuffix }}}}.json",
+        dir.path().display()
+    );
+
+    let options: &[&[&str]] = &[
+        &[],
+        &["webhook.certificates.source=cert-manager"],
+        &[
+            "webhook.certificates.source=cert-manager",
+            "webhook.certificates.certManager.issuerRef.name=corp-ca",
+            "webhook.certificates.certManager.issuerRef.kind=ClusterIssuer",
+        ],
+        &["operator.watchNamespace=team-a"],
+        &["webhook.enabled=false"],
+        &["webhook.url=https://10.0.0.5:9443/validate-videojob"],
+        &[
+            "metrics.serviceMonitor.enabled=true",
+            "metrics.prometheusRule.enabled=true",
+            "metrics.dashboard.enabled=true",
+        ],
+        &[
+            "volumes.models.existingClaim=team-models",
+            "volumes.outputs.create=false",
+            "volumes.outputs.existingClaim=team-outputs",
+            "networkPolicy.enabled=false",
+            "operator.replicas=1",
+            "runner.ownLeasePolicy=false",
+            "operator.image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ],
+    ];
+    for sets in options {
+        let set_args: Vec<String> = sets.iter().map(|s| format!("--set={s}")).collect();
+        run(helm(env)
+            .args(["lint", "--strict", "--kube-version", &version])
+            .arg(chart())
+            .args(&set_args))?;
+        let rendered = run(helm(env)
+            .args([
+                "template",
+                "fl",
+                "-n",
+                "framelane-system",
+                "--kube-version",
+                &version,
+            ])
+            .arg(chart())
+            .args(&set_args))?;
+        let mut kubeconform = Command::new(env.bin_dir.join("kubeconform"))
+            .args([
+                "-strict",
+                "-summary",
+                "-skip",
+                UNVALIDATED_KINDS,
+                "-schema-location",
+                &location,
+                "-",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        std::io::Write::write_all(
+            &mut kubeconform.stdin.take().expect("piped"),
+            rendered.as_bytes(),
+        )?;
+        let out = kubeconform.wait_with_output()?;
+        let report = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            out.status.success() && report.contains("Invalid: 0, Errors: 0"),
+            "kubeconform with {sets:?}:\n{report}"
+        );
+        let docs = documents(&rendered)?;
+        for doc in &docs {
+            let skipped = UNVALIDATED_KINDS.split(',').any(|k| doc["kind"] == k);
+            ensure!(
+                !skipped || doc["metadata"]["namespace"] == "framelane-system",
+                "{doc}"
+            );
+        }
+        match *sets {
+            ["webhook.certificates.source=cert-manager"] => {
+                let certificate = find(&docs, "Certificate", "fl-framelane-webhook")?;
+                ensure!(certificate["spec"]["secretName"] == "fl-framelane-webhook-tls");
+                ensure!(
+                    certificate["spec"]["dnsNames"][0]
+                        == "fl-framelane-webhook.framelane-system.svc"
+                );
+                find(&docs, "Issuer", "fl-framelane-webhook")?;
+                let vwc = find(&docs, "ValidatingWebhookConfiguration", "fl-framelane")?;
+                ensure!(
+                    vwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"]
+                        == "framelane-system/fl-framelane-webhook"
+                );
+                let args = find(&docs, "Deployment", "fl-framelane-operator")?["spec"]["template"]
+                    ["spec"]["containers"][0]["args"]
+                    .to_string();
+                ensure!(args.contains("--webhook-certificates=external"), "{args}");
+                ensure!(
+                    !docs.iter().any(|d| d["kind"] == "Secret"),
+                    "cert-manager makes the Secret"
+                );
+            }
+            ["operator.watchNamespace=team-a"] => {
+                for name in ["fl-framelane-operator-jobs", "fl-framelane-runner-jobs"] {
+                    let binding = find(&docs, "RoleBinding", name)?;
+                    ensure!(binding["metadata"]["namespace"] == "team-a", "{binding}");
+                }
+                let vwc = find(&docs, "ValidatingWebhookConfiguration", "fl-framelane")?;
+                ensure!(
+                    vwc["webhooks"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+                        == "team-a"
+                );
+            }
+            ["webhook.enabled=false"] => {
+                ensure!(
+                    !docs
+                        .iter()
+                        .any(|d| d["kind"] == "ValidatingWebhookConfiguration")
+                );
+                let args = find(&docs, "Deployment", "fl-framelane-operator")?["spec"]["template"]
+                    ["spec"]["containers"][0]["args"]
+                    .to_string();
+                ensure!(!args.contains("--webhook-addr"), "{args}");
+            }
+            _ => {}
+        }
+    }
+
+    // The defaults, as a cluster admin would review them.
+    let rendered = run(helm(env)
+        .args([
+            "template",
+            "fl",
+            "-n",
+            "framelane-system",
+            "--kube-version",
+            &version,
+        ])
+        .arg(chart()))?;
+    let docs = documents(&rendered)?;
+    let deployment = find(&docs, "Deployment", "fl-framelane-operator")?;
+    let pod = &deployment["spec"]["template"]["spec"];
+    ensure!(deployment["spec"]["replicas"] == 2);
+    ensure!(pod["serviceAccountName"] == "fl-framelane-operator");
+    ensure!(pod["securityContext"]["runAsNonRoot"] == true);
+    ensure!(pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault");
+    let container = &pod["containers"][0];
+    ensure!(container["securityContext"]["readOnlyRootFilesystem"] == true);
+    ensure!(container["securityContext"]["allowPrivilegeEscalation"] == false);
+    ensure!(container["securityContext"]["capabilities"]["drop"] == json!(["ALL"]));
+    ensure!(pod["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname");
+    ensure!(
+        find(&docs, "PodDisruptionBudget", "fl-framelane-operator")?["spec"]["minAvailable"] == 1
+    );
+    let webhook = &find(&docs, "ValidatingWebhookConfiguration", "fl-framelane")?["webhooks"][0];
+    ensure!(webhook["failurePolicy"] == "Fail" && webhook["sideEffects"] == "None");
+    ensure!(webhook["timeoutSeconds"].as_i64().is_some_and(|t| t <= 10));
+    ensure!(
+        webhook["clientConfig"]["caBundle"].is_null(),
+        "the operator sets caBundle, not helm"
+    );
+    ensure!(
+        webhook["namespaceSelector"]
+            .to_string()
+            .contains("kube-system")
+    );
+    for (kind, name) in [
+        ("VideoModel", "anisora"),
+        ("VideoModel", "phr00t"),
+        ("ModelLane", "anisora"),
+        ("ModelLane", "phr00t"),
+        ("ModelLane", "shared"),
+        ("NetworkPolicy", "fl-framelane-operator"),
+        ("NetworkPolicy", "fl-framelane-runner"),
+        ("ValidatingAdmissionPolicy", "fl-framelane-runner-own-lease"),
+        ("Lease", "fl-framelane-operator"),
+        ("Secret", "fl-framelane-webhook-tls"),
+    ] {
+        find(&docs, kind, name)?;
+    }
+    ensure!(find(&docs, "VideoModel", "anisora")?["spec"]["fixedParameters"]["steps"] == 8);
+    let phr00t = &find(&docs, "VideoModel", "phr00t")?["spec"]["fixedParameters"];
+    ensure!(
+        phr00t["steps"] == 4 && phr00t["cfg"].as_f64() == Some(1.0),
+        "{phr00t}"
+    );
+    ensure!(find(&docs, "ModelLane", "shared")?["spec"]["mode"] == "Shared");
+
+    // Wrong values are refused before anything is applied, naming the key.
+    for (set, expect) in [
+        ("operator.replica=3", "'replica' not allowed"),
+        ("lanes[0].spec.mode=Turbo", "/lanes/0/spec/mode"),
+        (
+            "webhook.certificates.source=vault",
+            "/webhook/certificates/source",
+        ),
+        (
+            "models[0].spec.fixedParameters.steps=zero",
+            "/models/0/spec/fixedParameters/steps",
+        ),
+    ] {
+        let out = run_failing(
+            helm(env)
+                .args(["template", "fl"])
+                .arg(chart())
+                .arg(format!("--set={set}")),
+        )?;
+        ensure!(out.contains(expect), "{set}: {out}");
+    }
+
+    // Generated files are current.
+    let schema = dir.path().join("values.schema.json");
+    run(Command::new(common::python())
+        .arg(repo().join("tests/chart/values_schema.py"))
+        .arg(&schema))?;
+    ensure!(
+        std::fs::read(&schema)? == std::fs::read(chart().join("values.schema.json"))?,
+        "charts/framelane/values.schema.json is stale: run `just crds`"
+    );
+    for crd in std::fs::read_dir(repo().join("crds"))? {
+        let crd = crd?.path();
+        let copy = chart().join("crds").join(crd.file_name().expect("a file"));
+        ensure!(
+            std::fs::read(&crd)? == std::fs::read(&copy).unwrap_or_default(),
+            "{} differs from {}: run `just crds`",
+            copy.display(),
+            crd.display()
+        );
+    }
+    Ok(())
+}
+
+/// A kubeconfig for this control plane that authenticates with `token` only.
+fn token_kubeconfig(env: &TestEnv, token: &str, path: &Path) -> Result<()> {
+    let mut config = Kubeconfig::read_from(&env.kubeconfig)?;
+    let user = config
+        .contexts
+        .first()
+        .and_then(|c| c.context.as_ref())
+        .context("the admin kubeconfig has a context")?
+        .user
+        .clone()
+        .context("the admin context names a user")?;
+    config.auth_infos = vec![NamedAuthInfo {
+        name: user,
+        auth_info: Some(AuthInfo {
+            token: Some(token.to_string().into()),
+            ..Default::default()
+        }),
+        other: Default::default(),
+    }];
+    std::fs::write(path, serde_yaml::to_string(&config)?)?;
+    Ok(())
+}
+
+/// A token of `account` bound to `pod`, as the pod itself would get one.
+fn pod_token(ns: &TestNamespace, account: &str, pod: &str) -> Result<String> {
+    Ok(run(ns.kubectl().args([
+        "create",
+        "token",
+        account,
+        "--bound-object-kind=Pod",
+        &format!("--bound-object-name={pod}"),
+        "--duration=2h",
+    ]))?
+    .trim()
+    .to_string())
+}
+
+/// The value of a container environment variable as the kubelet would set it.
+fn env_value(var: &EnvVar, pod: &Pod) -> Option<String> {
+    if let Some(value) = &var.value {
+        return Some(value.clone());
+    }
+    let field = &var.value_from.as_ref()?.field_ref.as_ref()?.field_path;
+    let meta = &pod.metadata;
+    match field.as_str() {
+        "metadata.name" => meta.name.clone(),
+        "metadata.namespace" => meta.namespace.clone(),
+        "metadata.uid" => meta.uid.clone(),
+        // This process listens on loopback.
+        "status.podIP" => Some("127.0.0.1".into()),
+        _ => None,
+    }
+}
+
+/// The operator of a pod of the chart's Deployment, run in this process on its own runtime
+/// (stopping it stops every task it started), with the Deployment's arguments and
+/// environment (turned into the flags they set) and a token of the chart's operator account.
+struct Operator {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Operator {
+    fn start(pod: &Pod, kubeconfig: &Path, webhook_addr: &str) -> Result<Operator> {
+        let container = &pod.spec.as_ref().context("pod spec")?.containers[0];
+        let command = Config::command();
+        let overridden = ["--metrics-addr", "--webhook-addr"];
+        let mut args = vec!["framelane-operator".to_string()];
+        for arg in container.args.iter().flatten() {
+            if !overridden.iter().any(|o| arg.starts_with(o)) {
+                args.push(arg.clone());
+            }
+        }
+        for var in container.env.iter().flatten() {
+            let Some(value) = env_value(var, pod) else {
+                continue;
+            };
+            let flag = command
+                .get_arguments()
+                .find(|a| a.get_env() == Some(OsStr::new(&var.name)))
+                .and_then(|a| a.get_long());
+            match flag {
+                // A flag in the arguments wins over the environment, as in the pod.
+                Some(long) if args.iter().any(|a| a.starts_with(&format!("--{long}="))) => {}
+                Some(long) if var.name != "POD_IP" => args.push(format!("--{long}={value}")),
+                // RUST_LOG configures logging; POD_IP: this process is reached at the
+                // webhook address below.
+                _ => ensure!(
+                    ["RUST_LOG", "POD_IP"].contains(&var.name.as_str()),
+                    "unknown env {}",
+                    var.name
+                ),
+            }
+        }
+        args.extend([
+            "--metrics-addr=127.0.0.1:0".into(),
+            format!("--webhook-addr={webhook_addr}"),
+            format!("--kubeconfig={}", kubeconfig.display()),
+        ]);
+        let config = Config::try_parse_from(&args).with_context(|| format!("{args:?}"))?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("a tokio runtime");
+            runtime.block_on(async {
+                tokio::select! {
+                    result = framelane_operator::run::run(config) => {
+                        if let Err(e) = result { eprintln!("operator: {e:#}") }
+                    }
+                    _ = stopped => {}
+                }
+            });
+            runtime.shutdown_background();
+        });
+        Ok(Operator {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    fn stop(&mut self) {
+        self.stop.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One chart install in its own namespace, with the objects the test made around it.
+struct Release {
+    env: &'static TestEnv,
+    ns: TestNamespace,
+    name: String,
+    /// `<release>-framelane`, the prefix of the chart's object names.
+    full: String,
+    dir: tempfile::TempDir,
+    webhook_port: u16,
+}
+
+impl Release {
+    fn model(&self, package: &str) -> String {
+        format!("{}-{package}", self.ns.name)
+    }
+
+    /// The test's values: models and lanes named after the namespace (the cluster-scoped
+    /// defaults may exist already), lanes that ask for CPU so their pods schedule next to
+    /// anything holding the fake GPUs, the webhook reached at this process, and the chart's
+    /// own claims bound to volumes made for them.
+    fn values(&self, anisora_replicas: u32) -> Value {
+        let model = |package: &str, fixed: Value| {
+            json!({"name": self.model(package), "spec": {"fixedParameters": fixed,
+                "defaults": {"width": 256, "height": 256, "frames": 17, "fps": 8},
+                "limits": {"maxWidth": 512, "maxHeight": 512, "maxFrames": 33},
+                "package": {"path": package}, "modes": ["t2v"]}})
+        };
+        let runner = json!({"resources": {"requests": {"cpu": "100m"}}});
+        json!({
+            "operator": {"laneSelector": format!("app.kubernetes.io/instance={}", self.name)},
+            "webhook": {
+                "url": format!("https://127.0.0.1:{}/validate-videojob", self.webhook_port),
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": self.ns.name}},
+            },
+            "volumes": {
+                "models": {"storageClassName": "", "volumeName": format!("{}-models", self.ns.name)},
+                "outputs": {"storageClassName": "", "volumeName": format!("{}-outputs", self.ns.name)},
+            },
+            "models": [model("anisora", json!({"steps": 8})), model("phr00t", json!({"steps": 4, "cfg": 1.0}))],
+            "lanes": [
+                {"name": self.model("anisora"), "spec": {"mode": "Dedicated", "models": [self.model("anisora")],
+                    "replicas": anisora_replicas, "fallback": {"lane": self.model("shared")}, "runner": runner}},
+                {"name": self.model("phr00t"), "spec": {"mode": "Dedicated", "models": [self.model("phr00t")],
+                    "fallback": {"lane": self.model("shared")}, "runner": runner}},
+                {"name": self.model("shared"), "spec": {"mode": "Shared",
+                    "models": [self.model("anisora"), self.model("phr00t")], "runner": runner}},
+            ],
+        })
+    }
+
+    /// `helm <verb> <release> ...` in the release namespace, waiting for the result.
+    fn helm(&self, verb: &str, args: &[&str]) -> Result<String> {
+        run(helm(self.env)
+            .args([verb, &self.name, "-n", &self.ns.name])
+            .args(args))
+    }
+
+    fn install_or_upgrade(&self, verb: &str, anisora_replicas: u32) -> Result<String> {
+        let values = self.dir.path().join(format!("values-{verb}.yaml"));
+        std::fs::write(
+            &values,
+            serde_yaml::to_string(&self.values(anisora_replicas))?,
+        )?;
+        let values = values.to_string_lossy().into_owned();
+        let chart = chart().to_string_lossy().into_owned();
+        self.helm(verb, &[&chart, "-f", &values, "--wait", "--timeout=180s"])
+    }
+
+    async fn pods(&self, selector: &str) -> Result<Vec<Pod>> {
+        Ok(self
+            .ns
+            .api::<Pod>()
+            .list(&ListParams::default().labels(selector))
+            .await?
+            .items)
+    }
+
+    /// Waits for `check` to hold, for up to `limit`.
+    async fn until<F, Fut>(&self, what: &str, limit: Duration, mut check: F) -> Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<bool>>,
+    {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if check().await? {
+                return Ok(());
+            }
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    async fn lane_pods(&self, package: &str) -> Result<Vec<Pod>> {
+        self.pods(&format!("framelane.dev/lane={}", self.model(package)))
+            .await
+    }
+
+    /// A runner process playing the lane's first pod: the pod's own environment, a token of
+    /// the chart's runner account bound to the pod, the tiny model packages.
+    async fn runner(&self, package: &str) -> Result<tokio::process::Child> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let pod = loop {
+            let first = self.lane_pods(package).await?.into_iter().find(|p| {
+                p.metadata
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| n.ends_with("-0"))
+            });
+            match first {
+                Some(pod) => break pod,
+                None if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(300)).await
+                }
+                None => bail!("lane {package} has no runner pod"),
+            }
+        };
+        let spec = pod.spec.as_ref().context("pod spec")?;
+        let account = spec
+            .service_account_name
+            .clone()
+            .context("runner pods name the chart's runner account")?;
+        ensure!(account == format!("{}-runner", self.full), "{account}");
+        let name = pod.metadata.name.clone().expect("named");
+        let kubeconfig = self.dir.path().join(format!("{name}.kubeconfig"));
+        token_kubeconfig(
+            self.env,
+            &pod_token(&self.ns, &account, &name)?,
+            &kubeconfig,
+        )?;
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_framelane-runner"));
+        for var in spec.containers[0].env.iter().flatten() {
+            if let Some(value) = env_value(var, &pod) {
+                cmd.env(&var.name, value);
+            }
+        }
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log")))?;
+        Ok(cmd
+            .arg("--models-dir")
+            .arg(common::packages())
+            .arg("--output-dir")
+            .arg(self.dir.path())
+            .args(["--metrics-addr", "127.0.0.1:0", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .stdout(log)
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?)
+    }
+
+    async fn create_job(&self, name: &str, package: &str, extra: Value) -> Result<(), kube::Error> {
+        let mut spec = json!({"model": self.model(package), "prompt": format!("{name} by the sea"), "seed": 7});
+        spec.as_object_mut()
+            .expect("an object")
+            .extend(extra.as_object().cloned().unwrap_or_default());
+        let job: VideoJob = serde_json::from_value(json!({
+            "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob",
+            "metadata": {"name": name}, "spec": spec,
+        }))
+        .expect("a VideoJob");
+        self.ns
+            .api::<VideoJob>()
+            .create(&PostParams::default(), &job)
+            .await
+            .map(|_| ())
+    }
+
+    async fn wait_succeeded(&self, names: &[&str]) -> Result<()> {
+        let jobs = self.ns.api::<VideoJob>();
+        self.until("the jobs to succeed", Duration::from_secs(300), || async {
+            let mut done = 0;
+            for name in names {
+                let job = jobs.get(name).await?;
+                match job.status.as_ref().and_then(|s| s.phase) {
+                    Some(JobPhase::Succeeded) => done += 1,
+                    Some(JobPhase::Failed) => bail!("job {name} failed: {:?}", job.status),
+                    _ => {}
+                }
+            }
+            Ok(done == names.len())
+        })
+        .await
+    }
+
+    /// `kubectl auth can-i` as the account whose token `kubeconfig` holds.
+    fn can_i(&self, kubeconfig: &Path, args: &str) -> Result<bool> {
+        let out = self
+            .env
+            .kubectl()
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .args(["auth", "can-i"])
+            .args(args.split_whitespace())
+            .output()?;
+        let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        ensure!(
+            answer == "yes" || answer == "no",
+            "can-i {args}: {answer} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(answer == "yes")
+    }
+}
+
+#[tokio::test]
+async fn a_helm_install_runs_jobs_under_its_own_rbac_and_survives_upgrade_rollback_and_uninstall()
+-> Result<()> {
+    let env = TestEnv::get()?;
+    let ns = env.namespace("chart").await?;
+    // The operator's pods and the runner pods it makes must pass the restricted standard.
+    run(env.kubectl().args([
+        "label",
+        "namespace",
+        &ns.name,
+        "pod-security.kubernetes.io/enforce=restricted",
+    ]))?;
+    let webhook_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let release = Release {
+        env,
+        name: ns.name.clone(),
+        full: format!("{}-framelane", ns.name),
+        dir: tempfile::tempdir()?,
+        webhook_port,
+        ns,
+    };
+    let ns = &release.ns;
+    let admin = ns.client.clone();
+    let volumes: Api<PersistentVolume> = Api::all(admin.clone());
+    for (which, mode) in [("models", "ReadOnlyMany"), ("outputs", "ReadWriteMany")] {
+        let pv: PersistentVolume = serde_json::from_value(json!({
+            "metadata": {"name": format!("{}-{which}", ns.name)},
+            "spec": {"capacity": {"storage": "300Gi"}, "accessModes": [mode], "storageClassName": "",
+                "hostPath": {"path": format!("/var/lib/framelane/{which}")},
+                "claimRef": {"namespace": ns.name, "name": format!("{}-{which}", release.full)}},
+        }))?;
+        volumes.create(&PostParams::default(), &pv).await?;
+    }
+    let result = install_run_upgrade_uninstall(&release).await;
+    if result.is_err() {
+        // Leave no release behind (its webhook would refuse jobs in this namespace).
+        let _ = release.helm("uninstall", &["--wait", "--timeout=60s"]);
+    }
+    for which in ["models", "outputs"] {
+        let _ = volumes
+            .delete(&format!("{}-{which}", ns.name), &DeleteParams::default())
+            .await;
+    }
+    result
+}
+
+async fn install_run_upgrade_uninstall(release: &Release) -> Result<()> {
+    let (env, ns, full) = (release.env, &release.ns, &release.full);
+    let admin = ns.client.clone();
+    release.install_or_upgrade("install", 1)?;
+
+    // The operator Deployment: two replicas, spread over the two nodes, a PDB that allows
+    // one disruption.
+    let operator_selector = format!(
+        "app.kubernetes.io/name=framelane-operator,app.kubernetes.io/instance={}",
+        release.name
+    );
+    let deployment = ns
+        .api::<Deployment>()
+        .get(&format!("{full}-operator"))
+        .await?;
+    ensure!(
+        deployment.status.as_ref().and_then(|s| s.ready_replicas) == Some(2),
+        "{:?}",
+        deployment.status
+    );
+    let operator_pods = release.pods(&operator_selector).await?;
+    let nodes: BTreeSet<_> = operator_pods
+        .iter()
+        .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+        .collect();
+    ensure!(
+        nodes.len() == 2,
+        "operator replicas share a node: {nodes:?}"
+    );
+    let pdbs = ns.api::<PodDisruptionBudget>();
+    release
+        .until(
+            "the PDB to allow one disruption",
+            Duration::from_secs(30),
+            || async {
+                let pdb = pdbs.get(&format!("{full}-operator")).await?;
+                Ok(pdb.status.is_some_and(|s| {
+                    s.current_healthy == Some(2) && s.disruptions_allowed == Some(1)
+                }))
+            },
+        )
+        .await?;
+
+    // The operator, as its first pod, with the chart's operator account.
+    let operator_pod = &operator_pods[0];
+    let operator_kubeconfig = release.dir.path().join("operator.kubeconfig");
+    token_kubeconfig(
+        env,
+        &pod_token(
+            ns,
+            &format!("{full}-operator"),
+            operator_pod.metadata.name.as_deref().expect("named"),
+        )?,
+        &operator_kubeconfig,
+    )?;
+    let mut operator = Operator::start(
+        operator_pod,
+        &operator_kubeconfig,
+        &format!("127.0.0.1:{}", release.webhook_port),
+    )?;
+    // The webhook is effective once the API server trusts it: a job naming no model is refused.
+    release
+        .until("the chart's webhook to answer", Duration::from_secs(60), || async {
+            let dry = PostParams { dry_run: true, ..Default::default() };
+            let job: VideoJob = serde_json::from_value(json!({"apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob",
+                "metadata": {"name": "probe"}, "spec": {"model": "no-such-model", "prompt": "p"}}))?;
+            Ok(matches!(ns.api::<VideoJob>().create(&dry, &job).await, Err(kube::Error::Api(s)) if s.code == 422))
+        })
+        .await?;
+    let secret = ns
+        .api::<Secret>()
+        .get(&format!("{full}-webhook-tls"))
+        .await?;
+    ensure!(
+        secret
+            .data
+            .as_ref()
+            .is_some_and(|d| d.contains_key("tls.crt")),
+        "the operator fills the chart's Secret"
+    );
+    let configurations: Api<ValidatingWebhookConfiguration> = Api::all(admin.clone());
+    let ca_bundle = |c: ValidatingWebhookConfiguration| {
+        c.webhooks.unwrap_or_default()[0]
+            .client_config
+            .ca_bundle
+            .clone()
+    };
+    let bundle = ca_bundle(configurations.get(full).await?);
+    ensure!(bundle.is_some(), "the operator publishes caBundle");
+
+    let mut runners = vec![
+        release.runner("anisora").await?,
+        release.runner("phr00t").await?,
+    ];
+    let lanes: Api<ModelLane> = Api::all(admin.clone());
+    for package in ["anisora", "phr00t"] {
+        let lane = release.model(package);
+        release
+            .until(
+                "the lane's runner to be ready",
+                Duration::from_secs(120),
+                || async {
+                    let lane = lanes.get(&lane).await?;
+                    Ok(lane.status.map(|s| s.ready_runners) == Some(1))
+                },
+            )
+            .await?;
+    }
+
+    // Admit, run, complete under the chart's RBAC; refuse a wrong parameter.
+    release.create_job("cat", "anisora", json!({})).await?;
+    release
+        .create_job("lighthouse", "phr00t", json!({}))
+        .await?;
+    match release
+        .create_job("twenty-steps", "anisora", json!({"steps": 20}))
+        .await
+    {
+        Err(kube::Error::Api(s)) if s.code == 422 && s.message.contains("spec.steps") => {}
+        other => bail!("steps 20 should be refused with 422 naming spec.steps: {other:?}"),
+    }
+    release.wait_succeeded(&["cat", "lighthouse"]).await?;
+    let cat = ns.api::<VideoJob>().get("cat").await?;
+    let output = cat
+        .status
+        .and_then(|s| s.output)
+        .context("cat has an output")?;
+    ensure!(
+        release.dir.path().join(&output.path).is_file(),
+        "{output:?}"
+    );
+
+    // What each account may and may not do.
+    let runner_pod = release.lane_pods("anisora").await?.remove(0);
+    let runner_name = runner_pod.metadata.name.clone().expect("named");
+    let runner_kubeconfig = release.dir.path().join(format!("{runner_name}.kubeconfig"));
+    let n = &ns.name;
+    for (allowed, check) in [
+        (true, format!("create pods -n {n}")),
+        (true, format!("delete pods -n {n}")),
+        (true, format!("update secrets/{full}-webhook-tls -n {n}")),
+        (
+            true,
+            format!("update validatingwebhookconfigurations/{full}"),
+        ),
+        (
+            true,
+            "patch modellanes.framelane.dev --subresource=status".into(),
+        ),
+        (true, "list videojobs.framelane.dev --all-namespaces".into()),
+        (true, "patch videojobs.framelane.dev -n default".into()),
+        (true, "create events.events.k8s.io -n default".into()),
+        (false, "create pods -n default".into()),
+        (false, format!("get secrets/other -n {n}")),
+        (false, format!("list secrets -n {n}")),
+        (false, "update validatingwebhookconfigurations/other".into()),
+        (false, "create modellanes.framelane.dev".into()),
+        (false, "update videomodels.framelane.dev".into()),
+        (false, "create videojobs.framelane.dev -n default".into()),
+    ] {
+        ensure!(
+            release.can_i(&operator_kubeconfig, &check)? == allowed,
+            "operator: can-i {check} should be {allowed}"
+        );
+    }
+    for (allowed, check) in [
+        (true, format!("get videojobs.framelane.dev -n {n}")),
+        (
+            true,
+            "watch videojobs.framelane.dev --all-namespaces".into(),
+        ),
+        (
+            true,
+            format!("update videojobs.framelane.dev --subresource=status -n {n}"),
+        ),
+        (true, "list videomodels.framelane.dev".into()),
+        (true, format!("create leases.coordination.k8s.io -n {n}")),
+        (true, format!("update leases.coordination.k8s.io -n {n}")),
+        (false, format!("update videojobs.framelane.dev -n {n}")),
+        (false, format!("delete videojobs.framelane.dev -n {n}")),
+        (false, format!("create videojobs.framelane.dev -n {n}")),
+        (false, format!("create pods -n {n}")),
+        (false, format!("list pods -n {n}")),
+        (false, format!("get secrets -n {n}")),
+        (false, "create leases.coordination.k8s.io -n default".into()),
+        (
+            false,
+            "patch modellanes.framelane.dev --subresource=status".into(),
+        ),
+        (false, "update videomodels.framelane.dev".into()),
+    ] {
+        ensure!(
+            release.can_i(&runner_kubeconfig, &check)? == allowed,
+            "runner: can-i {check} should be {allowed}"
+        );
+    }
+    // RBAC allows Lease writes; the chart's admission policy allows only the runner's own.
+    let runner_client = Client::try_from(
+        kube::Config::from_custom_kubeconfig(
+            Kubeconfig::read_from(&runner_kubeconfig)?,
+            &KubeConfigOptions::default(),
+        )
+        .await?,
+    )?;
+    let runner_leases: Api<Lease> = Api::namespaced(runner_client, n);
+    ensure!(
+        runner_leases.get(&runner_name).await?.spec.is_some(),
+        "a runner reads its own Lease"
+    );
+    let other: Lease = serde_json::from_value(
+        json!({"metadata": {"name": "someone-else"}, "spec": {"holderIdentity": "me"}}),
+    )?;
+    match runner_leases.create(&PostParams::default(), &other).await {
+        Err(kube::Error::Api(s))
+            if s.code == 403
+                && s.message
+                    .contains("only write the heartbeat Lease named after its own pod") => {}
+        other => bail!("a runner wrote another Lease: {other:?}"),
+    }
+
+    // Jobs in flight through an upgrade (anisora gets a second runner pod) and a rollback.
+    let in_flight = ["wave-1", "wave-2", "wave-3", "wave-4"];
+    for name in in_flight {
+        release.create_job(name, "anisora", json!({})).await?;
+    }
+    let revision_2 = release.install_or_upgrade("upgrade", 2)?;
+    ensure!(revision_2.contains("REVISION: 2"), "{revision_2}");
+    let anisora = release.model("anisora");
+    ensure!(lanes.get(&anisora).await?.spec.replicas == Some(2));
+    release
+        .until(
+            "the upgraded lane's second pod",
+            Duration::from_secs(60),
+            || async { Ok(release.lane_pods("anisora").await?.len() == 2) },
+        )
+        .await?;
+    release.helm("rollback", &["1", "--wait", "--timeout=180s"])?;
+    ensure!(lanes.get(&anisora).await?.spec.replicas == Some(1));
+    release
+        .until(
+            "the rolled-back lane to shrink",
+            Duration::from_secs(60),
+            || async { Ok(release.lane_pods("anisora").await?.len() == 1) },
+        )
+        .await?;
+    release.wait_succeeded(&in_flight).await?;
+    let history = release.helm("history", &[])?;
+    ensure!(history.contains("Rollback to 1"), "{history}");
+    // Helm left the operator's certificates alone: same CA, still trusted.
+    ensure!(
+        ca_bundle(configurations.get(full).await?) == bundle,
+        "caBundle changed across upgrade/rollback"
+    );
+    let kept = ns
+        .api::<Secret>()
+        .get(&format!("{full}-webhook-tls"))
+        .await?;
+    ensure!(
+        kept.data == secret.data,
+        "the webhook Secret changed across upgrade/rollback"
+    );
+    match release
+        .create_job("twenty-steps", "anisora", json!({"steps": 20}))
+        .await
+    {
+        Err(kube::Error::Api(s)) if s.code == 422 => {}
+        other => bail!("the webhook stopped refusing after the rollback: {other:?}"),
+    }
+
+    // Users delete their jobs; the operator and runners go with the release's pods.
+    let jobs = ns.api::<VideoJob>();
+    jobs.delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await?;
+    release
+        .until("the jobs to be gone", Duration::from_secs(60), || async {
+            Ok(jobs.list(&ListParams::default()).await?.items.is_empty())
+        })
+        .await?;
+    for runner in &mut runners {
+        runner.kill().await?;
+    }
+    operator.stop();
+    release.helm("uninstall", &["--wait", "--timeout=180s"])?;
+
+    let instance = format!("app.kubernetes.io/instance={}", release.name);
+    let ours = |out: String| -> Vec<String> {
+        out.lines()
+            .filter(|l| {
+                !l.is_empty()
+                    && *l != "serviceaccount/default"
+                    && *l != "configmap/kube-root-ca.crt"
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    release
+        .until("nothing of the release to remain", Duration::from_secs(90), || async {
+            let cluster = ours(run(env.kubectl().args([
+                "get",
+                "clusterroles,clusterrolebindings,validatingwebhookconfigurations,validatingadmissionpolicies,validatingadmissionpolicybindings,videomodels,modellanes",
+                "-l",
+                &instance,
+                "-o",
+                "name",
+            ]))?);
+            let namespaced = ours(run(ns.kubectl().args([
+                "get",
+                "pods,leases,secrets,services,deployments,replicasets,poddisruptionbudgets,networkpolicies,roles,rolebindings,serviceaccounts,configmaps,persistentvolumeclaims",
+                "-o",
+                "name",
+            ]))?);
+            if !cluster.is_empty() || !namespaced.is_empty() {
+                eprintln!("left: {cluster:?} {namespaced:?}");
+            }
+            Ok(cluster.is_empty() && namespaced.is_empty())
+        })
+        .await?;
+    let crds = run(env.kubectl().args(["get", "crd", "-o", "name"]))?;
+    for crd in ["videojobs", "videomodels", "modellanes"] {
+        ensure!(
+            crds.contains(&format!("{crd}.framelane.dev")),
+            "helm uninstall keeps the CRDs: {crds}"
+        );
+    }
+    Ok(())
+}

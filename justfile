@@ -63,3 +63,16 @@ bench: tools
 # GPU memory check on one H100/H200 (torch 2.11 installed, no network): 20 alternating jobs on a Shared runner, with expandable_segments on and off. Args: --jobs N --weight-gib G --binary PATH.
 gpu-check *args:
     gpu-runner/scripts/gpu-check.sh {{args}}
+
+# Image tags `just images` builds; override with `just operator_image=... runner_image=... images`.
+operator_image := "ghcr.io/framelane/operator:0.1.0"
+runner_image := "ghcr.io/framelane/runner:0.1.0"
+
+# Build the operator and runner images with Docker (BuildKit), from the repository root.
+images:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v docker >/dev/null || { echo "images: docker is not installed; install Docker (with BuildKit) to build the images" >&2; exit 1; }
+    docker info >/dev/null 2>&1 || { echo "images: docker cannot reach a Docker engine ('docker info' fails); start one or point DOCKER_HOST at one" >&2; exit 1; }
+    docker build -f operator/Dockerfile -t "{{operator_image}}" .
+    docker build -f gpu-runner/Dockerfile -t "{{runner_image}}" .

@@ -348,6 +348,21 @@ async fn the_chart_lints_and_renders_valid_manifests_for_every_option() -> Resul
         ensure!(out.contains(expect), "{set}: {out}");
     }
 
+    // The chart README documents every value.
+    let readme = std::fs::read_to_string(chart().join("README.md"))?;
+    let values: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart().join("values.yaml"))?)?;
+    for path in value_paths(&values, "") {
+        let documented = readme.contains(&format!("`{path}`"))
+            || path
+                .match_indices('.')
+                .any(|(i, _)| readme.contains(&format!("`{}.*`", &path[..i])));
+        ensure!(
+            documented,
+            "charts/framelane/README.md does not document `{path}`"
+        );
+    }
+
     // Generated files are current.
     let schema = dir.path().join("values.schema.json");
     run(Command::new(common::python())
@@ -368,6 +383,30 @@ async fn the_chart_lints_and_renders_valid_manifests_for_every_option() -> Resul
         );
     }
     Ok(())
+}
+
+/// The dotted paths of a values tree's settings: its leaves, and the maps that are one
+/// setting (a Kubernetes object such as resources or a security context, or labels).
+fn value_paths(values: &Value, prefix: &str) -> Vec<String> {
+    const WHOLE: &[&str] = &[
+        "resources",
+        "podSecurityContext",
+        "securityContext",
+        "labels",
+    ];
+    match values.as_object() {
+        Some(map) if !map.is_empty() && !WHOLE.iter().any(|w| prefix.ends_with(w)) => map
+            .iter()
+            .flat_map(|(key, value)| {
+                let path = match prefix {
+                    "" => key.clone(),
+                    _ => format!("{prefix}.{key}"),
+                };
+                value_paths(value, &path)
+            })
+            .collect(),
+        _ => vec![prefix.to_string()],
+    }
 }
 
 /// A kubeconfig for this control plane that authenticates with `token` only.

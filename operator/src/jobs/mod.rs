@@ -10,6 +10,7 @@ use framelane_api::{
     VideoJob,
     runner::{fresh_until, set_condition},
     videojob::{JobPhase, LaneAssignment, VideoJobStatus},
+    videomodel::unknown_model_message,
     wellknown::{JOB_FINALIZER, Reason, job_condition},
 };
 use jiff::Timestamp;
@@ -112,13 +113,9 @@ fn route_new(
     lanes: &[Arc<framelane_api::ModelLane>],
 ) -> Result<Arc<framelane_api::ModelLane>, String> {
     let model = &job.spec.model;
-    if !ctx.models.state().iter().any(|m| &m.name_any() == model) {
-        let mut known: Vec<String> = ctx.models.state().iter().map(|m| m.name_any()).collect();
-        known.sort();
-        return Err(format!(
-            "VideoModel {model} does not exist; set spec.model to one of [{}]",
-            known.join(", ")
-        ));
+    let models = ctx.models.state();
+    if !models.iter().any(|m| &m.name_any() == model) {
+        return Err(unknown_model_message(model, &models));
     }
     route(model, lanes).cloned().ok_or_else(|| {
         format!(

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use framelane_api::{GenerationMode, VideoJob, VideoModel};
+use framelane_api::{GenerationMode, VideoJob, VideoModel, videomodel::unknown_model_message};
 use kube::ResourceExt;
 
 use super::review::{Cause, Denial, Request};
@@ -45,16 +45,10 @@ fn violations(
 ) -> Vec<Cause> {
     let spec = &job.spec;
     let Some(model) = model else {
-        let mut known: Vec<String> = models.iter().map(|m| m.name_any()).collect();
-        known.sort();
         return vec![Cause {
             field: "spec.model".into(),
             reason: "FieldValueNotFound",
-            message: format!(
-                "VideoModel {:?} does not exist: set spec.model to one of [{}] (kubectl get videomodels)",
-                spec.model,
-                known.join(", ")
-            ),
+            message: unknown_model_message(&spec.model, models),
         }];
     };
     let name = model.name_any();

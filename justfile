@@ -25,10 +25,15 @@ down:
 demo: up
     tests/testenv/demo.sh
 
-# Regenerate crds/ from the Rust types in api/.
+# Regenerate crds/ and the chart's copy from the Rust types in api/, and the chart's values.schema.json from them.
 crds:
-    rm -f crds/*.yaml
+    #!/usr/bin/env bash
+    set -euo pipefail
+    rm -f crds/*.yaml charts/framelane/crds/*.yaml
     cargo run -q -p framelane-api --bin crdgen -- crds
+    cp crds/*.yaml charts/framelane/crds/
+    eval "$(gpu-runner/scripts/setup-torch.sh)"
+    "$FRAMELANE_TORCH_PYTHON" tests/chart/values_schema.py
 
 # Formatting and lints, as CI runs them.
 lint:

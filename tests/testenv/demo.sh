@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The README's first command (`just demo`, after `just up`): the default models and lanes,
-# runner processes for the two Dedicated lanes, one job per model, live progress, a wrong
+# The README's first command (`just demo`, after `just up`, which installs the chart): the
+# default lanes, runner processes for the two Dedicated lanes, one job per model, live progress, a wrong
 # parameter and a burst refused at admission, and a summary. Exits non-zero if any job does
 # not succeed or admission does not refuse what it should.
 set -euo pipefail
@@ -9,8 +9,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 export KUBECONFIG="$STATE/kubeconfig"
 kubectl() { "$("$HERE/tools.sh")/kubectl" "$@"; }
 
-kubectl apply -f "$HERE/volumes.yaml" >/dev/null
-kubectl apply -f "$REPO/examples/videomodels.yaml"
+echo "The Helm release (charts/framelane) and the default models it installed:"
+"$("$HERE/tools.sh")/helm" list -n framelane-system
+kubectl get videomodels
 # The Dedicated lanes first, so their runner pods get the two fake GPUs; the Shared lane's
 # pod then waits for a free GPU (Pending), as it would on a full cluster.
 kubectl create --dry-run=client -o json -f "$REPO/examples/modellanes.yaml" | python3 -c '

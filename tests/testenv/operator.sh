@@ -1,84 +1,92 @@
 #!/usr/bin/env bash
-# Runs framelane-operator from this checkout against the local control plane that up.sh
-# started, in the background (log: .testenv/logs/framelane-operator.log), with its admission
-# webhook registered; down.sh stops it.
-# Its lanes are every ModelLane without the test-instance label, so `just test` on the same
-# control plane does not fight with it.
+# Installs Framelane on the local control plane that up.sh started, the way a cluster admin
+# does: `helm upgrade --install` of charts/framelane (release `framelane`, namespace
+# framelane-system). kwok's pods run no containers, so framelane-operator then runs here, in
+# the background (log: .testenv/logs/framelane-operator.log), as the first operator pod:
+# with that pod's arguments and environment and a token of the chart's operator
+# ServiceAccount bound to it, so it has exactly the chart's permissions. down.sh stops it.
+#
+# Differences from a cluster install (tests/testenv/values.yaml): the webhook is called at
+# this process's local address; lanes are left to the user (`just demo` applies
+# examples/modellanes.yaml); the operator ignores the tests' lanes and the webhook their
+# namespaces, so `just test` can run beside it.
 set -euo pipefail
 
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO=$(git -C "$HERE" rev-parse --show-toplevel)
-STATE="$REPO/.testenv"
-[ -f "$STATE/kubeconfig" ] || { echo "operator: no control plane; run tests/testenv/up.sh (just up) first" >&2; exit 1; }
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+[ -f "$STATE/kubeconfig" ] || { log "no control plane; run tests/testenv/up.sh (just up) first"; exit 1; }
+export KUBECONFIG="$STATE/kubeconfig"
+TOOLS=$("$HERE/tools.sh")
+kubectl() { "$TOOLS/kubectl" "$@"; }
+NS=framelane-system
 
 cargo build --quiet --manifest-path "$REPO/Cargo.toml" -p framelane-operator
 BIN="$REPO/target/debug/framelane-operator"
-KUBECTL="$("$HERE/tools.sh")/kubectl"
-export KUBECONFIG="$STATE/kubeconfig"
 
 if pid=$(cat "$STATE/framelane-operator.pid" 2>/dev/null) && kill -0 "$pid" 2>/dev/null; then
-  echo "operator: restarting (pid $pid)" >&2
+  log "restarting the operator (pid $pid)"
   kill "$pid"
   while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
 fi
 
-"$KUBECTL" create namespace framelane-system --dry-run=client -o yaml | "$KUBECTL" apply -f - >/dev/null
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 PORT=$(free_port)
 WEBHOOK_PORT=$(free_port)
-# The admission webhook, as the chart registers it but at the operator's local address, for
-# every namespace except the system ones and the tests' own (each test registers its own).
-# The operator publishes its CA into caBundle.
-"$KUBECTL" apply -f - >/dev/null <<EOF
-apiVersion: admissionregistration.k8s.io/v1
-kind: ValidatingWebhookConfiguration
-metadata:
-  name: framelane
-webhooks:
-  - name: videojobs.framelane.dev
-    admissionReviewVersions: ["v1"]
-    sideEffects: None
-    failurePolicy: Fail
-    timeoutSeconds: 5
-    clientConfig:
-      url: https://127.0.0.1:$WEBHOOK_PORT/validate-videojob
-    rules:
-      - apiGroups: ["framelane.dev"]
-        apiVersions: ["v1alpha1"]
-        operations: ["CREATE"]
-        resources: ["videojobs"]
-        scope: Namespaced
-    namespaceSelector:
-      matchExpressions:
-        - {key: framelane.dev/test, operator: DoesNotExist}
-        - {key: kubernetes.io/metadata.name, operator: NotIn, values: [kube-system, kube-public, kube-node-lease]}
-EOF
+# The volumes the chart's claims bind to (kwok runs no containers: never touched).
+kubectl apply -f "$HERE/volumes.yaml" >/dev/null
+"$TOOLS/helm" upgrade --install framelane "$REPO/charts/framelane" -n "$NS" --create-namespace \
+  -f "$HERE/values.yaml" --set "webhook.url=https://127.0.0.1:$WEBHOOK_PORT/validate-videojob" \
+  --wait --timeout 180s >/dev/null
+log "helm: release framelane installed in $NS ($("$TOOLS/helm" status framelane -n "$NS" -o json | python3 -c 'import json,sys; print("revision", json.load(sys.stdin)["version"])'))"
+
+# The first operator pod, which this process plays.
+pod_json=$(kubectl get pods -n "$NS" -l app.kubernetes.io/name=framelane-operator,app.kubernetes.io/instance=framelane \
+  --sort-by=.metadata.name -o json)
+POD=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["items"][0]["metadata"]["name"])' <<<"$pod_json")
+ACCOUNT=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["items"][0]["spec"]["serviceAccountName"])' <<<"$pod_json")
+KUBECONFIG_OPERATOR="$STATE/operator.kubeconfig"
+"$HERE/token-kubeconfig.sh" "$NS" "$ACCOUNT" "$POD" >"$KUBECONFIG_OPERATOR"
+
+# The pod's arguments, but listening on local ports, and its environment as the kubelet sets it.
+mapfile -t ARGS < <(python3 -c '
+import json, sys
+pod = json.load(sys.stdin)["items"][0]
+for a in pod["spec"]["containers"][0].get("args", []):
+    if not a.startswith(("--metrics-addr=", "--webhook-addr=")):
+        print(a)' <<<"$pod_json")
+ENV=()
+while IFS= read -r kv; do ENV+=("$kv"); done < <(python3 -c '
+import json, sys
+pod = json.load(sys.stdin)["items"][0]
+fields = {"metadata.name": pod["metadata"]["name"], "metadata.namespace": pod["metadata"]["namespace"],
+          "metadata.uid": pod["metadata"]["uid"]}
+for e in pod["spec"]["containers"][0].get("env", []):
+    if "value" in e:
+        print(e["name"] + "=" + e["value"])
+    elif e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") in fields:
+        print(e["name"] + "=" + fields[e["valueFrom"]["fieldRef"]["fieldPath"]])' <<<"$pod_json")
+
 # The state dir in the arguments is how down.sh recognises this checkout's operator.
-setsid nohup "$BIN" --kubeconfig "$STATE/kubeconfig" --namespace framelane-system \
-  --lane-selector '!framelane.dev/test-instance' --metrics-addr "127.0.0.1:$PORT" \
-  --webhook-addr "127.0.0.1:$WEBHOOK_PORT" --webhook-configuration framelane \
+env "${ENV[@]}" setsid nohup "$BIN" "${ARGS[@]}" --kubeconfig "$KUBECONFIG_OPERATOR" \
+  --metrics-addr "127.0.0.1:$PORT" --webhook-addr "127.0.0.1:$WEBHOOK_PORT" \
   </dev/null >"$STATE/logs/framelane-operator.log" 2>&1 &
 echo "$!" >"$STATE/framelane-operator.pid"
 echo "FRAMELANE_OPERATOR_METRICS=http://127.0.0.1:$PORT/metrics" >>"$STATE/env"
 probe() {
-  "$KUBECTL" create --dry-run=server -o name -f - 2>&1 <<EOF || true
+  kubectl create --dry-run=server -o name -f - 2>&1 <<EOF || true
 apiVersion: framelane.dev/v1alpha1
 kind: VideoJob
-metadata: {name: webhook-probe, namespace: framelane-system}
+metadata: {name: webhook-probe, namespace: $NS}
 spec: {model: webhook-probe, prompt: probe}
 EOF
 }
 for _ in $(seq 100); do
   # Ready, and the API server trusts its webhook (a dry run naming no model is refused).
   if curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && [[ "$(probe)" == *spec.model* ]]; then
-    # The default models (anisora, phr00t), as the chart installs them; lanes are up to the
-    # user (each holds a fake GPU).
-    "$KUBECTL" apply -f "$REPO/examples/videomodels.yaml" >/dev/null
-    echo "operator: running (metrics http://127.0.0.1:$PORT/metrics, log $STATE/logs/framelane-operator.log)"
+    echo "operator: running as pod $POD with ServiceAccount $ACCOUNT (metrics http://127.0.0.1:$PORT/metrics, log $STATE/logs/framelane-operator.log)"
     exit 0
   fi
   sleep 0.2
 done
-echo "operator: did not become ready; see $STATE/logs/framelane-operator.log" >&2
+log "the operator did not become ready; see $STATE/logs/framelane-operator.log"
 tail -n 20 "$STATE/logs/framelane-operator.log" >&2
 exit 1

@@ -31,11 +31,14 @@ for lane in "$@"; do
   pod=$("$KUBECTL" get pods -n framelane-system -l "framelane.dev/lane=$lane" -o jsonpath='{.items[0].metadata.name}')
   [ -n "$pod" ] || { log "lane $lane has no runner pod yet"; exit 1; }
   uid=$("$KUBECTL" get pod -n framelane-system "$pod" -o jsonpath='{.metadata.uid}')
+  # A token of the pod's ServiceAccount (the chart's runner account) bound to the pod.
+  account=$("$KUBECTL" get pod -n framelane-system "$pod" -o jsonpath='{.spec.serviceAccountName}')
+  "$HERE/token-kubeconfig.sh" framelane-system "${account:-default}" "$pod" >"$STATE/runner-$lane.kubeconfig"
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   # The state dir in the arguments is how down.sh recognises this checkout's runners.
   setsid nohup "$BIN" --name "$pod" --namespace framelane-system --pod-uid "$uid" --lane "$lane" --mode Dedicated \
     --models "$lane" --models-dir "$STATE/models" --output-dir "$STATE/outputs" \
-    --kubeconfig "$STATE/kubeconfig" --metrics-addr "127.0.0.1:$port" \
+    --kubeconfig "$STATE/runner-$lane.kubeconfig" --metrics-addr "127.0.0.1:$port" \
     </dev/null >"$STATE/logs/framelane-runner-$lane.log" 2>&1 &
   echo "$!" >"$STATE/framelane-runner-$lane.pid"
   log "runner for lane $lane plays pod $pod (log $STATE/logs/framelane-runner-$lane.log, metrics http://127.0.0.1:$port/metrics)"

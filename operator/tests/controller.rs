@@ -537,6 +537,14 @@ async fn lane_pods_carry_the_gpu_and_allocator_setting_and_go_with_the_lane() ->
     );
     let limits = container.resources.clone().unwrap().limits.unwrap();
     assert_eq!(limits["nvidia.com/gpu"].0, "1");
+    // The chart's PodMonitor scrapes the container port named `metrics`.
+    let ports: Vec<(Option<String>, i32)> = container
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.clone(), p.container_port))
+        .collect();
+    assert_eq!(ports, [(Some("metrics".to_string()), 8080)]);
     assert_eq!(pod.labels()["framelane.dev/model"], model);
     let spec = pod.spec.as_ref().unwrap();
     assert_eq!(spec.service_account_name.as_deref(), Some("runner"));

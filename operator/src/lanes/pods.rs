@@ -10,9 +10,9 @@ use framelane_api::{
 };
 use k8s_openapi::{
     api::core::v1::{
-        Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector,
-        PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, ResourceRequirements,
-        SeccompProfile, SecurityContext, Volume, VolumeMount,
+        Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+        ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec,
+        ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
     },
     apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::ObjectMeta},
 };
@@ -30,6 +30,10 @@ pub const TMP_MOUNT: &str = "/tmp";
 /// The user, group and fsGroup runner pods run as (not root: the `restricted` Pod Security
 /// Standard), the `nonroot` user of distroless images.
 pub const RUNNER_UID: i64 = 65532;
+/// The port of the runner's `/metrics`, `/healthz` and `/readyz` (its default
+/// `--metrics-addr`), declared under the name the chart's PodMonitor scrapes.
+pub const METRICS_PORT: i32 = 8080;
+pub const METRICS_PORT_NAME: &str = "metrics";
 
 /// The label value that names a lane's model on its pods.
 pub fn model_label(lane: &ModelLane) -> String {
@@ -176,6 +180,12 @@ fn pod_spec(lane: &ModelLane, config: &Config) -> PodSpec {
                     .unwrap_or_else(|| config.runner_image.clone()),
             ),
             env: Some(env),
+            ports: Some(vec![ContainerPort {
+                name: Some(METRICS_PORT_NAME.into()),
+                container_port: METRICS_PORT,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
             resources: Some(resources),
             volume_mounts: Some(vec![
                 VolumeMount {
@@ -303,6 +313,16 @@ mod tests {
             .limits
             .unwrap();
         assert_eq!(limits["nvidia.com/gpu"], Quantity("1".into()));
+        // The port the chart's PodMonitor scrapes (`port: metrics`).
+        let ports = pod.spec.as_ref().unwrap().containers[0]
+            .ports
+            .clone()
+            .unwrap();
+        assert_eq!(ports.len(), 1, "{ports:?}");
+        assert_eq!(
+            (ports[0].name.as_deref(), ports[0].container_port),
+            (Some("metrics"), 8080)
+        );
     }
 
     #[test]

@@ -51,6 +51,7 @@ pub struct CertificateLabels {
 pub struct Metrics {
     pub registry: Registry,
     pub queue_depth: Family<LaneLabels, Gauge>,
+    pub queue_max_depth: Family<LaneLabels, Gauge>,
     pub ready_runners: Family<LaneLabels, Gauge>,
     pub queue_wait: Family<LaneLabels, Histogram>,
     pub jobs_finished: Family<FinishedLabels, Counter>,
@@ -84,6 +85,12 @@ impl Default for Metrics {
             "queue_depth_jobs",
             "Unfinished (Queued or Running) jobs per lane",
             queue_depth.clone(),
+        );
+        let queue_max_depth = Family::default();
+        registry.register(
+            "queue_max_depth_jobs",
+            "Effective maxDepth per lane: its spec.queue.maxDepth, else the operator's default",
+            queue_max_depth.clone(),
         );
         let ready_runners = Family::default();
         registry.register(
@@ -162,6 +169,7 @@ impl Default for Metrics {
             webhook_duration,
             certificate_expiry,
             queue_depth,
+            queue_max_depth,
             ready_runners,
             queue_wait,
             jobs_finished,

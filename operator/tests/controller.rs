@@ -736,7 +736,16 @@ async fn queued_jobs_time_out_when_their_lane_has_no_runner() -> Result<()> {
             json!({"queue": {"maxWaitSeconds": 3}}),
         )
         .await?;
-    let op = fx.operator("op")?;
+    // A lane that sets no maxDepth gets the operator's default.
+    let other = fx.model("phr00t", 4, Some(1.0)).await?;
+    let default_depth = fx
+        .lane(
+            "default-depth",
+            &[&other],
+            json!({"queue": {"maxDepth": null}}),
+        )
+        .await?;
+    let op = OperatorProcess::start(&fx.ns, "op", &["--default-max-depth", "7"])?;
     fx.create_job("waiting", &model).await?;
     let failed = eventually(30, "QueueWaitTimeout", || async {
         let job = fx.jobs.get("waiting").await?;
@@ -774,6 +783,23 @@ async fn queued_jobs_time_out_when_their_lane_has_no_runner() -> Result<()> {
     )
     .await?;
     let metrics = op.metrics().await?;
+    // Each lane's effective queue limit: its own maxDepth, else the default.
+    let max_depth = |lane: &str| format!("framelane_queue_max_depth_jobs{{lane=\"{lane}\"}}");
+    assert_eq!(
+        support::sample(&metrics, &max_depth(&lane)),
+        Some(500.0),
+        "{metrics}"
+    );
+    let metrics = eventually(10, "the default lane's max depth", || async {
+        let metrics = op.metrics().await?;
+        Ok(support::sample(&metrics, &max_depth(&default_depth)).map(|_| metrics))
+    })
+    .await?;
+    assert_eq!(
+        support::sample(&metrics, &max_depth(&default_depth)),
+        Some(7.0),
+        "{metrics}"
+    );
     assert!(
         metrics.contains(&format!(
             "framelane_queue_timeout_drops_total{{lane=\"{lane}\"}} 1"

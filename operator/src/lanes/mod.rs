@@ -152,6 +152,10 @@ async fn reconcile_inner(lane: &ModelLane, ctx: &Context) -> Result<Action, Erro
         .get_or_create(&Metrics::lane(&name))
         .set(i64::from(depth));
     ctx.metrics
+        .queue_max_depth
+        .get_or_create(&Metrics::lane(&name))
+        .set(ctx.lane_limits(lane).0 as i64);
+    ctx.metrics
         .ready_runners
         .get_or_create(&Metrics::lane(&name))
         .set(i64::from(availability.fresh));

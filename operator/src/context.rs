@@ -6,9 +6,12 @@ use std::{
 };
 
 use framelane_api::{
-    ModelLane, VideoModel, modellane::LaneMode, runner::fresh_until, wellknown::LABEL_LANE,
+    ModelLane, VideoModel,
+    modellane::LaneMode,
+    runner::fresh_until,
+    wellknown::{LABEL_LANE, lane_condition::AVAILABLE},
 };
-use jiff::Timestamp;
+use jiff::{RoundMode, Timestamp, TimestampRound, Unit};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{
     Client, Resource, ResourceExt,
@@ -42,10 +45,21 @@ pub struct Availability {
     pub fresh: i32,
     /// The earliest moment a fresh runner stops being fresh (when to look again).
     pub next_expiry: Option<Timestamp>,
+    /// While no runner is fresh: when the last one stopped being fresh, to the second
+    /// (rounded up, as the lane's `Available` condition records it).
     pub unavailable_since: Option<Timestamp>,
 }
 
-/// Computes a lane's availability from its runners' heartbeat Leases.
+/// Computes a lane's availability from its runners' heartbeat Leases and, for when the last
+/// fresh runner went away, from the lane's `Available` condition: a runner's Lease goes with
+/// its pod, so the Leases alone forget a runner that was fresh until its pod was deleted.
+///
+/// With no fresh runner, the lane has been unavailable since the latest of:
+/// - the expiry of the freshest Lease left, and
+/// - what its status records: `Available=False` since its `lastTransitionTime`; with
+///   `Available=True` the lane was available when its status was last written and the
+///   outage is not on record yet, so it starts now; with no condition (never reconciled),
+///   when the lane was created.
 pub fn availability<'a>(
     lane: &ModelLane,
     leases: impl Iterator<Item = &'a Lease>,
@@ -62,16 +76,34 @@ pub fn availability<'a>(
             last_fresh = Some(last_fresh.map_or(until, |l| l.max(until)));
         }
     }
-    let created = lane.meta().creation_timestamp.as_ref().map(|t| t.0);
-    let unavailable_since = (fresh == 0).then(|| match (created, last_fresh) {
-        (Some(c), Some(l)) => c.max(l),
-        (c, l) => c.or(l).unwrap_or(now),
+    let recorded = lane
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == AVAILABLE));
+    let unavailable_since = (fresh == 0).then(|| {
+        let on_record = match recorded {
+            Some(c) if c.status == "False" => c.last_transition_time.0,
+            Some(_) => now,
+            None => lane.meta().creation_timestamp.as_ref().map_or(now, |t| t.0),
+        };
+        second_up(last_fresh.map_or(on_record, |l| l.max(on_record)))
     });
     Availability {
         fresh,
         next_expiry,
         unavailable_since,
     }
+}
+
+/// `t` rounded up to the second: a condition's `lastTransitionTime` keeps whole seconds, and
+/// rounding down would start a job's grace before the lane went down.
+fn second_up(t: Timestamp) -> Timestamp {
+    t.round(
+        TimestampRound::new()
+            .smallest(Unit::Second)
+            .mode(RoundMode::Ceil),
+    )
+    .unwrap_or(t)
 }
 
 /// The lane a new job of `model` goes to: the model's Dedicated lane, else a Shared lane
@@ -244,6 +276,53 @@ mod tests {
             a.unavailable_since,
             Some(t(0)),
             "never had a runner: down since it was created"
+        );
+    }
+
+    fn with_available(lane: &ModelLane, status: &str, since: i64) -> ModelLane {
+        let mut lane = lane.clone();
+        lane.status = Some(
+            serde_json::from_value(json!({"conditions": [{
+            "type": "Available", "status": status, "reason": "Started", "message": "",
+            "lastTransitionTime": Time(t(since))}]}))
+            .unwrap(),
+        );
+        lane
+    }
+
+    #[test]
+    fn an_outage_counts_from_its_record_when_the_leases_are_gone() {
+        let created = lane("anisora", "Dedicated", &["anisora"]);
+        // The runner's pod was replaced and its Lease went with it. The lane was Available
+        // when its status was last written: the outage starts when it is noticed, not
+        // when the lane was created.
+        let up = with_available(&created, "True", 10);
+        let a = availability(&up, std::iter::empty(), t(500));
+        assert_eq!((a.fresh, a.unavailable_since), (0, Some(t(500))));
+        // Once on record, it keeps that start, Leases or not, whichever replica reads it.
+        let down = with_available(&created, "False", 480);
+        let a = availability(&down, std::iter::empty(), t(600));
+        assert_eq!(a.unavailable_since, Some(t(480)));
+        // A runner fresh after the record moves it later, never earlier.
+        let leases = [lease(500), lease(100)];
+        let a = availability(&down, leases.iter(), t(600));
+        assert_eq!(a.unavailable_since, Some(t(515)));
+        // A fresh runner: available, whatever the record says.
+        let a = availability(&down, [lease(590)].iter(), t(600));
+        assert_eq!((a.fresh, a.unavailable_since), (1, None));
+    }
+
+    #[test]
+    fn an_outage_starts_on_a_whole_second_rounded_up() {
+        let up = with_available(&lane("anisora", "Dedicated", &["anisora"]), "True", 10);
+        let now = t(500) + jiff::SignedDuration::from_millis(300);
+        assert_eq!(
+            availability(&up, std::iter::empty(), now).unavailable_since,
+            Some(t(501))
+        );
+        assert_eq!(
+            availability(&up, std::iter::empty(), t(500)).unavailable_since,
+            Some(t(500))
         );
     }
 }

@@ -237,7 +237,9 @@ async fn controllers(
     )
     .default_backoff()
     .reflect(leases_writer)
-    .applied_objects();
+    // Deletions too: a runner's Lease goes with its pod, and the lane must notice at once
+    // that it lost a runner.
+    .touched_objects();
     let (lanes, lanes_writer) = reflector::store();
     let lane_stream = watcher(lanes_api, lane_watch)
         .default_backoff()

@@ -814,3 +814,101 @@ async fn queued_jobs_time_out_when_their_lane_has_no_runner() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_lane_that_loses_its_runner_gives_queued_jobs_max_wait_from_then() -> Result<()> {
+    let fx = Fixture::new("grace").await?;
+    let model = fx.model("anisora", 8, None).await?;
+    let lane = fx
+        .lane(
+            "anisora",
+            &[&model],
+            json!({"queue": {"maxWaitSeconds": 5}}),
+        )
+        .await?;
+    let _op = fx.operator("op")?;
+    // A runner that heartbeats but takes no job, so the job waits behind it.
+    let holds = Behaviour {
+        permits: Some(Arc::new(Semaphore::new(0))),
+        ..Default::default()
+    };
+    let runner = fx.runner("runner-old", &lane, holds);
+    eventually(30, "the lane to count the runner", || async {
+        Ok((fx.lane_status(&lane).await?.ready_runners == 1).then_some(()))
+    })
+    .await?;
+    fx.create_job("patient", &model).await?;
+    eventually(30, "the job queued", || async {
+        let job = fx.jobs.get("patient").await?;
+        Ok((phase(&job) == Some(JobPhase::Queued)).then_some(()))
+    })
+    .await?;
+    // It waits longer than maxWaitSeconds while the lane has a runner: no timeout.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let job = fx.jobs.get("patient").await?;
+    ensure!(
+        phase(&job) == Some(JobPhase::Queued),
+        "timed out with a live runner: {:?}",
+        job.status
+    );
+
+    // The runner stops, and its Lease goes as the garbage collector takes it with its pod
+    // (a new runner image, a deleted pod). No Lease is left to say when it was last fresh.
+    runner.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let leases: Api<Lease> = fx.ns.api();
+    let gone = jiff::Timestamp::now();
+    leases
+        .delete(&runner.name, &DeleteParams::default())
+        .await?;
+    // The lane records when it lost its last runner.
+    let available = eventually(10, "the lane to record its outage", || async {
+        let status = fx.lane_status(&lane).await?;
+        Ok(status
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Available" && c.status == "False"))
+    })
+    .await?;
+    ensure!(
+        available.last_transition_time.0 >= gone
+            && available.last_transition_time.0 <= gone + jiff::SignedDuration::from_secs(3),
+        "the outage is dated {}, the runner went away at {gone}",
+        available.last_transition_time.0
+    );
+    // Make the operator look at the job now: it has been queued for longer than
+    // maxWaitSeconds, but the lane went down only a moment ago, so it keeps waiting.
+    fx.jobs
+        .patch(
+            "patient",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"test/poke": "1"}}})),
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let job = fx.jobs.get("patient").await?;
+    ensure!(
+        phase(&job) == Some(JobPhase::Queued),
+        "failed as soon as the runner went away: {:?}",
+        job.status
+    );
+
+    // It fails once maxWaitSeconds have passed since the runner went away, and not much later.
+    let failed = eventually(30, "QueueWaitTimeout", || async {
+        let job = fx.jobs.get("patient").await?;
+        Ok((phase(&job) == Some(JobPhase::Failed)).then_some(job))
+    })
+    .await?;
+    let status = failed.status.context("status")?;
+    assert_eq!(status.reason.as_deref(), Some("QueueWaitTimeout"));
+    let after = status
+        .finished_at
+        .context("finishedAt")?
+        .0
+        .duration_since(gone);
+    ensure!(
+        after >= jiff::SignedDuration::from_secs(5) && after < jiff::SignedDuration::from_secs(10),
+        "failed {after:?} after the runner went away (maxWaitSeconds 5)"
+    );
+    Ok(())
+}

@@ -244,6 +244,27 @@ mod tests {
     }
 
     #[test]
+    fn a_job_queued_long_before_its_lane_went_down_still_gets_max_wait() {
+        // Queued at 0 behind a live runner; the lane's last runner went away at 100.
+        let queued = job(json!({"phase": "Queued", "queuedAt": micro(0)}));
+        assert_eq!(
+            decide(&queued, &facts(101, lane(1, Some(t(100))), None)),
+            Decision::Wait(Duration::from_millis(29_100)),
+            "waits out maxWaitSeconds from the outage, not from its admission"
+        );
+        assert!(matches!(
+            decide(&queued, &facts(129, lane(1, Some(t(100))), None)),
+            Decision::Wait(_)
+        ));
+        let Decision::Fail { reason, .. } =
+            decide(&queued, &facts(130, lane(1, Some(t(100))), None))
+        else {
+            panic!()
+        };
+        assert_eq!(reason, Reason::QueueWaitTimeout);
+    }
+
+    #[test]
     fn a_lost_runner_requeues_then_fails_with_runner_lost() {
         let running =
             |attempts: i32| job(json!({"phase": "Running", "runner": "r-0", "attempts": attempts}));

@@ -1,5 +1,6 @@
 //! The ModelLane controller: keeps each lane's runner pods, and writes its status (phase,
-//! ready runners from heartbeats, queue depth) and its queued jobs' positions.
+//! ready runners from heartbeats, queue depth, since when it has had no fresh runner) and
+//! its queued jobs' positions.
 
 pub mod pods;
 
@@ -12,7 +13,7 @@ use framelane_api::{
     wellknown::{ALLOC_CONF_ENV, LABEL_LANE, Reason, lane_condition},
 };
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Time};
 use kube::{
     Api, Resource, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
@@ -76,6 +77,17 @@ async fn reconcile_inner(lane: &ModelLane, ctx: &Context) -> Result<Action, Erro
         &available_msg,
         generation,
     );
+    // The durable record of the outage, which queued jobs' maxWaitSeconds counts from: when
+    // the last runner stopped being fresh (not when this reconcile noticed it), and later
+    // if a runner was fresh since. It outlives the runners' Leases and this replica.
+    if let Some(since) = availability.unavailable_since
+        && let Some(available) = status
+            .conditions
+            .iter_mut()
+            .find(|c| c.type_ == lane_condition::AVAILABLE)
+    {
+        available.last_transition_time = Time(since);
+    }
     match &pods_created {
         Ok(()) => set_condition(
             &mut status.conditions,

@@ -129,15 +129,16 @@ impl AdmissionClock {
         self.last = Some(self.last.map_or(seen, |l| l.max(seen)));
     }
 
-    /// The next admission time: now, or a microsecond after the last one.
+    /// The next admission time: now, or a microsecond after the last one. Strictly
+    /// increasing on the microsecond grid status times are written with, so admissions sort
+    /// in the order their slots were taken (the positions they were given).
     pub fn next(&mut self, now: Timestamp) -> Timestamp {
+        let now = Timestamp::from_microsecond(now.as_microsecond())
+            .expect("a valid timestamp stays valid");
         let t = match self.last {
             Some(last) if now <= last => last + jiff::SignedDuration::from_micros(1),
             _ => now,
         };
-        // Status times are written with microsecond precision; keep the clock on that grid.
-        let t =
-            Timestamp::from_microsecond(t.as_microsecond()).expect("a valid timestamp stays valid");
         self.last = Some(t);
         t
     }
@@ -238,5 +239,9 @@ mod tests {
         assert_eq!(c.next(at(500)), at(1_001));
         assert_eq!(c.next(at(500)), at(1_002));
         assert_eq!(c.next(at(5_000)), at(5_000));
+        // Later by less than a microsecond: the written times would tie, so it moves on.
+        let just_after = at(5_000) + jiff::SignedDuration::from_nanos(400);
+        assert_eq!(c.next(just_after), at(5_001));
+        assert_eq!(c.next(just_after), at(5_002));
     }
 }

@@ -83,6 +83,21 @@ fn helm(env: &TestEnv) -> Command {
     cmd
 }
 
+/// `helm template` of the chart as release `fl` in framelane-system, with `--set` arguments.
+fn template(env: &TestEnv, version: &str, set_args: &[String]) -> Result<String> {
+    run(helm(env)
+        .args([
+            "template",
+            "fl",
+            "-n",
+            "framelane-system",
+            "--kube-version",
+            version,
+        ])
+        .arg(chart())
+        .args(set_args))
+}
+
 /// The documents of a multi-document YAML stream, as JSON values.
 fn documents(yaml: &str) -> Result<Vec<Value>> {
     let mut docs = Vec::new();
@@ -173,17 +188,7 @@ async fn the_chart_lints_and_renders_valid_manifests_for_every_option() -> Resul
             .args(["lint", "--strict", "--kube-version", &version])
             .arg(chart())
             .args(&set_args))?;
-        let rendered = run(helm(env)
-            .args([
-                "template",
-                "fl",
-                "-n",
-                "framelane-system",
-                "--kube-version",
-                &version,
-            ])
-            .arg(chart())
-            .args(&set_args))?;
+        let rendered = template(env, &version, &set_args)?;
         let mut kubeconform = Command::new(env.bin_dir.join("kubeconform"))
             .args([
                 "-strict",
@@ -267,16 +272,7 @@ async fn the_chart_lints_and_renders_valid_manifests_for_every_option() -> Resul
     }
 
     // The defaults, as a cluster admin would review them.
-    let rendered = run(helm(env)
-        .args([
-            "template",
-            "fl",
-            "-n",
-            "framelane-system",
-            "--kube-version",
-            &version,
-        ])
-        .arg(chart()))?;
+    let rendered = template(env, &version, &[])?;
     let docs = documents(&rendered)?;
     let deployment = find(&docs, "Deployment", "fl-framelane-operator")?;
     let pod = &deployment["spec"]["template"]["spec"];

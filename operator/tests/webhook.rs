@@ -531,34 +531,11 @@ async fn certificates_rotate_during_a_stream_of_creates_without_a_failed_request
         }
         anyhow::Ok((certs, cas))
     };
-    let dry_run = PostParams {
-        dry_run: true,
-        ..Default::default()
-    };
     let no_retries = s.fx.jobs_without_retries().await?;
-    let stream = (0..4).map(|worker| {
-        let (jobs, dry_run, model) = (&no_retries, &dry_run, &s.anisora);
-        async move {
-            let mut done = 0;
-            while tokio::time::Instant::now() < deadline {
-                let job = job(
-                    &format!("w{worker}-{done}"),
-                    json!({"model": model, "prompt": "rotation"}),
-                );
-                jobs.create(dry_run, &job)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("create {done} of worker {worker}: {e}"))?;
-                done += 1;
-            }
-            anyhow::Ok(done)
-        }
-    });
-    let (watched, creates) = tokio::join!(watch, join_all(stream));
+    let stream = create_until(&no_retries, &s.anisora, "rotation", deadline);
+    let (watched, total) = tokio::join!(watch, stream);
     let (certs, cas) = watched?;
-    let mut total = 0;
-    for created in creates {
-        total += created?;
-    }
+    let total = total?;
     assert!(total > 100, "only {total} creates in 40 s");
     assert!(
         certs.len() >= 5,
@@ -709,29 +686,9 @@ async fn certificates_from_cert_manager_are_served_and_reloaded_without_a_failed
         .rotate(&longer, jiff::Timestamp::now().as_second(), true)?
         .context("a renewal is due with less than a third of the life left")?;
     assert_eq!(what, certs::Rotation::Certificate);
-    let dry_run = PostParams {
-        dry_run: true,
-        ..Default::default()
-    };
     let no_retries = s.fx.jobs_without_retries().await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
-    let stream = (0..4).map(|worker| {
-        let (jobs, dry_run, model) = (&no_retries, &dry_run, &s.anisora);
-        async move {
-            let mut done = 0;
-            while tokio::time::Instant::now() < deadline {
-                let job = job(
-                    &format!("w{worker}-{done}"),
-                    json!({"model": model, "prompt": "renewal"}),
-                );
-                jobs.create(dry_run, &job)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("create {done} of worker {worker}: {e}"))?;
-                done += 1;
-            }
-            anyhow::Ok(done)
-        }
-    });
+    let stream = create_until(&no_retries, &s.anisora, "renewal", deadline);
     let renew = async {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let mut secret = secrets.get("framelane-webhook-tls").await?;
@@ -746,12 +703,9 @@ async fn certificates_from_cert_manager_are_served_and_reloaded_without_a_failed
         })
         .await
     };
-    let (renewed_in_time, creates) = tokio::join!(renew, join_all(stream));
+    let (renewed_in_time, total) = tokio::join!(renew, stream);
     renewed_in_time?;
-    let mut total = 0;
-    for created in creates {
-        total += created?;
-    }
+    let total = total?;
     assert!(total > 20, "only {total} creates in 12 s");
     assert_ne!(renewed.serving()?.not_after, issued.serving()?.not_after);
     assert_eq!(
@@ -788,4 +742,40 @@ async fn certificates_from_cert_manager_are_served_and_reloaded_without_a_failed
         operator.log_text()
     );
     Ok(())
+}
+
+/// Four workers creating (server-side dry run, no retries) jobs of `model` until `deadline`:
+/// how many creates succeeded, or the first that failed.
+async fn create_until(
+    jobs: &Api<VideoJob>,
+    model: &str,
+    prompt: &str,
+    deadline: tokio::time::Instant,
+) -> Result<usize> {
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let workers = (0..4).map(|worker| {
+        let dry_run = &dry_run;
+        async move {
+            let mut done = 0;
+            while tokio::time::Instant::now() < deadline {
+                let job = job(
+                    &format!("w{worker}-{done}"),
+                    json!({"model": model, "prompt": prompt}),
+                );
+                jobs.create(dry_run, &job)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("create {done} of worker {worker}: {e}"))?;
+                done += 1;
+            }
+            anyhow::Ok(done)
+        }
+    });
+    let mut total = 0;
+    for created in join_all(workers).await {
+        total += created?;
+    }
+    Ok(total)
 }

@@ -230,7 +230,17 @@ async fn the_chart_lints_and_renders_valid_manifests_for_every_option() -> Resul
                     certificate["spec"]["dnsNames"][0]
                         == "fl-framelane-webhook.framelane-system.svc"
                 );
-                find(&docs, "Issuer", "fl-framelane-webhook")?;
+                let issuer = &certificate["spec"]["issuerRef"]["name"];
+                ensure!(issuer == "fl-framelane-webhook-ca", "{issuer}");
+                let ca = find(&docs, "Certificate", "fl-framelane-webhook-ca")?;
+                ensure!(
+                    ca["spec"]["isCA"] == true
+                        && ca["spec"]["issuerRef"]["name"] == "fl-framelane-selfsigned"
+                );
+                ensure!(
+                    find(&docs, "Issuer", "fl-framelane-webhook-ca")?["spec"]["ca"]["secretName"]
+                        == "fl-framelane-webhook-ca"
+                );
                 let vwc = find(&docs, "ValidatingWebhookConfiguration", "fl-framelane")?;
                 ensure!(
                     vwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"]

@@ -24,10 +24,15 @@ use support::{Fixture, eventually, phase};
 
 const FIRST: usize = 1_000;
 const TOTAL: usize = 10_000;
+/// Concurrent creators; `FRAMELANE_BENCH_CONCURRENCY` overrides it.
 const CONCURRENCY: usize = 32;
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    let concurrency: usize = match std::env::var("FRAMELANE_BENCH_CONCURRENCY") {
+        Ok(v) => v.parse()?,
+        Err(_) => CONCURRENCY,
+    };
     let fx = Fixture::new("bench").await?;
     let model = fx.model("anisora", 8, None).await?;
     fx.lane(
@@ -70,7 +75,7 @@ async fn main() -> Result<()> {
                     .map(|_| (name, t, t.elapsed()))
             }
         })
-        .buffer_unordered(CONCURRENCY)
+        .buffer_unordered(concurrency)
         .try_collect()
         .await?;
     let create_secs = started.elapsed().as_secs_f64();
@@ -93,7 +98,7 @@ async fn main() -> Result<()> {
     let last_queued = seen.values().max().copied().unwrap_or(started);
     let pct_of = |v: &[f64], p: f64| v[((v.len() as f64 * p).ceil() as usize).min(v.len()) - 1];
     let pct = |p: f64| pct_of(&latencies, p);
-    println!("create→Queued over {FIRST} jobs (concurrency {CONCURRENCY}):");
+    println!("create→Queued over {FIRST} jobs (concurrency {concurrency}):");
     println!(
         "  creates/s accepted by the API server: {:.0}",
         FIRST as f64 / create_secs
@@ -124,7 +129,7 @@ async fn main() -> Result<()> {
                     .map(|_| ())
             }
         })
-        .buffer_unordered(CONCURRENCY)
+        .buffer_unordered(concurrency)
         .try_collect::<Vec<()>>()
         .await?;
     eventually(600, "10,000 jobs Queued", || async {

@@ -19,7 +19,6 @@ use kube::{
     ResourceExt,
     runtime::{WatchStreamExt, watcher},
 };
-use serde_json::json;
 use support::{Fixture, eventually, phase};
 
 const FIRST: usize = 1_000;
@@ -34,13 +33,7 @@ async fn main() -> Result<()> {
         Err(_) => CONCURRENCY,
     };
     let fx = Fixture::new("bench").await?;
-    let model = fx.model("anisora", 8, None).await?;
-    fx.lane(
-        "anisora",
-        &[&model],
-        json!({"queue": {"maxDepth": 10000, "maxWaitSeconds": 86400}}),
-    )
-    .await?;
+    let model = fx.unbounded_anisora().await?;
     let op = fx.operator("bench")?;
     op.until_leading().await?;
 

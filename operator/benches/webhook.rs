@@ -29,13 +29,7 @@ const CONCURRENCY: usize = 32;
 #[tokio::main]
 async fn main() -> Result<()> {
     let fx = Fixture::new("whbench").await?;
-    let model = fx.model("anisora", 8, None).await?;
-    fx.lane(
-        "anisora",
-        &[&model],
-        json!({"queue": {"maxDepth": 10000, "maxWaitSeconds": 86400}}),
-    )
-    .await?;
+    let model = fx.unbounded_anisora().await?;
     let (op, port) = fx.webhook_operator("bench", 0, &[])?;
     op.until_leading().await?;
     fx.register_webhook(port).await?;

@@ -88,6 +88,19 @@ impl Fixture {
     /// Creates a lane watched only by this test's operators. `spec` is merged over a
     /// Dedicated lane for `models` whose runners request CPU only (so tests do not hold the
     /// fake GPUs), unless `spec` sets its own runner.
+    /// An anisora model with a lane that never fills or times out (for benchmarks that
+    /// create thousands of jobs with no runner); returns the model's name.
+    pub async fn unbounded_anisora(&self) -> Result<String> {
+        let model = self.model("anisora", 8, None).await?;
+        self.lane(
+            "anisora",
+            &[&model],
+            json!({"queue": {"maxDepth": 10000, "maxWaitSeconds": 86400}}),
+        )
+        .await?;
+        Ok(model)
+    }
+
     pub async fn lane(&self, name: &str, models: &[&str], spec: Value) -> Result<String> {
         let name = self.scoped(name);
         let mut full = json!({"mode": "Dedicated", "models": models,

@@ -656,22 +656,20 @@ impl Release {
     /// A runner process playing the lane's first pod: the pod's own environment, a token of
     /// the chart's runner account bound to the pod, the tiny model packages.
     async fn runner(&self, package: &str) -> Result<tokio::process::Child> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        let pod = loop {
+        let found = std::cell::RefCell::new(None);
+        self.until("the lane's runner pod", Duration::from_secs(60), || async {
             let first = self.lane_pods(package).await?.into_iter().find(|p| {
                 p.metadata
                     .name
                     .as_deref()
                     .is_some_and(|n| n.ends_with("-0"))
             });
-            match first {
-                Some(pod) => break pod,
-                None if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(300)).await
-                }
-                None => bail!("lane {package} has no runner pod"),
-            }
-        };
+            let seen = first.is_some();
+            *found.borrow_mut() = first;
+            Ok(seen)
+        })
+        .await?;
+        let pod = found.into_inner().expect("found above");
         let spec = pod.spec.as_ref().context("pod spec")?;
         let account = spec
             .service_account_name

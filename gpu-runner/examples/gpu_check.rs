@@ -4,9 +4,10 @@
 //!
 //!     gpu_check PACKAGES_DIR [JOBS]
 //!
-//! Prints one table row per model and fails (exit 1) on any failed job, any OOM, or a model
-//! whose peak reserved memory varies by more than 2 % across its jobs. Run it once per
-//! PYTORCH_CUDA_ALLOC_CONF setting (the allocator reads it at CUDA start).
+//! Prints one line per job and one table row per model (memory figures exclude the ballast)
+//! and fails (exit 1) on any failed job, any OOM, a model whose peak reserved memory varies by
+//! more than 2 % across its jobs, or more than one model's weights reserved after a cleanup.
+//! Run it once per PYTORCH_CUDA_ALLOC_CONF setting (the allocator reads it at CUDA start).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -45,6 +46,16 @@ fn main() -> anyhow::Result<()> {
         None => 20,
     };
     let device = RunnerDevice::detect()?;
+    // gpu-check.sh sets this when Python's torch sees a GPU: a check that quietly ran on the
+    // CPU would prove nothing.
+    if std::env::var_os("FRAMELANE_GPU_CHECK_EXPECT_CUDA").is_some()
+        && device.device == tch::Device::Cpu
+    {
+        let why = framelane_runner::accel::load_cuda()
+            .err()
+            .unwrap_or_else(|| "libtorch_cuda loaded but sees no GPU".into());
+        bail!("torch sees a GPU but this binary runs on the CPU: {why}");
+    }
     let models = [("anisora", 8), ("phr00t", 4)];
     let refs: Vec<PackageRef> = models
         .iter()
@@ -73,6 +84,8 @@ fn main() -> anyhow::Result<()> {
         }
         None => None,
     };
+    // What the ballast holds: subtracted from every figure so the spread is the models' own.
+    let baseline = device.stats()?.reserved_current;
     let conf = std::env::var("PYTORCH_CUDA_ALLOC_CONF").unwrap_or_else(|_| "(unset)".into());
     println!(
         "device {}, PYTORCH_CUDA_ALLOC_CONF={conf}, largest package {:.2} GiB, ballast {:.2} GiB, {jobs} jobs",
@@ -90,6 +103,7 @@ fn main() -> anyhow::Result<()> {
         let package = cache
             .get(model)
             .with_context(|| format!("job {i}: loading {model}"))?;
+        let loaded = started.elapsed().as_secs_f64();
         let request = JobRequest {
             namespace: "gpu-check".into(),
             name: format!("job-{i}"),
@@ -107,10 +121,18 @@ fn main() -> anyhow::Result<()> {
             bail!("job {i} ({model}) failed: {e}");
         }
         let memory = outcome.memory?;
+        let peak = memory.status.peak_reserved_bytes - baseline;
+        let after_cleanup = memory.status.after_cleanup_reserved_bytes - baseline;
+        println!(
+            "job {i:>2} {model:<8} load {loaded:5.2} s, job {:5.2} s, peak reserved {:.3} GiB, after cleanup {:.3} GiB",
+            started.elapsed().as_secs_f64() - loaded,
+            peak as f64 / GIB,
+            after_cleanup as f64 / GIB
+        );
         let row = rows.entry(model).or_default();
         row.jobs += 1;
-        row.peak_reserved.push(memory.status.peak_reserved_bytes);
-        row.after_cleanup_reserved = memory.status.after_cleanup_reserved_bytes;
+        row.peak_reserved.push(peak);
+        row.after_cleanup_reserved = row.after_cleanup_reserved.max(after_cleanup);
         row.retries += memory.alloc_retries;
         row.ooms += memory.ooms;
         row.seconds += started.elapsed().as_secs_f64();
@@ -118,7 +140,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::remove_dir_all(&out).ok();
 
     println!(
-        "| model | jobs | peak reserved min..max GiB | spread | after cleanup GiB | retries | OOMs | s/job |"
+        "| model | jobs | peak reserved min..max GiB | spread | after cleanup max GiB | retries | OOMs | s/job |"
     );
     println!("|---|---|---|---|---|---|---|---|");
     let mut failures = Vec::new();
@@ -143,6 +165,14 @@ fn main() -> anyhow::Result<()> {
         );
         if row.ooms > 0 {
             failures.push(format!("{model}: {} OOMs", row.ooms));
+        }
+        // After a job only the loaded model may stay: more means the old model survived.
+        if row.after_cleanup_reserved as f64 > weights as f64 * LOAD_HEADROOM {
+            failures.push(format!(
+                "{model}: {:.3} GiB still reserved after cleanup, more than one model ({:.3} GiB)",
+                row.after_cleanup_reserved as f64 / GIB,
+                weights as f64 / GIB
+            ));
         }
         if spread > 0.02 {
             failures.push(format!(

@@ -38,7 +38,12 @@ PY="${FRAMELANE_TORCH_PYTHON:-python3}"
   || { echo "gpu-check: $PY has no torch 2.11 (set FRAMELANE_TORCH_PYTHON)" >&2; exit 1; }
 LIBTORCH="$("$PY" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
 export LIBTORCH LD_LIBRARY_PATH="$LIBTORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-"$PY" -c 'import torch; print("gpu-check:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU visible: the check runs on the CPU, without a ballast")'
+if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  export FRAMELANE_GPU_CHECK_EXPECT_CUDA=1
+  "$PY" -c 'import torch; print("gpu-check:", torch.cuda.get_device_name(0), torch.__version__)'
+else
+  echo "gpu-check: no GPU visible: the check runs on the CPU, without a ballast"
+fi
 
 if [[ -z "$BINARY" ]]; then
   (cd "$ROOT" && cargo build --release -q -p framelane-runner --example gpu_check)
@@ -60,4 +65,6 @@ for conf in "expandable_segments:True" "expandable_segments:False"; do
   echo
   PYTORCH_CUDA_ALLOC_CONF="$conf" "$BINARY" "$WORK/packages" "$JOBS" || status=1
 done
+echo
+echo "gpu-check: $( ((status == 0)) && echo passed || echo FAILED ) in ${SECONDS} s"
 exit "$status"

@@ -85,9 +85,6 @@ impl Fixture {
         Ok(name)
     }
 
-    /// Creates a lane watched only by this test's operators. `spec` is merged over a
-    /// Dedicated lane for `models` whose runners request CPU only (so tests do not hold the
-    /// fake GPUs), unless `spec` sets its own runner.
     /// An anisora model with a lane that never fills or times out (for benchmarks that
     /// create thousands of jobs with no runner); returns the model's name.
     pub async fn unbounded_anisora(&self) -> Result<String> {
@@ -101,6 +98,9 @@ impl Fixture {
         Ok(model)
     }
 
+    /// Creates a lane watched only by this test's operators. `spec` is merged over a
+    /// Dedicated lane for `models` whose runners request CPU only (so tests do not hold the
+    /// fake GPUs), unless `spec` sets its own runner.
     pub async fn lane(&self, name: &str, models: &[&str], spec: Value) -> Result<String> {
         let name = self.scoped(name);
         let mut full = json!({"mode": "Dedicated", "models": models,
@@ -161,20 +161,27 @@ impl Fixture {
     /// VideoJobs, failurePolicy Fail, no side effects, a 5 s timeout. The operator fills in
     /// the caBundle.
     pub async fn register_webhook(&self, port: u16) -> Result<()> {
+        self.register_webhook_with(port, json!({})).await
+    }
+
+    /// The same, with `webhook` merged over the webhook's entry (an `objectSelector`, say).
+    pub async fn register_webhook_with(&self, port: u16, webhook: Value) -> Result<()> {
+        let mut entry = json!({
+            "name": "videojobs.framelane.dev",
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 5,
+            "clientConfig": {"url": format!("https://127.0.0.1:{port}/validate-videojob")},
+            "rules": [{"apiGroups": ["framelane.dev"], "apiVersions": ["v1alpha1"],
+                "operations": ["CREATE"], "resources": ["videojobs"], "scope": "Namespaced"}],
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": self.ns.name}},
+        });
+        merge(&mut entry, webhook);
         let configuration: ValidatingWebhookConfiguration = serde_json::from_value(json!({
             "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
             "metadata": {"name": self.webhook_configuration(), "labels": {INSTANCE_LABEL: self.ns.name}},
-            "webhooks": [{
-                "name": "videojobs.framelane.dev",
-                "admissionReviewVersions": ["v1"],
-                "sideEffects": "None",
-                "failurePolicy": "Fail",
-                "timeoutSeconds": 5,
-                "clientConfig": {"url": format!("https://127.0.0.1:{port}/validate-videojob")},
-                "rules": [{"apiGroups": ["framelane.dev"], "apiVersions": ["v1alpha1"],
-                    "operations": ["CREATE"], "resources": ["videojobs"], "scope": "Namespaced"}],
-                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": self.ns.name}},
-            }]
+            "webhooks": [entry]
         }))?;
         Api::<ValidatingWebhookConfiguration>::all(self.client.clone())
             .create(&PostParams::default(), &configuration)

@@ -32,6 +32,7 @@ async fn main() -> Result<()> {
         Ok(v) => v.parse()?,
         Err(_) => CONCURRENCY,
     };
+    support::remove_namespaces("bench").await?;
     let fx = Fixture::new("bench").await?;
     let model = fx.unbounded_anisora().await?;
     let op = fx.operator("bench")?;
@@ -141,6 +142,12 @@ async fn main() -> Result<()> {
         "operator resident memory with {TOTAL} VideoJobs cached: {:.1} MiB",
         rss_kib / 1024.0
     );
+    let metrics = op.metrics().await?;
+    println!(
+        "Events dropped (more than the sink's queue waiting): {}",
+        support::sample(&metrics, "framelane_events_dropped_total").unwrap_or(f64::NAN)
+    );
     watch.abort();
-    Ok(())
+    drop(op);
+    support::remove_namespaces("bench").await
 }

@@ -32,6 +32,7 @@ const SIDE_LABEL: &str = "framelane.dev/bench-side";
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    support::remove_namespaces("whbench").await?;
     let fx = Fixture::new("whbench").await?;
     let model = fx.unbounded_anisora().await?;
     let (op, port) = fx.webhook_operator("bench", 0, &[])?;
@@ -97,7 +98,8 @@ async fn main() -> Result<()> {
             summary[1].0 / summary[0].0
         );
     }
-    Ok(())
+    drop(op);
+    support::remove_namespaces("whbench").await
 }
 
 /// The webhook duration histogram: (upper bound in seconds, cumulative count).

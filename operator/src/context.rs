@@ -13,19 +13,18 @@ use framelane_api::{
 };
 use jiff::{RoundMode, Timestamp, TimestampRound, Unit};
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::{
-    Client, Resource, ResourceExt,
-    runtime::{events::Recorder, reflector::Store},
-};
+use kube::{Client, Resource, ResourceExt, runtime::reflector::Store};
 use tokio::sync::mpsc;
 
-use crate::{config::Config, index::Index, jobs::decide::LaneFacts, metrics::Metrics};
+use crate::{
+    config::Config, events::EventSink, index::Index, jobs::decide::LaneFacts, metrics::Metrics,
+};
 
 pub struct Context {
     pub client: Client,
     pub config: Config,
     pub metrics: Arc<Metrics>,
-    pub recorder: Recorder,
+    pub events: EventSink,
     pub lanes: Store<ModelLane>,
     pub models: Store<VideoModel>,
     pub leases: Store<Lease>,

@@ -57,6 +57,7 @@ pub struct Metrics {
     pub jobs_finished: Family<FinishedLabels, Counter>,
     pub timeout_drops: Family<LaneLabels, Counter>,
     pub runner_lost_requeues: Family<LaneLabels, Counter>,
+    pub events_dropped: Counter,
     pub reconcile_duration: Family<ControllerLabels, Histogram>,
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub leader: Gauge<i64, AtomicI64>,
@@ -124,6 +125,12 @@ impl Default for Metrics {
             "Jobs put back in the queue because their runner died",
             runner_lost_requeues.clone(),
         );
+        let events_dropped = Counter::default();
+        registry.register(
+            "events_dropped",
+            "Kubernetes Events not posted because too many were waiting for the API server",
+            events_dropped.clone(),
+        );
         let reconcile_duration =
             Family::<ControllerLabels, Histogram>::new_with_constructor(|| {
                 Histogram::new(RECONCILE_BUCKETS)
@@ -175,6 +182,7 @@ impl Default for Metrics {
             jobs_finished,
             timeout_drops,
             runner_lost_requeues,
+            events_dropped,
             reconcile_duration,
             reconcile_errors,
             leader,

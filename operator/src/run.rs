@@ -29,6 +29,7 @@ use tokio_stream_shim::UnboundedReceiverStream;
 use crate::{
     config::{CertificateSource, Config},
     context::Context,
+    events::EventSink,
     index::Index,
     jobs, lanes,
     leader::Elector,
@@ -285,7 +286,10 @@ async fn controllers(
         instance: config.identity.clone(),
     };
     let ctx = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), reporter),
+        events: EventSink::start(
+            Recorder::new(client.clone(), reporter),
+            metrics.events_dropped.clone(),
+        ),
         client: client.clone(),
         config: config.clone(),
         metrics,

@@ -254,8 +254,7 @@ async fn admit(
         EventType::Normal,
         Reason::Admitted,
         &format!("admitted to lane {lane} at position {position}"),
-    )
-    .await;
+    );
     Ok(written)
 }
 
@@ -308,7 +307,7 @@ async fn fail(
             .inc();
     }
     tracing::info!(job = %key_of(job).name, namespace = %key_of(job).namespace, %reason, message, "job failed");
-    publish(ctx, job, EventType::Warning, reason, message).await;
+    publish(ctx, job, EventType::Warning, reason, message);
     Ok(Action::await_change())
 }
 
@@ -346,7 +345,7 @@ async fn requeue(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
         .get_or_create(&crate::metrics::Metrics::lane(&lane))
         .inc();
     tracing::warn!(job = %job.name_any(), runner, lane, attempts, "runner lost; job requeued");
-    publish(ctx, job, EventType::Warning, Reason::RunnerLost, &message).await;
+    publish(ctx, job, EventType::Warning, Reason::RunnerLost, &message);
     Ok(Action::await_change())
 }
 
@@ -362,7 +361,7 @@ async fn release(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
             }
             _ => "deleted while queued; it left the queue",
         };
-        publish(ctx, job, EventType::Normal, Reason::Cancelled, message).await;
+        publish(ctx, job, EventType::Normal, Reason::Cancelled, message);
         let labels = FinishedLabels {
             phase: "Failed".into(),
             reason: Reason::Cancelled.as_str().into(),
@@ -458,7 +457,7 @@ fn record_metrics(job: &VideoJob, ctx: &Context) {
 }
 
 /// Publishes an Event without holding up the reconcile that caused it.
-async fn publish(ctx: &Context, job: &VideoJob, type_: EventType, reason: Reason, note: &str) {
+fn publish(ctx: &Context, job: &VideoJob, type_: EventType, reason: Reason, note: &str) {
     let event = Event {
         type_,
         reason: reason.as_str().into(),
@@ -466,12 +465,7 @@ async fn publish(ctx: &Context, job: &VideoJob, type_: EventType, reason: Reason
         action: "Reconcile".into(),
         secondary: None,
     };
-    let (recorder, reference, name) = (ctx.recorder.clone(), job.object_ref(&()), job.name_any());
-    tokio::spawn(async move {
-        if let Err(e) = recorder.publish(&event, &reference).await {
-            tracing::warn!(error = %e, job = %name, "cannot publish Event");
-        }
-    });
+    ctx.events.publish(event, job.object_ref(&()));
 }
 
 pub fn error_policy(job: Arc<VideoJob>, error: &Error, ctx: Arc<Context>) -> Action {

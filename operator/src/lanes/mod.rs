@@ -131,8 +131,7 @@ async fn reconcile_inner(lane: &ModelLane, ctx: &Context) -> Result<Action, Erro
                 EventType::Warning,
                 "AllocatorOverridden",
                 &message,
-            )
-            .await;
+            );
         }
     } else {
         status
@@ -147,7 +146,7 @@ async fn reconcile_inner(lane: &ModelLane, ctx: &Context) -> Result<Action, Erro
         } else {
             EventType::Warning
         };
-        publish(ctx, lane, type_, &format!("{phase:?}"), &note).await;
+        publish(ctx, lane, type_, &format!("{phase:?}"), &note);
         tracing::info!(lane = %name, ?phase, ready = availability.fresh, "lane phase changed");
     }
     if old != status {
@@ -205,13 +204,12 @@ async fn sync_pods(lane: &ModelLane, ctx: &Context) -> Result<Result<(), String>
                     EventType::Normal,
                     "PodCreated",
                     &format!("created runner pod {}", pod.name_any()),
-                )
-                .await
+                );
             }
             Err(kube::Error::Api(s)) if s.code == 409 => {}
             Err(kube::Error::Api(s)) if s.code == 403 || s.code == 422 => {
                 let message = format!("cannot create runner pod {}: {}", pod.name_any(), s.message);
-                publish(ctx, lane, EventType::Warning, "PodCreateFailed", &message).await;
+                publish(ctx, lane, EventType::Warning, "PodCreateFailed", &message);
                 outcome = Err(message);
             }
             Err(e) => return Err(e.into()),
@@ -231,8 +229,7 @@ async fn sync_pods(lane: &ModelLane, ctx: &Context) -> Result<Result<(), String>
                 EventType::Normal,
                 "PodDeleted",
                 &format!("deleted runner pod {} (lane changed)", pod.name_any()),
-            )
-            .await;
+            );
         }
     }
     Ok(outcome)
@@ -280,7 +277,7 @@ async fn sync_positions(lane: &ModelLane, ctx: &Context) -> Result<(), Error> {
     Ok(())
 }
 
-async fn publish(ctx: &Context, lane: &ModelLane, type_: EventType, reason: &str, note: &str) {
+fn publish(ctx: &Context, lane: &ModelLane, type_: EventType, reason: &str, note: &str) {
     let event = Event {
         type_,
         reason: reason.into(),
@@ -288,9 +285,7 @@ async fn publish(ctx: &Context, lane: &ModelLane, type_: EventType, reason: &str
         action: "Reconcile".into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, &lane.object_ref(&())).await {
-        tracing::warn!(error = %e, lane = %lane.name_any(), "cannot publish Event");
-    }
+    ctx.events.publish(event, lane.object_ref(&()));
 }
 
 pub fn error_policy(lane: Arc<ModelLane>, error: &Error, ctx: Arc<Context>) -> Action {

@@ -22,11 +22,14 @@ use framelane_api::{
     videojob::{JobPhase, Output},
     wellknown::Reason,
 };
-use framelane_testenv::{TestEnv, TestNamespace};
-use k8s_openapi::{ByteString, api::admissionregistration::v1::ValidatingWebhookConfiguration};
+use framelane_testenv::{TEST_LABEL, TestEnv, TestNamespace};
+use k8s_openapi::{
+    ByteString,
+    api::{admissionregistration::v1::ValidatingWebhookConfiguration, core::v1::Namespace},
+};
 use kube::{
     Api, Client, ResourceExt,
-    api::{ListParams, PostParams},
+    api::{DeleteParams, ListParams, PostParams},
 };
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, watch};
@@ -629,6 +632,36 @@ pub fn sample(metrics: &str, series: &str) -> Option<f64> {
 }
 
 /// Polls `check` every 200 ms until it returns `Some`, for at most `secs`.
+/// Deletes the namespaces of every fixture made with `prefix` (other tests' are left alone)
+/// and waits until they are gone: a benchmark's thousands of jobs left in the API server
+/// would slow the runs after it.
+pub async fn remove_namespaces(prefix: &str) -> Result<()> {
+    let namespaces = Api::<Namespace>::all(TestEnv::get()?.client().await?);
+    let selector = ListParams::default().labels(&format!("{TEST_LABEL}={prefix}"));
+    for ns in namespaces.list(&selector).await? {
+        match namespaces
+            .delete(&ns.name_any(), &DeleteParams::background())
+            .await
+        {
+            Ok(_) | Err(kube::Error::Api(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    eventually(
+        600,
+        &format!("the {prefix} namespaces to be deleted"),
+        || async {
+            Ok(namespaces
+                .list(&selector)
+                .await?
+                .items
+                .is_empty()
+                .then_some(()))
+        },
+    )
+    .await
+}
+
 pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> Result<T>
 where
     F: FnMut() -> Fut,

@@ -7,25 +7,34 @@
 //!    alternating blocks of one run: creates per second, p50 and p99, and the ratios. Both
 //!    sides create into the same namespace and lane, which the operator admits; jobs labelled
 //!    `framelane.dev/bench-side: without` do not match the webhook's objectSelector, so the
-//!    API server calls no webhook for them. First stored creates (what a user's create is),
+//!    API server calls no webhook for them. Each block of stored creates starts once the
+//!    operator has admitted the one before. First stored creates (what a user's create is),
 //!    then server-side dry runs (nothing stored or admitted: the webhook's share of the
 //!    cheapest create the API server does).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail};
-use framelane_api::VideoJob;
-use futures::{StreamExt, stream};
-use kube::{Api, api::PostParams};
+use framelane_api::{VideoJob, videojob::JobPhase};
+use futures::{StreamExt, TryStreamExt, stream};
+use kube::{
+    Api, ResourceExt,
+    api::PostParams,
+    runtime::{WatchStreamExt, watcher},
+};
 use serde_json::json;
-use support::Fixture;
+use support::{Fixture, eventually, phase};
 
 const WRK_SECONDS: u32 = 10;
-const BLOCKS: usize = 4;
-const PER_BLOCK: usize = 500;
+const BLOCKS: usize = 8;
+const PER_BLOCK: usize = 250;
 const CONCURRENCY: usize = 32;
 /// The label that keeps a job out of the webhook's objectSelector.
 const SIDE_LABEL: &str = "framelane.dev/bench-side";
@@ -67,6 +76,20 @@ async fn main() -> Result<()> {
     }
 
     let api: Api<VideoJob> = fx.jobs_without_retries().await?;
+    // The jobs a watch has seen Queued.
+    let queued: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let seen = queued.clone();
+    let watch = tokio::spawn(
+        watcher(api.clone(), watcher::Config::default())
+            .applied_objects()
+            .try_for_each(move |job: VideoJob| {
+                if phase(&job) == Some(JobPhase::Queued) {
+                    seen.lock().unwrap().insert(job.name_any());
+                }
+                futures::future::ready(Ok(()))
+            }),
+    );
+    let mut stored = 0;
     for (what, dry_run) in [("stored", false), ("dry-run", true)] {
         let mut samples = [Vec::new(), Vec::new()];
         let mut elapsed = [Duration::ZERO; 2];
@@ -77,6 +100,10 @@ async fn main() -> Result<()> {
                 let latencies = creates(&api, &model, label, &prefix, dry_run).await?;
                 elapsed[side] += started.elapsed();
                 samples[side].extend(latencies);
+                if !dry_run {
+                    stored += PER_BLOCK;
+                    settle(&queued, stored).await?;
+                }
             }
         }
         let mut summary = Vec::new();
@@ -98,8 +125,21 @@ async fn main() -> Result<()> {
             summary[1].0 / summary[0].0
         );
     }
+    watch.abort();
     drop(op);
     support::remove_namespaces("whbench").await
+}
+
+/// Waits until the watch has seen all `stored` jobs Queued, and a little for their Events:
+/// each block starts on a quiet API server, not in the wake of the block before (which would
+/// be the other side's).
+async fn settle(queued: &Mutex<HashSet<String>>, stored: usize) -> Result<()> {
+    eventually(120, "the operator to admit the block", || async {
+        Ok((queued.lock().unwrap().len() >= stored).then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(())
 }
 
 /// The webhook duration histogram: (upper bound in seconds, cumulative count).

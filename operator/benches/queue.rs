@@ -1,7 +1,7 @@
 //! `just bench`: VideoJobs created as fast as the API server takes them, against the
-//! operator (release build) on the local control plane. Prints create→Queued latency
-//! (p50/p99), jobs admitted per second, and the operator's resident memory with 10,000
-//! VideoJobs in its caches.
+//! operator (release build) on the local control plane. For each round of 1,000 jobs (8
+//! creators, then 32) prints create→Queued latency (p50/p99) and jobs admitted per second;
+//! then the operator's resident memory with 10,000 VideoJobs in its caches.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -23,14 +23,19 @@ use support::{Fixture, eventually, phase};
 
 const FIRST: usize = 1_000;
 const TOTAL: usize = 10_000;
-/// Concurrent creators; `FRAMELANE_BENCH_CONCURRENCY` overrides it.
-const CONCURRENCY: usize = 32;
+/// Concurrent creators of each round of FIRST jobs; `FRAMELANE_BENCH_CONCURRENCY` (say
+/// `8,32`) overrides them. 8 is about where the API server takes creates as fast as it can;
+/// more creators only queue inside it.
+const CONCURRENCY: [usize; 2] = [8, 32];
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let concurrency: usize = match std::env::var("FRAMELANE_BENCH_CONCURRENCY") {
-        Ok(v) => v.parse()?,
-        Err(_) => CONCURRENCY,
+    let rounds: Vec<usize> = match std::env::var("FRAMELANE_BENCH_CONCURRENCY") {
+        Ok(v) => v
+            .split(',')
+            .map(|n| n.trim().parse())
+            .collect::<Result<_, _>>()?,
+        Err(_) => CONCURRENCY.to_vec(),
     };
     support::remove_namespaces("bench").await?;
     let fx = Fixture::new("bench").await?;
@@ -56,64 +61,15 @@ async fn main() -> Result<()> {
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let started = Instant::now();
-    let created: Vec<(String, Instant, Duration)> = stream::iter(0..FIRST)
-        .map(|i| {
-            let fx = &fx;
-            let model = &model;
-            async move {
-                let name = format!("job-{i:05}");
-                let t = Instant::now();
-                fx.create_job(name.clone(), model)
-                    .await
-                    .map(|_| (name, t, t.elapsed()))
-            }
-        })
-        .buffer_unordered(concurrency)
-        .try_collect()
-        .await?;
-    let create_secs = started.elapsed().as_secs_f64();
-    eventually(120, "1,000 jobs Queued", || async {
-        Ok((queued_at.lock().unwrap().len() >= FIRST).then_some(()))
-    })
-    .await?;
-    let seen = queued_at.lock().unwrap().clone();
-    let mut latencies: Vec<f64> = created
-        .iter()
-        .map(|(name, t, _)| seen[name].duration_since(*t).as_secs_f64() * 1000.0)
-        .collect();
-    latencies.sort_by(f64::total_cmp);
-    // The create request alone: the part of create→Queued the operator has no say in.
-    let mut creates: Vec<f64> = created
-        .iter()
-        .map(|(_, _, took)| took.as_secs_f64() * 1000.0)
-        .collect();
-    creates.sort_by(f64::total_cmp);
-    let last_queued = seen.values().max().copied().unwrap_or(started);
-    let pct_of = |v: &[f64], p: f64| v[((v.len() as f64 * p).ceil() as usize).min(v.len()) - 1];
-    let pct = |p: f64| pct_of(&latencies, p);
-    println!("create→Queued over {FIRST} jobs (concurrency {concurrency}):");
-    println!(
-        "  creates/s accepted by the API server: {:.0}",
-        FIRST as f64 / create_secs
-    );
-    println!(
-        "  jobs admitted (Queued) per second:    {:.0}",
-        FIRST as f64 / last_queued.duration_since(started).as_secs_f64()
-    );
-    println!(
-        "  latency p50: {:.1} ms   p99: {:.1} ms   max: {:.1} ms",
-        pct(0.50),
-        pct(0.99),
-        pct(1.0)
-    );
-    println!(
-        "  of which the create request:          p50: {:.1} ms   p99: {:.1} ms",
-        pct_of(&creates, 0.50),
-        pct_of(&creates, 0.99)
-    );
+    for (round, concurrency) in rounds.iter().copied().enumerate() {
+        let first = round * FIRST;
+        measure(&fx, &model, &queued_at, first..first + FIRST, concurrency).await?;
+        // Let the operator's Events drain, so the next round starts on a quiet API server.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
 
-    stream::iter(FIRST..TOTAL)
+    let concurrency = rounds.iter().copied().max().unwrap_or(1);
+    stream::iter(rounds.len() * FIRST..TOTAL)
         .map(|i| {
             let fx = &fx;
             let model = &model;
@@ -150,4 +106,74 @@ async fn main() -> Result<()> {
     watch.abort();
     drop(op);
     support::remove_namespaces("bench").await
+}
+
+/// Creates the jobs `range` with `concurrency` creators, waits until the watch has seen them
+/// all Queued, and prints create→Queued latency and rates.
+async fn measure(
+    fx: &Fixture,
+    model: &str,
+    queued_at: &Mutex<HashMap<String, Instant>>,
+    range: std::ops::Range<usize>,
+    concurrency: usize,
+) -> Result<()> {
+    let count = range.len();
+    let end = range.end;
+    let started = Instant::now();
+    let created: Vec<(String, Instant, Duration)> = stream::iter(range)
+        .map(|i| async move {
+            let name = format!("job-{i:05}");
+            let t = Instant::now();
+            fx.create_job(name.clone(), model)
+                .await
+                .map(|_| (name, t, t.elapsed()))
+        })
+        .buffer_unordered(concurrency)
+        .try_collect()
+        .await?;
+    let create_secs = started.elapsed().as_secs_f64();
+    eventually(120, "the jobs Queued", || async {
+        Ok((queued_at.lock().unwrap().len() >= end).then_some(()))
+    })
+    .await?;
+    let seen = queued_at.lock().unwrap().clone();
+    let mut latencies: Vec<f64> = created
+        .iter()
+        .map(|(name, t, _)| seen[name].duration_since(*t).as_secs_f64() * 1000.0)
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    // The create request alone: the part of create→Queued the operator has no say in.
+    let mut creates: Vec<f64> = created
+        .iter()
+        .map(|(_, _, took)| took.as_secs_f64() * 1000.0)
+        .collect();
+    creates.sort_by(f64::total_cmp);
+    let last_queued = created
+        .iter()
+        .map(|(name, _, _)| seen[name])
+        .max()
+        .unwrap_or(started);
+    let pct_of = |v: &[f64], p: f64| v[((v.len() as f64 * p).ceil() as usize).min(v.len()) - 1];
+    let pct = |p: f64| pct_of(&latencies, p);
+    println!("create→Queued over {count} jobs (concurrency {concurrency}):");
+    println!(
+        "  creates/s accepted by the API server: {:.0}",
+        count as f64 / create_secs
+    );
+    println!(
+        "  jobs admitted (Queued) per second:    {:.0}",
+        count as f64 / last_queued.duration_since(started).as_secs_f64()
+    );
+    println!(
+        "  latency p50: {:.1} ms   p99: {:.1} ms   max: {:.1} ms",
+        pct(0.50),
+        pct(0.99),
+        pct(1.0)
+    );
+    println!(
+        "  of which the create request:          p50: {:.1} ms   p99: {:.1} ms",
+        pct_of(&creates, 0.50),
+        pct_of(&creates, 0.99)
+    );
+    Ok(())
 }

@@ -75,7 +75,9 @@ overloaded=$(grep -c 'queue_overloaded' <<<"$burst" || true)
 echo "  admitted: $admitted, refused with queue_overloaded: $overloaded; one refusal:"
 grep -m1 'queue_overloaded' <<<"$burst" | sed 's/^/  /' || true
 ((admitted + overloaded == 30 && overloaded > 0)) || { log "the burst was not limited: $burst"; exit 1; }
-kubectl delete videojobs -n default -l framelane.dev/demo=burst --wait=false >/dev/null
+# Deleting cancels them (a runner may have started one: it stops at its next step) and frees
+# their slots; wait until they are gone, so the summary shows the demo's own jobs.
+kubectl delete videojobs -n default -l framelane.dev/demo=burst --timeout=120s >/dev/null
 
 echo
 echo "Summary:"

@@ -69,6 +69,26 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason.
+    pub const ALL: [Reason; 11] = [
+        Reason::Admitted,
+        Reason::Started,
+        Reason::Completed,
+        Reason::QueueWaitTimeout,
+        Reason::RunnerLost,
+        Reason::Requeued,
+        Reason::GpuOutOfMemory,
+        Reason::Cancelled,
+        Reason::QueueOverloaded,
+        Reason::LaneNotFound,
+        Reason::GenerationFailed,
+    ];
+
+    /// The reason `as_str` writes as `s`, if any.
+    pub fn parse(s: &str) -> Option<Reason> {
+        Reason::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
     /// The reason as written to the API.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -90,5 +110,19 @@ impl Reason {
 impl std::fmt::Display for Reason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Reason;
+
+    #[test]
+    fn every_reason_parses_back_and_nothing_else_does() {
+        for reason in Reason::ALL {
+            assert_eq!(Reason::parse(reason.as_str()), Some(reason));
+        }
+        assert_eq!(Reason::parse("admitted"), None);
+        assert_eq!(Reason::parse(""), None);
     }
 }

@@ -117,16 +117,30 @@ async fn dedicated_lanes_keep_their_models_warm_and_to_themselves() -> Result<()
         ],
         "{text}"
     );
-    let out = fx
-        .ns
-        .kubectl()
-        .args(["describe", "vj", "alternating-1"])
-        .output()?;
-    let text = String::from_utf8(out.stdout)?;
-    assert!(
-        text.contains("Admitted") && text.contains(&format!("admitted to lane {phr00t_lane}")),
-        "{text}"
-    );
+    // Events are posted off the reconcile path: wait for the last of them.
+    let describe = || async {
+        let out = fx
+            .ns
+            .kubectl()
+            .args(["describe", "vj", "alternating-1"])
+            .output()?;
+        Ok::<_, anyhow::Error>(String::from_utf8(out.stdout)?)
+    };
+    eventually(30, "the job's Completed Event", || async {
+        Ok(describe().await?.contains("Completed").then_some(()))
+    })
+    .await?;
+    let text = describe().await?;
+    for expected in [
+        "Admitted ".to_string(),
+        format!("admitted to lane {phr00t_lane}"),
+        "Started ".to_string(),
+        format!("in lane {phr00t_lane}"),
+        "Completed ".to_string(),
+        "alternating-1/video.mp4".to_string(),
+    ] {
+        assert!(text.contains(&expected), "no {expected:?} in:\n{text}");
+    }
     Ok(())
 }
 

@@ -49,7 +49,7 @@ async fn reconcile_inner(job: &VideoJob, ctx: &Context) -> Result<Action, Error>
         return Ok(Action::await_change());
     }
     let now = Timestamp::now();
-    record_metrics(job, ctx);
+    record_transitions(job, ctx);
     if needs_finalizer(job) {
         return add_finalizer(job, ctx).await;
     }
@@ -307,6 +307,12 @@ async fn fail(
             .inc();
     }
     tracing::info!(job = %key_of(job).name, namespace = %key_of(job).namespace, %reason, message, "job failed");
+    // Its Event is this one: record_transitions must not post a second when the watch shows
+    // the failure (the next reconcile of this job, which cannot start before this one ends).
+    ctx.counted
+        .lock()
+        .expect("counted lock")
+        .insert(format!("{}/failed-event", job.uid().unwrap_or_default()));
     publish(ctx, job, EventType::Warning, reason, message);
     Ok(Action::await_change())
 }
@@ -418,41 +424,65 @@ async fn add_finalizer(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
 }
 
 /// Counts a job once in the queue-wait histogram (when it starts) and the finished counter
-/// (when it ends), for what happened while this replica leads.
-fn record_metrics(job: &VideoJob, ctx: &Context) {
+/// (when it ends), for what happened while this replica leads, and tells the job's Events
+/// what its runner did: `Started`, `Completed`, or the runner's failure (the controller's own
+/// failures have their Event from [`fail`]).
+fn record_transitions(job: &VideoJob, ctx: &Context) {
     let Some(status) = job.status.as_ref() else {
         return;
     };
     let uid = job.uid().unwrap_or_default();
     let lane = status.lane.clone().unwrap_or_default();
+    let runner = status.runner.as_deref().unwrap_or("?");
+    let first = |key: String| ctx.counted.lock().expect("counted lock").insert(key);
     if let (Some(started), Some(queued)) = (&status.started_at, &status.queued_at)
         && started.0 >= ctx.leader_since
-        && ctx
-            .counted
-            .lock()
-            .expect("counted lock")
-            .insert(format!("{uid}/start/{}", status.attempts.unwrap_or(0)))
+        && first(format!("{uid}/start/{}", status.attempts.unwrap_or(0)))
     {
         let wait = started.0.duration_since(queued.0).as_secs_f64().max(0.0);
         ctx.metrics
             .queue_wait
             .get_or_create(&crate::metrics::Metrics::lane(&lane))
             .observe(wait);
+        let note = format!(
+            "runner {runner} started it (attempt {}) after {wait:.1} s in lane {lane}",
+            status.attempts.unwrap_or(1)
+        );
+        publish(ctx, job, EventType::Normal, Reason::Started, &note);
     }
     if let (Some(phase @ (JobPhase::Succeeded | JobPhase::Failed)), Some(finished)) =
         (status.phase, &status.finished_at)
         && finished.0 >= ctx.leader_since
-        && ctx
-            .counted
-            .lock()
-            .expect("counted lock")
-            .insert(format!("{uid}/finished"))
+        && first(format!("{uid}/finished"))
     {
         let labels = FinishedLabels {
             phase: format!("{phase:?}"),
             reason: status.reason.clone().unwrap_or_default(),
         };
         ctx.metrics.jobs_finished.get_or_create(&labels).inc();
+        let took = status
+            .started_at
+            .as_ref()
+            .map(|s| finished.0.duration_since(s.0).as_secs_f64().max(0.0))
+            .unwrap_or_default();
+        if phase == JobPhase::Succeeded {
+            let note = match &status.output {
+                Some(o) => format!(
+                    "runner {runner} wrote {} ({} bytes, {} frames) in {took:.1} s",
+                    o.path, o.size_bytes, o.frames
+                ),
+                None => format!("runner {runner} finished it in {took:.1} s"),
+            };
+            publish(ctx, job, EventType::Normal, Reason::Completed, &note);
+        } else if first(format!("{uid}/failed-event")) {
+            let reason = status
+                .reason
+                .as_deref()
+                .and_then(Reason::parse)
+                .unwrap_or(Reason::GenerationFailed);
+            let note = status.message.as_deref().unwrap_or("the runner failed it");
+            publish(ctx, job, EventType::Warning, reason, note);
+        }
     }
 }
 

@@ -6,7 +6,7 @@
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::runtime::events::{Event, Recorder};
+use kube::runtime::events::{Event, EventType, Recorder};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc::{self, error::TrySendError};
 
@@ -41,8 +41,15 @@ impl EventSink {
         EventSink { tx, dropped }
     }
 
-    /// Queues `event` about `reference`; drops it when the queue is full.
-    pub fn publish(&self, event: Event, reference: ObjectReference) {
+    /// Queues an Event about `reference`; drops it when the queue is full.
+    pub fn publish(&self, reference: ObjectReference, type_: EventType, reason: &str, note: &str) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note.into()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
         match self.tx.try_send((event, reference)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {

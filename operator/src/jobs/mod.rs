@@ -18,10 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::{
     Api, Resource, ResourceExt,
     api::{DeleteParams, Patch, PatchParams, PostParams},
-    runtime::{
-        controller::Action,
-        events::{Event, EventType},
-    },
+    runtime::{controller::Action, events::EventType},
 };
 use rand::Rng;
 use serde_json::json;
@@ -488,14 +485,8 @@ fn record_transitions(job: &VideoJob, ctx: &Context) {
 
 /// Publishes an Event without holding up the reconcile that caused it.
 fn publish(ctx: &Context, job: &VideoJob, type_: EventType, reason: Reason, note: &str) {
-    let event = Event {
-        type_,
-        reason: reason.as_str().into(),
-        note: Some(note.into()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    ctx.events.publish(event, job.object_ref(&()));
+    ctx.events
+        .publish(job.object_ref(&()), type_, reason.as_str(), note);
 }
 
 pub fn error_policy(job: Arc<VideoJob>, error: &Error, ctx: Arc<Context>) -> Action {

@@ -17,10 +17,7 @@ use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Time};
 use kube::{
     Api, Resource, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
-    runtime::{
-        controller::Action,
-        events::{Event, EventType},
-    },
+    runtime::{controller::Action, events::EventType},
 };
 use serde_json::json;
 
@@ -278,14 +275,8 @@ async fn sync_positions(lane: &ModelLane, ctx: &Context) -> Result<(), Error> {
 }
 
 fn publish(ctx: &Context, lane: &ModelLane, type_: EventType, reason: &str, note: &str) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note.into()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    ctx.events.publish(event, lane.object_ref(&()));
+    ctx.events
+        .publish(lane.object_ref(&()), type_, reason, note);
 }
 
 pub fn error_policy(lane: Arc<ModelLane>, error: &Error, ctx: Arc<Context>) -> Action {

@@ -6,20 +6,11 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use framelane_api::{VideoJob, videojob::JobPhase};
 use futures::{StreamExt, TryStreamExt, stream};
-use kube::{
-    ResourceExt,
-    runtime::{WatchStreamExt, watcher},
-};
-use support::{Fixture, eventually, phase};
+use support::{Fixture, QueuedAt, eventually};
 
 const FIRST: usize = 1_000;
 const TOTAL: usize = 10_000;
@@ -43,22 +34,7 @@ async fn main() -> Result<()> {
     let op = fx.operator("bench")?;
     op.until_leading().await?;
 
-    // When the watch first shows each job Queued.
-    let queued_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let seen = queued_at.clone();
-    let watch = tokio::spawn(
-        watcher(fx.jobs.clone(), watcher::Config::default())
-            .applied_objects()
-            .try_for_each(move |job: VideoJob| {
-                if phase(&job) == Some(JobPhase::Queued) {
-                    seen.lock()
-                        .unwrap()
-                        .entry(job.name_any())
-                        .or_insert_with(Instant::now);
-                }
-                futures::future::ready(Ok(()))
-            }),
-    );
+    let (queued_at, watch) = support::watch_queued(fx.jobs.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     for (round, concurrency) in rounds.iter().copied().enumerate() {
@@ -113,7 +89,7 @@ async fn main() -> Result<()> {
 async fn measure(
     fx: &Fixture,
     model: &str,
-    queued_at: &Mutex<HashMap<String, Instant>>,
+    queued_at: &QueuedAt,
     range: std::ops::Range<usize>,
     concurrency: usize,
 ) -> Result<()> {

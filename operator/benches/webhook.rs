@@ -15,22 +15,14 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::{
-    collections::HashSet,
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use framelane_api::{VideoJob, videojob::JobPhase};
-use futures::{StreamExt, TryStreamExt, stream};
-use kube::{
-    Api, ResourceExt,
-    api::PostParams,
-    runtime::{WatchStreamExt, watcher},
-};
+use framelane_api::VideoJob;
+use futures::{StreamExt, stream};
+use kube::{Api, api::PostParams};
 use serde_json::json;
-use support::{Fixture, eventually, phase};
+use support::{Fixture, QueuedAt, eventually};
 
 const WRK_SECONDS: u32 = 10;
 const BLOCKS: usize = 8;
@@ -76,19 +68,7 @@ async fn main() -> Result<()> {
     }
 
     let api: Api<VideoJob> = fx.jobs_without_retries().await?;
-    // The jobs a watch has seen Queued.
-    let queued: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let seen = queued.clone();
-    let watch = tokio::spawn(
-        watcher(api.clone(), watcher::Config::default())
-            .applied_objects()
-            .try_for_each(move |job: VideoJob| {
-                if phase(&job) == Some(JobPhase::Queued) {
-                    seen.lock().unwrap().insert(job.name_any());
-                }
-                futures::future::ready(Ok(()))
-            }),
-    );
+    let (queued, watch) = support::watch_queued(api.clone());
     let mut stored = 0;
     for (what, dry_run) in [("stored", false), ("dry-run", true)] {
         let mut samples = [Vec::new(), Vec::new()];
@@ -133,7 +113,7 @@ async fn main() -> Result<()> {
 /// Waits until the watch has seen all `stored` jobs Queued, and a little for their Events:
 /// each block starts on a quiet API server, not in the wake of the block before (which would
 /// be the other side's).
-async fn settle(queued: &Mutex<HashSet<String>>, stored: usize) -> Result<()> {
+async fn settle(queued: &QueuedAt, stored: usize) -> Result<()> {
     eventually(120, "the operator to admit the block", || async {
         Ok((queued.lock().unwrap().len() >= stored).then_some(()))
     })

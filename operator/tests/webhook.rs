@@ -6,7 +6,7 @@ mod support;
 use std::{collections::BTreeSet, time::Duration};
 
 use anyhow::{Context, Result, ensure};
-use framelane_api::{ModelLane, VideoJob};
+use framelane_api::VideoJob;
 use framelane_operator::webhook::certs::{self, Material, Policy};
 use futures::future::join_all;
 use k8s_openapi::api::{
@@ -298,13 +298,11 @@ async fn bursts_admit_exactly_max_depth(s: &Setup, rounds: usize) -> Result<()> 
 
 /// Waits until the lane's status (the leader's queue index) counts `depth` jobs.
 async fn lane_depth(s: &Setup, depth: i32) -> Result<()> {
-    let lanes = Api::<ModelLane>::all(s.fx.client.clone());
     eventually(
         60,
         &format!("lane {} at queueDepth {depth}", s.lane),
         || async {
-            let lane = lanes.get(&s.lane).await?;
-            let now = lane.status.map(|st| st.queue_depth).unwrap_or_default();
+            let now = s.fx.lane_status(&s.lane).await?.queue_depth;
             Ok((now == depth).then_some(()))
         },
     )

@@ -631,7 +631,32 @@ pub fn sample(metrics: &str, series: &str) -> Option<f64> {
     })
 }
 
-/// Polls `check` every 200 ms until it returns `Some`, for at most `secs`.
+/// When a watch of `jobs` first saw each job `Queued`, by name, kept current by a task
+/// (abort it when done).
+pub type QueuedAt = Arc<Mutex<std::collections::HashMap<String, std::time::Instant>>>;
+
+pub fn watch_queued(jobs: Api<VideoJob>) -> (QueuedAt, tokio::task::JoinHandle<()>) {
+    use futures::TryStreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let queued_at = QueuedAt::default();
+    let seen = queued_at.clone();
+    let task = tokio::spawn(async move {
+        let _ = watcher(jobs, watcher::Config::default())
+            .applied_objects()
+            .try_for_each(move |job: VideoJob| {
+                if phase(&job) == Some(JobPhase::Queued) {
+                    seen.lock()
+                        .unwrap()
+                        .entry(job.name_any())
+                        .or_insert_with(std::time::Instant::now);
+                }
+                futures::future::ready(Ok(()))
+            })
+            .await;
+    });
+    (queued_at, task)
+}
+
 /// Deletes the namespaces of every fixture made with `prefix` (other tests' are left alone)
 /// and waits until they are gone: a benchmark's thousands of jobs left in the API server
 /// would slow the runs after it.
@@ -662,6 +687,7 @@ pub async fn remove_namespaces(prefix: &str) -> Result<()> {
     .await
 }
 
+/// Polls `check` every 200 ms until it returns `Some`, for at most `secs`.
 pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> Result<T>
 where
     F: FnMut() -> Fut,

@@ -195,7 +195,8 @@ impl Index {
 
     /// Takes a queue slot for `job` in `lane` now, before its admission is written, so the
     /// next admission already counts it. Copies of the job older than the admission write
-    /// are ignored from here on.
+    /// are ignored from here on. The lane's depth changes here (the write that follows shows
+    /// the same slot), so the caller tells the lane.
     pub fn reserve(&mut self, job: &VideoJob, lane: &str, now: jiff::Timestamp) -> Reservation {
         let key = key_of(job);
         let queued_at = self.clock.next(now);

@@ -296,10 +296,12 @@ async fn bursts_admit_exactly_max_depth(s: &Setup, rounds: usize) -> Result<()> 
     Ok(())
 }
 
-/// Waits until the lane's status (the leader's queue index) counts `depth` jobs.
+/// Waits until the lane's status (the leader's queue index) counts `depth` jobs. It follows
+/// every admission and deletion at once: 5 s is well under the lane's periodic refresh
+/// (10 s), which alone would miss this wait in most of the rounds.
 async fn lane_depth(s: &Setup, depth: i32) -> Result<()> {
     eventually(
-        60,
+        5,
         &format!("lane {} at queueDepth {depth}", s.lane),
         || async {
             let now = s.fx.lane_status(&s.lane).await?.queue_depth;

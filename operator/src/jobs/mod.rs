@@ -131,13 +131,15 @@ fn api(ctx: &Context, job: &VideoJob) -> Api<VideoJob> {
 /// takes are one step (the final arbiter of the depth limit). The API writes then run outside
 /// the lock, so the admissions of a burst proceed in parallel.
 async fn admit_in_creation_order(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
-    let reservation = {
+    let (reservation, reserved_in) = {
         let mut index = ctx.index.lock().expect("index lock");
         match index.reservation(job) {
-            Some(r) => Some(r),
+            Some(r) => (Some(r), Vec::new()),
             None => reserve_backlog(job, ctx, &mut index),
         }
     };
+    // The lanes' queueDepth counts the slots from now on.
+    ctx.notify_lanes(reserved_in);
     let Some(reservation) = reservation else {
         // Full, or its lane vanished: decide again, which fails it with the reason. Anything
         // else means this copy of the job is older than an admission already written.
@@ -168,12 +170,13 @@ async fn admit_in_creation_order(job: &VideoJob, ctx: &Context) -> Result<Action
 }
 
 /// Reserves slots, oldest first, for the jobs created up to `job` that wait for admission
-/// and fit their lane; returns `job`'s reservation if it got one.
+/// and fit their lane; returns `job`'s reservation if it got one, and the lanes that took
+/// slots.
 fn reserve_backlog(
     job: &VideoJob,
     ctx: &Context,
     index: &mut crate::index::Index,
-) -> Option<crate::index::Reservation> {
+) -> (Option<crate::index::Reservation>, Vec<String>) {
     // The jobs awaiting admission up to this one, oldest first, and this one itself (after a
     // failed write it is no longer in the index's list).
     let mut backlog: Vec<Arc<VideoJob>> = index
@@ -188,6 +191,7 @@ fn reserve_backlog(
     let now = Timestamp::now();
     let lanes = ctx.lanes.state();
     let mut mine = None;
+    let mut lanes_reserved = Vec::new();
     for pending in backlog {
         let Ok(lane) = route_new(&pending, ctx, &lanes) else {
             continue;
@@ -197,11 +201,14 @@ fn reserve_backlog(
             continue;
         }
         let reservation = index.reserve(&pending, &facts.name, now);
+        if !lanes_reserved.contains(&facts.name) {
+            lanes_reserved.push(facts.name.clone());
+        }
         if pending.uid() == job.uid() {
             mine = Some(reservation);
         }
     }
-    mine
+    (mine, lanes_reserved)
 }
 
 /// Writes a reserved admission: one Queued status write, conditional on the job being

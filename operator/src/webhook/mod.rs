@@ -670,7 +670,79 @@ mod tests {
             })
     }
 
+    /// `right`, or anything else in its place, or nothing.
+    fn maybe(right: Value, other: impl Strategy<Value = Value>) -> impl Strategy<Value = Value> {
+        prop_oneof![
+            6 => Just(right),
+            1 => other,
+            1 => Just(Value::Null),
+        ]
+    }
+
+    /// A review whose every field is right, of another type or value, or missing.
+    fn review_like() -> impl Strategy<Value = Value> {
+        let kind = maybe(
+            json!({"group": "framelane.dev", "kind": "VideoJob"}),
+            leaf(),
+        );
+        let metadata = maybe(json!({"name": "j"}), leaf()).prop_map(|m| json!({"metadata": m}));
+        let request = (
+            maybe(json!("u-7"), leaf()),
+            maybe(json!("CREATE"), leaf()),
+            maybe(json!("ns"), leaf()),
+            maybe(json!("from-request"), leaf()),
+            maybe(json!(true), leaf()),
+            kind,
+            maybe(Value::Null, metadata),
+        )
+            .prop_map(|(uid, operation, namespace, name, dry_run, kind, object)| {
+                let fields = [
+                    ("uid", uid),
+                    ("operation", operation),
+                    ("namespace", namespace),
+                    ("name", name),
+                    ("dryRun", dry_run),
+                    ("kind", kind),
+                    ("object", object),
+                ];
+                Value::Object(
+                    fields
+                        .into_iter()
+                        .filter(|(_, v)| !v.is_null())
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect(),
+                )
+            });
+        (
+            maybe(json!("admission.k8s.io/v1"), leaf()),
+            maybe(json!("AdmissionReview"), leaf()),
+            maybe(Value::Null, request),
+        )
+            .prop_map(|(api_version, kind, request)| {
+                json!({"apiVersion": api_version, "kind": kind, "request": request})
+            })
+    }
+
+    /// A parse result as JSON, the object included as a tree, to compare.
+    fn comparable(
+        parsed: Result<review::Request, (String, String)>,
+    ) -> Result<Value, (String, String)> {
+        parsed.map(|r| {
+            let object: Value = serde_json::from_str(r.object.get()).expect("the object is JSON");
+            json!([r.uid, r.operation, r.dry_run, r.namespace, r.name, object])
+        })
+    }
+
     proptest! {
+        #[test]
+        fn the_direct_reading_and_the_tree_agree(value in review_like()) {
+            let body = serde_json::to_vec(&value).unwrap();
+            prop_assert_eq!(
+                comparable(review::parse(&body)),
+                comparable(review::parse_tree(&body))
+            );
+        }
+
         #[test]
         fn arbitrary_bytes_get_a_well_formed_answer(body in prop::collection::vec(any::<u8>(), 0..300)) {
             prop_assert!(well_formed(&answer(&body)));

@@ -10,7 +10,7 @@ use super::review::{Cause, Denial, Request};
 
 /// Reads the VideoJob of `request` and checks it against the model it names.
 pub fn check(request: &Request, models: &[Arc<VideoModel>]) -> Result<VideoJob, Denial> {
-    let job: VideoJob = serde_json::from_value(request.object.clone())
+    let job: VideoJob = serde_json::from_str(request.object.get())
         .map_err(|e| Denial::bad_request(format!("request.object is not a valid VideoJob: {e}")))?;
     let model = models
         .iter()
@@ -169,8 +169,11 @@ pub(crate) mod tests {
             dry_run: false,
             namespace: "ns".into(),
             name: "clip".into(),
-            object: json!({"apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob",
+            object: serde_json::value::to_raw_value(
+                &json!({"apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob",
                 "metadata": {"name": "clip", "namespace": "ns"}, "spec": spec}),
+            )
+            .unwrap(),
         }
     }
 
@@ -244,7 +247,7 @@ pub(crate) mod tests {
         let mut r = request(json!({"model": 7}));
         let d = check(&r, &models()).unwrap_err();
         assert_eq!(d.code, 400);
-        r.object = Value::Null;
+        r.object = serde_json::value::to_raw_value(&Value::Null).unwrap();
         assert_eq!(check(&r, &models()).unwrap_err().code, 400);
     }
 }

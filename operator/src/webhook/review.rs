@@ -2,10 +2,13 @@
 //! every answer is a well-formed AdmissionReview: a body that is not one gets a clear denial
 //! (code 400), never a 500.
 
-use serde_json::{Value, json};
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::{Value, json, value::RawValue};
 
 /// What the webhook needs from an AdmissionReview request.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Request {
     pub uid: String,
     pub operation: String,
@@ -13,7 +16,9 @@ pub struct Request {
     pub namespace: String,
     /// The object's name (the API server has generated it by now for `generateName`).
     pub name: String,
-    pub object: Value,
+    /// `request.object` as it came (JSON `null` when absent), read into a VideoJob only by
+    /// the parameter check.
+    pub object: Box<RawValue>,
 }
 
 /// One `details.causes[]` entry: the field, what is wrong, and the fix.
@@ -58,9 +63,129 @@ impl Denial {
     }
 }
 
+/// The parts of an AdmissionReview the webhook reads, borrowed from the body; everything
+/// else (userInfo, oldObject, options, ...) is skipped unparsed.
+#[derive(Deserialize)]
+struct Review<'a> {
+    #[serde(borrow, default)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default, rename = "apiVersion")]
+    api_version: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    request: Option<ReviewRequest<'a>>,
+}
+
+#[derive(Deserialize)]
+struct ReviewRequest<'a> {
+    #[serde(default)]
+    uid: String,
+    #[serde(default)]
+    operation: String,
+    #[serde(default, rename = "dryRun")]
+    dry_run: Option<bool>,
+    #[serde(default)]
+    namespace: String,
+    #[serde(default)]
+    name: String,
+    #[serde(borrow, default)]
+    kind: Option<GroupKind<'a>>,
+    #[serde(borrow, default)]
+    object: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct GroupKind<'a> {
+    #[serde(borrow, default)]
+    group: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    kind: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Named {
+    metadata: NamedMeta,
+}
+
+#[derive(Deserialize)]
+struct NamedMeta {
+    name: String,
+}
+
 /// Reads an AdmissionReview. On failure returns the request's uid if one could be read (so
 /// the API server can match the answer) and what is wrong.
+///
+/// A review the API server sends is read straight into the few fields used (no JSON tree is
+/// built: this is most of a decision's time). Anything that does not read that way (wrong
+/// types, duplicate keys, not JSON) is read again as a JSON tree, which finds the uid and says
+/// what is wrong; both readings give the same answer for a review either can read.
 pub fn parse(body: &[u8]) -> Result<Request, (String, String)> {
+    match serde_json::from_slice::<Review>(body) {
+        Ok(review) => from_review(review),
+        Err(_) => parse_tree(body),
+    }
+}
+
+fn from_review(review: Review) -> Result<Request, (String, String)> {
+    let Review {
+        kind,
+        api_version,
+        request,
+    } = review;
+    let uid = request.as_ref().map(|r| r.uid.clone()).unwrap_or_default();
+    if kind.as_deref() != Some("AdmissionReview") || api_version.as_deref() != Some(API_VERSION) {
+        return Err((uid, NOT_A_REVIEW.into()));
+    }
+    let Some(request) = request else {
+        return Err((uid, NO_REQUEST.into()));
+    };
+    if uid.is_empty() {
+        return Err((uid, NO_UID.into()));
+    }
+    let (group, kind) = request
+        .kind
+        .as_ref()
+        .map_or((None, None), |k| (k.group.as_deref(), k.kind.as_deref()));
+    if (group, kind) != (Some(GROUP), Some(KIND)) {
+        return Err((uid, wrong_kind(group, kind)));
+    }
+    let object = match request.object {
+        Some(raw) => raw.to_owned(),
+        None => null(),
+    };
+    let name = serde_json::from_str::<Named>(object.get())
+        .map(|n| n.metadata.name)
+        .unwrap_or(request.name);
+    Ok(Request {
+        uid,
+        operation: request.operation,
+        dry_run: request.dry_run == Some(true),
+        namespace: request.namespace,
+        name,
+        object,
+    })
+}
+
+const API_VERSION: &str = "admission.k8s.io/v1";
+const GROUP: &str = "framelane.dev";
+const KIND: &str = "VideoJob";
+const NOT_A_REVIEW: &str = "expected an admission.k8s.io/v1 AdmissionReview";
+const NO_REQUEST: &str = "the AdmissionReview has no request";
+const NO_UID: &str = "request.uid is missing";
+
+fn wrong_kind(group: Option<&str>, kind: Option<&str>) -> String {
+    format!(
+        "this webhook admits framelane.dev VideoJobs only, got kind {}/{}",
+        group.unwrap_or("?"),
+        kind.unwrap_or("?")
+    )
+}
+
+fn null() -> Box<RawValue> {
+    RawValue::from_string("null".into()).expect("null is JSON")
+}
+
+/// [`parse`] by way of a JSON tree: for bodies that do not read into [`Review`].
+pub(super) fn parse_tree(body: &[u8]) -> Result<Request, (String, String)> {
     let review: Value = serde_json::from_slice(body)
         .map_err(|e| (String::new(), format!("the body is not JSON: {e}")))?;
     let request = review.get("request");
@@ -71,15 +196,15 @@ pub fn parse(body: &[u8]) -> Result<Request, (String, String)> {
         .to_string();
     let fail = |message: String| Err((uid.clone(), message));
     if review.get("kind").and_then(Value::as_str) != Some("AdmissionReview")
-        || review.get("apiVersion").and_then(Value::as_str) != Some("admission.k8s.io/v1")
+        || review.get("apiVersion").and_then(Value::as_str) != Some(API_VERSION)
     {
-        return fail("expected an admission.k8s.io/v1 AdmissionReview".into());
+        return fail(NOT_A_REVIEW.into());
     }
     let Some(request) = request.filter(|r| r.is_object()) else {
-        return fail("the AdmissionReview has no request".into());
+        return fail(NO_REQUEST.into());
     };
     if uid.is_empty() {
-        return fail("request.uid is missing".into());
+        return fail(NO_UID.into());
     }
     let text = |field: &str| {
         request
@@ -91,19 +216,16 @@ pub fn parse(body: &[u8]) -> Result<Request, (String, String)> {
     let kind = request.get("kind");
     let group = kind.and_then(|k| k.get("group")).and_then(Value::as_str);
     let kind = kind.and_then(|k| k.get("kind")).and_then(Value::as_str);
-    if (group, kind) != (Some("framelane.dev"), Some("VideoJob")) {
-        return fail(format!(
-            "this webhook admits framelane.dev VideoJobs only, got kind {}/{}",
-            group.unwrap_or("?"),
-            kind.unwrap_or("?")
-        ));
+    if (group, kind) != (Some(GROUP), Some(KIND)) {
+        return fail(wrong_kind(group, kind));
     }
-    let object = request.get("object").cloned().unwrap_or(Value::Null);
+    let object = request.get("object").unwrap_or(&Value::Null);
     let name = object
         .pointer("/metadata/name")
         .and_then(Value::as_str)
         .map(str::to_string)
         .unwrap_or_else(|| text("name"));
+    let object = serde_json::value::to_raw_value(object).expect("a JSON value always serializes");
     Ok(Request {
         uid,
         operation: text("operation"),

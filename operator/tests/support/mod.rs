@@ -633,7 +633,10 @@ pub fn sample(metrics: &str, series: &str) -> Option<f64> {
 
 /// When a watch of `jobs` first saw each job `Queued`, by name, kept current by a task
 /// (abort it when done).
-pub type QueuedAt = Arc<Mutex<std::collections::HashMap<String, std::time::Instant>>>;
+/// When a watch first saw each job Queued, and the `status.queuedAt` it carried (when the
+/// operator took the job's slot, by this machine's clock).
+pub type QueuedAt =
+    Arc<Mutex<std::collections::HashMap<String, (std::time::Instant, std::time::SystemTime)>>>;
 
 pub fn watch_queued(jobs: Api<VideoJob>) -> (QueuedAt, tokio::task::JoinHandle<()>) {
     use futures::TryStreamExt;
@@ -644,11 +647,13 @@ pub fn watch_queued(jobs: Api<VideoJob>) -> (QueuedAt, tokio::task::JoinHandle<(
         let _ = watcher(jobs, watcher::Config::default())
             .applied_objects()
             .try_for_each(move |job: VideoJob| {
-                if phase(&job) == Some(JobPhase::Queued) {
+                let queued_at = job.status.as_ref().and_then(|s| s.queued_at.as_ref());
+                if let (Some(JobPhase::Queued), Some(at)) = (phase(&job), queued_at) {
+                    let reserved = std::time::SystemTime::from(at.0);
                     seen.lock()
                         .unwrap()
                         .entry(job.name_any())
-                        .or_insert_with(std::time::Instant::now);
+                        .or_insert_with(|| (std::time::Instant::now(), reserved));
                 }
                 futures::future::ready(Ok(()))
             })

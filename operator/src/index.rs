@@ -256,8 +256,10 @@ impl Index {
     }
 
     /// Rebuilds everything from a full list (after a watch restart, deletions may have been
-    /// missed). Webhook holds stay: their creates may still be on their way.
-    pub fn rebuild<'a>(&mut self, jobs: impl Iterator<Item = &'a VideoJob>) {
+    /// missed). Webhook holds stay: their creates may still be on their way. Returns every
+    /// lane it held jobs of before or holds now: their depth may have changed.
+    pub fn rebuild<'a>(&mut self, jobs: impl Iterator<Item = &'a VideoJob>) -> Vec<String> {
+        let mut lanes: Vec<String> = self.queues.lane_names().cloned().collect();
         *self = Index {
             clock: std::mem::take(&mut self.clock),
             holds: std::mem::take(&mut self.holds),
@@ -265,8 +267,11 @@ impl Index {
             ..Default::default()
         };
         for job in jobs {
-            self.observe(job);
+            lanes.extend(self.observe(job));
         }
+        lanes.sort();
+        lanes.dedup();
+        lanes
     }
 }
 
@@ -289,6 +294,27 @@ mod tests {
 
     fn key(name: &str) -> JobKey {
         key_of(&job(name, 1))
+    }
+
+    #[test]
+    fn a_rebuild_reports_the_lanes_whose_jobs_it_saw_or_lost() {
+        let queued = |name: &str, lane: &str| {
+            let mut j = job(name, 2);
+            j.status = Some(
+                serde_json::from_value(json!({
+                    "phase": "Queued", "lane": lane, "queuedAt": "2026-11-27T10:00:00.000001Z"
+                }))
+                .unwrap(),
+            );
+            j
+        };
+        let mut index = Index::default();
+        index.observe(&queued("a", "lane-a"));
+        assert_eq!(index.queues.depth("lane-a"), 1);
+        // The watch restarts: "a" was deleted meanwhile, "b" was admitted to another lane.
+        let lanes = index.rebuild([queued("b", "lane-b")].iter());
+        assert_eq!(lanes, ["lane-a", "lane-b"]);
+        assert_eq!(index.queues.depth("lane-a"), 0);
     }
 
     #[test]

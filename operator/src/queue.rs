@@ -106,6 +106,11 @@ impl Queues {
         changed
     }
 
+    /// The lanes that have held jobs.
+    pub fn lane_names(&self) -> impl Iterator<Item = &String> {
+        self.lanes.keys()
+    }
+
     /// A lane's queue (empty when it holds nothing).
     pub fn lane(&self, lane: &str) -> Option<&LaneQueue> {
         self.lanes.get(lane)

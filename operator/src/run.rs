@@ -269,8 +269,7 @@ async fn controllers(
                     watcher::Event::Delete(job) => index.forget(job),
                     watcher::Event::InitDone => {
                         let all = job_store.state();
-                        index.rebuild(all.iter().map(|j| j.as_ref()));
-                        Vec::new()
+                        index.rebuild(all.iter().map(|j| j.as_ref()))
                     }
                     watcher::Event::Init => Vec::new(),
                 }

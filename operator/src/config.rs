@@ -72,6 +72,11 @@ pub struct Config {
     /// Runs of a job (the first one included) before a lost runner fails it with RunnerLost.
     #[arg(long, default_value_t = 3)]
     pub max_attempts: i32,
+    /// Seconds between refreshes of a lane's status when nothing changed (admissions,
+    /// starts, finishes, deletions and pod changes refresh it at once; a runner heartbeat's
+    /// expiry is looked at when it is due).
+    #[arg(long, value_parser = parse_seconds, default_value = "10")]
+    pub lane_resync_seconds: Duration,
     /// Address the admission webhook listens on (HTTPS). Unset: no webhook.
     #[arg(long, env = "FRAMELANE_WEBHOOK_ADDR")]
     pub webhook_addr: Option<SocketAddr>,

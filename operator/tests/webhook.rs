@@ -296,9 +296,12 @@ async fn bursts_admit_exactly_max_depth(s: &Setup, rounds: usize) -> Result<()> 
     Ok(())
 }
 
-/// Waits until the lane's status (the leader's queue index) counts `depth` jobs. It follows
-/// every admission and deletion, usually within a second; the bound is generous because a
-/// loaded CI machine once took over 5 s.
+/// Operator flags that leave a lane's status unrefreshed unless something changes.
+const NO_RESYNC: &[&str] = &["--lane-resync-seconds", "3600"];
+
+/// Waits until the lane's status (the leader's queue index) counts `depth` jobs. The burst
+/// tests' operators refresh a lane's status only hourly when nothing changed
+/// ([`NO_RESYNC`]): the depth shows here because each admission and deletion refreshes it.
 async fn lane_depth(s: &Setup, depth: i32) -> Result<()> {
     eventually(
         60,
@@ -314,7 +317,7 @@ async fn lane_depth(s: &Setup, depth: i32) -> Result<()> {
 #[tokio::test]
 async fn a_burst_fills_a_lane_exactly_and_freed_slots_are_taken_at_once() -> Result<()> {
     let s = setup("wh-burst", 25).await?;
-    let (operator, port) = s.fx.webhook_operator("a", 0, &[])?;
+    let (operator, port) = s.fx.webhook_operator("a", 0, NO_RESYNC)?;
     s.fx.register_webhook(port).await?;
     s.fx.webhook_effective(&s.anisora).await?;
     bursts_admit_exactly_max_depth(&s, 5).await?;
@@ -367,9 +370,9 @@ async fn a_burst_fills_a_lane_exactly_and_freed_slots_are_taken_at_once() -> Res
 #[tokio::test]
 async fn two_replicas_behind_one_address_admit_exactly_max_depth() -> Result<()> {
     let s = setup("wh-replicas", 25).await?;
-    let (a, port_a) = s.fx.webhook_operator("a", 0, &[])?;
+    let (a, port_a) = s.fx.webhook_operator("a", 0, NO_RESYNC)?;
     a.until_leading().await?;
-    let (b, port_b) = s.fx.webhook_operator("b", 0, &[])?;
+    let (b, port_b) = s.fx.webhook_operator("b", 0, NO_RESYNC)?;
     b.until_ready().await?;
     let service = RoundRobin::start(vec![port_b, port_a]).await?;
     s.fx.register_webhook(service.port).await?;

@@ -169,11 +169,12 @@ async fn reconcile_inner(lane: &ModelLane, ctx: &Context) -> Result<Action, Erro
         .set(i64::from(availability.fresh));
 
     // Heartbeats expire without an event: look again when the first fresh one would.
+    let resync = ctx.config.lane_resync_seconds;
     let next = availability
         .next_expiry
         .and_then(|t| Duration::try_from(t.duration_since(now)).ok())
-        .map_or(Duration::from_secs(10), |d| d + Duration::from_millis(100));
-    Ok(Action::requeue(next.min(Duration::from_secs(10))))
+        .map_or(resync, |d| d + Duration::from_millis(100));
+    Ok(Action::requeue(next.min(resync)))
 }
 
 /// Creates the missing runner pods and deletes the ones the lane no longer wants. `Err`

@@ -34,7 +34,9 @@ pub struct Context {
     pub lane_changes: mpsc::UnboundedSender<String>,
     /// When this replica became leader: metrics count only what happened since.
     pub leader_since: Timestamp,
-    /// Jobs already counted in the finished and queue-wait metrics.
+    /// Transitions already counted in the finished and queue-wait metrics or told by an
+    /// Event (`{uid}/start/{attempt}`, `{uid}/finished`, `{uid}/failed-event`): see
+    /// [`Context::first_time`].
     pub counted: Mutex<HashSet<String>>,
 }
 
@@ -200,6 +202,11 @@ impl Context {
     pub fn jobs_cache(&self, key: &crate::queue::JobKey) -> Option<Arc<framelane_api::VideoJob>> {
         self.jobs
             .get(&kube::runtime::reflector::ObjectRef::new(&key.name).within(&key.namespace))
+    }
+
+    /// Records `key` in [`Context::counted`]; true the first time only.
+    pub fn first_time(&self, key: String) -> bool {
+        self.counted.lock().expect("counted lock").insert(key)
     }
 
     pub fn notify_lanes(&self, lanes: Vec<String>) {

@@ -313,10 +313,7 @@ async fn fail(
     tracing::info!(job = %key_of(job).name, namespace = %key_of(job).namespace, %reason, message, "job failed");
     // Its Event is this one: record_transitions must not post a second when the watch shows
     // the failure (the next reconcile of this job, which cannot start before this one ends).
-    ctx.counted
-        .lock()
-        .expect("counted lock")
-        .insert(format!("{}/failed-event", job.uid().unwrap_or_default()));
+    ctx.first_time(format!("{}/failed-event", job.uid().unwrap_or_default()));
     publish(ctx, job, EventType::Warning, reason, message);
     Ok(Action::await_change())
 }
@@ -438,10 +435,9 @@ fn record_transitions(job: &VideoJob, ctx: &Context) {
     let uid = job.uid().unwrap_or_default();
     let lane = status.lane.clone().unwrap_or_default();
     let runner = status.runner.as_deref().unwrap_or("?");
-    let first = |key: String| ctx.counted.lock().expect("counted lock").insert(key);
     if let (Some(started), Some(queued)) = (&status.started_at, &status.queued_at)
         && started.0 >= ctx.leader_since
-        && first(format!("{uid}/start/{}", status.attempts.unwrap_or(0)))
+        && ctx.first_time(format!("{uid}/start/{}", status.attempts.unwrap_or(0)))
     {
         let wait = started.0.duration_since(queued.0).as_secs_f64().max(0.0);
         ctx.metrics
@@ -457,7 +453,7 @@ fn record_transitions(job: &VideoJob, ctx: &Context) {
     if let (Some(phase @ (JobPhase::Succeeded | JobPhase::Failed)), Some(finished)) =
         (status.phase, &status.finished_at)
         && finished.0 >= ctx.leader_since
-        && first(format!("{uid}/finished"))
+        && ctx.first_time(format!("{uid}/finished"))
     {
         let labels = FinishedLabels {
             phase: format!("{phase:?}"),
@@ -478,7 +474,7 @@ fn record_transitions(job: &VideoJob, ctx: &Context) {
                 None => format!("runner {runner} finished it in {took:.1} s"),
             };
             publish(ctx, job, EventType::Normal, Reason::Completed, &note);
-        } else if first(format!("{uid}/failed-event")) {
+        } else if ctx.first_time(format!("{uid}/failed-event")) {
             let reason = status
                 .reason
                 .as_deref()

@@ -631,13 +631,13 @@ pub fn sample(metrics: &str, series: &str) -> Option<f64> {
     })
 }
 
-/// When a watch of `jobs` first saw each job `Queued`, by name, kept current by a task
-/// (abort it when done).
 /// When a watch first saw each job Queued, and the `status.queuedAt` it carried (when the
 /// operator took the job's slot, by this machine's clock).
 pub type QueuedAt =
     Arc<Mutex<std::collections::HashMap<String, (std::time::Instant, std::time::SystemTime)>>>;
 
+/// A [`QueuedAt`] for the jobs of `jobs`, by name, kept current by a task (abort it when
+/// done).
 pub fn watch_queued(jobs: Api<VideoJob>) -> (QueuedAt, tokio::task::JoinHandle<()>) {
     use futures::TryStreamExt;
     use kube::runtime::{WatchStreamExt, watcher};

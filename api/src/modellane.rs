@@ -57,13 +57,14 @@ pub struct ModelLaneSpec {
     pub fallback: Option<FallbackSpec>,
 }
 
-/// Whether a lane serves one model or several.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
-pub enum LaneMode {
-    /// One model, loaded once and kept warm.
-    Dedicated,
-    /// Several models, switched as jobs need them.
-    Shared,
+vocabulary! {
+    /// Whether a lane serves one model or several.
+    pub enum LaneMode {
+        /// One model, loaded once and kept warm.
+        Dedicated,
+        /// Several models, switched as jobs need them.
+        Shared,
+    }
 }
 
 /// How the runner pods of a lane look.
@@ -161,15 +162,16 @@ pub struct ModelLaneStatus {
     pub conditions: Vec<Condition>,
 }
 
-/// How well a lane can run jobs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
-pub enum LanePhase {
-    /// Every runner has a fresh heartbeat.
-    Ready,
-    /// At least one, but not every, runner has a fresh heartbeat.
-    Degraded,
-    /// No runner has a fresh heartbeat.
-    Unavailable,
+vocabulary! {
+    /// How well a lane can run jobs.
+    pub enum LanePhase {
+        /// Every runner has a fresh heartbeat.
+        Ready,
+        /// At least one, but not every, runner has a fresh heartbeat.
+        Degraded,
+        /// No runner has a fresh heartbeat.
+        Unavailable,
+    }
 }
 
 /// A lane's fallback state.

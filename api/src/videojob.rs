@@ -5,7 +5,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use crate::{GenerationMode, modellane::FallbackCause};
+use crate::{GenerationMode, modellane::FallbackCause, reasons::JobReason};
 
 /// One video generation: a prompt for a model, run once on a warm GPU lane.
 // Each printcolumn(...) repeats `type_`; clippy reads that as a duplicated attribute.
@@ -114,26 +114,28 @@ fn default_mode() -> GenerationMode {
     GenerationMode::T2v
 }
 
-/// Where a job is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
-pub enum JobPhase {
-    /// Admitted to a lane and waiting for a runner.
-    Queued,
-    /// Claimed by a runner and generating.
-    Running,
-    /// Finished; the video is at `status.output.path`. Final.
-    Succeeded,
-    /// Finished without a video; `status.reason` says why. Final.
-    Failed,
+vocabulary! {
+    /// Where a job is in its life.
+    pub enum JobPhase {
+        /// Admitted to a lane and waiting for a runner.
+        Queued,
+        /// Claimed by a runner and generating.
+        Running,
+        /// Finished; the video is at `status.output.path`. Final.
+        Succeeded,
+        /// Finished without a video; `status.reason` says why. Final.
+        Failed,
+    }
 }
 
-/// Whether a job runs on its model's own lane or on a fallback lane.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
-pub enum LaneAssignment {
-    /// The model's dedicated lane.
-    Dedicated,
-    /// The dedicated lane's fallback lane; `fallbackCause` says why.
-    Fallback,
+vocabulary! {
+    /// Whether a job runs on its model's own lane or on a fallback lane.
+    pub enum LaneAssignment {
+        /// The model's dedicated lane.
+        Dedicated,
+        /// The dedicated lane's fallback lane; `fallbackCause` says why.
+        Fallback,
+    }
 }
 
 /// What the operator and the runner last recorded about a job.
@@ -186,7 +188,7 @@ pub struct VideoJobStatus {
     /// Machine-readable reason of the last transition, for example `QueueWaitTimeout`,
     /// `RunnerLost`, `GpuOutOfMemory` or `Cancelled`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+    pub reason: Option<JobReason>,
     /// Human-readable explanation of the reason, with what to do next.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,

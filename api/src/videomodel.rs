@@ -2,25 +2,10 @@
 //! limits and where its package lives.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::{CustomResource, KubeSchema, ResourceExt};
+use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use crate::GenerationMode;
-
-/// What a job whose `spec.model` names no VideoModel is told, by the admission webhook (a
-/// 422 cause) and by the controller (the job's failure message): the models that exist,
-/// sorted, and how to list them.
-pub fn unknown_model_message(
-    model: &str,
-    models: impl IntoIterator<Item = impl AsRef<VideoModel>>,
-) -> String {
-    let mut known: Vec<String> = models.into_iter().map(|m| m.as_ref().name_any()).collect();
-    known.sort();
-    format!(
-        "VideoModel {model:?} does not exist: set spec.model to one of [{}] (kubectl get videomodels)",
-        known.join(", ")
-    )
-}
 
 /// A video-generation model that lanes can serve and jobs can name.
 // Each printcolumn(...) repeats `type_`; clippy reads that as a duplicated attribute.
@@ -140,38 +125,4 @@ pub struct VideoModelStatus {
     /// Standard conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-
-    use super::*;
-
-    fn model(name: &str) -> Arc<VideoModel> {
-        Arc::new(
-            serde_json::from_value(serde_json::json!({
-                "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoModel",
-                "metadata": {"name": name},
-                "spec": {"fixedParameters": {"steps": 8},
-                    "defaults": {"width": 832, "height": 480, "frames": 81, "fps": 16},
-                    "limits": {"maxWidth": 1280, "maxHeight": 1280, "maxFrames": 161},
-                    "package": {"path": name}, "modes": ["t2v"]}
-            }))
-            .unwrap(),
-        )
-    }
-
-    #[test]
-    fn an_unknown_model_is_answered_with_the_sorted_models_that_exist() {
-        let models = [model("phr00t"), model("anisora")];
-        assert_eq!(
-            unknown_model_message("wan-2-9", &models),
-            "VideoModel \"wan-2-9\" does not exist: set spec.model to one of [anisora, phr00t] (kubectl get videomodels)"
-        );
-        assert_eq!(
-            unknown_model_message("wan-2-9", Vec::<Arc<VideoModel>>::new()),
-            "VideoModel \"wan-2-9\" does not exist: set spec.model to one of [] (kubectl get videomodels)"
-        );
-    }
 }

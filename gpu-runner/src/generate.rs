@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use framelane_api::reasons::JobReason;
 use tch::{Kind, Tensor};
 
 use crate::accel::AccelError;
@@ -81,13 +82,14 @@ pub enum JobError {
 }
 
 impl JobError {
-    pub fn reason(&self) -> &'static str {
+    /// The reason the job's status records.
+    pub fn reason(&self) -> JobReason {
         match self {
-            JobError::InvalidRequest { .. } => "InvalidRequest",
-            JobError::Cancelled { .. } => "Cancelled",
-            JobError::GpuOutOfMemory { .. } => "GpuOutOfMemory",
-            JobError::Torch { .. } => "GenerationFailed",
-            JobError::Output(_) => "OutputFailed",
+            JobError::Cancelled { .. } => JobReason::Cancelled,
+            JobError::GpuOutOfMemory { .. } => JobReason::GpuOutOfMemory,
+            JobError::InvalidRequest { .. } | JobError::Torch { .. } | JobError::Output(_) => {
+                JobReason::GenerationFailed
+            }
         }
     }
 
@@ -154,7 +156,7 @@ pub fn run_job(
         Err(e) => tracing::error!(job = %job_id, error = %e, "memory cleanup failed"),
     }
     if let Err(e) = &result {
-        tracing::warn!(job = %job_id, reason = e.reason(), error = %e, "job failed");
+        tracing::warn!(job = %job_id, reason = %e.reason(), error = %e, "job failed");
     }
     JobOutcome { result, memory }
 }

@@ -1,13 +1,10 @@
 //! Between the API and the generation core: a claimed VideoJob becomes a [`JobRequest`], and
-//! a finished generation becomes `status.output` or a machine-readable reason.
+//! a written video becomes `status.output` (a failure's reason is `JobError::reason`).
 
-use framelane_api::{VideoJob, VideoModel, videojob::Output, wellknown::Reason};
+use framelane_api::{VideoJob, VideoModel, videojob::Output};
 use kube::ResourceExt;
 
-use crate::{
-    generate::{JobError, JobRequest},
-    video::VideoOutput,
-};
+use crate::{generate::JobRequest, video::VideoOutput};
 
 /// What to generate for `job`, with the model's defaults for what the job left out and the
 /// seed the controller resolved.
@@ -46,17 +43,6 @@ pub fn output_for(video: &VideoOutput) -> Output {
         width: video.width as i32,
         height: video.height as i32,
         preview_path: Some(video.preview_path.clone()),
-    }
-}
-
-/// The reason a failed generation is recorded with.
-pub fn reason_for(error: &JobError) -> Reason {
-    match error {
-        JobError::Cancelled { .. } => Reason::Cancelled,
-        JobError::GpuOutOfMemory { .. } => Reason::GpuOutOfMemory,
-        JobError::InvalidRequest { .. } | JobError::Torch { .. } | JobError::Output(_) => {
-            Reason::GenerationFailed
-        }
     }
 }
 

@@ -17,13 +17,14 @@ use anyhow::Context as _;
 use clap::Parser;
 use framelane_api::{
     VideoJob, VideoModel,
-    runner::{ClaimedJob, ContractError, Runner},
-    wellknown::Reason,
+    reasons::JobReason,
+    videojob::{JobPhase, MemoryReport},
 };
+use framelane_contract::{ClaimedJob, ContractError, Runner};
 use framelane_runner::{
     cache::{LaneMode, ModelCache, PackageRef},
-    generate::{Progress, run_job},
-    job::{output_for, reason_for, request_for},
+    generate::{JobOutcome, Progress, run_job},
+    job::{output_for, request_for},
     memory::RunnerDevice,
     sampler::StepControl,
 };
@@ -144,7 +145,7 @@ impl Metrics {
     }
 }
 
-impl framelane_api::serve::Metrics for Metrics {
+impl framelane_contract::serve::Metrics for Metrics {
     fn registry(&self) -> &Registry {
         &self.registry
     }
@@ -160,10 +161,10 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,kube=warn".into()),
         )
         .init();
-    let client = framelane_api::serve::client(args.kubeconfig.as_deref()).await?;
+    let client = framelane_contract::serve::client(args.kubeconfig.as_deref()).await?;
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
-    tokio::spawn(framelane_api::serve::probes(
+    tokio::spawn(framelane_contract::serve::probes(
         args.metrics_addr,
         metrics.clone(),
         ready.clone(),
@@ -255,6 +256,10 @@ struct Worker {
     loaded: watch::Sender<Option<String>>,
 }
 
+/// What a generation task gives back: the outcome and the model loaded after it, or why the
+/// model could not be loaded.
+type Generated = Result<(JobOutcome, Option<String>), String>;
+
 impl Worker {
     /// Generates one claimed job and writes its final status. Never panics the runner: every
     /// failure becomes the job's reason.
@@ -262,25 +267,58 @@ impl Worker {
         let started = Instant::now();
         let job = claimed.job().clone();
         let name = format!("{}/{}", job.namespace().unwrap_or_default(), job.name_any());
-        let Some(model) = self
-            .models
-            .iter()
-            .find(|m| m.name_any() == job.spec.model)
-            .cloned()
-        else {
+        let Some(model) = self.model_of(&job) else {
             let message = format!(
                 "this runner serves {:?}, not model {}; check the lane's spec.models",
                 self.model_names(),
                 job.spec.model
             );
-            self.finish(
-                claimed.fail(Reason::GenerationFailed, &message, None).await,
-                "GenerationFailed",
-                &name,
-            );
+            self.fail(claimed, JobReason::GenerationFailed, &message, None, &name)
+                .await;
             return;
         };
-        let request = request_for(&job, &model);
+        let generated = self.generate(&mut claimed, &job, &model).await;
+        self.metrics
+            .generation_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let (outcome, loaded) = match generated {
+            Ok(Ok(done)) => done,
+            Ok(Err(load_error)) => {
+                let message = format!(
+                    "model {} could not be loaded: {load_error}",
+                    model.name_any()
+                );
+                self.fail(claimed, JobReason::GenerationFailed, &message, None, &name)
+                    .await;
+                return;
+            }
+            Err(panic) => {
+                let message = format!("the generation task failed: {panic}");
+                self.fail(claimed, JobReason::GenerationFailed, &message, None, &name)
+                    .await;
+                return;
+            }
+        };
+        self.loaded.send_replace(loaded);
+        self.report(claimed, outcome, &name).await;
+    }
+
+    fn model_of(&self, job: &VideoJob) -> Option<VideoModel> {
+        self.models
+            .iter()
+            .find(|m| m.name_any() == job.spec.model)
+            .cloned()
+    }
+
+    /// Runs the generation on a blocking thread, writing its progress to the job at each step
+    /// and stopping it at the next step boundary once the job is cancelled or taken away.
+    async fn generate(
+        &self,
+        claimed: &mut ClaimedJob,
+        job: &VideoJob,
+        model: &VideoModel,
+    ) -> Result<Generated, tokio::task::JoinError> {
+        let request = request_for(job, model);
         let cancel = Arc::new(AtomicBool::new(false));
         let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<Progress>();
         let task = tokio::task::spawn_blocking({
@@ -309,12 +347,12 @@ impl Worker {
                 } else {
                     metrics.warm_hits.inc();
                 }
-                Ok::<_, String>((outcome, cache.loaded_model().map(str::to_owned)))
+                Ok((outcome, cache.loaded_model().map(str::to_owned)))
             }
         });
         tokio::pin!(task);
         let mut percent = 0;
-        let outcome = loop {
+        loop {
             tokio::select! {
                 Some(p) = progress_rx.recv() => {
                     if claimed.is_cancelled() {
@@ -326,41 +364,18 @@ impl Worker {
                     }
                     match claimed.progress(p.stage.as_str(), p.step as i32, p.total_steps as i32, percent).await {
                         Err(ContractError::Lost(_)) => cancel.store(true, Ordering::Relaxed),
-                        Err(e) => tracing::warn!(job = %name, error = %e, "cannot write progress"),
+                        Err(e) => tracing::warn!(job = %job.name_any(), error = %e, "cannot write progress"),
                         Ok(()) => {}
                     }
                 }
-                joined = &mut task => break joined,
+                joined = &mut task => return joined,
             }
-        };
-        self.metrics
-            .generation_seconds
-            .observe(started.elapsed().as_secs_f64());
-        let (outcome, loaded) = match outcome {
-            Ok(Ok(done)) => done,
-            Ok(Err(load_error)) => {
-                let message = format!(
-                    "model {} could not be loaded: {load_error}",
-                    model.name_any()
-                );
-                self.finish(
-                    claimed.fail(Reason::GenerationFailed, &message, None).await,
-                    "GenerationFailed",
-                    &name,
-                );
-                return;
-            }
-            Err(panic) => {
-                let message = format!("the generation task failed: {panic}");
-                self.finish(
-                    claimed.fail(Reason::GenerationFailed, &message, None).await,
-                    "GenerationFailed",
-                    &name,
-                );
-                return;
-            }
-        };
-        self.loaded.send_replace(loaded);
+        }
+    }
+
+    /// Writes the outcome of a generation: the video, or the failure with its reason, with
+    /// the job's memory either way.
+    async fn report(&self, claimed: ClaimedJob, outcome: JobOutcome, name: &str) {
         let memory = outcome.memory.ok().map(|m| {
             let kinds = [
                 ("allocated", m.status.after_cleanup_allocated_bytes),
@@ -375,26 +390,34 @@ impl Worker {
             m.status
         });
         match outcome.result {
-            Ok(video) => self.finish(
-                claimed.complete(output_for(&video), memory).await,
-                "Succeeded",
-                &name,
-            ),
+            Ok(video) => {
+                let written = claimed.complete(output_for(&video), memory).await;
+                self.finished(written, JobPhase::Succeeded.as_str(), name);
+            }
             Err(error) => {
-                let reason = reason_for(&error);
-                if reason == Reason::GpuOutOfMemory {
+                let reason = error.reason();
+                if reason == JobReason::GpuOutOfMemory {
                     self.metrics.ooms.inc();
                 }
-                self.finish(
-                    claimed.fail(reason, &error.to_string(), memory).await,
-                    reason.as_str(),
-                    &name,
-                );
+                self.fail(claimed, reason, &error.to_string(), memory, name)
+                    .await;
             }
         }
     }
 
-    fn finish(&self, written: Result<VideoJob, ContractError>, result: &str, name: &str) {
+    async fn fail(
+        &self,
+        claimed: ClaimedJob,
+        reason: JobReason,
+        message: &str,
+        memory: Option<MemoryReport>,
+        name: &str,
+    ) {
+        let written = claimed.fail(reason, message, memory).await;
+        self.finished(written, reason.as_str(), name);
+    }
+
+    fn finished(&self, written: Result<VideoJob, ContractError>, result: &str, name: &str) {
         match written {
             Ok(_) => {
                 self.metrics

@@ -5,6 +5,7 @@ mod common;
 
 use std::path::Path;
 
+use framelane_api::reasons::JobReason;
 use framelane_runner::generate::{JobError, JobOutcome, Progress, Stage, run_job};
 use framelane_runner::package::ModelPackage;
 use framelane_runner::sampler::StepControl;
@@ -125,7 +126,7 @@ fn cancelling_stops_at_a_step_boundary_and_the_runner_carries_on() {
         ),
         "{err}"
     );
-    assert_eq!(err.reason(), "Cancelled");
+    assert_eq!(err.reason(), JobReason::Cancelled);
     assert_eq!(last_step, 3);
     assert!(!out.path().join("default/cancel/video.mp4").exists());
     assert!(cancelled.memory.is_ok());
@@ -147,7 +148,8 @@ fn bad_requests_are_rejected_with_the_field() {
             .contains("`frames` must be of the form 4k+1"),
         "{err}"
     );
-    assert_eq!(err.reason(), "InvalidRequest");
+    assert!(matches!(err, JobError::InvalidRequest { .. }), "{err:?}");
+    assert_eq!(err.reason(), JobReason::GenerationFailed);
 
     let mut width = common::job("bad-width", 1);
     width.width = 30;
@@ -156,5 +158,5 @@ fn bad_requests_are_rejected_with_the_field() {
 
     let escape = common::job("../../etc", 1);
     let err = run(&pkg, out.path(), &escape).result.unwrap_err();
-    assert_eq!(err.reason(), "OutputFailed", "{err}");
+    assert!(matches!(err, JobError::Output(_)), "{err:?}");
 }

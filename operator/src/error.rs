@@ -1,5 +1,7 @@
 //! Reconcile errors; each variant is a label of `framelane_reconcile_errors_total`.
 
+use framelane_contract::api_errors::is_conflict;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("the object changed while it was being updated; it is reconciled again")]
@@ -20,9 +22,10 @@ impl Error {
 
 impl From<kube::Error> for Error {
     fn from(e: kube::Error) -> Self {
-        match e {
-            kube::Error::Api(s) if s.code == 409 => Error::Conflict,
-            e => Error::Kube(e),
+        if is_conflict(&e) {
+            Error::Conflict
+        } else {
+            Error::Kube(e)
         }
     }
 }

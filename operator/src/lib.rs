@@ -1,22 +1,19 @@
-//! framelane-operator: the controller that turns ModelLanes into warm runner pods and
-//! VideoJobs into a durable, bounded, FIFO queue per lane.
+//! framelane-operator: gathers facts from the API server's caches, asks `framelane-core`
+//! what to do, and applies it. See docs/architecture.md.
 //!
-//! - `queue` and `jobs::decide`: pure decisions (queue arithmetic, job transitions).
-//! - `index`: watch events to in-memory queues.
-//! - `jobs`, `lanes`: the two reconcilers; `lanes::pods` builds runner pods from plain data.
+//! - `jobs`, `lanes`: the two reconcilers (the leader's); `lanes::pods` builds runner pods.
+//! - `webhook`: the admission webhook on every replica (parameters, the leader's depth
+//!   hold, forwarding to the leader, certificates, TLS).
 //! - `leader`: leader election; `metrics`, `events`: observability.
-//! - `webhook`: the admission webhook (parameters, exact queue depth, certificates).
-//! - `run`: wires it all together.
+//! - `context`: what the reconcilers share, and the facts they gather; `run` wires it all.
 
 pub mod config;
 pub mod context;
 pub mod error;
 pub mod events;
-pub mod index;
 pub mod jobs;
 pub mod lanes;
 pub mod leader;
 pub mod metrics;
-pub mod queue;
 pub mod run;
 pub mod webhook;

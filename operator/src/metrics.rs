@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicI64;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
-    registry::Registry,
+    registry::{Metric, Registry},
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -81,116 +81,103 @@ const RECONCILE_BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("framelane");
-        let queue_depth = Family::default();
-        registry.register(
-            "queue_depth_jobs",
-            "Unfinished (Queued or Running) jobs per lane",
-            queue_depth.clone(),
-        );
-        let queue_max_depth = Family::default();
-        registry.register(
-            "queue_max_depth_jobs",
-            "Effective maxDepth per lane: its spec.queue.maxDepth, else the operator's default",
-            queue_max_depth.clone(),
-        );
-        let ready_runners = Family::default();
-        registry.register(
-            "lane_ready_runners",
-            "Runners with a fresh heartbeat per lane",
-            ready_runners.clone(),
-        );
-        let queue_wait = Family::<LaneLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(QUEUE_WAIT_BUCKETS)
-        });
-        registry.register(
-            "queue_wait_seconds",
-            "Time from admission to a runner starting the job",
-            queue_wait.clone(),
-        );
-        let jobs_finished = Family::default();
-        registry.register(
-            "jobs_finished",
-            "Jobs that reached Succeeded or Failed, by phase and reason",
-            jobs_finished.clone(),
-        );
-        let timeout_drops = Family::default();
-        registry.register(
-            "queue_timeout_drops",
-            "Queued jobs failed with QueueWaitTimeout because their lane had no runner for maxWaitSeconds",
-            timeout_drops.clone(),
-        );
-        let runner_lost_requeues = Family::default();
-        registry.register(
-            "runner_lost_requeues",
-            "Jobs put back in the queue because their runner died",
-            runner_lost_requeues.clone(),
-        );
-        let events_dropped = Counter::default();
-        registry.register(
-            "events_dropped",
-            "Kubernetes Events not posted because too many were waiting for the API server",
-            events_dropped.clone(),
-        );
-        let reconcile_duration =
-            Family::<ControllerLabels, Histogram>::new_with_constructor(|| {
-                Histogram::new(RECONCILE_BUCKETS)
-            });
-        registry.register(
-            "reconcile_duration_seconds",
-            "Time of one reconcile",
-            reconcile_duration.clone(),
-        );
-        let reconcile_errors = Family::default();
-        registry.register(
-            "reconcile_errors",
-            "Failed reconciles by controller and error kind",
-            reconcile_errors.clone(),
-        );
-        let leader = Gauge::default();
-        registry.register(
-            "leader",
-            "1 while this replica is the leader and reconciles",
-            leader.clone(),
-        );
-        let admission_decisions = Family::default();
-        registry.register(
-            "admission_decisions",
-            "Admission webhook decisions on VideoJob creates, by lane, result and reason",
-            admission_decisions.clone(),
-        );
-        let webhook_duration = Histogram::new(WEBHOOK_BUCKETS);
-        registry.register(
-            "webhook_duration_seconds",
-            "Time the admission webhook took to answer a review",
-            webhook_duration.clone(),
-        );
-        let certificate_expiry = Family::default();
-        registry.register(
-            "webhook_certificate_expiry_timestamp_seconds",
-            "When the webhook's serving certificate and CA expire (Unix time)",
-            certificate_expiry.clone(),
-        );
+        let r = &mut registry;
         Metrics {
+            queue_depth: register(
+                r,
+                "queue_depth_jobs",
+                "Unfinished (Queued or Running) jobs per lane",
+            ),
+            queue_max_depth: register(
+                r,
+                "queue_max_depth_jobs",
+                "Effective maxDepth per lane: its spec.queue.maxDepth, else the operator's default",
+            ),
+            ready_runners: register(
+                r,
+                "lane_ready_runners",
+                "Runners with a fresh heartbeat per lane",
+            ),
+            queue_wait: register_with(
+                r,
+                "queue_wait_seconds",
+                "Time from admission to a runner starting the job",
+                Family::new_with_constructor(|| Histogram::new(QUEUE_WAIT_BUCKETS)),
+            ),
+            jobs_finished: register(
+                r,
+                "jobs_finished",
+                "Jobs that reached Succeeded or Failed, by phase and reason",
+            ),
+            timeout_drops: register(
+                r,
+                "queue_timeout_drops",
+                "Queued jobs failed with QueueWaitTimeout because their lane had no runner for maxWaitSeconds",
+            ),
+            runner_lost_requeues: register(
+                r,
+                "runner_lost_requeues",
+                "Jobs put back in the queue because their runner died",
+            ),
+            events_dropped: register(
+                r,
+                "events_dropped",
+                "Kubernetes Events not posted because too many were waiting for the API server",
+            ),
+            reconcile_duration: register_with(
+                r,
+                "reconcile_duration_seconds",
+                "Time of one reconcile",
+                Family::new_with_constructor(|| Histogram::new(RECONCILE_BUCKETS)),
+            ),
+            reconcile_errors: register(
+                r,
+                "reconcile_errors",
+                "Failed reconciles by controller and error kind",
+            ),
+            leader: register(
+                r,
+                "leader",
+                "1 while this replica is the leader and reconciles",
+            ),
+            admission_decisions: register(
+                r,
+                "admission_decisions",
+                "Admission webhook decisions on VideoJob creates, by lane, result and reason",
+            ),
+            webhook_duration: register_with(
+                r,
+                "webhook_duration_seconds",
+                "Time the admission webhook took to answer a review",
+                Histogram::new(WEBHOOK_BUCKETS),
+            ),
+            certificate_expiry: register(
+                r,
+                "webhook_certificate_expiry_timestamp_seconds",
+                "When the webhook's serving certificate and CA expire (Unix time)",
+            ),
             registry,
-            admission_decisions,
-            webhook_duration,
-            certificate_expiry,
-            queue_depth,
-            queue_max_depth,
-            ready_runners,
-            queue_wait,
-            jobs_finished,
-            timeout_drops,
-            runner_lost_requeues,
-            events_dropped,
-            reconcile_duration,
-            reconcile_errors,
-            leader,
         }
     }
 }
 
-impl framelane_api::serve::Metrics for Metrics {
+/// Registers a new metric under `name` and returns it.
+fn register<M: Default + Clone + Metric>(registry: &mut Registry, name: &str, help: &str) -> M {
+    register_with(registry, name, help, M::default())
+}
+
+/// Registers `metric` under `name` and returns it.
+fn register_with<M: Clone + Metric>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+impl framelane_contract::serve::Metrics for Metrics {
     fn registry(&self) -> &Registry {
         &self.registry
     }
@@ -208,6 +195,15 @@ impl Metrics {
             .get_or_create(&labels)
             .observe(started.elapsed().as_secs_f64());
         result
+    }
+
+    /// Counts a failed reconcile of `controller`.
+    pub fn reconcile_error(&self, controller: &str, error: &crate::error::Error) {
+        let labels = ErrorLabels {
+            controller: controller.into(),
+            error: error.kind().into(),
+        };
+        self.reconcile_errors.get_or_create(&labels).inc();
     }
 
     pub fn lane(lane: &str) -> LaneLabels {

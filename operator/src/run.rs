@@ -10,6 +10,7 @@ use std::{
 };
 
 use framelane_api::{ModelLane, VideoJob, VideoModel, wellknown::LABEL_LANE};
+use framelane_core::index::Index;
 use futures::{StreamExt, TryStreamExt, future};
 use jiff::Timestamp;
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Pod};
@@ -30,7 +31,6 @@ use crate::{
     config::{CertificateSource, Config},
     context::Context,
     events::EventSink,
-    index::Index,
     jobs, lanes,
     leader::Elector,
     metrics::Metrics,
@@ -57,10 +57,10 @@ mod tokio_stream_shim {
 /// Runs the operator until SIGTERM/SIGINT, or until it loses leadership (then it exits
 /// non-zero so its Deployment restarts it as a standby).
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let client = framelane_api::serve::client(config.kubeconfig.as_deref()).await?;
+    let client = framelane_contract::serve::client(config.kubeconfig.as_deref()).await?;
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
-    tokio::spawn(framelane_api::serve::probes(
+    tokio::spawn(framelane_contract::serve::probes(
         config.metrics_addr,
         metrics.clone(),
         ready.clone(),
@@ -122,7 +122,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .as_ref()
         .filter(|w| w.source == CertificateSource::Operator)
     {
-        tokio::spawn(webhook::maintain_certificates(
+        tokio::spawn(webhook::secret::maintain_certificates(
             Api::namespaced(client.clone(), &config.namespace),
             Api::all(client.clone()),
             config.webhook_secret.clone(),
@@ -212,6 +212,7 @@ async fn start_webhook(
     webhook
 }
 
+/// Runs the lane and job controllers (the leader's work) until they end.
 async fn controllers(
     client: Client,
     config: Config,
@@ -219,21 +220,9 @@ async fn controllers(
     models: reflector::Store<VideoModel>,
     webhook: Option<Arc<Webhook>>,
 ) -> anyhow::Result<()> {
-    let jobs_api: Api<VideoJob> = match &config.watch_namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let lanes_api: Api<ModelLane> = Api::all(client.clone());
-    let leases_api: Api<Lease> = Api::namespaced(client.clone(), &config.namespace);
-    let pods_api: Api<Pod> = Api::namespaced(client.clone(), &config.namespace);
-    let lane_watch = match &config.lane_selector {
-        Some(selector) => watcher::Config::default().labels(selector),
-        None => watcher::Config::default(),
-    };
-
     let (leases, leases_writer) = reflector::store();
     let lease_stream = watcher(
-        leases_api,
+        Api::<Lease>::namespaced(client.clone(), &config.namespace),
         watcher::Config::default().labels(framelane_api::wellknown::LABEL_RUNNER),
     )
     .default_backoff()
@@ -241,44 +230,18 @@ async fn controllers(
     // Deletions too: a runner's Lease goes with its pod, and the lane must notice at once
     // that it lost a runner.
     .touched_objects();
+    let lane_watch = match &config.lane_selector {
+        Some(selector) => watcher::Config::default().labels(selector),
+        None => watcher::Config::default(),
+    };
     let (lanes, lanes_writer) = reflector::store();
-    let lane_stream = watcher(lanes_api, lane_watch)
+    let lane_stream = watcher(Api::<ModelLane>::all(client.clone()), lane_watch)
         .default_backoff()
         .reflect(lanes_writer)
         .applied_objects();
-
     let index = Arc::new(Mutex::new(Index::default()));
     let (lane_tx, lane_rx) = mpsc::unbounded_channel::<String>();
-    let (jobs, jobs_writer) = reflector::store();
-    let job_index = index.clone();
-    let job_lane_tx = lane_tx.clone();
-    let job_store = jobs.clone();
-    // managedFields are most of a VideoJob's bytes and nothing here reads them: the cache
-    // drops them (writes leave them alone: an update without them keeps the stored ones).
-    let job_stream = watcher(jobs_api, watcher::Config::default())
-        .default_backoff()
-        .modify(|job: &mut VideoJob| job.metadata.managed_fields = None)
-        .reflect(jobs_writer)
-        .inspect_ok(move |event| {
-            let changed = {
-                let mut index = job_index.lock().expect("index lock");
-                match event {
-                    watcher::Event::Apply(job) | watcher::Event::InitApply(job) => {
-                        index.observe(job)
-                    }
-                    watcher::Event::Delete(job) => index.forget(job),
-                    watcher::Event::InitDone => {
-                        let all = job_store.state();
-                        index.rebuild(all.iter().map(|j| j.as_ref()))
-                    }
-                    watcher::Event::Init => Vec::new(),
-                }
-            };
-            for lane in changed {
-                let _ = job_lane_tx.send(lane);
-            }
-        })
-        .touched_objects();
+    let (jobs, job_stream) = job_stream(&client, &config, index.clone(), lane_tx.clone());
 
     let reporter = Reporter {
         controller: "framelane-operator".into(),
@@ -293,21 +256,21 @@ async fn controllers(
         config: config.clone(),
         metrics,
         lanes: lanes.clone(),
-        models: models.clone(),
-        leases: leases.clone(),
+        models,
+        leases,
         jobs: jobs.clone(),
         index,
         lane_changes: lane_tx,
         leader_since: Timestamp::now(),
         counted: Mutex::new(Default::default()),
     });
-
     if let Some(webhook) = webhook {
         let _ = webhook.leader.set(ctx.clone());
     }
+    let pods = Api::<Pod>::namespaced(client.clone(), &config.namespace);
     let lane_controller = Controller::for_stream(lane_stream, lanes)
         .with_config(ControllerConfig::default().concurrency(4))
-        .owns(pods_api, watcher::Config::default().labels(LABEL_LANE))
+        .owns(pods, watcher::Config::default().labels(LABEL_LANE))
         .watches_stream(lease_stream, |lease: Lease| {
             lease
                 .labels()
@@ -325,4 +288,51 @@ async fn controllers(
         .for_each(|_| future::ready(()));
     future::join(lane_controller, job_controller).await;
     Ok(())
+}
+
+/// The VideoJob cache and the stream that feeds it. Each watch event updates the queue
+/// index first (so the index knows every job a reconcile sees) and tells the lanes whose
+/// queue changed.
+fn job_stream(
+    client: &Client,
+    config: &Config,
+    index: Arc<Mutex<Index>>,
+    lanes_changed: mpsc::UnboundedSender<String>,
+) -> (
+    reflector::Store<VideoJob>,
+    impl futures::Stream<Item = Result<VideoJob, watcher::Error>> + use<>,
+) {
+    let api: Api<VideoJob> = match &config.watch_namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let (jobs, writer) = reflector::store();
+    let store = jobs.clone();
+    // managedFields are most of a VideoJob's bytes and nothing here reads them: the cache
+    // drops them (writes leave them alone: an update without them keeps the stored ones).
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(|job: &mut VideoJob| job.metadata.managed_fields = None)
+        .reflect(writer)
+        .inspect_ok(move |event| {
+            let changed = {
+                let mut index = index.lock().expect("index lock");
+                match event {
+                    watcher::Event::Apply(job) | watcher::Event::InitApply(job) => {
+                        index.observe(job)
+                    }
+                    watcher::Event::Delete(job) => index.forget(job),
+                    watcher::Event::InitDone => {
+                        let all = store.state();
+                        index.rebuild(all.iter().map(|j| j.as_ref()))
+                    }
+                    watcher::Event::Init => Vec::new(),
+                }
+            };
+            for lane in changed {
+                let _ = lanes_changed.send(lane);
+            }
+        })
+        .touched_objects();
+    (jobs, stream)
 }

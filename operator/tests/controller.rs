@@ -10,10 +10,11 @@ use anyhow::{Context, Result, ensure};
 use framelane_api::{
     ModelLane, VideoJob,
     modellane::LanePhase,
-    runner::Runner,
+    reasons::JobReason,
     videojob::JobPhase,
     wellknown::{ALLOC_CONF_DEFAULT, ALLOC_CONF_ENV, LABEL_LANE},
 };
+use framelane_contract::Runner;
 use k8s_openapi::api::{
     coordination::v1::Lease,
     core::v1::{Namespace, Pod, ServiceAccount},
@@ -157,7 +158,7 @@ async fn positions_settle(fx: &Fixture, lanes: &[String]) -> Result<()> {
                         && phase(j) == Some(JobPhase::Queued)
                 })
                 .collect();
-            queued.sort_by_key(|j| framelane_api::runner::queue_key(j));
+            queued.sort_by_key(|j| framelane_core::claims::queue_key(j));
             let positions: Vec<Option<i32>> = queued
                 .iter()
                 .map(|j| j.status.as_ref().unwrap().queue_position)
@@ -249,7 +250,7 @@ async fn a_hundred_jobs_run_once_each_in_fifo_order_with_exact_positions() -> Re
         assert_eq!(in_lane.len(), 50);
         in_lane.sort_by_key(|j| j.status.as_ref().unwrap().started_at.clone().unwrap().0);
         let by_start: Vec<String> = in_lane.iter().map(|j| j.name_any()).collect();
-        in_lane.sort_by_key(|j| framelane_api::runner::queue_key(j));
+        in_lane.sort_by_key(|j| framelane_core::claims::queue_key(j));
         let by_queue: Vec<String> = in_lane.iter().map(|j| j.name_any()).collect();
         assert_eq!(
             by_start, by_queue,
@@ -438,7 +439,7 @@ async fn deleting_queued_and_running_jobs_cancels_them_and_frees_their_slots() -
             .iter()
             .filter(|j| phase(j) == Some(JobPhase::Queued))
             .collect();
-        queued.sort_by_key(|j| framelane_api::runner::queue_key(j));
+        queued.sort_by_key(|j| framelane_core::claims::queue_key(j));
         let depth = fx.lane_status(&lane).await?.queue_depth;
         Ok(
             (running.len() == 1 && queued.len() == 2 && depth == 3).then(|| {
@@ -767,7 +768,7 @@ async fn queued_jobs_time_out_when_their_lane_has_no_runner() -> Result<()> {
     })
     .await?;
     let status = failed.status.unwrap();
-    assert_eq!(status.reason.as_deref(), Some("QueueWaitTimeout"));
+    assert_eq!(status.reason, Some(JobReason::QueueWaitTimeout));
     assert!(
         status
             .message
@@ -914,7 +915,7 @@ async fn a_lane_that_loses_its_runner_gives_queued_jobs_max_wait_from_then() -> 
     })
     .await?;
     let status = failed.status.context("status")?;
-    assert_eq!(status.reason.as_deref(), Some("QueueWaitTimeout"));
+    assert_eq!(status.reason, Some(JobReason::QueueWaitTimeout));
     let after = status
         .finished_at
         .context("finishedAt")?

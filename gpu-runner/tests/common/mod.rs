@@ -5,7 +5,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
 use framelane_runner::generate::JobRequest;
 use framelane_runner::memory::RunnerDevice;
@@ -13,20 +12,10 @@ use framelane_runner::memory::RunnerDevice;
 pub const FIX: &str =
     "run `eval \"$(gpu-runner/scripts/setup-torch.sh)\"` first (see gpu-runner/README.md)";
 
-/// The Python with torch 2.11 that makes the packages and runs the reference loop. Missing is
-/// a failure, never a skip: these tests are the runner's proof of correctness.
-pub fn python() -> PathBuf {
-    let Some(path) = std::env::var_os("FRAMELANE_TORCH_PYTHON") else {
-        panic!("FRAMELANE_TORCH_PYTHON is not set; {FIX}");
-    };
-    let path = PathBuf::from(path);
-    assert!(
-        path.is_file(),
-        "FRAMELANE_TORCH_PYTHON={} does not exist; {FIX}",
-        path.display()
-    );
-    path
-}
+/// Tiny `anisora` and `phr00t` packages, made once per test binary.
+pub use framelane_testenv::tiny_models as packages;
+/// The Python with torch 2.11 that makes the packages and runs the reference loop.
+pub use framelane_testenv::torch_python as python;
 
 pub fn tests_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests")
@@ -53,17 +42,6 @@ pub fn run_python(script: &str, args: &[&Path], stdin: Option<&str>) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-/// Tiny `anisora` and `phr00t` packages, made once per test binary.
-pub fn packages() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        run_python("make_tiny_packages.py", &[dir.path()], None);
-        dir
-    })
-    .path()
 }
 
 pub fn anisora() -> PathBuf {

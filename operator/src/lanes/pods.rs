@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use framelane_api::{
     ModelLane,
-    modellane::{LaneMode, LaneVolume},
+    modellane::{LaneMode, LaneVolume, RunnerTemplate},
     wellknown::{ALLOC_CONF_DEFAULT, ALLOC_CONF_ENV, LABEL_LANE, LABEL_MODEL, SHARED_MODEL_LABEL},
 };
 use k8s_openapi::{
@@ -87,74 +87,6 @@ pub fn desired_pods(lane: &ModelLane, config: &Config) -> Vec<Pod> {
 
 fn pod_spec(lane: &ModelLane, config: &Config) -> PodSpec {
     let runner = lane.spec.runner.clone().unwrap_or_default();
-    let field = |path: &str| EnvVarSource {
-        field_ref: Some(ObjectFieldSelector {
-            field_path: path.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let mut env = vec![
-        EnvVar {
-            name: "POD_NAME".into(),
-            value_from: Some(field("metadata.name")),
-            ..Default::default()
-        },
-        EnvVar {
-            name: "POD_NAMESPACE".into(),
-            value_from: Some(field("metadata.namespace")),
-            ..Default::default()
-        },
-        // The runner makes its pod the owner of its heartbeat Lease, so the Lease goes with it.
-        EnvVar {
-            name: "POD_UID".into(),
-            value_from: Some(field("metadata.uid")),
-            ..Default::default()
-        },
-        EnvVar {
-            name: "FRAMELANE_LANE".into(),
-            value: Some(lane.name_any()),
-            ..Default::default()
-        },
-        EnvVar {
-            name: "FRAMELANE_LANE_MODE".into(),
-            value: Some(format!("{:?}", lane.spec.mode)),
-            ..Default::default()
-        },
-        EnvVar {
-            name: "FRAMELANE_MODELS".into(),
-            value: Some(lane.spec.models.join(",")),
-            ..Default::default()
-        },
-        EnvVar {
-            name: "FRAMELANE_MODELS_DIR".into(),
-            value: Some(MODELS_MOUNT.into()),
-            ..Default::default()
-        },
-        EnvVar {
-            name: "FRAMELANE_OUTPUT_DIR".into(),
-            value: Some(OUTPUTS_MOUNT.into()),
-            ..Default::default()
-        },
-    ];
-    if allocator_override(lane).is_none() {
-        env.push(EnvVar {
-            name: ALLOC_CONF_ENV.into(),
-            value: Some(ALLOC_CONF_DEFAULT.into()),
-            ..Default::default()
-        });
-    }
-    env.extend(runner.env.iter().cloned());
-    let resources = runner
-        .resources
-        .clone()
-        .unwrap_or_else(|| ResourceRequirements {
-            limits: Some(BTreeMap::from([(
-                config.gpu_resource.clone(),
-                Quantity("1".into()),
-            )])),
-            ..Default::default()
-        });
     let claim = |name: &str| LaneVolume {
         persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
             claim_name: name.into(),
@@ -171,51 +103,7 @@ fn pod_spec(lane: &ModelLane, config: &Config) -> PodSpec {
         .clone()
         .unwrap_or_else(|| claim(&config.outputs_claim));
     PodSpec {
-        containers: vec![Container {
-            name: "runner".into(),
-            image: Some(
-                runner
-                    .image
-                    .clone()
-                    .unwrap_or_else(|| config.runner_image.clone()),
-            ),
-            env: Some(env),
-            ports: Some(vec![ContainerPort {
-                name: Some(METRICS_PORT_NAME.into()),
-                container_port: METRICS_PORT,
-                protocol: Some("TCP".into()),
-                ..Default::default()
-            }]),
-            resources: Some(resources),
-            volume_mounts: Some(vec![
-                VolumeMount {
-                    name: "models".into(),
-                    mount_path: MODELS_MOUNT.into(),
-                    read_only: Some(true),
-                    ..Default::default()
-                },
-                VolumeMount {
-                    name: "outputs".into(),
-                    mount_path: OUTPUTS_MOUNT.into(),
-                    ..Default::default()
-                },
-                VolumeMount {
-                    name: "tmp".into(),
-                    mount_path: TMP_MOUNT.into(),
-                    ..Default::default()
-                },
-            ]),
-            security_context: Some(SecurityContext {
-                allow_privilege_escalation: Some(false),
-                capabilities: Some(Capabilities {
-                    drop: Some(vec!["ALL".into()]),
-                    add: None,
-                }),
-                read_only_root_filesystem: Some(true),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }],
+        containers: vec![container(lane, &runner, config)],
         volumes: Some(vec![
             volume("models", models),
             volume("outputs", outputs),
@@ -225,20 +113,113 @@ fn pod_spec(lane: &ModelLane, config: &Config) -> PodSpec {
                 ..Default::default()
             },
         ]),
-        // What the `restricted` Pod Security Standard asks for.
-        security_context: Some(PodSecurityContext {
-            run_as_non_root: Some(true),
-            run_as_user: Some(RUNNER_UID),
-            run_as_group: Some(RUNNER_UID),
-            fs_group: Some(RUNNER_UID),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".into(),
-                localhost_profile: None,
+        security_context: Some(pod_security()),
+        service_account_name: config.runner_service_account.clone(),
+        restart_policy: Some("Always".into()),
+        ..Default::default()
+    }
+}
+
+/// The runner container: its image, environment, GPU, mounts and restricted security.
+fn container(lane: &ModelLane, runner: &RunnerTemplate, config: &Config) -> Container {
+    let resources = runner
+        .resources
+        .clone()
+        .unwrap_or_else(|| ResourceRequirements {
+            limits: Some(BTreeMap::from([(
+                config.gpu_resource.clone(),
+                Quantity("1".into()),
+            )])),
+            ..Default::default()
+        });
+    let mount = |name: &str, path: &str, read_only: bool| VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: read_only.then_some(true),
+        ..Default::default()
+    };
+    Container {
+        name: "runner".into(),
+        image: Some(
+            runner
+                .image
+                .clone()
+                .unwrap_or_else(|| config.runner_image.clone()),
+        ),
+        env: Some(env(lane, runner)),
+        ports: Some(vec![ContainerPort {
+            name: Some(METRICS_PORT_NAME.into()),
+            container_port: METRICS_PORT,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        resources: Some(resources),
+        volume_mounts: Some(vec![
+            mount("models", MODELS_MOUNT, true),
+            mount("outputs", OUTPUTS_MOUNT, false),
+            mount("tmp", TMP_MOUNT, false),
+        ]),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: None,
+            }),
+            read_only_root_filesystem: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The runner's environment: who it is (from the downward API), its lane and models, where
+/// its volumes are, the allocator setting unless the lane overrides it, and the lane's own.
+fn env(lane: &ModelLane, runner: &RunnerTemplate) -> Vec<EnvVar> {
+    let field = |name: &str, path: &str| EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..Default::default()
             }),
             ..Default::default()
         }),
-        service_account_name: config.runner_service_account.clone(),
-        restart_policy: Some("Always".into()),
+        ..Default::default()
+    };
+    let value = |name: &str, value: String| EnvVar {
+        name: name.into(),
+        value: Some(value),
+        ..Default::default()
+    };
+    let mut env = vec![
+        field("POD_NAME", "metadata.name"),
+        field("POD_NAMESPACE", "metadata.namespace"),
+        // The runner makes its pod the owner of its heartbeat Lease, so the Lease goes with it.
+        field("POD_UID", "metadata.uid"),
+        value("FRAMELANE_LANE", lane.name_any()),
+        value("FRAMELANE_LANE_MODE", lane.spec.mode.as_str().into()),
+        value("FRAMELANE_MODELS", lane.spec.models.join(",")),
+        value("FRAMELANE_MODELS_DIR", MODELS_MOUNT.into()),
+        value("FRAMELANE_OUTPUT_DIR", OUTPUTS_MOUNT.into()),
+    ];
+    if allocator_override(lane).is_none() {
+        env.push(value(ALLOC_CONF_ENV, ALLOC_CONF_DEFAULT.into()));
+    }
+    env.extend(runner.env.iter().cloned());
+    env
+}
+
+/// What the `restricted` Pod Security Standard asks of the pod.
+fn pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(RUNNER_UID),
+        run_as_group: Some(RUNNER_UID),
+        fs_group: Some(RUNNER_UID),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
         ..Default::default()
     }
 }

@@ -4,6 +4,10 @@
 
 use std::borrow::Cow;
 
+use framelane_core::{
+    depth::Overloaded,
+    parameters::{Cause, summary},
+};
 use serde::Deserialize;
 use serde_json::{Value, json, value::RawValue};
 
@@ -21,21 +25,45 @@ pub struct Request {
     pub object: Box<RawValue>,
 }
 
-/// One `details.causes[]` entry: the field, what is wrong, and the fix.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Cause {
-    pub field: String,
-    /// `FieldValueInvalid`, `FieldValueNotSupported`, `FieldValueNotFound`, ...
-    pub reason: &'static str,
-    pub message: String,
+/// Why the webhook refuses a create: the `reason` label of
+/// `framelane_admission_decisions_total`, and with it the HTTP code and Status reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// A parameter does not fit the model: 422 `Invalid`.
+    InvalidParameters,
+    /// The lane is full: 503, the message starts with `queue_overloaded`.
+    QueueOverloaded,
+    /// The body is not a VideoJob AdmissionReview: 400.
+    BadRequest,
+    /// The webhook cannot decide now (starting, or the leader is unreachable): 503.
+    Unavailable,
+}
+
+impl Refusal {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::InvalidParameters => "invalid_parameters",
+            Refusal::QueueOverloaded => "queue_overloaded",
+            Refusal::BadRequest => "bad_request",
+            Refusal::Unavailable => "unavailable",
+        }
+    }
+
+    /// The HTTP status code and the Status `reason` the API server returns to the client.
+    pub fn status(self) -> (u16, &'static str) {
+        match self {
+            Refusal::InvalidParameters => (422, "Invalid"),
+            Refusal::QueueOverloaded | Refusal::Unavailable => (503, "ServiceUnavailable"),
+            Refusal::BadRequest => (400, "BadRequest"),
+        }
+    }
 }
 
 /// A refusal, as the user will read it from kubectl or a client library.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Denial {
-    pub code: u16,
-    /// The Status reason: `Invalid`, `ServiceUnavailable`, `BadRequest`.
-    pub reason: &'static str,
+    pub refusal: Refusal,
     pub message: String,
     pub name: String,
     pub causes: Vec<Cause>,
@@ -43,20 +71,35 @@ pub struct Denial {
 
 impl Denial {
     pub fn bad_request(message: impl Into<String>) -> Denial {
-        Denial {
-            code: 400,
-            reason: "BadRequest",
-            message: message.into(),
-            name: String::new(),
-            causes: Vec::new(),
-        }
+        Denial::new(Refusal::BadRequest, message.into())
     }
 
     pub fn unavailable(message: impl Into<String>) -> Denial {
+        Denial::new(Refusal::Unavailable, message.into())
+    }
+
+    /// The job `name` does not fit its model: every violation in `causes`.
+    pub fn invalid(name: &str, model: &str, causes: Vec<Cause>) -> Denial {
         Denial {
-            code: 503,
-            reason: "ServiceUnavailable",
-            message: message.into(),
+            message: summary(name, model, &causes),
+            name: name.into(),
+            causes,
+            ..Denial::new(Refusal::InvalidParameters, String::new())
+        }
+    }
+
+    /// The lane the job of `name` counts against is full.
+    pub fn overloaded(name: &str, full: &Overloaded) -> Denial {
+        Denial {
+            name: name.into(),
+            ..Denial::new(Refusal::QueueOverloaded, full.to_string())
+        }
+    }
+
+    fn new(refusal: Refusal, message: String) -> Denial {
+        Denial {
+            refusal,
+            message,
             name: String::new(),
             causes: Vec::new(),
         }
@@ -243,13 +286,14 @@ pub fn respond(uid: &str, denial: Option<&Denial>) -> Vec<u8> {
         let causes: Vec<Value> = d
             .causes
             .iter()
-            .map(|c| json!({"field": c.field, "reason": c.reason, "message": c.message}))
+            .map(|c| json!({"field": c.field, "reason": c.reason.as_str(), "message": c.message}))
             .collect();
+        let (code, reason) = d.refusal.status();
         response["status"] = json!({
             "metadata": {},
             "status": "Failure",
-            "code": d.code,
-            "reason": d.reason,
+            "code": code,
+            "reason": reason,
             "message": d.message,
             "details": {
                 "name": d.name,
@@ -316,21 +360,20 @@ mod tests {
 
     #[test]
     fn a_denial_carries_code_reason_and_causes() {
-        let denial = Denial {
-            code: 422,
-            reason: "Invalid",
-            message: "spec.steps: must be 8".into(),
-            name: "j".into(),
-            causes: vec![Cause {
-                field: "spec.steps".into(),
-                reason: "FieldValueInvalid",
-                message: "must be 8".into(),
-            }],
+        let cause = Cause {
+            field: "spec.steps".into(),
+            reason: framelane_core::parameters::CauseReason::FieldValueInvalid,
+            message: "must be 8".into(),
         };
+        let denial = Denial::invalid("j", "anisora", vec![cause]);
         let out: Value = serde_json::from_slice(&respond("u", Some(&denial))).unwrap();
         assert_eq!(out["response"]["allowed"], false);
         assert_eq!(out["response"]["status"]["code"], 422);
         assert_eq!(out["response"]["status"]["reason"], "Invalid");
+        assert_eq!(
+            out["response"]["status"]["message"],
+            "VideoJob \"j\" does not fit model \"anisora\": spec.steps: must be 8"
+        );
         assert_eq!(
             out["response"]["status"]["details"]["causes"][0]["field"],
             "spec.steps"

@@ -15,13 +15,14 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use framelane_api::{
     ModelLane, VideoJob, VideoModel,
-    runner::Runner,
+    reasons::JobReason,
     videojob::{JobPhase, Output},
-    wellknown::Reason,
 };
+use framelane_contract::Runner;
+pub use framelane_testenv::eventually;
 use framelane_testenv::{TEST_LABEL, TestEnv, TestNamespace};
 use k8s_openapi::{
     ByteString,
@@ -577,7 +578,7 @@ impl SimRunner {
                     task_cancelled.fetch_add(1, Ordering::SeqCst);
                     claimed
                         .fail(
-                            Reason::Cancelled,
+                            JobReason::Cancelled,
                             &format!("cancelled at step {step}"),
                             None,
                         )
@@ -690,24 +691,6 @@ pub async fn remove_namespaces(prefix: &str) -> Result<()> {
         },
     )
     .await
-}
-
-/// Polls `check` every 200 ms until it returns `Some`, for at most `secs`.
-pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<Option<T>>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = check().await? {
-            return Ok(v);
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out after {secs} s waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 pub fn phase(job: &VideoJob) -> Option<JobPhase> {

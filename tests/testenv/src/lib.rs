@@ -41,10 +41,84 @@ pub enum Error {
     },
     #[error("the control plane refused a request: {0}")]
     Kube(#[from] kube::Error),
-    #[error(
-        "namespace {0} has no default ServiceAccount after 60 s; is kube-controller-manager running? See .testenv/logs/kube-controller-manager.log"
-    )]
-    NoServiceAccount(String),
+    #[error("{0}")]
+    Wait(String),
+}
+
+/// Polls `check` every 200 ms until it returns `Some`, for at most `secs`: the one way the
+/// tests wait for the cluster to reach a state. An error from `check` ends the wait at once.
+pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() <= deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The torch venv's Python (`FRAMELANE_TORCH_PYTHON`, set by
+/// `eval "$(gpu-runner/scripts/setup-torch.sh)"`, as `just test` does). Missing is a failure,
+/// never a skip.
+pub fn torch_python() -> PathBuf {
+    const FIX: &str =
+        "run `eval \"$(gpu-runner/scripts/setup-torch.sh)\"` first (`just test` does)";
+    let path = std::env::var_os("FRAMELANE_TORCH_PYTHON")
+        .unwrap_or_else(|| panic!("FRAMELANE_TORCH_PYTHON is not set; {FIX}"));
+    let path = PathBuf::from(path);
+    assert!(
+        path.is_file(),
+        "FRAMELANE_TORCH_PYTHON={} does not exist; {FIX}",
+        path.display()
+    );
+    path
+}
+
+/// The tiny `anisora` and `phr00t` model packages the runner's tests make (random weights),
+/// made once per test process.
+pub fn tiny_models() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let script = repo_root().join("gpu-runner/tests/make_tiny_packages.py");
+        let out = Command::new(torch_python())
+            .arg(&script)
+            .arg(dir.path())
+            .output()
+            .expect("the torch Python runs");
+        assert!(
+            out.status.success(),
+            "{} failed:\n{}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+    .path()
+}
+
+/// A binary of this workspace, built now if needed (debug profile): for tests in another
+/// package than the binary's, which cargo gives no path to.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let root = repo_root();
+    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["build", "--quiet", "--bin", name])
+        .current_dir(&root)
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "cargo build --bin {name} failed");
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root.join("target"), PathBuf::from)
+        .join("debug")
+        .join(name)
 }
 
 /// The running control plane of this checkout.
@@ -112,17 +186,19 @@ impl TestEnv {
             .name
             .expect("the API server names a generateName object");
         let accounts = Api::<ServiceAccount>::namespaced(client.clone(), &name);
-        for _ in 0..120 {
-            if accounts.get_opt("default").await?.is_some() {
-                return Ok(TestNamespace {
-                    env: self,
-                    name,
-                    client,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        Err(Error::NoServiceAccount(name))
+        let what = format!(
+            "the default ServiceAccount of namespace {name} (is kube-controller-manager running? See .testenv/logs/kube-controller-manager.log)"
+        );
+        eventually(60, &what, || async {
+            Ok(accounts.get_opt("default").await?.map(|_| ()))
+        })
+        .await
+        .map_err(|e| Error::Wait(format!("{e:#}")))?;
+        Ok(TestNamespace {
+            env: self,
+            name,
+            client,
+        })
     }
 }
 

@@ -2,10 +2,8 @@
 //! GPU nodes and kwok runs them, GPU capacity and ResourceQuota refuse pods the way Framelane's
 //! fallback expects, and kube-controller-manager garbage-collects owned objects.
 
-use std::time::Duration;
-
 use anyhow::{Context, Result, bail, ensure};
-use framelane_testenv::TestEnv;
+use framelane_testenv::{TestEnv, eventually};
 use k8s_openapi::api::{
     apps::v1::ReplicaSet,
     core::v1::{Node, Pod, ResourceQuota},
@@ -22,21 +20,6 @@ fn gpu_pod(name: &str) -> Result<Pod> {
         "spec": {"containers": [{"name": "runner", "image": "framelane-runner:test",
             "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}
     }))?)
-}
-
-/// Polls `check` every 250 ms until it returns `Some` or `secs` pass.
-async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<Option<T>>>,
-{
-    for _ in 0..secs * 4 {
-        if let Some(v) = check().await? {
-            return Ok(v);
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    bail!("timed out after {secs} s waiting for {what}")
 }
 
 #[tokio::test]

@@ -1,6 +1,6 @@
-//! Queue arithmetic, with no Kubernetes in it: which unfinished jobs each lane holds, in what
-//! order, and how deep each queue is. The index feeds it watch events; the controller and
-//! (later) the admission webhook read it.
+//! In what order do a lane's jobs run? Queue arithmetic: which unfinished jobs each lane
+//! holds, in what order (admission time, then name), at which positions, and how deep each
+//! queue is. The index feeds it watch events; the controller and the webhook read it.
 
 use std::collections::{BTreeSet, HashMap};
 

@@ -1,31 +1,47 @@
-//! What the controller does with a job, decided from plain facts (no client), so every
-//! transition is unit-tested. Terminal states are final: nothing here leaves Succeeded or
-//! Failed except deletion.
+//! What happens next to a job? One decision from plain facts (the job, its lane, its
+//! runner's heartbeat), so every transition is unit-tested. Terminal states are final:
+//! nothing here leaves Succeeded or Failed except deletion.
 
 use std::time::Duration;
 
-use framelane_api::{VideoJob, videojob::JobPhase, wellknown::Reason};
-use jiff::{SignedDuration, Timestamp};
+use framelane_api::{VideoJob, reasons::JobReason, videojob::JobPhase};
+use jiff::Timestamp;
+
+use crate::{
+    depth::{QueueLimits, room},
+    routing::RouteError,
+    timeouts::{expiry, queue_wait_deadline, runner_alive, until},
+};
 
 /// What the controller knows about the lane a job is (or would be) in.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LaneFacts {
     pub name: String,
-    pub max_depth: usize,
-    pub max_wait: Duration,
+    pub limits: QueueLimits,
     /// Unfinished jobs the lane holds now.
     pub depth: usize,
     /// Since when the lane has had no fresh runner; `None` while it has one.
     pub unavailable_since: Option<Timestamp>,
 }
 
+/// Why a job has no lane to be in.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NoLane {
+    /// A new job: its model does not exist or nothing serves it.
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    /// An admitted job whose lane was deleted since.
+    #[error("lane {0} was deleted; create the job again once a lane serves its model")]
+    Deleted(String),
+}
+
 /// Everything `decide` looks at besides the job.
 #[derive(Clone, Debug)]
 pub struct Facts {
     pub now: Timestamp,
-    /// The lane the job is routed to (new job) or sits in; `Err` says why there is none.
-    pub lane: Result<LaneFacts, String>,
-    /// For a Running job: whether its runner's heartbeat is fresh, and until when.
+    /// The lane the job is routed to (new job) or sits in.
+    pub lane: Result<LaneFacts, NoLane>,
+    /// For a Running job: until when its runner's heartbeat is fresh.
     pub runner_fresh_until: Option<Timestamp>,
     pub max_attempts: i32,
 }
@@ -35,14 +51,14 @@ pub enum Decision {
     /// Put the new job in `lane`'s queue.
     Admit { lane: String },
     /// Fail the job (not yet terminal) with a reason and a message saying what to do.
-    Fail { reason: Reason, message: String },
+    Fail { reason: JobReason, message: String },
     /// Its runner died: back to its old place in the queue, for another attempt.
     Requeue,
     /// `ttlSecondsAfterFinished` has passed: delete it.
     Delete,
     /// Deleted and nothing runs it any more: drop the finalizer so it goes away.
     Release,
-    /// Nothing to do now; look again after this long.
+    /// Nothing to do now; look again after this long (zero: only when the job changes).
     Wait(Duration),
 }
 
@@ -50,22 +66,15 @@ pub enum Decision {
 pub fn decide(job: &VideoJob, facts: &Facts) -> Decision {
     let status = job.status.clone().unwrap_or_default();
     let deleted = job.metadata.deletion_timestamp.is_some();
-    let runner_alive = facts.runner_fresh_until.is_some_and(|t| t > facts.now);
+    let alive = runner_alive(facts.runner_fresh_until, facts.now);
+    let runner_expiry = || until(facts.now, facts.runner_fresh_until.unwrap_or(facts.now));
     match status.phase {
-        Some(JobPhase::Running) if deleted && runner_alive => {
-            // The runner sees the deletion and stops at the next step boundary.
-            Decision::Wait(until(
-                facts.now,
-                facts.runner_fresh_until.unwrap_or(facts.now),
-            ))
-        }
+        // The runner sees the deletion and stops at the next step boundary.
+        Some(JobPhase::Running) if deleted && alive => Decision::Wait(runner_expiry()),
         _ if deleted => Decision::Release,
         None => admit(&facts.lane),
-        Some(JobPhase::Queued) => queued(&status.queued_at.map(|t| t.0), facts),
-        Some(JobPhase::Running) if runner_alive => Decision::Wait(until(
-            facts.now,
-            facts.runner_fresh_until.unwrap_or(facts.now),
-        )),
+        Some(JobPhase::Queued) => queued(status.queued_at.map(|t| t.0), facts),
+        Some(JobPhase::Running) if alive => Decision::Wait(runner_expiry()),
         Some(JobPhase::Running) => {
             let runner = status.runner.as_deref().unwrap_or("?");
             let attempts = status.attempts.unwrap_or(1);
@@ -73,7 +82,7 @@ pub fn decide(job: &VideoJob, facts: &Facts) -> Decision {
                 Decision::Requeue
             } else {
                 Decision::Fail {
-                    reason: Reason::RunnerLost,
+                    reason: JobReason::RunnerLost,
                     message: format!(
                         "runner {runner} stopped sending heartbeats mid-job, and the job has now lost {attempts} runners \
                          (limit {}); look at the runner pods' logs (OOM kills, node failures), then create the job again",
@@ -83,73 +92,54 @@ pub fn decide(job: &VideoJob, facts: &Facts) -> Decision {
             }
         }
         Some(JobPhase::Succeeded | JobPhase::Failed) => {
-            let ttl = job.spec.ttl_seconds_after_finished;
-            match (ttl, status.finished_at) {
-                (Some(ttl), Some(finished)) => {
-                    let expiry = finished.0 + SignedDuration::from_secs(i64::from(ttl));
-                    if expiry <= facts.now {
-                        Decision::Delete
-                    } else {
-                        Decision::Wait(until(facts.now, expiry))
-                    }
-                }
-                _ => Decision::Wait(Duration::ZERO),
+            let finished = status.finished_at.map(|t| t.0);
+            match expiry(finished, job.spec.ttl_seconds_after_finished) {
+                Some(at) if at <= facts.now => Decision::Delete,
+                Some(at) => Decision::Wait(until(facts.now, at)),
+                None => Decision::Wait(Duration::ZERO),
             }
         }
     }
 }
 
-fn admit(lane: &Result<LaneFacts, String>) -> Decision {
+fn admit(lane: &Result<LaneFacts, NoLane>) -> Decision {
     match lane {
         Err(why) => Decision::Fail {
-            reason: Reason::LaneNotFound,
-            message: why.clone(),
+            reason: JobReason::LaneNotFound,
+            message: why.to_string(),
         },
-        Ok(lane) if lane.depth >= lane.max_depth => Decision::Fail {
-            reason: Reason::QueueOverloaded,
-            message: format!(
-                "queue_overloaded: lane {} holds {} unfinished jobs (maxDepth {}); create the job again once some finish",
-                lane.name, lane.depth, lane.max_depth
-            ),
-        },
-        Ok(lane) => Decision::Admit {
-            lane: lane.name.clone(),
+        Ok(lane) => match room(&lane.name, lane.depth, lane.limits) {
+            Ok(()) => Decision::Admit {
+                lane: lane.name.clone(),
+            },
+            Err(full) => Decision::Fail {
+                reason: JobReason::QueueOverloaded,
+                message: full.to_string(),
+            },
         },
     }
 }
 
-fn queued(queued_at: &Option<Timestamp>, facts: &Facts) -> Decision {
+fn queued(queued_at: Option<Timestamp>, facts: &Facts) -> Decision {
     let Ok(lane) = &facts.lane else {
         return Decision::Wait(Duration::from_secs(5));
     };
-    let Some(down_since) = lane.unavailable_since else {
+    let max_wait = lane.limits.max_wait;
+    match queue_wait_deadline(queued_at, lane.unavailable_since, max_wait) {
         // The lane has a runner: the job waits its turn, however long the queue.
-        return Decision::Wait(lane.max_wait);
-    };
-    let waiting_since = queued_at.map_or(down_since, |q| q.max(down_since));
-    let deadline =
-        waiting_since + SignedDuration::try_from(lane.max_wait).unwrap_or(SignedDuration::MAX);
-    if deadline <= facts.now {
-        // The seam for fallback routing: a later change moves the job to the lane's
-        // fallback lane here instead of failing it.
-        Decision::Fail {
-            reason: Reason::QueueWaitTimeout,
+        None => Decision::Wait(max_wait),
+        Some(deadline) if deadline <= facts.now => Decision::Fail {
+            reason: JobReason::QueueWaitTimeout,
             message: format!(
                 "lane {} had no available runner for {} s (maxWaitSeconds); check its runner pods \
                  (kubectl get pods -l framelane.dev/lane={}) and create the job again",
                 lane.name,
-                lane.max_wait.as_secs(),
+                max_wait.as_secs(),
                 lane.name
             ),
-        }
-    } else {
-        Decision::Wait(until(facts.now, deadline))
+        },
+        Some(deadline) => Decision::Wait(until(facts.now, deadline)),
     }
-}
-
-fn until(now: Timestamp, then: Timestamp) -> Duration {
-    Duration::try_from(then.duration_since(now)).unwrap_or(Duration::ZERO)
-        + Duration::from_millis(100)
 }
 
 #[cfg(test)]
@@ -174,16 +164,21 @@ mod tests {
     fn micro(secs: i64) -> serde_json::Value {
         serde_json::to_value(MicroTime(t(secs))).unwrap()
     }
-    fn lane(depth: usize, unavailable_since: Option<Timestamp>) -> Result<LaneFacts, String> {
+    fn lane(depth: usize, unavailable_since: Option<Timestamp>) -> Result<LaneFacts, NoLane> {
         Ok(LaneFacts {
             name: "anisora".into(),
-            max_depth: 25,
-            max_wait: Duration::from_secs(30),
+            limits: QueueLimits {
+                max_depth: 25,
+                max_wait: Duration::from_secs(30),
+            },
             depth,
             unavailable_since,
         })
     }
-    fn facts(now: i64, lane: Result<LaneFacts, String>, runner_fresh_until: Option<i64>) -> Facts {
+    fn gone() -> Result<LaneFacts, NoLane> {
+        Err(NoLane::Deleted("anisora".into()))
+    }
+    fn facts(now: i64, lane: Result<LaneFacts, NoLane>, runner_fresh_until: Option<i64>) -> Facts {
         Facts {
             now: t(now),
             lane,
@@ -205,17 +200,20 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!(reason, Reason::QueueOverloaded);
+        assert_eq!(reason, JobReason::QueueOverloaded);
         assert!(
             message.starts_with("queue_overloaded: lane anisora holds 25"),
             "{message}"
         );
-        let Decision::Fail { reason, .. } =
-            decide(&new, &facts(0, Err("no lane serves model x".into()), None))
-        else {
+        let no_lane = Err(NoLane::Route(RouteError::NoLane { model: "x".into() }));
+        let Decision::Fail { reason, message } = decide(&new, &facts(0, no_lane, None)) else {
             panic!()
         };
-        assert_eq!(reason, Reason::LaneNotFound);
+        assert_eq!(reason, JobReason::LaneNotFound);
+        assert_eq!(
+            message,
+            "no ModelLane serves model x; create one (kubectl get modellanes shows the lanes)"
+        );
     }
 
     #[test]
@@ -234,7 +232,7 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!(reason, Reason::QueueWaitTimeout);
+        assert_eq!(reason, JobReason::QueueWaitTimeout);
         // Admitted after the lane went down: its own wait counts.
         let late = job(json!({"phase": "Queued", "queuedAt": micro(20)}));
         assert!(matches!(
@@ -261,7 +259,7 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!(reason, Reason::QueueWaitTimeout);
+        assert_eq!(reason, JobReason::QueueWaitTimeout);
     }
 
     #[test]
@@ -284,7 +282,7 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!(reason, Reason::RunnerLost);
+        assert_eq!(reason, JobReason::RunnerLost);
     }
 
     #[test]
@@ -295,7 +293,7 @@ mod tests {
         for phase in ["Succeeded", "Failed"] {
             // Even with the lane gone and its runner dead, a finished job stays as it is.
             assert!(matches!(
-                decide(&finished(phase), &facts(30, Err("gone".into()), None)),
+                decide(&finished(phase), &facts(30, gone(), None)),
                 Decision::Wait(_)
             ));
             assert_eq!(

@@ -7,14 +7,12 @@
 //! - a job deleted mid-generation stops at a step boundary, ends Cancelled and goes away; the
 //!   runner stays healthy and runs the next job.
 
-mod common;
-
 use std::{path::PathBuf, process::Stdio, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use framelane_api::{ModelLane, VideoJob, VideoModel, videojob::JobPhase};
-use framelane_testenv::{TestEnv, TestNamespace};
+use framelane_testenv::{TestEnv, TestNamespace, eventually, tiny_models, workspace_binary};
 use kube::{
     Api,
     api::{DeleteParams, PostParams},
@@ -30,7 +28,7 @@ struct Setup {
     env: &'static TestEnv,
     ns: TestNamespace,
     operator: JoinHandle<Result<()>>,
-    runner: tokio::process::Child,
+    runner: std::sync::Mutex<tokio::process::Child>,
     log: PathBuf,
     out: tempfile::TempDir,
     /// Test-scoped VideoModel name of each package (`anisora`, `phr00t`).
@@ -100,7 +98,7 @@ impl Setup {
             .map(|s| s.as_str())
             .collect::<Vec<_>>()
             .join(",");
-        let runner = tokio::process::Command::new(env!("CARGO_BIN_EXE_framelane-runner"))
+        let runner = tokio::process::Command::new(workspace_binary("framelane-runner"))
             .args([
                 "--name",
                 "runner-0",
@@ -111,7 +109,7 @@ impl Setup {
             ])
             .args(["--mode", mode, "--models", &model_list])
             .arg("--models-dir")
-            .arg(common::packages())
+            .arg(tiny_models())
             .arg("--output-dir")
             .arg(out.path())
             .args(["--watch-namespace", &ns.name, "--metrics-addr", &health])
@@ -124,7 +122,7 @@ impl Setup {
             env,
             ns,
             operator,
-            runner,
+            runner: std::sync::Mutex::new(runner),
             log,
             out,
             models,
@@ -162,17 +160,16 @@ impl Setup {
     }
 
     /// Fails with the runner's log if it exited.
-    fn check_runner(&mut self) -> Result<()> {
-        if let Some(code) = self.runner.try_wait()? {
+    fn check_runner(&self) -> Result<()> {
+        if let Some(code) = self.runner.lock().expect("runner lock").try_wait()? {
             bail!("the runner exited with {code}:\n{}", self.log_text());
         }
         Ok(())
     }
 
     /// Waits until every job in `names` Succeeded; any failure fails the test.
-    async fn wait_succeeded(&mut self, names: &[&str], limit: Duration) -> Result<Vec<VideoJob>> {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
+    async fn wait_succeeded(&self, names: &[&str], secs: u64) -> Result<Vec<VideoJob>> {
+        eventually(secs, &format!("jobs {names:?} to succeed"), || async {
             let mut done = Vec::new();
             for name in names {
                 let job = self.jobs().get(name).await?;
@@ -182,18 +179,11 @@ impl Setup {
                     _ => {}
                 }
             }
-            if done.len() == names.len() {
-                return Ok(done);
-            }
             self.check_runner()?;
-            if tokio::time::Instant::now() > deadline {
-                bail!(
-                    "jobs {names:?} not done after {limit:?}\n{}",
-                    self.log_text()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            Ok((done.len() == names.len()).then_some(done))
+        })
+        .await
+        .with_context(|| self.log_text())
     }
 
     /// HTTP status of GET `path` on the runner's probe port.
@@ -211,8 +201,9 @@ impl Setup {
             .with_context(|| format!("no HTTP status in {response:?}"))
     }
 
-    async fn stop(mut self) -> Result<()> {
-        self.runner.kill().await?;
+    async fn stop(self) -> Result<()> {
+        let mut runner = self.runner.into_inner().expect("runner lock");
+        runner.kill().await?;
         self.operator.abort();
         let selector = format!("{INSTANCE_LABEL}={}", self.ns.name);
         let _ = self
@@ -232,16 +223,15 @@ impl Setup {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_videojob_becomes_an_mp4_and_the_model_stays_loaded() -> Result<()> {
-    let mut setup = Setup::start("runner-e2e", "Dedicated", &[("anisora", 8)]).await?;
+    let setup = Setup::start("runner-e2e", "Dedicated", &[("anisora", 8)]).await?;
     let model = setup.model("anisora").to_owned();
     for name in ["first", "second"] {
         let spec = json!({"model": model, "prompt": format!("a fox, take {name}"), "seed": 7});
         setup.create_job(name, spec).await?;
     }
 
-    let mut saw_progress = false;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-    let done = loop {
+    let saw_progress = std::cell::Cell::new(false);
+    let done = eventually(180, "every job to succeed", || async {
         let list = setup.jobs().list(&Default::default()).await?.items;
         for job in &list {
             let progress = job.status.as_ref().and_then(|s| s.progress.clone());
@@ -250,14 +240,8 @@ async fn a_videojob_becomes_an_mp4_and_the_model_stays_loaded() -> Result<()> {
                 && p.step > 0
                 && p.step < p.total_steps
             {
-                saw_progress = true;
+                saw_progress.set(true);
             }
-        }
-        if list
-            .iter()
-            .all(|j| j.status.as_ref().and_then(|s| s.phase) == Some(JobPhase::Succeeded))
-        {
-            break list;
         }
         if let Some(failed) = list
             .iter()
@@ -266,15 +250,14 @@ async fn a_videojob_becomes_an_mp4_and_the_model_stays_loaded() -> Result<()> {
             bail!("a job failed: {:?}", failed.status);
         }
         setup.check_runner()?;
-        if tokio::time::Instant::now() > deadline {
-            bail!(
-                "jobs not done after 180 s: {:?}\n{}",
-                list.iter().map(|j| &j.status).collect::<Vec<_>>(),
-                setup.log_text()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+        let all = list
+            .iter()
+            .all(|j| j.status.as_ref().and_then(|s| s.phase) == Some(JobPhase::Succeeded));
+        Ok(all.then_some(list))
+    })
+    .await
+    .with_context(|| setup.log_text())?;
+    let saw_progress = saw_progress.get();
     ensure!(
         saw_progress,
         "never saw a Denoising step in status.progress"
@@ -321,8 +304,7 @@ async fn a_videojob_becomes_an_mp4_and_the_model_stays_loaded() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_runner_unloads_before_each_switch_and_keeps_no_old_tensor() -> Result<()> {
-    let mut setup =
-        Setup::start("runner-shared", "Shared", &[("anisora", 8), ("phr00t", 4)]).await?;
+    let setup = Setup::start("runner-shared", "Shared", &[("anisora", 8), ("phr00t", 4)]).await?;
     let order = ["anisora", "phr00t", "anisora", "phr00t"];
     let mut names = Vec::new();
     for (i, package) in order.iter().enumerate() {
@@ -335,9 +317,7 @@ async fn a_shared_runner_unloads_before_each_switch_and_keeps_no_old_tensor() ->
         names.push(name);
     }
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    setup
-        .wait_succeeded(&names, Duration::from_secs(240))
-        .await?;
+    setup.wait_succeeded(&names, 240).await?;
 
     let lines = setup.log_lines();
     let message = |l: &Value| l["fields"]["message"].as_str().unwrap_or("").to_owned();
@@ -396,31 +376,26 @@ async fn a_shared_runner_unloads_before_each_switch_and_keeps_no_old_tensor() ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_deleted_mid_generation_stops_and_the_runner_runs_the_next() -> Result<()> {
-    let mut setup = Setup::start("runner-cancel", "Dedicated", &[("anisora", 8)]).await?;
+    let setup = Setup::start("runner-cancel", "Dedicated", &[("anisora", 8)]).await?;
     let model = setup.model("anisora").to_owned();
     // Large enough that its eight steps take seconds on the CPU.
     let spec = json!({"model": model, "prompt": "a long fox", "seed": 3,
         "width": 1024, "height": 1024, "frames": 33});
     setup.create_job("long", spec).await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-    loop {
+    eventually(180, "a denoising step of the long job", || async {
         let job = setup.jobs().get("long").await?;
-        let progress = job.status.as_ref().and_then(|s| s.progress.clone());
-        if progress.is_some_and(|p| p.stage.as_deref() == Some("Denoising") && p.step >= 1) {
-            break;
-        }
         ensure!(
             job.status.as_ref().and_then(|s| s.phase) != Some(JobPhase::Succeeded),
             "the job finished before it could be deleted"
         );
         setup.check_runner()?;
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "no denoising step after 180 s:\n{}",
-            setup.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        let progress = job.status.as_ref().and_then(|s| s.progress.clone());
+        Ok(progress
+            .is_some_and(|p| p.stage.as_deref() == Some("Denoising") && p.step >= 1)
+            .then_some(()))
+    })
+    .await
+    .with_context(|| setup.log_text())?;
     setup
         .jobs()
         .delete("long", &DeleteParams::default())
@@ -428,16 +403,12 @@ async fn a_job_deleted_mid_generation_stops_and_the_runner_runs_the_next() -> Re
 
     // The runner stops at the next step boundary, records Cancelled, and the operator lets
     // the deleted job go.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while setup.jobs().get_opt("long").await?.is_some() {
+    eventually(60, "the deleted job to go", || async {
         setup.check_runner()?;
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the deleted job is still there after 60 s:\n{}",
-            setup.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        Ok(setup.jobs().get_opt("long").await?.is_none().then_some(()))
+    })
+    .await
+    .with_context(|| setup.log_text())?;
     let lines = setup.log_lines();
     let failed = lines
         .iter()
@@ -470,8 +441,6 @@ async fn a_job_deleted_mid_generation_stops_and_the_runner_runs_the_next() -> Re
     assert_eq!(setup.probe("/readyz").await?, 200);
     let spec = json!({"model": model, "prompt": "the next fox", "seed": 4});
     setup.create_job("next", spec).await?;
-    setup
-        .wait_succeeded(&["next"], Duration::from_secs(120))
-        .await?;
+    setup.wait_succeeded(&["next"], 120).await?;
     setup.stop().await
 }

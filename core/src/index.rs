@@ -1,6 +1,7 @@
-//! Turns VideoJob watch events into the in-memory queues. Watch events can arrive after the
-//! controller's own write of the same job; a resourceVersion check keeps the index from
-//! stepping back to an older state.
+//! Which jobs hold which lane's slots? Turns VideoJob watch events into the in-memory
+//! queues, and keeps them exact while admissions are being written and creates the webhook let
+//! through are on their way. Watch events can arrive after the controller's own write of the
+//! same job; a resourceVersion check keeps the index from stepping back to an older state.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -8,9 +9,11 @@ use std::{
 };
 
 use framelane_api::{VideoJob, videojob::JobPhase};
-use kube::ResourceExt;
 
-use crate::queue::{AdmissionClock, JobKey, Queues, Slot};
+use crate::{
+    depth::{Overloaded, QueueLimits, room},
+    queue::{AdmissionClock, JobKey, Queues, Slot},
+};
 
 /// The queues plus what keeps them exact.
 #[derive(Debug, Default)]
@@ -68,19 +71,22 @@ pub fn slot_of(job: &VideoJob) -> Slot {
     }
 }
 
+/// The queue's key of a job: its namespace and name.
 pub fn key_of(job: &VideoJob) -> JobKey {
     JobKey {
-        namespace: job.namespace().unwrap_or_default(),
-        name: job.name_any(),
+        namespace: job.metadata.namespace.clone().unwrap_or_default(),
+        name: job.metadata.name.clone().unwrap_or_default(),
     }
 }
 
-fn version(job: &VideoJob) -> Option<u64> {
-    job.resource_version().and_then(|v| v.parse().ok())
+/// A resourceVersion as a number, to tell an older copy from a newer one: the API server's
+/// resourceVersions are etcd revisions, which only grow.
+pub fn version(job: &VideoJob) -> Option<u64> {
+    job.metadata.resource_version.as_deref()?.parse().ok()
 }
 
 impl Index {
-    /// Records a job as seen; returns the lanes whose queue changed.
+    /// Records a job as the watch shows it; returns the lanes whose queue changed.
     pub fn observe(&mut self, job: &VideoJob) -> Vec<String> {
         let key = key_of(job);
         if let (Some(seen), Some(new)) = (self.versions.get(&key), version(job))
@@ -146,26 +152,23 @@ impl Index {
     }
 
     /// The admission webhook's atomic check-and-take: holds a slot of `lane` for the create
-    /// of `key` if fewer than `max_depth` jobs count against it, else returns the count. A
-    /// job the index already knows takes no second slot (its create fails as a duplicate).
-    /// With `dry_run` nothing is held.
+    /// of `key` if the lane has [`room`], else says why not. A job the index already knows
+    /// takes no second slot (its create fails as a duplicate). With `dry_run` nothing is held.
     pub fn hold(
         &mut self,
         key: JobKey,
         lane: &str,
-        max_depth: usize,
+        limits: QueueLimits,
         route: impl Fn(&str) -> Option<String>,
         (now, until): (Instant, Instant),
         dry_run: bool,
-    ) -> Result<(), usize> {
+    ) -> Result<(), Overloaded> {
         self.holds.retain(|_, (_, u)| *u > now);
         if self.versions.contains_key(&key) || self.awaiting_keys.contains_key(&key) {
             return Ok(());
         }
         let count = self.unfinished(lane, route, now) - usize::from(self.holds.contains_key(&key));
-        if count >= max_depth {
-            return Err(count);
-        }
+        room(lane, count, limits)?;
         if !dry_run {
             self.holds.insert(key, (lane.to_string(), until));
         }
@@ -296,6 +299,11 @@ mod tests {
         key_of(&job(name, 1))
     }
 
+    const LIMITS: QueueLimits = QueueLimits {
+        max_depth: 3,
+        max_wait: Duration::from_secs(30),
+    };
+
     #[test]
     fn a_rebuild_reports_the_lanes_whose_jobs_it_saw_or_lost() {
         let queued = |name: &str, lane: &str| {
@@ -325,12 +333,12 @@ mod tests {
         let until = (now, now + Duration::from_secs(15));
         for name in ["a", "b"] {
             assert_eq!(
-                index.hold(key(name), "lane-a", 3, lane_of, until, false),
+                index.hold(key(name), "lane-a", LIMITS, lane_of, until, false),
                 Ok(())
             );
         }
         assert_eq!(
-            index.hold(key("dry"), "lane-a", 3, lane_of, until, true),
+            index.hold(key("dry"), "lane-a", LIMITS, lane_of, until, true),
             Ok(()),
             "a dry run fits but holds nothing"
         );
@@ -342,21 +350,25 @@ mod tests {
             "a shown job counts as awaiting admission instead of held"
         );
         assert_eq!(
-            index.hold(key("c"), "lane-a", 3, lane_of, until, false),
+            index.hold(key("c"), "lane-a", LIMITS, lane_of, until, false),
             Ok(())
         );
         assert_eq!(
-            index.hold(key("d"), "lane-a", 3, lane_of, until, false),
-            Err(3)
+            index.hold(key("d"), "lane-a", LIMITS, lane_of, until, false),
+            Err(Overloaded {
+                lane: "lane-a".into(),
+                depth: 3,
+                limits: LIMITS
+            })
         );
         assert_eq!(
-            index.hold(key("a"), "lane-a", 3, lane_of, until, false),
+            index.hold(key("a"), "lane-a", LIMITS, lane_of, until, false),
             Ok(()),
             "an existing name takes no slot: its create fails as a duplicate"
         );
         let later = now + Duration::from_secs(16);
         assert_eq!(
-            index.hold(key("d"), "lane-a", 3, lane_of, (later, later), false),
+            index.hold(key("d"), "lane-a", LIMITS, lane_of, (later, later), false),
             Ok(()),
             "holds of creates that never arrived lapse"
         );

@@ -13,21 +13,20 @@
 //!   it; jobs in flight all finish; operator-made certificates survive both;
 //! - `helm uninstall` leaves nothing behind but the CRDs.
 
-mod common;
-
 use std::{
     collections::BTreeSet,
     ffi::OsStr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::Duration,
 };
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::{CommandFactory, Parser};
 use framelane_api::{ModelLane, VideoJob, videojob::JobPhase};
 use framelane_operator::config::Config;
-use framelane_testenv::{TestEnv, TestNamespace};
+use framelane_testenv::{
+    TestEnv, TestNamespace, eventually, tiny_models, torch_python, workspace_binary,
+};
 use k8s_openapi::api::{
     admissionregistration::v1::ValidatingWebhookConfiguration,
     apps::v1::Deployment,
@@ -45,7 +44,8 @@ use serde_json::{Value, json};
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .expect("gpu-runner sits in the repository root")
+        .and_then(Path::parent)
+        .expect("tests/e2e sits two levels below the repository root")
         .to_path_buf()
 }
 
@@ -371,7 +371,7 @@ async fn the_chart_lints_and_renders_valid_manifests_for_every_option() -> Resul
 
     // Generated files are current.
     let schema = dir.path().join("values.schema.json");
-    run(Command::new(common::python())
+    run(Command::new(torch_python())
         .arg(repo().join("tests/chart/values_schema.py"))
         .arg(&schema))?;
     ensure!(
@@ -629,25 +629,6 @@ impl Release {
             .items)
     }
 
-    /// Waits for `check` to hold, for up to `limit`.
-    async fn until<F, Fut>(&self, what: &str, limit: Duration, mut check: F) -> Result<()>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<bool>>,
-    {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            if check().await? {
-                return Ok(());
-            }
-            ensure!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    }
-
     async fn lane_pods(&self, package: &str) -> Result<Vec<Pod>> {
         self.pods(&format!("framelane.dev/lane={}", self.model(package)))
             .await
@@ -656,20 +637,15 @@ impl Release {
     /// A runner process playing the lane's first pod: the pod's own environment, a token of
     /// the chart's runner account bound to the pod, the tiny model packages.
     async fn runner(&self, package: &str) -> Result<tokio::process::Child> {
-        let found = std::cell::RefCell::new(None);
-        self.until("the lane's runner pod", Duration::from_secs(60), || async {
-            let first = self.lane_pods(package).await?.into_iter().find(|p| {
+        let pod = eventually(60, "the lane's runner pod", || async {
+            Ok(self.lane_pods(package).await?.into_iter().find(|p| {
                 p.metadata
                     .name
                     .as_deref()
                     .is_some_and(|n| n.ends_with("-0"))
-            });
-            let seen = first.is_some();
-            *found.borrow_mut() = first;
-            Ok(seen)
+            }))
         })
         .await?;
-        let pod = found.into_inner().expect("found above");
         let spec = pod.spec.as_ref().context("pod spec")?;
         let account = spec
             .service_account_name
@@ -683,7 +659,7 @@ impl Release {
             &pod_token(&self.ns, &account, &name)?,
             &kubeconfig,
         )?;
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_framelane-runner"));
+        let mut cmd = tokio::process::Command::new(workspace_binary("framelane-runner"));
         for var in spec.containers[0].env.iter().flatten() {
             if let Some(value) = env_value(var, &pod) {
                 cmd.env(&var.name, value);
@@ -692,7 +668,7 @@ impl Release {
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log")))?;
         Ok(cmd
             .arg("--models-dir")
-            .arg(common::packages())
+            .arg(tiny_models())
             .arg("--output-dir")
             .arg(self.dir.path())
             .args(["--metrics-addr", "127.0.0.1:0", "--kubeconfig"])
@@ -722,7 +698,7 @@ impl Release {
 
     async fn wait_succeeded(&self, names: &[&str]) -> Result<()> {
         let jobs = self.ns.api::<VideoJob>();
-        self.until("the jobs to succeed", Duration::from_secs(300), || async {
+        eventually(300, "the jobs to succeed", || async {
             let mut done = 0;
             for name in names {
                 let job = jobs.get(name).await?;
@@ -732,7 +708,7 @@ impl Release {
                     _ => {}
                 }
             }
-            Ok(done == names.len())
+            Ok((done == names.len()).then_some(()))
         })
         .await
     }
@@ -834,18 +810,14 @@ async fn install_run_upgrade_uninstall(release: &Release) -> Result<()> {
         "operator replicas share a node: {nodes:?}"
     );
     let pdbs = ns.api::<PodDisruptionBudget>();
-    release
-        .until(
-            "the PDB to allow one disruption",
-            Duration::from_secs(30),
-            || async {
-                let pdb = pdbs.get(&format!("{full}-operator")).await?;
-                Ok(pdb.status.is_some_and(|s| {
-                    s.current_healthy == Some(2) && s.disruptions_allowed == Some(1)
-                }))
-            },
-        )
-        .await?;
+    eventually(30, "the PDB to allow one disruption", || async {
+        let pdb = pdbs.get(&format!("{full}-operator")).await?;
+        let healthy = pdb
+            .status
+            .is_some_and(|s| s.current_healthy == Some(2) && s.disruptions_allowed == Some(1));
+        Ok(healthy.then_some(()))
+    })
+    .await?;
 
     // The operator, as its first pod, with the chart's operator account.
     let operator_pod = &operator_pods[0];
@@ -865,12 +837,12 @@ async fn install_run_upgrade_uninstall(release: &Release) -> Result<()> {
         &format!("127.0.0.1:{}", release.webhook_port),
     )?;
     // The webhook is effective once the API server trusts it: a job naming no model is refused.
-    release
-        .until("the chart's webhook to answer", Duration::from_secs(60), || async {
+    eventually(60, "the chart's webhook to answer", || async {
             let dry = PostParams { dry_run: true, ..Default::default() };
             let job: VideoJob = serde_json::from_value(json!({"apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob",
                 "metadata": {"name": "probe"}, "spec": {"model": "no-such-model", "prompt": "p"}}))?;
-            Ok(matches!(ns.api::<VideoJob>().create(&dry, &job).await, Err(kube::Error::Api(s)) if s.code == 422))
+            let refused = matches!(ns.api::<VideoJob>().create(&dry, &job).await, Err(kube::Error::Api(s)) if s.code == 422);
+            Ok(refused.then_some(()))
         })
         .await?;
     let secret = ns
@@ -901,16 +873,11 @@ async fn install_run_upgrade_uninstall(release: &Release) -> Result<()> {
     let lanes: Api<ModelLane> = Api::all(admin.clone());
     for package in ["anisora", "phr00t"] {
         let lane = release.model(package);
-        release
-            .until(
-                "the lane's runner to be ready",
-                Duration::from_secs(120),
-                || async {
-                    let lane = lanes.get(&lane).await?;
-                    Ok(lane.status.map(|s| s.ready_runners) == Some(1))
-                },
-            )
-            .await?;
+        eventually(120, "the lane's runner to be ready", || async {
+            let lane = lanes.get(&lane).await?;
+            Ok((lane.status.map(|s| s.ready_runners) == Some(1)).then_some(()))
+        })
+        .await?;
     }
 
     // Admit, run, complete under the chart's RBAC; refuse a wrong parameter.
@@ -1033,22 +1000,16 @@ async fn install_run_upgrade_uninstall(release: &Release) -> Result<()> {
     ensure!(revision_2.contains("REVISION: 2"), "{revision_2}");
     let anisora = release.model("anisora");
     ensure!(lanes.get(&anisora).await?.spec.replicas == Some(2));
-    release
-        .until(
-            "the upgraded lane's second pod",
-            Duration::from_secs(60),
-            || async { Ok(release.lane_pods("anisora").await?.len() == 2) },
-        )
-        .await?;
+    eventually(60, "the upgraded lane's second pod", || async {
+        Ok((release.lane_pods("anisora").await?.len() == 2).then_some(()))
+    })
+    .await?;
     release.helm("rollback", &["1", "--wait", "--timeout=180s"])?;
     ensure!(lanes.get(&anisora).await?.spec.replicas == Some(1));
-    release
-        .until(
-            "the rolled-back lane to shrink",
-            Duration::from_secs(60),
-            || async { Ok(release.lane_pods("anisora").await?.len() == 1) },
-        )
-        .await?;
+    eventually(60, "the rolled-back lane to shrink", || async {
+        Ok((release.lane_pods("anisora").await?.len() == 1).then_some(()))
+    })
+    .await?;
     release.wait_succeeded(&in_flight).await?;
     let history = release.helm("history", &[])?;
     ensure!(history.contains("Rollback to 1"), "{history}");
@@ -1077,11 +1038,15 @@ async fn install_run_upgrade_uninstall(release: &Release) -> Result<()> {
     let jobs = ns.api::<VideoJob>();
     jobs.delete_collection(&DeleteParams::default(), &ListParams::default())
         .await?;
-    release
-        .until("the jobs to be gone", Duration::from_secs(60), || async {
-            Ok(jobs.list(&ListParams::default()).await?.items.is_empty())
-        })
-        .await?;
+    eventually(60, "the jobs to be gone", || async {
+        Ok(jobs
+            .list(&ListParams::default())
+            .await?
+            .items
+            .is_empty()
+            .then_some(()))
+    })
+    .await?;
     for runner in &mut runners {
         runner.kill().await?;
     }
@@ -1099,8 +1064,7 @@ async fn install_run_upgrade_uninstall(release: &Release) -> Result<()> {
             .map(str::to_string)
             .collect()
     };
-    release
-        .until("nothing of the release to remain", Duration::from_secs(90), || async {
+    eventually(90, "nothing of the release to remain", || async {
             let cluster = ours(run(env.kubectl().args([
                 "get",
                 "clusterroles,clusterrolebindings,validatingwebhookconfigurations,validatingadmissionpolicies,validatingadmissionpolicybindings,videomodels,modellanes",
@@ -1118,7 +1082,7 @@ async fn install_run_upgrade_uninstall(release: &Release) -> Result<()> {
             if !cluster.is_empty() || !namespaced.is_empty() {
                 eprintln!("left: {cluster:?} {namespaced:?}");
             }
-            Ok(cluster.is_empty() && namespaced.is_empty())
+            Ok((cluster.is_empty() && namespaced.is_empty()).then_some(()))
         })
         .await?;
     let crds = run(env.kubectl().args(["get", "crd", "-o", "name"]))?;

@@ -1,0 +1,100 @@
+//! The API's vocabulary: condition types and reasons, each an enum whose variant name is the
+//! string the API shows (in `status.reason`, conditions and Events) and the metric label.
+//! Every such string is spelled here and nowhere else.
+
+vocabulary! {
+    /// Machine-readable reason of the job's last transition, for example `QueueWaitTimeout`,
+    /// `RunnerLost`, `GpuOutOfMemory` or `Cancelled`.
+    // Also the reason of the job's conditions and Events, and the `reason` label of
+    // `framelane_jobs_finished_total`.
+    pub enum JobReason {
+        /// Admitted to a lane's queue.
+        Admitted,
+        /// A runner claimed the job.
+        Started,
+        /// The video was generated.
+        Completed,
+        /// The job waited `maxWaitSeconds` and neither its lane nor a fallback lane could run it.
+        QueueWaitTimeout,
+        /// The job's runner died mid-job too many times.
+        RunnerLost,
+        /// A runner died mid-job; the job went back to its place in the queue.
+        Requeued,
+        /// The GPU ran out of memory.
+        GpuOutOfMemory,
+        /// The job was deleted before it finished.
+        Cancelled,
+        /// The lane's queue was full.
+        QueueOverloaded,
+        /// The job names a model that does not exist or that no lane serves.
+        LaneNotFound,
+        /// Generation failed for another reason; the message says which.
+        GenerationFailed,
+    }
+}
+
+vocabulary! {
+    /// Condition types of a VideoJob.
+    pub enum JobCondition {
+        /// The job is in a lane's queue (or was).
+        Admitted,
+        /// A runner is generating the job.
+        Running,
+        /// The job succeeded.
+        Complete,
+        /// The job failed.
+        Failed,
+    }
+}
+
+vocabulary! {
+    /// Condition types of a ModelLane.
+    pub enum LaneCondition {
+        /// At least one runner of the lane has a fresh heartbeat.
+        Available,
+        /// Every runner pod of the lane exists.
+        PodsCreated,
+        /// The lane overrides PYTORCH_CUDA_ALLOC_CONF.
+        AllocatorOverridden,
+    }
+}
+
+vocabulary! {
+    /// Why a ModelLane is as it is: the reason of its conditions and of its Events.
+    pub enum LaneReason {
+        /// Every runner has a fresh heartbeat (condition Available, Event on becoming Ready).
+        Ready,
+        /// Some but not all runners have a fresh heartbeat.
+        Degraded,
+        /// No runner has a fresh heartbeat.
+        Unavailable,
+        /// Every runner pod exists (condition PodsCreated).
+        PodsCreated,
+        /// The operator created a runner pod (Event).
+        PodCreated,
+        /// The API server refused a runner pod, for example a ResourceQuota (condition
+        /// PodsCreated, Event).
+        PodCreateRefused,
+        /// The operator deleted a runner pod the lane no longer wants (Event).
+        PodDeleted,
+        /// `spec.runner.env` replaces the allocator setting (condition, Event).
+        AllocatorOverridden,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_value_is_written_as_its_name_in_json_and_text() {
+        for reason in JobReason::ALL {
+            let json = serde_json::to_value(reason).unwrap();
+            assert_eq!(json, reason.as_str());
+            assert_eq!(reason.to_string(), reason.as_str());
+            assert_eq!(serde_json::from_value::<JobReason>(json).unwrap(), *reason);
+        }
+        assert_eq!(LaneCondition::PodsCreated.as_str(), "PodsCreated");
+        assert!(serde_json::from_value::<JobReason>("admitted".into()).is_err());
+    }
+}

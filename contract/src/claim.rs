@@ -1,0 +1,263 @@
+//! A runner takes work: it watches its lane's jobs, claims the oldest queued one with a
+//! resourceVersion precondition, and reports progress and the outcome, each write conditional
+//! on the job still being its own. What each write says is `framelane_core::transitions`.
+
+use std::time::Duration;
+
+use framelane_api::{
+    VideoJob, VideoJobStatus,
+    reasons::JobReason,
+    videojob::{JobPhase, MemoryReport, Output, Progress},
+};
+use framelane_core::{claims, index::version, transitions};
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{
+    Api, Client, ResourceExt,
+    api::PostParams,
+    runtime::{WatchStreamExt, reflector, watcher},
+};
+use tokio::sync::watch;
+
+use crate::api_errors::{is_conflict, is_not_found};
+
+/// What can go wrong between a runner and the API server.
+#[derive(Debug, thiserror::Error)]
+pub enum ContractError {
+    #[error("the API server refused the runner's request: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(
+        "job {0} is no longer this runner's (cancelled, finished, or requeued after this runner was declared lost); stop working on it"
+    )]
+    Lost(String),
+}
+
+/// One runner's side of the contract.
+#[derive(Clone)]
+pub struct Runner {
+    pub(crate) name: String,
+    pub(crate) lane: String,
+    /// The uid of the runner's pod (called like the runner), when known.
+    pub(crate) pod_uid: Option<String>,
+    pub(crate) leases: Api<Lease>,
+    jobs: Api<VideoJob>,
+    store: reflector::Store<VideoJob>,
+    changed: watch::Receiver<()>,
+}
+
+impl Runner {
+    /// Starts watching the jobs of `lane` (in `jobs`' scope) for a runner called `name` whose
+    /// heartbeat Lease lives in `namespace`.
+    pub fn start(
+        client: Client,
+        namespace: &str,
+        name: &str,
+        lane: &str,
+        jobs: Api<VideoJob>,
+    ) -> Self {
+        let (store, writer) = reflector::store();
+        let (tx, changed) = watch::channel(());
+        let stream = watcher(jobs.clone(), watcher::Config::default())
+            .default_backoff()
+            .reflect(writer)
+            .applied_objects();
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(event) = stream.next().await {
+                if let Err(e) = event {
+                    tracing::warn!(error = %e, "watching VideoJobs failed; retrying");
+                }
+                let _ = tx.send(());
+            }
+        });
+        Runner {
+            name: name.into(),
+            lane: lane.into(),
+            pod_uid: None,
+            leases: Api::namespaced(client, namespace),
+            jobs,
+            store,
+            changed,
+        }
+    }
+
+    /// Makes the runner's pod (named like the runner, in the Lease's namespace, with this
+    /// uid) the owner of the heartbeat Lease, so the Lease is garbage-collected with the pod.
+    pub fn owned_by_pod(mut self, uid: impl Into<String>) -> Self {
+        self.pod_uid = Some(uid.into());
+        self
+    }
+
+    /// The runner's name (its pod's name).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Claims the oldest Queued job of this lane, or returns `None` when there is none.
+    pub async fn claim_next(&self) -> Result<Option<ClaimedJob>, ContractError> {
+        for job in claims::claim_order(self.store.state(), &self.lane) {
+            let api = self.api_for(&job);
+            let mut current: VideoJob = (*job).clone();
+            // A conflict means the job changed since the cache saw it (often only its queue
+            // position): look again, and take it if it is still queued, so claims stay FIFO.
+            loop {
+                let claimed = with_status(
+                    &current,
+                    transitions::claimed(&current, &self.name, Timestamp::now()),
+                );
+                match api
+                    .replace_status(&current.name_any(), &PostParams::default(), &claimed)
+                    .await
+                {
+                    Ok(job) => {
+                        return Ok(Some(ClaimedJob {
+                            runner: self.clone(),
+                            api,
+                            job,
+                        }));
+                    }
+                    Err(e) if is_conflict(&e) => match api.get_opt(&current.name_any()).await? {
+                        Some(fresh) if claims::claimable(&fresh, &self.lane) => current = fresh,
+                        _ => break,
+                    },
+                    Err(e) if is_not_found(&e) => break,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Waits until the job cache changes (or `max` passes), so an idle runner does not spin.
+    pub async fn wait_for_change(&mut self, max: Duration) {
+        let _ = tokio::time::timeout(max, self.changed.changed()).await;
+    }
+
+    fn api_for(&self, job: &VideoJob) -> Api<VideoJob> {
+        Api::namespaced(
+            self.jobs.clone().into_client(),
+            &job.namespace().unwrap_or_default(),
+        )
+    }
+}
+
+fn with_status(job: &VideoJob, status: VideoJobStatus) -> VideoJob {
+    VideoJob {
+        status: Some(status),
+        ..job.clone()
+    }
+}
+
+/// A job this runner claimed. Every write is conditional on it still being this runner's.
+pub struct ClaimedJob {
+    runner: Runner,
+    api: Api<VideoJob>,
+    job: VideoJob,
+}
+
+impl ClaimedJob {
+    /// The job as last written by this runner.
+    pub fn job(&self) -> &VideoJob {
+        &self.job
+    }
+
+    /// Whether the job was deleted (cancelled) or taken away from this runner. Cheap: reads
+    /// the runner's watch cache.
+    pub fn is_cancelled(&self) -> bool {
+        let key = reflector::ObjectRef::from_obj(&self.job);
+        match self.runner.store.get(&key) {
+            None => true,
+            Some(seen) if seen.metadata.deletion_timestamp.is_some() => true,
+            // The cache has not caught up with this runner's own last write yet.
+            Some(seen) if version(&seen) < version(&self.job) => false,
+            Some(seen) => !self.is_mine(&seen),
+        }
+    }
+
+    fn is_mine(&self, job: &VideoJob) -> bool {
+        let s = job.status.as_ref();
+        s.and_then(|s| s.phase) == Some(JobPhase::Running)
+            && s.and_then(|s| s.runner.as_deref()) == Some(self.runner.name())
+    }
+
+    /// Records progress (stage and denoising step).
+    pub async fn progress(
+        &mut self,
+        stage: &str,
+        step: i32,
+        total_steps: i32,
+        percent: i32,
+    ) -> Result<(), ContractError> {
+        let progress = Progress {
+            stage: Some(stage.into()),
+            step,
+            total_steps,
+            percent,
+        };
+        self.update(|job| transitions::progressed(job, progress.clone()))
+            .await
+    }
+
+    /// Marks the job Succeeded with its output. Final.
+    pub async fn complete(
+        mut self,
+        output: Output,
+        memory: Option<MemoryReport>,
+    ) -> Result<VideoJob, ContractError> {
+        self.update(|job| {
+            transitions::completed(job, output.clone(), memory.clone(), Timestamp::now())
+        })
+        .await?;
+        Ok(self.job)
+    }
+
+    /// Marks the job Failed with a reason and a message saying what to do next. Final.
+    pub async fn fail(
+        mut self,
+        reason: JobReason,
+        message: &str,
+        memory: Option<MemoryReport>,
+    ) -> Result<VideoJob, ContractError> {
+        self.update(|job| {
+            transitions::failed(job, reason, message, memory.clone(), Timestamp::now())
+        })
+        .await?;
+        Ok(self.job)
+    }
+
+    /// Writes the status `next` makes of the job, with a resourceVersion precondition; on a
+    /// conflict, re-reads the job and retries only while it is still this runner's.
+    async fn update(
+        &mut self,
+        next: impl Fn(&VideoJob) -> VideoJobStatus,
+    ) -> Result<(), ContractError> {
+        let name = self.job.name_any();
+        loop {
+            let written = with_status(&self.job, next(&self.job));
+            match self
+                .api
+                .replace_status(&name, &PostParams::default(), &written)
+                .await
+            {
+                Ok(written) => {
+                    self.job = written;
+                    return Ok(());
+                }
+                Err(e) if is_conflict(&e) => {
+                    let current = self
+                        .api
+                        .get_opt(&name)
+                        .await?
+                        .ok_or_else(|| ContractError::Lost(name.clone()))?;
+                    if !self.is_mine(&current) {
+                        return Err(ContractError::Lost(name));
+                    }
+                    self.job = current;
+                }
+                Err(e) if is_not_found(&e) => return Err(ContractError::Lost(name)),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! The runner contract, shared by the runner binary, the operator (which reads the
+//! heartbeats) and the tests (which play runners), and the pod plumbing both binaries share.
+//!
+//! - [`heartbeat`]: a runner renews a heartbeat `Lease` (holder = its pod name, the loaded
+//!   model in an annotation) every few seconds. A lane is available while one of its runners
+//!   is fresh (`framelane_core::availability`). When the runner knows its pod's uid, the pod
+//!   owns the Lease, so the garbage collector removes the Lease with the pod.
+//! - [`claim`]: jobs are a durable queue in the API server. A runner claims the oldest Queued
+//!   job of its lane with a resourceVersion precondition, so no job runs twice, then reports
+//!   progress and the outcome. Every later write checks that the job is still this runner's
+//!   and still Running, so a runner that was declared lost can never overwrite what happened
+//!   since, and nothing overwrites Succeeded or Failed. The statuses written are
+//!   `framelane_core::transitions`'.
+//! - [`serve`]: a client from a kubeconfig or the pod's account, and `/healthz`, `/readyz`,
+//!   `/metrics`.
+//! - [`api_errors`]: what an API error means (a conflict, a missing object).
+
+pub mod api_errors;
+pub mod claim;
+pub mod heartbeat;
+pub mod serve;
+
+pub use claim::{ClaimedJob, ContractError, Runner};

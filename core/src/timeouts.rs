@@ -1,0 +1,94 @@
+//! How long may things take? A queued job's wait for a runner, a running job's runner before
+//! it counts as lost, and a finished job before its TTL deletes it.
+
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+
+/// When a queued job has waited long enough for a runner: `max_wait` after the later of its
+/// admission and the moment its lane lost its last runner. `None` while the lane has a fresh
+/// runner: a job behind busy runners waits its turn.
+pub fn queue_wait_deadline(
+    queued_at: Option<Timestamp>,
+    unavailable_since: Option<Timestamp>,
+    max_wait: Duration,
+) -> Option<Timestamp> {
+    let down_since = unavailable_since?;
+    let waiting_since = queued_at.map_or(down_since, |q| q.max(down_since));
+    Some(plus(waiting_since, signed(max_wait)))
+}
+
+/// Whether a running job's runner still counts as alive: its heartbeat is fresh.
+pub fn runner_alive(fresh_until: Option<Timestamp>, now: Timestamp) -> bool {
+    fresh_until.is_some_and(|t| t > now)
+}
+
+/// When a finished job is deleted: `ttlSecondsAfterFinished` after it finished.
+pub fn expiry(finished_at: Option<Timestamp>, ttl_seconds: Option<i32>) -> Option<Timestamp> {
+    Some(plus(
+        finished_at?,
+        SignedDuration::from_secs(i64::from(ttl_seconds?)),
+    ))
+}
+
+/// How long from `now` until `then`, plus a margin so that a timer set with it fires after
+/// the moment, not just before.
+pub fn until(now: Timestamp, then: Timestamp) -> Duration {
+    Duration::try_from(then.duration_since(now)).unwrap_or(Duration::ZERO)
+        + Duration::from_millis(100)
+}
+
+/// `t + d`, or the end of time when that is past it: a far-future timestamp stored in a status
+/// must not panic the operator.
+fn plus(t: Timestamp, d: SignedDuration) -> Timestamp {
+    t.saturating_add(d).unwrap_or(Timestamp::MAX)
+}
+
+fn signed(d: Duration) -> SignedDuration {
+    SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + secs).unwrap()
+    }
+
+    #[test]
+    fn a_queued_job_waits_max_wait_from_the_later_of_admission_and_outage() {
+        let wait = Duration::from_secs(30);
+        assert_eq!(queue_wait_deadline(Some(t(0)), None, wait), None);
+        assert_eq!(
+            queue_wait_deadline(Some(t(0)), Some(t(10)), wait),
+            Some(t(40))
+        );
+        assert_eq!(
+            queue_wait_deadline(Some(t(20)), Some(t(10)), wait),
+            Some(t(50))
+        );
+        assert_eq!(queue_wait_deadline(None, Some(t(10)), wait), Some(t(40)));
+    }
+
+    #[test]
+    fn far_future_times_saturate_instead_of_overflowing() {
+        let end = Timestamp::MAX;
+        assert_eq!(
+            queue_wait_deadline(Some(end), Some(end), Duration::from_secs(30)),
+            Some(end)
+        );
+        assert_eq!(expiry(Some(end), Some(86_400)), Some(end));
+    }
+
+    #[test]
+    fn runners_and_finished_jobs_expire_on_time() {
+        assert!(runner_alive(Some(t(5)), t(4)));
+        assert!(!runner_alive(Some(t(5)), t(5)));
+        assert!(!runner_alive(None, t(0)));
+        assert_eq!(expiry(Some(t(0)), Some(60)), Some(t(60)));
+        assert_eq!(expiry(Some(t(0)), None), None);
+        assert_eq!(until(t(0), t(2)), Duration::from_millis(2_100));
+        assert_eq!(until(t(3), t(2)), Duration::from_millis(100));
+    }
+}

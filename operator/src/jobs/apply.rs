@@ -1,0 +1,146 @@
+//! The controller's writes of a job. Every status write is a whole-status PUT carrying the
+//! resourceVersion the decision was made on: if the job changed meanwhile (a runner finished
+//! it, say), the write fails with a conflict and the job is decided again, so nothing
+//! overwrites a state the decision did not see.
+
+use framelane_api::{
+    VideoJob, VideoJobStatus, reasons::JobReason, videojob::JobPhase, wellknown::JOB_FINALIZER,
+};
+use framelane_contract::api_errors::ignore_not_found;
+use framelane_core::{index::key_of, transitions};
+use jiff::Timestamp;
+use kube::{
+    Api, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+    runtime::controller::Action,
+};
+use serde_json::json;
+
+use super::record;
+use crate::{context::Context, error::Error, metrics::Metrics};
+
+fn api(ctx: &Context, job: &VideoJob) -> Api<VideoJob> {
+    Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default())
+}
+
+/// Writes `status` over the job's, on the condition that the job is as `job` shows it.
+pub async fn replace_status(
+    ctx: &Context,
+    job: &VideoJob,
+    status: VideoJobStatus,
+) -> Result<VideoJob, kube::Error> {
+    let next = VideoJob {
+        status: Some(status),
+        ..job.clone()
+    };
+    api(ctx, job)
+        .replace_status(&job.name_any(), &PostParams::default(), &next)
+        .await
+}
+
+/// Fails the job with `reason` and `message` (what to do next). Final.
+pub async fn fail(
+    job: &VideoJob,
+    ctx: &Context,
+    reason: JobReason,
+    message: &str,
+) -> Result<Action, Error> {
+    let status = transitions::failed(job, reason, message, None, Timestamp::now());
+    let lane = status.lane.clone();
+    let written = replace_status(ctx, job, status).await?;
+    ctx.update_index(|index| index.observe(&written));
+    if reason == JobReason::QueueWaitTimeout
+        && let Some(lane) = lane
+    {
+        ctx.metrics
+            .timeout_drops
+            .get_or_create(&Metrics::lane(&lane))
+            .inc();
+    }
+    let key = key_of(job);
+    tracing::info!(job = %key.name, namespace = %key.namespace, %reason, message, "job failed");
+    record::failed_by_controller(ctx, job, reason, message);
+    Ok(Action::await_change())
+}
+
+/// Puts a job whose runner was lost back at its place in the queue.
+pub async fn requeue(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
+    let (status, message) = transitions::requeued(job, ctx.config.max_attempts, Timestamp::now());
+    let runner = job.status.as_ref().and_then(|s| s.runner.clone());
+    let lane = status.lane.clone().unwrap_or_default();
+    let written = replace_status(ctx, job, status).await?;
+    ctx.update_index(|index| index.observe(&written));
+    ctx.metrics
+        .runner_lost_requeues
+        .get_or_create(&Metrics::lane(&lane))
+        .inc();
+    tracing::warn!(job = %job.name_any(), runner, lane, "runner lost; job requeued");
+    record::requeued(ctx, job, &message);
+    Ok(Action::await_change())
+}
+
+/// Deletes a finished job whose TTL passed.
+pub async fn delete(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
+    ignore_not_found(
+        api(ctx, job)
+            .delete(&job.name_any(), &DeleteParams::background())
+            .await,
+    )?;
+    Ok(Action::await_change())
+}
+
+/// A deleted job that nothing runs any more: drops the finalizer so it goes, and its slot.
+pub async fn release(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
+    if !job.finalizers().iter().any(|f| f == JOB_FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    let phase = job.status.as_ref().and_then(|s| s.phase);
+    if !transitions::is_final(phase) {
+        record::cancelled(ctx, job, phase == Some(JobPhase::Running));
+    }
+    let finalizers: Vec<String> = job
+        .finalizers()
+        .iter()
+        .filter(|f| *f != JOB_FINALIZER)
+        .cloned()
+        .collect();
+    set_finalizers(job, ctx, finalizers).await?;
+    ctx.update_index(|index| index.forget(job));
+    Ok(Action::await_change())
+}
+
+/// A running job carries the finalizer, so deleting it waits until its runner has stopped
+/// and the slot is freed only then. A queued job needs none: deleting it just removes it
+/// from the queue, and admission stays a single write (docs/adr/0001).
+pub fn needs_finalizer(job: &VideoJob) -> bool {
+    job.status.as_ref().and_then(|s| s.phase) == Some(JobPhase::Running)
+        && job.metadata.deletion_timestamp.is_none()
+        && !job.finalizers().iter().any(|f| f == JOB_FINALIZER)
+}
+
+pub async fn add_finalizer(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
+    let mut finalizers = job.finalizers().to_vec();
+    finalizers.push(JOB_FINALIZER.into());
+    set_finalizers(job, ctx, finalizers).await?;
+    Ok(Action::await_change())
+}
+
+/// Sets the finalizers, on the condition that the job is as `job` shows it.
+async fn set_finalizers(
+    job: &VideoJob,
+    ctx: &Context,
+    finalizers: Vec<String>,
+) -> Result<(), Error> {
+    let patch =
+        json!({"metadata": {"resourceVersion": job.resource_version(), "finalizers": finalizers}});
+    ignore_not_found(
+        api(ctx, job)
+            .patch(
+                &job.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await,
+    )?;
+    Ok(())
+}

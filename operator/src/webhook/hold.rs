@@ -1,0 +1,67 @@
+//! The leader's depth decision for one create: the queue index takes a slot of the job's
+//! lane, or the lane is full (`framelane_core::depth`).
+
+use std::time::{Duration, Instant};
+
+use framelane_api::VideoJob;
+use framelane_core::{queue::JobKey, routing::route};
+use kube::ResourceExt;
+
+use super::{
+    STARTING,
+    review::{Denial, Request},
+};
+use crate::context::Context;
+
+/// How long a slot stays held for a create the webhook let through before the watch shows
+/// the job: longer than the API server waits for the webhook, so only a create that failed
+/// after admission (another webhook or a quota refused it) gives its slot back this way.
+const HOLD: Duration = Duration::from_secs(15);
+
+/// Takes a slot of the job's lane, or refuses with `queue_overloaded`. Returns the lane it
+/// counted against (empty when none).
+pub fn hold_slot(ctx: &Context, request: &Request, job: &VideoJob) -> (String, Option<Denial>) {
+    if !ctx.synced() {
+        return (String::new(), Some(Denial::unavailable(STARTING)));
+    }
+    let lanes = ctx.lanes.state();
+    let Some(lane) = route(&job.spec.model, &lanes) else {
+        // No lane of this operator serves the model: the controller fails the job with the
+        // reason, or another operator's lanes serve it.
+        return (String::new(), None);
+    };
+    let name = lane.name_any();
+    if ctx
+        .config
+        .watch_namespace
+        .as_ref()
+        .is_some_and(|ns| ns != &request.namespace)
+    {
+        return (name, None);
+    }
+    let limits = ctx.lane_limits(lane);
+    let key = JobKey {
+        namespace: request.namespace.clone(),
+        name: request.name.clone(),
+    };
+    let lane_of = |model: &str| route(model, &lanes).map(|l| l.name_any());
+    let now = Instant::now();
+    let held = {
+        let mut index = ctx.index();
+        if !index.synced {
+            return (name, Some(Denial::unavailable(STARTING)));
+        }
+        index.hold(
+            key,
+            &name,
+            limits,
+            lane_of,
+            (now, now + HOLD),
+            request.dry_run,
+        )
+    };
+    let denial = held
+        .err()
+        .map(|full| Denial::overloaded(&request.name, &full));
+    (name, denial)
+}

@@ -1,7 +1,8 @@
 //! Which jobs hold which lane's slots? Turns VideoJob watch events into the in-memory
 //! queues, and keeps them exact while admissions are being written and creates the webhook let
 //! through are on their way. Watch events can arrive after the controller's own write of the
-//! same job; a resourceVersion check keeps the index from stepping back to an older state.
+//! same job; a resourceVersion check keeps the index from stepping back to an older state, and
+//! a write's answer never brings back a job the watch has shown deleted.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -86,6 +87,16 @@ pub fn version(job: &VideoJob) -> Option<u64> {
 }
 
 impl Index {
+    /// Records what an API write answered, unless the watch has shown the job deleted since
+    /// (the index no longer knows it): a late answer must not bring its slot back. Returns the
+    /// lanes whose queue changed.
+    pub fn observe_written(&mut self, job: &VideoJob) -> Vec<String> {
+        if !self.knows(job) {
+            return Vec::new();
+        }
+        self.observe(job)
+    }
+
     /// Records a job as the watch shows it; returns the lanes whose queue changed.
     pub fn observe(&mut self, job: &VideoJob) -> Vec<String> {
         let key = key_of(job);
@@ -323,6 +334,32 @@ mod tests {
         let lanes = index.rebuild([queued("b", "lane-b")].iter());
         assert_eq!(lanes, ["lane-a", "lane-b"]);
         assert_eq!(index.queues.depth("lane-a"), 0);
+    }
+
+    #[test]
+    fn a_late_write_answer_does_not_bring_back_a_deleted_job() {
+        let queued = |version: u64| {
+            let mut j = job("a", version);
+            j.status = Some(
+                serde_json::from_value(json!({
+                    "phase": "Queued", "lane": "lane-a", "queuedAt": "2026-11-27T10:00:00.000001Z"
+                }))
+                .unwrap(),
+            );
+            j
+        };
+        let mut index = Index::default();
+        index.observe(&queued(2));
+        // The lane reconciler's position write answers with version 3, but the watch has
+        // meanwhile shown the job deleted (at version 4).
+        index.forget(&queued(4));
+        assert!(index.observe_written(&queued(3)).is_empty());
+        assert_eq!(index.queues.depth("lane-a"), 0, "no slot comes back");
+        assert!(!index.knows(&queued(3)));
+        // A job the index knows takes the answer.
+        index.observe(&queued(5));
+        assert!(index.observe_written(&queued(6)).is_empty(), "same slot");
+        assert_eq!(index.queues.depth("lane-a"), 1);
     }
 
     #[test]

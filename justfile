@@ -22,8 +22,12 @@ down:
     tests/testenv/down.sh
 
 # The whole flow on a local control plane: the operator, runner processes with tiny built-in models, one job per model, live progress, a summary.
-demo: up
+demo: prereqs up
     tests/testenv/demo.sh
+
+# Check (and where this machine allows, install) what demo and test need besides what they build.
+prereqs:
+    @tests/testenv/prereqs.sh
 
 # Regenerate crds/ and the chart's copy from the Rust types in api/, and the chart's values.schema.json from them.
 crds:
@@ -47,14 +51,15 @@ lint:
 torch:
     @gpu-runner/scripts/setup-torch.sh
 
-# Run every test against the real local control plane (started if needed).
-test: tools
+# Run every test against the real local control plane (started if needed; a demo's lanes are removed first).
+test: prereqs tools
     #!/usr/bin/env bash
     set -euo pipefail
     eval "$(gpu-runner/scripts/setup-torch.sh)"
     cargo fmt --all --check
     cargo clippy --workspace --all-targets -- -D warnings
     tests/testenv/up.sh
+    tests/testenv/undemo.sh
     cargo test --workspace
 
 # Benchmarks against the local control plane; record the figures in docs/benchmarks.md.

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Makes way for the tests on a control plane that `just demo` ran on: the demo's lanes admit
+# anisora and phr00t jobs in every namespace and hold both fake GPUs, and its runners would
+# take the tests' jobs. Deletes those lanes (their pods go with them) and stops their runner
+# processes, and says so; `just demo` brings them back. Does nothing after a plain `just up`.
+set -euo pipefail
+
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+[ -f "$STATE/kubeconfig" ] || exit 0
+export KUBECONFIG="$STATE/kubeconfig"
+kubectl() { "$("$HERE/tools.sh")/kubectl" "$@"; }
+
+lanes=$(kubectl get modellanes -l '!framelane.dev/test-instance' -o name)
+runners=("$STATE"/framelane-runner-*.pid)
+[ -n "$lanes" ] || [ -e "${runners[0]}" ] || exit 0
+log "removing what just demo left running, so that it does not take the tests' jobs: $(echo "$lanes" | tr '\n' ' ')and their runner processes (just demo brings them back)"
+for file in "${runners[@]}"; do
+  [ -e "$file" ] || continue
+  pid=$(cat "$file")
+  if kill "$pid" 2>/dev/null; then
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+  fi
+  rm -f "$file"
+done
+[ -z "$lanes" ] || kubectl delete $lanes --wait=true >/dev/null

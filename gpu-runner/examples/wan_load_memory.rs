@@ -16,7 +16,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use framelane_runner::wan::transformer::{TransformerConfig, WanTransformer};
 use framelane_runner::wan::weights::TransformerCheckpoint;
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -53,6 +53,9 @@ fn main() -> Result<()> {
         started.elapsed().as_secs_f64()
     );
 
+    // libtorch sets up its CPU runtime on first use; do that before measuring the load.
+    let warm = Tensor::ones([64, 64], (Kind::Float, Device::Cpu));
+    let _ = warm.f_matmul(&warm)?.f_gelu("tanh")?;
     reset_peak()?;
     let before = status_kib("VmRSS")?;
     let started = Instant::now();

@@ -1,8 +1,9 @@
 //! Tensors read one at a time from safetensors files, straight into libtorch tensors.
 //!
-//! Opening a file parses only its JSON header. A tensor's bytes are read with a positional
-//! read when it is asked for and dropped once it is a tensor, so loading a model holds the
-//! weights plus about one tensor's bytes in host memory (tch's own reader reads whole files).
+//! Opening a file parses only its JSON header. A tensor is read when it is asked for, with
+//! positional reads of at most [`CHUNK_BYTES`] copied (and converted) straight into the tensor
+//! on its device, so loading a model holds the weights plus one chunk in host memory (tch's
+//! own reader reads whole files first).
 //!
 //! Several files form one namespace: the shards of a diffusers checkpoint, ComfyUI split
 //! files, or one AllInOne file whose components live under different prefixes
@@ -20,6 +21,12 @@ use tch::{Device, Kind, TchError, Tensor};
 
 /// Headers larger than this are refused before being read (real ones are a few MB).
 const MAX_HEADER_BYTES: u64 = 256 << 20;
+
+/// Bytes read per chunk while filling a tensor: loading holds no more than this in host
+/// memory beyond the weights themselves. Below glibc's default mmap threshold (128 KiB), so
+/// chunk buffers are recycled on the heap; larger ones are mmapped and freed per tensor, which
+/// raises that threshold and leaves heap holes between the weights.
+pub const CHUNK_BYTES: usize = 64 << 10;
 
 /// Why a safetensors file or one of its tensors cannot be read.
 #[derive(Debug, thiserror::Error)]
@@ -209,9 +216,9 @@ impl TensorFiles {
             .collect()
     }
 
-    /// Reads a floating-point tensor onto `device` as `kind`. Float8 weights are upcast on the
-    /// device; a float8 `X.weight` beside an `X.scale_weight` (ComfyUI's scaled fp8) is
-    /// multiplied by that scale in float32 first.
+    /// Reads a floating-point tensor onto `device` as `kind`. Float8 weights are converted as
+    /// they are copied; a float8 `X.weight` beside an `X.scale_weight` (ComfyUI's scaled fp8)
+    /// is multiplied by that scale in float32 first.
     pub fn weight(
         &self,
         name: &str,
@@ -226,7 +233,6 @@ impl TensorFiles {
                 dtype: format!("{:?}", info.dtype),
             });
         }
-        let raw = self.raw(name, info, device)?;
         let scale = name
             .strip_suffix(".weight")
             .map(|stem| format!("{stem}.scale_weight"))
@@ -239,12 +245,12 @@ impl TensorFiles {
         match scale {
             Some(scale) => {
                 let factor = self.weight(&scale, Kind::Float, device)?;
-                raw.f_to_kind(Kind::Float)
-                    .and_then(|w| w.f_mul(&factor))
+                self.read(name, info, Kind::Float, device)?
+                    .f_mul(&factor)
                     .and_then(|w| w.f_to_kind(kind))
                     .map_err(torch)
             }
-            None => raw.f_to_kind(kind).map_err(torch),
+            None => self.read(name, info, kind, device),
         }
     }
 
@@ -255,27 +261,43 @@ impl TensorFiles {
         })
     }
 
-    /// The tensor as stored, on `device`.
-    fn raw(
+    /// Fills a new `kind` tensor on `device` from the file, [`CHUNK_BYTES`] at a time.
+    fn read(
         &self,
         name: &str,
         info: &TensorInfo,
+        kind: Kind,
         device: Device,
     ) -> Result<Tensor, SafetensorsError> {
         let (path, file) = &self.inner.files[info.file];
-        let mut bytes = vec![0u8; info.len as usize];
-        file.read_exact_at(&mut bytes, info.start)
-            .map_err(|source| SafetensorsError::Io {
-                path: path.clone(),
-                source,
-            })?;
-        Tensor::f_from_data_size(&bytes, &info.shape, info.dtype.kind())
-            .and_then(|t| t.f_to_device(device))
-            .map_err(|source| SafetensorsError::Torch {
-                name: name.to_owned(),
-                path: path.clone(),
-                source,
-            })
+        let torch = |source| SafetensorsError::Torch {
+            name: name.to_owned(),
+            path: path.clone(),
+            source,
+        };
+        let stored = info.dtype.kind();
+        let element = stored.elt_size_in_bytes();
+        let numel = info.len as usize / element;
+        let out = Tensor::f_empty(info.shape.as_slice(), (kind, device)).map_err(torch)?;
+        let flat = out.f_view([-1]).map_err(torch)?;
+        let per_chunk = CHUNK_BYTES / element;
+        let mut buffer = vec![0u8; per_chunk.min(numel) * element];
+        let mut done = 0;
+        while done < numel {
+            let n = per_chunk.min(numel - done);
+            let bytes = &mut buffer[..n * element];
+            file.read_exact_at(bytes, info.start + (done * element) as u64)
+                .map_err(|source| SafetensorsError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+            let chunk = Tensor::f_from_data_size(bytes, &[n as i64], stored).map_err(torch)?;
+            flat.f_narrow(0, done as i64, n as i64)
+                .and_then(|mut part| part.f_copy_(&chunk))
+                .map_err(torch)?;
+            done += n;
+        }
+        Ok(out)
     }
 }
 

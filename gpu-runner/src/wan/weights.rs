@@ -207,7 +207,7 @@ impl TransformerCheckpoint {
     }
 
     /// The parameter `diffusers_name`, checked against `shape`, as `kind` on `device`.
-    pub fn tensor(
+    pub(super) fn tensor(
         &self,
         diffusers_name: &str,
         shape: &[i64],
@@ -236,7 +236,7 @@ impl TransformerCheckpoint {
     /// Refuses tensors of the transformer that no parameter read (`used`, diffusers names):
     /// they belong to a variant the runner does not implement. ComfyUI's fp8 scales and its
     /// `scaled_fp8` marker are expected extras.
-    pub fn check_no_leftovers(&self, used: &[String]) -> Result<(), WeightsError> {
+    pub(super) fn check_no_leftovers(&self, used: &[String]) -> Result<(), WeightsError> {
         let expected: HashSet<String> = used.iter().map(|n| self.file_name(n)).collect();
         let prefix = match &self.layout {
             Layout::Diffusers => "",

@@ -29,7 +29,7 @@ pub struct SamplingPlan {
     pub kind: SamplerKind,
     /// Ancestral noise amount, used by `EulerAncestral` only.
     pub eta: f64,
-    /// Guidance scale; 1.0 runs the denoiser once per step (no unconditional pass).
+    /// Guidance scale; 1.0 or less runs the denoiser once per step (no unconditional pass).
     pub cfg: f64,
     /// The denoiser's timestep is `sigma * timestep_scale`.
     pub timestep_scale: f64,
@@ -41,8 +41,19 @@ impl SamplingPlan {
     }
 
     pub fn uses_uncond(&self) -> bool {
-        self.cfg != 1.0
+        uses_uncond(self.cfg)
     }
+}
+
+/// Whether guidance at `scale` needs the unconditional pass. As in diffusers, a scale of 1 or
+/// less runs the denoiser once per step on the prompt alone.
+pub fn uses_uncond(scale: f64) -> bool {
+    scale > 1.0
+}
+
+/// Classifier-free guidance: `uncond + scale * (cond - uncond)`.
+pub fn guide(cond: &Tensor, uncond: &Tensor, scale: f64) -> Result<Tensor, TchError> {
+    uncond.f_add(&cond.f_sub(uncond)?.f_mul_scalar(scale)?)
 }
 
 /// What the per-step callback wants next.
@@ -167,27 +178,40 @@ fn step(
     let t = Tensor::from_slice(&[(s * plan.timestep_scale) as f32]).f_to_device(device)?;
     let mut v = denoiser.velocity(x, &t, cond)?;
     if let (Some(uncond), true) = (uncond, plan.uses_uncond()) {
-        let v_uncond = denoiser.velocity(x, &t, uncond)?;
-        v = v_uncond.f_add(&v.f_sub(&v_uncond)?.f_mul_scalar(plan.cfg)?)?;
+        v = guide(&v, &denoiser.velocity(x, &t, uncond)?, plan.cfg)?;
     }
     match plan.kind {
         SamplerKind::Euler => x.f_add(&v.f_mul_scalar(s_next - s)?),
         SamplerKind::EulerAncestral => {
-            let denoised = x.f_sub(&v.f_mul_scalar(s)?)?;
-            if s_next == 0.0 {
-                return Ok(denoised);
-            }
-            let a = ancestral_coefficients(s, s_next, plan.eta);
-            let x = x
-                .f_mul_scalar(a.keep)?
-                .f_add(&denoised.f_mul_scalar(1.0 - a.keep)?)?
-                .f_mul_scalar(a.rescale)?;
             let noise = step_noise
                 .expect("Noise::draw gives every ancestral step its noise")
                 .f_to_device(device)?;
-            x.f_add(&noise.f_mul_scalar(a.renoise)?)
+            euler_ancestral_rf_step(x, &v, s, s_next, plan.eta, &noise)
         }
     }
+}
+
+/// One rectified-flow Euler ancestral step (ComfyUI's `sample_euler_ancestral_RF`) from `s` to
+/// `s_next`, given the velocity `v` at `x` and this step's standard normal `noise`: the clean
+/// prediction `x - s * v` at 0, else a step down past `s_next` renoised back up to it.
+pub fn euler_ancestral_rf_step(
+    x: &Tensor,
+    v: &Tensor,
+    s: f64,
+    s_next: f64,
+    eta: f64,
+    noise: &Tensor,
+) -> Result<Tensor, TchError> {
+    let denoised = x.f_sub(&v.f_mul_scalar(s)?)?;
+    if s_next == 0.0 {
+        return Ok(denoised);
+    }
+    let a = ancestral_coefficients(s, s_next, eta);
+    let x = x
+        .f_mul_scalar(a.keep)?
+        .f_add(&denoised.f_mul_scalar(1.0 - a.keep)?)?
+        .f_mul_scalar(a.rescale)?;
+    x.f_add(&noise.f_mul_scalar(a.renoise)?)
 }
 
 /// Scalars of one rectified-flow ancestral step (ComfyUI's `sample_euler_ancestral_RF`):
@@ -234,6 +258,16 @@ mod tests {
         let sigma_down = a.keep * s;
         let total = (a.rescale * sigma_down).powi(2) + a.renoise.powi(2);
         assert!((total - s_next * s_next).abs() < 1e-12);
+    }
+
+    #[test]
+    fn guidance_at_or_below_one_skips_the_unconditional_pass() {
+        assert!(!uses_uncond(1.0));
+        assert!(!uses_uncond(0.5));
+        assert!(uses_uncond(1.01));
+        let cond = Tensor::from_slice(&[2.0f32]);
+        let uncond = Tensor::from_slice(&[1.0f32]);
+        assert_eq!(guide(&cond, &uncond, 3.0).unwrap().double_value(&[0]), 4.0);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! - [`cache`]: Dedicated / Shared model switching.
 //! - [`job`]: a claimed VideoJob to a request, and the outcome back to its status.
 //! - [`memory`], [`accel`]: device selection, allocator statistics, emptying the cache.
+//! - [`wan`]: the Wan models natively on tch (VAE).
 
 pub mod accel;
 pub mod cache;
@@ -20,6 +21,7 @@ pub mod sampler;
 pub mod schedule;
 pub mod tokenizer;
 pub mod video;
+pub mod wan;
 
 /// The text of a caught panic (tch raises some libtorch errors as panics).
 pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

@@ -1,0 +1,2 @@
+pub mod tensors;
+pub mod vae;

@@ -9,7 +9,7 @@
 //! - [`cache`]: Dedicated / Shared model switching.
 //! - [`job`]: a claimed VideoJob to a request, and the outcome back to its status.
 //! - [`memory`], [`accel`]: device selection, allocator statistics, emptying the cache.
-//! - [`wan`]: the Wan models natively on tch (VAE).
+//! - [`wan`]: the Wan models natively on tch (umT5 text encoder, VAE).
 
 pub mod accel;
 pub mod cache;

@@ -1,2 +1,3 @@
 pub mod tensors;
+pub mod umt5;
 pub mod vae;

@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use framelane_runner::memory::RunnerDevice;
 use framelane_runner::tokenizer::{PromptTokenizer, TokenizerKind};
 use framelane_runner::wan::umt5::{
     Umt5Config, Umt5Encoder, Umt5Error, prompt_clean, tokenize_prompts,
@@ -92,7 +91,7 @@ fn read_tensors(path: &Path) -> HashMap<String, Tensor> {
 }
 
 fn device() -> Device {
-    RunnerDevice::detect().expect("runner device").device
+    common::cpu().device
 }
 
 fn config() -> Umt5Config {

@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use framelane_runner::memory::RunnerDevice;
 use framelane_runner::wan::vae::{AutoencoderKLWan, Tiling, VaeConfig, VaeError};
 use tch::{Device, Kind, Tensor};
 
@@ -51,7 +50,7 @@ struct Case {
 
 impl Case {
     fn new() -> Case {
-        let device = RunnerDevice::detect().expect("runner device").device;
+        let device = common::cpu().device;
         let config = VaeConfig::from_file(&vae_dir().join("config.json")).unwrap();
         let vae = load(config, |_| {}).unwrap_or_else(|e| panic!("{e}"));
         Case {
@@ -84,7 +83,7 @@ fn load(
 ) -> Result<AutoencoderKLWan, VaeError> {
     let mut weights = read_tensors(&vae_dir().join("diffusion_pytorch_model.safetensors"));
     edit(&mut weights);
-    let device = RunnerDevice::detect().expect("runner device").device;
+    let device = common::cpu().device;
     AutoencoderKLWan::from_tensors(config, device, Kind::Float, &mut |name| {
         weights.get(name).map(Tensor::shallow_clone)
     })

@@ -245,3 +245,14 @@ fn a_t5_config_is_refused() {
          encoder"
     );
 }
+
+#[test]
+fn no_prompts_is_refused() {
+    let Err(e) = tokenize_prompts(&tokenizer(), &[]) else {
+        panic!("tokenized no prompts");
+    };
+    assert_eq!(
+        e.to_string(),
+        "text encoder input: no prompts; an absent negative prompt is the empty prompt \"\""
+    );
+}

@@ -413,6 +413,11 @@ pub fn tokenize_prompts(
     tokenizer: &PromptTokenizer,
     prompts: &[&str],
 ) -> Result<PromptTokens, Umt5Error> {
+    if prompts.is_empty() {
+        return Err(Umt5Error::Input(
+            "no prompts; an absent negative prompt is the empty prompt \"\"".to_owned(),
+        ));
+    }
     let (mut ids, mut mask, mut lengths) = (Vec::new(), Vec::new(), Vec::new());
     for (index, prompt) in prompts.iter().enumerate() {
         let (prompt_ids, prompt_mask) = tokenizer

@@ -9,7 +9,7 @@
 //! - [`cache`]: Dedicated / Shared model switching.
 //! - [`job`]: a claimed VideoJob to a request, and the outcome back to its status.
 //! - [`memory`], [`accel`]: device selection, allocator statistics, emptying the cache.
-//! - [`wan`]: Wan 2.x natively on tch (transformer, weights, samplers).
+//! - [`wan`]: Wan 2.x natively on tch (transformer, umT5 text encoder, VAE, weights, samplers).
 
 pub mod accel;
 pub mod cache;

@@ -4,7 +4,8 @@
 //! - `huggingface`: the package's `tokenizer.json`, the file a Hugging Face fast tokenizer
 //!   saves (UMT5 for Wan). The prompt is cleaned as the Wan pipelines clean it (runs of
 //!   whitespace become one space, the ends are trimmed), encoded with special tokens (UMT5
-//!   appends `</s>`), truncated to `textLength` and padded with the file's `padding.pad_id`.
+//!   appends `</s>`), truncated to `textLength` and padded with the file's `padding.pad_id`
+//!   (or, where that is null, the `pad_token` of `tokenizer_config.json` beside it).
 
 use std::path::{Path, PathBuf};
 
@@ -13,6 +14,10 @@ use tokenizers::{PaddingParams, PaddingStrategy, TruncationParams};
 
 /// The tokenizer file of a `huggingface` package.
 pub const TOKENIZER_JSON: &str = "tokenizer.json";
+
+/// Where a saved Hugging Face tokenizer names its pad token when `tokenizer.json` does not
+/// (`save_pretrained` leaves the file's `padding` null).
+const TOKENIZER_CONFIG_JSON: &str = "tokenizer_config.json";
 
 /// The manifest's `tokenizer` field.
 #[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,12 +79,17 @@ impl PromptTokenizer {
         }
         let mut tokenizer = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| error(format!("not a Hugging Face tokenizer file: {e}")))?;
-        let Some(padding) = tokenizer.get_padding().cloned() else {
-            return Err(error(
-                "field `padding` is null; the runner pads to textLength with the pad token it \
-                 names: save the tokenizer with padding enabled (export_diffusers.py does)"
-                    .to_owned(),
-            ));
+        let Some(padding) = tokenizer
+            .get_padding()
+            .cloned()
+            .or_else(|| configured_padding(dir, &tokenizer))
+        else {
+            return Err(error(format!(
+                "field `padding` is null and {TOKENIZER_CONFIG_JSON} beside it names no \
+                 `pad_token` of the vocabulary; the runner pads to textLength with that token: \
+                 save the tokenizer with padding enabled (export_diffusers.py does) or with its \
+                 {TOKENIZER_CONFIG_JSON}"
+            )));
         };
         tokenizer
             .with_truncation(Some(TruncationParams {
@@ -99,6 +109,19 @@ impl PromptTokenizer {
 
     /// Exactly `length` ids for `text`.
     pub fn encode(&self, text: &str) -> Result<Vec<i64>, String> {
+        let (ids, _) = match self {
+            PromptTokenizer::Bytes { .. } => self.encode_with_mask(text)?,
+            PromptTokenizer::Huggingface { .. } => {
+                let cleaned = text.split_whitespace().collect::<Vec<_>>().join(" ");
+                self.encode_with_mask(&cleaned)?
+            }
+        };
+        Ok(ids)
+    }
+
+    /// Exactly `length` ids for `text` as given, and its attention mask: 1 for each token of
+    /// the text, 0 for padding.
+    pub fn encode_with_mask(&self, text: &str) -> Result<(Vec<i64>, Vec<i64>), String> {
         match self {
             PromptTokenizer::Bytes { length } => {
                 let mut ids: Vec<i64> = text
@@ -106,13 +129,14 @@ impl PromptTokenizer {
                     .take(*length)
                     .map(|b| i64::from(b) + 1)
                     .collect();
+                let mut mask = vec![1; ids.len()];
                 ids.resize(*length, 0);
-                Ok(ids)
+                mask.resize(*length, 0);
+                Ok((ids, mask))
             }
             PromptTokenizer::Huggingface { tokenizer, length } => {
-                let cleaned = text.split_whitespace().collect::<Vec<_>>().join(" ");
                 let encoding = tokenizer
-                    .encode(cleaned, true)
+                    .encode(text, true)
                     .map_err(|e| format!("the tokenizer failed: {e}"))?;
                 let ids: Vec<i64> = encoding.get_ids().iter().map(|&id| i64::from(id)).collect();
                 if ids.len() != *length {
@@ -121,10 +145,31 @@ impl PromptTokenizer {
                         ids.len()
                     ));
                 }
-                Ok(ids)
+                let mask = encoding
+                    .get_attention_mask()
+                    .iter()
+                    .map(|&m| i64::from(m))
+                    .collect();
+                Ok((ids, mask))
             }
         }
     }
+}
+
+/// Right padding with the `pad_token` of `dir/tokenizer_config.json` (a string, or an object
+/// with its `content`), as transformers pads when asked to pad to a length.
+fn configured_padding(dir: &Path, tokenizer: &tokenizers::Tokenizer) -> Option<PaddingParams> {
+    let text = std::fs::read_to_string(dir.join(TOKENIZER_CONFIG_JSON)).ok()?;
+    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let token = match &config["pad_token"] {
+        serde_json::Value::String(token) => token.clone(),
+        other => other["content"].as_str()?.to_owned(),
+    };
+    Some(PaddingParams {
+        pad_id: tokenizer.token_to_id(&token)?,
+        pad_token: token,
+        ..PaddingParams::default()
+    })
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use k8s_openapi::{
         EmptyDirVolumeSource, EnvVar, HostPathVolumeSource, NFSVolumeSource,
         PersistentVolumeClaimVolumeSource, ResourceRequirements,
     },
-    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    apimachinery::pkg::apis::meta::v1::{Condition, MicroTime},
 };
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -119,18 +119,23 @@ pub struct QueueSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10000))]
     pub max_depth: Option<i32>,
-    /// Seconds a queued job may wait while the lane has no available runner before it moves
-    /// to the fallback lane (or fails with reason `QueueWaitTimeout`).
+    /// Seconds a queued job waits before it moves to the fallback lane: when the lane has no
+    /// available runner (if the fallback lane cannot take it either, it fails with reason
+    /// `QueueWaitTimeout`), when the lane is in fallback, or when all its runners are busy and
+    /// a runner of the fallback lane is free. Default 30.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 86400))]
     pub max_wait_seconds: Option<i32>,
 }
 
-/// Where a lane's jobs go when it cannot run them.
+/// Where a lane's jobs go when it cannot run them. The lane is in fallback while its runner
+/// pods cannot be scheduled or no runner of it has been fresh for the grace period (cause
+/// `capacity`), while a ResourceQuota refuses its pods (`quota`), or while `force` is true
+/// (`manual`); new jobs then go to the fallback lane, and queued ones after `maxWaitSeconds`.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct FallbackSpec {
     /// Name of the ModelLane that takes this lane's jobs while it is in fallback. It must
-    /// serve this lane's models.
+    /// serve this lane's models (a Shared lane usually).
     #[schemars(length(min = 1, max = 253))]
     pub lane: String,
     /// The manual switch: `true` sends new jobs to the fallback lane now (cause `manual`).
@@ -174,27 +179,57 @@ vocabulary! {
     }
 }
 
-/// A lane's fallback state.
+/// A lane's fallback state: the episode going on, if any, and the last one that ended.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
 pub struct FallbackStatus {
-    /// Whether new jobs for this lane's models go to the fallback lane.
+    /// Whether new jobs for this lane's models go to the fallback lane now.
     pub active: bool,
-    /// Why the lane is in fallback.
+    /// Why the lane is in fallback (while active).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cause: Option<FallbackCause>,
-    /// When the lane entered fallback.
+    /// When the episode going on began (while active), in microseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub since: Option<Time>,
+    pub since: Option<MicroTime>,
+    /// The last episode that ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_episode: Option<FallbackEpisode>,
+}
+
+/// One finished fallback episode.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FallbackEpisode {
+    /// Why the lane was in fallback.
+    pub cause: FallbackCause,
+    /// When the episode began, in microseconds.
+    pub start: MicroTime,
+    /// When it ended, in microseconds.
+    pub end: MicroTime,
+    /// How long it lasted, in seconds.
+    pub duration_seconds: f64,
 }
 
 /// Why a lane is in fallback.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum FallbackCause {
-    /// Its pods cannot be scheduled, or no runner has been fresh for 60 s.
+    /// Its runner pods cannot be scheduled, or no runner of it has been fresh for the grace
+    /// period (60 s by default).
     Capacity,
-    /// Pod creation is refused by a ResourceQuota.
+    /// Creating its runner pods is refused by a ResourceQuota.
     Quota,
     /// An admin set `spec.fallback.force: true`.
     Manual,
+}
+
+impl FallbackCause {
+    /// The cause as the API writes it (and as the `cause` metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FallbackCause::Capacity => "capacity",
+            FallbackCause::Quota => "quota",
+            FallbackCause::Manual => "manual",
+        }
+    }
 }

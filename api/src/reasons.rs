@@ -20,6 +20,8 @@ vocabulary! {
         RunnerLost,
         /// A runner died mid-job; the job went back to its place in the queue.
         Requeued,
+        /// The job waited `maxWaitSeconds` and moved to its lane's fallback lane.
+        MovedToFallback,
         /// The GPU ran out of memory.
         GpuOutOfMemory,
         /// The job was deleted before it finished.
@@ -56,6 +58,8 @@ vocabulary! {
         PodsCreated,
         /// The lane overrides PYTORCH_CUDA_ALLOC_CONF.
         AllocatorOverridden,
+        /// New jobs of the lane go to its fallback lane; the reason says why.
+        Fallback,
     }
 }
 
@@ -79,6 +83,23 @@ vocabulary! {
         PodDeleted,
         /// `spec.runner.env` replaces the allocator setting (condition, Event).
         AllocatorOverridden,
+        /// A runner pod cannot be scheduled (condition Fallback, cause `capacity`).
+        Unschedulable,
+        /// No runner has been fresh for the grace period (condition Fallback, cause
+        /// `capacity`).
+        NoFreshRunner,
+        /// A ResourceQuota refuses the runner pods (condition Fallback, cause `quota`).
+        QuotaExceeded,
+        /// An admin set `spec.fallback.force` (condition Fallback, cause `manual`).
+        Forced,
+        /// The lane runs its own jobs again (condition Fallback False).
+        Recovered,
+        /// The lane has been in no episode (condition Fallback False).
+        NotNeeded,
+        /// The lane entered fallback (Event).
+        FallbackStarted,
+        /// The lane left fallback (Event, with the episode's duration).
+        FallbackEnded,
     }
 }
 

@@ -154,6 +154,9 @@ pub struct VideoJobStatus {
     /// Why the job went to a fallback lane.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback_cause: Option<FallbackCause>,
+    /// The lane the job left for its fallback lane: its model's own lane.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_from: Option<String>,
     /// 1-based place in the lane's queue while Queued (1 = next to run).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_position: Option<i32>,

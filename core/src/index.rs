@@ -9,7 +9,7 @@ use std::{
     time::Instant,
 };
 
-use framelane_api::{VideoJob, videojob::JobPhase};
+use framelane_api::{VideoJob, modellane::FallbackCause, videojob::JobPhase};
 
 use crate::{
     depth::{Overloaded, QueueLimits, room},
@@ -52,6 +52,8 @@ pub struct Reservation {
     pub lane: String,
     pub queued_at: jiff::Timestamp,
     pub position: i32,
+    /// For a job that goes to a fallback lane: why, and the lane it leaves.
+    pub fallback: Option<(FallbackCause, String)>,
 }
 
 /// The queue slot a job's status says it holds.
@@ -211,10 +213,46 @@ impl Index {
     /// next admission already counts it. Copies of the job older than the admission write
     /// are ignored from here on. The lane's depth changes here (the write that follows shows
     /// the same slot), so the caller tells the lane.
-    pub fn reserve(&mut self, job: &VideoJob, lane: &str, now: jiff::Timestamp) -> Reservation {
-        let key = key_of(job);
+    pub fn reserve(
+        &mut self,
+        job: &VideoJob,
+        lane: &str,
+        fallback: Option<(FallbackCause, String)>,
+        now: jiff::Timestamp,
+    ) -> Reservation {
         let queued_at = self.clock.next(now);
-        let position = self.queues.lane(lane).map_or(0, |q| q.positions().count()) as i32 + 1;
+        self.take(job, lane, queued_at, fallback)
+    }
+
+    /// Takes a slot in `lane` for a queued job moving there from its own lane. It keeps its
+    /// admission time, and so its place in time among that lane's jobs.
+    pub fn reserve_move(
+        &mut self,
+        job: &VideoJob,
+        lane: &str,
+        cause: FallbackCause,
+        queued_at: jiff::Timestamp,
+    ) -> Reservation {
+        let from = job
+            .status
+            .as_ref()
+            .and_then(|s| s.lane.clone())
+            .unwrap_or_default();
+        self.take(job, lane, queued_at, Some((cause, from)))
+    }
+
+    fn take(
+        &mut self,
+        job: &VideoJob,
+        lane: &str,
+        queued_at: jiff::Timestamp,
+        fallback: Option<(FallbackCause, String)>,
+    ) -> Reservation {
+        let key = key_of(job);
+        let ahead = self
+            .queues
+            .lane(lane)
+            .map_or(0, |q| q.queued_before(queued_at));
         self.queues.set(
             key.clone(),
             Slot::Queued {
@@ -228,7 +266,8 @@ impl Index {
         let reservation = Reservation {
             lane: lane.into(),
             queued_at,
-            position,
+            position: ahead as i32 + 1,
+            fallback,
         };
         self.reservations.insert(key, reservation.clone());
         reservation

@@ -16,6 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use crate::{
     availability::Availability,
     conditions::{Observed, lane_condition_true, remove_lane, set_lane},
+    fallback::{self, Change, Trigger},
     timeouts::until,
 };
 
@@ -29,7 +30,19 @@ pub struct LaneFacts {
     pub pods: Result<(), String>,
     /// The lane's own PYTORCH_CUDA_ALLOC_CONF, when `spec.runner.env` sets one.
     pub allocator_override: Option<String>,
+    /// Why the lane would be in fallback now (`fallback::trigger`); it is only with a
+    /// fallback lane.
+    pub fallback: Option<Trigger>,
     pub now: Timestamp,
+}
+
+/// The status a lane should have, the Events its changes imply, and what became of its
+/// fallback episode (for the metrics and the log, once the status is written).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Desired {
+    pub status: ModelLaneStatus,
+    pub events: Vec<LaneEvent>,
+    pub episode: Vec<Change>,
 }
 
 /// An Event a status change implies.
@@ -55,7 +68,7 @@ pub fn replicas(lane: &ModelLane) -> i32 {
 }
 
 /// The status the lane should have, and the Events its changes imply.
-pub fn desired(lane: &ModelLane, facts: &LaneFacts) -> (ModelLaneStatus, Vec<LaneEvent>) {
+pub fn desired(lane: &ModelLane, facts: &LaneFacts) -> Desired {
     let old = lane.status.clone().unwrap_or_default();
     let generation = lane.metadata.generation;
     let now = facts.now;
@@ -141,7 +154,83 @@ pub fn desired(lane: &ModelLane, facts: &LaneFacts) -> (ModelLaneStatus, Vec<Lan
             note: format!("lane is {}: {ready}", phase_reason(phase)),
         });
     }
-    (status, events)
+    let episode = set_fallback(lane, facts, &mut status, &mut events);
+    Desired {
+        status,
+        events,
+        episode,
+    }
+}
+
+/// The lane's fallback episode: its status, its condition and its Events. Only a lane with a
+/// fallback lane is ever in fallback; one that loses its fallback lane ends its episode.
+fn set_fallback(
+    lane: &ModelLane,
+    facts: &LaneFacts,
+    status: &mut ModelLaneStatus,
+    events: &mut Vec<LaneEvent>,
+) -> Vec<Change> {
+    let name = lane.metadata.name.as_deref().unwrap_or_default();
+    let to = lane.spec.fallback.as_ref().map(|f| f.lane.as_str());
+    let trigger = facts.fallback.as_ref().filter(|_| to.is_some());
+    let (fallback, changes) = fallback::next(status.fallback.as_ref(), trigger, facts.now);
+    for change in &changes {
+        events.push(match change {
+            Change::Started(t) => LaneEvent {
+                warning: true,
+                reason: LaneReason::FallbackStarted,
+                note: format!(
+                    "lane {name} is in fallback ({}): {}; new jobs go to lane {}, queued ones after maxWaitSeconds",
+                    t.cause.as_str(),
+                    t.detail,
+                    to.unwrap_or("?")
+                ),
+            },
+            Change::Ended(e) => LaneEvent {
+                warning: false,
+                reason: LaneReason::FallbackEnded,
+                note: format!(
+                    "lane {name} left fallback ({}) after {:.1} s; new jobs go to it again",
+                    e.cause.as_str(),
+                    e.duration_seconds
+                ),
+            },
+        });
+    }
+    let condition = match (trigger, to) {
+        (Some(t), Some(to)) => Some((
+            true,
+            t.reason,
+            format!("new jobs go to lane {to}: {}", t.detail),
+        )),
+        (None, Some(_)) if fallback.last_episode.is_some() => Some((
+            false,
+            LaneReason::Recovered,
+            "the lane runs its own jobs".into(),
+        )),
+        (None, Some(_)) => Some((
+            false,
+            LaneReason::NotNeeded,
+            "the lane runs its own jobs".into(),
+        )),
+        (_, None) => None,
+    };
+    match condition {
+        Some((on, reason, message)) => set_lane(
+            &mut status.conditions,
+            LaneCondition::Fallback,
+            reason,
+            Observed {
+                status: on,
+                message: &message,
+                generation: lane.metadata.generation,
+                now: facts.now,
+            },
+        ),
+        None => remove_lane(&mut status.conditions, LaneCondition::Fallback),
+    }
+    status.fallback = (fallback != Default::default()).then_some(fallback);
+    changes
 }
 
 /// The reason that names a phase.
@@ -164,6 +253,7 @@ pub fn next_look(availability: &Availability, now: Timestamp, resync: Duration) 
 
 #[cfg(test)]
 mod tests {
+    use framelane_api::modellane::FallbackCause;
     use serde_json::json;
 
     use super::*;
@@ -192,6 +282,7 @@ mod tests {
             depth: 3,
             pods: Ok(()),
             allocator_override: None,
+            fallback: None,
             now: at(10),
         }
     }
@@ -207,7 +298,11 @@ mod tests {
 
     #[test]
     fn a_lane_losing_its_runners_goes_degraded_then_unavailable_with_events() {
-        let (ready, events) = desired(&lane(2, json!(null)), &facts(2, None));
+        let Desired {
+            status: ready,
+            events,
+            ..
+        } = desired(&lane(2, json!(null)), &facts(2, None));
         assert_eq!(
             (ready.phase, ready.ready_runners, ready.queue_depth),
             (Some(LanePhase::Ready), 2, 3)
@@ -226,18 +321,27 @@ mod tests {
             }]
         );
         let before = serde_json::to_value(&ready).unwrap();
-        let (degraded, events) = desired(&lane(2, before.clone()), &facts(1, None));
+        let Desired {
+            status: degraded,
+            events,
+            ..
+        } = desired(&lane(2, before.clone()), &facts(1, None));
         assert_eq!(condition(&degraded, LaneCondition::Available).1, "Degraded");
         assert_eq!(events.len(), 1);
         assert!(events[0].warning);
-        let (same, events) = desired(&lane(2, before), &facts(2, None));
+        let Desired {
+            status: same,
+            events,
+            ..
+        } = desired(&lane(2, before), &facts(2, None));
         assert_eq!(same, ready, "nothing changed");
         assert!(events.is_empty());
 
-        let (down, _) = desired(
+        let down = desired(
             &lane(2, serde_json::to_value(&degraded).unwrap()),
             &facts(0, Some(at(7))),
-        );
+        )
+        .status;
         assert_eq!(
             condition(&down, LaneCondition::Available),
             ("False".into(), "Unavailable".into(), at(7)),
@@ -250,7 +354,7 @@ mod tests {
         let mut f = facts(1, None);
         f.pods = Err("cannot create runner pod anisora-0: exceeded quota".into());
         f.allocator_override = Some("backend:cudaMallocAsync".into());
-        let (status, events) = desired(&lane(1, json!(null)), &f);
+        let Desired { status, events, .. } = desired(&lane(1, json!(null)), &f);
         let (created, reason, _) = condition(&status, LaneCondition::PodsCreated);
         assert_eq!(
             (created.as_str(), reason.as_str()),
@@ -267,7 +371,7 @@ mod tests {
                 .count(),
             1
         );
-        let (_, again) = desired(&lane(1, serde_json::to_value(&status).unwrap()), &f);
+        let again = desired(&lane(1, serde_json::to_value(&status).unwrap()), &f).events;
         assert!(
             !again
                 .iter()
@@ -275,7 +379,7 @@ mod tests {
             "warned once"
         );
         f.allocator_override = None;
-        let (cleared, _) = desired(&lane(1, serde_json::to_value(&status).unwrap()), &f);
+        let cleared = desired(&lane(1, serde_json::to_value(&status).unwrap()), &f).status;
         assert!(
             !cleared
                 .conditions
@@ -294,6 +398,78 @@ mod tests {
         assert_eq!(
             next_look(&f.availability, at(10), Duration::from_secs(5)),
             Duration::from_secs(5)
+        );
+    }
+
+    #[test]
+    fn a_fallback_episode_shows_in_status_condition_and_events() {
+        let mut with_fallback = lane(1, json!(null));
+        with_fallback.spec.fallback = serde_json::from_value(json!({"lane": "shared"})).unwrap();
+        let mut f = facts(0, Some(at(0)));
+        f.fallback = Some(Trigger {
+            cause: FallbackCause::Capacity,
+            reason: LaneReason::NoFreshRunner,
+            since: at(8),
+            detail: "no runner has had a fresh heartbeat for 8 s".into(),
+        });
+        let started = desired(&with_fallback, &f);
+        let fallback = started.status.fallback.clone().unwrap();
+        assert_eq!(
+            (fallback.active, fallback.cause, fallback.since.map(|t| t.0)),
+            (true, Some(FallbackCause::Capacity), Some(at(8)))
+        );
+        let (on, reason, _) = condition(&started.status, LaneCondition::Fallback);
+        assert_eq!((on.as_str(), reason.as_str()), ("True", "NoFreshRunner"));
+        let event = started
+            .events
+            .iter()
+            .find(|e| e.reason == LaneReason::FallbackStarted)
+            .unwrap();
+        assert_eq!(
+            event.note,
+            "lane anisora is in fallback (capacity): no runner has had a fresh heartbeat for 8 s; new jobs go to lane shared, queued ones after maxWaitSeconds"
+        );
+        assert!(matches!(&started.episode[..], [Change::Started(_)]));
+
+        with_fallback.status = Some(started.status);
+        let mut recovered = facts(1, None);
+        recovered.now = at(38);
+        let ended = desired(&with_fallback, &recovered);
+        assert!(matches!(&ended.episode[..], [Change::Ended(e)] if e.duration_seconds == 30.0));
+        let event = ended
+            .events
+            .iter()
+            .find(|e| e.reason == LaneReason::FallbackEnded)
+            .unwrap();
+        assert_eq!(
+            event.note,
+            "lane anisora left fallback (capacity) after 30.0 s; new jobs go to it again"
+        );
+        let (on, reason, _) = condition(&ended.status, LaneCondition::Fallback);
+        assert_eq!((on.as_str(), reason.as_str()), ("False", "Recovered"));
+        assert_eq!(
+            ended
+                .status
+                .fallback
+                .unwrap()
+                .last_episode
+                .unwrap()
+                .duration_seconds,
+            30.0
+        );
+
+        let without = desired(&lane(1, json!(null)), &f);
+        assert_eq!(
+            without.status.fallback, None,
+            "no fallback lane, no episode"
+        );
+        assert!(without.episode.is_empty());
+        assert!(
+            !without
+                .status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Fallback")
         );
     }
 }

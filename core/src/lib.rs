@@ -8,6 +8,7 @@
 //! - [`index`]: which jobs hold which lane's slots, from the jobs' watch events?
 //! - [`routing`]: which lane takes a new job?
 //! - [`availability`]: can a lane run jobs now (fresh runners), and since when not?
+//! - [`fallback`]: is a lane in fallback, why, and since when?
 //! - [`timeouts`]: how long may a queued job wait; when is a runner lost; when does a finished
 //!   job expire?
 //! - [`lifecycle`]: what happens next to a job (admit, wait, time out, requeue, release,
@@ -23,6 +24,7 @@ pub mod availability;
 pub mod claims;
 pub mod conditions;
 pub mod depth;
+pub mod fallback;
 pub mod index;
 pub mod lane_status;
 pub mod lifecycle;

@@ -4,14 +4,22 @@
 
 use std::time::Duration;
 
-use framelane_api::{VideoJob, reasons::JobReason, videojob::JobPhase};
-use jiff::Timestamp;
+use framelane_api::{
+    VideoJob,
+    modellane::FallbackCause,
+    reasons::JobReason,
+    videojob::{JobPhase, LaneAssignment},
+};
+use jiff::{SignedDuration, Timestamp};
 
 use crate::{
     depth::{QueueLimits, room},
     routing::RouteError,
     timeouts::{expiry, queue_wait_deadline, runner_alive, until},
 };
+
+/// How often a job that waits for a free runner of its fallback lane looks again.
+const FREE_RUNNER_POLL: Duration = Duration::from_secs(1);
 
 /// What the controller knows about the lane a job is (or would be) in.
 #[derive(Clone, Debug, PartialEq)]
@@ -22,6 +30,39 @@ pub struct LaneFacts {
     pub depth: usize,
     /// Since when the lane has had no fresh runner; `None` while it has one.
     pub unavailable_since: Option<Timestamp>,
+    /// Runners with a fresh heartbeat, and jobs running on the lane: its runners are all busy
+    /// when `running >= fresh`.
+    pub fresh: i32,
+    pub running: usize,
+    /// The lane's fallback episode going on: its cause and since when.
+    pub episode: Option<(FallbackCause, Timestamp)>,
+    /// The lane's fallback lane, when it has one.
+    pub fallback: Option<FallbackFacts>,
+}
+
+/// What the controller knows about a lane's fallback lane.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FallbackFacts {
+    pub name: String,
+    pub limits: QueueLimits,
+    pub depth: usize,
+    pub fresh: i32,
+    pub running: usize,
+}
+
+impl FallbackFacts {
+    /// Why this lane cannot take a job now (no fresh runner, or full), if it cannot.
+    fn refusal(&self) -> Option<String> {
+        if self.fresh == 0 {
+            return Some(format!(
+                "its fallback lane {} has no available runner either",
+                self.name
+            ));
+        }
+        room(&self.name, self.depth, self.limits)
+            .err()
+            .map(|full| format!("its fallback lane {} is full ({full})", self.name))
+    }
 }
 
 /// Why a job has no lane to be in.
@@ -54,6 +95,8 @@ pub enum Decision {
     Fail { reason: JobReason, message: String },
     /// Its runner died: back to its old place in the queue, for another attempt.
     Requeue,
+    /// It waited `maxWaitSeconds`: to its lane's fallback lane `to`, keeping its place in time.
+    Move { to: String, cause: FallbackCause },
     /// `ttlSecondsAfterFinished` has passed: delete it.
     Delete,
     /// Deleted and nothing runs it any more: drop the finalizer so it goes away.
@@ -73,7 +116,11 @@ pub fn decide(job: &VideoJob, facts: &Facts) -> Decision {
         Some(JobPhase::Running) if deleted && alive => Decision::Wait(runner_expiry()),
         _ if deleted => Decision::Release,
         None => admit(&facts.lane),
-        Some(JobPhase::Queued) => queued(status.queued_at.map(|t| t.0), facts),
+        Some(JobPhase::Queued) => queued(
+            status.queued_at.map(|t| t.0),
+            status.lane_mode == Some(LaneAssignment::Fallback),
+            facts,
+        ),
         Some(JobPhase::Running) if alive => Decision::Wait(runner_expiry()),
         Some(JobPhase::Running) => {
             let runner = status.runner.as_deref().unwrap_or("?");
@@ -120,26 +167,92 @@ fn admit(lane: &Result<LaneFacts, NoLane>) -> Decision {
     }
 }
 
-fn queued(queued_at: Option<Timestamp>, facts: &Facts) -> Decision {
+/// A queued job waits its turn, except when it has waited `maxWaitSeconds` and:
+/// - its lane has no available runner: it moves to the fallback lane if that has a runner
+///   and room, else it fails with `QueueWaitTimeout`;
+/// - its lane is in fallback: it moves when the fallback lane can take it, else it stays
+///   (its own runners may still run it);
+/// - every runner of its lane is busy: it moves when a runner of the fallback lane is free;
+///   it stays while that lane is busy too, and fails when that lane has no runner or is full.
+///
+/// A job already on a fallback lane never moves again.
+fn queued(queued_at: Option<Timestamp>, moved: bool, facts: &Facts) -> Decision {
     let Ok(lane) = &facts.lane else {
         return Decision::Wait(Duration::from_secs(5));
     };
     let max_wait = lane.limits.max_wait;
-    match queue_wait_deadline(queued_at, lane.unavailable_since, max_wait) {
+    let fallback = lane.fallback.as_ref().filter(|_| !moved);
+    if let Some(deadline) = queue_wait_deadline(queued_at, lane.unavailable_since, max_wait) {
+        if deadline > facts.now {
+            return Decision::Wait(until(facts.now, deadline));
+        }
+        let cause = lane.episode.map_or(FallbackCause::Capacity, |(c, _)| c);
+        return match fallback.map(|f| (f, f.refusal())) {
+            Some((f, None)) => Decision::Move {
+                to: f.name.clone(),
+                cause,
+            },
+            refused => Decision::Fail {
+                reason: JobReason::QueueWaitTimeout,
+                message: timed_out(lane, refused.and_then(|(_, why)| why)),
+            },
+        };
+    }
+    let Some(fallback) = fallback else {
         // The lane has a runner: the job waits its turn, however long the queue.
-        None => Decision::Wait(max_wait),
-        Some(deadline) if deadline <= facts.now => Decision::Fail {
+        return Decision::Wait(max_wait);
+    };
+    let busy = lane.running >= usize::try_from(lane.fresh).unwrap_or(0);
+    let waiting_since = match lane.episode {
+        Some((_, since)) => queued_at.map_or(since, |q| q.max(since)),
+        None if busy => queued_at.unwrap_or(facts.now),
+        None => return Decision::Wait(max_wait),
+    };
+    let deadline = waiting_since
+        .saturating_add(signed(max_wait))
+        .unwrap_or(Timestamp::MAX);
+    if deadline > facts.now {
+        return Decision::Wait(until(facts.now, deadline));
+    }
+    if let Some((cause, _)) = lane.episode {
+        return match fallback.refusal() {
+            None => Decision::Move {
+                to: fallback.name.clone(),
+                cause,
+            },
+            Some(_) => Decision::Wait(FREE_RUNNER_POLL),
+        };
+    }
+    match fallback.refusal() {
+        Some(why) => Decision::Fail {
             reason: JobReason::QueueWaitTimeout,
             message: format!(
-                "lane {} had no available runner for {} s (maxWaitSeconds); check its runner pods \
-                 (kubectl get pods -l framelane.dev/lane={}) and create the job again",
+                "every runner of lane {} was busy for {} s (maxWaitSeconds) and {why}; create the job again",
                 lane.name,
-                max_wait.as_secs(),
-                lane.name
+                max_wait.as_secs()
             ),
         },
-        Some(deadline) => Decision::Wait(until(facts.now, deadline)),
+        None if fallback.running < usize::try_from(fallback.fresh).unwrap_or(0) => Decision::Move {
+            to: fallback.name.clone(),
+            cause: FallbackCause::Capacity,
+        },
+        None => Decision::Wait(FREE_RUNNER_POLL),
     }
+}
+
+fn timed_out(lane: &LaneFacts, fallback: Option<String>) -> String {
+    let also = fallback.map_or(String::new(), |why| format!(" and {why}"));
+    format!(
+        "lane {} had no available runner for {} s (maxWaitSeconds){also}; check its runner pods \
+         (kubectl get pods -l framelane.dev/lane={}) and create the job again",
+        lane.name,
+        lane.limits.max_wait.as_secs(),
+        lane.name
+    )
+}
+
+fn signed(d: Duration) -> SignedDuration {
+    SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX)
 }
 
 #[cfg(test)]
@@ -173,6 +286,10 @@ mod tests {
             },
             depth,
             unavailable_since,
+            fresh: i32::from(unavailable_since.is_none()),
+            running: 0,
+            episode: None,
+            fallback: None,
         })
     }
     fn gone() -> Result<LaneFacts, NoLane> {
@@ -320,6 +437,144 @@ mod tests {
         assert_eq!(
             decide(&running, &facts(11, lane(1, None), Some(10))),
             Decision::Release
+        );
+    }
+
+    fn shared(fresh: i32, running: usize, depth: usize) -> Option<FallbackFacts> {
+        Some(FallbackFacts {
+            name: "shared".into(),
+            limits: QueueLimits {
+                max_depth: 25,
+                max_wait: Duration::from_secs(30),
+            },
+            depth,
+            fresh,
+            running,
+        })
+    }
+
+    fn with(
+        lane: Result<LaneFacts, NoLane>,
+        change: impl FnOnce(&mut LaneFacts),
+    ) -> Result<LaneFacts, NoLane> {
+        let mut lane = lane.unwrap();
+        change(&mut lane);
+        Ok(lane)
+    }
+
+    fn moved(cause: FallbackCause) -> Decision {
+        Decision::Move {
+            to: "shared".into(),
+            cause,
+        }
+    }
+
+    #[test]
+    fn a_job_of_a_lane_without_runners_moves_to_a_fallback_lane_that_can_take_it() {
+        let queued = job(json!({"phase": "Queued", "queuedAt": micro(0), "laneMode": "Dedicated"}));
+        let down = |fallback| with(lane(1, Some(t(0))), |l| l.fallback = fallback);
+        assert!(matches!(
+            decide(&queued, &facts(29, down(shared(1, 1, 3)), None)),
+            Decision::Wait(_)
+        ));
+        assert_eq!(
+            decide(&queued, &facts(30, down(shared(1, 1, 3)), None)),
+            moved(FallbackCause::Capacity)
+        );
+        for (fallback, why) in [
+            (
+                shared(0, 0, 0),
+                "its fallback lane shared has no available runner either",
+            ),
+            (
+                shared(1, 0, 25),
+                "its fallback lane shared is full (queue_overloaded: lane shared holds 25",
+            ),
+        ] {
+            let Decision::Fail { reason, message } =
+                decide(&queued, &facts(30, down(fallback), None))
+            else {
+                panic!()
+            };
+            assert_eq!(reason, JobReason::QueueWaitTimeout);
+            assert!(message.contains(why), "{message}");
+        }
+        // Already on the fallback lane: it does not move again.
+        let on_shared =
+            job(json!({"phase": "Queued", "queuedAt": micro(0), "laneMode": "Fallback"}));
+        assert!(matches!(
+            decide(&on_shared, &facts(30, down(shared(1, 0, 0)), None)),
+            Decision::Fail {
+                reason: JobReason::QueueWaitTimeout,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_job_behind_busy_runners_moves_only_to_a_free_fallback_runner() {
+        let queued = job(json!({"phase": "Queued", "queuedAt": micro(0)}));
+        let busy = |fallback| {
+            with(lane(2, None), |l| {
+                l.running = 1;
+                l.fallback = fallback;
+            })
+        };
+        assert_eq!(
+            decide(&queued, &facts(10, busy(shared(1, 0, 0)), None)),
+            Decision::Wait(Duration::from_millis(20_100)),
+            "waits maxWaitSeconds first"
+        );
+        assert_eq!(
+            decide(&queued, &facts(30, busy(shared(1, 0, 0)), None)),
+            moved(FallbackCause::Capacity)
+        );
+        assert_eq!(
+            decide(&queued, &facts(30, busy(shared(1, 1, 1)), None)),
+            Decision::Wait(FREE_RUNNER_POLL),
+            "the fallback lane is busy too: it stays queued"
+        );
+        assert!(matches!(
+            decide(&queued, &facts(30, busy(shared(0, 0, 0)), None)),
+            Decision::Fail {
+                reason: JobReason::QueueWaitTimeout,
+                ..
+            }
+        ));
+        let idle = with(lane(2, None), |l| l.fallback = shared(1, 0, 0));
+        assert_eq!(
+            decide(&queued, &facts(300, idle, None)),
+            Decision::Wait(Duration::from_secs(30)),
+            "a free runner of its own lane will take it"
+        );
+        assert_eq!(
+            decide(&queued, &facts(300, busy(None), None)),
+            Decision::Wait(Duration::from_secs(30)),
+            "no fallback lane: it waits its turn"
+        );
+    }
+
+    #[test]
+    fn a_job_of_a_lane_in_fallback_moves_after_max_wait_from_the_episode_start() {
+        let queued = job(json!({"phase": "Queued", "queuedAt": micro(0)}));
+        let manual = |fallback| {
+            with(lane(2, None), |l| {
+                l.episode = Some((FallbackCause::Manual, t(100)));
+                l.fallback = fallback;
+            })
+        };
+        assert_eq!(
+            decide(&queued, &facts(110, manual(shared(1, 1, 1)), None)),
+            Decision::Wait(Duration::from_millis(20_100))
+        );
+        assert_eq!(
+            decide(&queued, &facts(130, manual(shared(1, 1, 1)), None)),
+            moved(FallbackCause::Manual)
+        );
+        assert_eq!(
+            decide(&queued, &facts(130, manual(shared(0, 0, 0)), None)),
+            Decision::Wait(FREE_RUNNER_POLL),
+            "its own runners may still run it"
         );
     }
 }

@@ -38,6 +38,16 @@ impl LaneQueue {
         self.queued.len() + self.running.len()
     }
 
+    /// Jobs running on the lane.
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Queued jobs admitted before `at`: ahead of a job admitted at `at`.
+    pub fn queued_before(&self, at: Timestamp) -> usize {
+        self.queued.iter().take_while(|(t, _)| *t < at).count()
+    }
+
     /// Queued jobs in claim order, each with its 1-based position.
     pub fn positions(&self) -> impl Iterator<Item = (&JobKey, i32)> {
         self.queued

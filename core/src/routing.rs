@@ -1,8 +1,13 @@
-//! Which lane takes a new job? A model's Dedicated lane, else a Shared lane that serves it.
+//! Which lane takes a new job? A model's Dedicated lane, else a Shared lane that serves it;
+//! and while that lane is in fallback, its fallback lane.
 
 use std::borrow::Borrow;
 
-use framelane_api::{ModelLane, VideoModel, modellane::LaneMode};
+use framelane_api::{
+    ModelLane, VideoModel,
+    modellane::{FallbackCause, LaneMode},
+    videojob::LaneAssignment,
+};
 
 /// Why a job has no lane.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -20,22 +25,74 @@ pub enum RouteError {
     NoLane { model: String },
 }
 
+/// Where a new job goes.
+#[derive(Debug, PartialEq)]
+pub struct Route<'a, L> {
+    pub lane: &'a L,
+    /// `Fallback` when `lane` is the fallback lane of the model's own lane.
+    pub assignment: LaneAssignment,
+    /// Why, for a fallback.
+    pub cause: Option<FallbackCause>,
+    /// The model's own lane, for a fallback.
+    pub from: Option<String>,
+}
+
+impl<L: Borrow<ModelLane>> Route<'_, L> {
+    /// The lane's name.
+    pub fn name(&self) -> String {
+        name_of(self.lane.borrow())
+    }
+}
+
 /// The lane a new job of `model` goes to: the model's Dedicated lane, else a Shared lane that
-/// serves it (by name, for a stable choice).
-pub fn route<'a, L: Borrow<ModelLane>>(model: &str, lanes: &'a [L]) -> Option<&'a L> {
-    lanes
+/// serves it (by name, for a stable choice); while that lane is in fallback, its fallback
+/// lane when that exists and serves the model.
+pub fn route<'a, L: Borrow<ModelLane>>(model: &str, lanes: &'a [L]) -> Option<Route<'a, L>> {
+    let serves = |lane: &ModelLane| lane.spec.models.iter().any(|m| m == model);
+    let own = lanes
         .iter()
-        .filter(|l| {
-            let lane: &ModelLane = (*l).borrow();
-            lane.spec.models.iter().any(|m| m == model)
-        })
+        .filter(|l| serves((*l).borrow()))
         .min_by_key(|l| {
             let lane: &ModelLane = (*l).borrow();
             (
                 lane.spec.mode != LaneMode::Dedicated,
                 lane.metadata.name.clone(),
             )
-        })
+        })?;
+    let dedicated = Route {
+        lane: own,
+        assignment: LaneAssignment::Dedicated,
+        cause: None,
+        from: None,
+    };
+    let own_lane: &ModelLane = own.borrow();
+    let (Some(cause), Some(spec)) = (episode_cause(own_lane), own_lane.spec.fallback.as_ref())
+    else {
+        return Some(dedicated);
+    };
+    let fallback = lanes.iter().find(|l| {
+        let lane: &ModelLane = (*l).borrow();
+        lane.metadata.name.as_deref() == Some(spec.lane.as_str()) && serves(lane)
+    });
+    Some(match fallback {
+        Some(lane) => Route {
+            lane,
+            assignment: LaneAssignment::Fallback,
+            cause: Some(cause),
+            from: Some(name_of(own_lane)),
+        },
+        None => dedicated,
+    })
+}
+
+/// Why a lane is in fallback now, if it is: the admin's switch at once, else the episode its
+/// status records.
+pub fn episode_cause(lane: &ModelLane) -> Option<FallbackCause> {
+    if lane.spec.fallback.as_ref().is_some_and(|f| f.force) {
+        return Some(FallbackCause::Manual);
+    }
+    let fallback = lane.status.as_ref()?.fallback.as_ref()?;
+    fallback.active.then_some(fallback.cause).flatten()
 }
 
 /// [`route`] for a job, saying why there is no lane: its model does not exist, or nothing
@@ -44,11 +101,15 @@ pub fn lane_for<'a, M: Borrow<VideoModel>, L: Borrow<ModelLane>>(
     model: &str,
     models: &[M],
     lanes: &'a [L],
-) -> Result<&'a L, RouteError> {
+) -> Result<Route<'a, L>, RouteError> {
     model_exists(model, models)?;
     route(model, lanes).ok_or_else(|| RouteError::NoLane {
         model: model.into(),
     })
+}
+
+fn name_of(lane: &ModelLane) -> String {
+    lane.metadata.name.clone().unwrap_or_default()
 }
 
 /// Whether `model` names one of `models`.
@@ -94,8 +155,8 @@ mod tests {
         .unwrap()
     }
 
-    fn name(l: &ModelLane) -> &str {
-        l.metadata.name.as_deref().unwrap()
+    fn name(r: Route<'_, ModelLane>) -> String {
+        r.name()
     }
 
     #[test]
@@ -106,8 +167,45 @@ mod tests {
             lane("b-shared", "Shared", &["phr00t"]),
         ];
         assert_eq!(name(route("anisora", &lanes).unwrap()), "anisora");
+        assert_eq!(
+            route("anisora", &lanes).unwrap().assignment,
+            LaneAssignment::Dedicated
+        );
         assert_eq!(name(route("phr00t", &lanes).unwrap()), "a-shared");
         assert!(route("other", &lanes).is_none());
+    }
+
+    #[test]
+    fn a_lane_in_fallback_hands_new_jobs_to_its_fallback_lane() {
+        let mut own = lane("anisora", "Dedicated", &["anisora"]);
+        own.spec.fallback = serde_json::from_value(json!({"lane": "shared"})).unwrap();
+        let shared = lane("shared", "Shared", &["anisora", "phr00t"]);
+        let mut lanes = vec![own.clone(), shared];
+        assert_eq!(name(route("anisora", &lanes).unwrap()), "anisora");
+        lanes[0].status = serde_json::from_value(
+            json!({"fallback": {"active": true, "cause": "capacity", "since": "2026-12-06T10:00:00Z"}}),
+        )
+        .unwrap();
+        let r = route("anisora", &lanes).unwrap();
+        assert_eq!(
+            (r.name(), r.assignment, r.cause, r.from.as_deref()),
+            (
+                "shared".into(),
+                LaneAssignment::Fallback,
+                Some(FallbackCause::Capacity),
+                Some("anisora")
+            )
+        );
+        // The admin's switch counts at once, before the lane's status says so.
+        lanes[0] = own;
+        lanes[0].spec.fallback.as_mut().unwrap().force = true;
+        assert_eq!(
+            route("anisora", &lanes).unwrap().cause,
+            Some(FallbackCause::Manual)
+        );
+        // A fallback lane that does not serve the model takes nothing.
+        lanes[1].spec.models = vec!["phr00t".into()];
+        assert_eq!(name(route("anisora", &lanes).unwrap()), "anisora");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use framelane_api::{
     VideoJob, VideoJobStatus,
+    modellane::FallbackCause,
     reasons::{JobCondition, JobReason},
     videojob::{JobPhase, LaneAssignment, MemoryReport, Output, Progress},
 };
@@ -17,6 +18,8 @@ use crate::conditions::{Observed, set_job};
 pub struct Admission {
     pub lane: String,
     pub assignment: LaneAssignment,
+    /// For a fallback: why, and the model's own lane the job left.
+    pub fallback: Option<(FallbackCause, String)>,
     /// The queue's order: strictly increasing over admissions (see `queue::AdmissionClock`).
     pub queued_at: Timestamp,
     /// 1-based place in the lane's queue.
@@ -40,6 +43,7 @@ pub fn admitted(job: &VideoJob, admission: &Admission, now: Timestamp) -> VideoJ
     let Admission {
         lane,
         assignment,
+        fallback,
         queued_at,
         position,
         seed,
@@ -49,6 +53,8 @@ pub fn admitted(job: &VideoJob, admission: &Admission, now: Timestamp) -> VideoJ
         phase: Some(JobPhase::Queued),
         lane: Some(lane.clone()),
         lane_mode: Some(*assignment),
+        fallback_cause: fallback.as_ref().map(|(cause, _)| *cause),
+        fallback_from: fallback.as_ref().map(|(_, from)| from.clone()),
         queue_position: Some(*position),
         queued_at: Some(MicroTime(*queued_at)),
         attempts: Some(0),
@@ -66,6 +72,42 @@ pub fn admitted(job: &VideoJob, admission: &Admission, now: Timestamp) -> VideoJ
             status: true,
             message: &format!("admitted to lane {lane}"),
             generation,
+            now,
+        },
+    );
+    status
+}
+
+/// A queued job that waited `maxWaitSeconds` in its lane, moved to the fallback lane `lane` at
+/// `position`. It keeps its admission time, and so its place in time.
+pub fn moved(
+    job: &VideoJob,
+    lane: &str,
+    position: i32,
+    cause: FallbackCause,
+    now: Timestamp,
+) -> VideoJobStatus {
+    let mut status = job.status.clone().unwrap_or_default();
+    let from = status.lane.clone().unwrap_or_default();
+    status.lane = Some(lane.into());
+    status.lane_mode = Some(LaneAssignment::Fallback);
+    status.fallback_cause = Some(cause);
+    status.fallback_from = Some(from.clone());
+    status.queue_position = Some(position);
+    status.reason = Some(JobReason::MovedToFallback);
+    status.message = Some(format!(
+        "waited maxWaitSeconds in lane {from} ({}); {}",
+        cause.as_str(),
+        waiting_message(lane, position)
+    ));
+    set_job(
+        &mut status.conditions,
+        JobCondition::Admitted,
+        JobReason::MovedToFallback,
+        Observed {
+            status: true,
+            message: &format!("moved from lane {from} to its fallback lane {lane}"),
+            generation: job.metadata.generation,
             now,
         },
     );
@@ -262,6 +304,7 @@ mod tests {
         Admission {
             lane: "anisora".into(),
             assignment: LaneAssignment::Dedicated,
+            fallback: None,
             queued_at: at(1),
             position: 3,
             seed: 42,
@@ -396,5 +439,57 @@ mod tests {
             None,
             at(40),
         )
+    }
+
+    #[test]
+    fn a_moved_job_names_its_fallback_lane_cause_and_origin_and_keeps_its_time() {
+        let queued = admitted(&job(None), &admission(), at(1));
+        let moved = moved(
+            &job(Some(queued)),
+            "shared",
+            2,
+            FallbackCause::Capacity,
+            at(40),
+        );
+        assert_eq!(
+            (
+                moved.lane.as_deref(),
+                moved.lane_mode,
+                moved.fallback_cause,
+                moved.fallback_from.as_deref(),
+                moved.queue_position,
+                moved.reason
+            ),
+            (
+                Some("shared"),
+                Some(LaneAssignment::Fallback),
+                Some(FallbackCause::Capacity),
+                Some("anisora"),
+                Some(2),
+                Some(JobReason::MovedToFallback)
+            )
+        );
+        assert_eq!(moved.queued_at.clone().map(|t| t.0), Some(at(1)));
+        assert_eq!(
+            moved.message.as_deref(),
+            Some(
+                "waited maxWaitSeconds in lane anisora (capacity); waiting in lane shared at position 2"
+            )
+        );
+        assert_eq!(
+            condition(&moved, JobCondition::Admitted),
+            ("True".into(), "MovedToFallback".into())
+        );
+        let to_fallback = Admission {
+            lane: "shared".into(),
+            assignment: LaneAssignment::Fallback,
+            fallback: Some((FallbackCause::Manual, "anisora".into())),
+            ..admission()
+        };
+        let admitted = admitted(&job(None), &to_fallback, at(1));
+        assert_eq!(
+            (admitted.fallback_cause, admitted.fallback_from.as_deref()),
+            (Some(FallbackCause::Manual), Some("anisora"))
+        );
     }
 }

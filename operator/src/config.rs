@@ -69,6 +69,10 @@ pub struct Config {
     /// maxWaitSeconds of lanes that set none.
     #[arg(long, default_value_t = 30)]
     pub default_max_wait_seconds: i32,
+    /// Seconds a lane may have no fresh runner before it goes into fallback (cause
+    /// `capacity`), when it has a fallback lane.
+    #[arg(long, env = "FRAMELANE_FALLBACK_GRACE_SECONDS", value_parser = parse_seconds, default_value = "60")]
+    pub fallback_grace_seconds: Duration,
     /// Runs of a job (the first one included) before a lost runner fails it with RunnerLost.
     #[arg(long, default_value_t = 3)]
     pub max_attempts: i32,

@@ -11,9 +11,9 @@ use framelane_core::{
     availability::{Availability, availability},
     depth::QueueLimits,
     index::Index,
-    lifecycle::LaneFacts,
+    lifecycle::{FallbackFacts, LaneFacts},
     queue::JobKey,
-    routing::route,
+    routing::{episode_cause, route},
 };
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -37,6 +37,9 @@ pub struct Context {
     pub index: Arc<Mutex<Index>>,
     /// Lanes whose queue changed and need positions and depth rewritten.
     pub lane_changes: mpsc::UnboundedSender<String>,
+    /// Jobs to decide again now: a lane's queued jobs when its fallback episode starts or
+    /// ends (their wait for the fallback lane starts then).
+    pub job_changes: mpsc::UnboundedSender<JobKey>,
     /// When this replica became leader: metrics count only what happened since.
     pub leader_since: Timestamp,
     /// Transitions already counted in the finished and queue-wait metrics or told by an
@@ -73,13 +76,45 @@ impl Context {
         availability(lane, Self::runner_leases(&leases, &lane.name_any()), now)
     }
 
-    /// The facts `lifecycle::decide` needs about a lane, at the depth `depth`.
-    pub fn lane_facts(&self, lane: &ModelLane, now: Timestamp, depth: usize) -> LaneFacts {
+    /// The facts `lifecycle::decide` needs about a lane and its fallback lane; `index` is the
+    /// locked queue index (for depths and running jobs).
+    pub fn lane_facts(&self, lane: &ModelLane, now: Timestamp, index: &Index) -> LaneFacts {
+        let name = lane.name_any();
+        let availability = self.lane_availability(lane, now);
+        let running = |lane: &str| index.queues.lane(lane).map_or(0, |q| q.running());
+        let fallback = lane
+            .spec
+            .fallback
+            .as_ref()
+            .and_then(|f| self.cached_lane(&f.lane))
+            .map(|f| {
+                let name = f.name_any();
+                FallbackFacts {
+                    limits: self.lane_limits(&f),
+                    depth: index.queues.depth(&name),
+                    fresh: self.lane_availability(&f, now).fresh,
+                    running: running(&name),
+                    name,
+                }
+            });
+        let episode = episode_cause(lane).map(|cause| {
+            let since = lane
+                .status
+                .as_ref()
+                .and_then(|s| s.fallback.as_ref())
+                .and_then(|f| f.since.as_ref())
+                .map_or(now, |t| t.0);
+            (cause, since)
+        });
         LaneFacts {
-            name: lane.name_any(),
             limits: self.lane_limits(lane),
-            depth,
-            unavailable_since: self.lane_availability(lane, now).unavailable_since,
+            depth: index.queues.depth(&name),
+            unavailable_since: availability.unavailable_since,
+            fresh: availability.fresh,
+            running: running(&name),
+            episode,
+            fallback,
+            name,
         }
     }
 
@@ -139,6 +174,19 @@ impl Context {
     /// Records `key` in [`Context::counted`]; true the first time only.
     pub fn first_time(&self, key: String) -> bool {
         self.counted.lock().expect("counted lock").insert(key)
+    }
+
+    /// Has the queued jobs of `lane` decided again.
+    pub fn notify_queued(&self, lane: &str) {
+        let keys: Vec<JobKey> = self
+            .index()
+            .queues
+            .lane(lane)
+            .map(|q| q.positions().map(|(k, _)| k.clone()).collect())
+            .unwrap_or_default();
+        for key in keys {
+            let _ = self.job_changes.send(key);
+        }
     }
 
     pub fn notify_lanes(&self, lanes: Vec<String>) {

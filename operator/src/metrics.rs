@@ -3,6 +3,7 @@
 
 use std::sync::atomic::AtomicI64;
 
+use framelane_api::modellane::FallbackCause;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -12,6 +13,20 @@ use prometheus_client::{
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LaneLabels {
     pub lane: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FallbackLabels {
+    pub lane: String,
+    /// `capacity`, `quota` or `manual`.
+    pub cause: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MovedLabels {
+    pub lane: String,
+    pub fallback_lane: String,
+    pub cause: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -57,6 +72,10 @@ pub struct Metrics {
     pub jobs_finished: Family<FinishedLabels, Counter>,
     pub timeout_drops: Family<LaneLabels, Counter>,
     pub runner_lost_requeues: Family<LaneLabels, Counter>,
+    pub fallback_activations: Family<FallbackLabels, Counter>,
+    pub fallback_active: Family<FallbackLabels, Gauge>,
+    pub fallback_duration: Family<FallbackLabels, Histogram>,
+    pub fallback_jobs_moved: Family<MovedLabels, Counter>,
     pub events_dropped: Counter,
     pub reconcile_duration: Family<ControllerLabels, Histogram>,
     pub reconcile_errors: Family<ErrorLabels, Counter>,
@@ -75,6 +94,10 @@ const QUEUE_WAIT_BUCKETS: [f64; 18] = [
 /// the leader adds a network round trip.
 const WEBHOOK_BUCKETS: [f64; 11] = [
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0,
+];
+/// Fallback episode buckets: from a second to an hour.
+const FALLBACK_BUCKETS: [f64; 12] = [
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 2700.0, 3600.0,
 ];
 const RECONCILE_BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
 
@@ -118,6 +141,27 @@ impl Default for Metrics {
                 r,
                 "runner_lost_requeues",
                 "Jobs put back in the queue because their runner died",
+            ),
+            fallback_activations: register(
+                r,
+                "fallback_activations",
+                "Fallback episodes a lane entered, by lane and cause",
+            ),
+            fallback_active: register(
+                r,
+                "fallback_active",
+                "1 while the lane is in a fallback episode of this cause, else 0",
+            ),
+            fallback_duration: register_with(
+                r,
+                "fallback_duration_seconds",
+                "Length of finished fallback episodes, by lane and cause",
+                Family::new_with_constructor(|| Histogram::new(FALLBACK_BUCKETS)),
+            ),
+            fallback_jobs_moved: register(
+                r,
+                "fallback_jobs_moved",
+                "Queued jobs moved from a lane to its fallback lane after maxWaitSeconds, by cause",
             ),
             events_dropped: register(
                 r,
@@ -204,6 +248,14 @@ impl Metrics {
             error: error.kind().into(),
         };
         self.reconcile_errors.get_or_create(&labels).inc();
+    }
+
+    /// The series of a lane's episode of `cause`.
+    pub fn fallback(lane: &str, cause: FallbackCause) -> FallbackLabels {
+        FallbackLabels {
+            lane: lane.into(),
+            cause: cause.as_str().into(),
+        }
     }
 
     pub fn lane(lane: &str) -> LaneLabels {

@@ -10,7 +10,7 @@ use std::{
 };
 
 use framelane_api::{ModelLane, VideoJob, VideoModel, wellknown::LABEL_LANE};
-use framelane_core::index::Index;
+use framelane_core::{index::Index, queue::JobKey};
 use futures::{StreamExt, TryStreamExt, future};
 use jiff::Timestamp;
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Pod};
@@ -241,6 +241,7 @@ async fn controllers(
         .applied_objects();
     let index = Arc::new(Mutex::new(Index::default()));
     let (lane_tx, lane_rx) = mpsc::unbounded_channel::<String>();
+    let (job_tx, job_rx) = mpsc::unbounded_channel::<JobKey>();
     let (jobs, job_stream) = job_stream(&client, &config, index.clone(), lane_tx.clone());
 
     let reporter = Reporter {
@@ -261,6 +262,7 @@ async fn controllers(
         jobs: jobs.clone(),
         index,
         lane_changes: lane_tx,
+        job_changes: job_tx,
         leader_since: Timestamp::now(),
         counted: Mutex::new(Default::default()),
     });
@@ -284,6 +286,10 @@ async fn controllers(
         .for_each(|_| future::ready(()));
     let job_controller = Controller::for_stream(job_stream, jobs)
         .with_config(ControllerConfig::default().concurrency(32))
+        .reconcile_on(
+            UnboundedReceiverStream(job_rx)
+                .map(|key| ObjectRef::<VideoJob>::new(&key.name).within(&key.namespace)),
+        )
         .run(jobs::reconcile, jobs::error_policy, ctx)
         .for_each(|_| future::ready(()));
     future::join(lane_controller, job_controller).await;

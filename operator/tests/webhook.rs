@@ -17,7 +17,7 @@ use kube::{
     api::{DeleteParams, ListParams, PostParams},
 };
 use serde_json::{Value, json};
-use support::{Fixture, RoundRobin, eventually, sample};
+use support::{Fixture, RoundRobin, burst, eventually, job, sample};
 
 /// A test's models (anisora-like: 8 steps, t2v and i2v; phr00t-like: 4 steps, cfg 1.0, t2v
 /// only) and a Dedicated lane for each, with no runner.
@@ -43,14 +43,6 @@ async fn setup(prefix: &str, max_depth: i32) -> Result<Setup> {
         phr00t,
         lane,
     })
-}
-
-fn job(name: &str, spec: Value) -> VideoJob {
-    serde_json::from_value(json!({
-        "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob",
-        "metadata": {"name": name}, "spec": spec
-    }))
-    .expect("a VideoJob")
 }
 
 /// The Status a refused create returns.
@@ -201,40 +193,6 @@ fn kubectl_apply(fx: &Fixture, manifest: &Value) -> Result<std::process::Output>
 /// `n` concurrent creates; returns how many were admitted, and the refusals. A create the
 /// API server throttles (429, before admission: the tests share one control plane) is sent
 /// again, as client-go would.
-async fn burst(
-    jobs: &Api<VideoJob>,
-    model: &str,
-    prefix: &str,
-    n: usize,
-) -> (usize, Vec<Box<kube::core::Status>>) {
-    let creates = (0..n).map(|i| {
-        let job = job(
-            &format!("{prefix}-{i}"),
-            json!({"model": model, "prompt": format!("burst {i}")}),
-        );
-        async move {
-            loop {
-                match jobs.create(&PostParams::default(), &job).await {
-                    Err(kube::Error::Api(s)) if s.code == 429 => {
-                        tokio::time::sleep(Duration::from_millis(200)).await
-                    }
-                    result => return result,
-                }
-            }
-        }
-    });
-    let mut admitted = 0;
-    let mut refused = Vec::new();
-    for result in join_all(creates).await {
-        match result {
-            Ok(_) => admitted += 1,
-            Err(kube::Error::Api(status)) => refused.push(status),
-            Err(e) => panic!("a create failed without a Status: {e}"),
-        }
-    }
-    (admitted, refused)
-}
-
 /// How many refusals of each kind: (code, reason, the message's first words).
 fn summary(refused: &[Box<kube::core::Status>]) -> std::collections::BTreeMap<String, usize> {
     let mut kinds = std::collections::BTreeMap::new();

@@ -3,7 +3,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use framelane_api::{VideoJob, videojob::LaneAssignment};
+use framelane_api::{VideoJob, modellane::FallbackCause, videojob::LaneAssignment};
 use framelane_contract::api_errors::is_not_found;
 use framelane_core::{
     depth::room,
@@ -37,8 +37,8 @@ pub async fn in_creation_order(job: &VideoJob, ctx: &Context) -> Result<Action, 
     let Some(reservation) = reservation else {
         // Full, or its lane vanished: decide again, which fails it with the reason. Anything
         // else means this copy of the job is older than an admission already written.
-        let depth = |lane: &str| ctx.index().queues.depth(lane);
-        return match decide(job, &facts(job, ctx, Timestamp::now(), depth)) {
+        let facts = facts(job, ctx, Timestamp::now(), &ctx.index());
+        return match decide(job, &facts) {
             Decision::Fail { reason, message } => apply::fail(job, ctx, reason, &message).await,
             _ => Ok(Action::requeue(Duration::from_millis(200))),
         };
@@ -82,14 +82,21 @@ fn reserve_backlog(
     let mut mine = None;
     let mut lanes_reserved = Vec::new();
     for pending in backlog {
-        let Ok(lane) = lane_for(&pending.spec.model, &models, &lanes) else {
+        let Ok(route) = lane_for(&pending.spec.model, &models, &lanes) else {
             continue;
         };
-        let name = lane.name_any();
-        if room(&name, index.queues.depth(&name), ctx.lane_limits(lane)).is_err() {
+        let name = route.name();
+        if room(
+            &name,
+            index.queues.depth(&name),
+            ctx.lane_limits(route.lane),
+        )
+        .is_err()
+        {
             continue;
         }
-        let reservation = index.reserve(&pending, &name, now);
+        let fallback = route.cause.zip(route.from);
+        let reservation = index.reserve(&pending, &name, fallback, now);
         if !lanes_reserved.contains(&name) {
             lanes_reserved.push(name);
         }
@@ -107,9 +114,14 @@ async fn write(job: &VideoJob, ctx: &Context, r: &Reservation) -> Result<VideoJo
         Some(seed) if seed >= 0 => seed,
         _ => i64::from(rand::rng().random::<u32>()),
     };
+    let assignment = match r.fallback {
+        Some(_) => LaneAssignment::Fallback,
+        None => LaneAssignment::Dedicated,
+    };
     let admission = Admission {
         lane: r.lane.clone(),
-        assignment: LaneAssignment::Dedicated,
+        assignment,
+        fallback: r.fallback.clone(),
         queued_at: r.queued_at,
         position: r.position,
         seed,
@@ -118,4 +130,54 @@ async fn write(job: &VideoJob, ctx: &Context, r: &Reservation) -> Result<VideoJo
     let written = apply::replace_status(ctx, job, status).await?;
     record::admitted(ctx, job, &admission);
     Ok(written)
+}
+
+/// Moves a queued job to its lane's fallback lane `to`: a slot there is taken under the
+/// index's lock (the fallback lane's `maxDepth` holds), then the move is one status write.
+pub async fn move_to(
+    job: &VideoJob,
+    ctx: &Context,
+    to: &str,
+    cause: FallbackCause,
+) -> Result<Action, Error> {
+    let queued_at = job
+        .status
+        .as_ref()
+        .and_then(|s| s.queued_at.as_ref())
+        .map_or_else(Timestamp::now, |t| t.0);
+    let Some(target) = ctx.cached_lane(to) else {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    };
+    let reservation = {
+        let mut index = ctx.index();
+        if index.is_stale(job)
+            || room(to, index.queues.depth(to), ctx.lane_limits(&target)).is_err()
+        {
+            None
+        } else {
+            Some(index.reserve_move(job, to, cause, queued_at))
+        }
+    };
+    let Some(reservation) = reservation else {
+        // Filled (or the job changed) since the decision: decide again.
+        return Ok(Action::requeue(Duration::from_millis(200)));
+    };
+    let from = job
+        .status
+        .as_ref()
+        .and_then(|s| s.lane.clone())
+        .unwrap_or_default();
+    ctx.notify_lanes(vec![from.clone(), to.to_string()]);
+    let status = transitions::moved(job, to, reservation.position, cause, Timestamp::now());
+    let result = apply::replace_status(ctx, job, status).await;
+    ctx.update_index(|index| {
+        let mut changed = index.settle(job, result.as_ref().ok());
+        if matches!(&result, Err(e) if is_not_found(e)) {
+            changed.extend(index.forget(job));
+        }
+        changed
+    });
+    result?;
+    record::moved(ctx, job, &from, to, cause, reservation.position);
+    Ok(Action::requeue(ctx.lane_limits(&target).max_wait))
 }

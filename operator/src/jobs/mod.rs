@@ -11,6 +11,7 @@ use std::{sync::Arc, time::Duration};
 use framelane_api::VideoJob;
 use framelane_core::{
     availability::fresh_until,
+    index::Index,
     lifecycle::{Decision, Facts, LaneFacts, NoLane, decide},
     routing::lane_for,
 };
@@ -41,9 +42,10 @@ async fn reconcile_inner(job: &VideoJob, ctx: &Context) -> Result<Action, Error>
     if ctx.index().reservation(job).is_some() {
         return admit::in_creation_order(job, ctx).await;
     }
-    let depth = |lane: &str| ctx.index().queues.depth(lane);
-    match decide(job, &facts(job, ctx, Timestamp::now(), depth)) {
+    let facts = facts(job, ctx, Timestamp::now(), &ctx.index());
+    match decide(job, &facts) {
         Decision::Admit { .. } => admit::in_creation_order(job, ctx).await,
+        Decision::Move { to, cause } => admit::move_to(job, ctx, &to, cause).await,
         Decision::Fail { reason, message } => apply::fail(job, ctx, reason, &message).await,
         Decision::Requeue => apply::requeue(job, ctx).await,
         Decision::Delete => apply::delete(job, ctx).await,
@@ -53,9 +55,8 @@ async fn reconcile_inner(job: &VideoJob, ctx: &Context) -> Result<Action, Error>
     }
 }
 
-/// What `decide` needs to know about a job, from the caches; `depth` counts a lane's
-/// unfinished jobs.
-fn facts(job: &VideoJob, ctx: &Context, now: Timestamp, depth: impl Fn(&str) -> usize) -> Facts {
+/// What `decide` needs to know about a job, from the caches and the locked queue index.
+fn facts(job: &VideoJob, ctx: &Context, now: Timestamp, index: &Index) -> Facts {
     let status = job.status.clone().unwrap_or_default();
     let runner_fresh_until = status.runner.as_deref().and_then(|runner| {
         ctx.leases
@@ -66,7 +67,7 @@ fn facts(job: &VideoJob, ctx: &Context, now: Timestamp, depth: impl Fn(&str) -> 
     });
     Facts {
         now,
-        lane: lane_of(job, ctx, now, depth),
+        lane: lane_of(job, ctx, now, index),
         runner_fresh_until,
         max_attempts: ctx.config.max_attempts,
     }
@@ -77,7 +78,7 @@ fn lane_of(
     job: &VideoJob,
     ctx: &Context,
     now: Timestamp,
-    depth: impl Fn(&str) -> usize,
+    index: &Index,
 ) -> Result<LaneFacts, NoLane> {
     let lanes = ctx.lanes.state();
     let lane = match job.status.as_ref().and_then(|s| s.lane.as_deref()) {
@@ -85,10 +86,9 @@ fn lane_of(
             .iter()
             .find(|l| l.name_any() == name)
             .ok_or_else(|| NoLane::Deleted(name.into()))?,
-        None => lane_for(&job.spec.model, &ctx.models.state(), &lanes)?,
+        None => lane_for(&job.spec.model, &ctx.models.state(), &lanes)?.lane,
     };
-    let name = lane.name_any();
-    Ok(ctx.lane_facts(lane, now, depth(&name)))
+    Ok(ctx.lane_facts(lane, now, index))
 }
 
 pub fn error_policy(job: Arc<VideoJob>, error: &Error, ctx: Arc<Context>) -> Action {

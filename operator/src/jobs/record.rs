@@ -2,22 +2,59 @@
 //! (admitted, failed, requeued, cancelled) as it decides, and what runners did (started,
 //! completed, failed) as the watch shows it, each once (see `Context::first_time`).
 
-use framelane_api::{VideoJob, reasons::JobReason, videojob::JobPhase};
+use framelane_api::{VideoJob, modellane::FallbackCause, reasons::JobReason, videojob::JobPhase};
 use framelane_core::transitions::Admission;
 use kube::{Resource, ResourceExt, runtime::events::EventType};
 
 use crate::{
     context::Context,
-    metrics::{FinishedLabels, Metrics},
+    metrics::{FinishedLabels, Metrics, MovedLabels},
 };
 
 /// The Event of an admission.
 pub fn admitted(ctx: &Context, job: &VideoJob, admission: &Admission) {
-    let note = format!(
-        "admitted to lane {} at position {}",
-        admission.lane, admission.position
-    );
+    let note = match &admission.fallback {
+        Some((cause, from)) => format!(
+            "admitted to lane {} at position {}: the fallback lane of lane {from}, in fallback ({})",
+            admission.lane,
+            admission.position,
+            cause.as_str()
+        ),
+        None => format!(
+            "admitted to lane {} at position {}",
+            admission.lane, admission.position
+        ),
+    };
     publish(ctx, job, EventType::Normal, JobReason::Admitted, &note);
+}
+
+/// The Event, log line and metric of a job moved to its lane's fallback lane.
+pub fn moved(
+    ctx: &Context,
+    job: &VideoJob,
+    from: &str,
+    to: &str,
+    cause: FallbackCause,
+    position: i32,
+) {
+    let note = format!(
+        "waited maxWaitSeconds in lane {from}; moved to its fallback lane {to} ({}) at position {position}",
+        cause.as_str()
+    );
+    publish(
+        ctx,
+        job,
+        EventType::Normal,
+        JobReason::MovedToFallback,
+        &note,
+    );
+    let labels = MovedLabels {
+        lane: from.into(),
+        fallback_lane: to.into(),
+        cause: cause.as_str().into(),
+    };
+    ctx.metrics.fallback_jobs_moved.get_or_create(&labels).inc();
+    tracing::info!(job = %job.name_any(), lane = from, fallback_lane = to, cause = cause.as_str(), "job moved to the fallback lane");
 }
 
 /// The Event of a failure the controller decided. The watch then shows the failure, and

@@ -5,8 +5,12 @@ use framelane_api::{
     ModelLane, VideoJob, reasons::LaneReason, videojob::JobPhase, wellknown::LABEL_LANE,
 };
 use framelane_contract::api_errors::{ignore_not_found, is_conflict, is_not_found, refusal};
-use framelane_core::{queue::JobKey, transitions::waiting_message};
-use k8s_openapi::api::core::v1::Pod;
+use framelane_core::{
+    fallback::{quota_without_room, unschedulable},
+    queue::JobKey,
+    transitions::waiting_message,
+};
+use k8s_openapi::api::core::v1::{Pod, ResourceQuota};
 use kube::{
     Api, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
@@ -17,16 +21,26 @@ use serde_json::json;
 use super::{pods::desired_pods, publish};
 use crate::{context::Context, error::Error};
 
-/// Creates the missing runner pods and deletes the ones the lane no longer wants. `Err`
-/// carries why a pod could not be created (for example a ResourceQuota refusal).
-pub async fn pods(lane: &ModelLane, ctx: &Context) -> Result<Result<(), String>, Error> {
+/// What keeping a lane's runner pods found.
+pub struct Pods {
+    /// `Err`: why a pod could not be created.
+    pub created: Result<(), String>,
+    /// A ResourceQuota with no room for a refused pod (`fallback::quota_without_room`).
+    pub quota: Option<String>,
+    /// Since when a runner pod cannot be scheduled, and why (`fallback::unschedulable`).
+    pub unschedulable: Option<(jiff::Timestamp, String)>,
+}
+
+/// Creates the missing runner pods and deletes the ones the lane no longer wants.
+pub async fn pods(lane: &ModelLane, ctx: &Context) -> Result<Pods, Error> {
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
     let desired = desired_pods(lane, &ctx.config);
     let existing = api
         .list(&ListParams::default().labels(&format!("{LABEL_LANE}={}", lane.name_any())))
         .await?
         .items;
-    let mut outcome = Ok(());
+    let mut created = Ok(());
+    let mut quota = None;
     for pod in &desired {
         let exists = existing
             .iter()
@@ -49,12 +63,20 @@ pub async fn pods(lane: &ModelLane, ctx: &Context) -> Result<Result<(), String>,
                     LaneReason::PodCreateRefused,
                     &message,
                 );
-                outcome = Err(message);
+                created = Err(message);
+                if quota.is_none() {
+                    quota = quota_refusing(&api, pod).await?;
+                }
                 continue;
             }
         };
         publish(ctx, lane, EventType::Normal, LaneReason::PodCreated, &note);
     }
+    let unschedulable = unschedulable(
+        existing
+            .iter()
+            .filter(|p| desired.iter().any(|d| d.name_any() == p.name_any())),
+    );
     for pod in existing {
         let wanted = desired.iter().any(|d| d.name_any() == pod.name_any());
         if !wanted && pod.metadata.deletion_timestamp.is_none() {
@@ -63,7 +85,27 @@ pub async fn pods(lane: &ModelLane, ctx: &Context) -> Result<Result<(), String>,
             publish(ctx, lane, EventType::Normal, LaneReason::PodDeleted, &note);
         }
     }
-    Ok(outcome)
+    Ok(Pods {
+        created,
+        quota,
+        unschedulable,
+    })
+}
+
+/// Which ResourceQuota of the pods' namespace has no room for `pod`, if one has none.
+async fn quota_refusing(pods: &Api<Pod>, pod: &Pod) -> Result<Option<String>, Error> {
+    let quotas: Api<ResourceQuota> = Api::namespaced(
+        pods.clone().into_client(),
+        pod.metadata.namespace.as_deref().unwrap_or_default(),
+    );
+    let quotas = quotas.list(&ListParams::default()).await?.items;
+    let resources = pod
+        .spec
+        .iter()
+        .flat_map(|s| &s.containers)
+        .find_map(|c| c.resources.clone())
+        .unwrap_or_default();
+    Ok(quota_without_room(&resources, &quotas))
 }
 
 /// Writes `queuePosition` of every queued job of the lane whose position changed. Each write

@@ -5,7 +5,6 @@ use std::time::{Duration, Instant};
 
 use framelane_api::VideoJob;
 use framelane_core::{queue::JobKey, routing::route};
-use kube::ResourceExt;
 
 use super::{
     STARTING,
@@ -25,12 +24,12 @@ pub fn hold_slot(ctx: &Context, request: &Request, job: &VideoJob) -> (String, O
         return (String::new(), Some(Denial::unavailable(STARTING)));
     }
     let lanes = ctx.lanes.state();
-    let Some(lane) = route(&job.spec.model, &lanes) else {
+    let Some(route) = route(&job.spec.model, &lanes) else {
         // No lane of this operator serves the model: the controller fails the job with the
         // reason, or another operator's lanes serve it.
         return (String::new(), None);
     };
-    let name = lane.name_any();
+    let name = route.name();
     if ctx
         .config
         .watch_namespace
@@ -39,12 +38,12 @@ pub fn hold_slot(ctx: &Context, request: &Request, job: &VideoJob) -> (String, O
     {
         return (name, None);
     }
-    let limits = ctx.lane_limits(lane);
+    let limits = ctx.lane_limits(route.lane);
     let key = JobKey {
         namespace: request.namespace.clone(),
         name: request.name.clone(),
     };
-    let lane_of = |model: &str| route(model, &lanes).map(|l| l.name_any());
+    let lane_of = |model: &str| framelane_core::routing::route(model, &lanes).map(|r| r.name());
     let now = Instant::now();
     let held = {
         let mut index = ctx.index();

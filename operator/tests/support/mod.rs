@@ -324,7 +324,8 @@ impl Drop for Fixture {
     }
 }
 
-fn merge(base: &mut Value, over: Value) {
+/// `over` merged into `base`, objects key by key (as a JSON merge patch, without deletions).
+pub fn merge(base: &mut Value, over: Value) {
     match (base, over) {
         (Value::Object(b), Value::Object(o)) => {
             for (k, v) in o {
@@ -691,6 +692,80 @@ pub async fn remove_namespaces(prefix: &str) -> Result<()> {
         },
     )
     .await
+}
+
+/// A VideoJob named `name` with `spec`.
+pub fn job(name: &str, spec: Value) -> VideoJob {
+    serde_json::from_value(json!({
+        "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob",
+        "metadata": {"name": name}, "spec": spec
+    }))
+    .expect("a VideoJob")
+}
+
+/// `n` concurrent creates of jobs of `model` named `<prefix>-<i>` (each retried only on 429,
+/// the API server's own back-pressure): how many were admitted, and the refusals' Statuses.
+pub async fn burst(
+    jobs: &Api<VideoJob>,
+    model: &str,
+    prefix: &str,
+    n: usize,
+) -> (usize, Vec<Box<kube::core::Status>>) {
+    let creates = (0..n).map(|i| {
+        let job = job(
+            &format!("{prefix}-{i}"),
+            json!({"model": model, "prompt": format!("burst {i}")}),
+        );
+        async move {
+            loop {
+                match jobs.create(&PostParams::default(), &job).await {
+                    Err(kube::Error::Api(s)) if s.code == 429 => {
+                        tokio::time::sleep(Duration::from_millis(200)).await
+                    }
+                    result => return result,
+                }
+            }
+        }
+    });
+    let mut admitted = 0;
+    let mut refused = Vec::new();
+    for result in futures::future::join_all(creates).await {
+        match result {
+            Ok(_) => admitted += 1,
+            Err(kube::Error::Api(status)) => refused.push(status),
+            Err(e) => panic!("a create failed without a Status: {e}"),
+        }
+    }
+    (admitted, refused)
+}
+
+/// The Events about the object `kind`/`name` (in `namespace`, for a namespaced kind) as
+/// `(reason, note)`, oldest first.
+pub async fn events_about(
+    client: &Client,
+    kind: &str,
+    namespace: Option<&str>,
+    name: &str,
+) -> Result<Vec<(String, String)>> {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::all(client.clone());
+    let mut found: Vec<_> = events
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.regarding.as_ref().is_some_and(|r| {
+                r.kind.as_deref() == Some(kind)
+                    && r.name.as_deref() == Some(name)
+                    && r.namespace.as_deref() == namespace
+            })
+        })
+        .collect();
+    found.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
+    Ok(found
+        .into_iter()
+        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect())
 }
 
 pub fn phase(job: &VideoJob) -> Option<JobPhase> {

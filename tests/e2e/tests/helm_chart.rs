@@ -924,6 +924,8 @@ async fn install_run_upgrade_uninstall(release: &Release) -> Result<()> {
         (true, "patch videojobs.framelane.dev -n default".into()),
         (true, "create events.events.k8s.io -n default".into()),
         (false, "create pods -n default".into()),
+        (true, format!("list resourcequotas -n {n}")),
+        (false, "list resourcequotas -n default".into()),
         (false, format!("get secrets/other -n {n}")),
         (false, format!("list secrets -n {n}")),
         (false, "update validatingwebhookconfigurations/other".into()),

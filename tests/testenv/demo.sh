@@ -9,6 +9,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 export KUBECONFIG="$STATE/kubeconfig"
 kubectl() { "$("$HERE/tools.sh")/kubectl" "$@"; }
 
+# The runners start as soon as their lanes' pods exist: build them first, so that a lane does
+# not sit without a runner (a capacity fallback after 60 s) while cargo builds.
+eval "$("$REPO/gpu-runner/scripts/setup-torch.sh")"
+cargo build --quiet --manifest-path "$REPO/Cargo.toml" -p framelane-runner
 echo "The Helm release (charts/framelane) and the default models it installed:"
 "$("$HERE/tools.sh")/helm" list -n framelane-system
 kubectl get videomodels
@@ -80,6 +84,46 @@ grep -m1 'queue_overloaded' <<<"$burst" | sed 's/^/  /' || true
 kubectl delete videojobs -n default -l framelane.dev/demo=burst --timeout=120s >/dev/null
 
 echo
+echo "Fallback: a third GPU node joins, so the Shared lane's pod (Pending until now) gets a GPU:"
+kubectl apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Node
+metadata:
+  name: gpu-node-3
+  annotations: {kwok.x-k8s.io/node: fake}
+  labels: {type: kwok, kubernetes.io/hostname: gpu-node-3, framelane.dev/demo: node}
+status:
+  capacity: {cpu: "16", memory: 64Gi, pods: "110", nvidia.com/gpu: "1"}
+  allocatable: {cpu: "16", memory: 64Gi, pods: "110", nvidia.com/gpu: "1"}
+EOF
+kubectl wait -n framelane-system --for=condition=Ready pod -l framelane.dev/lane=shared --timeout=120s >/dev/null
+"$HERE/runners.sh" shared
+kubectl wait --for=jsonpath='{.status.readyRunners}'=1 modellane/shared --timeout=120s >/dev/null
+echo '$ kubectl patch modellane anisora --type=merge -p '"'"'{"spec":{"fallback":{"force":true}}}'"'"'   # an admin drains lane anisora'
+kubectl patch modellane anisora --type=merge -p '{"spec":{"fallback":{"force":true}}}' >/dev/null
+kubectl wait --for=jsonpath='{.status.fallback.active}'=true modellane/anisora --timeout=60s >/dev/null
+kubectl get modellanes
+kubectl delete -n default videojob cat-on-shared --ignore-not-found --wait >/dev/null
+kubectl create -n default -f - >/dev/null <<EOF
+apiVersion: framelane.dev/v1alpha1
+kind: VideoJob
+metadata: {name: cat-on-shared}
+spec: {model: anisora, prompt: a cat surfing at dusk on the shared lane, width: 256, height: 256, frames: 17}
+EOF
+kubectl wait -n default --for=jsonpath='{.status.phase}'=Succeeded videojob/cat-on-shared --timeout=300s >/dev/null
+echo "  cat-on-shared ran on lane $(kubectl get vj -n default cat-on-shared -o jsonpath='{.status.lane} ({.status.laneMode}, cause {.status.fallbackCause}, from lane {.status.fallbackFrom})')"
+echo '$ kubectl patch modellane anisora --type=merge -p '"'"'{"spec":{"fallback":{"force":false}}}'"'"'  # maintenance over'
+kubectl patch modellane anisora --type=merge -p '{"spec":{"fallback":{"force":false}}}' >/dev/null
+kubectl wait --for=jsonpath='{.status.fallback.active}'=false modellane/anisora --timeout=60s >/dev/null
+# Events are posted off the reconcile path: wait for the episode's end to be told.
+events() {
+  kubectl get events -A --field-selector involvedObject.kind=ModelLane,involvedObject.name=anisora \
+    -o custom-columns=REASON:.reason,MESSAGE:.message | grep -E '^Fallback.*\(manual\)' || true
+}
+for _ in $(seq 100); do [[ "$(events)" == *FallbackEnded* ]] && break; sleep 0.2; done
+events | sed 's/^/  /'
+
+echo
 echo "Summary:"
 kubectl get videojobs -n default -o json | OUTPUTS="$STATE/outputs" python3 -c '
 import json, os, sys
@@ -99,6 +143,12 @@ widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
 for r in rows:
     print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
 sys.exit(0 if ok else 1)
+'
+kubectl get modellane anisora -o json | python3 -c '
+import json, sys
+e = json.load(sys.stdin)["status"]["fallback"]["lastEpisode"]
+cause, seconds, start, end = e["cause"], e["durationSeconds"], e["start"], e["end"]
+print(f"Fallback episode of lane anisora: cause {cause}, {seconds:.1f} s, from {start} to {end}")
 '
 echo
 echo "The MP4s and previews are under $STATE/outputs/default/; play one with: ffplay $STATE/outputs/default/cat-on-beach/video.mp4"

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Runs framelane-runner processes from this checkout for the Dedicated lanes named as
-# arguments, each playing its lane's (kwok) pod: same name, namespace and uid, so its heartbeat
-# Lease is the pod's and is garbage-collected with it. Models are the tiny packages the
-# runner's tests make (real TorchScript, random weights), under .testenv/models; videos go to
-# .testenv/outputs. down.sh stops them.
+# Runs framelane-runner processes from this checkout for the lanes named as arguments
+# (Dedicated or Shared, with the lane's models), each playing its lane's (kwok) pod: same
+# name, namespace and uid, so its heartbeat Lease is the pod's and is garbage-collected with
+# it. Models are the tiny packages the runner's tests make (real TorchScript, random weights),
+# under .testenv/models; videos go to .testenv/outputs. down.sh stops them.
 #
-#   tests/testenv/runners.sh anisora phr00t
+#   tests/testenv/runners.sh anisora phr00t shared
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -35,9 +35,11 @@ for lane in "$@"; do
   account=$("$KUBECTL" get pod -n framelane-system "$pod" -o jsonpath='{.spec.serviceAccountName}')
   "$HERE/token-kubeconfig.sh" framelane-system "${account:-default}" "$pod" >"$STATE/runner-$lane.kubeconfig"
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  mode=$("$KUBECTL" get modellane "$lane" -o jsonpath='{.spec.mode}')
+  models=$("$KUBECTL" get modellane "$lane" -o jsonpath='{.spec.models[*]}' | tr ' ' ',')
   # The state dir in the arguments is how down.sh recognises this checkout's runners.
-  setsid nohup "$BIN" --name "$pod" --namespace framelane-system --pod-uid "$uid" --lane "$lane" --mode Dedicated \
-    --models "$lane" --models-dir "$STATE/models" --output-dir "$STATE/outputs" \
+  setsid nohup "$BIN" --name "$pod" --namespace framelane-system --pod-uid "$uid" --lane "$lane" --mode "$mode" \
+    --models "$models" --models-dir "$STATE/models" --output-dir "$STATE/outputs" \
     --kubeconfig "$STATE/runner-$lane.kubeconfig" --metrics-addr "127.0.0.1:$port" \
     </dev/null >"$STATE/logs/framelane-runner-$lane.log" 2>&1 &
   echo "$!" >"$STATE/framelane-runner-$lane.pid"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Makes way for the tests on a control plane that `just demo` ran on: the demo's lanes admit
-# anisora and phr00t jobs in every namespace and hold both fake GPUs, and its runners would
-# take the tests' jobs. Deletes those lanes (their pods go with them) and stops their runner
-# processes, and says so; `just demo` brings them back. Does nothing after a plain `just up`.
+# anisora and phr00t jobs in every namespace and hold the fake GPUs, its runners would take the
+# tests' jobs, and its third GPU node would change what the tests count. Deletes those lanes
+# (their pods go with them) and the node, stops the runner processes, and says so; `just demo`
+# brings them back. Does nothing after a plain `just up`.
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -11,9 +12,10 @@ export KUBECONFIG="$STATE/kubeconfig"
 kubectl() { "$("$HERE/tools.sh")/kubectl" "$@"; }
 
 lanes=$(kubectl get modellanes -l '!framelane.dev/test-instance' -o name)
+nodes=$(kubectl get nodes -l framelane.dev/demo=node -o name)
 runners=("$STATE"/framelane-runner-*.pid)
-[ -n "$lanes" ] || [ -e "${runners[0]}" ] || exit 0
-log "removing what just demo left running, so that it does not take the tests' jobs: $(echo "$lanes" | tr '\n' ' ')and their runner processes (just demo brings them back)"
+[ -n "$lanes$nodes" ] || [ -e "${runners[0]}" ] || exit 0
+log "removing what just demo left running, so that it does not take the tests' jobs: $(echo "$lanes" "$nodes" | tr '\n' ' ') and the runner processes (just demo brings them back)"
 for file in "${runners[@]}"; do
   [ -e "$file" ] || continue
   pid=$(cat "$file")
@@ -23,3 +25,4 @@ for file in "${runners[@]}"; do
   rm -f "$file"
 done
 [ -z "$lanes" ] || kubectl delete $lanes --wait=true >/dev/null
+[ -z "$nodes" ] || kubectl delete $nodes --wait=true >/dev/null

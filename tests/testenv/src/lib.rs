@@ -209,6 +209,18 @@ pub struct TestNamespace {
     pub client: Client,
 }
 
+/// A test's namespace goes when the test ends, with its jobs: left behind, jobs of the
+/// default models (`anisora`, `phr00t`) would be admitted to the lanes `just demo` makes.
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let _ = self
+            .env
+            .kubectl()
+            .args(["delete", "namespace", &self.name, "--wait=false"])
+            .output();
+    }
+}
+
 impl TestNamespace {
     /// An `Api` for a namespaced kind in this namespace.
     pub fn api<K>(&self) -> Api<K>

@@ -31,16 +31,54 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, kube::Error> {
     Client::try_from(config)
 }
 
-/// A binary's metrics: a prometheus-client registry, rendered as Prometheus text.
+/// A binary's metrics: a prometheus-client registry.
 pub trait Metrics: Send + Sync + 'static {
     fn registry(&self) -> &prometheus_client::registry::Registry;
 
+    /// The metrics as OpenMetrics text (what Prometheus asks for).
     fn render(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, self.registry())
             .expect("writing to a String cannot fail");
         out
     }
+}
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// OpenMetrics text in the Prometheus text format (0.0.4), for scrapers and tools that do not
+/// ask for OpenMetrics (promtool, curl): a counter's family takes its samples' `_total` name,
+/// and the OpenMetrics-only lines (`# UNIT`, `# EOF`) go.
+pub fn prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|prefix| Some((prefix, line.strip_prefix(prefix)?)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let suffix = if counters.contains(name) {
+                    "_total"
+                } else {
+                    ""
+                };
+                out.push_str(&format!("{prefix}{name}{suffix} {tail}"));
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// Serves `/healthz` (always ok), `/readyz` (ok while `ready` is set; else `not_ready`) and
@@ -59,15 +97,20 @@ pub async fn probes(
             warp::reply::with_status(not_ready.clone(), StatusCode::SERVICE_UNAVAILABLE)
         }
     });
-    let metrics = warp::path!("metrics").map(move || {
-        warp::http::Response::builder()
-            .header(
-                "content-type",
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )
-            .body(metrics.render())
-            .expect("a static header is valid")
-    });
+    // Prometheus asks for OpenMetrics; anything else gets the Prometheus text format.
+    let metrics = warp::path!("metrics")
+        .and(warp::header::optional::<String>("accept"))
+        .map(move |accept: Option<String>| {
+            let openmetrics = metrics.render();
+            let (content_type, body) = match accept {
+                Some(a) if a.contains("application/openmetrics-text") => (OPENMETRICS, openmetrics),
+                _ => (PROMETHEUS_TEXT, prometheus_text(&openmetrics)),
+            };
+            warp::http::Response::builder()
+                .header("content-type", content_type)
+                .body(body)
+                .expect("a static header is valid")
+        });
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
     warp::serve(warp::get().and(healthz.or(readyz).or(metrics)))
@@ -75,4 +118,20 @@ pub async fn probes(
         .run()
         .await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openmetrics_counters_keep_their_total_name_in_the_prometheus_text_format() {
+        let openmetrics = "# HELP jobs Jobs done.\n# TYPE jobs counter\njobs_total{r=\"ok\"} 3\n\
+            # HELP depth Queue depth.\n# TYPE depth gauge\n# UNIT depth jobs\ndepth 2\n# EOF\n";
+        assert_eq!(
+            prometheus_text(openmetrics),
+            "# HELP jobs_total Jobs done.\n# TYPE jobs_total counter\njobs_total{r=\"ok\"} 3\n\
+             # HELP depth Queue depth.\n# TYPE depth gauge\ndepth 2\n"
+        );
+    }
 }

@@ -9,6 +9,7 @@
 //! - [`cache`]: Dedicated / Shared model switching.
 //! - [`job`]: a claimed VideoJob to a request, and the outcome back to its status.
 //! - [`memory`], [`accel`]: device selection, allocator statistics, emptying the cache.
+//! - [`metrics`]: the runner's Prometheus metrics.
 //! - [`wan`]: Wan 2.x natively on tch (transformer, umT5 text encoder, VAE, weights, samplers).
 
 pub mod accel;
@@ -16,6 +17,7 @@ pub mod cache;
 pub mod generate;
 pub mod job;
 pub mod memory;
+pub mod metrics;
 pub mod package;
 pub mod sampler;
 pub mod schedule;

@@ -26,14 +26,10 @@ use framelane_runner::{
     generate::{JobOutcome, Progress, run_job},
     job::{output_for, request_for},
     memory::RunnerDevice,
+    metrics::{MemoryLabels, Metrics, ResultLabels},
     sampler::StepControl,
 };
 use kube::{Api, ResourceExt};
-use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
-    registry::Registry,
-};
 use tokio::sync::{mpsc, watch};
 
 /// framelane-runner: generates the VideoJobs of one lane.
@@ -76,81 +72,6 @@ struct Args {
     kubeconfig: Option<PathBuf>,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ResultLabels {
-    result: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct MemoryLabels {
-    kind: String,
-}
-
-/// The runner's metrics (prefix `framelane_runner_`).
-struct Metrics {
-    registry: Registry,
-    jobs: Family<ResultLabels, Counter>,
-    generation_seconds: Histogram,
-    model_loads: Counter,
-    warm_hits: Counter,
-    memory_after_cleanup: Family<MemoryLabels, Gauge>,
-    ooms: Counter,
-}
-
-impl Metrics {
-    fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("framelane_runner");
-        let jobs = Family::default();
-        registry.register(
-            "jobs",
-            "Jobs this runner finished, by result (Succeeded or a failure reason)",
-            jobs.clone(),
-        );
-        let generation_seconds =
-            Histogram::new([1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0]);
-        registry.register(
-            "generation_seconds",
-            "Time from claim to the final status of a job",
-            generation_seconds.clone(),
-        );
-        let model_loads = Counter::default();
-        registry.register(
-            "model_loads",
-            "Model packages loaded onto the device (cold loads)",
-            model_loads.clone(),
-        );
-        let warm_hits = Counter::default();
-        registry.register(
-            "warm_hits",
-            "Jobs that found their model already loaded",
-            warm_hits.clone(),
-        );
-        let memory_after_cleanup = Family::default();
-        registry.register(
-            "gpu_memory_after_cleanup_bytes",
-            "Device memory still allocated or reserved after the last job's cleanup",
-            memory_after_cleanup.clone(),
-        );
-        let ooms = Counter::default();
-        registry.register("gpu_oom", "Jobs that ran out of GPU memory", ooms.clone());
-        Metrics {
-            registry,
-            jobs,
-            generation_seconds,
-            model_loads,
-            warm_hits,
-            memory_after_cleanup,
-            ooms,
-        }
-    }
-}
-
-impl framelane_contract::serve::Metrics for Metrics {
-    fn registry(&self) -> &Registry {
-        &self.registry
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -162,7 +83,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let client = framelane_contract::serve::client(args.kubeconfig.as_deref()).await?;
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
     tokio::spawn(framelane_contract::serve::probes(
         args.metrics_addr,

@@ -9,6 +9,8 @@ ETCD_VERSION=v3.7.3
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v3.22.0
 KUBECONFORM_VERSION=v0.8.0
+# Prometheus's Go module versions its releases as v0.<minor>.<patch> (this is 3.16.0).
+PROMTOOL_VERSION=v0.316.0
 
 CACHE=${FRAMELANE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/framelane}
 BIN="$CACHE/bin/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION"
@@ -97,4 +99,8 @@ build_etcd
 install_go_tool kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION" "-X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"
 install_go_tool helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION" "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
 install_go_tool kubeconform github.com/yannh/kubeconform/cmd/kubeconform "$KUBECONFORM_VERSION"
+# promtool checks the chart's alert rules and the operator's /metrics (about 8 minutes on 2
+# cores, once).
+install_go_tool promtool github.com/prometheus/prometheus/cmd/promtool "$PROMTOOL_VERSION" \
+  "-X github.com/prometheus/common/version.Version=${PROMTOOL_VERSION#v0.}"
 echo "$BIN"

@@ -1096,3 +1096,165 @@ async fn install_run_upgrade_uninstall(release: &Release) -> Result<()> {
     }
     Ok(())
 }
+
+/// Every metric the operator and the runner define, each with a sample (a family without
+/// one is not exported at all), in the Prometheus text format.
+fn exported_metrics() -> (String, String) {
+    use framelane_api::modellane::FallbackCause;
+    use framelane_contract::serve::{Metrics as _, prometheus_text};
+    use framelane_operator::metrics::{
+        AdmissionLabels, CertificateLabels, ControllerLabels, ErrorLabels, FinishedLabels, Metrics,
+        MovedLabels,
+    };
+    let op = Metrics::default();
+    let lane = Metrics::lane("anisora");
+    op.queue_depth.get_or_create(&lane).set(1);
+    op.queue_max_depth.get_or_create(&lane).set(25);
+    op.ready_runners.get_or_create(&lane).set(1);
+    op.queue_wait.get_or_create(&lane).observe(2.0);
+    let finished = FinishedLabels {
+        phase: "Succeeded".into(),
+        reason: "Completed".into(),
+    };
+    op.jobs_finished.get_or_create(&finished).inc();
+    op.timeout_drops.get_or_create(&lane).inc();
+    op.runner_lost_requeues.get_or_create(&lane).inc();
+    let episode = Metrics::fallback("anisora", FallbackCause::Capacity);
+    op.fallback_activations.get_or_create(&episode).inc();
+    op.fallback_active.get_or_create(&episode).set(1);
+    op.fallback_duration.get_or_create(&episode).observe(42.0);
+    let moved = MovedLabels {
+        lane: "anisora".into(),
+        fallback_lane: "shared".into(),
+        cause: "capacity".into(),
+    };
+    op.fallback_jobs_moved.get_or_create(&moved).inc();
+    op.events_dropped.inc();
+    let controller = ControllerLabels {
+        controller: "videojob".into(),
+    };
+    op.reconcile_duration
+        .get_or_create(&controller)
+        .observe(0.01);
+    let error = ErrorLabels {
+        controller: "videojob".into(),
+        error: "conflict".into(),
+    };
+    op.reconcile_errors.get_or_create(&error).inc();
+    op.leader.set(1);
+    let decision = AdmissionLabels {
+        lane: "anisora".into(),
+        result: "denied".into(),
+        reason: "queue_overloaded".into(),
+    };
+    op.admission_decisions.get_or_create(&decision).inc();
+    op.webhook_duration.observe(0.0001);
+    let certificate = CertificateLabels {
+        certificate: "ca".into(),
+    };
+    op.certificate_expiry
+        .get_or_create(&certificate)
+        .set(1_900_000_000);
+
+    use framelane_runner::metrics::{MemoryLabels, Metrics as Runner, ResultLabels};
+    let runner = Runner::default();
+    let result = ResultLabels {
+        result: "Succeeded".into(),
+    };
+    runner.jobs.get_or_create(&result).inc();
+    runner.generation_seconds.observe(12.0);
+    runner.model_loads.inc();
+    runner.warm_hits.inc();
+    let kind = MemoryLabels {
+        kind: "reserved".into(),
+    };
+    runner
+        .memory_after_cleanup
+        .get_or_create(&kind)
+        .set(1 << 20);
+    runner.ooms.inc();
+    (
+        prometheus_text(&op.render()),
+        prometheus_text(&runner.render()),
+    )
+}
+
+/// The metric names in `text` (a rule file, a dashboard, a scrape).
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("framelane_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+            .collect();
+        if !name.ends_with('_') {
+            names.insert(name.clone());
+        }
+        rest = &rest[at + name.len()..];
+    }
+    names
+}
+
+#[tokio::test]
+async fn the_charts_alerts_and_dashboard_use_only_exported_metrics_and_pass_promtool() -> Result<()>
+{
+    let env = TestEnv::get()?;
+    let version = kube_version(&env.client().await?).await?;
+    let rendered = template(
+        env,
+        &version,
+        &["--set".into(), "metrics.prometheusRule.enabled=true".into()],
+    )?;
+    let docs = documents(&rendered)?;
+    let rule = find(&docs, "PrometheusRule", "fl-framelane")?;
+    let dir = tempfile::tempdir()?;
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(
+        &rules,
+        serde_yaml::to_string(&json!({"groups": rule["spec"]["groups"]}))?,
+    )?;
+    let checked = run(Command::new(env.bin_dir.join("promtool"))
+        .args(["check", "rules"])
+        .arg(&rules))?;
+    ensure!(checked.contains("SUCCESS"), "{checked}");
+
+    let (operator, runner) = exported_metrics();
+    for (binary, scrape) in [("operator", &operator), ("runner", &runner)] {
+        let mut child = Command::new(env.bin_dir.join("promtool"))
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        std::io::Write::write_all(&mut child.stdin.take().expect("piped"), scrape.as_bytes())?;
+        let out = child.wait_with_output()?;
+        ensure!(
+            out.status.success(),
+            "promtool check metrics on the {binary}'s metrics: {}{}\n{scrape}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    let exported: BTreeSet<String> = metric_names(&operator)
+        .into_iter()
+        .chain(metric_names(&runner))
+        .collect();
+    let dashboard = std::fs::read_to_string(chart().join("dashboards").join("framelane.json"))?;
+    let queried: BTreeSet<String> = metric_names(&serde_yaml::to_string(&rule["spec"])?)
+        .into_iter()
+        .chain(metric_names(&dashboard))
+        .collect();
+    let missing: Vec<&String> = queried.difference(&exported).collect();
+    ensure!(
+        missing.is_empty(),
+        "the chart queries metrics nothing exports: {missing:?}"
+    );
+    ensure!(
+        queried.contains("framelane_fallback_active")
+            && queried.contains("framelane_fallback_duration_seconds_bucket"),
+        "{queried:?}"
+    );
+    Ok(())
+}

@@ -51,8 +51,8 @@ lint:
 torch:
     @gpu-runner/scripts/setup-torch.sh
 
-# Run every test against the real local control plane (started if needed; a demo's lanes are removed first).
-test: prereqs tools
+# Run every test against the real local control plane (started if needed, with its real node; a demo's lanes are removed first), after building the images the real node runs (the operator and the CPU runner; not the CUDA runner).
+test: prereqs tools test-images
     #!/usr/bin/env bash
     set -euo pipefail
     eval "$(gpu-runner/scripts/setup-torch.sh)"
@@ -74,15 +74,14 @@ bench: tools
 gpu-check *args:
     gpu-runner/scripts/gpu-check.sh {{args}}
 
-# Image tags `just images` builds; override with `just operator_image=... runner_image=... images`.
+# Image tags `just images` builds (the chart's defaults); the runner's CPU flavour is tagged <runner_image>-cpu. Override with `just operator_image=... runner_image=... images`.
 operator_image := "ghcr.io/framelane/operator:0.1.0"
 runner_image := "ghcr.io/framelane/runner:0.1.0"
 
-# Build the operator and runner images with Docker (BuildKit), from the repository root.
+# Build the operator image and the runner's CUDA and CPU images with Docker from this checkout (release binaries; no registry needed); prints their sizes.
 images:
-    #!/usr/bin/env bash
-    set -euo pipefail
-    command -v docker >/dev/null || { echo "images: docker is not installed; install Docker (with BuildKit) to build the images" >&2; exit 1; }
-    docker info >/dev/null 2>&1 || { echo "images: docker cannot reach a Docker engine ('docker info' fails); start one or point DOCKER_HOST at one" >&2; exit 1; }
-    docker build -f operator/Dockerfile -t "{{operator_image}}" .
-    docker build -f gpu-runner/Dockerfile -t "{{runner_image}}" .
+    scripts/images.sh "{{operator_image}}" "{{runner_image}}"
+
+# The images the real-node test runs: the operator and the runner's CPU flavour (`just test` builds them; the CUDA flavour needs the multi-GB CUDA torch libraries and runs on no node here).
+test-images:
+    scripts/images.sh "{{operator_image}}" "{{runner_image}}" cpu

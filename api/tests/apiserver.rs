@@ -32,6 +32,12 @@ fn example(file: &str, name: &str) -> Value {
 use serde::Deserialize as _;
 
 /// A name no other test run uses, for cluster-scoped objects.
+/// The label that keeps a tests' lane from the operator of `just up` (its lane selector leaves
+/// these out), so it creates no runner pods for it and writes no status over the test's.
+fn tests_own(name: &str) -> std::collections::BTreeMap<String, String> {
+    [("framelane.dev/test-instance".to_string(), name.to_string())].into()
+}
+
 fn unique(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -162,6 +168,7 @@ async fn valid_objects_of_each_kind_round_trip() -> Result<()> {
 
     let mut lane: ModelLane = serde_json::from_value(example("modellanes.yaml", "anisora"))?;
     lane.metadata.name = Some(unique("anisora"));
+    lane.metadata.labels = Some(tests_own(lane.metadata.name.as_deref().unwrap_or_default()));
     let lanes: Api<ModelLane> = Api::all(client.clone());
     let created = lanes.create(&PostParams::default(), &lane).await?;
     assert_eq!(
@@ -352,9 +359,13 @@ async fn modellane_schema_rules_reject_bad_input_naming_the_field() -> Result<()
     let api = dynamic::<ModelLane>(env.client().await?, None);
     let name = unique("lane");
     let good = with(
-        example("modellanes.yaml", "anisora"),
-        "/metadata/name",
-        json!(name),
+        with(
+            example("modellanes.yaml", "anisora"),
+            "/metadata/name",
+            json!(name),
+        ),
+        "/metadata/labels",
+        json!(tests_own(&name)),
     );
     let cases: Vec<(&str, Value, &str, &str)> = vec![
         (
@@ -571,6 +582,7 @@ async fn kubectl_shows_printer_columns_short_names_and_docs() -> Result<()> {
     let mut lane: ModelLane = serde_json::from_value(example("modellanes.yaml", "anisora"))?;
     let name = unique("cols");
     lane.metadata.name = Some(name.clone());
+    lane.metadata.labels = Some(tests_own(&name));
     lanes.create(&PostParams::default(), &lane).await?;
     let status = json!({"status": {"phase": "Ready", "readyRunners": 1, "queueDepth": 3,
         "fallback": {"active": true, "cause": "capacity"}}});

@@ -108,8 +108,8 @@ SCHEMA = {
             "dashboard": obj({"enabled": BOOL, "labels": STRMAP}),
         }),
         "networkPolicy": obj({"enabled": BOOL, "metricsFrom": LIST}),
-        "models": {"type": "array", "items": obj({"name": NAME, "spec": crd_spec("videomodels")}, ["name", "spec"])},
-        "lanes": {"type": "array", "items": obj({"name": NAME, "spec": crd_spec("modellanes")}, ["name", "spec"])},
+        "models": {"type": "array", "items": obj({"name": NAME, "labels": STRMAP, "spec": crd_spec("videomodels")}, ["name", "spec"])},
+        "lanes": {"type": "array", "items": obj({"name": NAME, "labels": STRMAP, "spec": crd_spec("modellanes")}, ["name", "spec"])},
     }),
 }
 

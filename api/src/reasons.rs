@@ -30,6 +30,9 @@ vocabulary! {
         QueueOverloaded,
         /// The job names a model that does not exist or that no lane serves.
         LaneNotFound,
+        /// The job's parameters do not fit its model (it was created while the admission
+        /// webhook did not check it); the message names each field and its fix.
+        InvalidParameters,
         /// Generation failed for another reason; the message says which.
         GenerationFailed,
     }

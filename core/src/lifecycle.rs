@@ -84,6 +84,9 @@ pub struct Facts {
     pub lane: Result<LaneFacts, NoLane>,
     /// For a Running job: until when its runner's heartbeat is fresh.
     pub runner_fresh_until: Option<Timestamp>,
+    /// For a new job: how its parameters do not fit its model (`parameters::summary`), if
+    /// they do not.
+    pub invalid: Option<String>,
     pub max_attempts: i32,
 }
 
@@ -115,7 +118,14 @@ pub fn decide(job: &VideoJob, facts: &Facts) -> Decision {
         // The runner sees the deletion and stops at the next step boundary.
         Some(JobPhase::Running) if deleted && alive => Decision::Wait(runner_expiry()),
         _ if deleted => Decision::Release,
-        None => admit(&facts.lane),
+        None => match &facts.invalid {
+            // Created while the webhook did not check it: refused before any runner sees it.
+            Some(why) => Decision::Fail {
+                reason: JobReason::InvalidParameters,
+                message: why.clone(),
+            },
+            None => admit(&facts.lane),
+        },
         Some(JobPhase::Queued) => queued(
             status.queued_at.map(|t| t.0),
             status.lane_mode == Some(LaneAssignment::Fallback),
@@ -300,6 +310,7 @@ mod tests {
             now: t(now),
             lane,
             runner_fresh_until: runner_fresh_until.map(t),
+            invalid: None,
             max_attempts: 3,
         }
     }
@@ -575,6 +586,22 @@ mod tests {
             decide(&queued, &facts(130, manual(shared(0, 0, 0)), None)),
             Decision::Wait(FREE_RUNNER_POLL),
             "its own runners may still run it"
+        );
+    }
+
+    #[test]
+    fn a_new_job_that_does_not_fit_its_model_fails_before_admission() {
+        let new = job(json!(null));
+        let mut f = facts(0, lane(0, None), None);
+        f.invalid =
+            Some("VideoJob \"j\" does not fit model \"anisora\": spec.steps: must be 8".into());
+        assert_eq!(
+            decide(&new, &f),
+            Decision::Fail {
+                reason: JobReason::InvalidParameters,
+                message: "VideoJob \"j\" does not fit model \"anisora\": spec.steps: must be 8"
+                    .into()
+            }
         );
     }
 }

@@ -123,8 +123,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .filter(|w| w.source == CertificateSource::Operator)
     {
         tokio::spawn(webhook::secret::maintain_certificates(
+            client.clone(),
             Api::namespaced(client.clone(), &config.namespace),
-            Api::all(client.clone()),
             config.webhook_secret.clone(),
             config.webhook_configuration.clone(),
             webhook.policy.clone(),

@@ -927,3 +927,51 @@ async fn a_lane_that_loses_its_runner_gives_queued_jobs_max_wait_from_then() -> 
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_job_no_webhook_checked_fails_invalid_parameters_and_is_never_claimed() -> Result<()> {
+    let fx = Fixture::new("invalid").await?;
+    let model = fx.model("anisora", 8, None).await?;
+    let lane = fx.lane("anisora", &[&model], json!({})).await?;
+    let _op = fx.operator("op")?;
+    let runner = fx.runner("runner-0", &lane, Behaviour::default());
+    // No webhook covers this namespace (as with webhook.enabled=false or failurePolicy Ignore).
+    let wrong: VideoJob = serde_json::from_value(json!({
+        "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob", "metadata": {"name": "wrong"},
+        "spec": {"model": model, "prompt": "a cat", "steps": 20, "width": 2048}
+    }))?;
+    fx.jobs.create(&PostParams::default(), &wrong).await?;
+    fx.create_job("right", &model).await?;
+    let failed = eventually(30, "the wrong job to fail", || async {
+        let job = fx.jobs.get("wrong").await?;
+        Ok((phase(&job) == Some(JobPhase::Failed)).then_some(job))
+    })
+    .await?;
+    let status = failed.status.unwrap();
+    assert_eq!(status.reason, Some(JobReason::InvalidParameters));
+    assert_eq!(
+        status.message.as_deref(),
+        Some(
+            format!(
+                "VideoJob \"wrong\" does not fit model \"{model}\": spec.steps: must be 8 for model {model}, got 20: \
+                 remove spec.steps or set it to 8; spec.width: must be at most 1280 for model {model} (its maxWidth), got 2048: \
+                 lower it or leave it out for the default"
+            )
+            .as_str()
+        )
+    );
+    assert_eq!(status.lane, None, "never admitted to a lane");
+    eventually(30, "the right job to succeed", || async {
+        Ok((phase(&fx.jobs.get("right").await?) == Some(JobPhase::Succeeded)).then_some(()))
+    })
+    .await?;
+    let ran: Vec<String> = runner
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(j, _)| j.clone())
+        .collect();
+    assert_eq!(ran, ["right"], "the runner never saw the wrong job");
+    Ok(())
+}

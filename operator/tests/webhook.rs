@@ -64,6 +64,55 @@ fn cause_fields(status: &kube::core::Status) -> Vec<String> {
 }
 
 #[tokio::test]
+async fn a_job_that_leaves_parameters_out_is_stored_with_its_models_values() -> Result<()> {
+    let s = setup("wh-defaults", 25).await?;
+    let (_operator, port) = s.fx.webhook_operator("a", 0, &[])?;
+    s.fx.register_webhook(port).await?;
+    s.fx.webhook_effective(&s.phr00t).await?;
+    let stored =
+        s.fx.jobs
+            .create(
+                &PostParams::default(),
+                &job("bare", json!({"model": s.phr00t, "prompt": "a cat"})),
+            )
+            .await?;
+    let spec = &stored.spec;
+    assert_eq!(
+        (
+            spec.steps,
+            spec.cfg,
+            spec.width,
+            spec.height,
+            spec.frames,
+            spec.fps
+        ),
+        (Some(4), Some(1.0), Some(832), Some(480), Some(81), Some(16)),
+        "the fixture model's fixed parameters and defaults"
+    );
+    let own =
+        s.fx.jobs
+            .create(
+                &PostParams::default(),
+                &job(
+                    "own",
+                    json!({"model": s.anisora, "prompt": "a cat", "width": 256, "frames": 17}),
+                ),
+            )
+            .await?;
+    assert_eq!(
+        (
+            own.spec.steps,
+            own.spec.cfg,
+            own.spec.width,
+            own.spec.frames
+        ),
+        (Some(8), None, Some(256), Some(17)),
+        "what the job sets stays; a model without a fixed cfg gives none"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn wrong_parameters_are_refused_with_every_field_and_its_fix() -> Result<()> {
     let Setup {
         fx,
@@ -398,10 +447,11 @@ async fn with_the_webhook_down_creates_fail_clearly_and_nothing_stored_changes()
     let Err(kube::Error::Api(status)) = refused else {
         anyhow::bail!("a create succeeded with the webhook down: {refused:?}");
     };
+    // The mutating webhook (defaults) is called first and fails first.
     assert!(
         status
             .message
-            .contains("failed calling webhook \"videojobs.framelane.dev\""),
+            .contains("failed calling webhook \"defaults.videojobs.framelane.dev\""),
         "{}",
         status.message
     );

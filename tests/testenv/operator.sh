@@ -34,7 +34,7 @@ WEBHOOK_PORT=$(free_port)
 # The volumes the chart's claims bind to (kwok runs no containers: never touched).
 kubectl apply -f "$HERE/volumes.yaml" >/dev/null
 "$TOOLS/helm" upgrade --install framelane "$REPO/charts/framelane" -n "$NS" --create-namespace \
-  -f "$HERE/values.yaml" --set "webhook.url=https://127.0.0.1:$WEBHOOK_PORT/validate-videojob" \
+  -f "$HERE/values.yaml" --set "webhook.url=https://127.0.0.1:$WEBHOOK_PORT" \
   --wait --timeout 180s >/dev/null
 log "helm: release framelane installed in $NS ($("$TOOLS/helm" status framelane -n "$NS" -o json | python3 -c 'import json,sys; print("revision", json.load(sys.stdin)["version"])'))"
 

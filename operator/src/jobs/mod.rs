@@ -13,7 +13,8 @@ use framelane_core::{
     availability::fresh_until,
     index::Index,
     lifecycle::{Decision, Facts, LaneFacts, NoLane, decide},
-    routing::lane_for,
+    parameters::{summary, violations},
+    routing::{lane_for, model_exists},
 };
 use jiff::Timestamp;
 use kube::{ResourceExt, runtime::controller::Action};
@@ -65,10 +66,21 @@ fn facts(job: &VideoJob, ctx: &Context, now: Timestamp, index: &Index) -> Facts 
             .find(|l| l.name_any() == runner)
             .and_then(|l| fresh_until(l))
     });
+    // Only a new job is checked: the webhook checked it, or it was created while the webhook
+    // did not (turned off, a namespace it leaves out); a model changed later does not fail
+    // jobs already admitted.
+    // A model that does not exist is routing's to tell (LaneNotFound).
+    let models = ctx.models.state();
+    let invalid =
+        (status.phase.is_none() && model_exists(&job.spec.model, &models).is_ok()).then(|| {
+            let causes = violations(&job.spec, &models);
+            (!causes.is_empty()).then(|| summary(&job.name_any(), &job.spec.model, &causes))
+        });
     Facts {
         now,
         lane: lane_of(job, ctx, now, index),
         runner_fresh_until,
+        invalid: invalid.flatten(),
         max_attempts: ctx.config.max_attempts,
     }
 }

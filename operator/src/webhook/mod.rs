@@ -27,8 +27,9 @@ use std::{
 
 use bytes::Bytes;
 use framelane_api::{VideoJob, VideoModel};
-use framelane_core::parameters::violations;
-use kube::runtime::reflector::Store;
+use framelane_core::{defaults::missing, parameters::violations};
+use kube::runtime::reflector::{ObjectRef, Store};
+use serde_json::json;
 
 use self::{
     certs::Policy,
@@ -47,8 +48,10 @@ use crate::{
 const STARTING: &str =
     "framelane is starting and has not read its models, lanes and jobs yet; retry in a few seconds";
 
-/// The path the API server calls.
+/// The path the API server calls to validate a job.
 pub const PATH: &str = "/validate-videojob";
+/// The path the API server calls to fill in a job's defaults.
+pub const MUTATE_PATH: &str = "/mutate-videojob";
 /// The path a standby hands reviews to the leader on.
 const LEADER_PATH: &str = "/leader/validate-videojob";
 
@@ -118,6 +121,33 @@ impl Webhook {
             ));
             self.decided(&request.uid, "", Some(&denial))
         })
+    }
+
+    /// Answers one AdmissionReview of the mutating webhook: a new job gets what it leaves out
+    /// from its model (`framelane_core::defaults`), so the stored spec is what runs. Anything
+    /// it cannot read is allowed unchanged: the validating webhook refuses it.
+    pub fn mutate(&self, body: &[u8]) -> Vec<u8> {
+        let request = match review::parse(body) {
+            Ok(request) => request,
+            Err((uid, _)) => return review::respond(&uid, None),
+        };
+        let job = serde_json::from_str::<VideoJob>(request.object.get())
+            .ok()
+            .filter(|_| request.operation == "CREATE");
+        let patch: Vec<serde_json::Value> = job
+            .and_then(|job| {
+                let model = self.models.get(&ObjectRef::new(&job.spec.model))?;
+                Some(
+                    missing(&job.spec, &model)
+                        .into_iter()
+                        .map(|(field, value)| {
+                            json!({"op": "add", "path": format!("/spec/{field}"), "value": value})
+                        })
+                        .collect(),
+                )
+            })
+            .unwrap_or_default();
+        review::respond_patch(&request.uid, &patch)
     }
 
     fn decided(&self, uid: &str, lane: &str, denial: Option<&Denial>) -> Vec<u8> {

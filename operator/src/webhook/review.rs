@@ -279,6 +279,21 @@ pub(super) fn parse_tree(body: &[u8]) -> Result<Request, (String, String)> {
     })
 }
 
+/// The AdmissionReview that allows request `uid` with `patch` (JSON Patch operations) applied
+/// to its object.
+pub fn respond_patch(uid: &str, patch: &[Value]) -> Vec<u8> {
+    let encoded = serde_json::to_value(k8s_openapi::ByteString(
+        serde_json::to_vec(patch).expect("a JSON value always serializes"),
+    ))
+    .expect("bytes always serialize");
+    serde_json::to_vec(&json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "response": {"uid": uid, "allowed": true, "patchType": "JSONPatch", "patch": encoded},
+    }))
+    .expect("a JSON value always serializes")
+}
+
 /// The AdmissionReview answering request `uid`: allowed when `denial` is None.
 pub fn respond(uid: &str, denial: Option<&Denial>) -> Vec<u8> {
     let mut response = json!({"uid": uid, "allowed": denial.is_none()});
@@ -380,5 +395,14 @@ mod tests {
         );
         let ok: Value = serde_json::from_slice(&respond("u", None)).unwrap();
         assert_eq!(ok["response"], json!({"uid": "u", "allowed": true}));
+        let patch = [json!({"op": "add", "path": "/spec/steps", "value": 8})];
+        let patched: Value = serde_json::from_slice(&respond_patch("u", &patch)).unwrap();
+        assert_eq!(patched["response"]["patchType"], "JSONPatch");
+        let decoded: k8s_openapi::ByteString =
+            serde_json::from_value(patched["response"]["patch"].clone()).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Value>(&decoded.0).unwrap(),
+            json!(patch)
+        );
     }
 }

@@ -1,5 +1,6 @@
-//! The webhook's HTTP routes: `POST /validate-videojob` for the API server, and
-//! `POST /leader/validate-videojob` where a standby hands a review to the leader.
+//! The webhook's HTTP routes: `POST /validate-videojob` and `POST /mutate-videojob` for the
+//! API server, and `POST /leader/validate-videojob` where a standby hands a review to the
+//! leader.
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ impl Webhook {
         self: Arc<Self>,
     ) -> impl Filter<Extract = (impl warp::Reply,), Error = warp::Rejection> + Clone {
         let api_server = self.clone();
+        let mutator = self.clone();
         let standby = self;
         let body = || warp::body::content_length_limit(MAX_BODY).and(warp::body::bytes());
         let validate = warp::path!("validate-videojob")
@@ -31,7 +33,10 @@ impl Webhook {
                 let webhook = standby.clone();
                 async move { json(webhook.review(b, false).await) }
             });
-        warp::post().and(validate.or(leader).unify())
+        let mutate = warp::path!("mutate-videojob")
+            .and(body())
+            .map(move |b: Bytes| json(mutator.mutate(&b)));
+        warp::post().and(validate.or(mutate).unify().or(leader).unify())
     }
 }
 

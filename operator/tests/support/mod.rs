@@ -24,13 +24,10 @@ use framelane_api::{
 use framelane_contract::Runner;
 pub use framelane_testenv::eventually;
 use framelane_testenv::{TEST_LABEL, TestEnv, TestNamespace};
-use k8s_openapi::{
-    ByteString,
-    api::{admissionregistration::v1::ValidatingWebhookConfiguration, core::v1::Namespace},
-};
+use k8s_openapi::{ByteString, api::core::v1::Namespace};
 use kube::{
     Api, Client, ResourceExt,
-    api::{DeleteParams, ListParams, PostParams},
+    api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams},
 };
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, watch};
@@ -135,9 +132,34 @@ impl Fixture {
         Ok(Api::namespaced(Client::try_from(config)?, &self.ns.name))
     }
 
-    /// The name of this test's ValidatingWebhookConfiguration.
+    /// The name of this test's webhook configurations (validating and mutating).
     pub fn webhook_configuration(&self) -> String {
         format!("framelane-{}", self.ns.name)
+    }
+
+    /// This test's two webhook configurations: their API, kind, webhook name and the path
+    /// the operator serves them on.
+    fn webhook_configurations(
+        &self,
+    ) -> [(Api<DynamicObject>, &'static str, &'static str, &'static str); 2] {
+        let api = |kind: &str| {
+            let gvk = GroupVersionKind::gvk("admissionregistration.k8s.io", "v1", kind);
+            Api::all_with(self.client.clone(), &ApiResource::from_gvk(&gvk))
+        };
+        [
+            (
+                api("ValidatingWebhookConfiguration"),
+                "ValidatingWebhookConfiguration",
+                "videojobs.framelane.dev",
+                "/validate-videojob",
+            ),
+            (
+                api("MutatingWebhookConfiguration"),
+                "MutatingWebhookConfiguration",
+                "defaults.videojobs.framelane.dev",
+                "/mutate-videojob",
+            ),
+        ]
     }
 
     /// Starts an operator that also serves the admission webhook, on `port` (0: a free one).
@@ -160,68 +182,73 @@ impl Fixture {
         Ok((OperatorProcess::start(&self.ns, identity, &args)?, port))
     }
 
-    /// Registers the webhook at `port` for this test's namespace only (so other tests on
-    /// the shared control plane never call it), as the chart does for a cluster: CREATE of
-    /// VideoJobs, failurePolicy Fail, no side effects, a 5 s timeout. The operator fills in
-    /// the caBundle.
+    /// Registers the webhooks at `port` for this test's namespace only (so other tests on
+    /// the shared control plane never call them), as the chart does for a cluster: CREATE of
+    /// VideoJobs, failurePolicy Fail, no side effects, a 5 s timeout; the validating one and
+    /// the mutating one that fills in defaults. The operator fills in the caBundle.
     pub async fn register_webhook(&self, port: u16) -> Result<()> {
         self.register_webhook_with(port, json!({})).await
     }
 
-    /// The same, with `webhook` merged over the webhook's entry (an `objectSelector`, say).
+    /// The same, with `webhook` merged over each webhook's entry (an `objectSelector`, say).
     pub async fn register_webhook_with(&self, port: u16, webhook: Value) -> Result<()> {
-        let mut entry = json!({
-            "name": "videojobs.framelane.dev",
-            "admissionReviewVersions": ["v1"],
-            "sideEffects": "None",
-            "failurePolicy": "Fail",
-            "timeoutSeconds": 5,
-            "clientConfig": {"url": format!("https://127.0.0.1:{port}/validate-videojob")},
-            "rules": [{"apiGroups": ["framelane.dev"], "apiVersions": ["v1alpha1"],
-                "operations": ["CREATE"], "resources": ["videojobs"], "scope": "Namespaced"}],
-            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": self.ns.name}},
-        });
-        merge(&mut entry, webhook);
-        let configuration: ValidatingWebhookConfiguration = serde_json::from_value(json!({
-            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
-            "metadata": {"name": self.webhook_configuration(), "labels": {INSTANCE_LABEL: self.ns.name}},
-            "webhooks": [entry]
-        }))?;
-        Api::<ValidatingWebhookConfiguration>::all(self.client.clone())
-            .create(&PostParams::default(), &configuration)
-            .await?;
+        for (api, kind, name, path) in self.webhook_configurations() {
+            let mut entry = json!({
+                "name": name,
+                "admissionReviewVersions": ["v1"],
+                "sideEffects": "None",
+                "failurePolicy": "Fail",
+                "timeoutSeconds": 5,
+                "clientConfig": {"url": format!("https://127.0.0.1:{port}{path}")},
+                "rules": [{"apiGroups": ["framelane.dev"], "apiVersions": ["v1alpha1"],
+                    "operations": ["CREATE"], "resources": ["videojobs"], "scope": "Namespaced"}],
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": self.ns.name}},
+            });
+            merge(&mut entry, webhook.clone());
+            let configuration: DynamicObject = serde_json::from_value(json!({
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": kind,
+                "metadata": {"name": self.webhook_configuration(), "labels": {INSTANCE_LABEL: self.ns.name}},
+                "webhooks": [entry]
+            }))?;
+            api.create(&PostParams::default(), &configuration).await?;
+        }
         Ok(())
     }
 
-    /// Sets the caBundle of this test's webhook configuration, as cert-manager's cainjector
+    /// Sets the caBundle of this test's webhook configurations, as cert-manager's cainjector
     /// does.
     pub async fn set_ca_bundle(&self, pem: &str) -> Result<()> {
-        let configurations = Api::<ValidatingWebhookConfiguration>::all(self.client.clone());
-        let mut configuration = configurations.get(&self.webhook_configuration()).await?;
-        for webhook in configuration.webhooks.iter_mut().flatten() {
-            webhook.client_config.ca_bundle = Some(ByteString(pem.as_bytes().to_vec()));
-        }
-        configurations
-            .replace(
-                &self.webhook_configuration(),
-                &PostParams::default(),
-                &configuration,
-            )
-            .await?;
-        Ok(())
+        let bundle = serde_json::to_value(ByteString(pem.as_bytes().to_vec()))?;
+        self.patch_webhooks(
+            json!([{"op": "add", "path": "/webhooks/0/clientConfig/caBundle", "value": bundle}]),
+            None,
+        )
+        .await
     }
 
-    /// Points this test's webhook configuration at `port`, keeping its caBundle.
+    /// Points this test's webhook configurations at `port`, keeping their caBundle.
     pub async fn point_webhook(&self, port: u16) -> Result<()> {
-        let patch = json!([{"op": "replace", "path": "/webhooks/0/clientConfig/url",
-            "value": format!("https://127.0.0.1:{port}/validate-videojob")}]);
-        Api::<ValidatingWebhookConfiguration>::all(self.client.clone())
-            .patch(
+        self.patch_webhooks(json!([]), Some(port)).await
+    }
+
+    /// Applies the JSON patch `ops` to both configurations, and with `port` points them there.
+    async fn patch_webhooks(&self, ops: Value, port: Option<u16>) -> Result<()> {
+        for (api, _, _, path) in self.webhook_configurations() {
+            let mut ops = ops.as_array().cloned().unwrap_or_default();
+            if let Some(port) = port {
+                ops.push(
+                    json!({"op": "replace", "path": "/webhooks/0/clientConfig/url",
+                    "value": format!("https://127.0.0.1:{port}{path}")}),
+                );
+            }
+            api.patch(
                 &self.webhook_configuration(),
                 &kube::api::PatchParams::default(),
-                &kube::api::Patch::<()>::Json(serde_json::from_value(patch)?),
+                &kube::api::Patch::<()>::Json(serde_json::from_value(Value::Array(ops))?),
             )
             .await?;
+        }
         Ok(())
     }
 
@@ -315,7 +342,7 @@ impl Drop for Fixture {
             .kubectl()
             .args([
                 "delete",
-                "validatingwebhookconfigurations",
+                "validatingwebhookconfigurations,mutatingwebhookconfigurations",
                 "-l",
                 &selector,
                 "--wait=false",

@@ -166,7 +166,7 @@ async fn the_chart_lints_and_renders_valid_manifests_for_every_option() -> Resul
         ],
         &["operator.watchNamespace=team-a"],
         &["webhook.enabled=false"],
-        &["webhook.url=https://10.0.0.5:9443/validate-videojob"],
+        &["webhook.url=https://10.0.0.5:9443"],
         &[
             "metrics.serviceMonitor.enabled=true",
             "metrics.prometheusRule.enabled=true",
@@ -267,15 +267,28 @@ async fn the_chart_lints_and_renders_valid_manifests_for_every_option() -> Resul
                 );
             }
             ["webhook.enabled=false"] => {
-                ensure!(
-                    !docs
-                        .iter()
-                        .any(|d| d["kind"] == "ValidatingWebhookConfiguration")
-                );
+                ensure!(!docs.iter().any(|d| {
+                    d["kind"] == "ValidatingWebhookConfiguration"
+                        || d["kind"] == "MutatingWebhookConfiguration"
+                }));
                 let args = find(&docs, "Deployment", "fl-framelane-operator")?["spec"]["template"]
                     ["spec"]["containers"][0]["args"]
                     .to_string();
                 ensure!(!args.contains("--webhook-addr"), "{args}");
+            }
+            ["webhook.url=https://10.0.0.5:9443"] => {
+                for kind in [
+                    "ValidatingWebhookConfiguration",
+                    "MutatingWebhookConfiguration",
+                ] {
+                    let url =
+                        &find(&docs, kind, "fl-framelane")?["webhooks"][0]["clientConfig"]["url"];
+                    ensure!(
+                        url.as_str()
+                            .is_some_and(|u| u.starts_with("https://10.0.0.5:9443/")),
+                        "{kind}: {url}"
+                    );
+                }
             }
             _ => {}
         }
@@ -299,6 +312,13 @@ async fn the_chart_lints_and_renders_valid_manifests_for_every_option() -> Resul
         find(&docs, "PodDisruptionBudget", "fl-framelane-operator")?["spec"]["minAvailable"] == 1
     );
     let webhook = &find(&docs, "ValidatingWebhookConfiguration", "fl-framelane")?["webhooks"][0];
+    let defaults = &find(&docs, "MutatingWebhookConfiguration", "fl-framelane")?["webhooks"][0];
+    ensure!(defaults["clientConfig"]["service"]["path"] == "/mutate-videojob");
+    ensure!(
+        defaults["rules"] == webhook["rules"]
+            && defaults["namespaceSelector"] == webhook["namespaceSelector"]
+    );
+    ensure!(webhook["clientConfig"]["service"]["path"] == "/validate-videojob");
     ensure!(webhook["failurePolicy"] == "Fail" && webhook["sideEffects"] == "None");
     ensure!(webhook["timeoutSeconds"].as_i64().is_some_and(|t| t <= 10));
     ensure!(
@@ -580,10 +600,12 @@ impl Release {
                 "package": {"path": package}, "modes": ["t2v"]}})
         };
         let runner = json!({"resources": {"requests": {"cpu": "100m"}}});
+        // The operator of `just up` (its lane selector leaves these out) must not act on them.
+        let labels = json!({"framelane.dev/test-instance": self.ns.name});
         json!({
             "operator": {"laneSelector": format!("app.kubernetes.io/instance={}", self.name)},
             "webhook": {
-                "url": format!("https://127.0.0.1:{}/validate-videojob", self.webhook_port),
+                "url": format!("https://127.0.0.1:{}", self.webhook_port),
                 "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": self.ns.name}},
             },
             "volumes": {
@@ -592,11 +614,11 @@ impl Release {
             },
             "models": [model("anisora", json!({"steps": 8})), model("phr00t", json!({"steps": 4, "cfg": 1.0}))],
             "lanes": [
-                {"name": self.model("anisora"), "spec": {"mode": "Dedicated", "models": [self.model("anisora")],
+                {"name": self.model("anisora"), "labels": labels, "spec": {"mode": "Dedicated", "models": [self.model("anisora")],
                     "replicas": anisora_replicas, "fallback": {"lane": self.model("shared")}, "runner": runner}},
-                {"name": self.model("phr00t"), "spec": {"mode": "Dedicated", "models": [self.model("phr00t")],
+                {"name": self.model("phr00t"), "labels": labels, "spec": {"mode": "Dedicated", "models": [self.model("phr00t")],
                     "fallback": {"lane": self.model("shared")}, "runner": runner}},
-                {"name": self.model("shared"), "spec": {"mode": "Shared",
+                {"name": self.model("shared"), "labels": labels, "spec": {"mode": "Shared",
                     "models": [self.model("anisora"), self.model("phr00t")], "runner": runner}},
             ],
         })

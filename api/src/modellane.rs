@@ -126,6 +126,12 @@ pub struct QueueSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 86400))]
     pub max_wait_seconds: Option<i32>,
+    /// Most unfinished jobs of one namespace the lane holds, so that one team cannot fill it:
+    /// further creates from that namespace are refused with HTTP 503 `queue_overloaded`
+    /// naming the namespace, while other namespaces' are still admitted. Left out: no share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_per_namespace: Option<i32>,
 }
 
 /// Where a lane's jobs go when it cannot run them. The lane is in fallback while its runner

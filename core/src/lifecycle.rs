@@ -13,7 +13,7 @@ use framelane_api::{
 use jiff::{SignedDuration, Timestamp};
 
 use crate::{
-    depth::{QueueLimits, room},
+    depth::{Occupancy, QueueLimits, room},
     routing::RouteError,
     timeouts::{expiry, queue_wait_deadline, runner_alive, until},
 };
@@ -26,8 +26,8 @@ const FREE_RUNNER_POLL: Duration = Duration::from_secs(1);
 pub struct LaneFacts {
     pub name: String,
     pub limits: QueueLimits,
-    /// Unfinished jobs the lane holds now.
-    pub depth: usize,
+    /// Unfinished jobs the lane holds now, all and those of the job's namespace.
+    pub held: Occupancy,
     /// Since when the lane has had no fresh runner; `None` while it has one.
     pub unavailable_since: Option<Timestamp>,
     /// Runners with a fresh heartbeat, and jobs running on the lane: its runners are all busy
@@ -45,21 +45,23 @@ pub struct LaneFacts {
 pub struct FallbackFacts {
     pub name: String,
     pub limits: QueueLimits,
-    pub depth: usize,
+    /// Unfinished jobs it holds, all and those of the job's namespace.
+    pub held: Occupancy,
     pub fresh: i32,
     pub running: usize,
 }
 
 impl FallbackFacts {
-    /// Why this lane cannot take a job now (no fresh runner, or full), if it cannot.
-    fn refusal(&self) -> Option<String> {
+    /// Why this lane cannot take a job of `namespace` now (no fresh runner, or full), if it
+    /// cannot.
+    fn refusal(&self, namespace: &str) -> Option<String> {
         if self.fresh == 0 {
             return Some(format!(
                 "its fallback lane {} has no available runner either",
                 self.name
             ));
         }
-        room(&self.name, self.depth, self.limits)
+        room(&self.name, namespace, self.held, self.limits)
             .err()
             .map(|full| format!("its fallback lane {} is full ({full})", self.name))
     }
@@ -111,6 +113,7 @@ pub enum Decision {
 /// The one place where a job's next step is decided.
 pub fn decide(job: &VideoJob, facts: &Facts) -> Decision {
     let status = job.status.clone().unwrap_or_default();
+    let namespace = job.metadata.namespace.as_deref().unwrap_or_default();
     let deleted = job.metadata.deletion_timestamp.is_some();
     let alive = runner_alive(facts.runner_fresh_until, facts.now);
     let runner_expiry = || until(facts.now, facts.runner_fresh_until.unwrap_or(facts.now));
@@ -124,9 +127,10 @@ pub fn decide(job: &VideoJob, facts: &Facts) -> Decision {
                 reason: JobReason::InvalidParameters,
                 message: why.clone(),
             },
-            None => admit(&facts.lane),
+            None => admit(namespace, &facts.lane),
         },
         Some(JobPhase::Queued) => queued(
+            namespace,
             status.queued_at.map(|t| t.0),
             status.lane_mode == Some(LaneAssignment::Fallback),
             facts,
@@ -159,13 +163,13 @@ pub fn decide(job: &VideoJob, facts: &Facts) -> Decision {
     }
 }
 
-fn admit(lane: &Result<LaneFacts, NoLane>) -> Decision {
+fn admit(namespace: &str, lane: &Result<LaneFacts, NoLane>) -> Decision {
     match lane {
         Err(why) => Decision::Fail {
             reason: JobReason::LaneNotFound,
             message: why.to_string(),
         },
-        Ok(lane) => match room(&lane.name, lane.depth, lane.limits) {
+        Ok(lane) => match room(&lane.name, namespace, lane.held, lane.limits) {
             Ok(()) => Decision::Admit {
                 lane: lane.name.clone(),
             },
@@ -186,7 +190,7 @@ fn admit(lane: &Result<LaneFacts, NoLane>) -> Decision {
 ///   it stays while that lane is busy too, and fails when that lane has no runner or is full.
 ///
 /// A job already on a fallback lane never moves again.
-fn queued(queued_at: Option<Timestamp>, moved: bool, facts: &Facts) -> Decision {
+fn queued(namespace: &str, queued_at: Option<Timestamp>, moved: bool, facts: &Facts) -> Decision {
     let Ok(lane) = &facts.lane else {
         return Decision::Wait(Duration::from_secs(5));
     };
@@ -197,7 +201,7 @@ fn queued(queued_at: Option<Timestamp>, moved: bool, facts: &Facts) -> Decision 
             return Decision::Wait(until(facts.now, deadline));
         }
         let cause = lane.episode.map_or(FallbackCause::Capacity, |(c, _)| c);
-        return match fallback.map(|f| (f, f.refusal())) {
+        return match fallback.map(|f| (f, f.refusal(namespace))) {
             Some((f, None)) => Decision::Move {
                 to: f.name.clone(),
                 cause,
@@ -225,7 +229,7 @@ fn queued(queued_at: Option<Timestamp>, moved: bool, facts: &Facts) -> Decision 
         return Decision::Wait(until(facts.now, deadline));
     }
     if let Some((cause, _)) = lane.episode {
-        return match fallback.refusal() {
+        return match fallback.refusal(namespace) {
             None => Decision::Move {
                 to: fallback.name.clone(),
                 cause,
@@ -233,7 +237,7 @@ fn queued(queued_at: Option<Timestamp>, moved: bool, facts: &Facts) -> Decision 
             Some(_) => Decision::Wait(FREE_RUNNER_POLL),
         };
     }
-    match fallback.refusal() {
+    match fallback.refusal(namespace) {
         Some(why) => Decision::Fail {
             reason: JobReason::QueueWaitTimeout,
             message: format!(
@@ -293,8 +297,12 @@ mod tests {
             limits: QueueLimits {
                 max_depth: 25,
                 max_wait: Duration::from_secs(30),
+                max_per_namespace: None,
             },
-            depth,
+            held: Occupancy {
+                depth,
+                namespace: depth,
+            },
             unavailable_since,
             fresh: i32::from(unavailable_since.is_none()),
             running: 0,
@@ -457,8 +465,12 @@ mod tests {
             limits: QueueLimits {
                 max_depth: 25,
                 max_wait: Duration::from_secs(30),
+                max_per_namespace: None,
             },
-            depth,
+            held: Occupancy {
+                depth,
+                namespace: 0,
+            },
             fresh,
             running,
         })

@@ -38,6 +38,16 @@ impl LaneQueue {
         self.queued.len() + self.running.len()
     }
 
+    /// Unfinished jobs of `namespace`.
+    pub fn held_by(&self, namespace: &str) -> usize {
+        self.queued
+            .iter()
+            .map(|(_, k)| k)
+            .chain(&self.running)
+            .filter(|k| k.namespace == namespace)
+            .count()
+    }
+
     /// Jobs running on the lane.
     pub fn running(&self) -> usize {
         self.running.len()

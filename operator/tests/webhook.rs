@@ -407,6 +407,70 @@ async fn two_replicas_behind_one_address_admit_exactly_max_depth() -> Result<()>
 }
 
 #[tokio::test]
+async fn a_namespace_gets_its_share_of_a_lane_and_others_still_get_in() -> Result<()> {
+    let fx = Fixture::new("wh-share").await?;
+    let model = fx.model("anisora", 8, None).await?;
+    let lane = fx
+        .lane(
+            "anisora",
+            &[&model],
+            json!({"queue": {"maxDepth": 20, "maxPerNamespace": 5, "maxWaitSeconds": 3600}}),
+        )
+        .await?;
+    let other = framelane_testenv::TestEnv::get()?
+        .namespace("wh-share-other")
+        .await?;
+    let (a, port_a) = fx.webhook_operator_watching_all("a", 0, NO_RESYNC)?;
+    a.until_leading().await?;
+    let (b, port_b) = fx.webhook_operator_watching_all("b", 0, NO_RESYNC)?;
+    b.until_ready().await?;
+    let service = RoundRobin::start(vec![port_b, port_a]).await?;
+    let both = json!({"namespaceSelector": {"matchLabels": null, "matchExpressions": [
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": [fx.ns.name, other.name]}]}});
+    fx.register_webhook_with(service.port, both).await?;
+    fx.webhook_effective(&model).await?;
+
+    let mine = fx.jobs_without_retries().await?;
+    let (admitted, refused) = burst(&mine, &model, "mine", 40).await;
+    assert_eq!(
+        (admitted, refused.len()),
+        (5, 35),
+        "{:?}",
+        summary(&refused)
+    );
+    for status in &refused {
+        assert_eq!(status.code, 503);
+        assert!(
+            status.message.contains(&format!(
+                "queue_overloaded: namespace {} holds 5 unfinished jobs of lane {lane}, its share (maxPerNamespace 5)",
+                fx.ns.name
+            )),
+            "{}",
+            status.message
+        );
+    }
+    let theirs = Api::<VideoJob>::namespaced(mine.clone().into_client(), &other.name);
+    let (admitted, refused) = burst(&theirs, &model, "theirs", 40).await;
+    assert_eq!(
+        (admitted, refused.len()),
+        (5, 35),
+        "another namespace gets its own share: {:?}",
+        summary(&refused)
+    );
+    eventually(60, "the lane at queueDepth 10", || async {
+        Ok((fx.lane_status(&lane).await?.queue_depth == 10).then_some(()))
+    })
+    .await?;
+    let metrics = a.metrics().await?;
+    let refusals = format!(
+        r#"framelane_admission_decisions_total{{lane="{lane}",result="denied",reason="namespace_share"}}"#
+    );
+    assert_eq!(sample(&metrics, &refusals), Some(70.0), "{metrics}");
+    drop(b);
+    Ok(())
+}
+
+#[tokio::test]
 async fn with_the_webhook_down_creates_fail_clearly_and_nothing_stored_changes() -> Result<()> {
     let s = setup("wh-down", 25).await?;
     let (mut operator, port) = s.fx.webhook_operator("a", 0, &[])?;

@@ -100,7 +100,8 @@ fn lane_of(
             .ok_or_else(|| NoLane::Deleted(name.into()))?,
         None => lane_for(&job.spec.model, &ctx.models.state(), &lanes)?.lane,
     };
-    Ok(ctx.lane_facts(lane, now, index))
+    let namespace = job.metadata.namespace.as_deref().unwrap_or_default();
+    Ok(ctx.lane_facts(lane, namespace, now, index))
 }
 
 pub fn error_policy(job: Arc<VideoJob>, error: &Error, ctx: Arc<Context>) -> Action {

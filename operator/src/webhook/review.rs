@@ -33,6 +33,9 @@ pub enum Refusal {
     InvalidParameters,
     /// The lane is full: 503, the message starts with `queue_overloaded`.
     QueueOverloaded,
+    /// The job's namespace holds its share of the lane: 503, the message starts with
+    /// `queue_overloaded` and names the namespace.
+    NamespaceShare,
     /// The body is not a VideoJob AdmissionReview: 400.
     BadRequest,
     /// The webhook cannot decide now (starting, or the leader is unreachable): 503.
@@ -45,6 +48,7 @@ impl Refusal {
         match self {
             Refusal::InvalidParameters => "invalid_parameters",
             Refusal::QueueOverloaded => "queue_overloaded",
+            Refusal::NamespaceShare => "namespace_share",
             Refusal::BadRequest => "bad_request",
             Refusal::Unavailable => "unavailable",
         }
@@ -54,7 +58,9 @@ impl Refusal {
     pub fn status(self) -> (u16, &'static str) {
         match self {
             Refusal::InvalidParameters => (422, "Invalid"),
-            Refusal::QueueOverloaded | Refusal::Unavailable => (503, "ServiceUnavailable"),
+            Refusal::QueueOverloaded | Refusal::NamespaceShare | Refusal::Unavailable => {
+                (503, "ServiceUnavailable")
+            }
             Refusal::BadRequest => (400, "BadRequest"),
         }
     }
@@ -88,11 +94,15 @@ impl Denial {
         }
     }
 
-    /// The lane the job of `name` counts against is full.
+    /// The lane the job of `name` counts against is full (for its namespace).
     pub fn overloaded(name: &str, full: &Overloaded) -> Denial {
+        let refusal = match full {
+            Overloaded::Lane { .. } => Refusal::QueueOverloaded,
+            Overloaded::Namespace { .. } => Refusal::NamespaceShare,
+        };
         Denial {
             name: name.into(),
-            ..Denial::new(Refusal::QueueOverloaded, full.to_string())
+            ..Denial::new(refusal, full.to_string())
         }
     }
 

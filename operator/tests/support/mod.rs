@@ -170,6 +170,18 @@ impl Fixture {
         port: u16,
         extra: &[&str],
     ) -> Result<(OperatorProcess, u16)> {
+        let mut args = vec!["--watch-namespace", &self.ns.name];
+        args.extend(extra);
+        self.webhook_operator_watching_all(identity, port, &args)
+    }
+
+    /// The same, for the jobs of every namespace (still only this test's lanes).
+    pub fn webhook_operator_watching_all(
+        &self,
+        identity: &str,
+        port: u16,
+        extra: &[&str],
+    ) -> Result<(OperatorProcess, u16)> {
         let port = if port == 0 { free_port()? } else { port };
         let mut args = vec![
             "--webhook-addr".to_string(),
@@ -179,7 +191,10 @@ impl Fixture {
         ];
         args.extend(extra.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Ok((OperatorProcess::start(&self.ns, identity, &args)?, port))
+        Ok((
+            OperatorProcess::start_watching_all(&self.ns, identity, &args)?,
+            port,
+        ))
     }
 
     /// Registers the webhooks at `port` for this test's namespace only (so other tests on
@@ -372,6 +387,17 @@ pub struct OperatorProcess {
 
 impl OperatorProcess {
     pub fn start(ns: &TestNamespace, identity: &str, extra: &[&str]) -> Result<OperatorProcess> {
+        let mut args = vec!["--watch-namespace", &ns.name];
+        args.extend(extra);
+        OperatorProcess::start_watching_all(ns, identity, &args)
+    }
+
+    /// The same, for the jobs of every namespace (still only this test's lanes).
+    pub fn start_watching_all(
+        ns: &TestNamespace,
+        identity: &str,
+        extra: &[&str],
+    ) -> Result<OperatorProcess> {
         let port = free_port()?;
         let log =
             std::env::temp_dir().join(format!("framelane-operator-{}-{identity}.log", ns.name));
@@ -379,14 +405,7 @@ impl OperatorProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_framelane-operator"))
             .env("KUBECONFIG", &ns.env.kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
-            .args([
-                "--namespace",
-                &ns.name,
-                "--watch-namespace",
-                &ns.name,
-                "--identity",
-                identity,
-            ])
+            .args(["--namespace", &ns.name, "--identity", identity])
             .args(["--lane-selector", &format!("{INSTANCE_LABEL}={}", ns.name)])
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
             .args(extra)

@@ -381,7 +381,7 @@ async fn two_replicas_behind_one_address_admit_exactly_max_depth() -> Result<()>
     a.until_leading().await?;
     let (b, port_b) = s.fx.webhook_operator("b", 0, NO_RESYNC)?;
     b.until_ready().await?;
-    let service = RoundRobin::start(vec![port_b, port_a]).await?;
+    let service = RoundRobin::start(&[(&b, port_b), (&a, port_a)]).await?;
     s.fx.register_webhook(service.port).await?;
     s.fx.webhook_effective(&s.anisora).await?;
     bursts_admit_exactly_max_depth(&s, 2).await?;
@@ -424,7 +424,7 @@ async fn a_namespace_gets_its_share_of_a_lane_and_others_still_get_in() -> Resul
     a.until_leading().await?;
     let (b, port_b) = fx.webhook_operator_watching_all("b", 0, NO_RESYNC)?;
     b.until_ready().await?;
-    let service = RoundRobin::start(vec![port_b, port_a]).await?;
+    let service = RoundRobin::start(&[(&b, port_b), (&a, port_a)]).await?;
     let both = json!({"namespaceSelector": {"matchLabels": null, "matchExpressions": [
         {"key": "kubernetes.io/metadata.name", "operator": "In", "values": [fx.ns.name, other.name]}]}});
     fx.register_webhook_with(service.port, both).await?;

@@ -120,6 +120,7 @@ impl Webhook {
             false => None,
         };
         self.certs.load(&material)?;
+        self.peers.load(&material.key);
         if let Some(forwarder) = forwarder {
             *self.forwarder.write().expect("forwarder lock") = Some(Arc::new(forwarder));
         }

@@ -188,6 +188,11 @@ impl Fixture {
             format!("127.0.0.1:{port}"),
             "--webhook-configuration".into(),
             self.webhook_configuration(),
+            "--webhook-client-ca".into(),
+            self.ns.env.webhook_client_ca().display().to_string(),
+            // Longer than the round robin's ENDPOINTS_LAG.
+            "--shutdown-delay-seconds".into(),
+            "2".into(),
         ];
         args.extend(extra.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -420,6 +425,24 @@ impl OperatorProcess {
         })
     }
 
+    /// SIGTERM, as the kubelet sends when a pod is deleted.
+    pub fn terminate(&self) -> Result<()> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -TERM {}: {status}", self.child.id());
+        Ok(())
+    }
+
+    /// Waits until the process has exited; its exit status.
+    pub async fn until_exited(&mut self) -> Result<std::process::ExitStatus> {
+        let child = &mut self.child;
+        eventually(30, "the operator to exit", || {
+            std::future::ready(child.try_wait().map_err(anyhow::Error::from))
+        })
+        .await
+    }
+
     /// `kill -9`.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -488,22 +511,53 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
+/// How long a replica's readiness takes to reach the round robin, as an EndpointSlice
+/// change takes a moment to reach kube-proxy and the API server.
+const ENDPOINTS_LAG: Duration = Duration::from_secs(1);
+
+/// One replica behind the round robin.
+struct Backend {
+    port: u16,
+    metrics_port: u16,
+    /// Whether new connections go to it.
+    routed: bool,
+    /// What /readyz said last, and since when.
+    ready: bool,
+    since: tokio::time::Instant,
+}
+
 /// A TCP round robin in front of several webhook replicas, as a Service spreads
-/// connections over the pods behind it.
+/// connections over its ready pods: a new connection goes to the next replica whose /readyz
+/// has answered 200 for [`ENDPOINTS_LAG`] (a replica that stops being ready keeps getting
+/// connections for as long); open connections stay where they are.
 pub struct RoundRobin {
     pub port: u16,
-    task: tokio::task::JoinHandle<()>,
+    backends: Arc<Mutex<Vec<Backend>>>,
+    tasks: [tokio::task::JoinHandle<()>; 2],
 }
 
 impl RoundRobin {
-    pub async fn start(backends: Vec<u16>) -> Result<RoundRobin> {
+    /// In front of `replicas` (each an operator and its webhook port).
+    pub async fn start(replicas: &[(&OperatorProcess, u16)]) -> Result<RoundRobin> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
-        let task = tokio::spawn(async move {
+        let backends = Arc::new(Mutex::new(Vec::<Backend>::new()));
+        let pick = backends.clone();
+        let proxy = tokio::spawn(async move {
             let mut next = 0;
             while let Ok((mut inbound, _)) = listener.accept().await {
-                let backend = backends[next % backends.len()];
-                next += 1;
+                let backend = {
+                    let backends = pick.lock().expect("backends lock");
+                    let routed: Vec<u16> = backends
+                        .iter()
+                        .filter(|b| b.routed)
+                        .map(|b| b.port)
+                        .collect();
+                    next += 1;
+                    (!routed.is_empty()).then(|| routed[next % routed.len()])
+                };
+                // No ready replica: the connection is refused, as with no endpoints.
+                let Some(backend) = backend else { continue };
                 tokio::spawn(async move {
                     if let Ok(mut outbound) =
                         tokio::net::TcpStream::connect(("127.0.0.1", backend)).await
@@ -513,13 +567,77 @@ impl RoundRobin {
                 });
             }
         });
-        Ok(RoundRobin { port, task })
+        let probed = backends.clone();
+        let probes = tokio::spawn(async move {
+            loop {
+                let ports: Vec<u16> = probed
+                    .lock()
+                    .expect("backends lock")
+                    .iter()
+                    .map(|b| b.metrics_port)
+                    .collect();
+                let mut ready = Vec::new();
+                for port in ports {
+                    ready.push(readyz(port).await);
+                }
+                let now = tokio::time::Instant::now();
+                for (b, ready) in probed.lock().expect("backends lock").iter_mut().zip(ready) {
+                    if b.ready != ready {
+                        (b.ready, b.since) = (ready, now);
+                    }
+                    if now.duration_since(b.since) >= ENDPOINTS_LAG {
+                        b.routed = b.ready;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        let service = RoundRobin {
+            port,
+            backends,
+            tasks: [proxy, probes],
+        };
+        for (operator, webhook_port) in replicas {
+            service.add(operator, *webhook_port);
+        }
+        Ok(service)
     }
+
+    /// Another replica behind it (a new pod of a rollout).
+    pub fn add(&self, operator: &OperatorProcess, webhook_port: u16) {
+        self.backends.lock().expect("backends lock").push(Backend {
+            port: webhook_port,
+            metrics_port: operator.metrics_port,
+            routed: false,
+            ready: false,
+            since: tokio::time::Instant::now(),
+        });
+    }
+}
+
+/// Whether the process's /readyz on `port` answers 200.
+async fn readyz(port: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream
+            .write_all(b"GET /readyz HTTP/1.1\r\nhost: probe\r\nconnection: close\r\n\r\n")
+            .await?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await?;
+        std::io::Result::Ok(answer.starts_with(b"HTTP/1.1 200"))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), probe).await,
+        Ok(Ok(true))
+    )
 }
 
 impl Drop for RoundRobin {
     fn drop(&mut self) {
-        self.task.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 

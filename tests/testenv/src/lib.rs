@@ -135,6 +135,12 @@ pub struct TestEnv {
 static ENV: OnceLock<Result<TestEnv, String>> = OnceLock::new();
 
 impl TestEnv {
+    /// The CA of the client certificate the API server shows admission webhooks (an
+    /// operator's `--webhook-client-ca`).
+    pub fn webhook_client_ca(&self) -> PathBuf {
+        self.root.join(".testenv/pki/webhook-client-ca.crt")
+    }
+
     /// The control plane of this checkout, started by `up.sh` on first use in this process.
     pub fn get() -> Result<&'static TestEnv, Error> {
         ENV.get_or_init(start)

@@ -168,6 +168,10 @@ async fn the_chart_lints_and_renders_valid_manifests_for_every_option() -> Resul
         &["webhook.enabled=false"],
         &["webhook.url=https://10.0.0.5:9443"],
         &[
+            "webhook.clientCA.configMap=apiserver-webhook-client-ca",
+            "networkPolicy.webhookFrom[0].ipBlock.cidr=10.0.0.0/28",
+        ],
+        &[
             "metrics.serviceMonitor.enabled=true",
             "metrics.prometheusRule.enabled=true",
             "metrics.dashboard.enabled=true",
@@ -275,6 +279,31 @@ async fn the_chart_lints_and_renders_valid_manifests_for_every_option() -> Resul
                     ["spec"]["containers"][0]["args"]
                     .to_string();
                 ensure!(!args.contains("--webhook-addr"), "{args}");
+            }
+            ["webhook.clientCA.configMap=apiserver-webhook-client-ca", _] => {
+                // The operator reads the API server's client CA from the ConfigMap.
+                let pod = &find(&docs, "Deployment", "fl-framelane-operator")?["spec"]["template"]
+                    ["spec"];
+                let args = pod["containers"][0]["args"].to_string();
+                ensure!(
+                    args.contains("--webhook-client-ca=/etc/framelane/webhook-client-ca/ca.crt"),
+                    "{args}"
+                );
+                ensure!(
+                    pod["volumes"][0]["configMap"]["name"] == "apiserver-webhook-client-ca"
+                        && pod["containers"][0]["volumeMounts"][0]["mountPath"]
+                            == "/etc/framelane/webhook-client-ca",
+                    "{pod}"
+                );
+                // Only the other replicas and the API server's addresses reach the webhook.
+                let policy = find(&docs, "NetworkPolicy", "fl-framelane-operator")?;
+                let from = &policy["spec"]["ingress"][0]["from"];
+                ensure!(
+                    from[0]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "fl"
+                        && from[1]["ipBlock"]["cidr"] == "10.0.0.0/28"
+                        && from.as_array().map(Vec::len) == Some(2),
+                    "{policy}"
+                );
             }
             ["webhook.url=https://10.0.0.5:9443"] => {
                 for kind in [

@@ -14,6 +14,7 @@
 pub mod accel;
 pub mod cache;
 pub mod generate;
+pub mod image;
 pub mod job;
 pub mod memory;
 pub mod package;

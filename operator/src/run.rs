@@ -192,6 +192,7 @@ async fn start_webhook(
         metrics.clone(),
         policy,
         config.webhook_certificates,
+        config.image_url_hosts.clone(),
     ));
     tokio::spawn(webhook.clone().follow_certificates(
         client.clone(),

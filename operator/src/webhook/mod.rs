@@ -61,6 +61,8 @@ pub struct Webhook {
     pub certs: Arc<Reloadable>,
     pub policy: Policy,
     pub source: CertificateSource,
+    /// The hosts a job's `spec.image` URL may name (`--image-url-hosts`).
+    pub image_url_hosts: Vec<String>,
     forwarder: RwLock<Option<Arc<Forwarder>>>,
 }
 
@@ -71,6 +73,7 @@ impl Webhook {
         metrics: Arc<Metrics>,
         policy: Policy,
         source: CertificateSource,
+        image_url_hosts: Vec<String>,
     ) -> Webhook {
         Webhook {
             models,
@@ -80,6 +83,7 @@ impl Webhook {
             certs: Arc::default(),
             policy,
             source,
+            image_url_hosts,
             forwarder: RwLock::new(None),
         }
     }
@@ -99,7 +103,7 @@ impl Webhook {
         use futures::FutureExt;
         let models = matches!(self.models.wait_until_ready().now_or_never(), Some(Ok(())))
             .then(|| self.models.state());
-        let (request, job) = match check(&body, models.as_deref()) {
+        let (request, job) = match check(&body, models.as_deref(), &self.image_url_hosts) {
             Ok((request, Some(job))) => (request, job),
             Ok((request, None)) => return review::respond(&request.uid, None),
             Err((uid, denial)) => return self.decided(&uid, "", Some(&denial)),
@@ -140,11 +144,13 @@ impl Webhook {
 }
 
 /// Everything the webhook decides without the queue: reads the review and checks the job's
-/// parameters against `models` (`None` while the model cache is still being read). The job
-/// is `None` for an operation other than a create: nothing to check.
+/// parameters against `models` (`None` while the model cache is still being read) and its
+/// image against `image_url_hosts`. The job is `None` for an operation other than a create:
+/// nothing to check.
 pub fn check(
     body: &[u8],
     models: Option<&[Arc<VideoModel>]>,
+    image_url_hosts: &[String],
 ) -> Result<(Request, Option<VideoJob>), (String, Denial)> {
     let request = review::parse(body).map_err(|(uid, m)| (uid, Denial::bad_request(m)))?;
     if request.operation != "CREATE" {
@@ -160,7 +166,7 @@ pub fn check(
             return Err((request.uid, Denial::bad_request(message)));
         }
     };
-    let causes = violations(&job.spec, models);
+    let causes = violations(&job.spec, models, image_url_hosts);
     if causes.is_empty() {
         Ok((request, Some(job)))
     } else {
@@ -188,7 +194,7 @@ mod tests {
     /// What a replica answers before the queue step, for any body.
     fn answer(body: &[u8]) -> Value {
         let models = models();
-        let out = match check(body, Some(&models)) {
+        let out = match check(body, Some(&models), &[]) {
             Ok((request, _)) => review::respond(&request.uid, None),
             Err((uid, denial)) => review::respond(&uid, Some(&denial)),
         };

@@ -264,7 +264,7 @@ mod tests {
                 "spec": {"fixedParameters": fixed,
                     "defaults": {"width": 832, "height": 480, "frames": 81, "fps": 16},
                     "limits": {"maxWidth": 1280, "maxHeight": 720, "maxFrames": 121},
-                    "package": {"path": name}, "modes": modes}
+                    "weights": {"format": "diffusers", "path": name}, "modes": modes}
             }))
             .unwrap()
         };

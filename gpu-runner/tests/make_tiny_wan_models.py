@@ -1,7 +1,7 @@
 """Tiny random-weight Wan models in every layout the runner reads, for the tests, the benchmark
 and the demo (nothing is downloaded).
 
-    python make_tiny_wan_models.py OUT_DIR [--ffn-dim N]
+    python make_tiny_wan_models.py OUT_DIR [--heavy-gib G]
 
 OUT_DIR gets:
   wan-t2v/                    a diffusers WanPipeline: one text-to-video transformer (16 channels),
@@ -13,20 +13,22 @@ OUT_DIR gets:
                               `text_encoders.umt5xxl.transformer.` and `vae.` under ComfyUI's names
   phr00t/phr00t-aio-fp8.safetensors  the same, the transformer's linear weights in ComfyUI's scaled fp8
   phr00t/tokenizer/           the tokenizer (ComfyUI files carry none the runner reads)
+  phr00t/fp8-dequantized-transformer.safetensors  what the fp8 file's transformer stands for
   inputs/first-frame.png      an 80x56 RGB picture for image-to-video jobs
-  models.json                 what each model is, for the scripts that use them
 
 The transformers have Wan's head size (128) so ComfyUI's config inference applies, and the VAE has
 the Wan 2.1 VAE's block structure (4 stages, 2 residual blocks each), the one diffusers' single-file
 conversion is written for. ComfyUI names are accepted only if diffusers' own conversion
 (convert_wan_transformer_to_diffusers, convert_wan_vae_to_diffusers, and the prefix its T5 loader
 strips) turns them back into exactly the diffusers state dicts, so the tests do not trust the
-runner's mapping. `--ffn-dim` widens the transformers' feed-forward (larger weights, same
-architecture), for the GPU memory check.
+runner's mapping.
+
+`--heavy-gib G` (the GPU memory check) writes only anisora, phr00t and inputs, in bfloat16, with
+transformers as wide as Wan 14B's (40 heads of 128, feed-forward 13824) and as many layers as make
+anisora's two experts about G GiB.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -46,6 +48,7 @@ from make_tiny_wan_transformers import to_comfy as transformer_to_comfy  # noqa:
 WORDS = "a the fox red running through snow cat surfing at dusk blurry dog on beach in of and with".split()
 TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, text_dim=32, freq_dim=256,
                    ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
+WIDE = dict(num_attention_heads=40, ffn_dim=13824)
 VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
 TEXT_PREFIX = "text_encoders.umt5xxl.transformer."
 VAE_PREFIX = "vae."
@@ -76,10 +79,9 @@ def text_encoder(vocab: int) -> UMT5EncoderModel:
     ).eval()
 
 
-def transformer(in_channels: int, ffn_dim: int, seed: int) -> WanTransformer3DModel:
+def transformer(in_channels: int, seed: int, shape: dict) -> WanTransformer3DModel:
     torch.manual_seed(seed)
-    model = WanTransformer3DModel(**dict(TRANSFORMER, ffn_dim=ffn_dim), in_channels=in_channels,
-                                  out_channels=16).eval()
+    model = WanTransformer3DModel(**dict(TRANSFORMER, **shape), in_channels=in_channels, out_channels=16).eval()
     # Default init leaves norms at 1 and biases at 0; move them so every weight matters.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -206,18 +208,29 @@ def contiguous(state: dict) -> dict:
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def main(out: Path, ffn_dim: int):
+def heavy_layers(gib: float) -> int:
+    """Layers per expert that make two wide experts about `gib` GiB in bfloat16."""
+    dim = WIDE["num_attention_heads"] * TRANSFORMER["attention_head_dim"]
+    per_layer = (8 * dim * dim + 2 * dim * WIDE["ffn_dim"]) * 2
+    return max(1, round(gib * 2**30 / (2 * per_layer)))
+
+
+def main(out: Path, heavy_gib: float | None):
     tok = tokenizer()
     encoder = text_encoder(len(tok))
     autoencoder = vae()
+    shape = {} if heavy_gib is None else dict(WIDE, num_layers=heavy_layers(heavy_gib))
+    dtype = torch.float32 if heavy_gib is None else torch.bfloat16
 
-    t2v = transformer(16, ffn_dim, seed=1)
-    WanPipeline(tokenizer=tok, text_encoder=encoder, transformer=t2v, vae=autoencoder,
-                scheduler=unipc(3.0)).save_pretrained(out / "wan-t2v")
-
-    high, low = transformer(36, ffn_dim, seed=2), transformer(36, ffn_dim, seed=3)
+    high, low = transformer(36, 2, shape).to(dtype), transformer(36, 3, shape).to(dtype)
     WanImageToVideoPipeline(tokenizer=tok, text_encoder=encoder, vae=autoencoder, scheduler=unipc(5.0),
                             transformer=high, transformer_2=low, boundary_ratio=0.9).save_pretrained(out / "anisora")
+    del high, low
+
+    t2v = transformer(16, 1, shape).to(dtype)
+    if heavy_gib is None:
+        WanPipeline(tokenizer=tok, text_encoder=encoder, transformer=t2v, vae=autoencoder,
+                    scheduler=unipc(3.0)).save_pretrained(out / "wan-t2v")
 
     phr00t = out / "phr00t"
     phr00t.mkdir(parents=True, exist_ok=True)
@@ -228,25 +241,22 @@ def main(out: Path, ffn_dim: int):
         **{VAE_PREFIX + k: v for k, v in vae_to_comfy(autoencoder.state_dict()).items()},
     }
     save_file(contiguous(allinone), phr00t / "phr00t-aio.safetensors")
+    t2v_names = t2v.state_dict().keys()
+    del t2v
+    (out / "inputs").mkdir(exist_ok=True)
+    first_frame(out / "inputs" / "first-frame.png")
+    if heavy_gib is not None:
+        return
     fp8 = scaled_fp8(allinone)
     save_file(contiguous(fp8), phr00t / "phr00t-aio-fp8.safetensors")
     dequantized = dequantized_transformer(fp8)
-    assert dequantized.keys() == t2v.state_dict().keys()
+    assert dequantized.keys() == t2v_names
     save_file(contiguous(dequantized), phr00t / "fp8-dequantized-transformer.safetensors")
-
-    (out / "inputs").mkdir(exist_ok=True)
-    first_frame(out / "inputs" / "first-frame.png")
-    (out / "models.json").write_text(json.dumps({
-        "wan-t2v": {"format": "diffusers", "path": "wan-t2v", "modes": ["t2v"]},
-        "anisora": {"format": "diffusers", "path": "anisora", "modes": ["i2v"]},
-        "phr00t": {"format": "comfyui", "file": "phr00t/phr00t-aio.safetensors", "tokenizer": "phr00t/tokenizer",
-                   "modes": ["t2v"]},
-    }, indent=2))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
-    parser.add_argument("--ffn-dim", type=int, default=TRANSFORMER["ffn_dim"])
+    parser.add_argument("--heavy-gib", type=float)
     args = parser.parse_args()
-    main(args.out, args.ffn_dim)
+    main(args.out, args.heavy_gib)

@@ -15,9 +15,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use framelane_runner::accel;
 use framelane_runner::image::Rgb8;
-use framelane_runner::memory::RunnerDevice;
 use framelane_runner::sampler::StepControl;
 use framelane_runner::wan::pipeline::{
     ComfyUiFiles, Mode, ModelFiles, ModelSpec, PipelineError, Precision, Request, WanPipeline,
@@ -29,23 +27,12 @@ use tch::{Device, Kind, Tensor};
 
 const LATENT_TOLERANCE: f64 = 1e-4;
 
-/// The tiny models, made once per test binary.
 fn models() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        common::run_python("make_tiny_wan_models.py", &[dir.path()], None);
-        dir
-    })
-    .path()
+    common::models()
 }
 
 fn device() -> Device {
-    static DEVICE: OnceLock<Device> = OnceLock::new();
-    *DEVICE.get_or_init(|| {
-        accel::set_tf32(false).expect("TF32 off");
-        RunnerDevice::detect().expect("device").device
-    })
+    common::device().device
 }
 
 /// The jobs every test compares, as the reference script takes them.

@@ -26,7 +26,7 @@ use super::umt5::{Umt5Encoder, Umt5Error, tokenize_prompts};
 use super::vae::{AutoencoderKLWan, VaeError};
 use super::weights::{TransformerCheckpoint, WeightsError};
 use crate::sampler::{StepControl, guide, uses_uncond};
-use crate::tokenizer::{PromptTokenizer, TokenizerError, TokenizerKind};
+use crate::tokenizer::{PromptTokenizer, TokenizerError};
 use crate::video::Frames;
 
 /// Token ids per prompt: the Wan pipelines' `max_sequence_length`.
@@ -425,11 +425,7 @@ impl WanPipeline {
     ) -> Result<WanPipeline, PipelineError> {
         let parts = Parts::find(spec)?;
         let mode = parts.check()?;
-        let tokenizer = PromptTokenizer::load(
-            &parts.tokenizer_dir,
-            TokenizerKind::Huggingface,
-            TEXT_LENGTH,
-        )?;
+        let tokenizer = PromptTokenizer::load(&parts.tokenizer_dir, TEXT_LENGTH)?;
         let transformer = WanTransformer::load(&parts.transformer, precision.model, device)?;
         let transformer_2 = parts
             .transformer_2

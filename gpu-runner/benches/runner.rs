@@ -1,10 +1,11 @@
 //! The runner against diffusers on this machine's CPU, in one run:
 //! - seconds per denoising step and end to end (prompt to decoded frames) on the tiny models
 //!   of tests/make_tiny_wan_models.py, float32, the same jobs, seeds and thread count, diffusers
-//!   timed by tests/wan_pipeline_timing.py; the ratio runner / diffusers;
+//!   timed by tests/wan_pipeline_timing.py, the two alternating call by call so both see the
+//!   same machine load; the ratio runner / diffusers;
 //! - peak host memory while loading a transformer of Wan 2.1's 1.3B shape, whose random
 //!   bfloat16 weights the bench writes to safetensors first, against the file's size;
-//! - H.264 + MP4 encode time per 832x480 frame.
+//! - H.264 + MP4 encode time per 832x480 frame (a synthetic moving pattern).
 //!
 //!     eval "$(gpu-runner/scripts/setup-torch.sh)"; cargo bench -p framelane-runner --bench runner
 
@@ -13,8 +14,9 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{BufRead, BufReader, BufWriter, Lines, Write};
 use std::path::Path;
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 use framelane_runner::image::Rgb8;
@@ -24,8 +26,9 @@ use framelane_runner::wan::pipeline::{ModelFiles, ModelSpec, Precision, Request,
 use framelane_runner::wan::transformer::{TransformerConfig, WanTransformer};
 use framelane_runner::wan::weights::TransformerCheckpoint;
 use serde_json::{Value, json};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 
+/// Timed calls of each side per job, after one warm-up call each.
 const RUNS: usize = 3;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -37,7 +40,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// with two experts at cfg 1.
 fn cases() -> Vec<Value> {
     let job = json!({"prompt": "a red fox running through snow", "negativePrompt": "blurry",
-        "width": 256, "height": 256, "frames": 33, "seed": 7, "runs": RUNS});
+        "width": 256, "height": 256, "frames": 17, "seed": 7});
     let with = |extra: Value| {
         let mut case = job.clone();
         for (k, v) in extra.as_object().unwrap() {
@@ -57,28 +60,38 @@ fn cases() -> Vec<Value> {
     ]
 }
 
-/// Seconds per step (from the first step's end to the last's, over steps - 1) and end to end,
-/// each the median of `RUNS` after a warm-up, measured as the Python side measures them.
-fn runner_times(case: &Value) -> (f64, f64) {
-    let device = common::device();
-    let spec = ModelSpec {
-        files: ModelFiles::Diffusers(common::models().join(case["model"].as_str().unwrap())),
-        solver: None,
-        boundary_ratio: None,
-    };
-    let pipeline = WanPipeline::load(&spec, Precision::FLOAT32, device.device).unwrap();
-    let (width, height) = (
-        case["width"].as_i64().unwrap(),
-        case["height"].as_i64().unwrap(),
-    );
-    let image_bytes = case["image"]
-        .as_str()
-        .map(|path| std::fs::read(common::models().join(path)).unwrap());
-    let (mut per_step, mut whole) = (Vec::new(), Vec::new());
-    for run in 0..=RUNS {
+/// The runner side of a job: its model, loaded once.
+struct Runner {
+    pipeline: WanPipeline,
+    image: Option<Vec<u8>>,
+}
+
+impl Runner {
+    fn load(case: &Value) -> Runner {
+        let spec = ModelSpec {
+            files: ModelFiles::Diffusers(common::models().join(case["model"].as_str().unwrap())),
+            solver: None,
+            boundary_ratio: None,
+        };
+        Runner {
+            pipeline: WanPipeline::load(&spec, Precision::FLOAT32, common::device().device)
+                .unwrap(),
+            image: case["image"]
+                .as_str()
+                .map(|path| std::fs::read(common::models().join(path)).unwrap()),
+        }
+    }
+
+    /// Seconds per step (from the first step's end to the last's, over steps - 1) and end to
+    /// end of one call, measured as the Python side measures them.
+    fn time(&self, case: &Value) -> (f64, f64) {
+        let (width, height) = (
+            case["width"].as_i64().unwrap(),
+            case["height"].as_i64().unwrap(),
+        );
         let mut ends = Vec::new();
         let started = Instant::now();
-        let image = image_bytes.as_ref().map(|bytes| {
+        let image = self.image.as_ref().map(|bytes| {
             Rgb8::decode(bytes)
                 .unwrap()
                 .resize(width as usize, height as usize)
@@ -95,66 +108,106 @@ fn runner_times(case: &Value) -> (f64, f64) {
             seed: case["seed"].as_u64().unwrap(),
             image: image.as_ref(),
         };
-        let latents = pipeline
+        let latents = self
+            .pipeline
             .denoise(&request, &mut |_, _| {
                 ends.push(Instant::now());
                 StepControl::Continue
             })
             .unwrap();
-        let frames = pipeline.decode(&latents).unwrap();
+        let frames = self.pipeline.decode(&latents).unwrap();
         assert!(frames.rgb.iter().any(|&v| v != frames.rgb[0]));
-        if run > 0 {
-            whole.push(started.elapsed().as_secs_f64());
-            let span = ends[ends.len() - 1].duration_since(ends[0]).as_secs_f64();
-            per_step.push(span / (ends.len() - 1) as f64);
+        let whole = started.elapsed().as_secs_f64();
+        let span = ends[ends.len() - 1].duration_since(ends[0]).as_secs_f64();
+        (span / (ends.len() - 1) as f64, whole)
+    }
+}
+
+/// diffusers' side: tests/wan_pipeline_timing.py, one case per line in and out.
+struct Diffusers {
+    child: Child,
+    answers: Lines<BufReader<ChildStdout>>,
+}
+
+impl Diffusers {
+    fn start() -> Diffusers {
+        let mut child = Command::new(common::python())
+            .arg(common::tests_dir().join("wan_pipeline_timing.py"))
+            .arg(common::models())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the torch Python runs");
+        let stdout = child.stdout.take().unwrap();
+        Diffusers {
+            child,
+            answers: BufReader::new(stdout).lines(),
         }
     }
-    (median(per_step), median(whole))
+
+    /// Seconds per step and end to end of one call, and diffusers' thread count.
+    fn time(&mut self, case: &Value) -> ((f64, f64), i64) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{case}").unwrap();
+        stdin.flush().unwrap();
+        let line = self
+            .answers
+            .next()
+            .expect("wan_pipeline_timing.py answered nothing (it failed: run it by hand)")
+            .unwrap();
+        let answer: Value = serde_json::from_str(&line).unwrap();
+        let number = |field: &str| answer[field].as_f64().unwrap();
+        (
+            (number("secondsPerStep"), number("secondsEndToEnd")),
+            answer["threads"].as_i64().unwrap(),
+        )
+    }
 }
 
 fn main() {
     let device = common::device();
-    let models = common::models();
     println!(
-        "runner bench: {}, libtorch {} intra-op threads, float32, median of {RUNS} runs after a warm-up",
+        "runner bench: {}, libtorch {} intra-op threads, float32, median of {RUNS} calls after a warm-up, runner and diffusers alternating",
         device.name(),
         tch::get_num_threads()
     );
-    let mut runner = Vec::new();
-    for case in cases() {
-        runner.push(runner_times(&case));
-    }
-    let stdout = common::run_python(
-        "wan_pipeline_timing.py",
-        &[models],
-        Some(&Value::Array(cases()).to_string()),
-    );
+    let mut diffusers = Diffusers::start();
     println!(
-        "| job (256x256, 33 frames, 8 steps) | runner s/step | diffusers s/step | ratio | runner s end to end | diffusers s end to end | ratio |"
+        "| job (256x256, 17 frames, 8 steps) | runner s/step | diffusers s/step | ratio | runner s end to end | diffusers s end to end | ratio |"
     );
     println!("|---|---|---|---|---|---|---|");
-    for ((step, whole), line) in runner.into_iter().zip(stdout.lines()) {
-        let python: Value = serde_json::from_str(line).unwrap();
-        let (py_step, py_whole) = (
-            python["secondsPerStep"].as_f64().unwrap(),
-            python["secondsEndToEnd"].as_f64().unwrap(),
-        );
+    for case in cases() {
+        let runner = Runner::load(&case);
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        let mut threads = 0;
+        for run in 0..=RUNS {
+            let mine = runner.time(&case);
+            let (python, n) = diffusers.time(&case);
+            threads = n;
+            if run > 0 {
+                ours.push(mine);
+                theirs.push(python);
+            }
+        }
+        let column = |v: &[(f64, f64)], first: bool| {
+            median(v.iter().map(|p| if first { p.0 } else { p.1 }).collect())
+        };
+        let (step, whole) = (column(&ours, true), column(&ours, false));
+        let (py_step, py_whole) = (column(&theirs, true), column(&theirs, false));
         println!(
-            "| {} (diffusers {} threads) | {step:.4} | {py_step:.4} | {:.3} | {whole:.3} | {py_whole:.3} | {:.3} |",
-            python["name"].as_str().unwrap(),
-            python["threads"],
+            "| {} (diffusers {threads} threads) | {step:.4} | {py_step:.4} | {:.3} | {whole:.2} | {py_whole:.2} | {:.3} |",
+            case["name"].as_str().unwrap(),
             step / py_step,
             whole / py_whole
         );
     }
+    drop(diffusers.child.stdin.take());
+    diffusers.child.wait().unwrap();
 
     load_memory();
 
-    let spec = common::model("phr00t").spec;
-    let pipeline = WanPipeline::load(&spec, Precision::FLOAT32, device.device).unwrap();
-    tch::manual_seed(7);
-    let latents = Tensor::randn([1, 16, 21, 60, 104], (Kind::Float, device.device));
-    let frames = pipeline.decode(&latents).unwrap();
+    let frames = moving_pattern(832, 480, 81);
     let times = (0..=RUNS)
         .map(|_| {
             let started = Instant::now();
@@ -164,12 +217,36 @@ fn main() {
         })
         .collect::<Vec<_>>();
     println!(
-        "H.264 + MP4 encode, {}x{}, {} frames decoded from noise: {:.2} ms per frame",
+        "H.264 + MP4 encode, {}x{}, {} frames of a moving pattern: {:.2} ms per frame",
         frames.width,
         frames.height,
         frames.count,
         median(times[1..].to_vec()) * 1000.0
     );
+}
+
+/// Frames with edges, gradients and motion in every channel (the tiny models decode to
+/// noise, and decoding 81 frames of 832x480 takes minutes on a CPU).
+fn moving_pattern(width: u32, height: u32, count: u32) -> video::Frames {
+    let mut rgb = Vec::with_capacity((width * height * count * 3) as usize);
+    for t in 0..count {
+        for y in 0..height {
+            for x in 0..width {
+                let (xs, ys) = (x + 3 * t, y + 2 * t);
+                rgb.extend([
+                    (xs ^ ys) as u8,
+                    ((xs / 8 + ys / 8) % 2 * 200) as u8,
+                    ((x * y + t * 97) % 251) as u8,
+                ]);
+            }
+        }
+    }
+    video::Frames {
+        width,
+        height,
+        count,
+        rgb,
+    }
 }
 
 /// Writes a random bfloat16 transformer of Wan 2.1's 1.3B shape and loads it onto the CPU,

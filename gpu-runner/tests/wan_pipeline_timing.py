@@ -1,19 +1,18 @@
-"""Times diffusers' Wan pipelines on the jobs benches/runner.rs times the runner on.
+"""Times diffusers' Wan pipelines on the jobs benches/runner.rs times the runner on, one call
+at a time, so the bench can alternate the two under the same machine load.
 
-    python wan_pipeline_timing.py MODELS_DIR < cases.json
+    python wan_pipeline_timing.py MODELS_DIR
 
-cases.json: a list of {"name", "kind" (t2v: WanPipeline, i2v: WanImageToVideoPipeline), "model" (a
-folder of MODELS_DIR), "image" (i2v), "prompt", "negativePrompt", "width", "height", "frames",
-"steps", "guidance", "seed", "runs"}. Each pipeline runs as saved, in float32, on the CPU.
-
-Stdout: one JSON line per case: {"name", "threads", "secondsPerStep", "secondsEndToEnd"}, each
-the median of "runs" calls after one warm-up call. Per step: from the end of the first step to
+Reads one case per stdin line: {"name", "kind" (t2v: WanPipeline, i2v: WanImageToVideoPipeline),
+"model" (a folder of MODELS_DIR), "image" (i2v), "prompt", "negativePrompt", "width", "height",
+"frames", "steps", "guidance", "seed"}. Each pipeline runs as saved, in float32, on the CPU,
+loaded once per model. Answers each case with one stdout line: {"name", "threads",
+"secondsPerStep", "secondsEndToEnd"} of one call. Per step: from the end of the first step to
 the end of the last, over steps - 1 (callback_on_step_end), so neither setup nor the first step
 counts. End to end: the whole call, prompt to decoded frames ("np" output).
 """
 
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,38 +27,39 @@ from PIL import Image
 wan_i2v.prompt_clean = prompt_clean
 
 
-def time_case(root: Path, case: dict) -> dict:
-    if case["kind"] == "i2v":
-        pipe = WanImageToVideoPipeline.from_pretrained(root / case["model"], torch_dtype=torch.float32)
-        extra = {"image": Image.open(root / case["image"]).convert("RGB")}
-    else:
-        pipe = WanPipeline.from_pretrained(root / case["model"], torch_dtype=torch.float32)
-        extra = {}
-    pipe.set_progress_bar_config(disable=True)
-    per_step, whole = [], []
-    for run in range(case["runs"] + 1):
-        ends = []
+def load(root: Path, case: dict, cache: dict):
+    if case["model"] not in cache:
+        kind = WanImageToVideoPipeline if case["kind"] == "i2v" else WanPipeline
+        pipe = kind.from_pretrained(root / case["model"], torch_dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        cache[case["model"]] = pipe
+    return cache[case["model"]]
 
-        def on_step(pipe, i, t, kwargs):
-            ends.append(time.perf_counter())
-            return kwargs
 
-        started = time.perf_counter()
-        with torch.no_grad():
-            pipe(prompt=case["prompt"], negative_prompt=case["negativePrompt"], height=case["height"],
-                 width=case["width"], num_frames=case["frames"], num_inference_steps=case["steps"],
-                 guidance_scale=case["guidance"], generator=torch.Generator().manual_seed(case["seed"]),
-                 output_type="np", callback_on_step_end=on_step, **extra)
-        if run > 0:
-            whole.append(time.perf_counter() - started)
-            per_step.append((ends[-1] - ends[0]) / (len(ends) - 1))
+def time_case(pipe, root: Path, case: dict) -> dict:
+    extra = {"image": Image.open(root / case["image"]).convert("RGB")} if case["kind"] == "i2v" else {}
+    ends = []
+
+    def on_step(pipe, i, t, kwargs):
+        ends.append(time.perf_counter())
+        return kwargs
+
+    started = time.perf_counter()
+    with torch.no_grad():
+        pipe(prompt=case["prompt"], negative_prompt=case["negativePrompt"], height=case["height"],
+             width=case["width"], num_frames=case["frames"], num_inference_steps=case["steps"],
+             guidance_scale=case["guidance"], generator=torch.Generator().manual_seed(case["seed"]),
+             output_type="np", callback_on_step_end=on_step, **extra)
     return {"name": case["name"], "threads": torch.get_num_threads(),
-            "secondsPerStep": statistics.median(per_step), "secondsEndToEnd": statistics.median(whole)}
+            "secondsPerStep": (ends[-1] - ends[0]) / (len(ends) - 1),
+            "secondsEndToEnd": time.perf_counter() - started}
 
 
 def main(root: Path):
-    for case in json.load(sys.stdin):
-        print(json.dumps(time_case(root, case)), flush=True)
+    cache = {}
+    for line in sys.stdin:
+        case = json.loads(line)
+        print(json.dumps(time_case(load(root, case, cache), root, case)), flush=True)
 
 
 if __name__ == "__main__":

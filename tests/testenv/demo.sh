@@ -34,14 +34,14 @@ kubectl wait --for=jsonpath='{.status.readyRunners}'=1 modellane/anisora modella
 
 kubectl delete -n default videojob cat-on-beach lighthouse-storm --ignore-not-found --wait >/dev/null
 # The example jobs (anisora: image to video from inputs/first-frame.png on the model volume;
-# phr00t: text to video) at a size the CPU makes in a minute or two.
+# phr00t: text to video) at a size 2 CPU cores make in a minute or two.
 kubectl create --dry-run=client -o json -f "$REPO/examples/videojob.yaml" -f "$REPO/examples/videojob-phr00t.yaml" | python3 -c '
 import json, sys
 text, decoder, at = sys.stdin.read(), json.JSONDecoder(), 0
 while text[at:].strip():
     job, end = decoder.raw_decode(text, at + len(text[at:]) - len(text[at:].lstrip()))
     at = end
-    job["spec"].update({"width": 480, "height": 288, "frames": 33})
+    job["spec"].update({"width": 320, "height": 192, "frames": 17})
     print(json.dumps(job))' | kubectl apply -n default -f -
 echo
 echo "Nodes, lanes and runner pods (kwok plays the pods; runner processes play their code):"

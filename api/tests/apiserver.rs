@@ -454,10 +454,29 @@ async fn videomodel_schema_rules_reject_bad_input_naming_the_field() -> Result<(
             "4k+1",
         ),
         (
-            "/spec/package/path",
+            "/spec/weights/path",
             json!("../etc"),
-            "spec.package.path",
+            "spec.weights.path",
             "relative path inside the model volume",
+        ),
+        (
+            "/spec/weights",
+            json!({"format": "comfyui", "file": "phr00t/aio.safetensors"}),
+            "spec.weights",
+            "format comfyui takes tokenizer and one of file or files",
+        ),
+        (
+            "/spec/weights",
+            json!({"format": "comfyui", "files": {"transformer": ["/abs.safetensors"],
+                "textEncoder": "t.safetensors", "vae": "v.safetensors"}, "tokenizer": "tok"}),
+            "spec.weights.files.transformer",
+            "relative paths inside the model volume",
+        ),
+        (
+            "/spec/sampling",
+            json!({"solver": "unipc", "schedule": "beta", "shift": 5.0}),
+            "spec.sampling",
+            "unipc runs on its own shifted flow schedule",
         ),
         (
             "/spec/modes",

@@ -63,6 +63,12 @@ pub struct Config {
         default_value = "framelane-outputs"
     )]
     pub outputs_claim: String,
+    /// Hosts a VideoJob's `spec.image` URL may name (comma-separated; the port does not
+    /// matter). Empty (the default): no URL is allowed, only paths in the model volume, since
+    /// a runner fetching any URL could reach services inside the cluster. Runner pods get the
+    /// same list.
+    #[arg(long, env = "FRAMELANE_IMAGE_URL_HOSTS", value_delimiter = ',')]
+    pub image_url_hosts: Vec<String>,
     /// Queue depth of lanes that set none.
     #[arg(long, default_value_t = 25)]
     pub default_max_depth: i32,

@@ -246,6 +246,7 @@ async fn start_webhook(
         policy,
         config.webhook_certificates,
         client_ca.is_some(),
+        config.image_url_hosts.clone(),
     ));
     tokio::spawn(webhook.clone().follow_certificates(
         client.clone(),

@@ -146,7 +146,7 @@ fn container(lane: &ModelLane, runner: &RunnerTemplate, config: &Config) -> Cont
                 .clone()
                 .unwrap_or_else(|| config.runner_image.clone()),
         ),
-        env: Some(env(lane, runner)),
+        env: Some(env(lane, runner, config)),
         ports: Some(vec![ContainerPort {
             name: Some(METRICS_PORT_NAME.into()),
             container_port: METRICS_PORT,
@@ -173,8 +173,9 @@ fn container(lane: &ModelLane, runner: &RunnerTemplate, config: &Config) -> Cont
 }
 
 /// The runner's environment: who it is (from the downward API), its lane and models, where
-/// its volumes are, the allocator setting unless the lane overrides it, and the lane's own.
-fn env(lane: &ModelLane, runner: &RunnerTemplate) -> Vec<EnvVar> {
+/// its volumes are, the image hosts it may fetch from, the allocator setting unless the lane
+/// overrides it, and the lane's own.
+fn env(lane: &ModelLane, runner: &RunnerTemplate, config: &Config) -> Vec<EnvVar> {
     let field = |name: &str, path: &str| EnvVar {
         name: name.into(),
         value_from: Some(EnvVarSource {
@@ -202,6 +203,12 @@ fn env(lane: &ModelLane, runner: &RunnerTemplate) -> Vec<EnvVar> {
         value("FRAMELANE_MODELS_DIR", MODELS_MOUNT.into()),
         value("FRAMELANE_OUTPUT_DIR", OUTPUTS_MOUNT.into()),
     ];
+    if !config.image_url_hosts.is_empty() {
+        env.push(value(
+            "FRAMELANE_IMAGE_URL_HOSTS",
+            config.image_url_hosts.join(","),
+        ));
+    }
     if allocator_override(lane).is_none() {
         env.push(value(ALLOC_CONF_ENV, ALLOC_CONF_DEFAULT.into()));
     }

@@ -77,6 +77,8 @@ pub struct Webhook {
     /// Whether the API server's paths demand a client certificate (`--webhook-client-ca`).
     pub client_ca: bool,
     peers: PeerKeys,
+    /// The hosts a job's `spec.image` URL may name (`--image-url-hosts`).
+    pub image_url_hosts: Vec<String>,
     forwarder: RwLock<Option<Arc<Forwarder>>>,
 }
 
@@ -88,6 +90,7 @@ impl Webhook {
         policy: Policy,
         source: CertificateSource,
         client_ca: bool,
+        image_url_hosts: Vec<String>,
     ) -> Webhook {
         Webhook {
             models,
@@ -99,6 +102,7 @@ impl Webhook {
             source,
             client_ca,
             peers: PeerKeys::default(),
+            image_url_hosts,
             forwarder: RwLock::new(None),
         }
     }
@@ -164,7 +168,7 @@ impl Webhook {
         use futures::FutureExt;
         let models = matches!(self.models.wait_until_ready().now_or_never(), Some(Ok(())))
             .then(|| self.models.state());
-        match check(body, models.as_deref()) {
+        match check(body, models.as_deref(), &self.image_url_hosts) {
             Ok((request, Some(job))) => Ok((request, job)),
             Ok((request, None)) => Err(review::respond(&request.uid, None)),
             Err((uid, denial)) => Err(self.decided(&uid, "", Some(&denial))),
@@ -225,11 +229,13 @@ impl Webhook {
 }
 
 /// Everything the webhook decides without the queue: reads the review and checks the job's
-/// parameters against `models` (`None` while the model cache is still being read). The job
-/// is `None` for an operation other than a create: nothing to check.
+/// parameters against `models` (`None` while the model cache is still being read) and its
+/// image against `image_url_hosts`. The job is `None` for an operation other than a create:
+/// nothing to check.
 pub fn check(
     body: &[u8],
     models: Option<&[Arc<VideoModel>]>,
+    image_url_hosts: &[String],
 ) -> Result<(Request, Option<VideoJob>), (String, Denial)> {
     let request = review::parse(body).map_err(|(uid, m)| (uid, Denial::bad_request(m)))?;
     if request.operation != "CREATE" {
@@ -245,7 +251,7 @@ pub fn check(
             return Err((request.uid, Denial::bad_request(message)));
         }
     };
-    let causes = violations(&job.spec, models);
+    let causes = violations(&job.spec, models, image_url_hosts);
     if causes.is_empty() {
         Ok((request, Some(job)))
     } else {
@@ -273,7 +279,7 @@ mod tests {
     /// What a replica answers before the queue step, for any body.
     fn answer(body: &[u8]) -> Value {
         let models = models();
-        let out = match check(body, Some(&models)) {
+        let out = match check(body, Some(&models), &[]) {
             Ok((request, _)) => review::respond(&request.uid, None),
             Err((uid, denial)) => review::respond(&uid, Some(&denial)),
         };

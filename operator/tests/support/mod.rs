@@ -73,7 +73,7 @@ impl Fixture {
             fixed["cfg"] = json!(cfg);
         }
         let mut full = json!({"fixedParameters": fixed, "defaults": {"width": 832, "height": 480, "frames": 81, "fps": 16},
-            "limits": {"maxWidth": 1280, "maxHeight": 1280, "maxFrames": 161}, "package": {"path": name}, "modes": ["t2v"]});
+            "limits": {"maxWidth": 1280, "maxHeight": 1280, "maxFrames": 161}, "weights": {"format": "diffusers", "path": name}, "modes": ["t2v"]});
         merge(&mut full, spec);
         let model: VideoModel = serde_json::from_value(json!({
             "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoModel",

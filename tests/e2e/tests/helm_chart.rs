@@ -622,11 +622,20 @@ impl Release {
     /// anything holding the fake GPUs, the webhook reached at this process, and the chart's
     /// own claims bound to volumes made for them.
     fn values(&self, anisora_replicas: u32) -> Value {
+        // Both text to video, on the tiny models of the runner's tests: a diffusers folder
+        // and a ComfyUI AllInOne file.
         let model = |package: &str, fixed: Value| {
-            json!({"name": self.model(package), "spec": {"fixedParameters": fixed,
+            let mut spec = json!({"fixedParameters": fixed,
                 "defaults": {"width": 256, "height": 256, "frames": 17, "fps": 8},
                 "limits": {"maxWidth": 512, "maxHeight": 512, "maxFrames": 33},
-                "package": {"path": package}, "modes": ["t2v"]}})
+                "weights": {"format": "diffusers", "path": "wan-t2v"}, "modes": ["t2v"]});
+            if package == "phr00t" {
+                spec["weights"] = json!({"format": "comfyui", "file": "phr00t/phr00t-aio.safetensors",
+                    "tokenizer": "phr00t/tokenizer"});
+                spec["sampling"] =
+                    json!({"solver": "euler_ancestral", "schedule": "beta", "shift": 8.0});
+            }
+            json!({"name": self.model(package), "spec": spec})
         };
         let runner = json!({"resources": {"requests": {"cpu": "100m"}}});
         // The operator of `just up` (its lane selector leaves these out) must not act on them.
@@ -686,7 +695,7 @@ impl Release {
     }
 
     /// A runner process playing the lane's first pod: the pod's own environment, a token of
-    /// the chart's runner account bound to the pod, the tiny model packages.
+    /// the chart's runner account bound to the pod, the tiny models.
     async fn runner(&self, package: &str) -> Result<tokio::process::Child> {
         let pod = eventually(60, "the lane's runner pod", || async {
             Ok(self.lane_pods(package).await?.into_iter().find(|p| {

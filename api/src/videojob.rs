@@ -179,6 +179,11 @@ pub struct VideoJobStatus {
     /// Name of the runner (pod) that claimed the job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner: Option<String>,
+    /// Which start of that runner holds the job: `<pod uid>/<nonce>`, the nonce drawn when
+    /// its process started; its heartbeat Lease names the same holder. A runner restarted
+    /// under the same pod name is a new holder, and its old job is requeued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner_incarnation: Option<String>,
     /// How many times a runner has started the job (more than 1 after a runner was lost).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempts: Option<i32>,

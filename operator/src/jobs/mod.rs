@@ -10,10 +10,10 @@ use std::{sync::Arc, time::Duration};
 
 use framelane_api::VideoJob;
 use framelane_core::{
-    availability::fresh_until,
     index::Index,
     lifecycle::{Decision, Facts, LaneFacts, NoLane, decide},
     routing::lane_for,
+    timeouts::holder_fresh_until,
 };
 use jiff::Timestamp;
 use kube::{ResourceExt, runtime::controller::Action};
@@ -63,7 +63,7 @@ fn facts(job: &VideoJob, ctx: &Context, now: Timestamp, index: &Index) -> Facts 
             .state()
             .iter()
             .find(|l| l.name_any() == runner)
-            .and_then(|l| fresh_until(l))
+            .and_then(|l| holder_fresh_until(l, status.runner_incarnation.as_deref()))
     });
     Facts {
         now,

@@ -39,7 +39,9 @@ use crate::{GenerationMode, modellane::FallbackCause, reasons::JobReason};
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
-    )
+    ),
+    // A status rule does not run when the status itself is removed; this one does.
+    validation = Rule::new("!has(oldSelf.status) || !has(oldSelf.status.phase) || has(self.status)").message("status cannot be removed once the job has a phase: a job's journey is only ever added to").field_path(".status")
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self == oldSelf").message("spec is immutable: delete the VideoJob and create a new one"))]
@@ -138,9 +140,13 @@ vocabulary! {
     }
 }
 
-/// What the operator and the runner last recorded about a job.
+/// What the operator and the runner last recorded about a job. Its rules bind every writer:
+/// a finished status is final, the phase only moves forward, `queuedAt` is written once.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(oldSelf.phase) || !(oldSelf.phase in ['Succeeded', 'Failed']) || self == oldSelf").message("the job is Succeeded or Failed, and a finished job's status never changes again: create a new VideoJob to run it again"))]
+#[x_kube(validation = Rule::new("!has(oldSelf.phase) || (has(self.phase) && ({'Queued': 1, 'Running': 2, 'Succeeded': 3, 'Failed': 3}[self.phase] >= {'Queued': 1, 'Running': 2, 'Succeeded': 3, 'Failed': 3}[oldSelf.phase] || (oldSelf.phase == 'Running' && self.phase == 'Queued')))").message("status.phase only moves forward (Queued, Running, then Succeeded or Failed; from Running back to Queued only when the operator requeues a lost runner's job) and is never removed").field_path(".phase"))]
+#[x_kube(validation = Rule::new("!has(oldSelf.queuedAt) || (has(self.queuedAt) && self.queuedAt == oldSelf.queuedAt)").message("status.queuedAt is the job's place in its lane's queue: once set it never changes (a requeue or a move to the fallback lane keeps it)").field_path(".queuedAt"))]
 pub struct VideoJobStatus {
     /// Queued, Running, Succeeded or Failed. Succeeded and Failed are final.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -173,6 +179,11 @@ pub struct VideoJobStatus {
     /// Name of the runner (pod) that claimed the job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner: Option<String>,
+    /// Which start of that runner holds the job: `<pod uid>/<nonce>`, the nonce drawn when
+    /// its process started; its heartbeat Lease names the same holder. A runner restarted
+    /// under the same pod name is a new holder, and its old job is requeued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner_incarnation: Option<String>,
     /// How many times a runner has started the job (more than 1 after a runner was lost).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempts: Option<i32>,

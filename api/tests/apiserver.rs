@@ -659,3 +659,178 @@ async fn kubectl_shows_printer_columns_short_names_and_docs() -> Result<()> {
     assert!(explain.contains("The manual switch"), "{explain}");
     Ok(())
 }
+
+/// A job named `name` for a model no lane serves (so no operator touches it), with `status`
+/// written through the status subresource by the admin.
+async fn job_with_status(jobs: &Api<VideoJob>, name: &str, status: Value) -> Result<VideoJob> {
+    let job: VideoJob = serde_json::from_value(json!({
+        "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob",
+        "metadata": {"name": name},
+        "spec": {"model": "served-by-no-lane", "prompt": "a cat by the sea"},
+    }))?;
+    jobs.create(&PostParams::default(), &job).await?;
+    Ok(write_status(jobs, name, status).await?)
+}
+
+/// Replaces the job's whole status, as the operator and the runners do.
+async fn write_status(
+    jobs: &Api<VideoJob>,
+    name: &str,
+    status: Value,
+) -> Result<VideoJob, kube::Error> {
+    let mut job = jobs.get(name).await?;
+    job.status = serde_json::from_value(status).map_err(kube::Error::SerdeError)?;
+    jobs.replace_status(name, &PostParams::default(), &job)
+        .await
+}
+
+/// Expects a status write refused as Invalid (422) on `field` with `message`.
+fn expect_refused(
+    written: Result<VideoJob, kube::Error>,
+    field: &str,
+    message: &str,
+) -> Result<()> {
+    match written {
+        Ok(job) => bail!(
+            "the API server accepted a status that breaks `{message}`: {:?}",
+            job.status
+        ),
+        Err(kube::Error::Api(s)) => {
+            ensure!(s.code == 422, "expected 422, got {}: {}", s.code, s.message);
+            ensure!(
+                s.message
+                    .contains(&format!("{field}: Invalid value: {message}")),
+                "expected `{field}: {message}`; the API server said: {}",
+                s.message
+            );
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+const QUEUED_AT: &str = "2030-01-02T03:04:05.678901Z";
+const FINAL: &str =
+    "the job is Succeeded or Failed, and a finished job's status never changes again";
+const FORWARD: &str = "status.phase only moves forward (Queued, Running, then Succeeded or Failed; from Running back to Queued only when the operator requeues a lost runner's job) and is never removed";
+const QUEUED_AT_FIXED: &str =
+    "status.queuedAt is the job's place in its lane's queue: once set it never changes";
+
+#[tokio::test]
+async fn a_finished_jobs_status_never_changes_again() -> Result<()> {
+    let env = TestEnv::get()?;
+    let ns = env.namespace("final").await?;
+    let jobs: Api<VideoJob> = ns.api();
+    let output = json!({"path": "ns/done/video.mp4", "sizeBytes": 1000, "sha256": "ab",
+        "frames": 17, "fps": 16, "width": 256, "height": 256});
+    let succeeded = json!({"phase": "Succeeded", "lane": "anisora", "queuedAt": QUEUED_AT,
+        "runner": "anisora-0a1b2c-0", "output": output});
+    job_with_status(&jobs, "done", succeeded.clone()).await?;
+    let mut forged = succeeded.clone();
+    forged["output"]["path"] = json!("ns/other/video.mp4");
+    expect_refused(write_status(&jobs, "done", forged).await, "status", FINAL)?;
+    let mut failed = succeeded.clone();
+    failed["phase"] = json!("Failed");
+    expect_refused(write_status(&jobs, "done", failed).await, "status", FINAL)?;
+
+    let failed = json!({"phase": "Failed", "lane": "anisora", "queuedAt": QUEUED_AT,
+        "reason": "QueueWaitTimeout", "message": "waited too long"});
+    job_with_status(&jobs, "gave-up", failed.clone()).await?;
+    let mut retold = failed.clone();
+    retold["message"] = json!("all is well");
+    expect_refused(
+        write_status(&jobs, "gave-up", retold).await,
+        "status",
+        FINAL,
+    )?;
+    // Writing the same status again changes nothing, and is no change.
+    write_status(&jobs, "gave-up", failed).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_jobs_phase_only_moves_forward_and_is_never_removed() -> Result<()> {
+    let env = TestEnv::get()?;
+    let ns = env.namespace("forward").await?;
+    let jobs: Api<VideoJob> = ns.api();
+    let queued =
+        json!({"phase": "Queued", "lane": "anisora", "queuedAt": QUEUED_AT, "queuePosition": 1});
+    job_with_status(&jobs, "journey", queued.clone()).await?;
+    let mut no_phase = queued.clone();
+    no_phase.as_object_mut().unwrap().remove("phase");
+    expect_refused(
+        write_status(&jobs, "journey", no_phase).await,
+        "status.phase",
+        FORWARD,
+    )?;
+    expect_refused(
+        write_status(&jobs, "journey", Value::Null).await,
+        "status",
+        "status cannot be removed once the job has a phase",
+    )?;
+
+    // Claimed, then requeued by the operator (Running back to Queued), claimed again.
+    let running = json!({"phase": "Running", "lane": "anisora", "queuedAt": QUEUED_AT,
+        "runner": "anisora-0a1b2c-0", "attempts": 1});
+    write_status(&jobs, "journey", running.clone()).await?;
+    write_status(&jobs, "journey", queued.clone()).await?;
+    write_status(&jobs, "journey", running.clone()).await?;
+    expect_refused(
+        write_status(&jobs, "journey", Value::Null).await,
+        "status",
+        "status cannot be removed once the job has a phase",
+    )?;
+    let mut done = running.clone();
+    done["phase"] = json!("Succeeded");
+    write_status(&jobs, "journey", done).await?;
+    // Succeeded back to Running or Queued (the finished status is final, too).
+    for revived in [running, queued] {
+        let refused = write_status(&jobs, "journey", revived).await;
+        expect_refused(refused, "status.phase", FORWARD)?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn queued_at_is_never_rewritten_and_a_fallback_move_keeps_it() -> Result<()> {
+    let env = TestEnv::get()?;
+    let ns = env.namespace("queuedat").await?;
+    let jobs: Api<VideoJob> = ns.api();
+    let queued =
+        json!({"phase": "Queued", "lane": "anisora", "queuedAt": QUEUED_AT, "queuePosition": 3});
+    job_with_status(&jobs, "placed", queued.clone()).await?;
+    for (rewritten, what) in [
+        (json!("9999-01-01T00:00:00.000000Z"), "the year 9999"),
+        (
+            json!("2030-01-02T03:04:05.678900Z"),
+            "a microsecond earlier",
+        ),
+        (Value::Null, "removed"),
+    ] {
+        let mut status = queued.clone();
+        match rewritten {
+            Value::Null => {
+                status.as_object_mut().unwrap().remove("queuedAt");
+            }
+            at => status["queuedAt"] = at,
+        }
+        expect_refused(
+            write_status(&jobs, "placed", status).await,
+            "status.queuedAt",
+            QUEUED_AT_FIXED,
+        )
+        .with_context(|| format!("queuedAt {what}"))?;
+    }
+    // Moved to the fallback lane: another lane and position, the same place in time.
+    let moved = json!({"phase": "Queued", "lane": "shared", "laneMode": "Fallback",
+        "fallbackFrom": "anisora", "fallbackCause": "capacity",
+        "queuedAt": QUEUED_AT, "queuePosition": 1});
+    let written = write_status(&jobs, "placed", moved).await?;
+    let status = written.status.context("a status")?;
+    assert_eq!(status.lane.as_deref(), Some("shared"));
+    assert_eq!(
+        status.queued_at.map(|t| t.0.to_string()),
+        Some(QUEUED_AT.to_string())
+    );
+    Ok(())
+}

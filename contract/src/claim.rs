@@ -40,6 +40,8 @@ pub struct Runner {
     pub(crate) lane: String,
     /// The uid of the runner's pod (called like the runner), when known.
     pub(crate) pod_uid: Option<String>,
+    /// Drawn when the runner starts: a container restarted in the same pod is a new holder.
+    nonce: String,
     pub(crate) leases: Api<Lease>,
     jobs: Api<VideoJob>,
     store: reflector::Store<VideoJob>,
@@ -75,6 +77,7 @@ impl Runner {
             name: name.into(),
             lane: lane.into(),
             pod_uid: None,
+            nonce: format!("{:016x}", rand::random::<u64>()),
             leases: Api::namespaced(client, namespace),
             jobs,
             store,
@@ -94,6 +97,14 @@ impl Runner {
         &self.name
     }
 
+    /// Which start of the runner this is: `<pod uid>/<nonce>` (the runner's name in place of
+    /// the uid outside a pod). Its heartbeat Lease names it as holder and its claims record
+    /// it, so the operator can tell a restarted runner from the one that claimed a job.
+    pub fn incarnation(&self) -> String {
+        let pod = self.pod_uid.as_deref().unwrap_or(&self.name);
+        format!("{pod}/{}", self.nonce)
+    }
+
     /// Claims the oldest Queued job of this lane, or returns `None` when there is none.
     pub async fn claim_next(&self) -> Result<Option<ClaimedJob>, ContractError> {
         for job in claims::claim_order(self.store.state(), &self.lane) {
@@ -104,7 +115,12 @@ impl Runner {
             loop {
                 let claimed = with_status(
                     &current,
-                    transitions::claimed(&current, &self.name, Timestamp::now()),
+                    transitions::claimed(
+                        &current,
+                        &self.name,
+                        &self.incarnation(),
+                        Timestamp::now(),
+                    ),
                 );
                 match api
                     .replace_status(&current.name_any(), &PostParams::default(), &claimed)
@@ -179,6 +195,8 @@ impl ClaimedJob {
         let s = job.status.as_ref();
         s.and_then(|s| s.phase) == Some(JobPhase::Running)
             && s.and_then(|s| s.runner.as_deref()) == Some(self.runner.name())
+            && s.and_then(|s| s.runner_incarnation.as_deref())
+                == Some(self.runner.incarnation().as_str())
     }
 
     /// Records progress (stage and denoising step).

@@ -114,11 +114,13 @@ pub fn moved(
     status
 }
 
-/// A queued job taken by `runner`: Running, one more attempt.
-pub fn claimed(job: &VideoJob, runner: &str, now: Timestamp) -> VideoJobStatus {
+/// A queued job taken by `runner` (its pod's name) in its start `incarnation`: Running, one
+/// more attempt.
+pub fn claimed(job: &VideoJob, runner: &str, incarnation: &str, now: Timestamp) -> VideoJobStatus {
     let mut status = job.status.clone().unwrap_or_default();
     status.phase = Some(JobPhase::Running);
     status.runner = Some(runner.into());
+    status.runner_incarnation = Some(incarnation.into());
     status.started_at = Some(MicroTime(now));
     status.attempts = Some(status.attempts.unwrap_or(0) + 1);
     status.queue_position = None;
@@ -245,6 +247,7 @@ pub fn failed(
 pub fn requeued(job: &VideoJob, max_attempts: i32, now: Timestamp) -> (VideoJobStatus, String) {
     let mut status = job.status.clone().unwrap_or_default();
     let runner = status.runner.take().unwrap_or_default();
+    status.runner_incarnation = None;
     let attempts = status.attempts.unwrap_or(1);
     let lane = status.lane.clone().unwrap_or_default();
     let message = format!(
@@ -328,7 +331,7 @@ mod tests {
             ("True".into(), "Admitted".into())
         );
 
-        let claimed = claimed(&job(Some(admitted)), "anisora-0", at(2));
+        let claimed = claimed(&job(Some(admitted)), "anisora-0", "uid-0/n-0", at(2));
         assert_eq!(
             (
                 claimed.phase,
@@ -338,6 +341,7 @@ mod tests {
             ),
             (Some(JobPhase::Running), Some("anisora-0"), Some(1), None)
         );
+        assert_eq!(claimed.runner_incarnation.as_deref(), Some("uid-0/n-0"));
         assert_eq!(
             condition(&claimed, JobCondition::Running),
             ("True".into(), "Started".into())
@@ -383,6 +387,7 @@ mod tests {
         let running = claimed(
             &job(Some(admitted(&job(None), &admission(), at(1)))),
             "r-0",
+            "uid-0/n-0",
             at(2),
         );
         let (requeued, message) = requeued(&job(Some(running.clone())), 3, at(5));
@@ -393,6 +398,10 @@ mod tests {
                 requeued.queued_at.clone().map(|t| t.0)
             ),
             (Some(JobPhase::Queued), None, Some(at(1)))
+        );
+        assert_eq!(
+            requeued.runner_incarnation, None,
+            "no start holds it any more"
         );
         assert_eq!(
             message,

@@ -10,11 +10,11 @@ use std::{sync::Arc, time::Duration};
 
 use framelane_api::VideoJob;
 use framelane_core::{
-    availability::fresh_until,
     index::Index,
     lifecycle::{Decision, Facts, LaneFacts, NoLane, decide},
     parameters::{summary, violations},
     routing::{lane_for, model_exists},
+    timeouts::holder_fresh_until,
 };
 use jiff::Timestamp;
 use kube::{ResourceExt, runtime::controller::Action};
@@ -64,7 +64,7 @@ fn facts(job: &VideoJob, ctx: &Context, now: Timestamp, index: &Index) -> Facts 
             .state()
             .iter()
             .find(|l| l.name_any() == runner)
-            .and_then(|l| fresh_until(l))
+            .and_then(|l| holder_fresh_until(l, status.runner_incarnation.as_deref()))
     });
     // Only a new job is checked: the webhook checked it, or it was created while the webhook
     // did not (turned off, a namespace it leaves out); a model changed later does not fail

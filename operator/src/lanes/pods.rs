@@ -173,8 +173,9 @@ fn container(lane: &ModelLane, runner: &RunnerTemplate, config: &Config) -> Cont
 }
 
 /// The runner's environment: who it is (from the downward API), its lane and models, where
-/// its volumes are, the image hosts it may fetch from, the allocator setting unless the lane
-/// overrides it, and the lane's own.
+/// its volumes are, the image hosts it may fetch from, the namespace of its jobs when the
+/// operator watches only one, the allocator setting unless the lane overrides it, and the
+/// lane's own.
 fn env(lane: &ModelLane, runner: &RunnerTemplate, config: &Config) -> Vec<EnvVar> {
     let field = |name: &str, path: &str| EnvVar {
         name: name.into(),
@@ -208,6 +209,10 @@ fn env(lane: &ModelLane, runner: &RunnerTemplate, config: &Config) -> Vec<EnvVar
             "FRAMELANE_IMAGE_URL_HOSTS",
             config.image_url_hosts.join(","),
         ));
+    }
+    // The runner's account may read jobs only there: listing them cluster-wide is forbidden.
+    if let Some(namespace) = &config.watch_namespace {
+        env.push(value("FRAMELANE_WATCH_NAMESPACE", namespace.clone()));
     }
     if allocator_override(lane).is_none() {
         env.push(value(ALLOC_CONF_ENV, ALLOC_CONF_DEFAULT.into()));
@@ -388,6 +393,26 @@ mod tests {
                 .as_deref(),
             Some("framelane-runner")
         );
+    }
+
+    #[test]
+    fn runner_pods_watch_the_operators_job_namespace_when_it_has_one() {
+        let minimal = lane(json!({"mode": "Dedicated", "models": ["anisora"]}));
+        let watched = |config: &Config| {
+            env_of(&desired_pods(&minimal, config)[0])
+                .into_iter()
+                .find(|(name, _)| name == "FRAMELANE_WATCH_NAMESPACE")
+                .map(|(_, value)| value)
+        };
+        assert_eq!(watched(&config()), None, "every namespace");
+        let one = Config::parse_from([
+            "framelane-operator",
+            "--namespace",
+            "fl",
+            "--watch-namespace",
+            "team-a",
+        ]);
+        assert_eq!(watched(&one), Some(Some("team-a".to_string())));
     }
 
     #[test]

@@ -73,7 +73,7 @@ fn facts(job: &VideoJob, ctx: &Context, now: Timestamp, index: &Index) -> Facts 
     let models = ctx.models.state();
     let invalid =
         (status.phase.is_none() && model_exists(&job.spec.model, &models).is_ok()).then(|| {
-            let causes = violations(&job.spec, &models);
+            let causes = violations(&job.spec, &models, &ctx.config.image_url_hosts);
             (!causes.is_empty()).then(|| summary(&job.name_any(), &job.spec.model, &causes))
         });
     Facts {

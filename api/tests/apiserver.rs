@@ -316,8 +316,8 @@ async fn videojob_schema_rules_reject_bad_input_naming_the_field() -> Result<()>
             "supported values: \"t2v\", \"i2v\"",
         ),
         (
-            "/spec/mode",
-            json!("i2v"),
+            "/spec/image",
+            Value::Null,
             "spec.image",
             "spec.image is required when mode is i2v",
         ),

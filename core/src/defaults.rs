@@ -49,7 +49,7 @@ mod tests {
             "spec": {"fixedParameters": fixed,
                 "defaults": {"width": 832, "height": 480, "frames": 81, "fps": 16},
                 "limits": {"maxWidth": 1280, "maxHeight": 1280, "maxFrames": 161},
-                "package": {"path": "phr00t"}, "modes": ["t2v"]}
+                "weights": {"format": "diffusers", "path": "phr00t"}, "modes": ["t2v"]}
         }))
         .unwrap()
     }

@@ -88,7 +88,7 @@ SCHEMA = {
             "podDisruptionBudget": obj({"enabled": BOOL, "minAvailable": {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": "^[0-9]+%$"}]}}),
             "podSecurityContext": MAP, "securityContext": MAP,
         }),
-        "runner": obj({"image": IMAGE, "serviceAccount": SERVICE_ACCOUNT, "gpuResource": {"type": "string", "minLength": 1}, "ownLeasePolicy": BOOL}),
+        "runner": obj({"image": IMAGE, "serviceAccount": SERVICE_ACCOUNT, "gpuResource": {"type": "string", "minLength": 1}, "admissionPolicies": BOOL}),
         "queueDefaults": obj({"maxDepth": POSITIVE, "maxWaitSeconds": POSITIVE}, ["maxDepth", "maxWaitSeconds"]),
         "volumes": obj({"models": VOLUME, "outputs": VOLUME}),
         "webhook": obj({

@@ -9,6 +9,7 @@ use framelane_core::{
     depth::room,
     index::{Index, Reservation, creation_key},
     lifecycle::{Decision, decide},
+    parameters::violations,
     routing::lane_for,
     transitions::{self, Admission},
 };
@@ -88,6 +89,11 @@ fn reserve_backlog(
         let Ok(route) = lane_for(&pending.spec.model, &models, &lanes) else {
             continue;
         };
+        // A job its model refuses (created while the webhook did not check it) takes no
+        // slot: its own reconcile fails it with InvalidParameters.
+        if !violations(&pending.spec, &models, &ctx.config.image_url_hosts).is_empty() {
+            continue;
+        }
         let name = route.name();
         let namespace = pending.metadata.namespace.as_deref().unwrap_or_default();
         let held = admitted(index, &name, namespace);

@@ -99,7 +99,8 @@ pub fn model_ref(model: &VideoModel, models_dir: &Path) -> Result<ModelRef, Stri
 }
 
 /// What to generate for `job`, with the model's defaults for what the job left out, its
-/// fixed steps, and the seed the controller resolved. The start image is read separately.
+/// fixed steps and cfg (whatever the job says: it may have been created while the webhook
+/// was off), and the seed the controller resolved. The start image is read separately.
 pub fn request_for(job: &VideoJob, model: &VideoModel) -> JobRequest {
     let spec = &job.spec;
     let defaults = &model.spec.defaults;
@@ -122,7 +123,7 @@ pub fn request_for(job: &VideoJob, model: &VideoModel) -> JobRequest {
         frames: spec.frames.unwrap_or(defaults.frames).max(0) as u32,
         fps: spec.fps.unwrap_or(defaults.fps).max(1) as u32,
         steps: model.spec.fixed_parameters.steps.max(1) as u32,
-        cfg: spec.cfg.or(model.spec.fixed_parameters.cfg).unwrap_or(1.0),
+        cfg: model.spec.fixed_parameters.cfg.or(spec.cfg).unwrap_or(1.0),
         seed: u32::try_from(seed).unwrap_or(u32::MAX),
     }
 }
@@ -177,6 +178,24 @@ mod tests {
         );
         assert_eq!((r.namespace.as_str(), r.name.as_str()), ("ns", "j"));
         assert_eq!(r.mode, Mode::TextToVideo);
+    }
+
+    #[test]
+    fn the_models_fixed_steps_and_cfg_win_over_the_jobs() {
+        let job = |cfg: f64| -> VideoJob {
+            serde_json::from_value(json!({
+                "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob", "metadata": {"name": "j", "namespace": "ns"},
+                "spec": {"model": "phr00t", "prompt": "a cat", "steps": 50, "cfg": cfg}
+            }))
+            .unwrap()
+        };
+        let fixed = model(json!({"weights": {"format": "diffusers", "path": "phr00t"}, "modes": ["t2v"]}));
+        let r = request_for(&job(7.5), &fixed);
+        assert_eq!((r.steps, r.cfg), (4, 1.0));
+        let free = model(json!({"weights": {"format": "diffusers", "path": "anisora"}, "modes": ["t2v"],
+            "fixedParameters": {"steps": 8}}));
+        let r = request_for(&job(5.0), &free);
+        assert_eq!((r.steps, r.cfg), (8, 5.0));
     }
 
     #[test]

@@ -57,7 +57,9 @@ pub fn allocator_override(lane: &ModelLane) -> Option<String> {
 }
 
 /// The runner pods the lane should have: `replicas` of them (at least one), named
-/// `<lane>-<template hash>-<index>` so that a changed template replaces them.
+/// `<lane>-<template hash>-<index>` so that a changed template replaces them. The chart's
+/// runner policies (runner-policies.yaml) read a runner's lane back from this name, so it
+/// must keep its form: a 6-hex hash and a decimal index.
 pub fn desired_pods(lane: &ModelLane, config: &Config) -> Vec<Pod> {
     let replicas = lane.spec.replicas.unwrap_or(1).max(1);
     let template = pod_spec(lane, config);

@@ -367,6 +367,7 @@ async fn the_chart_lints_and_renders_valid_manifests_for_every_option() -> Resul
         ("ModelLane", "shared"),
         ("NetworkPolicy", "fl-framelane-operator"),
         ("NetworkPolicy", "fl-framelane-runner"),
+        ("ValidatingAdmissionPolicy", "fl-framelane-runner-jobs"),
         ("ValidatingAdmissionPolicy", "fl-framelane-runner-own-lease"),
         ("Lease", "fl-framelane-operator"),
         ("Secret", "fl-framelane-webhook-tls"),
@@ -750,6 +751,9 @@ impl Release {
                 "url": format!("https://127.0.0.1:{}", self.webhook_port),
                 "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": self.jobs_namespace().name}},
             },
+            // Four tiny Wan jobs take a CPU runner more than the default 30 s; this test is
+            // about jobs surviving an upgrade and a rollback, not about queue timeouts.
+            "queueDefaults": {"maxDepth": 25, "maxWaitSeconds": 600},
             "volumes": {
                 "models": {"storageClassName": "", "volumeName": format!("{}-models", self.ns.name)},
                 "outputs": {"storageClassName": "", "volumeName": format!("{}-outputs", self.ns.name)},

@@ -65,6 +65,19 @@ async fn post(port: u16, path: &str, body: &str, extra: &[&str]) -> Result<Strin
     Ok(String::from_utf8(out.stdout)?)
 }
 
+/// POSTs to the API server's validating path with curl's `args`: the answer's body, a newline
+/// and its HTTP code.
+async fn answer(port: u16, args: &[&str]) -> Result<String> {
+    let out = tokio::process::Command::new("curl")
+        .args(["-sk", "-m", "5", "-w", "\n%{http_code}"])
+        .args(["-H", "content-type: application/json"])
+        .args(args)
+        .arg(format!("https://127.0.0.1:{port}/validate-videojob"))
+        .output()
+        .await?;
+    Ok(String::from_utf8(out.stdout)?)
+}
+
 #[tokio::test]
 async fn forged_reviews_take_no_slot_and_real_creates_still_fill_the_lane() -> Result<()> {
     let fx = Fixture::new("wh-forged").await?;
@@ -139,6 +152,60 @@ async fn forged_reviews_take_no_slot_and_real_creates_still_fill_the_lane() -> R
         "{overloaded:?}"
     );
     drop((a, b));
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_oversized_or_unsized_review_is_refused_and_takes_no_slot() -> Result<()> {
+    let fx = Fixture::new("wh-body").await?;
+    let model = lane(&fx, 1).await?;
+    let (a, port) = fx.webhook_operator("a", 0, &[])?;
+    a.until_leading().await?;
+    fx.register_webhook(port).await?;
+    fx.webhook_effective(&model).await?;
+    // Sent with the API server's own client certificate: only the size is wrong.
+    let pki = fx.ns.env.root.join(".testenv/pki");
+    let cert = [
+        "--cert",
+        &pki.join("webhook-client.crt").display().to_string(),
+        "--key",
+        &pki.join("webhook-client.key").display().to_string(),
+    ]
+    .map(String::from);
+    let cert: Vec<&str> = cert.iter().map(String::as_str).collect();
+    // A review padded past 512 KiB with a label, as a job with a huge annotation would be.
+    let mut big: serde_json::Value =
+        serde_json::from_str(&forged_review(&fx.ns.name, &model, "big"))?;
+    big["request"]["object"]["metadata"]["labels"] = json!({"pad": "x".repeat(600 << 10)});
+    let file = std::env::temp_dir().join(format!("{}-big-review.json", fx.ns.name));
+    std::fs::write(&file, big.to_string())?;
+    let from_file = format!("@{}", file.display());
+    let mut args = cert.clone();
+    args.extend(["--data-binary", &from_file]);
+    let oversized = answer(port, &args).await?;
+    ensure!(
+        oversized.ends_with("\n413") && oversized.contains("is over 512 KiB"),
+        "{oversized}"
+    );
+    // The same review in chunks, without a Content-Length.
+    let mut args = cert.clone();
+    args.extend([
+        "-H",
+        "transfer-encoding: chunked",
+        "--data-binary",
+        &from_file,
+    ]);
+    let chunked = answer(port, &args).await?;
+    ensure!(
+        chunked.ends_with("\n411") && chunked.contains("needs a Content-Length"),
+        "{chunked}"
+    );
+    // Neither took the lane's one slot.
+    let jobs = fx.jobs_without_retries().await?;
+    let (admitted, overloaded) = burst(&jobs, &model, "real", 2).await;
+    assert_eq!((admitted, overloaded.len()), (1, 1));
+    std::fs::remove_file(&file)?;
+    drop(a);
     Ok(())
 }
 

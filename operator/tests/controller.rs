@@ -1074,3 +1074,77 @@ async fn a_refused_final_write_is_retried_until_the_job_succeeds() -> Result<()>
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_hung_job_fails_deadline_exceeded_and_frees_its_slot() -> Result<()> {
+    let fx = Fixture::new("deadline").await?;
+    let model = fx.model("anisora", 8, None).await?;
+    let lane = fx
+        .lane(
+            "anisora",
+            &[&model],
+            json!({"queue": {"maxDepth": 1, "jobDeadlineSeconds": 3}}),
+        )
+        .await?;
+    let _op = fx.operator("op")?;
+    // Heartbeating all along, but each step takes longer than the lane's deadline.
+    let hangs = Behaviour {
+        steps: 2,
+        step_time: Duration::from_secs(6),
+        permits: None,
+    };
+    let runner = fx.runner("runner", &lane, hangs);
+    fx.create_job("hung", &model).await?;
+    let failed = eventually(30, "the hung job Failed", || async {
+        let job = fx.jobs.get("hung").await?;
+        ensure!(
+            phase(&job) != Some(JobPhase::Succeeded),
+            "the job outlived its deadline and succeeded"
+        );
+        Ok((phase(&job) == Some(JobPhase::Failed)).then_some(job))
+    })
+    .await?;
+    let status = failed.status.clone().unwrap_or_default();
+    assert_eq!(status.reason, Some(JobReason::DeadlineExceeded));
+    let message = status.message.unwrap_or_default();
+    assert!(message.contains("ran 3 s on runner runner"), "{message}");
+
+    // The lane holds one job: the next one is admitted only because the slot was freed. Its
+    // own deadline outlasts the lane's.
+    let next = support::job(
+        "next",
+        json!({"model": model, "prompt": "next", "frames": 17, "width": 256, "height": 256,
+            "deadlineSeconds": 60}),
+    );
+    fx.jobs.create(&PostParams::default(), &next).await?;
+    let next = eventually(40, "the next job Succeeded", || async {
+        let job = fx.jobs.get("next").await?;
+        ensure!(
+            phase(&job) != Some(JobPhase::Failed),
+            "the next job failed: {:?}",
+            job.status
+        );
+        Ok((phase(&job) == Some(JobPhase::Succeeded)).then_some(job))
+    })
+    .await?;
+    assert_eq!(
+        next.status.and_then(|s| s.runner),
+        Some("runner".to_string())
+    );
+    // The runner stopped the hung job at its next step and left its status as the operator
+    // wrote it.
+    assert_eq!(fx.jobs.get("hung").await?.status, failed.status);
+    let ran: Vec<String> = runner
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(j, _)| j.clone())
+        .collect();
+    assert_eq!(ran, ["hung", "next"]);
+    eventually(10, "depth 0", || async {
+        Ok((fx.lane_status(&lane).await?.queue_depth == 0).then_some(()))
+    })
+    .await?;
+    Ok(())
+}

@@ -16,6 +16,9 @@ vocabulary! {
         Completed,
         /// The job waited `maxWaitSeconds` and neither its lane nor a fallback lane could run it.
         QueueWaitTimeout,
+        /// The job ran longer than its deadline (`spec.deadlineSeconds`, else its lane's
+        /// `spec.queue.jobDeadlineSeconds`).
+        DeadlineExceeded,
         /// The job's runner died mid-job too many times.
         RunnerLost,
         /// A runner died mid-job; the job went back to its place in the queue.

@@ -110,6 +110,12 @@ pub struct VideoJobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub ttl_seconds_after_finished: Option<i32>,
+    /// Seconds the job may run once a runner claimed it (each attempt anew); then it fails
+    /// with reason `DeadlineExceeded`. Left out: its lane's `spec.queue.jobDeadlineSeconds`
+    /// (default 3600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub deadline_seconds: Option<i32>,
 }
 
 fn default_mode() -> GenerationMode {

@@ -20,7 +20,14 @@ use kube::{
 };
 use tokio::sync::watch;
 
-use crate::api_errors::{is_conflict, is_not_found};
+use crate::{
+    api_errors::{is_conflict, is_not_found},
+    backoff::Backoff,
+};
+
+/// The first and the longest wait between tries of a final status write.
+const FINAL_RETRY_FIRST: Duration = Duration::from_millis(200);
+const FINAL_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// What can go wrong between a runner and the API server.
 #[derive(Debug, thiserror::Error)]
@@ -223,7 +230,7 @@ impl ClaimedJob {
         output: Output,
         memory: Option<MemoryReport>,
     ) -> Result<VideoJob, ContractError> {
-        self.update(|job| {
+        self.finish(|job| {
             transitions::completed(job, output.clone(), memory.clone(), Timestamp::now())
         })
         .await?;
@@ -237,11 +244,38 @@ impl ClaimedJob {
         message: &str,
         memory: Option<MemoryReport>,
     ) -> Result<VideoJob, ContractError> {
-        self.update(|job| {
+        self.finish(|job| {
             transitions::failed(job, reason, message, memory.clone(), Timestamp::now())
         })
         .await?;
         Ok(self.job)
+    }
+
+    /// Writes a final status. A refusal other than a conflict or a missing job is retried
+    /// with backoff, the job read again before each try, until the write is taken or the job
+    /// is no longer this runner's (the operator failed it `DeadlineExceeded`, say): a runner
+    /// that finished its job must not leave it Running while it keeps heartbeating.
+    async fn finish(
+        &mut self,
+        next: impl Fn(&VideoJob) -> VideoJobStatus,
+    ) -> Result<(), ContractError> {
+        let name = self.job.name_any();
+        let mut backoff = Backoff::new(FINAL_RETRY_FIRST, FINAL_RETRY_MAX);
+        loop {
+            let error = match self.update(&next).await {
+                Err(ContractError::Kube(e)) => e,
+                done => return done,
+            };
+            let wait = backoff.next_wait();
+            tracing::warn!(job = %name, %error, ?wait, "final status refused; retrying while the job is this runner's");
+            tokio::time::sleep(wait).await;
+            match self.api.get_opt(&name).await {
+                Ok(Some(current)) if self.is_mine(&current) => self.job = current,
+                Ok(_) => return Err(ContractError::Lost(name)),
+                // Not reachable either: try the write again after the next wait.
+                Err(_) => {}
+            }
+        }
     }
 
     /// Writes the status `next` makes of the job, with a resourceVersion precondition; on a

@@ -13,6 +13,8 @@ pub struct QueueLimits {
     pub max_wait: Duration,
     /// Most unfinished jobs of one namespace the lane holds, when the lane sets a share.
     pub max_per_namespace: Option<usize>,
+    /// How long a job may run, unless the job sets its own deadline (see `timeouts`).
+    pub job_deadline: Duration,
 }
 
 /// How many unfinished jobs count against a lane: all of them, and those of the namespace a
@@ -87,6 +89,7 @@ mod tests {
         max_depth: 25,
         max_wait: Duration::from_secs(30),
         max_per_namespace: None,
+        job_deadline: Duration::from_secs(3600),
     };
 
     fn held(depth: usize, namespace: usize) -> Occupancy {

@@ -380,6 +380,7 @@ mod tests {
         max_depth: 3,
         max_wait: Duration::from_secs(30),
         max_per_namespace: None,
+        job_deadline: Duration::from_secs(3600),
     };
 
     #[test]

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use framelane_api::{
-    VideoJob,
+    VideoJob, VideoJobStatus,
     modellane::FallbackCause,
     reasons::JobReason,
     videojob::{JobPhase, LaneAssignment},
@@ -15,7 +15,9 @@ use jiff::{SignedDuration, Timestamp};
 use crate::{
     depth::{Occupancy, QueueLimits, room},
     routing::RouteError,
-    timeouts::{expiry, queue_wait_deadline, runner_alive, until},
+    timeouts::{
+        DEFAULT_JOB_DEADLINE, expiry, queue_wait_deadline, run_deadline, runner_alive, until,
+    },
 };
 
 /// How often a job that waits for a free runner of its fallback lane looks again.
@@ -135,21 +137,18 @@ pub fn decide(job: &VideoJob, facts: &Facts) -> Decision {
             status.lane_mode == Some(LaneAssignment::Fallback),
             facts,
         ),
-        Some(JobPhase::Running) if alive => Decision::Wait(runner_expiry()),
         Some(JobPhase::Running) => {
-            let runner = status.runner.as_deref().unwrap_or("?");
-            let attempts = status.attempts.unwrap_or(1);
-            if attempts < facts.max_attempts {
-                Decision::Requeue
-            } else {
-                Decision::Fail {
-                    reason: JobReason::RunnerLost,
-                    message: format!(
-                        "runner {runner} stopped sending heartbeats mid-job, and the job has now lost {attempts} runners \
-                         (limit {}); look at the runner pods' logs (OOM kills, node failures), then create the job again",
-                        facts.max_attempts
-                    ),
-                }
+            let limit = job_deadline(job, &facts.lane);
+            let deadline = run_deadline(status.started_at.as_ref().map(|t| t.0), limit);
+            match deadline {
+                Some(at) if at <= facts.now => Decision::Fail {
+                    reason: JobReason::DeadlineExceeded,
+                    message: overran(&status, limit),
+                },
+                _ if alive => Decision::Wait(deadline.map_or(runner_expiry(), |at| {
+                    runner_expiry().min(until(facts.now, at))
+                })),
+                _ => lost(&status, facts.max_attempts),
             }
         }
         Some(JobPhase::Succeeded | JobPhase::Failed) => {
@@ -160,6 +159,45 @@ pub fn decide(job: &VideoJob, facts: &Facts) -> Decision {
                 None => Decision::Wait(Duration::ZERO),
             }
         }
+    }
+}
+
+/// How long the job may run: its own deadline, else its lane's, else the default.
+fn job_deadline(job: &VideoJob, lane: &Result<LaneFacts, NoLane>) -> Duration {
+    let own = job
+        .spec
+        .deadline_seconds
+        .and_then(|s| u64::try_from(s).ok());
+    match (own, lane) {
+        (Some(secs), _) => Duration::from_secs(secs),
+        (None, Ok(lane)) => lane.limits.job_deadline,
+        (None, Err(_)) => DEFAULT_JOB_DEADLINE,
+    }
+}
+
+fn overran(status: &VideoJobStatus, limit: Duration) -> String {
+    format!(
+        "the job ran {} s on runner {} without finishing (its deadline: spec.deadlineSeconds, else its lane's \
+         spec.queue.jobDeadlineSeconds); look at the runner pod's logs for why it hung, then create the job again \
+         (with a larger spec.deadlineSeconds if it needs more time)",
+        limit.as_secs(),
+        status.runner.as_deref().unwrap_or("?")
+    )
+}
+
+/// Its runner died: another attempt, or `RunnerLost` once it has lost `max_attempts` runners.
+fn lost(status: &VideoJobStatus, max_attempts: i32) -> Decision {
+    let runner = status.runner.as_deref().unwrap_or("?");
+    let attempts = status.attempts.unwrap_or(1);
+    if attempts < max_attempts {
+        return Decision::Requeue;
+    }
+    Decision::Fail {
+        reason: JobReason::RunnerLost,
+        message: format!(
+            "runner {runner} stopped sending heartbeats mid-job, and the job has now lost {attempts} runners \
+             (limit {max_attempts}); look at the runner pods' logs (OOM kills, node failures), then create the job again"
+        ),
     }
 }
 
@@ -298,6 +336,7 @@ mod tests {
                 max_depth: 25,
                 max_wait: Duration::from_secs(30),
                 max_per_namespace: None,
+                job_deadline: Duration::from_secs(3600),
             },
             held: Occupancy {
                 depth,
@@ -422,6 +461,67 @@ mod tests {
     }
 
     #[test]
+    fn a_running_job_fails_deadline_exceeded_once_it_ran_its_deadline() {
+        let running = |deadline_seconds: Option<i32>| {
+            let mut j = job(
+                json!({"phase": "Running", "runner": "r-0", "attempts": 1, "startedAt": micro(0)}),
+            );
+            j.spec.deadline_seconds = deadline_seconds;
+            j
+        };
+        let exceeded = |decision: Decision| {
+            matches!(decision, Decision::Fail { reason: JobReason::DeadlineExceeded, message }
+                if message.contains("ran 3600 s on runner r-0") || message.contains("ran 60 s on runner r-0"))
+        };
+        // A live runner heartbeating: look again when its heartbeat or the deadline is due.
+        assert_eq!(
+            decide(&running(None), &facts(100, lane(1, None), Some(110))),
+            Decision::Wait(Duration::from_millis(10_100))
+        );
+        assert_eq!(
+            decide(&running(None), &facts(3595, lane(1, None), Some(3605))),
+            Decision::Wait(Duration::from_millis(5_100))
+        );
+        assert!(exceeded(decide(
+            &running(None),
+            &facts(3600, lane(1, None), Some(3610))
+        )));
+        // Its runner dead too: past the deadline it fails rather than running again.
+        assert!(exceeded(decide(
+            &running(None),
+            &facts(3600, lane(1, None), None)
+        )));
+        // The job's own deadline wins over its lane's, shorter or longer.
+        assert!(exceeded(decide(
+            &running(Some(60)),
+            &facts(60, lane(1, None), Some(70))
+        )));
+        let short = with(lane(1, None), |l| {
+            l.limits.job_deadline = Duration::from_secs(30)
+        });
+        assert!(matches!(
+            decide(&running(Some(60)), &facts(45, short.clone(), Some(55))),
+            Decision::Wait(_)
+        ));
+        assert!(matches!(
+            decide(&running(None), &facts(30, short, Some(55))),
+            Decision::Fail {
+                reason: JobReason::DeadlineExceeded,
+                ..
+            }
+        ));
+        // Its lane deleted meanwhile: the default deadline still holds.
+        assert!(matches!(
+            decide(&running(None), &facts(3599, gone(), Some(3610))),
+            Decision::Wait(_)
+        ));
+        assert!(exceeded(decide(
+            &running(None),
+            &facts(3600, gone(), Some(3610))
+        )));
+    }
+
+    #[test]
     fn terminal_states_are_final_and_expire_by_ttl() {
         let finished = |phase: &str| {
             job(json!({"phase": phase, "finishedAt": micro(0), "queuedAt": micro(-5)}))
@@ -466,6 +566,7 @@ mod tests {
                 max_depth: 25,
                 max_wait: Duration::from_secs(30),
                 max_per_namespace: None,
+                job_deadline: Duration::from_secs(3600),
             },
             held: Occupancy {
                 depth,

@@ -1,5 +1,6 @@
 //! How long may things take? A queued job's wait for a runner, a running job's runner before
-//! it counts as lost, and a finished job before its TTL deletes it.
+//! it counts as lost, a running job before its deadline, and a finished job before its TTL
+//! deletes it.
 
 use std::time::Duration;
 
@@ -19,6 +20,16 @@ pub fn queue_wait_deadline(
     let down_since = unavailable_since?;
     let waiting_since = queued_at.map_or(down_since, |q| q.max(down_since));
     Some(plus(waiting_since, signed(max_wait)))
+}
+
+/// How long a job may run when neither it nor its lane says: long enough for any model's
+/// longest video, short enough that a hung runner gives its slot back the same hour.
+pub const DEFAULT_JOB_DEADLINE: Duration = Duration::from_secs(3600);
+
+/// When a running job has run too long: `deadline` after its runner claimed it. A requeued
+/// job's next attempt gets the whole deadline again.
+pub fn run_deadline(started_at: Option<Timestamp>, deadline: Duration) -> Option<Timestamp> {
+    Some(plus(started_at?, signed(deadline)))
 }
 
 /// Until when the runner holding a running job is fresh: its heartbeat Lease's freshness, while
@@ -120,6 +131,7 @@ mod tests {
             Some(end)
         );
         assert_eq!(expiry(Some(end), Some(86_400)), Some(end));
+        assert_eq!(run_deadline(Some(end), DEFAULT_JOB_DEADLINE), Some(end));
     }
 
     #[test]
@@ -129,6 +141,11 @@ mod tests {
         assert!(!runner_alive(None, t(0)));
         assert_eq!(expiry(Some(t(0)), Some(60)), Some(t(60)));
         assert_eq!(expiry(Some(t(0)), None), None);
+        assert_eq!(
+            run_deadline(Some(t(0)), Duration::from_secs(60)),
+            Some(t(60))
+        );
+        assert_eq!(run_deadline(None, Duration::from_secs(60)), None);
         assert_eq!(until(t(0), t(2)), Duration::from_millis(2_100));
         assert_eq!(until(t(3), t(2)), Duration::from_millis(100));
     }

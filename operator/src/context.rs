@@ -14,6 +14,7 @@ use framelane_core::{
     lifecycle::{FallbackFacts, LaneFacts},
     queue::JobKey,
     routing::{episode_cause, route},
+    timeouts::DEFAULT_JOB_DEADLINE,
 };
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -124,7 +125,7 @@ impl Context {
         }
     }
 
-    /// A lane's `maxDepth` and `maxWaitSeconds`, with the operator's defaults.
+    /// A lane's queue limits, with the operator's defaults.
     pub fn lane_limits(&self, lane: &ModelLane) -> QueueLimits {
         let queue = lane.spec.queue.as_ref();
         let max_depth = queue
@@ -139,6 +140,11 @@ impl Context {
             max_per_namespace: queue
                 .and_then(|q| q.max_per_namespace)
                 .map(|n| n.max(1) as usize),
+            job_deadline: queue
+                .and_then(|q| q.job_deadline_seconds)
+                .map_or(DEFAULT_JOB_DEADLINE, |s| {
+                    std::time::Duration::from_secs(s.max(1) as u64)
+                }),
         }
     }
 

@@ -975,3 +975,176 @@ async fn a_job_no_webhook_checked_fails_invalid_parameters_and_is_never_claimed(
     assert_eq!(ran, ["right"], "the runner never saw the wrong job");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_refused_final_write_is_retried_until_the_job_succeeds() -> Result<()> {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
+    let fx = Fixture::new("final-write").await?;
+    let model = fx.model("anisora", 8, None).await?;
+    let lane = fx.lane("anisora", &[&model], json!({})).await?;
+    // For 10 s, the API server refuses every status update that makes a job of this
+    // namespace Succeeded, as an outage or a misbehaving policy would.
+    let name = fx.scoped("refuse-succeeded");
+    let labels = json!({support::INSTANCE_LABEL: fx.ns.name});
+    let policies = Api::<ValidatingAdmissionPolicy>::all(fx.client.clone());
+    let bindings = Api::<ValidatingAdmissionPolicyBinding>::all(fx.client.clone());
+    policies
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": labels},
+                "spec": {
+                    "failurePolicy": "Fail",
+                    "matchConstraints": {"resourceRules": [{"apiGroups": ["framelane.dev"],
+                        "apiVersions": ["*"], "operations": ["UPDATE"], "resources": ["videojobs/status"]}]},
+                    "validations": [{
+                        "expression": "!has(object.status) || !has(object.status.phase) || object.status.phase != 'Succeeded'",
+                        "message": "the test refuses Succeeded for now"}]
+                }
+            }))?,
+        )
+        .await?;
+    bindings
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": labels},
+                "spec": {"policyName": name, "validationActions": ["Deny"],
+                    "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": fx.ns.name}}}}
+            }))?,
+        )
+        .await?;
+    // The policy is in force once a dry-run Succeeded write of a probe job is refused.
+    let probe = fx.create_job("probe", &model).await?;
+    eventually(20, "the policy in force", || async {
+        let mut succeeded = probe.clone();
+        succeeded.status = Some(framelane_api::VideoJobStatus {
+            phase: Some(JobPhase::Succeeded),
+            ..Default::default()
+        });
+        let dry_run = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        let refused = fx
+            .jobs
+            .replace_status("probe", &dry_run, &succeeded)
+            .await
+            .is_err();
+        Ok(refused.then_some(()))
+    })
+    .await?;
+    let in_force = tokio::time::Instant::now();
+    fx.jobs.delete("probe", &DeleteParams::default()).await?;
+
+    let _op = fx.operator("op")?;
+    let runner = fx.runner("runner", &lane, Behaviour::default());
+    fx.create_job("refused", &model).await?;
+    eventually(30, "the job's last step written", || async {
+        let job = fx.jobs.get("refused").await?;
+        let percent = job.status.as_ref().and_then(|s| s.progress.as_ref());
+        Ok(percent.is_some_and(|p| p.percent == 100).then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let job = fx.jobs.get("refused").await?;
+    ensure!(
+        phase(&job) == Some(JobPhase::Running),
+        "the policy did not refuse the runner's Succeeded write: {:?}",
+        job.status
+    );
+    tokio::time::sleep_until(in_force + Duration::from_secs(10)).await;
+    bindings.delete(&name, &DeleteParams::default()).await?;
+    policies.delete(&name, &DeleteParams::default()).await?;
+
+    let job = eventually(60, "the job Succeeded", || async {
+        let job = fx.jobs.get("refused").await?;
+        Ok((phase(&job) == Some(JobPhase::Succeeded)).then_some(job))
+    })
+    .await?;
+    let status = job.status.unwrap_or_default();
+    assert_eq!(status.reason, Some(JobReason::Completed));
+    assert_eq!(status.attempts, Some(1), "the job ran once");
+    assert_eq!(
+        runner.log.lock().unwrap().len(),
+        1,
+        "the runner ran one job"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_hung_job_fails_deadline_exceeded_and_frees_its_slot() -> Result<()> {
+    let fx = Fixture::new("deadline").await?;
+    let model = fx.model("anisora", 8, None).await?;
+    let lane = fx
+        .lane(
+            "anisora",
+            &[&model],
+            json!({"queue": {"maxDepth": 1, "jobDeadlineSeconds": 3}}),
+        )
+        .await?;
+    let _op = fx.operator("op")?;
+    // Heartbeating all along, but each step takes longer than the lane's deadline.
+    let hangs = Behaviour {
+        steps: 2,
+        step_time: Duration::from_secs(6),
+        permits: None,
+    };
+    let runner = fx.runner("runner", &lane, hangs);
+    fx.create_job("hung", &model).await?;
+    let failed = eventually(30, "the hung job Failed", || async {
+        let job = fx.jobs.get("hung").await?;
+        ensure!(
+            phase(&job) != Some(JobPhase::Succeeded),
+            "the job outlived its deadline and succeeded"
+        );
+        Ok((phase(&job) == Some(JobPhase::Failed)).then_some(job))
+    })
+    .await?;
+    let status = failed.status.clone().unwrap_or_default();
+    assert_eq!(status.reason, Some(JobReason::DeadlineExceeded));
+    let message = status.message.unwrap_or_default();
+    assert!(message.contains("ran 3 s on runner runner"), "{message}");
+
+    // The lane holds one job: the next one is admitted only because the slot was freed. Its
+    // own deadline outlasts the lane's.
+    let next = support::job(
+        "next",
+        json!({"model": model, "prompt": "next", "frames": 17, "width": 256, "height": 256,
+            "deadlineSeconds": 60}),
+    );
+    fx.jobs.create(&PostParams::default(), &next).await?;
+    let next = eventually(40, "the next job Succeeded", || async {
+        let job = fx.jobs.get("next").await?;
+        ensure!(
+            phase(&job) != Some(JobPhase::Failed),
+            "the next job failed: {:?}",
+            job.status
+        );
+        Ok((phase(&job) == Some(JobPhase::Succeeded)).then_some(job))
+    })
+    .await?;
+    assert_eq!(
+        next.status.and_then(|s| s.runner),
+        Some("runner".to_string())
+    );
+    // The runner stopped the hung job at its next step and left its status as the operator
+    // wrote it.
+    assert_eq!(fx.jobs.get("hung").await?.status, failed.status);
+    let ran: Vec<String> = runner
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(j, _)| j.clone())
+        .collect();
+    assert_eq!(ran, ["hung", "next"]);
+    eventually(10, "depth 0", || async {
+        Ok((fx.lane_status(&lane).await?.queue_depth == 0).then_some(()))
+    })
+    .await?;
+    Ok(())
+}

@@ -112,7 +112,7 @@ impl Index {
         }
         let slot = slot_of(job);
         if let Slot::Queued { queued_at, .. } = &slot {
-            self.clock.observe(*queued_at);
+            self.clock.observe(*queued_at, jiff::Timestamp::now());
         }
         let waiting = job.status.as_ref().and_then(|s| s.phase).is_none()
             && job.metadata.deletion_timestamp.is_none();

@@ -189,11 +189,14 @@ mod tests {
             }))
             .unwrap()
         };
-        let fixed = model(json!({"weights": {"format": "diffusers", "path": "phr00t"}, "modes": ["t2v"]}));
+        let fixed =
+            model(json!({"weights": {"format": "diffusers", "path": "phr00t"}, "modes": ["t2v"]}));
         let r = request_for(&job(7.5), &fixed);
         assert_eq!((r.steps, r.cfg), (4, 1.0));
-        let free = model(json!({"weights": {"format": "diffusers", "path": "anisora"}, "modes": ["t2v"],
-            "fixedParameters": {"steps": 8}}));
+        let free = model(
+            json!({"weights": {"format": "diffusers", "path": "anisora"}, "modes": ["t2v"],
+            "fixedParameters": {"steps": 8}}),
+        );
         let r = request_for(&job(5.0), &free);
         assert_eq!((r.steps, r.cfg), (8, 5.0));
     }

@@ -1148,3 +1148,48 @@ async fn a_hung_job_fails_deadline_exceeded_and_frees_its_slot() -> Result<()> {
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_queued_at_at_the_end_of_time_does_not_stop_admissions() -> Result<()> {
+    let fx = Fixture::new("poison").await?;
+    let model = fx.model("anisora", 8, None).await?;
+    let lane = fx.lane("anisora", &[&model], json!({})).await?;
+    // Written with the admin's credentials before an operator admits it: the CRD lets
+    // queuedAt be set once. The last microsecond jiff (and so the operator) can read.
+    let last = "9999-12-30T22:00:00.999999Z";
+    fx.create_job("poison", &model).await?;
+    let status = json!({"status": {"phase": "Queued", "lane": lane, "queuedAt": last}});
+    fx.jobs
+        .patch_status("poison", &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
+    let mut op = fx.operator("op")?;
+    op.until_leading().await?;
+    for name in ["after-1", "after-2"] {
+        fx.create_job(name, &model).await?;
+    }
+    let year_3000: jiff::Timestamp = "3000-01-01T00:00:00Z".parse()?;
+    eventually(30, "the new jobs admitted at today's time", || async {
+        let jobs = fx.list_jobs().await?;
+        let admitted = jobs
+            .iter()
+            .filter(|j| j.name_any().starts_with("after-"))
+            .filter_map(|j| j.status.as_ref()?.queued_at.as_ref())
+            .filter(|t| t.0 < year_3000)
+            .count();
+        Ok((admitted == 2).then_some(()))
+    })
+    .await?;
+    ensure!(
+        op.child.try_wait()?.is_none(),
+        "the operator exited:\n{}",
+        op.log_text()
+    );
+    let poison = fx.jobs.get("poison").await?;
+    let kept = poison.status.and_then(|s| s.queued_at).map(|t| t.0);
+    assert_eq!(
+        kept,
+        Some(last.parse()?),
+        "the job keeps its place at the back"
+    );
+    Ok(())
+}

@@ -45,7 +45,7 @@ text, decoder, at = sys.stdin.read(), json.JSONDecoder(), 0
 while text[at:].strip():
     job, end = decoder.raw_decode(text, at + len(text[at:]) - len(text[at:].lstrip()))
     at = end
-    job["spec"].update({"width": 320, "height": 192, "frames": 17})
+    job["spec"].update({"width": 256, "height": 256, "frames": 17})
     print(json.dumps(job))' | kubectl apply -n default -f -
 echo
 echo "Nodes, lanes and runner pods (kwok plays the pods; runner processes play their code):"
@@ -133,7 +133,7 @@ kubectl create -n default -f - >/dev/null <<EOF
 apiVersion: framelane.dev/v1alpha1
 kind: VideoJob
 metadata: {name: cat-on-shared}
-spec: {model: anisora, prompt: a cat surfing at dusk on the shared lane, width: 256, height: 256, frames: 17}
+spec: {model: anisora, mode: i2v, image: inputs/first-frame.png, prompt: a cat surfing at dusk on the shared lane, width: 256, height: 256, frames: 17}
 EOF
 kubectl wait -n default --for=jsonpath='{.status.phase}'=Succeeded videojob/cat-on-shared --timeout=300s >/dev/null
 echo "  cat-on-shared ran on lane $(kubectl get vj -n default cat-on-shared -o jsonpath='{.status.lane} ({.status.laneMode}, cause {.status.fallbackCause}, from lane {.status.fallbackFrom})')"

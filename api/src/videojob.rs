@@ -174,12 +174,15 @@ pub struct VideoJobStatus {
     pub queue_position: Option<i32>,
     /// When the job was admitted to its lane's queue, in microseconds: the queue's order
     /// (oldest first). A requeued job keeps it, and so its place.
+    #[x_kube(validation = Rule::new("self < timestamp('9000-01-01T00:00:00Z')").message("status.queuedAt must be before the year 9000: the operator cannot read later times"))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queued_at: Option<MicroTime>,
     /// When a runner started the job.
+    #[x_kube(validation = Rule::new("self < timestamp('9000-01-01T00:00:00Z')").message("status.startedAt must be before the year 9000: the operator cannot read later times"))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<MicroTime>,
     /// When the job reached Succeeded or Failed.
+    #[x_kube(validation = Rule::new("self < timestamp('9000-01-01T00:00:00Z')").message("status.finishedAt must be before the year 9000: the operator cannot read later times"))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<MicroTime>,
     /// Name of the runner (pod) that claimed the job.
@@ -213,6 +216,7 @@ pub struct VideoJobStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     /// Standard conditions: Admitted, Running, Complete, Failed.
+    #[x_kube(validation = Rule::new("self.all(c, c.lastTransitionTime < timestamp('9000-01-01T00:00:00Z'))").message("status.conditions[].lastTransitionTime must be before the year 9000: the operator cannot read later times"))]
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status describes.

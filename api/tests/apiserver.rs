@@ -834,3 +834,85 @@ async fn queued_at_is_never_rewritten_and_a_fallback_move_keeps_it() -> Result<(
     );
     Ok(())
 }
+
+/// Merges `status` into the job's status, as raw JSON: a typed status cannot even hold a time
+/// past the operator's last instant.
+async fn patch_status(
+    jobs: &Api<VideoJob>,
+    name: &str,
+    status: Value,
+) -> Result<VideoJob, kube::Error> {
+    let patch = Patch::Merge(json!({ "status": status }));
+    jobs.patch_status(name, &PatchParams::default(), &patch)
+        .await
+}
+
+/// Expects a status write refused as Invalid (422) on `field`, which holds `value`, with
+/// `message` (a rule on a single field echoes its value).
+fn expect_refused_value(
+    written: Result<VideoJob, kube::Error>,
+    field: &str,
+    value: &str,
+    message: &str,
+) -> Result<()> {
+    let expected = format!("{field}: Invalid value: \"{value}\": {message}");
+    match written {
+        Ok(job) => bail!("the API server accepted {field} {value}: {:?}", job.status),
+        Err(kube::Error::Api(s)) => {
+            ensure!(s.code == 422, "expected 422, got {}: {}", s.code, s.message);
+            ensure!(
+                s.message.contains(&expected),
+                "expected `{expected}`; the API server said: {}",
+                s.message
+            );
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The API server takes times up to 9999-12-31T23:59:59Z, but the operator's time type ends
+/// late on 9999-12-30: one such job would stall every typed list and watch of VideoJobs.
+#[tokio::test]
+async fn status_times_the_operator_cannot_read_are_refused() -> Result<()> {
+    let env = TestEnv::get()?;
+    let ns = env.namespace("farfuture").await?;
+    let jobs: Api<VideoJob> = ns.api();
+    let last = "9999-12-31T23:59:59Z";
+    let job: VideoJob = serde_json::from_value(json!({
+        "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob",
+        "metadata": {"name": "someday"},
+        "spec": {"model": "served-by-no-lane", "prompt": "a cat by the sea"},
+    }))?;
+    jobs.create(&PostParams::default(), &job).await?;
+    let queued = json!({"phase": "Queued", "lane": "anisora", "queuedAt": last});
+    expect_refused_value(
+        patch_status(&jobs, "someday", queued).await,
+        "status.queuedAt",
+        last,
+        "status.queuedAt must be before the year 9000",
+    )?;
+    let queued = json!({"phase": "Queued", "lane": "anisora", "queuedAt": QUEUED_AT});
+    patch_status(&jobs, "someday", queued).await?;
+    for field in ["startedAt", "finishedAt"] {
+        let running = json!({"phase": "Running", "runner": "anisora-0a1b2c-0", field: last});
+        expect_refused_value(
+            patch_status(&jobs, "someday", running).await,
+            &format!("status.{field}"),
+            last,
+            &format!("status.{field} must be before the year 9000"),
+        )?;
+    }
+    let conditions = json!({"conditions": [{"type": "Admitted", "status": "True",
+        "reason": "Admitted", "message": "", "lastTransitionTime": last}]});
+    expect_refused(
+        patch_status(&jobs, "someday", conditions).await,
+        "status.conditions",
+        "status.conditions[].lastTransitionTime must be before the year 9000",
+    )?;
+    // The last second of the year 8999 is still a time the operator reads.
+    let running = json!({"phase": "Running", "runner": "anisora-0a1b2c-0",
+        "startedAt": "8999-12-31T23:59:59Z"});
+    patch_status(&jobs, "someday", running).await?;
+    Ok(())
+}

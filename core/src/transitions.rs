@@ -122,7 +122,7 @@ pub fn claimed(job: &VideoJob, runner: &str, incarnation: &str, now: Timestamp) 
     status.runner = Some(runner.into());
     status.runner_incarnation = Some(incarnation.into());
     status.started_at = Some(MicroTime(now));
-    status.attempts = Some(status.attempts.unwrap_or(0) + 1);
+    status.attempts = Some(status.attempts.unwrap_or(0).saturating_add(1));
     status.queue_position = None;
     status.reason = Some(JobReason::Started);
     status.message = Some(format!("runner {runner} started the job"));
@@ -312,6 +312,18 @@ mod tests {
             position: 3,
             seed: 42,
         }
+    }
+
+    /// The API server takes any 32-bit `attempts`; one more claim must not wrap it negative
+    /// (or panic, in a debug build), which would let the job retry forever.
+    #[test]
+    fn a_claim_at_the_largest_attempts_keeps_it() {
+        let running = VideoJobStatus {
+            attempts: Some(i32::MAX),
+            ..Default::default()
+        };
+        let claimed = claimed(&job(Some(running)), "anisora-0", "uid-0/n-0", at(2));
+        assert_eq!(claimed.attempts, Some(i32::MAX));
     }
 
     #[test]

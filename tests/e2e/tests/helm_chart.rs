@@ -943,9 +943,9 @@ async fn watch_one_namespace(release: &Release) -> Result<()> {
         .map(|s| s.containers[0].env.clone().unwrap_or_default())
         .unwrap_or_default();
     ensure!(
-        true || env.iter().any(|e| e.name == "FRAMELANE_WATCH_NAMESPACE"
+        env.iter().any(|e| e.name == "FRAMELANE_WATCH_NAMESPACE"
             && e.value.as_deref() == Some(team.name.as_str())),
-        "{env:?}"
+        "a runner pod tells its runner the watched namespace: {env:?}"
     );
     // Under load the runner may start after the lane's fallback grace: wait for the lane to
     // run its own jobs again, or the job would go to the fallback lane, which has no runner.

@@ -1631,7 +1631,7 @@ async fn runner_policies(ns: &TestNamespace, release: &str, dir: &Path) -> Resul
         "a runner may not hand a job on",
     )?;
     let mut late = running("x", "x-0a1b2c-0", &x_self);
-    late["queuedAt"] = json!("9999-01-01T00:00:00.000000Z");
+    late["queuedAt"] = json!("2031-01-01T00:00:00.000000Z");
     expect_refused(
         write_status(&as_x, "held-by-x", late).await,
         422,
@@ -1644,7 +1644,15 @@ async fn runner_policies(ns: &TestNamespace, release: &str, dir: &Path) -> Resul
         .expect("an object")
         .remove("queuedAt");
     new_job("unplaced", unplaced.clone()).await?;
+    // The year 9999 is refused for everyone (the CRD: the operator cannot read it), a
+    // plausible time for the runner by its policy.
     unplaced["queuedAt"] = json!("9999-01-01T00:00:00.000000Z");
+    expect_refused(
+        write_status(&as_x, "unplaced", unplaced.clone()).await,
+        422,
+        "status.queuedAt must be before the year 9000",
+    )?;
+    unplaced["queuedAt"] = json!("2031-01-01T00:00:00.000000Z");
     expect_refused(
         write_status(&as_x, "unplaced", unplaced).await,
         403,

@@ -1155,8 +1155,9 @@ async fn a_queued_at_at_the_end_of_time_does_not_stop_admissions() -> Result<()>
     let model = fx.model("anisora", 8, None).await?;
     let lane = fx.lane("anisora", &[&model], json!({})).await?;
     // Written with the admin's credentials before an operator admits it: the CRD lets
-    // queuedAt be set once. The last microsecond jiff (and so the operator) can read.
-    let last = "9999-12-30T22:00:00.999999Z";
+    // queuedAt be set once, up to the year 9000 (later times it refuses: the operator could
+    // not read them). The old admission clock followed it and admitted new jobs after it.
+    let last = "8999-12-31T23:59:59.999999Z";
     fx.create_job("poison", &model).await?;
     let status = json!({"status": {"phase": "Queued", "lane": lane, "queuedAt": last}});
     fx.jobs

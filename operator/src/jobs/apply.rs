@@ -6,12 +6,12 @@
 use framelane_api::{
     VideoJob, VideoJobStatus, reasons::JobReason, videojob::JobPhase, wellknown::JOB_FINALIZER,
 };
-use framelane_contract::api_errors::{ignore_not_found, is_conflict, is_not_found};
+use framelane_contract::api_errors::ignore_not_found;
 use framelane_core::{index::key_of, transitions};
 use jiff::Timestamp;
 use kube::{
     Api, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions},
+    api::{DeleteParams, Patch, PatchParams, PostParams},
     runtime::controller::Action,
 };
 use serde_json::json;
@@ -79,22 +79,13 @@ pub async fn requeue(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
-/// Deletes a finished job whose TTL passed: this job, by its UID, never a job re-created
-/// under its name since (the precondition fails with a conflict: nothing to delete).
+/// Deletes a finished job whose TTL passed.
 pub async fn delete(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
-    let params = DeleteParams {
-        preconditions: Some(Preconditions {
-            uid: job.uid(),
-            resource_version: None,
-        }),
-        ..DeleteParams::background()
-    };
-    match api(ctx, job).delete(&job.name_any(), &params).await {
-        Err(e) if is_conflict(&e) || is_not_found(&e) => {}
-        result => {
-            result?;
-        }
-    }
+    ignore_not_found(
+        api(ctx, job)
+            .delete(&job.name_any(), &DeleteParams::background())
+            .await,
+    )?;
     Ok(Action::await_change())
 }
 

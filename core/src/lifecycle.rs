@@ -329,15 +329,18 @@ mod tests {
     fn micro(secs: i64) -> serde_json::Value {
         serde_json::to_value(MicroTime(t(secs))).unwrap()
     }
+    /// Both test lanes' queue limits.
+    const LIMITS: QueueLimits = QueueLimits {
+        max_depth: 25,
+        max_wait: Duration::from_secs(30),
+        max_per_namespace: None,
+        job_deadline: Duration::from_secs(3600),
+    };
+
     fn lane(depth: usize, unavailable_since: Option<Timestamp>) -> Result<LaneFacts, NoLane> {
         Ok(LaneFacts {
             name: "anisora".into(),
-            limits: QueueLimits {
-                max_depth: 25,
-                max_wait: Duration::from_secs(30),
-                max_per_namespace: None,
-                job_deadline: Duration::from_secs(3600),
-            },
+            limits: LIMITS,
             held: Occupancy {
                 depth,
                 namespace: depth,
@@ -562,12 +565,7 @@ mod tests {
     fn shared(fresh: i32, running: usize, depth: usize) -> Option<FallbackFacts> {
         Some(FallbackFacts {
             name: "shared".into(),
-            limits: QueueLimits {
-                max_depth: 25,
-                max_wait: Duration::from_secs(30),
-                max_per_namespace: None,
-                job_deadline: Duration::from_secs(3600),
-            },
+            limits: LIMITS,
             held: Occupancy {
                 depth,
                 namespace: 0,

@@ -68,6 +68,8 @@ bench: tools
     tests/testenv/up.sh
     cargo bench -p framelane-operator --bench queue
     cargo bench -p framelane-operator --bench webhook
+    cargo bench -p framelane-operator --bench fuzz
+    cargo bench -p framelane-operator --bench restart
     eval "$(gpu-runner/scripts/setup-torch.sh)" && cargo bench -p framelane-runner --bench runner
 
 # GPU memory check on one H100/H200 (torch 2.11 installed, no network): 20 alternating jobs on a Shared runner, with expandable_segments on and off. Args: --jobs N --weight-gib G --binary PATH.

@@ -49,7 +49,8 @@ pub struct ModelLaneSpec {
     /// come from the operator's configuration (Helm values).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner: Option<RunnerTemplate>,
-    /// Queue limits. Left out: the operator's defaults (maxDepth 25, maxWaitSeconds 30).
+    /// Queue limits. Left out: the operator's defaults (maxDepth 25, maxWaitSeconds 30,
+    /// jobDeadlineSeconds 3600).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<QueueSpec>,
     /// Where this lane's jobs go when it cannot run them.
@@ -126,6 +127,19 @@ pub struct QueueSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 86400))]
     pub max_wait_seconds: Option<i32>,
+    /// Most unfinished jobs of one namespace the lane holds, so that one team cannot fill it:
+    /// further creates from that namespace are refused with HTTP 503 `queue_overloaded`
+    /// naming the namespace, while other namespaces' are still admitted. Left out: no share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_per_namespace: Option<i32>,
+    /// Seconds a job may run once a runner claimed it (each attempt anew). A job still
+    /// Running after that fails with reason `DeadlineExceeded`, its slot is freed and its
+    /// runner stops at its next step. A job's own `spec.deadlineSeconds` overrides it.
+    /// Default 3600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub job_deadline_seconds: Option<i32>,
 }
 
 /// Where a lane's jobs go when it cannot run them. The lane is in fallback while its runner

@@ -16,6 +16,9 @@ vocabulary! {
         Completed,
         /// The job waited `maxWaitSeconds` and neither its lane nor a fallback lane could run it.
         QueueWaitTimeout,
+        /// The job ran longer than its deadline (`spec.deadlineSeconds`, else its lane's
+        /// `spec.queue.jobDeadlineSeconds`).
+        DeadlineExceeded,
         /// The job's runner died mid-job too many times.
         RunnerLost,
         /// A runner died mid-job; the job went back to its place in the queue.
@@ -30,6 +33,9 @@ vocabulary! {
         QueueOverloaded,
         /// The job names a model that does not exist or that no lane serves.
         LaneNotFound,
+        /// The job's parameters do not fit its model (it was created while the admission
+        /// webhook did not check it); the message names each field and its fix.
+        InvalidParameters,
         /// Generation failed for another reason; the message says which.
         GenerationFailed,
     }

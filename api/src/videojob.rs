@@ -39,7 +39,9 @@ use crate::{GenerationMode, modellane::FallbackCause, reasons::JobReason};
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
-    )
+    ),
+    // A status rule does not run when the status itself is removed; this one does.
+    validation = Rule::new("!has(oldSelf.status) || !has(oldSelf.status.phase) || has(self.status)").message("status cannot be removed once the job has a phase: a job's journey is only ever added to").field_path(".status")
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self == oldSelf").message("spec is immutable: delete the VideoJob and create a new one"))]
@@ -108,6 +110,12 @@ pub struct VideoJobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub ttl_seconds_after_finished: Option<i32>,
+    /// Seconds the job may run once a runner claimed it (each attempt anew); then it fails
+    /// with reason `DeadlineExceeded`. Left out: its lane's `spec.queue.jobDeadlineSeconds`
+    /// (default 3600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub deadline_seconds: Option<i32>,
 }
 
 fn default_mode() -> GenerationMode {
@@ -138,9 +146,13 @@ vocabulary! {
     }
 }
 
-/// What the operator and the runner last recorded about a job.
+/// What the operator and the runner last recorded about a job. Its rules bind every writer:
+/// a finished status is final, the phase only moves forward, `queuedAt` is written once.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(oldSelf.phase) || !(oldSelf.phase in ['Succeeded', 'Failed']) || self == oldSelf").message("the job is Succeeded or Failed, and a finished job's status never changes again: create a new VideoJob to run it again"))]
+#[x_kube(validation = Rule::new("!has(oldSelf.phase) || (has(self.phase) && ({'Queued': 1, 'Running': 2, 'Succeeded': 3, 'Failed': 3}[self.phase] >= {'Queued': 1, 'Running': 2, 'Succeeded': 3, 'Failed': 3}[oldSelf.phase] || (oldSelf.phase == 'Running' && self.phase == 'Queued')))").message("status.phase only moves forward (Queued, Running, then Succeeded or Failed; from Running back to Queued only when the operator requeues a lost runner's job) and is never removed").field_path(".phase"))]
+#[x_kube(validation = Rule::new("!has(oldSelf.queuedAt) || (has(self.queuedAt) && self.queuedAt == oldSelf.queuedAt)").message("status.queuedAt is the job's place in its lane's queue: once set it never changes (a requeue or a move to the fallback lane keeps it)").field_path(".queuedAt"))]
 pub struct VideoJobStatus {
     /// Queued, Running, Succeeded or Failed. Succeeded and Failed are final.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -162,17 +174,25 @@ pub struct VideoJobStatus {
     pub queue_position: Option<i32>,
     /// When the job was admitted to its lane's queue, in microseconds: the queue's order
     /// (oldest first). A requeued job keeps it, and so its place.
+    #[x_kube(validation = Rule::new("self < timestamp('9000-01-01T00:00:00Z')").message("status.queuedAt must be before the year 9000: the operator cannot read later times"))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queued_at: Option<MicroTime>,
     /// When a runner started the job.
+    #[x_kube(validation = Rule::new("self < timestamp('9000-01-01T00:00:00Z')").message("status.startedAt must be before the year 9000: the operator cannot read later times"))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<MicroTime>,
     /// When the job reached Succeeded or Failed.
+    #[x_kube(validation = Rule::new("self < timestamp('9000-01-01T00:00:00Z')").message("status.finishedAt must be before the year 9000: the operator cannot read later times"))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<MicroTime>,
     /// Name of the runner (pod) that claimed the job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner: Option<String>,
+    /// Which start of that runner holds the job: `<pod uid>/<nonce>`, the nonce drawn when
+    /// its process started; its heartbeat Lease names the same holder. A runner restarted
+    /// under the same pod name is a new holder, and its old job is requeued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner_incarnation: Option<String>,
     /// How many times a runner has started the job (more than 1 after a runner was lost).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempts: Option<i32>,
@@ -196,6 +216,7 @@ pub struct VideoJobStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     /// Standard conditions: Admitted, Running, Complete, Failed.
+    #[x_kube(validation = Rule::new("self.all(c, c.lastTransitionTime < timestamp('9000-01-01T00:00:00Z'))").message("status.conditions[].lastTransitionTime must be before the year 9000: the operator cannot read later times"))]
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status describes.

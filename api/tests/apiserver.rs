@@ -32,6 +32,12 @@ fn example(file: &str, name: &str) -> Value {
 use serde::Deserialize as _;
 
 /// A name no other test run uses, for cluster-scoped objects.
+/// The label that keeps a tests' lane from the operator of `just up` (its lane selector leaves
+/// these out), so it creates no runner pods for it and writes no status over the test's.
+fn tests_own(name: &str) -> std::collections::BTreeMap<String, String> {
+    [("framelane.dev/test-instance".to_string(), name.to_string())].into()
+}
+
 fn unique(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -162,6 +168,7 @@ async fn valid_objects_of_each_kind_round_trip() -> Result<()> {
 
     let mut lane: ModelLane = serde_json::from_value(example("modellanes.yaml", "anisora"))?;
     lane.metadata.name = Some(unique("anisora"));
+    lane.metadata.labels = Some(tests_own(lane.metadata.name.as_deref().unwrap_or_default()));
     let lanes: Api<ModelLane> = Api::all(client.clone());
     let created = lanes.create(&PostParams::default(), &lane).await?;
     assert_eq!(
@@ -309,8 +316,8 @@ async fn videojob_schema_rules_reject_bad_input_naming_the_field() -> Result<()>
             "supported values: \"t2v\", \"i2v\"",
         ),
         (
-            "/spec/mode",
-            json!("i2v"),
+            "/spec/image",
+            Value::Null,
             "spec.image",
             "spec.image is required when mode is i2v",
         ),
@@ -352,9 +359,13 @@ async fn modellane_schema_rules_reject_bad_input_naming_the_field() -> Result<()
     let api = dynamic::<ModelLane>(env.client().await?, None);
     let name = unique("lane");
     let good = with(
-        example("modellanes.yaml", "anisora"),
-        "/metadata/name",
-        json!(name),
+        with(
+            example("modellanes.yaml", "anisora"),
+            "/metadata/name",
+            json!(name),
+        ),
+        "/metadata/labels",
+        json!(tests_own(&name)),
     );
     let cases: Vec<(&str, Value, &str, &str)> = vec![
         (
@@ -443,10 +454,29 @@ async fn videomodel_schema_rules_reject_bad_input_naming_the_field() -> Result<(
             "4k+1",
         ),
         (
-            "/spec/package/path",
+            "/spec/weights/path",
             json!("../etc"),
-            "spec.package.path",
+            "spec.weights.path",
             "relative path inside the model volume",
+        ),
+        (
+            "/spec/weights",
+            json!({"format": "comfyui", "file": "phr00t/aio.safetensors"}),
+            "spec.weights",
+            "format comfyui takes tokenizer and one of file or files",
+        ),
+        (
+            "/spec/weights",
+            json!({"format": "comfyui", "files": {"transformer": ["/abs.safetensors"],
+                "textEncoder": "t.safetensors", "vae": "v.safetensors"}, "tokenizer": "tok"}),
+            "spec.weights.files.transformer",
+            "relative paths inside the model volume",
+        ),
+        (
+            "/spec/sampling",
+            json!({"solver": "unipc", "schedule": "beta", "shift": 5.0}),
+            "spec.sampling",
+            "unipc runs on its own shifted flow schedule",
         ),
         (
             "/spec/modes",
@@ -571,6 +601,7 @@ async fn kubectl_shows_printer_columns_short_names_and_docs() -> Result<()> {
     let mut lane: ModelLane = serde_json::from_value(example("modellanes.yaml", "anisora"))?;
     let name = unique("cols");
     lane.metadata.name = Some(name.clone());
+    lane.metadata.labels = Some(tests_own(&name));
     lanes.create(&PostParams::default(), &lane).await?;
     let status = json!({"status": {"phase": "Ready", "readyRunners": 1, "queueDepth": 3,
         "fallback": {"active": true, "cause": "capacity"}}});
@@ -626,5 +657,262 @@ async fn kubectl_shows_printer_columns_short_names_and_docs() -> Result<()> {
             .output()?,
     )?;
     assert!(explain.contains("The manual switch"), "{explain}");
+    Ok(())
+}
+
+/// A job named `name` for a model no lane serves (so no operator touches it), with `status`
+/// written through the status subresource by the admin.
+async fn job_with_status(jobs: &Api<VideoJob>, name: &str, status: Value) -> Result<VideoJob> {
+    let job: VideoJob = serde_json::from_value(json!({
+        "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob",
+        "metadata": {"name": name},
+        "spec": {"model": "served-by-no-lane", "prompt": "a cat by the sea"},
+    }))?;
+    jobs.create(&PostParams::default(), &job).await?;
+    Ok(write_status(jobs, name, status).await?)
+}
+
+/// Replaces the job's whole status, as the operator and the runners do.
+async fn write_status(
+    jobs: &Api<VideoJob>,
+    name: &str,
+    status: Value,
+) -> Result<VideoJob, kube::Error> {
+    let mut job = jobs.get(name).await?;
+    job.status = serde_json::from_value(status).map_err(kube::Error::SerdeError)?;
+    jobs.replace_status(name, &PostParams::default(), &job)
+        .await
+}
+
+/// Expects a status write refused as Invalid (422) on `field` with `message`.
+fn expect_refused(
+    written: Result<VideoJob, kube::Error>,
+    field: &str,
+    message: &str,
+) -> Result<()> {
+    match written {
+        Ok(job) => bail!(
+            "the API server accepted a status that breaks `{message}`: {:?}",
+            job.status
+        ),
+        Err(kube::Error::Api(s)) => {
+            ensure!(s.code == 422, "expected 422, got {}: {}", s.code, s.message);
+            ensure!(
+                s.message
+                    .contains(&format!("{field}: Invalid value: {message}")),
+                "expected `{field}: {message}`; the API server said: {}",
+                s.message
+            );
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+const QUEUED_AT: &str = "2030-01-02T03:04:05.678901Z";
+const FINAL: &str =
+    "the job is Succeeded or Failed, and a finished job's status never changes again";
+const FORWARD: &str = "status.phase only moves forward (Queued, Running, then Succeeded or Failed; from Running back to Queued only when the operator requeues a lost runner's job) and is never removed";
+const QUEUED_AT_FIXED: &str =
+    "status.queuedAt is the job's place in its lane's queue: once set it never changes";
+
+#[tokio::test]
+async fn a_finished_jobs_status_never_changes_again() -> Result<()> {
+    let env = TestEnv::get()?;
+    let ns = env.namespace("final").await?;
+    let jobs: Api<VideoJob> = ns.api();
+    let output = json!({"path": "ns/done/video.mp4", "sizeBytes": 1000, "sha256": "ab",
+        "frames": 17, "fps": 16, "width": 256, "height": 256});
+    let succeeded = json!({"phase": "Succeeded", "lane": "anisora", "queuedAt": QUEUED_AT,
+        "runner": "anisora-0a1b2c-0", "output": output});
+    job_with_status(&jobs, "done", succeeded.clone()).await?;
+    let mut forged = succeeded.clone();
+    forged["output"]["path"] = json!("ns/other/video.mp4");
+    expect_refused(write_status(&jobs, "done", forged).await, "status", FINAL)?;
+    let mut failed = succeeded.clone();
+    failed["phase"] = json!("Failed");
+    expect_refused(write_status(&jobs, "done", failed).await, "status", FINAL)?;
+
+    let failed = json!({"phase": "Failed", "lane": "anisora", "queuedAt": QUEUED_AT,
+        "reason": "QueueWaitTimeout", "message": "waited too long"});
+    job_with_status(&jobs, "gave-up", failed.clone()).await?;
+    let mut retold = failed.clone();
+    retold["message"] = json!("all is well");
+    expect_refused(
+        write_status(&jobs, "gave-up", retold).await,
+        "status",
+        FINAL,
+    )?;
+    // Writing the same status again changes nothing, and is no change.
+    write_status(&jobs, "gave-up", failed).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_jobs_phase_only_moves_forward_and_is_never_removed() -> Result<()> {
+    let env = TestEnv::get()?;
+    let ns = env.namespace("forward").await?;
+    let jobs: Api<VideoJob> = ns.api();
+    let queued =
+        json!({"phase": "Queued", "lane": "anisora", "queuedAt": QUEUED_AT, "queuePosition": 1});
+    job_with_status(&jobs, "journey", queued.clone()).await?;
+    let mut no_phase = queued.clone();
+    no_phase.as_object_mut().unwrap().remove("phase");
+    expect_refused(
+        write_status(&jobs, "journey", no_phase).await,
+        "status.phase",
+        FORWARD,
+    )?;
+    expect_refused(
+        write_status(&jobs, "journey", Value::Null).await,
+        "status",
+        "status cannot be removed once the job has a phase",
+    )?;
+
+    // Claimed, then requeued by the operator (Running back to Queued), claimed again.
+    let running = json!({"phase": "Running", "lane": "anisora", "queuedAt": QUEUED_AT,
+        "runner": "anisora-0a1b2c-0", "attempts": 1});
+    write_status(&jobs, "journey", running.clone()).await?;
+    write_status(&jobs, "journey", queued.clone()).await?;
+    write_status(&jobs, "journey", running.clone()).await?;
+    expect_refused(
+        write_status(&jobs, "journey", Value::Null).await,
+        "status",
+        "status cannot be removed once the job has a phase",
+    )?;
+    let mut done = running.clone();
+    done["phase"] = json!("Succeeded");
+    write_status(&jobs, "journey", done).await?;
+    // Succeeded back to Running or Queued (the finished status is final, too).
+    for revived in [running, queued] {
+        let refused = write_status(&jobs, "journey", revived).await;
+        expect_refused(refused, "status.phase", FORWARD)?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn queued_at_is_never_rewritten_and_a_fallback_move_keeps_it() -> Result<()> {
+    let env = TestEnv::get()?;
+    let ns = env.namespace("queuedat").await?;
+    let jobs: Api<VideoJob> = ns.api();
+    let queued =
+        json!({"phase": "Queued", "lane": "anisora", "queuedAt": QUEUED_AT, "queuePosition": 3});
+    job_with_status(&jobs, "placed", queued.clone()).await?;
+    for (rewritten, what) in [
+        (json!("9999-01-01T00:00:00.000000Z"), "the year 9999"),
+        (
+            json!("2030-01-02T03:04:05.678900Z"),
+            "a microsecond earlier",
+        ),
+        (Value::Null, "removed"),
+    ] {
+        let mut status = queued.clone();
+        match rewritten {
+            Value::Null => {
+                status.as_object_mut().unwrap().remove("queuedAt");
+            }
+            at => status["queuedAt"] = at,
+        }
+        expect_refused(
+            write_status(&jobs, "placed", status).await,
+            "status.queuedAt",
+            QUEUED_AT_FIXED,
+        )
+        .with_context(|| format!("queuedAt {what}"))?;
+    }
+    // Moved to the fallback lane: another lane and position, the same place in time.
+    let moved = json!({"phase": "Queued", "lane": "shared", "laneMode": "Fallback",
+        "fallbackFrom": "anisora", "fallbackCause": "capacity",
+        "queuedAt": QUEUED_AT, "queuePosition": 1});
+    let written = write_status(&jobs, "placed", moved).await?;
+    let status = written.status.context("a status")?;
+    assert_eq!(status.lane.as_deref(), Some("shared"));
+    assert_eq!(
+        status.queued_at.map(|t| t.0.to_string()),
+        Some(QUEUED_AT.to_string())
+    );
+    Ok(())
+}
+
+/// Merges `status` into the job's status, as raw JSON: a typed status cannot even hold a time
+/// past the operator's last instant.
+async fn patch_status(
+    jobs: &Api<VideoJob>,
+    name: &str,
+    status: Value,
+) -> Result<VideoJob, kube::Error> {
+    let patch = Patch::Merge(json!({ "status": status }));
+    jobs.patch_status(name, &PatchParams::default(), &patch)
+        .await
+}
+
+/// Expects a status write refused as Invalid (422) on `field`, which holds `value`, with
+/// `message` (a rule on a single field echoes its value).
+fn expect_refused_value(
+    written: Result<VideoJob, kube::Error>,
+    field: &str,
+    value: &str,
+    message: &str,
+) -> Result<()> {
+    let expected = format!("{field}: Invalid value: \"{value}\": {message}");
+    match written {
+        Ok(job) => bail!("the API server accepted {field} {value}: {:?}", job.status),
+        Err(kube::Error::Api(s)) => {
+            ensure!(s.code == 422, "expected 422, got {}: {}", s.code, s.message);
+            ensure!(
+                s.message.contains(&expected),
+                "expected `{expected}`; the API server said: {}",
+                s.message
+            );
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The API server takes times up to 9999-12-31T23:59:59Z, but the operator's time type ends
+/// late on 9999-12-30: one such job would stall every typed list and watch of VideoJobs.
+#[tokio::test]
+async fn status_times_the_operator_cannot_read_are_refused() -> Result<()> {
+    let env = TestEnv::get()?;
+    let ns = env.namespace("farfuture").await?;
+    let jobs: Api<VideoJob> = ns.api();
+    let last = "9999-12-31T23:59:59Z";
+    let job: VideoJob = serde_json::from_value(json!({
+        "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob",
+        "metadata": {"name": "someday"},
+        "spec": {"model": "served-by-no-lane", "prompt": "a cat by the sea"},
+    }))?;
+    jobs.create(&PostParams::default(), &job).await?;
+    let queued = json!({"phase": "Queued", "lane": "anisora", "queuedAt": last});
+    expect_refused_value(
+        patch_status(&jobs, "someday", queued).await,
+        "status.queuedAt",
+        last,
+        "status.queuedAt must be before the year 9000",
+    )?;
+    let queued = json!({"phase": "Queued", "lane": "anisora", "queuedAt": QUEUED_AT});
+    patch_status(&jobs, "someday", queued).await?;
+    for field in ["startedAt", "finishedAt"] {
+        let running = json!({"phase": "Running", "runner": "anisora-0a1b2c-0", field: last});
+        expect_refused_value(
+            patch_status(&jobs, "someday", running).await,
+            &format!("status.{field}"),
+            last,
+            &format!("status.{field} must be before the year 9000"),
+        )?;
+    }
+    let conditions = json!({"conditions": [{"type": "Admitted", "status": "True",
+        "reason": "Admitted", "message": "", "lastTransitionTime": last}]});
+    expect_refused(
+        patch_status(&jobs, "someday", conditions).await,
+        "status.conditions",
+        "status.conditions[].lastTransitionTime must be before the year 9000",
+    )?;
+    // The last second of the year 8999 is still a time the operator reads.
+    let running = json!({"phase": "Running", "runner": "anisora-0a1b2c-0",
+        "startedAt": "8999-12-31T23:59:59Z"});
+    patch_status(&jobs, "someday", running).await?;
     Ok(())
 }

@@ -20,7 +20,14 @@ use kube::{
 };
 use tokio::sync::watch;
 
-use crate::api_errors::{is_conflict, is_not_found};
+use crate::{
+    api_errors::{is_conflict, is_not_found},
+    backoff::Backoff,
+};
+
+/// The first and the longest wait between tries of a final status write.
+const FINAL_RETRY_FIRST: Duration = Duration::from_millis(200);
+const FINAL_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// What can go wrong between a runner and the API server.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +47,8 @@ pub struct Runner {
     pub(crate) lane: String,
     /// The uid of the runner's pod (called like the runner), when known.
     pub(crate) pod_uid: Option<String>,
+    /// Drawn when the runner starts: a container restarted in the same pod is a new holder.
+    nonce: String,
     pub(crate) leases: Api<Lease>,
     jobs: Api<VideoJob>,
     store: reflector::Store<VideoJob>,
@@ -75,6 +84,7 @@ impl Runner {
             name: name.into(),
             lane: lane.into(),
             pod_uid: None,
+            nonce: format!("{:016x}", rand::random::<u64>()),
             leases: Api::namespaced(client, namespace),
             jobs,
             store,
@@ -94,6 +104,14 @@ impl Runner {
         &self.name
     }
 
+    /// Which start of the runner this is: `<pod uid>/<nonce>` (the runner's name in place of
+    /// the uid outside a pod). Its heartbeat Lease names it as holder and its claims record
+    /// it, so the operator can tell a restarted runner from the one that claimed a job.
+    pub fn incarnation(&self) -> String {
+        let pod = self.pod_uid.as_deref().unwrap_or(&self.name);
+        format!("{pod}/{}", self.nonce)
+    }
+
     /// Claims the oldest Queued job of this lane, or returns `None` when there is none.
     pub async fn claim_next(&self) -> Result<Option<ClaimedJob>, ContractError> {
         for job in claims::claim_order(self.store.state(), &self.lane) {
@@ -104,7 +122,12 @@ impl Runner {
             loop {
                 let claimed = with_status(
                     &current,
-                    transitions::claimed(&current, &self.name, Timestamp::now()),
+                    transitions::claimed(
+                        &current,
+                        &self.name,
+                        &self.incarnation(),
+                        Timestamp::now(),
+                    ),
                 );
                 match api
                     .replace_status(&current.name_any(), &PostParams::default(), &claimed)
@@ -179,6 +202,8 @@ impl ClaimedJob {
         let s = job.status.as_ref();
         s.and_then(|s| s.phase) == Some(JobPhase::Running)
             && s.and_then(|s| s.runner.as_deref()) == Some(self.runner.name())
+            && s.and_then(|s| s.runner_incarnation.as_deref())
+                == Some(self.runner.incarnation().as_str())
     }
 
     /// Records progress (stage and denoising step).
@@ -205,7 +230,7 @@ impl ClaimedJob {
         output: Output,
         memory: Option<MemoryReport>,
     ) -> Result<VideoJob, ContractError> {
-        self.update(|job| {
+        self.finish(|job| {
             transitions::completed(job, output.clone(), memory.clone(), Timestamp::now())
         })
         .await?;
@@ -219,11 +244,38 @@ impl ClaimedJob {
         message: &str,
         memory: Option<MemoryReport>,
     ) -> Result<VideoJob, ContractError> {
-        self.update(|job| {
+        self.finish(|job| {
             transitions::failed(job, reason, message, memory.clone(), Timestamp::now())
         })
         .await?;
         Ok(self.job)
+    }
+
+    /// Writes a final status. A refusal other than a conflict or a missing job is retried
+    /// with backoff, the job read again before each try, until the write is taken or the job
+    /// is no longer this runner's (the operator failed it `DeadlineExceeded`, say): a runner
+    /// that finished its job must not leave it Running while it keeps heartbeating.
+    async fn finish(
+        &mut self,
+        next: impl Fn(&VideoJob) -> VideoJobStatus,
+    ) -> Result<(), ContractError> {
+        let name = self.job.name_any();
+        let mut backoff = Backoff::new(FINAL_RETRY_FIRST, FINAL_RETRY_MAX);
+        loop {
+            let error = match self.update(&next).await {
+                Err(ContractError::Kube(e)) => e,
+                done => return done,
+            };
+            let wait = backoff.next_wait();
+            tracing::warn!(job = %name, %error, ?wait, "final status refused; retrying while the job is this runner's");
+            tokio::time::sleep(wait).await;
+            match self.api.get_opt(&name).await {
+                Ok(Some(current)) if self.is_mine(&current) => self.job = current,
+                Ok(_) => return Err(ContractError::Lost(name)),
+                // Not reachable either: try the write again after the next wait.
+                Err(_) => {}
+            }
+        }
     }
 
     /// Writes the status `next` makes of the job, with a resourceVersion precondition; on a

@@ -1,5 +1,6 @@
-//! A runner's heartbeat: a `Lease` named after its pod, renewed every [`RENEW_INTERVAL`],
-//! fresh for [`LEASE_DURATION`], with the model it has loaded in an annotation.
+//! A runner's heartbeat: a `Lease` named after its pod and held by the runner's current start
+//! (`Runner::incarnation`), renewed every [`RENEW_INTERVAL`], fresh for [`LEASE_DURATION`],
+//! with the model it has loaded in an annotation.
 
 use std::time::Duration;
 
@@ -28,6 +29,7 @@ impl Runner {
             annotations.insert(ANNOTATION_LOADED_MODEL.to_string(), model.to_string());
         }
         let seconds = LEASE_DURATION.as_secs() as i32;
+        let incarnation = self.incarnation();
         match self.leases.get_opt(&self.name).await? {
             Some(mut lease) => {
                 lease.metadata.annotations = Some(annotations);
@@ -37,7 +39,12 @@ impl Runner {
                     self.pod_uid.as_deref(),
                 );
                 let spec = lease.spec.get_or_insert_with(Default::default);
-                spec.holder_identity = Some(self.name.clone());
+                // A new start of the runner takes the Lease over, as a new holder.
+                if spec.holder_identity.as_deref() != Some(incarnation.as_str()) {
+                    spec.acquire_time = Some(now.clone());
+                    spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+                }
+                spec.holder_identity = Some(incarnation);
                 spec.lease_duration_seconds = Some(seconds);
                 spec.renew_time = Some(now);
                 self.leases
@@ -60,7 +67,7 @@ impl Runner {
                         ..Default::default()
                     },
                     spec: Some(LeaseSpec {
-                        holder_identity: Some(self.name.clone()),
+                        holder_identity: Some(incarnation),
                         lease_duration_seconds: Some(seconds),
                         acquire_time: Some(now.clone()),
                         renew_time: Some(now),

@@ -9,13 +9,18 @@
 //!   job of its lane with a resourceVersion precondition, so no job runs twice, then reports
 //!   progress and the outcome. Every later write checks that the job is still this runner's
 //!   and still Running, so a runner that was declared lost can never overwrite what happened
-//!   since, and nothing overwrites Succeeded or Failed. The statuses written are
+//!   since, and nothing overwrites Succeeded or Failed. A refused final write (an API
+//!   server outage, an admission policy) is retried with backoff for as long as the job is
+//!   still this runner's, so a job never stays Running after its runner finished it. The
+//!   statuses written are
 //!   `framelane_core::transitions`'.
 //! - [`serve`]: a client from a kubeconfig or the pod's account, and `/healthz`, `/readyz`,
 //!   `/metrics`.
 //! - [`api_errors`]: what an API error means (a conflict, a missing object).
+//! - [`backoff`]: exponential backoff with jitter for retries.
 
 pub mod api_errors;
+pub mod backoff;
 pub mod claim;
 pub mod heartbeat;
 pub mod serve;

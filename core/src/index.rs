@@ -12,8 +12,8 @@ use std::{
 use framelane_api::{VideoJob, modellane::FallbackCause, videojob::JobPhase};
 
 use crate::{
-    depth::{Overloaded, QueueLimits, room},
-    queue::{AdmissionClock, JobKey, Queues, Slot},
+    depth::{Occupancy, Overloaded, QueueLimits, room},
+    queue::{AdmissionClock, JobKey, LaneQueue, Queues, Slot},
 };
 
 /// The queues plus what keeps them exact.
@@ -112,7 +112,7 @@ impl Index {
         }
         let slot = slot_of(job);
         if let Slot::Queued { queued_at, .. } = &slot {
-            self.clock.observe(*queued_at);
+            self.clock.observe(*queued_at, jiff::Timestamp::now());
         }
         let waiting = job.status.as_ref().and_then(|s| s.phase).is_none()
             && job.metadata.deletion_timestamp.is_none();
@@ -141,27 +141,49 @@ impl Index {
         }
     }
 
-    /// Unfinished jobs that count against `lane`'s depth limit: admitted (Queued or
-    /// Running), created but not yet admitted (`route` gives a model's lane), and creates the
-    /// webhook let through that the watch has not shown yet.
-    pub fn unfinished(
+    /// Unfinished jobs that count against `lane`'s limits, all of them and (when the lane
+    /// has a per-namespace share, `namespace` is given) those of `namespace`: admitted (Queued
+    /// or Running), created but not yet admitted (`route` gives a model's lane), and creates
+    /// the webhook let through that the watch has not shown yet.
+    pub fn occupancy(
         &self,
         lane: &str,
+        namespace: Option<&str>,
         route: impl Fn(&str) -> Option<String>,
         now: Instant,
-    ) -> usize {
+    ) -> Occupancy {
+        let routed_here = |model: &str| route(model).as_deref() == Some(lane);
+        let queue = self.queues.lane(lane);
         let awaiting: usize = self
             .awaiting_models
             .iter()
-            .filter(|(model, _)| route(model).as_deref() == Some(lane))
+            .filter(|(model, _)| routed_here(model))
             .map(|(_, n)| n)
             .sum();
-        let held = self
+        let holds = self
             .holds
-            .values()
-            .filter(|(l, until)| l == lane && *until > now)
+            .iter()
+            .filter(|(_, (l, until))| l == lane && *until > now);
+        let Some(namespace) = namespace else {
+            return Occupancy {
+                depth: queue.map_or(0, LaneQueue::depth) + awaiting + holds.count(),
+                namespace: 0,
+            };
+        };
+        let mut held = Occupancy {
+            depth: queue.map_or(0, LaneQueue::depth) + awaiting,
+            namespace: queue.map_or(0, |q| q.held_by(namespace)),
+        };
+        held.namespace += self
+            .awaiting_keys
+            .iter()
+            .filter(|(key, (_, model))| key.namespace == namespace && routed_here(model))
             .count();
-        self.queues.depth(lane) + awaiting + held
+        for (key, _) in holds {
+            held.depth += 1;
+            held.namespace += usize::from(key.namespace == namespace);
+        }
+        held
     }
 
     /// The admission webhook's atomic check-and-take: holds a slot of `lane` for the create
@@ -180,8 +202,13 @@ impl Index {
         if self.versions.contains_key(&key) || self.awaiting_keys.contains_key(&key) {
             return Ok(());
         }
-        let count = self.unfinished(lane, route, now) - usize::from(self.holds.contains_key(&key));
-        room(lane, count, limits)?;
+        let share = limits.max_per_namespace.map(|_| key.namespace.as_str());
+        let mut held = self.occupancy(lane, share, route, now);
+        if self.holds.contains_key(&key) {
+            held.depth -= 1;
+            held.namespace = held.namespace.saturating_sub(1);
+        }
+        room(lane, &key.namespace, held, limits)?;
         if !dry_run {
             self.holds.insert(key, (lane.to_string(), until));
         }
@@ -352,6 +379,8 @@ mod tests {
     const LIMITS: QueueLimits = QueueLimits {
         max_depth: 3,
         max_wait: Duration::from_secs(30),
+        max_per_namespace: None,
+        job_deadline: Duration::from_secs(3600),
     };
 
     #[test]
@@ -418,10 +447,10 @@ mod tests {
             Ok(()),
             "a dry run fits but holds nothing"
         );
-        assert_eq!(index.unfinished("lane-a", lane_of, now), 2);
+        assert_eq!(index.occupancy("lane-a", None, lane_of, now).depth, 2);
         index.observe(&job("a", 5));
         assert_eq!(
-            index.unfinished("lane-a", lane_of, now),
+            index.occupancy("lane-a", None, lane_of, now).depth,
             2,
             "a shown job counts as awaiting admission instead of held"
         );
@@ -431,7 +460,7 @@ mod tests {
         );
         assert_eq!(
             index.hold(key("d"), "lane-a", LIMITS, lane_of, until, false),
-            Err(Overloaded {
+            Err(Overloaded::Lane {
                 lane: "lane-a".into(),
                 depth: 3,
                 limits: LIMITS
@@ -449,6 +478,6 @@ mod tests {
             "holds of creates that never arrived lapse"
         );
         index.forget(&job("a", 6));
-        assert_eq!(index.unfinished("lane-a", lane_of, later), 0);
+        assert_eq!(index.occupancy("lane-a", None, lane_of, later).depth, 0);
     }
 }

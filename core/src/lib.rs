@@ -18,11 +18,13 @@
 //!   progressed, completed, failed, requeued)?
 //! - [`lane_status`]: what should a lane's status say, and which Events does a change imply?
 //! - [`parameters`]: does a job fit its model (the fields and fixes of a 422)?
+//! - [`defaults`]: what does a new job leave out that its model fills in?
 //! - [`conditions`]: how a condition changes (its `lastTransitionTime`, in one place).
 
 pub mod availability;
 pub mod claims;
 pub mod conditions;
+pub mod defaults;
 pub mod depth;
 pub mod fallback;
 pub mod index;

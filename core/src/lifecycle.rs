@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use framelane_api::{
-    VideoJob,
+    VideoJob, VideoJobStatus,
     modellane::FallbackCause,
     reasons::JobReason,
     videojob::{JobPhase, LaneAssignment},
@@ -13,9 +13,11 @@ use framelane_api::{
 use jiff::{SignedDuration, Timestamp};
 
 use crate::{
-    depth::{QueueLimits, room},
+    depth::{Occupancy, QueueLimits, room},
     routing::RouteError,
-    timeouts::{expiry, queue_wait_deadline, runner_alive, until},
+    timeouts::{
+        DEFAULT_JOB_DEADLINE, expiry, queue_wait_deadline, run_deadline, runner_alive, until,
+    },
 };
 
 /// How often a job that waits for a free runner of its fallback lane looks again.
@@ -26,8 +28,8 @@ const FREE_RUNNER_POLL: Duration = Duration::from_secs(1);
 pub struct LaneFacts {
     pub name: String,
     pub limits: QueueLimits,
-    /// Unfinished jobs the lane holds now.
-    pub depth: usize,
+    /// Unfinished jobs the lane holds now, all and those of the job's namespace.
+    pub held: Occupancy,
     /// Since when the lane has had no fresh runner; `None` while it has one.
     pub unavailable_since: Option<Timestamp>,
     /// Runners with a fresh heartbeat, and jobs running on the lane: its runners are all busy
@@ -45,21 +47,23 @@ pub struct LaneFacts {
 pub struct FallbackFacts {
     pub name: String,
     pub limits: QueueLimits,
-    pub depth: usize,
+    /// Unfinished jobs it holds, all and those of the job's namespace.
+    pub held: Occupancy,
     pub fresh: i32,
     pub running: usize,
 }
 
 impl FallbackFacts {
-    /// Why this lane cannot take a job now (no fresh runner, or full), if it cannot.
-    fn refusal(&self) -> Option<String> {
+    /// Why this lane cannot take a job of `namespace` now (no fresh runner, or full), if it
+    /// cannot.
+    fn refusal(&self, namespace: &str) -> Option<String> {
         if self.fresh == 0 {
             return Some(format!(
                 "its fallback lane {} has no available runner either",
                 self.name
             ));
         }
-        room(&self.name, self.depth, self.limits)
+        room(&self.name, namespace, self.held, self.limits)
             .err()
             .map(|full| format!("its fallback lane {} is full ({full})", self.name))
     }
@@ -84,6 +88,9 @@ pub struct Facts {
     pub lane: Result<LaneFacts, NoLane>,
     /// For a Running job: until when its runner's heartbeat is fresh.
     pub runner_fresh_until: Option<Timestamp>,
+    /// For a new job: how its parameters do not fit its model (`parameters::summary`), if
+    /// they do not.
+    pub invalid: Option<String>,
     pub max_attempts: i32,
 }
 
@@ -108,6 +115,7 @@ pub enum Decision {
 /// The one place where a job's next step is decided.
 pub fn decide(job: &VideoJob, facts: &Facts) -> Decision {
     let status = job.status.clone().unwrap_or_default();
+    let namespace = job.metadata.namespace.as_deref().unwrap_or_default();
     let deleted = job.metadata.deletion_timestamp.is_some();
     let alive = runner_alive(facts.runner_fresh_until, facts.now);
     let runner_expiry = || until(facts.now, facts.runner_fresh_until.unwrap_or(facts.now));
@@ -115,27 +123,32 @@ pub fn decide(job: &VideoJob, facts: &Facts) -> Decision {
         // The runner sees the deletion and stops at the next step boundary.
         Some(JobPhase::Running) if deleted && alive => Decision::Wait(runner_expiry()),
         _ if deleted => Decision::Release,
-        None => admit(&facts.lane),
+        None => match &facts.invalid {
+            // Created while the webhook did not check it: refused before any runner sees it.
+            Some(why) => Decision::Fail {
+                reason: JobReason::InvalidParameters,
+                message: why.clone(),
+            },
+            None => admit(namespace, &facts.lane),
+        },
         Some(JobPhase::Queued) => queued(
+            namespace,
             status.queued_at.map(|t| t.0),
             status.lane_mode == Some(LaneAssignment::Fallback),
             facts,
         ),
-        Some(JobPhase::Running) if alive => Decision::Wait(runner_expiry()),
         Some(JobPhase::Running) => {
-            let runner = status.runner.as_deref().unwrap_or("?");
-            let attempts = status.attempts.unwrap_or(1);
-            if attempts < facts.max_attempts {
-                Decision::Requeue
-            } else {
-                Decision::Fail {
-                    reason: JobReason::RunnerLost,
-                    message: format!(
-                        "runner {runner} stopped sending heartbeats mid-job, and the job has now lost {attempts} runners \
-                         (limit {}); look at the runner pods' logs (OOM kills, node failures), then create the job again",
-                        facts.max_attempts
-                    ),
-                }
+            let limit = job_deadline(job, &facts.lane);
+            let deadline = run_deadline(status.started_at.as_ref().map(|t| t.0), limit);
+            match deadline {
+                Some(at) if at <= facts.now => Decision::Fail {
+                    reason: JobReason::DeadlineExceeded,
+                    message: overran(&status, limit),
+                },
+                _ if alive => Decision::Wait(deadline.map_or(runner_expiry(), |at| {
+                    runner_expiry().min(until(facts.now, at))
+                })),
+                _ => lost(&status, facts.max_attempts),
             }
         }
         Some(JobPhase::Succeeded | JobPhase::Failed) => {
@@ -149,13 +162,52 @@ pub fn decide(job: &VideoJob, facts: &Facts) -> Decision {
     }
 }
 
-fn admit(lane: &Result<LaneFacts, NoLane>) -> Decision {
+/// How long the job may run: its own deadline, else its lane's, else the default.
+fn job_deadline(job: &VideoJob, lane: &Result<LaneFacts, NoLane>) -> Duration {
+    let own = job
+        .spec
+        .deadline_seconds
+        .and_then(|s| u64::try_from(s).ok());
+    match (own, lane) {
+        (Some(secs), _) => Duration::from_secs(secs),
+        (None, Ok(lane)) => lane.limits.job_deadline,
+        (None, Err(_)) => DEFAULT_JOB_DEADLINE,
+    }
+}
+
+fn overran(status: &VideoJobStatus, limit: Duration) -> String {
+    format!(
+        "the job ran {} s on runner {} without finishing (its deadline: spec.deadlineSeconds, else its lane's \
+         spec.queue.jobDeadlineSeconds); look at the runner pod's logs for why it hung, then create the job again \
+         (with a larger spec.deadlineSeconds if it needs more time)",
+        limit.as_secs(),
+        status.runner.as_deref().unwrap_or("?")
+    )
+}
+
+/// Its runner died: another attempt, or `RunnerLost` once it has lost `max_attempts` runners.
+fn lost(status: &VideoJobStatus, max_attempts: i32) -> Decision {
+    let runner = status.runner.as_deref().unwrap_or("?");
+    let attempts = status.attempts.unwrap_or(1);
+    if attempts < max_attempts {
+        return Decision::Requeue;
+    }
+    Decision::Fail {
+        reason: JobReason::RunnerLost,
+        message: format!(
+            "runner {runner} stopped sending heartbeats mid-job, and the job has now lost {attempts} runners \
+             (limit {max_attempts}); look at the runner pods' logs (OOM kills, node failures), then create the job again"
+        ),
+    }
+}
+
+fn admit(namespace: &str, lane: &Result<LaneFacts, NoLane>) -> Decision {
     match lane {
         Err(why) => Decision::Fail {
             reason: JobReason::LaneNotFound,
             message: why.to_string(),
         },
-        Ok(lane) => match room(&lane.name, lane.depth, lane.limits) {
+        Ok(lane) => match room(&lane.name, namespace, lane.held, lane.limits) {
             Ok(()) => Decision::Admit {
                 lane: lane.name.clone(),
             },
@@ -176,7 +228,7 @@ fn admit(lane: &Result<LaneFacts, NoLane>) -> Decision {
 ///   it stays while that lane is busy too, and fails when that lane has no runner or is full.
 ///
 /// A job already on a fallback lane never moves again.
-fn queued(queued_at: Option<Timestamp>, moved: bool, facts: &Facts) -> Decision {
+fn queued(namespace: &str, queued_at: Option<Timestamp>, moved: bool, facts: &Facts) -> Decision {
     let Ok(lane) = &facts.lane else {
         return Decision::Wait(Duration::from_secs(5));
     };
@@ -187,7 +239,7 @@ fn queued(queued_at: Option<Timestamp>, moved: bool, facts: &Facts) -> Decision 
             return Decision::Wait(until(facts.now, deadline));
         }
         let cause = lane.episode.map_or(FallbackCause::Capacity, |(c, _)| c);
-        return match fallback.map(|f| (f, f.refusal())) {
+        return match fallback.map(|f| (f, f.refusal(namespace))) {
             Some((f, None)) => Decision::Move {
                 to: f.name.clone(),
                 cause,
@@ -215,7 +267,7 @@ fn queued(queued_at: Option<Timestamp>, moved: bool, facts: &Facts) -> Decision 
         return Decision::Wait(until(facts.now, deadline));
     }
     if let Some((cause, _)) = lane.episode {
-        return match fallback.refusal() {
+        return match fallback.refusal(namespace) {
             None => Decision::Move {
                 to: fallback.name.clone(),
                 cause,
@@ -223,7 +275,7 @@ fn queued(queued_at: Option<Timestamp>, moved: bool, facts: &Facts) -> Decision 
             Some(_) => Decision::Wait(FREE_RUNNER_POLL),
         };
     }
-    match fallback.refusal() {
+    match fallback.refusal(namespace) {
         Some(why) => Decision::Fail {
             reason: JobReason::QueueWaitTimeout,
             message: format!(
@@ -277,14 +329,22 @@ mod tests {
     fn micro(secs: i64) -> serde_json::Value {
         serde_json::to_value(MicroTime(t(secs))).unwrap()
     }
+    /// Both test lanes' queue limits.
+    const LIMITS: QueueLimits = QueueLimits {
+        max_depth: 25,
+        max_wait: Duration::from_secs(30),
+        max_per_namespace: None,
+        job_deadline: Duration::from_secs(3600),
+    };
+
     fn lane(depth: usize, unavailable_since: Option<Timestamp>) -> Result<LaneFacts, NoLane> {
         Ok(LaneFacts {
             name: "anisora".into(),
-            limits: QueueLimits {
-                max_depth: 25,
-                max_wait: Duration::from_secs(30),
+            limits: LIMITS,
+            held: Occupancy {
+                depth,
+                namespace: depth,
             },
-            depth,
             unavailable_since,
             fresh: i32::from(unavailable_since.is_none()),
             running: 0,
@@ -300,6 +360,7 @@ mod tests {
             now: t(now),
             lane,
             runner_fresh_until: runner_fresh_until.map(t),
+            invalid: None,
             max_attempts: 3,
         }
     }
@@ -403,6 +464,67 @@ mod tests {
     }
 
     #[test]
+    fn a_running_job_fails_deadline_exceeded_once_it_ran_its_deadline() {
+        let running = |deadline_seconds: Option<i32>| {
+            let mut j = job(
+                json!({"phase": "Running", "runner": "r-0", "attempts": 1, "startedAt": micro(0)}),
+            );
+            j.spec.deadline_seconds = deadline_seconds;
+            j
+        };
+        let exceeded = |decision: Decision| {
+            matches!(decision, Decision::Fail { reason: JobReason::DeadlineExceeded, message }
+                if message.contains("ran 3600 s on runner r-0") || message.contains("ran 60 s on runner r-0"))
+        };
+        // A live runner heartbeating: look again when its heartbeat or the deadline is due.
+        assert_eq!(
+            decide(&running(None), &facts(100, lane(1, None), Some(110))),
+            Decision::Wait(Duration::from_millis(10_100))
+        );
+        assert_eq!(
+            decide(&running(None), &facts(3595, lane(1, None), Some(3605))),
+            Decision::Wait(Duration::from_millis(5_100))
+        );
+        assert!(exceeded(decide(
+            &running(None),
+            &facts(3600, lane(1, None), Some(3610))
+        )));
+        // Its runner dead too: past the deadline it fails rather than running again.
+        assert!(exceeded(decide(
+            &running(None),
+            &facts(3600, lane(1, None), None)
+        )));
+        // The job's own deadline wins over its lane's, shorter or longer.
+        assert!(exceeded(decide(
+            &running(Some(60)),
+            &facts(60, lane(1, None), Some(70))
+        )));
+        let short = with(lane(1, None), |l| {
+            l.limits.job_deadline = Duration::from_secs(30)
+        });
+        assert!(matches!(
+            decide(&running(Some(60)), &facts(45, short.clone(), Some(55))),
+            Decision::Wait(_)
+        ));
+        assert!(matches!(
+            decide(&running(None), &facts(30, short, Some(55))),
+            Decision::Fail {
+                reason: JobReason::DeadlineExceeded,
+                ..
+            }
+        ));
+        // Its lane deleted meanwhile: the default deadline still holds.
+        assert!(matches!(
+            decide(&running(None), &facts(3599, gone(), Some(3610))),
+            Decision::Wait(_)
+        ));
+        assert!(exceeded(decide(
+            &running(None),
+            &facts(3600, gone(), Some(3610))
+        )));
+    }
+
+    #[test]
     fn terminal_states_are_final_and_expire_by_ttl() {
         let finished = |phase: &str| {
             job(json!({"phase": phase, "finishedAt": micro(0), "queuedAt": micro(-5)}))
@@ -443,11 +565,11 @@ mod tests {
     fn shared(fresh: i32, running: usize, depth: usize) -> Option<FallbackFacts> {
         Some(FallbackFacts {
             name: "shared".into(),
-            limits: QueueLimits {
-                max_depth: 25,
-                max_wait: Duration::from_secs(30),
+            limits: LIMITS,
+            held: Occupancy {
+                depth,
+                namespace: 0,
             },
-            depth,
             fresh,
             running,
         })
@@ -575,6 +697,22 @@ mod tests {
             decide(&queued, &facts(130, manual(shared(0, 0, 0)), None)),
             Decision::Wait(FREE_RUNNER_POLL),
             "its own runners may still run it"
+        );
+    }
+
+    #[test]
+    fn a_new_job_that_does_not_fit_its_model_fails_before_admission() {
+        let new = job(json!(null));
+        let mut f = facts(0, lane(0, None), None);
+        f.invalid =
+            Some("VideoJob \"j\" does not fit model \"anisora\": spec.steps: must be 8".into());
+        assert_eq!(
+            decide(&new, &f),
+            Decision::Fail {
+                reason: JobReason::InvalidParameters,
+                message: "VideoJob \"j\" does not fit model \"anisora\": spec.steps: must be 8"
+                    .into()
+            }
         );
     }
 }

@@ -1,6 +1,8 @@
 //! Does a job fit its model? Every violation of a VideoJob's parameters against its
 //! VideoModel, each naming its field and the fix: the webhook refuses them with a 422, and
-//! the controller fails a job that bypassed the webhook with the same causes.
+//! the controller fails a job that bypassed the webhook with the same causes. Also where a
+//! job's start image may come from ([`image_source`]), which the runner checks again before
+//! it reads one.
 
 use std::borrow::Borrow;
 
@@ -38,7 +40,12 @@ pub struct Cause {
 }
 
 /// Every way `spec` does not fit the model it names, in field order (empty: it fits).
-pub fn violations<M: Borrow<VideoModel>>(spec: &VideoJobSpec, models: &[M]) -> Vec<Cause> {
+/// `image_url_hosts` are the hosts a `spec.image` URL may name (none: only paths).
+pub fn violations<M: Borrow<VideoModel>>(
+    spec: &VideoJobSpec,
+    models: &[M],
+    image_url_hosts: &[String],
+) -> Vec<Cause> {
     if let Err(unknown) = model_exists(&spec.model, models) {
         return vec![Cause {
             field: "spec.model".into(),
@@ -73,13 +80,24 @@ pub fn violations<M: Borrow<VideoModel>>(spec: &VideoJobSpec, models: &[M]) -> V
             ),
         );
     }
-    if spec.mode == GenerationMode::I2v && spec.image.is_none() {
-        cause(
+    match (spec.mode, &spec.image) {
+        (GenerationMode::I2v, None) => cause(
             "spec.image",
             CauseReason::FieldValueRequired,
             "required when mode is i2v: set it to an image path in the model volume or an http(s) URL"
                 .into(),
-        );
+        ),
+        (GenerationMode::T2v, Some(_)) => cause(
+            "spec.image",
+            CauseReason::FieldValueInvalid,
+            "is used only when mode is i2v: remove spec.image or set spec.mode to i2v".into(),
+        ),
+        (GenerationMode::I2v, Some(image)) => {
+            if let Err(why) = image_source(image, image_url_hosts) {
+                cause("spec.image", CauseReason::FieldValueInvalid, why);
+            }
+        }
+        (GenerationMode::T2v, None) => {}
     }
     if let Some(steps) = spec.steps
         && steps != m.fixed_parameters.steps
@@ -125,6 +143,96 @@ pub fn violations<M: Borrow<VideoModel>>(spec: &VideoJobSpec, models: &[M]) -> V
     causes
 }
 
+/// Where a job's start image is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageSource<'a> {
+    /// A file, relative to the root of the lane's model volume.
+    Path(&'a str),
+    /// An http(s) URL whose host the cluster allows.
+    Url(&'a str),
+}
+
+/// Where `image` (a `spec.image`) points, or why it may not be read: a path must stay inside
+/// the model volume (relative, no `..`); a URL must be http or https, carry no credentials,
+/// and name one of `allowed_hosts` (compared without case; a port does not matter). Fetching
+/// any URL from inside a cluster would let a job reach internal services, so an empty list
+/// allows no URL.
+pub fn image_source<'a>(
+    image: &'a str,
+    allowed_hosts: &[String],
+) -> Result<ImageSource<'a>, String> {
+    if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("must not contain spaces or control characters".into());
+    }
+    let Some((scheme, rest)) = split_scheme(image) else {
+        if image.starts_with('/') {
+            return Err(format!(
+                "must be a path relative to the model volume's root, not the absolute path {image}"
+            ));
+        }
+        if image.split('/').any(|part| part == "..") {
+            return Err("must not leave the model volume: remove the `..`".into());
+        }
+        return Ok(ImageSource::Path(image));
+    };
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return Err(format!(
+            "scheme {scheme}: is not allowed; give a path in the model volume (such as \
+             inputs/cat.png) or an http(s) URL"
+        ));
+    }
+    let Some(after) = rest.strip_prefix("//") else {
+        return Err(format!(
+            "{image} is not a URL with a host (http://host/...)"
+        ));
+    };
+    let authority = after.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return Err("must not carry credentials (user@host) in the URL".into());
+    }
+    let host = host_of(authority);
+    if host.is_empty() {
+        return Err(format!("{image} names no host"));
+    }
+    if allowed_hosts.is_empty() {
+        return Err(format!(
+            "URLs are not allowed: this cluster allows images from no host (the operator's \
+             --image-url-hosts); put the image in the model volume and give its path, not {host}"
+        ));
+    }
+    if !allowed_hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
+        return Err(format!(
+            "host {host} is not one this cluster allows images from ([{}]); use one of them or \
+             a path in the model volume",
+            allowed_hosts.join(", ")
+        ));
+    }
+    Ok(ImageSource::Url(image))
+}
+
+/// `scheme` and the rest of `scheme:rest`, a scheme being a letter followed by letters,
+/// digits, `+`, `-` or `.` (RFC 3986); `None` for a path.
+fn split_scheme(image: &str) -> Option<(&str, &str)> {
+    let (scheme, rest) = image.split_once(':')?;
+    let mut chars = scheme.chars();
+    let first = chars.next()?;
+    (first.is_ascii_alphabetic()
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+    .then_some((scheme, rest))
+}
+
+/// The host of a URL authority (`host`, `host:port`, `[v6]:port`), without a trailing dot.
+fn host_of(authority: &str) -> &str {
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => match authority.rsplit_once(':') {
+            Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
+            _ => authority,
+        },
+    };
+    host.strip_suffix('.').unwrap_or(host)
+}
+
 /// One line listing every violation of the job `name`, as the 422's message and a failed
 /// job's message say it.
 pub fn summary(name: &str, model: &str, causes: &[Cause]) -> String {
@@ -156,7 +264,7 @@ mod tests {
                 "spec": {"fixedParameters": fixed,
                     "defaults": {"width": 832, "height": 480, "frames": 81, "fps": 16},
                     "limits": {"maxWidth": 1280, "maxHeight": 720, "maxFrames": 121},
-                    "package": {"path": name}, "modes": modes}
+                    "weights": {"format": "diffusers", "path": name}, "modes": modes}
             }))
             .unwrap()
         };
@@ -167,7 +275,8 @@ mod tests {
     }
 
     fn causes(spec: Value) -> Vec<Cause> {
-        violations(&serde_json::from_value(spec).unwrap(), &models())
+        let hosts = ["images.example.com".to_owned()];
+        violations(&serde_json::from_value(spec).unwrap(), &models(), &hosts)
     }
 
     fn fields(spec: Value) -> Vec<String> {
@@ -229,6 +338,85 @@ mod tests {
         assert_eq!(
             unknown[0].message,
             "VideoModel \"wan\" does not exist: set spec.model to one of [anisora, phr00t] (kubectl get videomodels)"
+        );
+    }
+
+    #[test]
+    fn an_image_may_be_a_path_in_the_model_volume_or_a_url_of_an_allowed_host() {
+        let hosts = [
+            "images.example.com".to_owned(),
+            "cdn.example.org".to_owned(),
+        ];
+        for (image, expected) in [
+            ("inputs/cat.png", Ok(ImageSource::Path("inputs/cat.png"))),
+            ("a..b/c.png", Ok(ImageSource::Path("a..b/c.png"))),
+            (
+                "https://images.example.com/cat.png",
+                Ok(ImageSource::Url("https://images.example.com/cat.png")),
+            ),
+            (
+                "HTTP://CDN.example.org.:8443/x?y#z",
+                Ok(ImageSource::Url("HTTP://CDN.example.org.:8443/x?y#z")),
+            ),
+        ] {
+            assert_eq!(image_source(image, &hosts), expected, "{image}");
+        }
+        let refused = |image: &str, hosts: &[String]| image_source(image, hosts).unwrap_err();
+        assert_eq!(
+            refused("/etc/passwd", &hosts),
+            "must be a path relative to the model volume's root, not the absolute path /etc/passwd"
+        );
+        assert_eq!(
+            refused("inputs/../../secrets/key", &hosts),
+            "must not leave the model volume: remove the `..`"
+        );
+        assert!(refused("file:///etc/passwd", &hosts).starts_with("scheme file: is not allowed"));
+        assert!(refused("ftp://images.example.com/a.png", &hosts).starts_with("scheme ftp:"));
+        assert!(refused("data:image/png;base64,AAAA", &hosts).starts_with("scheme data:"));
+        assert_eq!(
+            refused("https://images.example.com@evil.test/a.png", &hosts),
+            "must not carry credentials (user@host) in the URL"
+        );
+        assert!(
+            refused("http://169.254.169.254/latest", &hosts)
+                .starts_with("host 169.254.169.254 is not one this cluster allows images from ([images.example.com, cdn.example.org])")
+        );
+        assert!(
+            refused("https://images.example.com/cat.png", &[])
+                .starts_with("URLs are not allowed: this cluster allows images from no host")
+        );
+        assert!(refused("https:cat.png", &hosts).contains("is not a URL with a host"));
+        assert_eq!(
+            refused("inputs/my cat.png", &hosts),
+            "must not contain spaces or control characters"
+        );
+    }
+
+    #[test]
+    fn image_rules_are_admission_causes_and_only_for_i2v() {
+        let found = causes(json!({"model": "anisora", "prompt": "a", "mode": "i2v",
+            "image": "file:///etc/passwd"}));
+        assert_eq!(
+            (found[0].field.as_str(), found[0].reason, found.len()),
+            ("spec.image", CauseReason::FieldValueInvalid, 1)
+        );
+        assert!(
+            fields(
+                json!({"model": "anisora", "prompt": "a", "mode": "i2v", "image": "inputs/cat.png"})
+            )
+            .is_empty()
+        );
+        let t2v = causes(json!({"model": "anisora", "prompt": "a", "image": "inputs/cat.png"}));
+        assert_eq!(
+            t2v[0].message,
+            "is used only when mode is i2v: remove spec.image or set spec.mode to i2v"
+        );
+        let phr00t = causes(
+            json!({"model": "phr00t", "prompt": "a", "mode": "i2v", "image": "inputs/cat.png"}),
+        );
+        assert_eq!(
+            phr00t[0].message,
+            "model phr00t does not offer i2v: set spec.mode to one of [t2v]"
         );
     }
 }

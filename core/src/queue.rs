@@ -38,6 +38,16 @@ impl LaneQueue {
         self.queued.len() + self.running.len()
     }
 
+    /// Unfinished jobs of `namespace`.
+    pub fn held_by(&self, namespace: &str) -> usize {
+        self.queued
+            .iter()
+            .map(|(_, k)| k)
+            .chain(&self.running)
+            .filter(|k| k.namespace == namespace)
+            .count()
+    }
+
     /// Jobs running on the lane.
     pub fn running(&self) -> usize {
         self.running.len()
@@ -132,6 +142,12 @@ impl Queues {
     }
 }
 
+/// How far ahead of the local clock an admission time another leader wrote is still
+/// followed. Leaders' clocks agree to within seconds; a `queuedAt` beyond this was written by
+/// hand (the CRD lets an admin set it once) and following it would give every new job that
+/// time, or overflow the year 9999. Such a job keeps its value, at the back of its queue.
+pub const MAX_LEAD: jiff::SignedDuration = jiff::SignedDuration::from_hours(1);
+
 /// Hands out strictly increasing admission times, so FIFO order never depends on a tie.
 #[derive(Debug, Default)]
 pub struct AdmissionClock {
@@ -139,19 +155,28 @@ pub struct AdmissionClock {
 }
 
 impl AdmissionClock {
-    /// Raises the clock to at least `seen` (an admission time another leader wrote).
-    pub fn observe(&mut self, seen: Timestamp) {
-        self.last = Some(self.last.map_or(seen, |l| l.max(seen)));
+    /// Raises the clock to at least `seen` (an admission time another leader wrote), unless
+    /// `seen` is more than [`MAX_LEAD`] ahead of `now`.
+    pub fn observe(&mut self, seen: Timestamp, now: Timestamp) {
+        if seen <= now.saturating_add(MAX_LEAD).unwrap_or(Timestamp::MAX) {
+            self.last = self.last.max(Some(seen));
+        }
     }
 
     /// The next admission time: now, or a microsecond after the last one. Strictly
     /// increasing on the microsecond grid status times are written with, so admissions sort
     /// in the order their slots were taken (the positions they were given).
     pub fn next(&mut self, now: Timestamp) -> Timestamp {
-        let now = Timestamp::from_microsecond(now.as_microsecond())
-            .expect("a valid timestamp stays valid");
+        // Truncated to the microsecond (`from_microsecond` refuses the last one jiff holds).
+        let now =
+            Timestamp::new(now.as_second(), now.subsec_nanosecond() / 1_000 * 1_000).unwrap_or(now);
         let t = match self.last {
-            Some(last) if now <= last => last + jiff::SignedDuration::from_micros(1),
+            // `last` is at most an hour ahead of a past `now`: there is no later time only
+            // when the local clock itself reads the year 9999, and then a tie is the lesser
+            // harm.
+            Some(last) if now <= last => last
+                .checked_add(jiff::SignedDuration::from_micros(1))
+                .unwrap_or(last),
             _ => now,
         };
         self.last = Some(t);
@@ -250,7 +275,7 @@ mod tests {
     #[test]
     fn admission_clock_is_strictly_increasing() {
         let mut c = AdmissionClock::default();
-        c.observe(at(1_000));
+        c.observe(at(1_000), at(500));
         assert_eq!(c.next(at(500)), at(1_001));
         assert_eq!(c.next(at(500)), at(1_002));
         assert_eq!(c.next(at(5_000)), at(5_000));
@@ -258,5 +283,34 @@ mod tests {
         let just_after = at(5_000) + jiff::SignedDuration::from_nanos(400);
         assert_eq!(c.next(just_after), at(5_001));
         assert_eq!(c.next(just_after), at(5_002));
+    }
+
+    /// The latest time on the microsecond grid (jiff's last instant is 9999-12-30T22:00Z,
+    /// so that it fits every offset).
+    fn last_micro() -> Timestamp {
+        Timestamp::new(Timestamp::MAX.as_second(), 999_999_000).unwrap()
+    }
+
+    #[test]
+    fn admission_clock_ignores_a_time_far_in_the_future() {
+        let hour = 3_600_000_000;
+        let mut c = AdmissionClock::default();
+        // An admin wrote a queuedAt at the last microsecond a timestamp can hold.
+        c.observe(last_micro(), at(500));
+        c.observe(Timestamp::MAX, at(500));
+        assert_eq!(c.next(at(500)), at(500));
+        assert_eq!(c.next(at(500)), at(501));
+        // Another leader's time within the lead is followed, also after the far one.
+        c.observe(at(5_000 + hour), at(5_000));
+        assert_eq!(c.next(at(5_000)), at(5_001 + hour));
+    }
+
+    #[test]
+    fn admission_clock_never_overflows() {
+        let mut c = AdmissionClock::default();
+        let end = last_micro();
+        c.observe(end, end);
+        assert_eq!(c.next(end), end);
+        assert_eq!(c.next(end), end, "no later time exists");
     }
 }

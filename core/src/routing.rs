@@ -150,7 +150,7 @@ mod tests {
             "spec": {"fixedParameters": {"steps": 8},
                 "defaults": {"width": 832, "height": 480, "frames": 81, "fps": 16},
                 "limits": {"maxWidth": 1280, "maxHeight": 1280, "maxFrames": 161},
-                "package": {"path": name}, "modes": ["t2v"]}
+                "weights": {"format": "diffusers", "path": name}, "modes": ["t2v"]}
         }))
         .unwrap()
     }

@@ -1,9 +1,13 @@
 //! How long may things take? A queued job's wait for a runner, a running job's runner before
-//! it counts as lost, and a finished job before its TTL deletes it.
+//! it counts as lost, a running job before its deadline, and a finished job before its TTL
+//! deletes it.
 
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::coordination::v1::Lease;
+
+use crate::availability::fresh_until;
 
 /// When a queued job has waited long enough for a runner: `max_wait` after the later of its
 /// admission and the moment its lane lost its last runner. `None` while the lane has a fresh
@@ -16,6 +20,28 @@ pub fn queue_wait_deadline(
     let down_since = unavailable_since?;
     let waiting_since = queued_at.map_or(down_since, |q| q.max(down_since));
     Some(plus(waiting_since, signed(max_wait)))
+}
+
+/// How long a job may run when neither it nor its lane says: long enough for any model's
+/// longest video, short enough that a hung runner gives its slot back the same hour.
+pub const DEFAULT_JOB_DEADLINE: Duration = Duration::from_secs(3600);
+
+/// When a running job has run too long: `deadline` after its runner claimed it. A requeued
+/// job's next attempt gets the whole deadline again.
+pub fn run_deadline(started_at: Option<Timestamp>, deadline: Duration) -> Option<Timestamp> {
+    Some(plus(started_at?, signed(deadline)))
+}
+
+/// Until when the runner holding a running job is fresh: its heartbeat Lease's freshness, while
+/// the Lease still names the job's holder (`status.runnerIncarnation`). A runner restarted
+/// under the same pod name renews that Lease as a new holder, so the job its earlier start
+/// held is lost at once instead of looking alive for as long as the new start renews.
+pub fn holder_fresh_until(lease: &Lease, incarnation: Option<&str>) -> Option<Timestamp> {
+    let holder = lease.spec.as_ref()?.holder_identity.as_deref();
+    if holder != incarnation {
+        return None;
+    }
+    fresh_until(lease)
 }
 
 /// Whether a running job's runner still counts as alive: its heartbeat is fresh.
@@ -50,6 +76,10 @@ fn signed(d: Duration) -> SignedDuration {
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::{
+        api::coordination::v1::LeaseSpec, apimachinery::pkg::apis::meta::v1::MicroTime,
+    };
+
     use super::*;
 
     fn t(secs: i64) -> Timestamp {
@@ -72,6 +102,28 @@ mod tests {
     }
 
     #[test]
+    fn a_runner_is_fresh_for_its_job_only_while_its_lease_names_the_jobs_holder() {
+        let lease = |holder: Option<&str>| Lease {
+            spec: Some(LeaseSpec {
+                holder_identity: holder.map(Into::into),
+                renew_time: Some(MicroTime(t(100))),
+                lease_duration_seconds: Some(15),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let first = Some("uid-1/0123456789abcdef");
+        assert_eq!(holder_fresh_until(&lease(first), first), Some(t(115)));
+        // The pod's container restarted: same Lease, renewed by a new start.
+        let restarted = lease(Some("uid-1/fedcba9876543210"));
+        assert_eq!(holder_fresh_until(&restarted, first), None);
+        assert!(!runner_alive(holder_fresh_until(&restarted, first), t(101)));
+        // A job that records no holder is not held by a Lease that names one.
+        assert_eq!(holder_fresh_until(&lease(first), None), None);
+        assert_eq!(holder_fresh_until(&Lease::default(), first), None);
+    }
+
+    #[test]
     fn far_future_times_saturate_instead_of_overflowing() {
         let end = Timestamp::MAX;
         assert_eq!(
@@ -79,6 +131,7 @@ mod tests {
             Some(end)
         );
         assert_eq!(expiry(Some(end), Some(86_400)), Some(end));
+        assert_eq!(run_deadline(Some(end), DEFAULT_JOB_DEADLINE), Some(end));
     }
 
     #[test]
@@ -88,6 +141,11 @@ mod tests {
         assert!(!runner_alive(None, t(0)));
         assert_eq!(expiry(Some(t(0)), Some(60)), Some(t(60)));
         assert_eq!(expiry(Some(t(0)), None), None);
+        assert_eq!(
+            run_deadline(Some(t(0)), Duration::from_secs(60)),
+            Some(t(60))
+        );
+        assert_eq!(run_deadline(None, Duration::from_secs(60)), None);
         assert_eq!(until(t(0), t(2)), Duration::from_millis(2_100));
         assert_eq!(until(t(3), t(2)), Duration::from_millis(100));
     }

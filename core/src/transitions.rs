@@ -114,13 +114,15 @@ pub fn moved(
     status
 }
 
-/// A queued job taken by `runner`: Running, one more attempt.
-pub fn claimed(job: &VideoJob, runner: &str, now: Timestamp) -> VideoJobStatus {
+/// A queued job taken by `runner` (its pod's name) in its start `incarnation`: Running, one
+/// more attempt.
+pub fn claimed(job: &VideoJob, runner: &str, incarnation: &str, now: Timestamp) -> VideoJobStatus {
     let mut status = job.status.clone().unwrap_or_default();
     status.phase = Some(JobPhase::Running);
     status.runner = Some(runner.into());
+    status.runner_incarnation = Some(incarnation.into());
     status.started_at = Some(MicroTime(now));
-    status.attempts = Some(status.attempts.unwrap_or(0) + 1);
+    status.attempts = Some(status.attempts.unwrap_or(0).saturating_add(1));
     status.queue_position = None;
     status.reason = Some(JobReason::Started);
     status.message = Some(format!("runner {runner} started the job"));
@@ -245,6 +247,7 @@ pub fn failed(
 pub fn requeued(job: &VideoJob, max_attempts: i32, now: Timestamp) -> (VideoJobStatus, String) {
     let mut status = job.status.clone().unwrap_or_default();
     let runner = status.runner.take().unwrap_or_default();
+    status.runner_incarnation = None;
     let attempts = status.attempts.unwrap_or(1);
     let lane = status.lane.clone().unwrap_or_default();
     let message = format!(
@@ -311,6 +314,18 @@ mod tests {
         }
     }
 
+    /// The API server takes any 32-bit `attempts`; one more claim must not wrap it negative
+    /// (or panic, in a debug build), which would let the job retry forever.
+    #[test]
+    fn a_claim_at_the_largest_attempts_keeps_it() {
+        let running = VideoJobStatus {
+            attempts: Some(i32::MAX),
+            ..Default::default()
+        };
+        let claimed = claimed(&job(Some(running)), "anisora-0", "uid-0/n-0", at(2));
+        assert_eq!(claimed.attempts, Some(i32::MAX));
+    }
+
     #[test]
     fn a_job_goes_from_admitted_to_claimed_to_completed() {
         let admitted = admitted(&job(None), &admission(), at(1));
@@ -328,7 +343,7 @@ mod tests {
             ("True".into(), "Admitted".into())
         );
 
-        let claimed = claimed(&job(Some(admitted)), "anisora-0", at(2));
+        let claimed = claimed(&job(Some(admitted)), "anisora-0", "uid-0/n-0", at(2));
         assert_eq!(
             (
                 claimed.phase,
@@ -338,6 +353,7 @@ mod tests {
             ),
             (Some(JobPhase::Running), Some("anisora-0"), Some(1), None)
         );
+        assert_eq!(claimed.runner_incarnation.as_deref(), Some("uid-0/n-0"));
         assert_eq!(
             condition(&claimed, JobCondition::Running),
             ("True".into(), "Started".into())
@@ -383,6 +399,7 @@ mod tests {
         let running = claimed(
             &job(Some(admitted(&job(None), &admission(), at(1)))),
             "r-0",
+            "uid-0/n-0",
             at(2),
         );
         let (requeued, message) = requeued(&job(Some(running.clone())), 3, at(5));
@@ -393,6 +410,10 @@ mod tests {
                 requeued.queued_at.clone().map(|t| t.0)
             ),
             (Some(JobPhase::Queued), None, Some(at(1)))
+        );
+        assert_eq!(
+            requeued.runner_incarnation, None,
+            "no start holds it any more"
         );
         assert_eq!(
             message,

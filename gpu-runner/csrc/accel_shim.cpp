@@ -5,6 +5,7 @@
 // Every entry point catches C++ exceptions and reports them as a non-zero return plus a
 // message, because unwinding across the FFI boundary is undefined behaviour.
 
+#include <ATen/Context.h>
 #include <ATen/DeviceAccelerator.h>
 #include <c10/core/CPUAllocator.h>
 
@@ -243,6 +244,16 @@ int fl_cpu_live(int64_t* live_bytes, int64_t* live_allocations, char* err, size_
       int64_t peak = 0;
       CountingCpuAllocator::instance->stats(live_bytes, live_allocations, &peak);
     }
+  });
+}
+
+// Allows or forbids TF32 in float32 matrix products (cuBLAS) and convolutions (cuDNN). cuDNN
+// allows it by default, which moves float32 results by about 1e-3; comparisons with a float32
+// reference turn it off.
+int fl_set_tf32(int allow, char* err, size_t err_len) {
+  return guarded(err, err_len, [&] {
+    at::globalContext().setAllowTF32CuBLAS(allow != 0);
+    at::globalContext().setAllowTF32CuDNN(allow != 0);
   });
 }
 

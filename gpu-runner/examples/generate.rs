@@ -1,42 +1,61 @@
-//! Runs one job from the command line, without Kubernetes:
+//! Runs one job from the command line, without Kubernetes, on a Wan model in diffusers'
+//! layout sampled as it was saved:
 //!
-//!     cargo run -p framelane-runner --example generate -- PACKAGE_DIR OUT_DIR "a prompt" \
-//!         [WIDTH HEIGHT FRAMES SEED]
+//!     cargo run -p framelane-runner --example generate -- MODEL_DIR OUT_DIR "a prompt" \
+//!         [WIDTH HEIGHT FRAMES STEPS SEED [IMAGE]]
 //!
-//! writes OUT_DIR/default/example/{video.mp4,preview.png} and prints the output and memory.
+//! An image-to-video model needs IMAGE (a PNG or JPEG). Writes
+//! OUT_DIR/default/example/{video.mp4,preview.png} and prints the output and memory.
+
+use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use framelane_runner::generate::{JobRequest, run_job};
 use framelane_runner::memory::RunnerDevice;
-use framelane_runner::package::ModelPackage;
 use framelane_runner::sampler::StepControl;
+use framelane_runner::wan::pipeline::{ModelFiles, ModelSpec, Precision, WanPipeline};
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt().init();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [package, out, prompt, rest @ ..] = args.as_slice() else {
-        bail!("usage: generate PACKAGE_DIR OUT_DIR PROMPT [WIDTH HEIGHT FRAMES SEED]");
+    let [model, out, prompt, rest @ ..] = args.as_slice() else {
+        bail!("usage: generate MODEL_DIR OUT_DIR PROMPT [WIDTH HEIGHT FRAMES STEPS SEED [IMAGE]]");
     };
     let num = |i: usize, default: u32| -> anyhow::Result<u32> {
         rest.get(i)
-            .map(|s| s.parse().context("WIDTH HEIGHT FRAMES SEED are numbers"))
+            .map(|s| {
+                s.parse()
+                    .context("WIDTH HEIGHT FRAMES STEPS SEED are numbers")
+            })
             .unwrap_or(Ok(default))
     };
     let device = RunnerDevice::detect()?;
-    let model = ModelPackage::load(package.as_ref(), device.device, None)?;
+    let spec = ModelSpec {
+        files: ModelFiles::Diffusers(PathBuf::from(model)),
+        solver: None,
+        boundary_ratio: None,
+    };
+    let pipeline = WanPipeline::load(&spec, Precision::BFLOAT16, device.device)?;
+    let image = rest
+        .get(5)
+        .map(|path| std::fs::read(path).with_context(|| format!("reading {path}")))
+        .transpose()?;
     let job = JobRequest {
         namespace: "default".to_owned(),
         name: "example".to_owned(),
+        mode: pipeline.mode(),
         prompt: prompt.clone(),
         negative_prompt: None,
+        image,
         width: num(0, 64)?,
         height: num(1, 64)?,
         frames: num(2, 17)?,
-        fps: None,
-        cfg: None,
-        seed: num(3, 0)?,
+        fps: 16,
+        steps: num(3, 8)?,
+        cfg: 1.0,
+        seed: num(4, 0)?,
     };
-    let outcome = run_job(&model, &device, &job, out.as_ref(), |p| {
+    let outcome = run_job(&pipeline, &device, &job, out.as_ref(), |p| {
         eprintln!("{} {}/{}", p.stage.as_str(), p.step, p.total_steps);
         StepControl::Continue
     });

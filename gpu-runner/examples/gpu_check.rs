@@ -1,8 +1,12 @@
 //! The GPU memory check (scripts/gpu-check.sh runs it): a Shared model cache alternating
-//! anisora and phr00t jobs on one device, with a ballast allocation that leaves room for one
-//! model but not both, so every switch must really free the old model.
+//! anisora (image to video, two experts) and phr00t (text to video, one ComfyUI file) jobs on
+//! one device, with a ballast allocation that leaves room for one model but not both, so
+//! every switch must really free the old model.
 //!
-//!     gpu_check PACKAGES_DIR [JOBS]
+//!     gpu_check MODELS_DIR [JOBS]
+//!
+//! MODELS_DIR is from tests/make_tiny_wan_models.py (with `--heavy-gib` for heavy weights); the
+//! models are the default install's VideoModels (examples/videomodels.yaml) in bfloat16.
 //!
 //! Prints one line per job and one table row per model (memory figures exclude the ballast)
 //! and fails (exit 1) on any failed job, any OOM, a model whose peak reserved memory varies by
@@ -14,11 +18,14 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail, ensure};
-use framelane_runner::cache::{LOAD_HEADROOM, LaneMode, ModelCache, PackageRef};
+use framelane_api::VideoModel;
+use framelane_runner::cache::{LOAD_HEADROOM, LaneMode, ModelCache, ModelRef};
 use framelane_runner::generate::{JobRequest, run_job};
+use framelane_runner::job::model_ref;
 use framelane_runner::memory::RunnerDevice;
-use framelane_runner::package::Manifest;
 use framelane_runner::sampler::StepControl;
+use framelane_runner::wan::pipeline::{Mode, Precision, WanPipeline};
+use serde::Deserialize;
 use tch::{Kind, Tensor};
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -37,10 +44,7 @@ struct ModelRow {
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let root = PathBuf::from(
-        args.next()
-            .context("usage: gpu_check PACKAGES_DIR [JOBS]")?,
-    );
+    let root = PathBuf::from(args.next().context("usage: gpu_check MODELS_DIR [JOBS]")?);
     let jobs: u32 = match args.next() {
         Some(n) => n.parse().context("JOBS must be a number")?,
         None => 20,
@@ -56,28 +60,42 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|| "libtorch_cuda loaded but sees no GPU".into());
         bail!("torch sees a GPU but this binary runs on the CPU: {why}");
     }
-    let models = [("anisora", 8), ("phr00t", 4)];
-    let refs: Vec<PackageRef> = models
+    let yaml = include_str!("../../examples/videomodels.yaml");
+    let videomodels: Vec<VideoModel> = serde_yaml::Deserializer::from_str(yaml)
+        .map(VideoModel::deserialize)
+        .collect::<Result<_, _>>()?;
+    let refs: Vec<ModelRef> = videomodels
         .iter()
-        .map(|(m, steps)| PackageRef {
-            model: m.to_string(),
-            dir: root.join(m),
-            expected_steps: Some(*steps),
+        .map(|m| model_ref(m, &root).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<_>>()?;
+    let models: Vec<(String, u32)> = videomodels
+        .iter()
+        .map(|m| {
+            (
+                m.metadata.name.clone().unwrap_or_default(),
+                m.spec.fixed_parameters.steps as u32,
+            )
         })
         .collect();
+    let image = std::fs::read(root.join("inputs/first-frame.png"))
+        .context("MODELS_DIR has no inputs/first-frame.png")?;
     let mut weights = 0;
+    let mut both = 0;
     for r in &refs {
-        weights = weights.max(Manifest::read(&r.dir, r.expected_steps)?.weight_bytes);
+        let bytes = WanPipeline::weight_bytes(&r.spec, Precision::BFLOAT16)?;
+        weights = weights.max(bytes);
+        both += bytes;
     }
     // Ballast: leave one model (with the load headroom) plus activations, and less than two.
     let ballast = match device.free_bytes()? {
         Some(free) => {
             let keep = (weights as f64 * LOAD_HEADROOM) as u64 + ACTIVATIONS;
             ensure!(
-                2 * weights > keep,
-                "packages of {:.1} GiB are too small for the check: make them larger than {:.1} GiB (--weight-gib)",
-                weights as f64 / GIB,
-                (ACTIVATIONS as f64 / GIB) / (2.0 - LOAD_HEADROOM)
+                both > keep,
+                "models of {:.1} GiB together fit beside the largest one's room ({:.1} GiB): \
+                 make them larger (--weight-gib)",
+                both as f64 / GIB,
+                keep as f64 / GIB
             );
             let size = free.saturating_sub(keep);
             Some(Tensor::empty([size as i64], (Kind::Uint8, device.device)))
@@ -88,35 +106,41 @@ fn main() -> anyhow::Result<()> {
     let baseline = device.stats()?.reserved_current;
     let conf = std::env::var("PYTORCH_CUDA_ALLOC_CONF").unwrap_or_else(|_| "(unset)".into());
     println!(
-        "device {}, PYTORCH_CUDA_ALLOC_CONF={conf}, largest package {:.2} GiB, ballast {:.2} GiB, {jobs} jobs",
+        "device {}, PYTORCH_CUDA_ALLOC_CONF={conf}, largest model {:.2} GiB, ballast {:.2} GiB, {jobs} jobs",
         device.name(),
         weights as f64 / GIB,
         ballast.as_ref().map_or(0, |b| b.numel()) as f64 / GIB
     );
 
     let out = std::env::temp_dir().join("framelane-gpu-check");
-    let mut cache = ModelCache::new(LaneMode::Shared, device, refs)?;
+    let modes: Vec<Mode> = refs.iter().map(|r| r.modes[0]).collect();
+    let mut cache = ModelCache::new(LaneMode::Shared, device, Precision::BFLOAT16, refs)?;
     let mut rows: BTreeMap<&str, ModelRow> = BTreeMap::new();
     for i in 0..jobs {
-        let (model, _) = models[i as usize % 2];
+        let which = i as usize % models.len();
+        let (model, steps) = (models[which].0.as_str(), models[which].1);
         let started = Instant::now();
-        let package = cache
+        let pipeline = cache
             .get(model)
             .with_context(|| format!("job {i}: loading {model}"))?;
         let loaded = started.elapsed().as_secs_f64();
+        let mode = modes[which];
         let request = JobRequest {
             namespace: "gpu-check".into(),
             name: format!("job-{i}"),
+            mode,
             prompt: format!("a fox, take {i}"),
             negative_prompt: Some("blurry".into()),
+            image: (mode == Mode::ImageToVideo).then(|| image.clone()),
             width: 832,
             height: 480,
             frames: 81,
-            fps: None,
-            cfg: None,
+            fps: 16,
+            steps,
+            cfg: 1.0,
             seed: i,
         };
-        let outcome = run_job(package, &device, &request, &out, |_| StepControl::Continue);
+        let outcome = run_job(pipeline, &device, &request, &out, |_| StepControl::Continue);
         if let Err(e) = outcome.result {
             bail!("job {i} ({model}) failed: {e}");
         }

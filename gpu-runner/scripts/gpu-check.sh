@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU memory check of issue 5, for one NVIDIA H100/H200 with torch 2.11 installed and no
 # network: 20 alternating anisora/phr00t jobs (832x480, 81 frames) on a Shared model cache,
-# with packages and a ballast sized so both models never fit at once. Fails on any OOM or a
-# model whose peak reserved memory varies by more than 2 %; prints a table with
-# expandable_segments on (what runner pods get) and again with it off. Under 8 minutes.
+# with random-weight Wan models as wide as Wan 14B (tests/make_tiny_wan_models.py --heavy-gib:
+# anisora's two experts about --weight-gib GiB in bfloat16, phr00t half that) and a ballast
+# sized so both models never fit at once. Fails on any OOM or a model whose peak reserved
+# memory varies by more than 2 %; prints a table with expandable_segments on (what runner
+# pods get) and again with it off.
 #
 #   gpu-runner/scripts/gpu-check.sh [--jobs N] [--weight-gib G] [--binary PATH] [--work DIR]
 #
@@ -13,12 +15,12 @@
 set -euo pipefail
 
 JOBS=20
-WEIGHT_GIB=6
+WEIGHT_GIB=16
 BINARY=""
 WORK="${TMPDIR:-/tmp}/framelane-gpu-check"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 
-usage() { sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --jobs) JOBS="$2"; shift 2 ;;
@@ -52,18 +54,18 @@ fi
 [[ -x "$BINARY" ]] || { echo "gpu-check: $BINARY is not an executable gpu_check" >&2; exit 1; }
 
 mkdir -p "$WORK"
-STAMP="$WORK/packages/.bulk-$WEIGHT_GIB"
+STAMP="$WORK/models/.weight-$WEIGHT_GIB"
 if [[ ! -f "$STAMP" ]]; then
-  echo "gpu-check: writing two packages of ${WEIGHT_GIB} GiB to $WORK/packages"
-  rm -rf "$WORK/packages"
-  "$PY" "$ROOT/gpu-runner/tests/make_tiny_packages.py" "$WORK/packages" --bulk-gib "$WEIGHT_GIB"
+  echo "gpu-check: writing the models (anisora about ${WEIGHT_GIB} GiB) to $WORK/models"
+  rm -rf "$WORK/models"
+  "$PY" "$ROOT/gpu-runner/tests/make_tiny_wan_models.py" "$WORK/models" --heavy-gib "$WEIGHT_GIB"
   touch "$STAMP"
 fi
 
 status=0
 for conf in "expandable_segments:True" "expandable_segments:False"; do
   echo
-  PYTORCH_CUDA_ALLOC_CONF="$conf" "$BINARY" "$WORK/packages" "$JOBS" || status=1
+  PYTORCH_CUDA_ALLOC_CONF="$conf" "$BINARY" "$WORK/models" "$JOBS" || status=1
 done
 echo
 echo "gpu-check: $( ((status == 0)) && echo passed || echo FAILED ) in ${SECONDS} s"

@@ -10,8 +10,8 @@ TORCH_VERSION="${TORCH_VERSION:-2.11.0}"
 PYTHON="${PYTHON:-python3}"
 PY_TAG="$("$PYTHON" -c 'import sys; print(f"py{sys.version_info[0]}.{sys.version_info[1]}")')"
 VENV="${FRAMELANE_TORCH_VENV:-${FRAMELANE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/framelane}/torch-$TORCH_VERSION-$PY_TAG}"
-# diffusers, transformers and accelerate: scripts/export_diffusers.py and its test, which builds
-# a tiny Wan pipeline with them. Pinned to the versions the export was verified with.
+# diffusers, transformers and accelerate: the tests build tiny Wan models with them and compare
+# the runner with diffusers' pipelines. Pinned to the versions the runner was verified with.
 PACKAGES=("torch==$TORCH_VERSION" "numpy" "diffusers==0.42.1" "transformers==5.24.0" "accelerate==1.15.0")
 # The stamp names the package list, so changing it installs the difference into an old venv.
 STAMP="$VENV/.framelane-installed-$(printf '%s\n' "${PACKAGES[@]}" | sha256sum | cut -c1-12)"

@@ -43,6 +43,7 @@ unsafe extern "C" {
         err_len: usize,
     ) -> c_int;
     fn fl_track_cpu_allocations(err: *mut c_char, err_len: usize) -> c_int;
+    fn fl_set_tf32(allow: c_int, err: *mut c_char, err_len: usize) -> c_int;
     fn fl_cpu_live(
         live_bytes: *mut i64,
         live_allocations: *mut i64,
@@ -190,4 +191,13 @@ pub fn cpu_live() -> Result<(i64, i64), AccelError> {
     let rc = unsafe { fl_cpu_live(&mut bytes, &mut count, err.as_mut_ptr(), err.len()) };
     check("cpu allocator stats", rc, &err)?;
     Ok((bytes, count))
+}
+
+/// Allows or forbids TF32 in float32 matrix products and convolutions on CUDA (cuDNN allows
+/// it by default). Comparisons against a float32 reference forbid it; a no-op on the CPU.
+pub fn set_tf32(allow: bool) -> Result<(), AccelError> {
+    let mut err = [0 as c_char; MSG_LEN];
+    // SAFETY: `err` is writable and of the length passed.
+    let rc = unsafe { fl_set_tf32(c_int::from(allow), err.as_mut_ptr(), err.len()) };
+    check("setAllowTF32", rc, &err)
 }

@@ -2,14 +2,12 @@
 //! at a time; a switch drops every tensor and module of the old model, synchronizes, empties the
 //! allocator cache and logs memory before it checks free memory and loads the new one.
 
-use std::path::PathBuf;
-
 use crate::accel::AccelError;
 use crate::memory::{RunnerDevice, is_out_of_memory};
-use crate::package::{Manifest, ModelPackage, PackageError};
+use crate::wan::pipeline::{Mode, ModelSpec, PipelineError, Precision, WanPipeline};
 
-/// Free memory a load needs beyond the declared weights: activations of the probe run and the
-/// allocator's rounding.
+/// Free memory a load needs beyond the weights: the allocator's rounding and the first
+/// activations.
 pub const LOAD_HEADROOM: f64 = 1.10;
 
 /// The lane's GenerationMode as the runner sees it.
@@ -20,13 +18,13 @@ pub enum LaneMode {
 }
 
 /// A model this runner may load.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PackageRef {
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelRef {
     /// The VideoModel name.
     pub model: String,
-    pub dir: PathBuf,
-    /// The VideoModel's fixed steps; the package's manifest must agree.
-    pub expected_steps: Option<u32>,
+    pub spec: ModelSpec,
+    /// The VideoModel's modes: what its weights must run.
+    pub modes: Vec<Mode>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +34,7 @@ pub enum CacheError {
     #[error("a Dedicated runner serves exactly one model, got {0}")]
     DedicatedNeedsOneModel(usize),
     #[error(
-        "model {model:?} declares {needed} bytes of weights (+{}% headroom) but the device has \
+        "model {model:?} has {needed} bytes of weights (+{}% headroom) but the device has \
          {free} bytes free after unloading; give the lane a larger GPU or move the model to \
          its own lane", ((LOAD_HEADROOM - 1.0) * 100.0).round()
     )]
@@ -46,9 +44,24 @@ pub enum CacheError {
         free: u64,
     },
     #[error("loading model {model:?} ran the GPU out of memory: {source}")]
-    LoadOutOfMemory { model: String, source: PackageError },
-    #[error(transparent)]
-    Package(#[from] PackageError),
+    LoadOutOfMemory {
+        model: String,
+        source: Box<PipelineError>,
+    },
+    #[error("model {model:?}: {source}")]
+    Load {
+        model: String,
+        source: Box<PipelineError>,
+    },
+    #[error(
+        "VideoModel {model:?} offers {offered:?} but its weights run {runs} only: set its \
+         spec.modes to [{runs}]"
+    )]
+    Modes {
+        model: String,
+        offered: Vec<&'static str>,
+        runs: &'static str,
+    },
     #[error(transparent)]
     Accel(#[from] AccelError),
 }
@@ -61,9 +74,10 @@ pub fn fits(declared: u64, free: u64) -> bool {
 pub struct ModelCache {
     mode: LaneMode,
     device: RunnerDevice,
-    packages: Vec<PackageRef>,
-    /// The loaded package, under the model name the lane knows it by (its VideoModel).
-    loaded: Option<(String, ModelPackage)>,
+    precision: Precision,
+    models: Vec<ModelRef>,
+    /// The loaded model, under the name the lane knows it by (its VideoModel).
+    loaded: Option<(String, WanPipeline)>,
     loads: u64,
 }
 
@@ -71,15 +85,17 @@ impl ModelCache {
     pub fn new(
         mode: LaneMode,
         device: RunnerDevice,
-        packages: Vec<PackageRef>,
+        precision: Precision,
+        models: Vec<ModelRef>,
     ) -> Result<ModelCache, CacheError> {
-        if mode == LaneMode::Dedicated && packages.len() != 1 {
-            return Err(CacheError::DedicatedNeedsOneModel(packages.len()));
+        if mode == LaneMode::Dedicated && models.len() != 1 {
+            return Err(CacheError::DedicatedNeedsOneModel(models.len()));
         }
         Ok(ModelCache {
             mode,
             device,
-            packages,
+            precision,
+            models,
             loaded: None,
             loads: 0,
         })
@@ -94,26 +110,26 @@ impl ModelCache {
         self.loaded.as_ref().map(|(model, _)| model.as_str())
     }
 
-    /// How many times a package was loaded.
+    /// How many times a model was loaded.
     pub fn loads(&self) -> u64 {
         self.loads
     }
 
-    /// The package for `model`, loading it (and, in Shared mode, unloading the current one)
+    /// The pipeline of `model`, loading it (and, in Shared mode, unloading the current one)
     /// when it is not on the device.
-    pub fn get(&mut self, model: &str) -> Result<&ModelPackage, CacheError> {
-        let pkg = self
-            .packages
+    pub fn get(&mut self, model: &str) -> Result<&WanPipeline, CacheError> {
+        let wanted = self
+            .models
             .iter()
-            .find(|p| p.model == model)
+            .find(|m| m.model == model)
             .cloned()
             .ok_or_else(|| CacheError::UnknownModel {
                 model: model.to_owned(),
-                known: self.packages.iter().map(|p| p.model.clone()).collect(),
+                known: self.models.iter().map(|m| m.model.clone()).collect(),
             })?;
         if self.loaded_model() != Some(model) {
             self.unload()?;
-            self.load(&pkg)?;
+            self.load(&wanted)?;
         }
         Ok(&self.loaded.as_ref().expect("loaded above").1)
     }
@@ -135,45 +151,57 @@ impl ModelCache {
         Ok(())
     }
 
-    fn load(&mut self, pkg: &PackageRef) -> Result<(), CacheError> {
-        let manifest = Manifest::read(&pkg.dir, pkg.expected_steps)?;
+    fn load(&mut self, wanted: &ModelRef) -> Result<(), CacheError> {
+        let model = wanted.model.clone();
+        let failed = |source: PipelineError| CacheError::Load {
+            model: model.clone(),
+            source: Box::new(source),
+        };
+        let needed = WanPipeline::weight_bytes(&wanted.spec, self.precision).map_err(failed)?;
         if let Some(free) = self.device.free_bytes()?
-            && !fits(manifest.weight_bytes, free)
+            && !fits(needed, free)
         {
             return Err(CacheError::WontFit {
-                model: pkg.model.clone(),
-                needed: manifest.weight_bytes,
+                model,
+                needed,
                 free,
             });
         }
-        let loaded = match ModelPackage::load(&pkg.dir, self.device.device, pkg.expected_steps) {
-            Ok(p) => p,
+        let loaded = match WanPipeline::load(&wanted.spec, self.precision, self.device.device) {
+            Ok(pipeline) => pipeline,
             Err(source) => {
                 // Whatever the failed load allocated is garbage now.
                 self.device.clean_up()?;
-                let oom = matches!(&source,
-                    PackageError::ModuleLoad { message, .. } | PackageError::ProbeFailed { message, .. }
-                    if is_out_of_memory(message));
-                return Err(if oom {
+                return Err(if is_out_of_memory(&source.to_string()) {
                     CacheError::LoadOutOfMemory {
-                        model: pkg.model.clone(),
-                        source,
+                        model,
+                        source: Box::new(source),
                     }
                 } else {
-                    CacheError::Package(source)
+                    failed(source)
                 });
             }
         };
+        if wanted.modes != [loaded.mode()] {
+            let runs = loaded.mode().as_str();
+            drop(loaded);
+            self.device.clean_up()?;
+            return Err(CacheError::Modes {
+                model,
+                offered: wanted.modes.iter().map(|m| m.as_str()).collect(),
+                runs,
+            });
+        }
         let stats = self.device.stats()?;
         tracing::info!(
-            model = pkg.model,
+            model,
             device = %self.device.name(),
-            declared_weight_bytes = manifest.weight_bytes,
+            weight_bytes = needed,
             allocated_bytes = stats.allocated_current,
             reserved_bytes = stats.reserved_current,
             "model loaded"
         );
-        self.loaded = Some((pkg.model.clone(), loaded));
+        self.loaded = Some((model, loaded));
         self.loads += 1;
         Ok(())
     }

@@ -1,24 +1,26 @@
-//! Framelane's GPU runner core: model packages, the flow-matching sampling loop in Rust,
+//! Framelane's GPU runner core: Wan 2.x natively on libtorch, loaded straight from safetensors,
 //! memory hygiene around every job, H.264/MP4 output, and the model cache of a lane.
 //!
-//! - [`package`]: load and validate a model package (manifest + TorchScript modules).
-//! - [`tokenizer`]: prompts to input ids (`bytes`, or a package's Hugging Face `tokenizer.json`).
-//! - [`schedule`], [`sampler`]: sigma schedules and the sampling loop.
+//! - [`wan`]: Wan 2.x natively on tch (transformer, umT5 text encoder, VAE, weights, samplers,
+//!   the whole pipeline).
+//! - [`tokenizer`]: prompts to input ids (a model's Hugging Face `tokenizer.json`).
+//! - [`schedule`], [`sampler`]: noise schedules and the step arithmetic they share.
+//! - [`image`], [`inputs`]: a job's start image: read, decoded, resized.
 //! - [`generate`]: one job end to end, with progress, cancellation and cleanup.
 //! - [`video`]: frames to MP4 + preview PNG.
 //! - [`cache`]: Dedicated / Shared model switching.
 //! - [`job`]: a claimed VideoJob to a request, and the outcome back to its status.
 //! - [`memory`], [`accel`]: device selection, allocator statistics, emptying the cache.
 //! - [`metrics`]: the runner's Prometheus metrics.
-//! - [`wan`]: Wan 2.x natively on tch (transformer, umT5 text encoder, VAE, weights, samplers).
 
 pub mod accel;
 pub mod cache;
 pub mod generate;
+pub mod image;
+pub mod inputs;
 pub mod job;
 pub mod memory;
 pub mod metrics;
-pub mod package;
 pub mod sampler;
 pub mod schedule;
 pub mod tokenizer;

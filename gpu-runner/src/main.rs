@@ -22,12 +22,14 @@ use framelane_api::{
 };
 use framelane_contract::{ClaimedJob, ContractError, Runner};
 use framelane_runner::{
-    cache::{LaneMode, ModelCache, PackageRef},
-    generate::{JobOutcome, Progress, run_job},
-    job::{output_for, request_for},
+    cache::{LaneMode, ModelCache},
+    generate::{JobOutcome, JobRequest, Progress, run_job},
+    inputs::read_image,
+    job::{model_ref, output_for, request_for},
     memory::RunnerDevice,
     metrics::{MemoryLabels, Metrics, ResultLabels},
     sampler::StepControl,
+    wan::pipeline::Precision,
 };
 use kube::{Api, ResourceExt};
 use tokio::sync::{mpsc, watch};
@@ -55,9 +57,17 @@ struct Args {
     /// The lane's VideoModels, comma-separated.
     #[arg(long, env = "FRAMELANE_MODELS", value_delimiter = ',')]
     models: Vec<String>,
-    /// Root of the model volume; each VideoModel's spec.package.path is below it.
+    /// Root of the model volume; each VideoModel's spec.weights paths, and i2v start images
+    /// given as paths, are below it.
     #[arg(long, env = "FRAMELANE_MODELS_DIR", default_value = "/models")]
     models_dir: PathBuf,
+    /// Hosts a job's spec.image URL may name (comma-separated; the operator's
+    /// --image-url-hosts). Empty: start images are read from the model volume only.
+    #[arg(long, env = "FRAMELANE_IMAGE_URL_HOSTS", value_delimiter = ',')]
+    image_url_hosts: Vec<String>,
+    /// What the transformers and the text encoder compute in (the VAE computes in float32).
+    #[arg(long, env = "FRAMELANE_WEIGHTS_DTYPE", value_enum, default_value_t = WeightsDtype::Bfloat16)]
+    weights_dtype: WeightsDtype,
     /// Root of the output volume; videos go to <namespace>/<name>/.
     #[arg(long, env = "FRAMELANE_OUTPUT_DIR", default_value = "/outputs")]
     output_dir: PathBuf,
@@ -70,6 +80,15 @@ struct Args {
     /// Kubeconfig to use (default: $KUBECONFIG, ~/.kube/config, or the in-cluster account).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+}
+
+/// `--weights-dtype`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum WeightsDtype {
+    /// As the Wan models are published and run.
+    Bfloat16,
+    /// Twice the memory; what the tests compare with diffusers.
+    Float32,
 }
 
 #[tokio::main]
@@ -106,14 +125,15 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("VideoModel {name} (from --models) cannot be read; create it or fix the lane's spec.models"))?;
         models.push(model);
     }
-    let packages = models
+    let refs = models
         .iter()
-        .map(|m| PackageRef {
-            model: m.name_any(),
-            dir: args.models_dir.join(&m.spec.package.path),
-            expected_steps: u32::try_from(m.spec.fixed_parameters.steps).ok(),
-        })
-        .collect();
+        .map(|m| model_ref(m, &args.models_dir))
+        .collect::<Result<Vec<_>, String>>()
+        .map_err(anyhow::Error::msg)?;
+    let precision = match args.weights_dtype {
+        WeightsDtype::Bfloat16 => Precision::BFLOAT16,
+        WeightsDtype::Float32 => Precision::FLOAT32,
+    };
     let device = RunnerDevice::detect()?;
     // Bytes allocated before any model is loaded: after a Shared switch's unload the device
     // is back to this (on the CPU, the counting allocator's live tensor bytes).
@@ -123,7 +143,7 @@ async fn main() -> anyhow::Result<()> {
         allocated_bytes = device.stats()?.allocated_current,
         "runner starting"
     );
-    let cache = Arc::new(Mutex::new(ModelCache::new(mode, device, packages)?));
+    let cache = Arc::new(Mutex::new(ModelCache::new(mode, device, precision, refs)?));
     let (loaded_tx, loaded_rx) = watch::channel(None::<String>);
     if mode == LaneMode::Dedicated {
         // A Dedicated runner is ready (and announces itself) only with its model loaded.
@@ -152,6 +172,8 @@ async fn main() -> anyhow::Result<()> {
         cache,
         device,
         output_dir: args.output_dir.clone(),
+        models_dir: args.models_dir.clone(),
+        image_url_hosts: args.image_url_hosts.clone(),
         models,
         metrics,
         loaded: loaded_tx,
@@ -172,6 +194,8 @@ struct Worker {
     cache: Arc<Mutex<ModelCache>>,
     device: RunnerDevice,
     output_dir: PathBuf,
+    models_dir: PathBuf,
+    image_url_hosts: Vec<String>,
     models: Vec<VideoModel>,
     metrics: Arc<Metrics>,
     loaded: watch::Sender<Option<String>>,
@@ -198,7 +222,19 @@ impl Worker {
                 .await;
             return;
         };
-        let generated = self.generate(&mut claimed, &job, &model).await;
+        let mut request = request_for(&job, &model);
+        if let Some(image) = &job.spec.image {
+            match read_image(image, &self.models_dir, &self.image_url_hosts).await {
+                Ok(bytes) => request.image = Some(bytes),
+                Err(e) => {
+                    let message = format!("spec.image {image:?}: {e}");
+                    self.fail(claimed, JobReason::GenerationFailed, &message, None, &name)
+                        .await;
+                    return;
+                }
+            }
+        }
+        let generated = self.generate(&mut claimed, &job, &model, request).await;
         self.metrics
             .generation_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -238,8 +274,8 @@ impl Worker {
         claimed: &mut ClaimedJob,
         job: &VideoJob,
         model: &VideoModel,
+        request: JobRequest,
     ) -> Result<Generated, tokio::task::JoinError> {
-        let request = request_for(job, model);
         let cancel = Arc::new(AtomicBool::new(false));
         let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<Progress>();
         let task = tokio::task::spawn_blocking({
@@ -254,8 +290,8 @@ impl Worker {
             move || {
                 let mut cache = cache.lock().expect("cache lock");
                 let loads = cache.loads();
-                let package = cache.get(&model_name).map_err(|e| e.to_string())?;
-                let outcome = run_job(package, &device, &request, &out, |p| {
+                let pipeline = cache.get(&model_name).map_err(|e| e.to_string())?;
+                let outcome = run_job(pipeline, &device, &request, &out, |p| {
                     let _ = progress_tx.send(*p);
                     if cancel.load(Ordering::Relaxed) {
                         StepControl::Cancel

@@ -47,7 +47,7 @@ impl Default for Metrics {
         let model_loads = Counter::default();
         registry.register(
             "model_loads",
-            "Model packages loaded onto the device (cold loads)",
+            "Models loaded onto the device (cold loads)",
             model_loads.clone(),
         );
         let warm_hits = Counter::default();

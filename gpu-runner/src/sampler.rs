@@ -1,49 +1,7 @@
-//! The flow-matching sampling loop. Latents and scheduler math are float32 on the device; the
-//! denoiser runs in the package's dtype. Noise comes from the job's seed on the CPU, so a seed
-//! gives the same video on any device.
-//!
-//! Noise contract (tests/reference_sampler.py follows it too): seed the CPU generator with the
-//! seed, draw the initial latent noise, then for `euler_ancestral` one tensor per step, all
-//! float32 standard normal of the latent shape, before the first step.
+//! Step arithmetic the solvers share: classifier-free guidance (and when it is skipped), one
+//! rectified-flow Euler ancestral step, and the per-step callback's answer.
 
-use std::sync::Mutex;
-
-use serde::Deserialize;
-use tch::{CModule, Device, Kind, TchError, Tensor};
-
-/// How each step moves the latent.
-#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum SamplerKind {
-    /// Deterministic Euler over the velocity field.
-    Euler,
-    /// Rectified-flow Euler ancestral: step down past the next sigma, then renoise to it.
-    EulerAncestral,
-}
-
-/// Everything about a run's sampling that is not a tensor.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SamplingPlan {
-    /// `steps + 1` noise levels, ending at 0.
-    pub sigmas: Vec<f64>,
-    pub kind: SamplerKind,
-    /// Ancestral noise amount, used by `EulerAncestral` only.
-    pub eta: f64,
-    /// Guidance scale; 1.0 or less runs the denoiser once per step (no unconditional pass).
-    pub cfg: f64,
-    /// The denoiser's timestep is `sigma * timestep_scale`.
-    pub timestep_scale: f64,
-}
-
-impl SamplingPlan {
-    pub fn steps(&self) -> usize {
-        self.sigmas.len() - 1
-    }
-
-    pub fn uses_uncond(&self) -> bool {
-        uses_uncond(self.cfg)
-    }
-}
+use tch::{TchError, Tensor};
 
 /// Whether guidance at `scale` needs the unconditional pass. As in diffusers, a scale of 1 or
 /// less runs the denoiser once per step on the prompt alone.
@@ -62,133 +20,6 @@ pub enum StepControl {
     Continue,
     /// Stop at this step boundary; the job ends as cancelled.
     Cancel,
-}
-
-/// The job's noise, drawn on the CPU before sampling.
-pub struct Noise {
-    pub initial: Tensor,
-    pub per_step: Vec<Tensor>,
-}
-
-/// Seeding and drawing use libtorch's process-wide CPU generator; the lock keeps two jobs'
-/// draws from interleaving.
-static CPU_GENERATOR: Mutex<()> = Mutex::new(());
-
-impl Noise {
-    pub fn draw(seed: u64, shape: &[i64], plan: &SamplingPlan) -> Result<Noise, TchError> {
-        let _lock = CPU_GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
-        tch::manual_seed(seed as i64);
-        let opts = (Kind::Float, Device::Cpu);
-        let initial = Tensor::f_randn(shape, opts)?;
-        let per_step = match plan.kind {
-            SamplerKind::Euler => Vec::new(),
-            SamplerKind::EulerAncestral => (0..plan.steps())
-                .map(|_| Tensor::f_randn(shape, opts))
-                .collect::<Result<_, _>>()?,
-        };
-        Ok(Noise { initial, per_step })
-    }
-}
-
-/// The sampling loop ended early.
-#[derive(Debug, thiserror::Error)]
-pub enum SampleError {
-    #[error("cancelled after {completed} of {total} steps")]
-    Cancelled { completed: usize, total: usize },
-    #[error("denoising step {step} failed: {source}")]
-    Torch { step: usize, source: TchError },
-}
-
-/// The denoiser and how to call it.
-pub struct Denoiser<'a> {
-    pub module: &'a CModule,
-    /// The module's dtype; the latent is cast to it and the output back to float32. The
-    /// timestep stays float32: in bfloat16, 937.5 would reach the module as 936.
-    pub kind: Kind,
-}
-
-impl Denoiser<'_> {
-    fn velocity(
-        &self,
-        x: &Tensor,
-        timestep: &Tensor,
-        context: &Tensor,
-    ) -> Result<Tensor, TchError> {
-        let out = if self.kind == Kind::Float {
-            self.module.forward_ts(&[x, timestep, context])?
-        } else {
-            self.module
-                .forward_ts(&[&x.f_to_kind(self.kind)?, timestep, context])?
-        };
-        out.f_to_kind(Kind::Float)
-    }
-}
-
-/// Runs the loop from the initial noise to sigma 0 and returns the float32 latents.
-/// `on_step(done, total)` runs after every step; returning `Cancel` stops there.
-pub fn sample(
-    denoiser: &Denoiser<'_>,
-    plan: &SamplingPlan,
-    noise: &Noise,
-    cond: &Tensor,
-    uncond: Option<&Tensor>,
-    device: Device,
-    mut on_step: impl FnMut(usize, usize) -> StepControl,
-) -> Result<Tensor, SampleError> {
-    let _guard = tch::no_grad_guard();
-    let total = plan.steps();
-    let torch = |step: usize| move |source: TchError| SampleError::Torch { step, source };
-    let mut x = noise.initial.f_to_device(device).map_err(torch(0))?;
-    for i in 0..total {
-        let (s, s_next) = (plan.sigmas[i], plan.sigmas[i + 1]);
-        x = step(
-            denoiser,
-            plan,
-            &x,
-            s,
-            s_next,
-            cond,
-            uncond,
-            noise.per_step.get(i),
-            device,
-        )
-        .map_err(torch(i))?;
-        if on_step(i + 1, total) == StepControl::Cancel {
-            return Err(SampleError::Cancelled {
-                completed: i + 1,
-                total,
-            });
-        }
-    }
-    Ok(x)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn step(
-    denoiser: &Denoiser<'_>,
-    plan: &SamplingPlan,
-    x: &Tensor,
-    s: f64,
-    s_next: f64,
-    cond: &Tensor,
-    uncond: Option<&Tensor>,
-    step_noise: Option<&Tensor>,
-    device: Device,
-) -> Result<Tensor, TchError> {
-    let t = Tensor::from_slice(&[(s * plan.timestep_scale) as f32]).f_to_device(device)?;
-    let mut v = denoiser.velocity(x, &t, cond)?;
-    if let (Some(uncond), true) = (uncond, plan.uses_uncond()) {
-        v = guide(&v, &denoiser.velocity(x, &t, uncond)?, plan.cfg)?;
-    }
-    match plan.kind {
-        SamplerKind::Euler => x.f_add(&v.f_mul_scalar(s_next - s)?),
-        SamplerKind::EulerAncestral => {
-            let noise = step_noise
-                .expect("Noise::draw gives every ancestral step its noise")
-                .f_to_device(device)?;
-            euler_ancestral_rf_step(x, &v, s, s_next, plan.eta, &noise)
-        }
-    }
 }
 
 /// One rectified-flow Euler ancestral step (ComfyUI's `sample_euler_ancestral_RF`) from `s` to
@@ -268,18 +99,5 @@ mod tests {
         let cond = Tensor::from_slice(&[2.0f32]);
         let uncond = Tensor::from_slice(&[1.0f32]);
         assert_eq!(guide(&cond, &uncond, 3.0).unwrap().double_value(&[0]), 4.0);
-    }
-
-    #[test]
-    fn cfg_one_skips_the_unconditional_pass() {
-        let plan = SamplingPlan {
-            sigmas: vec![1.0, 0.0],
-            kind: SamplerKind::Euler,
-            eta: 1.0,
-            cfg: 1.0,
-            timestep_scale: 1000.0,
-        };
-        assert!(!plan.uses_uncond());
-        assert!(SamplingPlan { cfg: 3.0, ..plan }.uses_uncond());
     }
 }

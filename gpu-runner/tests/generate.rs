@@ -1,44 +1,62 @@
-//! Whole jobs on CPU: MP4 + preview output, determinism, ffprobe's view of the file,
-//! cancellation at a step boundary, bad requests, and the memory report.
+//! Whole jobs on the tiny default models (anisora: image to video; phr00t: text to video):
+//! MP4 + preview output, determinism, ffprobe's view of the file, cancellation at a step
+//! boundary, bad requests and bad start images, and the memory report.
 
 mod common;
 
 use std::path::Path;
 
 use framelane_api::reasons::JobReason;
-use framelane_runner::generate::{JobError, JobOutcome, Progress, Stage, run_job};
-use framelane_runner::package::ModelPackage;
+use framelane_runner::generate::{JobError, JobOutcome, JobRequest, Progress, Stage, run_job};
 use framelane_runner::sampler::StepControl;
+use framelane_runner::wan::pipeline::{Mode, Precision, WanPipeline};
 use sha2::{Digest, Sha256};
 
-fn run(pkg: &ModelPackage, out: &Path, job: &framelane_runner::generate::JobRequest) -> JobOutcome {
-    run_job(pkg, &common::cpu(), job, out, |_| StepControl::Continue)
+fn load(model: &str) -> WanPipeline {
+    let device = common::device();
+    WanPipeline::load(
+        &common::model(model).spec,
+        Precision::FLOAT32,
+        device.device,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn run(pipeline: &WanPipeline, out: &Path, job: &JobRequest) -> JobOutcome {
+    run_job(pipeline, &common::device(), job, out, |_| {
+        StepControl::Continue
+    })
 }
 
 #[test]
 fn same_seed_gives_a_byte_identical_mp4_with_every_frame() {
-    let device = common::cpu();
-    let pkg = ModelPackage::load(&common::anisora(), device.device, Some(8)).unwrap();
+    let device = common::device();
+    let pipeline = load("anisora");
     let out = tempfile::tempdir().unwrap();
-    let mut steps_seen = Vec::new();
+    let mut stages = Vec::new();
     let first = run_job(
-        &pkg,
+        &pipeline,
         &device,
-        &common::job("fox-a", 7),
+        &common::job("anisora", "fox-a", 7),
         out.path(),
         |p: &Progress| {
-            if p.stage == Stage::Denoising {
-                steps_seen.push(p.step);
-            }
+            stages.push((p.stage, p.step));
             StepControl::Continue
         },
     );
     let a = first.result.unwrap();
-    assert_eq!(steps_seen, (1..=8).collect::<Vec<_>>());
-    let b = run(&pkg, out.path(), &common::job("fox-b", 7))
+    let denoised: Vec<u32> = stages
+        .iter()
+        .filter(|(s, _)| *s == Stage::Denoising)
+        .map(|(_, step)| *step)
+        .collect();
+    assert_eq!(denoised, (1..=8).collect::<Vec<_>>());
+    assert_eq!(stages.first(), Some(&(Stage::EncodingPrompt, 0)));
+    assert_eq!(stages.last(), Some(&(Stage::Encoding, 0)));
+    let b = run(&pipeline, out.path(), &common::job("anisora", "fox-b", 7))
         .result
         .unwrap();
-    let c = run(&pkg, out.path(), &common::job("fox-c", 8))
+    let c = run(&pipeline, out.path(), &common::job("anisora", "fox-c", 8))
         .result
         .unwrap();
 
@@ -62,22 +80,44 @@ fn same_seed_gives_a_byte_identical_mp4_with_every_frame() {
     assert!(buf.iter().any(|&v| v != buf[0]), "preview is a flat image");
 
     let memory = first.memory.unwrap();
-    assert_eq!(memory.status.device, "cpu");
+    assert_eq!(memory.status.device, device.name());
     assert!(memory.status.peak_allocated_bytes >= memory.status.after_cleanup_allocated_bytes);
     assert!(memory.status.peak_allocated_bytes > 0);
     assert_eq!(memory.ooms, 0);
 }
 
 #[test]
-fn ffprobe_sees_h264_with_the_requested_frames_fps_and_duration() {
-    let device = common::cpu();
-    let pkg = ModelPackage::load(&common::phr00t(), device.device, Some(4)).unwrap();
+fn another_start_image_gives_another_video() {
+    let pipeline = load("anisora");
     let out = tempfile::tempdir().unwrap();
-    let mut job = common::job("probe", 3);
+    let original = run(&pipeline, out.path(), &common::job("anisora", "a", 1))
+        .result
+        .unwrap();
+    let mut job = common::job("anisora", "b", 1);
+    let mut flat = Vec::new();
+    let mut encoder = png::Encoder::new(&mut flat, 16, 16);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().unwrap();
+    writer.write_image_data(&[200u8; 16 * 16 * 3]).unwrap();
+    writer.finish().unwrap();
+    job.image = Some(flat);
+    let other = run(&pipeline, out.path(), &job).result.unwrap();
+    assert_ne!(
+        original.sha256, other.sha256,
+        "the start image made no difference"
+    );
+}
+
+#[test]
+fn ffprobe_sees_h264_with_the_requested_frames_fps_and_duration() {
+    let pipeline = load("phr00t");
+    let out = tempfile::tempdir().unwrap();
+    let mut job = common::job("phr00t", "probe", 3);
     job.frames = 17;
-    job.fps = Some(8);
+    job.fps = 8;
     job.width = 48;
-    let video = run(&pkg, out.path(), &job).result.unwrap();
+    let video = run(&pipeline, out.path(), &job).result.unwrap();
     let probe = common::ffprobe(&out.path().join(&video.path))
         .expect("ffprobe is missing: install it (apt-get install ffmpeg); .ci/run does");
     let stream = &probe["streams"][0];
@@ -96,14 +136,14 @@ fn ffprobe_sees_h264_with_the_requested_frames_fps_and_duration() {
 
 #[test]
 fn cancelling_stops_at_a_step_boundary_and_the_runner_carries_on() {
-    let device = common::cpu();
-    let pkg = ModelPackage::load(&common::anisora(), device.device, None).unwrap();
+    let device = common::device();
+    let pipeline = load("anisora");
     let out = tempfile::tempdir().unwrap();
     let mut last_step = 0;
     let cancelled = run_job(
-        &pkg,
+        &pipeline,
         &device,
-        &common::job("cancel", 1),
+        &common::job("anisora", "cancel", 1),
         out.path(),
         |p: &Progress| {
             assert_ne!(p.stage, Stage::Decoding, "decoded after cancel");
@@ -131,32 +171,59 @@ fn cancelling_stops_at_a_step_boundary_and_the_runner_carries_on() {
     assert!(!out.path().join("default/cancel/video.mp4").exists());
     assert!(cancelled.memory.is_ok());
 
-    let next = run(&pkg, out.path(), &common::job("after-cancel", 1));
+    let next = run(
+        &pipeline,
+        out.path(),
+        &common::job("anisora", "after-cancel", 1),
+    );
     assert!(next.result.is_ok(), "{:?}", next.result);
 }
 
 #[test]
 fn bad_requests_are_rejected_with_the_field() {
-    let device = common::cpu();
-    let pkg = ModelPackage::load(&common::phr00t(), device.device, None).unwrap();
+    let pipeline = load("phr00t");
     let out = tempfile::tempdir().unwrap();
-    let mut frames = common::job("bad-frames", 1);
+    let failed = |job: &JobRequest| run(&pipeline, out.path(), job).result.unwrap_err();
+
+    let mut frames = common::job("phr00t", "bad-frames", 1);
     frames.frames = 6;
-    let err = run(&pkg, out.path(), &frames).result.unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("`frames` must be of the form 4k+1"),
-        "{err}"
-    );
-    assert!(matches!(err, JobError::InvalidRequest { .. }), "{err:?}");
+    let err = failed(&frames);
+    assert_eq!(err.to_string(), "`frames` must be of the form 4k+1, got 6");
     assert_eq!(err.reason(), JobReason::GenerationFailed);
 
-    let mut width = common::job("bad-width", 1);
-    width.width = 30;
-    let err = run(&pkg, out.path(), &width).result.unwrap_err();
-    assert!(err.to_string().contains("`width`"), "{err}");
+    let mut width = common::job("phr00t", "bad-width", 1);
+    width.width = 40;
+    assert_eq!(
+        failed(&width).to_string(),
+        "`width` must be a multiple of 16, got 40"
+    );
 
-    let escape = common::job("../../etc", 1);
-    let err = run(&pkg, out.path(), &escape).result.unwrap_err();
-    assert!(matches!(err, JobError::Output(_)), "{err:?}");
+    let mut mode = common::job("phr00t", "bad-mode", 1);
+    mode.mode = Mode::ImageToVideo;
+    mode.image = Some(common::first_frame());
+    assert_eq!(
+        failed(&mode).to_string(),
+        "`mode` is i2v but this model runs t2v only"
+    );
+
+    let escape = common::job("phr00t", "../../etc", 1);
+    assert!(matches!(failed(&escape), JobError::Output(_)));
+}
+
+#[test]
+fn an_unreadable_start_image_fails_the_job_with_the_reason() {
+    let pipeline = load("anisora");
+    let out = tempfile::tempdir().unwrap();
+    let mut job = common::job("anisora", "garbage", 1);
+    job.image = Some(b"\x89PNG\r\n\x1a\nnot really".to_vec());
+    let err = run(&pipeline, out.path(), &job).result.unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("spec.image is not a readable PNG image:"),
+        "{err}"
+    );
+    assert_eq!(err.reason(), JobReason::GenerationFailed);
+    job.image = Some(b"GIF89a....".to_vec());
+    let err = run(&pipeline, out.path(), &job).result.unwrap_err();
+    assert_eq!(err.to_string(), "spec.image is not a PNG or JPEG image");
 }

@@ -1,6 +1,6 @@
 //! The umT5 text encoder and the Wan prompt encoding against transformers'
 //! `UMT5EncoderModel` and diffusers' `WanPipeline` (tests/wan_umt5_reference.py), on the tiny
-//! random-weight pipeline of tests/make_tiny_wan_pipeline.py: prompt cleaning, token ids and
+//! random-weight pipeline `wan-t2v` of tests/make_tiny_wan_models.py: prompt cleaning, token ids and
 //! masks, hidden states at the pipelines' 512 tokens, the padded prompt embeddings, and the
 //! refusal of weights or configs that do not fit.
 
@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use framelane_runner::tokenizer::{PromptTokenizer, TokenizerKind};
+use framelane_runner::tokenizer::PromptTokenizer;
 use framelane_runner::wan::umt5::{
     Umt5Config, Umt5Encoder, Umt5Error, prompt_clean, tokenize_prompts,
 };
@@ -62,9 +62,8 @@ fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        let pipeline = dir.path().join("pipeline");
+        let pipeline = common::models().join("wan-t2v");
         let reference = dir.path().join("reference.safetensors");
-        common::run_python("make_tiny_wan_pipeline.py", &[&pipeline], None);
         let case = json!({
             "prompts": prompts(), "negativePrompt": NEGATIVE, "maxLength": MAX_LENGTH,
             "clean": CLEAN,
@@ -91,7 +90,7 @@ fn read_tensors(path: &Path) -> HashMap<String, Tensor> {
 }
 
 fn device() -> Device {
-    common::cpu().device
+    common::device().device
 }
 
 fn config() -> Umt5Config {
@@ -122,12 +121,7 @@ fn load_error(config: Umt5Config, edit: impl FnOnce(&mut HashMap<String, Tensor>
 }
 
 fn tokenizer() -> PromptTokenizer {
-    PromptTokenizer::load(
-        &fixture().pipeline.join("tokenizer"),
-        TokenizerKind::Huggingface,
-        MAX_LENGTH,
-    )
-    .unwrap()
+    PromptTokenizer::load(&fixture().pipeline.join("tokenizer"), MAX_LENGTH).unwrap()
 }
 
 fn reference_ids(field: &str) -> Tensor {

@@ -3,7 +3,7 @@ the reference for tests/wan_umt5.rs.
 
     python wan_umt5_reference.py PIPELINE_DIR OUT_FILE < case.json
 
-PIPELINE_DIR is a tiny pipeline from make_tiny_wan_pipeline.py. case.json: {"prompts": [...],
+PIPELINE_DIR is a tiny pipeline from make_tiny_wan_models.py (wan-t2v). case.json: {"prompts": [...],
 "negativePrompt", "maxLength", "clean": [...]}. Stdout: one JSON object with "clean" (diffusers'
 prompt_clean of each "clean" string), "ids" and "mask" (the pipeline tokenizer's, for each
 cleaned prompt, padded to maxLength), "attention" (the encoder's attention implementation).

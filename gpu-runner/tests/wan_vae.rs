@@ -50,7 +50,7 @@ struct Case {
 
 impl Case {
     fn new() -> Case {
-        let device = common::cpu().device;
+        let device = common::device().device;
         let config = VaeConfig::from_file(&vae_dir().join("config.json")).unwrap();
         let vae = load(config, |_| {}).unwrap_or_else(|e| panic!("{e}"));
         Case {
@@ -83,7 +83,7 @@ fn load(
 ) -> Result<AutoencoderKLWan, VaeError> {
     let mut weights = read_tensors(&vae_dir().join("diffusion_pytorch_model.safetensors"));
     edit(&mut weights);
-    let device = common::cpu().device;
+    let device = common::device().device;
     AutoencoderKLWan::from_tensors(config, device, Kind::Float, &mut |name| {
         weights.get(name).map(Tensor::shallow_clone)
     })

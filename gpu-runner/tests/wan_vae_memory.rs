@@ -38,7 +38,7 @@ const MIB: f64 = 1024.0 * 1024.0;
 fn decoding_memory_does_not_grow_with_the_number_of_frames() {
     let dir = tempfile::tempdir().unwrap();
     common::run_python("wan_vae_full_size.py", &[dir.path()], None);
-    let device = common::cpu();
+    let device = common::device();
     let config = VaeConfig::from_file(&dir.path().join("config.json")).unwrap();
     let weights: std::collections::HashMap<String, Tensor> =
         Tensor::read_safetensors(dir.path().join("diffusion_pytorch_model.safetensors"))

@@ -63,6 +63,12 @@ pub struct Config {
         default_value = "framelane-outputs"
     )]
     pub outputs_claim: String,
+    /// Hosts a VideoJob's `spec.image` URL may name (comma-separated; the port does not
+    /// matter). Empty (the default): no URL is allowed, only paths in the model volume, since
+    /// a runner fetching any URL could reach services inside the cluster. Runner pods get the
+    /// same list.
+    #[arg(long, env = "FRAMELANE_IMAGE_URL_HOSTS", value_delimiter = ',')]
+    pub image_url_hosts: Vec<String>,
     /// Queue depth of lanes that set none.
     #[arg(long, default_value_t = 25)]
     pub default_max_depth: i32,
@@ -117,6 +123,26 @@ pub struct Config {
     /// Lifetime of the webhook CA; renewed with a third of it left, with an overlap.
     #[arg(long, value_parser = parse_seconds, default_value = "31536000")]
     pub webhook_ca_seconds: Duration,
+    /// PEM file with the CA that signs the API server's client certificate for webhook
+    /// calls (its admission configuration's kubeconfig). Set: the API server's paths answer
+    /// only connections that show a certificate it signed, so no other caller can take a
+    /// slot of a lane's queue. Unset: any caller that reaches the port is answered.
+    #[arg(long, env = "FRAMELANE_WEBHOOK_CLIENT_CA")]
+    pub webhook_client_ca: Option<std::path::PathBuf>,
+    /// Connections the webhook keeps open at once; past it, it accepts no more until one
+    /// closes (the API server multiplexes its calls over the connection it holds). Lowered
+    /// to fit the process's open-file limit.
+    #[arg(long, default_value_t = 10_000)]
+    pub webhook_max_connections: usize,
+    /// A webhook connection without a finished TLS handshake (or, over HTTP/1.1, a request's
+    /// headers) within this long is closed.
+    #[arg(long, value_parser = parse_seconds, default_value = "5")]
+    pub webhook_handshake_seconds: Duration,
+    /// On SIGTERM: how long to keep serving everything while no longer ready, so Services
+    /// and the API server stop sending new connections before the webhook stops accepting.
+    /// Then open connections get up to 10 s to finish, and a leader hands over its Lease.
+    #[arg(long, env = "FRAMELANE_SHUTDOWN_DELAY_SECONDS", value_parser = parse_seconds, default_value = "5")]
+    pub shutdown_delay_seconds: Duration,
 }
 
 /// Who issues the webhook's certificates.

@@ -9,11 +9,12 @@ use std::{
 use framelane_api::{ModelLane, VideoJob, VideoModel, wellknown::LABEL_LANE};
 use framelane_core::{
     availability::{Availability, availability},
-    depth::QueueLimits,
+    depth::{Occupancy, QueueLimits},
     index::Index,
     lifecycle::{FallbackFacts, LaneFacts},
     queue::JobKey,
     routing::{episode_cause, route},
+    timeouts::DEFAULT_JOB_DEADLINE,
 };
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -76,9 +77,15 @@ impl Context {
         availability(lane, Self::runner_leases(&leases, &lane.name_any()), now)
     }
 
-    /// The facts `lifecycle::decide` needs about a lane and its fallback lane; `index` is the
-    /// locked queue index (for depths and running jobs).
-    pub fn lane_facts(&self, lane: &ModelLane, now: Timestamp, index: &Index) -> LaneFacts {
+    /// The facts `lifecycle::decide` needs about a lane and its fallback lane for a job of
+    /// `namespace`; `index` is the locked queue index (for depths and running jobs).
+    pub fn lane_facts(
+        &self,
+        lane: &ModelLane,
+        namespace: &str,
+        now: Timestamp,
+        index: &Index,
+    ) -> LaneFacts {
         let name = lane.name_any();
         let availability = self.lane_availability(lane, now);
         let running = |lane: &str| index.queues.lane(lane).map_or(0, |q| q.running());
@@ -91,7 +98,7 @@ impl Context {
                 let name = f.name_any();
                 FallbackFacts {
                     limits: self.lane_limits(&f),
-                    depth: index.queues.depth(&name),
+                    held: admitted(index, &name, namespace),
                     fresh: self.lane_availability(&f, now).fresh,
                     running: running(&name),
                     name,
@@ -108,7 +115,7 @@ impl Context {
         });
         LaneFacts {
             limits: self.lane_limits(lane),
-            depth: index.queues.depth(&name),
+            held: admitted(index, &name, namespace),
             unavailable_since: availability.unavailable_since,
             fresh: availability.fresh,
             running: running(&name),
@@ -118,7 +125,7 @@ impl Context {
         }
     }
 
-    /// A lane's `maxDepth` and `maxWaitSeconds`, with the operator's defaults.
+    /// A lane's queue limits, with the operator's defaults.
     pub fn lane_limits(&self, lane: &ModelLane) -> QueueLimits {
         let queue = lane.spec.queue.as_ref();
         let max_depth = queue
@@ -130,6 +137,14 @@ impl Context {
         QueueLimits {
             max_depth: max_depth.max(1) as usize,
             max_wait: std::time::Duration::from_secs(max_wait.max(1) as u64),
+            max_per_namespace: queue
+                .and_then(|q| q.max_per_namespace)
+                .map(|n| n.max(1) as usize),
+            job_deadline: queue
+                .and_then(|q| q.job_deadline_seconds)
+                .map_or(DEFAULT_JOB_DEADLINE, |s| {
+                    std::time::Duration::from_secs(s.max(1) as u64)
+                }),
         }
     }
 
@@ -194,4 +209,16 @@ impl Context {
             let _ = self.lane_changes.send(lane);
         }
     }
+}
+
+/// Jobs admitted to `lane` (Queued or Running), all and those of `namespace`: what the
+/// controller counts, admitting in creation order.
+pub fn admitted(index: &Index, lane: &str, namespace: &str) -> Occupancy {
+    index
+        .queues
+        .lane(lane)
+        .map_or_else(Occupancy::default, |q| Occupancy {
+            depth: q.depth(),
+            namespace: q.held_by(namespace),
+        })
 }

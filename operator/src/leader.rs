@@ -1,8 +1,12 @@
 //! Leader election on a `Lease`: only the holder reconciles and writes. A standby takes over
 //! once the holder has not renewed for the lease duration (a killed leader never renews).
 
-use std::{sync::Mutex, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
+use futures::StreamExt;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
@@ -11,7 +15,9 @@ use k8s_openapi::{
 use kube::{
     Api, ResourceExt,
     api::{ObjectMeta, PostParams},
+    runtime::{WatchStreamExt, watcher},
 };
+use tokio::sync::Notify;
 
 /// The Lease annotation with the leader's webhook address (`host:port`), where standbys
 /// hand admission reviews for the depth decision.
@@ -131,6 +137,25 @@ impl Elector {
                 .replace(&self.name, &PostParams::default(), &lease)
                 .await,
         )
+    }
+
+    /// Notified whenever the Lease shows no holder (a leader let go on shutdown), so a
+    /// standby tries at once instead of at its next retry.
+    pub fn releases(&self) -> Arc<Notify> {
+        let notify = Arc::new(Notify::new());
+        let config = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
+        let leases = watcher(self.api.clone(), config)
+            .default_backoff()
+            .applied_objects();
+        let released = notify.clone();
+        tokio::spawn(leases.for_each(move |lease| {
+            let free = lease.is_ok_and(|l| l.spec.is_none_or(|s| s.holder_identity.is_none()));
+            if free {
+                released.notify_one();
+            }
+            futures::future::ready(())
+        }));
+        notify
     }
 
     /// Gives the Lease up (on a clean shutdown), so a standby takes over at once.

@@ -57,6 +57,12 @@ pub struct AdmissionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedCallLabels {
+    /// `api_server` (the API server's paths) or `leader` (the leader path).
+    pub path: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CertificateLabels {
     /// `serving` or `ca`.
     pub certificate: String,
@@ -82,6 +88,8 @@ pub struct Metrics {
     pub leader: Gauge<i64, AtomicI64>,
     pub admission_decisions: Family<AdmissionLabels, Counter>,
     pub webhook_duration: Histogram,
+    pub webhook_connections: Gauge,
+    pub webhook_refused_calls: Family<RefusedCallLabels, Counter>,
     pub certificate_expiry: Family<CertificateLabels, Gauge>,
 }
 
@@ -194,6 +202,16 @@ impl Default for Metrics {
                 "webhook_duration_seconds",
                 "Time the admission webhook took to answer a review",
                 Histogram::new(WEBHOOK_BUCKETS),
+            ),
+            webhook_connections: register(
+                r,
+                "webhook_connections",
+                "Open connections to the admission webhook, those still in their TLS handshake included (past --webhook-max-connections none are accepted)",
+            ),
+            webhook_refused_calls: register(
+                r,
+                "webhook_refused_calls",
+                "Calls the webhook refused unread because the caller could not prove it is the API server (path api_server) or another replica (path leader)",
             ),
             certificate_expiry: register(
                 r,

@@ -88,11 +88,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .reflect(models_writer)
         .for_each(|_| future::ready(())),
     );
-    let webhook = match config.webhook_addr {
+    let (webhook, mut server) = match config.webhook_addr {
         Some(addr) => {
-            Some(start_webhook(&client, &config, addr, &models, &elector, &metrics).await)
+            let (webhook, server) =
+                start_webhook(&client, &config, addr, &models, &elector, &metrics).await?;
+            (Some(webhook), Some(server))
         }
-        None => None,
+        None => (None, None),
     };
     // A standby is healthy and ready (serving the webhook when it has one): it is waiting
     // to lead.
@@ -104,16 +106,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
+    let released = elector.releases();
     loop {
         tokio::select! {
-            _ = &mut shutdown => return Ok(()),
+            _ = &mut shutdown => {
+                drain(&ready, server.take(), config.shutdown_delay_seconds).await;
+                return Ok(());
+            }
             led = elector.try_lead() => match led {
                 Ok(true) => break,
                 Ok(false) => {}
                 Err(e) => tracing::warn!(error = %e, "leader election failed; retrying"),
             }
         }
-        tokio::time::sleep(elector.retry_interval()).await;
+        // A leader that lets go on shutdown is replaced at once, not at the next retry.
+        tokio::select! {
+            _ = tokio::time::sleep(elector.retry_interval()) => {}
+            _ = released.notified() => {}
+        }
     }
     tracing::info!(identity, "became the leader");
     metrics.leader.set(1);
@@ -123,17 +133,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .filter(|w| w.source == CertificateSource::Operator)
     {
         tokio::spawn(webhook::secret::maintain_certificates(
+            client.clone(),
             Api::namespaced(client.clone(), &config.namespace),
-            Api::all(client.clone()),
             config.webhook_secret.clone(),
             config.webhook_configuration.clone(),
             webhook.policy.clone(),
         ));
     }
 
+    let delay = config.shutdown_delay_seconds;
+    let work = controllers(client, config, metrics, models, webhook);
+    tokio::pin!(work);
     tokio::select! {
-        result = controllers(client, config, metrics, models, webhook) => result?,
-        _ = &mut shutdown => {}
+        result = &mut work => result?,
+        // The controllers go on while the webhook drains: reviews it still answers need the
+        // leader's count.
+        _ = &mut shutdown => tokio::select! {
+            result = &mut work => result?,
+            _ = drain(&ready, server.take(), delay) => {}
+        },
     }
     elector.release().await?;
     tracing::info!("released leadership; exiting");
@@ -161,6 +179,28 @@ async fn keep_leading(elector: Arc<Elector>, duration: Duration) {
     }
 }
 
+/// The webhook's HTTPS server, until it is told to stop.
+struct Server {
+    stop: tokio::sync::oneshot::Sender<()>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+/// A clean exit: no longer ready, still serving for `delay` (the Service and the API server
+/// stop sending new connections meanwhile), then the webhook stops accepting and lets open
+/// connections finish what they started.
+async fn drain(ready: &AtomicBool, server: Option<Server>, delay: Duration) {
+    ready.store(false, Ordering::Relaxed);
+    let Some(server) = server else { return };
+    tracing::info!(
+        seconds = delay.as_secs(),
+        "shutting down: not ready; serving until new connections have moved elsewhere"
+    );
+    tokio::time::sleep(delay).await;
+    let _ = server.stop.send(());
+    let _ = server.done.await;
+    tracing::info!("the webhook finished its open connections");
+}
+
 async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("SIGTERM handler");
@@ -179,7 +219,20 @@ async fn start_webhook(
     models: &reflector::Store<VideoModel>,
     elector: &Arc<Elector>,
     metrics: &Arc<Metrics>,
-) -> Arc<Webhook> {
+) -> anyhow::Result<(Arc<Webhook>, Server)> {
+    let client_ca = match &config.webhook_client_ca {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("--webhook-client-ca {}: {e}", path.display()))?,
+        ),
+        None => {
+            tracing::warn!(
+                "no --webhook-client-ca: the webhook answers any caller that reaches its port; \
+                 only a NetworkPolicy keeps others from taking slots of a lane's queue"
+            );
+            None
+        }
+    };
     let policy = Policy::for_service(
         &config.webhook_service,
         &config.namespace,
@@ -192,24 +245,66 @@ async fn start_webhook(
         metrics.clone(),
         policy,
         config.webhook_certificates,
+        client_ca.is_some(),
+        config.image_url_hosts.clone(),
     ));
     tokio::spawn(webhook.clone().follow_certificates(
         client.clone(),
         config.namespace.clone(),
         config.webhook_secret.clone(),
     ));
+    let tls = webhook::tls::server_config(webhook.certs.clone(), client_ca.as_deref())
+        .map_err(|e| anyhow::anyhow!("--webhook-client-ca: {e}"))?;
+    let limits = webhook::tls::Limits {
+        handshake: config.webhook_handshake_seconds,
+        max_connections: connection_cap(config.webhook_max_connections),
+        drain: Duration::from_secs(10),
+    };
     // Listen only with a certificate: a connection before it would fail its handshake.
     while !webhook.certs.is_loaded() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (certs, routes) = (webhook.certs.clone(), webhook.clone().routes());
-    tokio::spawn(async move {
-        if let Err(e) = webhook::tls::serve(addr, certs, routes).await {
-            tracing::error!(%addr, error = %e, "cannot serve the admission webhook");
-            std::process::exit(1);
+    let listener = webhook::tls::listen(addr)
+        .map_err(|e| anyhow::anyhow!("cannot serve the admission webhook on {addr}: {e}"))?;
+    tracing::info!(%addr, "serving the admission webhook over HTTPS");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let done = tokio::spawn(webhook::tls::serve(
+        listener,
+        tls,
+        webhook.clone().routes(),
+        limits,
+        metrics.webhook_connections.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Ok((webhook, Server { stop, done }))
+}
+
+/// `wanted`, or less when the process may not open that many files: the soft limit is
+/// raised to the hard one first (as Go programs do), and some files are kept for the rest.
+fn connection_cap(wanted: usize) -> usize {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!(error = %e, "cannot raise the open-file limit");
         }
-    });
-    webhook
+    }
+    let files = getrlimit(Resource::Nofile)
+        .current
+        .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
+    let cap = wanted.min(files.saturating_sub(256)).max(1);
+    if cap < wanted {
+        tracing::warn!(
+            wanted,
+            cap,
+            files,
+            "the open-file limit allows fewer webhook connections than --webhook-max-connections"
+        );
+    }
+    cap
 }
 
 /// Runs the lane and job controllers (the leader's work) until they end.

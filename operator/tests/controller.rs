@@ -927,3 +927,270 @@ async fn a_lane_that_loses_its_runner_gives_queued_jobs_max_wait_from_then() -> 
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_job_no_webhook_checked_fails_invalid_parameters_and_is_never_claimed() -> Result<()> {
+    let fx = Fixture::new("invalid").await?;
+    let model = fx.model("anisora", 8, None).await?;
+    let lane = fx.lane("anisora", &[&model], json!({})).await?;
+    let _op = fx.operator("op")?;
+    let runner = fx.runner("runner-0", &lane, Behaviour::default());
+    // No webhook covers this namespace (as with webhook.enabled=false or failurePolicy Ignore).
+    let wrong: VideoJob = serde_json::from_value(json!({
+        "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob", "metadata": {"name": "wrong"},
+        "spec": {"model": model, "prompt": "a cat", "steps": 20, "width": 2048}
+    }))?;
+    fx.jobs.create(&PostParams::default(), &wrong).await?;
+    fx.create_job("right", &model).await?;
+    let failed = eventually(30, "the wrong job to fail", || async {
+        let job = fx.jobs.get("wrong").await?;
+        Ok((phase(&job) == Some(JobPhase::Failed)).then_some(job))
+    })
+    .await?;
+    let status = failed.status.unwrap();
+    assert_eq!(status.reason, Some(JobReason::InvalidParameters));
+    assert_eq!(
+        status.message.as_deref(),
+        Some(
+            format!(
+                "VideoJob \"wrong\" does not fit model \"{model}\": spec.steps: must be 8 for model {model}, got 20: \
+                 remove spec.steps or set it to 8; spec.width: must be at most 1280 for model {model} (its maxWidth), got 2048: \
+                 lower it or leave it out for the default"
+            )
+            .as_str()
+        )
+    );
+    assert_eq!(status.lane, None, "never admitted to a lane");
+    eventually(30, "the right job to succeed", || async {
+        Ok((phase(&fx.jobs.get("right").await?) == Some(JobPhase::Succeeded)).then_some(()))
+    })
+    .await?;
+    let ran: Vec<String> = runner
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(j, _)| j.clone())
+        .collect();
+    assert_eq!(ran, ["right"], "the runner never saw the wrong job");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_refused_final_write_is_retried_until_the_job_succeeds() -> Result<()> {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
+    let fx = Fixture::new("final-write").await?;
+    let model = fx.model("anisora", 8, None).await?;
+    let lane = fx.lane("anisora", &[&model], json!({})).await?;
+    // For 10 s, the API server refuses every status update that makes a job of this
+    // namespace Succeeded, as an outage or a misbehaving policy would.
+    let name = fx.scoped("refuse-succeeded");
+    let labels = json!({support::INSTANCE_LABEL: fx.ns.name});
+    let policies = Api::<ValidatingAdmissionPolicy>::all(fx.client.clone());
+    let bindings = Api::<ValidatingAdmissionPolicyBinding>::all(fx.client.clone());
+    policies
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": labels},
+                "spec": {
+                    "failurePolicy": "Fail",
+                    "matchConstraints": {"resourceRules": [{"apiGroups": ["framelane.dev"],
+                        "apiVersions": ["*"], "operations": ["UPDATE"], "resources": ["videojobs/status"]}]},
+                    "validations": [{
+                        "expression": "!has(object.status) || !has(object.status.phase) || object.status.phase != 'Succeeded'",
+                        "message": "the test refuses Succeeded for now"}]
+                }
+            }))?,
+        )
+        .await?;
+    bindings
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": labels},
+                "spec": {"policyName": name, "validationActions": ["Deny"],
+                    "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": fx.ns.name}}}}
+            }))?,
+        )
+        .await?;
+    // The policy is in force once a dry-run Succeeded write of a probe job is refused.
+    let probe = fx.create_job("probe", &model).await?;
+    eventually(20, "the policy in force", || async {
+        let mut succeeded = probe.clone();
+        succeeded.status = Some(framelane_api::VideoJobStatus {
+            phase: Some(JobPhase::Succeeded),
+            ..Default::default()
+        });
+        let dry_run = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        let refused = fx
+            .jobs
+            .replace_status("probe", &dry_run, &succeeded)
+            .await
+            .is_err();
+        Ok(refused.then_some(()))
+    })
+    .await?;
+    let in_force = tokio::time::Instant::now();
+    fx.jobs.delete("probe", &DeleteParams::default()).await?;
+
+    let _op = fx.operator("op")?;
+    let runner = fx.runner("runner", &lane, Behaviour::default());
+    fx.create_job("refused", &model).await?;
+    eventually(30, "the job's last step written", || async {
+        let job = fx.jobs.get("refused").await?;
+        let percent = job.status.as_ref().and_then(|s| s.progress.as_ref());
+        Ok(percent.is_some_and(|p| p.percent == 100).then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let job = fx.jobs.get("refused").await?;
+    ensure!(
+        phase(&job) == Some(JobPhase::Running),
+        "the policy did not refuse the runner's Succeeded write: {:?}",
+        job.status
+    );
+    tokio::time::sleep_until(in_force + Duration::from_secs(10)).await;
+    bindings.delete(&name, &DeleteParams::default()).await?;
+    policies.delete(&name, &DeleteParams::default()).await?;
+
+    let job = eventually(60, "the job Succeeded", || async {
+        let job = fx.jobs.get("refused").await?;
+        Ok((phase(&job) == Some(JobPhase::Succeeded)).then_some(job))
+    })
+    .await?;
+    let status = job.status.unwrap_or_default();
+    assert_eq!(status.reason, Some(JobReason::Completed));
+    assert_eq!(status.attempts, Some(1), "the job ran once");
+    assert_eq!(
+        runner.log.lock().unwrap().len(),
+        1,
+        "the runner ran one job"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_hung_job_fails_deadline_exceeded_and_frees_its_slot() -> Result<()> {
+    let fx = Fixture::new("deadline").await?;
+    let model = fx.model("anisora", 8, None).await?;
+    let lane = fx
+        .lane(
+            "anisora",
+            &[&model],
+            json!({"queue": {"maxDepth": 1, "jobDeadlineSeconds": 3}}),
+        )
+        .await?;
+    let _op = fx.operator("op")?;
+    // Heartbeating all along, but each step takes longer than the lane's deadline.
+    let hangs = Behaviour {
+        steps: 2,
+        step_time: Duration::from_secs(6),
+        permits: None,
+    };
+    let runner = fx.runner("runner", &lane, hangs);
+    fx.create_job("hung", &model).await?;
+    let failed = eventually(30, "the hung job Failed", || async {
+        let job = fx.jobs.get("hung").await?;
+        ensure!(
+            phase(&job) != Some(JobPhase::Succeeded),
+            "the job outlived its deadline and succeeded"
+        );
+        Ok((phase(&job) == Some(JobPhase::Failed)).then_some(job))
+    })
+    .await?;
+    let status = failed.status.clone().unwrap_or_default();
+    assert_eq!(status.reason, Some(JobReason::DeadlineExceeded));
+    let message = status.message.unwrap_or_default();
+    assert!(message.contains("ran 3 s on runner runner"), "{message}");
+
+    // The lane holds one job: the next one is admitted only because the slot was freed. Its
+    // own deadline outlasts the lane's.
+    let next = support::job(
+        "next",
+        json!({"model": model, "prompt": "next", "frames": 17, "width": 256, "height": 256,
+            "deadlineSeconds": 60}),
+    );
+    fx.jobs.create(&PostParams::default(), &next).await?;
+    let next = eventually(40, "the next job Succeeded", || async {
+        let job = fx.jobs.get("next").await?;
+        ensure!(
+            phase(&job) != Some(JobPhase::Failed),
+            "the next job failed: {:?}",
+            job.status
+        );
+        Ok((phase(&job) == Some(JobPhase::Succeeded)).then_some(job))
+    })
+    .await?;
+    assert_eq!(
+        next.status.and_then(|s| s.runner),
+        Some("runner".to_string())
+    );
+    // The runner stopped the hung job at its next step and left its status as the operator
+    // wrote it.
+    assert_eq!(fx.jobs.get("hung").await?.status, failed.status);
+    let ran: Vec<String> = runner
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(j, _)| j.clone())
+        .collect();
+    assert_eq!(ran, ["hung", "next"]);
+    eventually(10, "depth 0", || async {
+        Ok((fx.lane_status(&lane).await?.queue_depth == 0).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_queued_at_at_the_end_of_time_does_not_stop_admissions() -> Result<()> {
+    let fx = Fixture::new("poison").await?;
+    let model = fx.model("anisora", 8, None).await?;
+    let lane = fx.lane("anisora", &[&model], json!({})).await?;
+    // Written with the admin's credentials before an operator admits it: the CRD lets
+    // queuedAt be set once, up to the year 9000 (later times it refuses: the operator could
+    // not read them). The old admission clock followed it and admitted new jobs after it.
+    let last = "8999-12-31T23:59:59.999999Z";
+    fx.create_job("poison", &model).await?;
+    let status = json!({"status": {"phase": "Queued", "lane": lane, "queuedAt": last}});
+    fx.jobs
+        .patch_status("poison", &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
+    let mut op = fx.operator("op")?;
+    op.until_leading().await?;
+    for name in ["after-1", "after-2"] {
+        fx.create_job(name, &model).await?;
+    }
+    let year_3000: jiff::Timestamp = "3000-01-01T00:00:00Z".parse()?;
+    eventually(30, "the new jobs admitted at today's time", || async {
+        let jobs = fx.list_jobs().await?;
+        let admitted = jobs
+            .iter()
+            .filter(|j| j.name_any().starts_with("after-"))
+            .filter_map(|j| j.status.as_ref()?.queued_at.as_ref())
+            .filter(|t| t.0 < year_3000)
+            .count();
+        Ok((admitted == 2).then_some(()))
+    })
+    .await?;
+    ensure!(
+        op.child.try_wait()?.is_none(),
+        "the operator exited:\n{}",
+        op.log_text()
+    );
+    let poison = fx.jobs.get("poison").await?;
+    let kept = poison.status.and_then(|s| s.queued_at).map(|t| t.0);
+    assert_eq!(
+        kept,
+        Some(last.parse()?),
+        "the job keeps its place at the back"
+    );
+    Ok(())
+}

@@ -559,8 +559,9 @@ async fn a_full_fallback_lane_refuses_with_its_name_exactly_under_a_burst_on_two
     .await?;
     let (a, port_a) = s.fx.webhook_operator("a", 0, OPERATOR)?;
     a.until_leading().await?;
-    let (_b, port_b) = s.fx.webhook_operator("b", 0, OPERATOR)?;
-    let front = support::RoundRobin::start(vec![port_a, port_b]).await?;
+    let (b, port_b) = s.fx.webhook_operator("b", 0, OPERATOR)?;
+    b.until_ready().await?;
+    let front = support::RoundRobin::start(&[(&a, port_a), (&b, port_b)]).await?;
     s.fx.register_webhook(front.port).await?;
     s.fx.webhook_effective(&s.model).await?;
     s.until_active(FallbackCause::Manual).await?;

@@ -64,6 +64,55 @@ fn cause_fields(status: &kube::core::Status) -> Vec<String> {
 }
 
 #[tokio::test]
+async fn a_job_that_leaves_parameters_out_is_stored_with_its_models_values() -> Result<()> {
+    let s = setup("wh-defaults", 25).await?;
+    let (_operator, port) = s.fx.webhook_operator("a", 0, &[])?;
+    s.fx.register_webhook(port).await?;
+    s.fx.webhook_effective(&s.phr00t).await?;
+    let stored =
+        s.fx.jobs
+            .create(
+                &PostParams::default(),
+                &job("bare", json!({"model": s.phr00t, "prompt": "a cat"})),
+            )
+            .await?;
+    let spec = &stored.spec;
+    assert_eq!(
+        (
+            spec.steps,
+            spec.cfg,
+            spec.width,
+            spec.height,
+            spec.frames,
+            spec.fps
+        ),
+        (Some(4), Some(1.0), Some(832), Some(480), Some(81), Some(16)),
+        "the fixture model's fixed parameters and defaults"
+    );
+    let own =
+        s.fx.jobs
+            .create(
+                &PostParams::default(),
+                &job(
+                    "own",
+                    json!({"model": s.anisora, "prompt": "a cat", "width": 256, "frames": 17}),
+                ),
+            )
+            .await?;
+    assert_eq!(
+        (
+            own.spec.steps,
+            own.spec.cfg,
+            own.spec.width,
+            own.spec.frames
+        ),
+        (Some(8), None, Some(256), Some(17)),
+        "what the job sets stays; a model without a fixed cfg gives none"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn wrong_parameters_are_refused_with_every_field_and_its_fix() -> Result<()> {
     let Setup {
         fx,
@@ -332,7 +381,7 @@ async fn two_replicas_behind_one_address_admit_exactly_max_depth() -> Result<()>
     a.until_leading().await?;
     let (b, port_b) = s.fx.webhook_operator("b", 0, NO_RESYNC)?;
     b.until_ready().await?;
-    let service = RoundRobin::start(vec![port_b, port_a]).await?;
+    let service = RoundRobin::start(&[(&b, port_b), (&a, port_a)]).await?;
     s.fx.register_webhook(service.port).await?;
     s.fx.webhook_effective(&s.anisora).await?;
     bursts_admit_exactly_max_depth(&s, 2).await?;
@@ -354,6 +403,70 @@ async fn two_replicas_behind_one_address_admit_exactly_max_depth() -> Result<()>
         "the standby answered only {answered} of the 600 creates"
     );
     drop((a, b));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_namespace_gets_its_share_of_a_lane_and_others_still_get_in() -> Result<()> {
+    let fx = Fixture::new("wh-share").await?;
+    let model = fx.model("anisora", 8, None).await?;
+    let lane = fx
+        .lane(
+            "anisora",
+            &[&model],
+            json!({"queue": {"maxDepth": 20, "maxPerNamespace": 5, "maxWaitSeconds": 3600}}),
+        )
+        .await?;
+    let other = framelane_testenv::TestEnv::get()?
+        .namespace("wh-share-other")
+        .await?;
+    let (a, port_a) = fx.webhook_operator_watching_all("a", 0, NO_RESYNC)?;
+    a.until_leading().await?;
+    let (b, port_b) = fx.webhook_operator_watching_all("b", 0, NO_RESYNC)?;
+    b.until_ready().await?;
+    let service = RoundRobin::start(&[(&b, port_b), (&a, port_a)]).await?;
+    let both = json!({"namespaceSelector": {"matchLabels": null, "matchExpressions": [
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": [fx.ns.name, other.name]}]}});
+    fx.register_webhook_with(service.port, both).await?;
+    fx.webhook_effective(&model).await?;
+
+    let mine = fx.jobs_without_retries().await?;
+    let (admitted, refused) = burst(&mine, &model, "mine", 40).await;
+    assert_eq!(
+        (admitted, refused.len()),
+        (5, 35),
+        "{:?}",
+        summary(&refused)
+    );
+    for status in &refused {
+        assert_eq!(status.code, 503);
+        assert!(
+            status.message.contains(&format!(
+                "queue_overloaded: namespace {} holds 5 unfinished jobs of lane {lane}, its share (maxPerNamespace 5)",
+                fx.ns.name
+            )),
+            "{}",
+            status.message
+        );
+    }
+    let theirs = Api::<VideoJob>::namespaced(mine.clone().into_client(), &other.name);
+    let (admitted, refused) = burst(&theirs, &model, "theirs", 40).await;
+    assert_eq!(
+        (admitted, refused.len()),
+        (5, 35),
+        "another namespace gets its own share: {:?}",
+        summary(&refused)
+    );
+    eventually(60, "the lane at queueDepth 10", || async {
+        Ok((fx.lane_status(&lane).await?.queue_depth == 10).then_some(()))
+    })
+    .await?;
+    let metrics = a.metrics().await?;
+    let refusals = format!(
+        r#"framelane_admission_decisions_total{{lane="{lane}",result="denied",reason="namespace_share"}}"#
+    );
+    assert_eq!(sample(&metrics, &refusals), Some(70.0), "{metrics}");
+    drop(b);
     Ok(())
 }
 
@@ -398,10 +511,11 @@ async fn with_the_webhook_down_creates_fail_clearly_and_nothing_stored_changes()
     let Err(kube::Error::Api(status)) = refused else {
         anyhow::bail!("a create succeeded with the webhook down: {refused:?}");
     };
+    // The mutating webhook (defaults) is called first and fails first.
     assert!(
         status
             .message
-            .contains("failed calling webhook \"videojobs.framelane.dev\""),
+            .contains("failed calling webhook \"defaults.videojobs.framelane.dev\""),
         "{}",
         status.message
     );

@@ -81,6 +81,7 @@ SCHEMA = {
             "watchNamespace": STR, "laneSelector": STR,
             "leaderLeaseSeconds": {"type": "integer", "minimum": 2},
             "maxAttempts": POSITIVE, "fallbackGraceSeconds": POSITIVE,
+            "shutdownDelaySeconds": {"type": "integer", "minimum": 0, "maximum": 300},
             "extraArgs": {"type": "array", "items": STR}, "extraEnv": LIST,
             "resources": MAP, "podAnnotations": STRMAP, "podLabels": STRMAP, "nodeSelector": STRMAP,
             "tolerations": LIST, "affinity": MAP, "priorityClassName": STR,
@@ -88,12 +89,14 @@ SCHEMA = {
             "podDisruptionBudget": obj({"enabled": BOOL, "minAvailable": {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": "^[0-9]+%$"}]}}),
             "podSecurityContext": MAP, "securityContext": MAP,
         }),
-        "runner": obj({"image": IMAGE, "serviceAccount": SERVICE_ACCOUNT, "gpuResource": {"type": "string", "minLength": 1}, "ownLeasePolicy": BOOL}),
+        "runner": obj({"image": IMAGE, "serviceAccount": SERVICE_ACCOUNT, "gpuResource": {"type": "string", "minLength": 1}, "admissionPolicies": BOOL}),
         "queueDefaults": obj({"maxDepth": POSITIVE, "maxWaitSeconds": POSITIVE}, ["maxDepth", "maxWaitSeconds"]),
         "volumes": obj({"models": VOLUME, "outputs": VOLUME}),
         "webhook": obj({
             "enabled": BOOL, "port": PORT, "failurePolicy": {"enum": ["Fail", "Ignore"]},
             "timeoutSeconds": {"type": "integer", "minimum": 1, "maximum": 30},
+            "clientCA": obj({"configMap": STR, "key": {"type": "string", "minLength": 1}}),
+            "maxConnections": POSITIVE,
             "namespaceSelector": MAP, "url": {"type": "string", "pattern": "^(|https://.+)$"},
             "certificates": obj({
                 "source": {"enum": ["operator", "cert-manager"]}, "secretName": STR,
@@ -107,9 +110,9 @@ SCHEMA = {
             "prometheusRule": obj({"enabled": BOOL, "labels": STRMAP, "queueNearFullRatio": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}}),
             "dashboard": obj({"enabled": BOOL, "labels": STRMAP}),
         }),
-        "networkPolicy": obj({"enabled": BOOL, "metricsFrom": LIST}),
-        "models": {"type": "array", "items": obj({"name": NAME, "spec": crd_spec("videomodels")}, ["name", "spec"])},
-        "lanes": {"type": "array", "items": obj({"name": NAME, "spec": crd_spec("modellanes")}, ["name", "spec"])},
+        "networkPolicy": obj({"enabled": BOOL, "metricsFrom": LIST, "webhookFrom": LIST}),
+        "models": {"type": "array", "items": obj({"name": NAME, "labels": STRMAP, "spec": crd_spec("videomodels")}, ["name", "spec"])},
+        "lanes": {"type": "array", "items": obj({"name": NAME, "labels": STRMAP, "spec": crd_spec("modellanes")}, ["name", "spec"])},
     }),
 }
 

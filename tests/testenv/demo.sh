@@ -37,7 +37,16 @@ kubectl apply -f "$REPO/examples/modellanes.yaml"
 kubectl wait --for=jsonpath='{.status.readyRunners}'=1 modellane/anisora modellane/phr00t --timeout=120s >/dev/null
 
 kubectl delete -n default videojob cat-on-beach lighthouse-storm --ignore-not-found --wait >/dev/null
-kubectl apply -n default -f "$REPO/examples/videojob.yaml" -f "$REPO/examples/videojob-phr00t.yaml"
+# The example jobs (anisora: image to video from inputs/first-frame.png on the model volume;
+# phr00t: text to video) at a size 2 CPU cores make in a minute or two.
+kubectl create --dry-run=client -o json -f "$REPO/examples/videojob.yaml" -f "$REPO/examples/videojob-phr00t.yaml" | python3 -c '
+import json, sys
+text, decoder, at = sys.stdin.read(), json.JSONDecoder(), 0
+while text[at:].strip():
+    job, end = decoder.raw_decode(text, at + len(text[at:]) - len(text[at:].lstrip()))
+    at = end
+    job["spec"].update({"width": 256, "height": 256, "frames": 17})
+    print(json.dumps(job))' | kubectl apply -n default -f -
 echo
 echo "Nodes, lanes and runner pods (kwok plays the pods; runner processes play their code):"
 kubectl get nodes -o 'custom-columns=NODE:.metadata.name,READY:.status.conditions[?(@.type=="Ready")].status,GPUS:.status.allocatable.nvidia\.com/gpu'
@@ -62,16 +71,32 @@ refused=$(kubectl apply -n default -f - 2>&1 <<EOF || true
 apiVersion: framelane.dev/v1alpha1
 kind: VideoJob
 metadata: {name: cat-twenty-steps}
-spec: {model: anisora, prompt: a cat surfing at dusk, steps: 20}
+spec: {model: anisora, mode: i2v, image: inputs/first-frame.png, prompt: a cat surfing at dusk, steps: 20}
 EOF
 )
 echo "$refused"
 [[ "$refused" == *"spec.steps: must be 8"* ]] || { log "the wrong steps were not refused"; exit 1; }
+echo '$ kubectl apply -f -   # an anisora job whose image is a file:// URL, and a phr00t job in i2v'
+refused=$(kubectl apply -n default -f - 2>&1 <<EOF || true
+apiVersion: framelane.dev/v1alpha1
+kind: VideoJob
+metadata: {name: cat-from-etc}
+spec: {model: anisora, mode: i2v, image: "file:///etc/passwd", prompt: a cat}
+---
+apiVersion: framelane.dev/v1alpha1
+kind: VideoJob
+metadata: {name: lighthouse-from-image}
+spec: {model: phr00t, mode: i2v, image: inputs/first-frame.png, prompt: a lighthouse}
+EOF
+)
+echo "$refused"
+[[ "$refused" == *"spec.image: scheme file: is not allowed"* && "$refused" == *"spec.mode: model phr00t does not offer i2v"* ]] \
+  || { log "the image outside the model volume or the mode phr00t lacks was not refused"; exit 1; }
 
 echo
 echo "Admission: a burst of 30 jobs at the anisora lane (maxDepth 25); what does not fit is refused (HTTP 503):"
 for i in $(seq 30); do
-  printf 'apiVersion: framelane.dev/v1alpha1\nkind: VideoJob\nmetadata: {name: burst-%d, labels: {framelane.dev/demo: burst}}\nspec: {model: anisora, prompt: burst %d, width: 256, height: 256, frames: 5}\n---\n' "$i" "$i"
+  printf 'apiVersion: framelane.dev/v1alpha1\nkind: VideoJob\nmetadata: {name: burst-%d, labels: {framelane.dev/demo: burst}}\nspec: {model: anisora, mode: i2v, image: inputs/first-frame.png, prompt: burst %d, width: 256, height: 256, frames: 5}\n---\n' "$i" "$i"
 done >"$STATE/burst.yaml"
 burst=$(kubectl create -n default -f "$STATE/burst.yaml" 2>&1 || true)
 admitted=$(grep -c ' created$' <<<"$burst" || true)
@@ -108,7 +133,7 @@ kubectl create -n default -f - >/dev/null <<EOF
 apiVersion: framelane.dev/v1alpha1
 kind: VideoJob
 metadata: {name: cat-on-shared}
-spec: {model: anisora, prompt: a cat surfing at dusk on the shared lane, width: 256, height: 256, frames: 17}
+spec: {model: anisora, mode: i2v, image: inputs/first-frame.png, prompt: a cat surfing at dusk on the shared lane, width: 256, height: 256, frames: 17}
 EOF
 kubectl wait -n default --for=jsonpath='{.status.phase}'=Succeeded videojob/cat-on-shared --timeout=300s >/dev/null
 echo "  cat-on-shared ran on lane $(kubectl get vj -n default cat-on-shared -o jsonpath='{.status.lane} ({.status.laneMode}, cause {.status.fallbackCause}, from lane {.status.fallbackFrom})')"

@@ -33,8 +33,12 @@ PORT=$(free_port)
 WEBHOOK_PORT=$(free_port)
 # The volumes the chart's claims bind to (kwok runs no containers: never touched).
 kubectl apply -f "$HERE/volumes.yaml" >/dev/null
+# The API server's webhook client CA, as an admin publishes it for webhook.clientCA.
+kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+kubectl create configmap framelane-apiserver-webhook-client-ca -n "$NS" \
+  --from-file=ca.crt="$STATE/pki/webhook-client-ca.crt" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 "$TOOLS/helm" upgrade --install framelane "$REPO/charts/framelane" -n "$NS" --create-namespace \
-  -f "$HERE/values.yaml" --set "webhook.url=https://127.0.0.1:$WEBHOOK_PORT/validate-videojob" \
+  -f "$HERE/values.yaml" --set "webhook.url=https://127.0.0.1:$WEBHOOK_PORT" \
   --wait --timeout 180s >/dev/null
 log "helm: release framelane installed in $NS ($("$TOOLS/helm" status framelane -n "$NS" -o json | python3 -c 'import json,sys; print("revision", json.load(sys.stdin)["version"])'))"
 
@@ -46,13 +50,16 @@ ACCOUNT=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["items"][0]["s
 KUBECONFIG_OPERATOR="$STATE/operator.kubeconfig"
 "$HERE/token-kubeconfig.sh" "$NS" "$ACCOUNT" "$POD" >"$KUBECONFIG_OPERATOR"
 
-# The pod's arguments, but listening on local ports, and its environment as the kubelet sets it.
+# The pod's arguments, but listening on local ports and reading the client CA where the
+# ConfigMap came from; and its environment as the kubelet sets it.
 mapfile -t ARGS < <(python3 -c '
 import json, sys
 pod = json.load(sys.stdin)["items"][0]
 for a in pod["spec"]["containers"][0].get("args", []):
-    if not a.startswith(("--metrics-addr=", "--webhook-addr=")):
-        print(a)' <<<"$pod_json")
+    if a.startswith("--webhook-client-ca="):
+        print("--webhook-client-ca=" + sys.argv[1])
+    elif not a.startswith(("--metrics-addr=", "--webhook-addr=")):
+        print(a)' "$STATE/pki/webhook-client-ca.crt" <<<"$pod_json")
 ENV=()
 while IFS= read -r kv; do ENV+=("$kv"); done < <(python3 -c '
 import json, sys

@@ -2,8 +2,10 @@
 # Runs framelane-runner processes from this checkout for the lanes named as arguments
 # (Dedicated or Shared, with the lane's models), each playing its lane's (kwok) pod: same
 # name, namespace and uid, so its heartbeat Lease is the pod's and is garbage-collected with
-# it. Models are the tiny packages the runner's tests make (real TorchScript, random weights),
-# under .testenv/models; videos go to .testenv/outputs. down.sh stops them.
+# it. Models are the tiny Wan models the runner's tests make (the real architecture with
+# random weights, in the default VideoModels' file layouts, with the i2v start image
+# inputs/first-frame.png), under .testenv/models; videos go to .testenv/outputs. down.sh
+# stops them.
 #
 #   tests/testenv/runners.sh anisora phr00t shared
 set -euo pipefail
@@ -16,9 +18,10 @@ eval "$("$REPO/gpu-runner/scripts/setup-torch.sh")"
 
 cargo build --quiet --manifest-path "$REPO/Cargo.toml" -p framelane-runner
 BIN="$REPO/target/debug/framelane-runner"
-if [ ! -f "$STATE/models/anisora/manifest.json" ]; then
-  log "making the tiny model packages in $STATE/models"
-  "$FRAMELANE_TORCH_PYTHON" "$REPO/gpu-runner/tests/make_tiny_packages.py" "$STATE/models"
+if [ ! -f "$STATE/models/inputs/first-frame.png" ]; then
+  log "making the tiny Wan models in $STATE/models"
+  rm -rf "$STATE/models"
+  "$FRAMELANE_TORCH_PYTHON" "$REPO/gpu-runner/tests/make_tiny_wan_models.py" "$STATE/models" 2>>"$STATE/logs/models.log"
 fi
 mkdir -p "$STATE/outputs"
 

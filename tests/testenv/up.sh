@@ -269,8 +269,45 @@ log "generating certificates"
     "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth"
   openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out sa.key 2>/dev/null
   openssl pkey -in sa.key -pubout -out sa.pub
+  # The API server's identity towards admission webhooks: a CA of its own, so only this
+  # certificate (not every cluster client) passes an operator's --webhook-client-ca.
+  newkey webhook-client-ca.key
+  openssl req -new -key webhook-client-ca.key -subj "/CN=framelane-testenv-webhook-client-ca" -out ca.csr
+  openssl x509 -req -in ca.csr -signkey webhook-client-ca.key -days 3650 -extfile ca.ext \
+    -out webhook-client-ca.crt 2>/dev/null
+  newkey webhook-client.key
+  printf '%b\n' "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth" >webhook-client.ext
+  openssl req -new -key webhook-client.key -subj "/CN=kube-apiserver-webhook-client" -out webhook-client.csr
+  openssl x509 -req -in webhook-client.csr -CA webhook-client-ca.crt -CAkey webhook-client-ca.key \
+    -set_serial "0x1$(openssl rand -hex 8)" -days 3650 -extfile webhook-client.ext -out webhook-client.crt 2>/dev/null
   rm -f ./*.csr ./*.ext
 )
+
+# The API server presents that certificate to every webhook it calls (user "*").
+cat >"$PKI/webhook-client.kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+users:
+- name: "*"
+  user:
+    client-certificate: $PKI/webhook-client.crt
+    client-key: $PKI/webhook-client.key
+EOF
+cat >"$PKI/admission.yaml" <<EOF
+apiVersion: apiserver.config.k8s.io/v1
+kind: AdmissionConfiguration
+plugins:
+- name: ValidatingAdmissionWebhook
+  configuration:
+    apiVersion: apiserver.config.k8s.io/v1
+    kind: WebhookAdmissionConfiguration
+    kubeConfigFile: $PKI/webhook-client.kubeconfig
+- name: MutatingAdmissionWebhook
+  configuration:
+    apiVersion: apiserver.config.k8s.io/v1
+    kind: WebhookAdmissionConfiguration
+    kubeConfigFile: $PKI/webhook-client.kubeconfig
+EOF
 
 b64() { base64 <"$1" | tr -d '\n'; }
 # Admin kubeconfig (client-certificate auth, CA embedded). The components use it directly;
@@ -344,6 +381,7 @@ launch kube-apiserver "$BIN/kube-apiserver" \
   --tls-cert-file="$PKI/apiserver.crt" \
   --tls-private-key-file="$PKI/apiserver.key" \
   --client-ca-file="$PKI/ca.crt" \
+  --admission-control-config-file="$PKI/admission.yaml" \
   --authorization-mode=Node,RBAC \
   --service-account-issuer=https://kubernetes.default.svc \
   --service-account-key-file="$PKI/sa.pub" \

@@ -88,3 +88,44 @@ app.kubernetes.io/component: runner
 {{- printf "%s:%s" .image.repository $tag }}
 {{- end }}
 {{- end }}
+
+{{/*
+What the validating and the mutating webhook have in common: how the API server calls the
+operator at `path`, for which creates, in which namespaces.
+*/}}
+{{- define "framelane.webhookEntry" -}}
+{{- $root := .root -}}
+admissionReviewVersions: ["v1"]
+sideEffects: None
+failurePolicy: {{ $root.Values.webhook.failurePolicy }}
+timeoutSeconds: {{ $root.Values.webhook.timeoutSeconds }}
+matchPolicy: Equivalent
+clientConfig:
+  {{- if $root.Values.webhook.url }}
+  url: {{ printf "%s%s" (trimSuffix "/" $root.Values.webhook.url) .path | quote }}
+  {{- else }}
+  service:
+    name: {{ include "framelane.webhookServiceName" $root }}
+    namespace: {{ $root.Release.Namespace }}
+    path: {{ .path }}
+    port: 443
+  {{- end }}
+rules:
+  - apiGroups: [framelane.dev]
+    apiVersions: [v1alpha1]
+    operations: [CREATE]
+    resources: [videojobs]
+    scope: Namespaced
+namespaceSelector:
+  {{- if $root.Values.webhook.namespaceSelector }}
+  {{- toYaml $root.Values.webhook.namespaceSelector | nindent 2 }}
+  {{- else if $root.Values.operator.watchNamespace }}
+  matchLabels:
+    kubernetes.io/metadata.name: {{ $root.Values.operator.watchNamespace }}
+  {{- else }}
+  matchExpressions:
+    - key: kubernetes.io/metadata.name
+      operator: NotIn
+      values: [kube-system, kube-public, kube-node-lease]
+  {{- end }}
+{{- end }}

@@ -8,7 +8,13 @@
 //! - [`umt5`]: the umT5 text encoder and the Wan prompt encoding.
 //! - [`vae`]: the Wan VAE, decoding and encoding chunk by chunk with a feature cache.
 //! - [`scheduler`]: flow UniPC, flow Euler, Euler ancestral, and the expert boundary.
+//! - [`recipe`]: a model's solver and schedule, and each job's sampler and noise.
+//! - [`components`]: the text encoder's and the VAE's files, in either layout.
+//! - [`pipeline`]: a whole model, text or image to video, as diffusers' Wan pipelines run it.
 
+pub mod components;
+pub mod pipeline;
+pub mod recipe;
 pub mod safetensors;
 pub mod scheduler;
 pub mod tensors;

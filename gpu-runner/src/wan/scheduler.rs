@@ -587,6 +587,11 @@ impl FlowEuler {
         })
     }
 
+    /// Flow Euler on another schedule (its timesteps are the schedule's).
+    pub fn on_schedule(schedule: FlowSchedule) -> FlowEuler {
+        FlowEuler { schedule, index: 0 }
+    }
+
     pub fn step(
         &mut self,
         model_output: &Tensor,

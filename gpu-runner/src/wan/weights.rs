@@ -39,11 +39,8 @@ pub enum WeightsError {
     },
     #[error("{origin}: {source}")]
     Config { origin: String, source: ConfigError },
-    #[error(
-        "{dir} has neither diffusion_pytorch_model.safetensors nor diffusion_pytorch_model.safetensors.index.json; \
-         the runner reads safetensors only"
-    )]
-    NoWeights { dir: PathBuf },
+    #[error("{dir} has neither {name} nor {name}.index.json; the runner reads safetensors only")]
+    NoWeights { dir: PathBuf, name: String },
     #[error("{path}: {reason}")]
     Index { path: PathBuf, reason: String },
     #[error("no Wan transformer in {files}: no tensor is named `head.modulation` under any prefix")]
@@ -106,8 +103,8 @@ pub struct TransformerCheckpoint {
     config: TransformerConfig,
 }
 
-const DIFFUSERS_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
-const DIFFUSERS_INDEX: &str = "diffusion_pytorch_model.safetensors.index.json";
+/// The weights file of a diffusers model folder (or the stem of its shards' index).
+pub(super) const DIFFUSERS_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
 
 #[derive(Deserialize)]
 struct ShardIndex {
@@ -127,17 +124,7 @@ impl TransformerCheckpoint {
                 path: config_path,
                 source,
             })?;
-        let index = dir.join(DIFFUSERS_INDEX);
-        let single = dir.join(DIFFUSERS_WEIGHTS);
-        let paths = if index.is_file() {
-            shard_paths(dir, &index)?
-        } else if single.is_file() {
-            vec![single]
-        } else {
-            return Err(WeightsError::NoWeights {
-                dir: dir.to_path_buf(),
-            });
-        };
+        let paths = safetensors_in(dir, DIFFUSERS_WEIGHTS)?;
         TransformerCheckpoint::new(TensorFiles::open(&paths)?, Layout::Diffusers, config)
     }
 
@@ -242,26 +229,8 @@ impl TransformerCheckpoint {
             Layout::Diffusers => "",
             Layout::ComfyUi { prefix } => prefix.as_str(),
         };
-        let is_fp8_extra = |name: &str| {
-            name.strip_prefix(prefix) == Some("scaled_fp8")
-                || [".scale_weight", ".scale_input"].iter().any(|suffix| {
-                    name.strip_suffix(suffix)
-                        .is_some_and(|stem| expected.contains(&format!("{stem}.weight")))
-                })
-        };
-        match self
-            .files
-            .names()
-            .filter(|name| name.starts_with(prefix))
-            .find(|name| !expected.contains(*name) && !is_fp8_extra(name))
-        {
-            Some(name) => Err(WeightsError::Unexpected {
-                name: name.to_owned(),
-                path: self
-                    .files
-                    .info(name)
-                    .map_or_else(PathBuf::new, |info| self.files.path_of(info).to_path_buf()),
-            }),
+        match unexpected_tensor(&self.files, prefix, &expected) {
+            Some((name, path)) => Err(WeightsError::Unexpected { name, path }),
             None => Ok(()),
         }
     }
@@ -272,6 +241,49 @@ impl TransformerCheckpoint {
             files: self.files.describe(),
             source,
         }
+    }
+}
+
+/// The first tensor under `prefix` in `files` that is neither in `expected` (file names) nor
+/// one of ComfyUI's fp8 extras (`scaled_fp8`, and the `scale_weight` or `scale_input` of an
+/// expected weight), with its file.
+pub(super) fn unexpected_tensor(
+    files: &TensorFiles,
+    prefix: &str,
+    expected: &HashSet<String>,
+) -> Option<(String, PathBuf)> {
+    let is_fp8_extra = |name: &str| {
+        name.strip_prefix(prefix) == Some("scaled_fp8")
+            || [".scale_weight", ".scale_input"].iter().any(|suffix| {
+                name.strip_suffix(suffix)
+                    .is_some_and(|stem| expected.contains(&format!("{stem}.weight")))
+            })
+    };
+    let name = files
+        .names()
+        .filter(|name| name.starts_with(prefix))
+        .find(|name| !expected.contains(*name) && !is_fp8_extra(name))?;
+    let path = files
+        .info(name)
+        .map_or_else(PathBuf::new, |info| files.path_of(info).to_path_buf());
+    Some((name.to_owned(), path))
+}
+
+/// The safetensors files of a diffusers or transformers component folder: `NAME` (such as
+/// `diffusion_pytorch_model.safetensors` or `model.safetensors`), or the shards its
+/// `NAME.index.json` lists.
+pub(super) fn safetensors_in(dir: &Path, name: &str) -> Result<Vec<PathBuf>, WeightsError> {
+    let index = dir.join(format!("{name}.index.json"));
+    let single = dir.join(name);
+    if index.is_file() {
+        shard_paths(dir, &index)
+    } else if single.is_file() {
+        Ok(vec![single])
+    } else {
+        Err(WeightsError::NoWeights {
+            dir: dir.to_path_buf(),
+            name: name.to_owned(),
+        })
     }
 }
 

@@ -9,6 +9,7 @@ use framelane_core::{
     depth::room,
     index::{Index, Reservation, creation_key},
     lifecycle::{Decision, decide},
+    parameters::violations,
     routing::lane_for,
     transitions::{self, Admission},
 };
@@ -17,7 +18,10 @@ use kube::{ResourceExt, runtime::controller::Action};
 use rand::Rng;
 
 use super::{apply, facts, record};
-use crate::{context::Context, error::Error};
+use crate::{
+    context::{Context, admitted},
+    error::Error,
+};
 
 /// Admits `job`. Slots are reserved in the index, in creation order, for every job created up
 /// to and including it that still waits: a lane's FIFO order is the order users created the
@@ -85,14 +89,15 @@ fn reserve_backlog(
         let Ok(route) = lane_for(&pending.spec.model, &models, &lanes) else {
             continue;
         };
+        // A job its model refuses (created while the webhook did not check it) takes no
+        // slot: its own reconcile fails it with InvalidParameters.
+        if !violations(&pending.spec, &models, &ctx.config.image_url_hosts).is_empty() {
+            continue;
+        }
         let name = route.name();
-        if room(
-            &name,
-            index.queues.depth(&name),
-            ctx.lane_limits(route.lane),
-        )
-        .is_err()
-        {
+        let namespace = pending.metadata.namespace.as_deref().unwrap_or_default();
+        let held = admitted(index, &name, namespace);
+        if room(&name, namespace, held, ctx.lane_limits(route.lane)).is_err() {
             continue;
         }
         let fallback = route.cause.zip(route.from);
@@ -148,10 +153,17 @@ pub async fn move_to(
     let Some(target) = ctx.cached_lane(to) else {
         return Ok(Action::requeue(Duration::from_secs(1)));
     };
+    let namespace = job.metadata.namespace.as_deref().unwrap_or_default();
     let reservation = {
         let mut index = ctx.index();
         if index.is_stale(job)
-            || room(to, index.queues.depth(to), ctx.lane_limits(&target)).is_err()
+            || room(
+                to,
+                namespace,
+                admitted(&index, to, namespace),
+                ctx.lane_limits(&target),
+            )
+            .is_err()
         {
             None
         } else {

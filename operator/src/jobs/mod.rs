@@ -10,10 +10,11 @@ use std::{sync::Arc, time::Duration};
 
 use framelane_api::VideoJob;
 use framelane_core::{
-    availability::fresh_until,
     index::Index,
     lifecycle::{Decision, Facts, LaneFacts, NoLane, decide},
-    routing::lane_for,
+    parameters::{summary, violations},
+    routing::{lane_for, model_exists},
+    timeouts::holder_fresh_until,
 };
 use jiff::Timestamp;
 use kube::{ResourceExt, runtime::controller::Action};
@@ -63,12 +64,23 @@ fn facts(job: &VideoJob, ctx: &Context, now: Timestamp, index: &Index) -> Facts 
             .state()
             .iter()
             .find(|l| l.name_any() == runner)
-            .and_then(|l| fresh_until(l))
+            .and_then(|l| holder_fresh_until(l, status.runner_incarnation.as_deref()))
     });
+    // Only a new job is checked: the webhook checked it, or it was created while the webhook
+    // did not (turned off, a namespace it leaves out); a model changed later does not fail
+    // jobs already admitted.
+    // A model that does not exist is routing's to tell (LaneNotFound).
+    let models = ctx.models.state();
+    let invalid =
+        (status.phase.is_none() && model_exists(&job.spec.model, &models).is_ok()).then(|| {
+            let causes = violations(&job.spec, &models, &ctx.config.image_url_hosts);
+            (!causes.is_empty()).then(|| summary(&job.name_any(), &job.spec.model, &causes))
+        });
     Facts {
         now,
         lane: lane_of(job, ctx, now, index),
         runner_fresh_until,
+        invalid: invalid.flatten(),
         max_attempts: ctx.config.max_attempts,
     }
 }
@@ -88,7 +100,8 @@ fn lane_of(
             .ok_or_else(|| NoLane::Deleted(name.into()))?,
         None => lane_for(&job.spec.model, &ctx.models.state(), &lanes)?.lane,
     };
-    Ok(ctx.lane_facts(lane, now, index))
+    let namespace = job.metadata.namespace.as_deref().unwrap_or_default();
+    Ok(ctx.lane_facts(lane, namespace, now, index))
 }
 
 pub fn error_policy(job: Arc<VideoJob>, error: &Error, ctx: Arc<Context>) -> Action {

@@ -57,7 +57,9 @@ pub fn allocator_override(lane: &ModelLane) -> Option<String> {
 }
 
 /// The runner pods the lane should have: `replicas` of them (at least one), named
-/// `<lane>-<template hash>-<index>` so that a changed template replaces them.
+/// `<lane>-<template hash>-<index>` so that a changed template replaces them. The chart's
+/// runner policies (runner-policies.yaml) read a runner's lane back from this name, so it
+/// must keep its form: a 6-hex hash and a decimal index.
 pub fn desired_pods(lane: &ModelLane, config: &Config) -> Vec<Pod> {
     let replicas = lane.spec.replicas.unwrap_or(1).max(1);
     let template = pod_spec(lane, config);
@@ -146,7 +148,7 @@ fn container(lane: &ModelLane, runner: &RunnerTemplate, config: &Config) -> Cont
                 .clone()
                 .unwrap_or_else(|| config.runner_image.clone()),
         ),
-        env: Some(env(lane, runner)),
+        env: Some(env(lane, runner, config)),
         ports: Some(vec![ContainerPort {
             name: Some(METRICS_PORT_NAME.into()),
             container_port: METRICS_PORT,
@@ -173,8 +175,10 @@ fn container(lane: &ModelLane, runner: &RunnerTemplate, config: &Config) -> Cont
 }
 
 /// The runner's environment: who it is (from the downward API), its lane and models, where
-/// its volumes are, the allocator setting unless the lane overrides it, and the lane's own.
-fn env(lane: &ModelLane, runner: &RunnerTemplate) -> Vec<EnvVar> {
+/// its volumes are, the image hosts it may fetch from, the namespace of its jobs when the
+/// operator watches only one, the allocator setting unless the lane overrides it, and the
+/// lane's own.
+fn env(lane: &ModelLane, runner: &RunnerTemplate, config: &Config) -> Vec<EnvVar> {
     let field = |name: &str, path: &str| EnvVar {
         name: name.into(),
         value_from: Some(EnvVarSource {
@@ -202,6 +206,16 @@ fn env(lane: &ModelLane, runner: &RunnerTemplate) -> Vec<EnvVar> {
         value("FRAMELANE_MODELS_DIR", MODELS_MOUNT.into()),
         value("FRAMELANE_OUTPUT_DIR", OUTPUTS_MOUNT.into()),
     ];
+    if !config.image_url_hosts.is_empty() {
+        env.push(value(
+            "FRAMELANE_IMAGE_URL_HOSTS",
+            config.image_url_hosts.join(","),
+        ));
+    }
+    // The runner's account may read jobs only there: listing them cluster-wide is forbidden.
+    if let Some(namespace) = &config.watch_namespace {
+        env.push(value("FRAMELANE_WATCH_NAMESPACE", namespace.clone()));
+    }
     if allocator_override(lane).is_none() {
         env.push(value(ALLOC_CONF_ENV, ALLOC_CONF_DEFAULT.into()));
     }
@@ -381,6 +395,26 @@ mod tests {
                 .as_deref(),
             Some("framelane-runner")
         );
+    }
+
+    #[test]
+    fn runner_pods_watch_the_operators_job_namespace_when_it_has_one() {
+        let minimal = lane(json!({"mode": "Dedicated", "models": ["anisora"]}));
+        let watched = |config: &Config| {
+            env_of(&desired_pods(&minimal, config)[0])
+                .into_iter()
+                .find(|(name, _)| name == "FRAMELANE_WATCH_NAMESPACE")
+                .map(|(_, value)| value)
+        };
+        assert_eq!(watched(&config()), None, "every namespace");
+        let one = Config::parse_from([
+            "framelane-operator",
+            "--namespace",
+            "fl",
+            "--watch-namespace",
+            "team-a",
+        ]);
+        assert_eq!(watched(&one), Some(Some("team-a".to_string())));
     }
 
     #[test]

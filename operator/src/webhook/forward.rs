@@ -1,5 +1,6 @@
 //! A standby hands a review to the leader, which alone decides queue depth: its address is
-//! on the leader Lease, read again when the one known stops answering (a failover).
+//! on the leader Lease, read again when the one known stops answering (a failover). Each
+//! hand-over is signed (`peer`), so the leader can tell it from a forged one.
 
 use bytes::Bytes;
 
@@ -14,9 +15,14 @@ impl Webhook {
             .expect("forwarder lock")
             .clone()
             .ok_or("no CA loaded yet")?;
+        let signed = self.peers.sign(&body).map_err(|e| e.to_string())?;
         let known = self.elector.leader_endpoint();
         let answer = match &known {
-            Some(endpoint) => forwarder.post(endpoint, LEADER_PATH, body.clone()).await,
+            Some(endpoint) => {
+                forwarder
+                    .post(endpoint, LEADER_PATH, body.clone(), &signed)
+                    .await
+            }
             None => Err("no leader is known yet".into()),
         };
         // No leader known, or the one known stopped answering (a failover): read the Lease
@@ -31,7 +37,9 @@ impl Webhook {
                     .map_err(|e| format!("{first}; reading the leader Lease: {e}"))?
                     .filter(|e| Some(e) != known.as_ref())
                     .ok_or(first)?;
-                let answer = forwarder.post(&endpoint, LEADER_PATH, body).await?;
+                let answer = forwarder
+                    .post(&endpoint, LEADER_PATH, body, &signed)
+                    .await?;
                 (endpoint, answer)
             }
         };

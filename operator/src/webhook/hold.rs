@@ -6,10 +6,7 @@ use std::time::{Duration, Instant};
 use framelane_api::VideoJob;
 use framelane_core::{queue::JobKey, routing::route};
 
-use super::{
-    STARTING,
-    review::{Denial, Request},
-};
+use super::review::{Denial, Request};
 use crate::context::Context;
 
 /// How long a slot stays held for a create the webhook let through before the watch shows
@@ -18,16 +15,21 @@ use crate::context::Context;
 const HOLD: Duration = Duration::from_secs(15);
 
 /// Takes a slot of the job's lane, or refuses with `queue_overloaded`. Returns the lane it
-/// counted against (empty when none).
-pub fn hold_slot(ctx: &Context, request: &Request, job: &VideoJob) -> (String, Option<Denial>) {
+/// counted against (empty when none); `None` while the caches are still being read
+/// (counting from a partial view could let a lane overfill).
+pub fn hold_slot(
+    ctx: &Context,
+    request: &Request,
+    job: &VideoJob,
+) -> Option<(String, Option<Denial>)> {
     if !ctx.synced() {
-        return (String::new(), Some(Denial::unavailable(STARTING)));
+        return None;
     }
     let lanes = ctx.lanes.state();
     let Some(route) = route(&job.spec.model, &lanes) else {
         // No lane of this operator serves the model: the controller fails the job with the
         // reason, or another operator's lanes serve it.
-        return (String::new(), None);
+        return Some((String::new(), None));
     };
     let name = route.name();
     if ctx
@@ -36,7 +38,7 @@ pub fn hold_slot(ctx: &Context, request: &Request, job: &VideoJob) -> (String, O
         .as_ref()
         .is_some_and(|ns| ns != &request.namespace)
     {
-        return (name, None);
+        return Some((name, None));
     }
     let limits = ctx.lane_limits(route.lane);
     let key = JobKey {
@@ -48,7 +50,7 @@ pub fn hold_slot(ctx: &Context, request: &Request, job: &VideoJob) -> (String, O
     let held = {
         let mut index = ctx.index();
         if !index.synced {
-            return (name, Some(Denial::unavailable(STARTING)));
+            return None;
         }
         index.hold(
             key,
@@ -62,5 +64,5 @@ pub fn hold_slot(ctx: &Context, request: &Request, job: &VideoJob) -> (String, O
     let denial = held
         .err()
         .map(|full| Denial::overloaded(&request.name, &full));
-    (name, denial)
+    Some((name, denial))
 }

@@ -10,11 +10,17 @@
 //! - Certificates (`certs`, `secret`): every replica serves the Secret's current one. The
 //!   operator issues them, or (`--webhook-certificates external`) cert-manager does: then the
 //!   operator never writes the Secret or the caBundle, it only reloads what cert-manager writes.
-//! - `routes` and `tls` serve it all over HTTPS.
+//! - Who may call (`peer`, `routes`): with `--webhook-client-ca`, the API server's paths
+//!   answer only connections with a client certificate that CA signed; the leader path
+//!   answers only requests signed with a key only the replicas have. Anything else is
+//!   refused unread, so no one else can take a hold.
+//! - `routes` and `tls` serve it all over HTTPS, with a handshake timeout, a connection cap
+//!   and a body limit, and drain on shutdown.
 
 pub mod certs;
 mod forward;
 mod hold;
+pub mod peer;
 pub mod review;
 mod routes;
 pub mod secret;
@@ -22,16 +28,18 @@ pub mod tls;
 
 use std::{
     sync::{Arc, OnceLock, RwLock},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use framelane_api::{VideoJob, VideoModel};
-use framelane_core::parameters::violations;
-use kube::runtime::reflector::Store;
+use framelane_core::{defaults::missing, parameters::violations};
+use kube::runtime::reflector::{ObjectRef, Store};
+use serde_json::json;
 
 use self::{
     certs::Policy,
+    peer::PeerKeys,
     review::{Denial, Request},
     tls::{Forwarder, Reloadable},
 };
@@ -47,10 +55,15 @@ use crate::{
 const STARTING: &str =
     "framelane is starting and has not read its models, lanes and jobs yet; retry in a few seconds";
 
-/// The path the API server calls.
+/// The path the API server calls to validate a job.
 pub const PATH: &str = "/validate-videojob";
+/// The path the API server calls to fill in a job's defaults.
+pub const MUTATE_PATH: &str = "/mutate-videojob";
 /// The path a standby hands reviews to the leader on.
 const LEADER_PATH: &str = "/leader/validate-videojob";
+/// How long a review may wait for a leader that can count (one being elected, or starting):
+/// well inside the API server's webhook timeout (5 s in the chart).
+const DECIDE_WITHIN: Duration = Duration::from_secs(3);
 
 pub struct Webhook {
     pub models: Store<VideoModel>,
@@ -61,6 +74,11 @@ pub struct Webhook {
     pub certs: Arc<Reloadable>,
     pub policy: Policy,
     pub source: CertificateSource,
+    /// Whether the API server's paths demand a client certificate (`--webhook-client-ca`).
+    pub client_ca: bool,
+    peers: PeerKeys,
+    /// The hosts a job's `spec.image` URL may name (`--image-url-hosts`).
+    pub image_url_hosts: Vec<String>,
     forwarder: RwLock<Option<Arc<Forwarder>>>,
 }
 
@@ -71,6 +89,8 @@ impl Webhook {
         metrics: Arc<Metrics>,
         policy: Policy,
         source: CertificateSource,
+        client_ca: bool,
+        image_url_hosts: Vec<String>,
     ) -> Webhook {
         Webhook {
             models,
@@ -80,44 +100,113 @@ impl Webhook {
             certs: Arc::default(),
             policy,
             source,
+            client_ca,
+            peers: PeerKeys::default(),
+            image_url_hosts,
             forwarder: RwLock::new(None),
         }
     }
 
-    /// Answers one AdmissionReview body. `may_forward`: a standby hands the depth decision
-    /// to the leader (a review that came from a standby is never handed on again).
-    pub async fn review(&self, body: Bytes, may_forward: bool) -> Vec<u8> {
+    /// Answers one AdmissionReview body from the API server.
+    pub async fn review(&self, body: Bytes) -> Vec<u8> {
         let started = Instant::now();
-        let out = self.answer(body, may_forward).await;
+        let out = self.answer(body, started + DECIDE_WITHIN).await;
         self.metrics
             .webhook_duration
             .observe(started.elapsed().as_secs_f64());
         out
     }
 
-    async fn answer(&self, body: Bytes, may_forward: bool) -> Vec<u8> {
+    /// Answers one AdmissionReview a standby handed on; `None` while this replica cannot
+    /// count (it does not lead, or has not read its caches yet): the standby tries again.
+    pub fn review_as_leader(&self, body: &[u8]) -> Option<Vec<u8>> {
+        let started = Instant::now();
+        let out = match self.checked(body) {
+            Ok((request, job)) => self.hold(&request, &job)?,
+            Err(answer) => answer,
+        };
+        self.metrics
+            .webhook_duration
+            .observe(started.elapsed().as_secs_f64());
+        Some(out)
+    }
+
+    async fn answer(&self, body: Bytes, deadline: Instant) -> Vec<u8> {
+        let (request, job) = match self.checked(&body) {
+            Ok(checked) => checked,
+            Err(answer) => return answer,
+        };
+        // The leader decides. While there is none that can count (a failover, a rollout),
+        // wait for one rather than fail the create.
+        let mut why = String::new();
+        loop {
+            if let Some(answer) = self.hold(&request, &job) {
+                return answer;
+            }
+            if self.leader.get().is_none() {
+                match tokio::time::timeout_at(deadline.into(), self.forward(body.clone())).await {
+                    Ok(Ok(answer)) => return answer,
+                    Ok(Err(e)) => why = e,
+                    Err(_) => {}
+                }
+            } else {
+                why = "this replica leads but has not read its lanes and jobs yet".into();
+            }
+            if Instant::now() + Duration::from_millis(100) >= deadline {
+                let denial = Denial::unavailable(format!(
+                    "framelane has no leader replica that can count the lane's queue ({why}); retry in a few seconds"
+                ));
+                return self.decided(&request.uid, "", Some(&denial));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The review's request and job when the depth decision is still to be made, else the
+    /// answer.
+    fn checked(&self, body: &[u8]) -> Result<(Request, VideoJob), Vec<u8>> {
         use futures::FutureExt;
         let models = matches!(self.models.wait_until_ready().now_or_never(), Some(Ok(())))
             .then(|| self.models.state());
-        let (request, job) = match check(&body, models.as_deref()) {
-            Ok((request, Some(job))) => (request, job),
-            Ok((request, None)) => return review::respond(&request.uid, None),
-            Err((uid, denial)) => return self.decided(&uid, "", Some(&denial)),
-        };
-        if let Some(ctx) = self.leader.get() {
-            let (lane, denial) = hold::hold_slot(ctx, &request, &job);
-            return self.decided(&request.uid, &lane, denial.as_ref());
+        match check(body, models.as_deref(), &self.image_url_hosts) {
+            Ok((request, Some(job))) => Ok((request, job)),
+            Ok((request, None)) => Err(review::respond(&request.uid, None)),
+            Err((uid, denial)) => Err(self.decided(&uid, "", Some(&denial))),
         }
-        let forwarded = match may_forward {
-            true => self.forward(body).await,
-            false => Err("this replica is not the leader".into()),
+    }
+
+    /// The leader's decision, or `None` when this replica cannot count now.
+    fn hold(&self, request: &Request, job: &VideoJob) -> Option<Vec<u8>> {
+        let ctx = self.leader.get()?;
+        let (lane, denial) = hold::hold_slot(ctx, request, job)?;
+        Some(self.decided(&request.uid, &lane, denial.as_ref()))
+    }
+
+    /// Answers one AdmissionReview of the mutating webhook: a new job gets what it leaves out
+    /// from its model (`framelane_core::defaults`), so the stored spec is what runs. Anything
+    /// it cannot read is allowed unchanged: the validating webhook refuses it.
+    pub fn mutate(&self, body: &[u8]) -> Vec<u8> {
+        let request = match review::parse(body) {
+            Ok(request) => request,
+            Err((uid, _)) => return review::respond(&uid, None),
         };
-        forwarded.unwrap_or_else(|e| {
-            let denial = Denial::unavailable(format!(
-                "framelane could not reach its leader replica to count the lane's queue ({e}); retry in a few seconds"
-            ));
-            self.decided(&request.uid, "", Some(&denial))
-        })
+        let job = serde_json::from_str::<VideoJob>(request.object.get())
+            .ok()
+            .filter(|_| request.operation == "CREATE");
+        let patch: Vec<serde_json::Value> = job
+            .and_then(|job| {
+                let model = self.models.get(&ObjectRef::new(&job.spec.model))?;
+                Some(
+                    missing(&job.spec, &model)
+                        .into_iter()
+                        .map(|(field, value)| {
+                            json!({"op": "add", "path": format!("/spec/{field}"), "value": value})
+                        })
+                        .collect(),
+                )
+            })
+            .unwrap_or_default();
+        review::respond_patch(&request.uid, &patch)
     }
 
     fn decided(&self, uid: &str, lane: &str, denial: Option<&Denial>) -> Vec<u8> {
@@ -140,11 +229,13 @@ impl Webhook {
 }
 
 /// Everything the webhook decides without the queue: reads the review and checks the job's
-/// parameters against `models` (`None` while the model cache is still being read). The job
-/// is `None` for an operation other than a create: nothing to check.
+/// parameters against `models` (`None` while the model cache is still being read) and its
+/// image against `image_url_hosts`. The job is `None` for an operation other than a create:
+/// nothing to check.
 pub fn check(
     body: &[u8],
     models: Option<&[Arc<VideoModel>]>,
+    image_url_hosts: &[String],
 ) -> Result<(Request, Option<VideoJob>), (String, Denial)> {
     let request = review::parse(body).map_err(|(uid, m)| (uid, Denial::bad_request(m)))?;
     if request.operation != "CREATE" {
@@ -160,7 +251,7 @@ pub fn check(
             return Err((request.uid, Denial::bad_request(message)));
         }
     };
-    let causes = violations(&job.spec, models);
+    let causes = violations(&job.spec, models, image_url_hosts);
     if causes.is_empty() {
         Ok((request, Some(job)))
     } else {
@@ -188,7 +279,7 @@ mod tests {
     /// What a replica answers before the queue step, for any body.
     fn answer(body: &[u8]) -> Value {
         let models = models();
-        let out = match check(body, Some(&models)) {
+        let out = match check(body, Some(&models), &[]) {
             Ok((request, _)) => review::respond(&request.uid, None),
             Err((uid, denial)) => review::respond(&uid, Some(&denial)),
         };

@@ -33,6 +33,9 @@ pub enum Refusal {
     InvalidParameters,
     /// The lane is full: 503, the message starts with `queue_overloaded`.
     QueueOverloaded,
+    /// The job's namespace holds its share of the lane: 503, the message starts with
+    /// `queue_overloaded` and names the namespace.
+    NamespaceShare,
     /// The body is not a VideoJob AdmissionReview: 400.
     BadRequest,
     /// The webhook cannot decide now (starting, or the leader is unreachable): 503.
@@ -45,6 +48,7 @@ impl Refusal {
         match self {
             Refusal::InvalidParameters => "invalid_parameters",
             Refusal::QueueOverloaded => "queue_overloaded",
+            Refusal::NamespaceShare => "namespace_share",
             Refusal::BadRequest => "bad_request",
             Refusal::Unavailable => "unavailable",
         }
@@ -54,7 +58,9 @@ impl Refusal {
     pub fn status(self) -> (u16, &'static str) {
         match self {
             Refusal::InvalidParameters => (422, "Invalid"),
-            Refusal::QueueOverloaded | Refusal::Unavailable => (503, "ServiceUnavailable"),
+            Refusal::QueueOverloaded | Refusal::NamespaceShare | Refusal::Unavailable => {
+                (503, "ServiceUnavailable")
+            }
             Refusal::BadRequest => (400, "BadRequest"),
         }
     }
@@ -88,11 +94,15 @@ impl Denial {
         }
     }
 
-    /// The lane the job of `name` counts against is full.
+    /// The lane the job of `name` counts against is full (for its namespace).
     pub fn overloaded(name: &str, full: &Overloaded) -> Denial {
+        let refusal = match full {
+            Overloaded::Lane { .. } => Refusal::QueueOverloaded,
+            Overloaded::Namespace { .. } => Refusal::NamespaceShare,
+        };
         Denial {
             name: name.into(),
-            ..Denial::new(Refusal::QueueOverloaded, full.to_string())
+            ..Denial::new(refusal, full.to_string())
         }
     }
 
@@ -279,6 +289,21 @@ pub(super) fn parse_tree(body: &[u8]) -> Result<Request, (String, String)> {
     })
 }
 
+/// The AdmissionReview that allows request `uid` with `patch` (JSON Patch operations) applied
+/// to its object.
+pub fn respond_patch(uid: &str, patch: &[Value]) -> Vec<u8> {
+    let encoded = serde_json::to_value(k8s_openapi::ByteString(
+        serde_json::to_vec(patch).expect("a JSON value always serializes"),
+    ))
+    .expect("bytes always serialize");
+    serde_json::to_vec(&json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "response": {"uid": uid, "allowed": true, "patchType": "JSONPatch", "patch": encoded},
+    }))
+    .expect("a JSON value always serializes")
+}
+
 /// The AdmissionReview answering request `uid`: allowed when `denial` is None.
 pub fn respond(uid: &str, denial: Option<&Denial>) -> Vec<u8> {
     let mut response = json!({"uid": uid, "allowed": denial.is_none()});
@@ -380,5 +405,14 @@ mod tests {
         );
         let ok: Value = serde_json::from_slice(&respond("u", None)).unwrap();
         assert_eq!(ok["response"], json!({"uid": "u", "allowed": true}));
+        let patch = [json!({"op": "add", "path": "/spec/steps", "value": 8})];
+        let patched: Value = serde_json::from_slice(&respond_patch("u", &patch)).unwrap();
+        assert_eq!(patched["response"]["patchType"], "JSONPatch");
+        let decoded: k8s_openapi::ByteString =
+            serde_json::from_value(patched["response"]["patch"].clone()).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Value>(&decoded.0).unwrap(),
+            json!(patch)
+        );
     }
 }

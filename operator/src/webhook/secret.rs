@@ -9,7 +9,10 @@ use framelane_contract::api_errors::is_conflict;
 use futures::StreamExt;
 use k8s_openapi::{
     ByteString,
-    api::{admissionregistration::v1::ValidatingWebhookConfiguration, core::v1::Secret},
+    api::{
+        admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration},
+        core::v1::Secret,
+    },
 };
 use kube::{
     Api, Client,
@@ -117,6 +120,7 @@ impl Webhook {
             false => None,
         };
         self.certs.load(&material)?;
+        self.peers.load(&material.key);
         if let Some(forwarder) = forwarder {
             *self.forwarder.write().expect("forwarder lock") = Some(Arc::new(forwarder));
         }
@@ -191,20 +195,19 @@ async fn ensure_secret(
     }
 }
 
-/// The leader's duty: keeps `caBundle` of the webhook configuration equal to the Secret's
-/// CA bundle and rotates certificates when due. Runs until the process ends.
+/// The leader's duty: keeps `caBundle` of the webhook configurations (validating and
+/// mutating, both named `configuration`) equal to the Secret's CA bundle and rotates
+/// certificates when due. Runs until the process ends.
 pub async fn maintain_certificates(
+    client: Client,
     secrets: Api<Secret>,
-    configurations: Api<ValidatingWebhookConfiguration>,
     secret: String,
     configuration: String,
     policy: Policy,
 ) {
     let tick = (policy.cert_validity / 10).clamp(Duration::from_secs(1), Duration::from_secs(30));
     loop {
-        if let Err(e) =
-            maintain_once(&secrets, &configurations, &secret, &configuration, &policy).await
-        {
+        if let Err(e) = maintain_once(&client, &secrets, &secret, &configuration, &policy).await {
             tracing::warn!(error = %e, "maintaining the webhook certificates failed; retrying");
         }
         tokio::time::sleep(tick).await;
@@ -212,8 +215,8 @@ pub async fn maintain_certificates(
 }
 
 async fn maintain_once(
+    client: &Client,
     secrets: &Api<Secret>,
-    configurations: &Api<ValidatingWebhookConfiguration>,
     name: &str,
     configuration: &str,
     policy: &Policy,
@@ -224,7 +227,7 @@ async fn maintain_once(
         .as_ref()
         .and_then(Material::from_data)
         .ok_or_else(|| anyhow::anyhow!("Secret {name} lacks ca.crt, ca.key, tls.crt or tls.key"))?;
-    let published = publish_ca_bundle(configurations, configuration, &material.ca_bundle).await?;
+    let published = publish_ca_bundles(client, configuration, &material.ca_bundle).await?;
     let Some((next, what)) =
         material.rotate(policy, jiff::Timestamp::now().as_second(), published)?
     else {
@@ -236,16 +239,68 @@ async fn maintain_once(
         .await?;
     tracing::info!(secret = name, rotation = ?what, "rotated the webhook certificates");
     if what == Rotation::Ca {
-        publish_ca_bundle(configurations, configuration, &next.ca_bundle).await?;
+        publish_ca_bundles(client, configuration, &next.ca_bundle).await?;
     }
     Ok(())
 }
 
+/// A webhook configuration whose webhooks' `caBundle` the leader keeps.
+trait WebhookConfiguration:
+    kube::Resource<DynamicType = (), Scope = k8s_openapi::ClusterResourceScope>
+    + Clone
+    + serde::Serialize
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+{
+    fn ca_bundles(&mut self) -> Vec<&mut Option<ByteString>>;
+}
+
+impl WebhookConfiguration for ValidatingWebhookConfiguration {
+    fn ca_bundles(&mut self) -> Vec<&mut Option<ByteString>> {
+        self.webhooks
+            .iter_mut()
+            .flatten()
+            .map(|w| &mut w.client_config.ca_bundle)
+            .collect()
+    }
+}
+
+impl WebhookConfiguration for MutatingWebhookConfiguration {
+    fn ca_bundles(&mut self) -> Vec<&mut Option<ByteString>> {
+        self.webhooks
+            .iter_mut()
+            .flatten()
+            .map(|w| &mut w.client_config.ca_bundle)
+            .collect()
+    }
+}
+
+/// Publishes `bundle` to both configurations named `name`. Returns whether both already had
+/// it (the API server trusts the bundle).
+async fn publish_ca_bundles(
+    client: &Client,
+    name: &str,
+    bundle: &str,
+) -> Result<bool, kube::Error> {
+    let validating = publish_ca_bundle(
+        &Api::<ValidatingWebhookConfiguration>::all(client.clone()),
+        name,
+        bundle,
+    )
+    .await?;
+    let mutating = publish_ca_bundle(
+        &Api::<MutatingWebhookConfiguration>::all(client.clone()),
+        name,
+        bundle,
+    )
+    .await?;
+    Ok(validating && mutating)
+}
+
 /// Sets every webhook's `caBundle` in the configuration to `bundle`. Returns whether it
-/// already was (the API server trusts the bundle), also when the configuration does not
-/// exist (then nothing calls the webhook yet).
-async fn publish_ca_bundle(
-    configurations: &Api<ValidatingWebhookConfiguration>,
+/// already was, also when the configuration does not exist (then nothing calls it yet).
+async fn publish_ca_bundle<K: WebhookConfiguration>(
+    configurations: &Api<K>,
     name: &str,
     bundle: &str,
 ) -> Result<bool, kube::Error> {
@@ -253,19 +308,20 @@ async fn publish_ca_bundle(
         return Ok(true);
     };
     let wanted = ByteString(bundle.as_bytes().to_vec());
-    let webhooks = configuration.webhooks.get_or_insert_with(Vec::new);
-    if webhooks
-        .iter()
-        .all(|w| w.client_config.ca_bundle.as_ref() == Some(&wanted))
-    {
+    let mut bundles = configuration.ca_bundles();
+    if bundles.iter().all(|b| b.as_ref() == Some(&wanted)) {
         return Ok(true);
     }
-    for webhook in webhooks.iter_mut() {
-        webhook.client_config.ca_bundle = Some(wanted.clone());
+    for b in bundles.iter_mut() {
+        **b = Some(wanted.clone());
     }
     configurations
         .replace(name, &PostParams::default(), &configuration)
         .await?;
-    tracing::info!(configuration = name, "published the webhook CA bundle");
+    tracing::info!(
+        configuration = name,
+        kind = K::kind(&()).as_ref(),
+        "published the webhook CA bundle"
+    );
     Ok(false)
 }

@@ -3,6 +3,7 @@
 //! uses to hand a review to the leader.
 
 use std::{
+    future::Future,
     net::SocketAddr,
     sync::{Arc, RwLock},
     time::Duration,
@@ -10,21 +11,27 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper::{body::Incoming, service::service_fn};
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioIo},
-    server::conn::auto,
-    service::TowerToHyperService,
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{
+        conn::auto,
+        graceful::{GracefulShutdown, Watcher},
+    },
 };
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
     crypto::ring::default_provider,
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
-    server::{ClientHello, ResolvesServerCert},
+    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
     sign::CertifiedKey,
 };
-use tokio::net::TcpListener;
+use tokio::{
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::Semaphore,
+};
 use tokio_rustls::TlsAcceptor;
 use warp::Filter;
 
@@ -63,51 +70,183 @@ impl Reloadable {
     }
 }
 
-/// Serves `routes` over HTTPS on `addr` until the process ends.
-pub async fn serve<F>(addr: SocketAddr, certs: Arc<Reloadable>, routes: F) -> std::io::Result<()>
-where
-    F: Filter + Clone + Send + Sync + 'static,
-    F::Extract: warp::Reply,
-{
-    let mut config = ServerConfig::builder_with_provider(Arc::new(default_provider()))
+/// What one client can hold of the webhook's server.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// A connection that has not finished its TLS handshake by then is closed.
+    pub handshake: Duration,
+    /// Connections open at once; past it the server accepts no more until one closes (the
+    /// API server keeps its own open: it multiplexes every call over HTTP/2).
+    pub max_connections: usize,
+    /// How long open connections get to finish their requests once the server stops.
+    pub drain: Duration,
+}
+
+/// Who is at the other end of a connection, as its TLS handshake showed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// It presented a client certificate that the client CA (`--webhook-client-ca`) signed:
+    /// the API server.
+    Verified,
+    /// It presented none: another replica, or anyone when no client CA is configured.
+    Anonymous,
+}
+
+/// The server's TLS settings: the reloadable certificate and, with `client_ca` (PEM), a
+/// request for a client certificate signed by it. A client without one may still connect
+/// (replicas call the leader path without one); a client with one that does not verify may
+/// not.
+pub fn server_config(
+    certs: Arc<Reloadable>,
+    client_ca: Option<&str>,
+) -> Result<Arc<ServerConfig>, String> {
+    let provider = Arc::new(default_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .expect("ring supports TLS 1.2 and 1.3")
-        .with_no_client_auth()
-        .with_cert_resolver(certs);
+        .expect("ring supports TLS 1.2 and 1.3");
+    let mut config = match client_ca {
+        None => builder.with_no_client_auth().with_cert_resolver(certs),
+        Some(pem) => {
+            let roots = Arc::new(roots(pem)?);
+            let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider)
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| e.to_string())?;
+            builder
+                .with_client_cert_verifier(verifier)
+                .with_cert_resolver(certs)
+        }
+    };
     // HTTP/2 lets the API server multiplex its calls over one connection (no handshake per
     // call under load); HTTP/1.1 for everything else.
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let acceptor = TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving the admission webhook over HTTPS");
+    Ok(Arc::new(config))
+}
+
+/// Serves `routes` over HTTPS on `listener` until `stop` ends; then accepts no more
+/// connections, tells open ones to finish (HTTP/2 GOAWAY, HTTP/1.1 `Connection: close`) and
+/// returns when they have, or after `limits.drain`. Each request carries its connection's
+/// [`Peer`] as an extension.
+pub async fn serve<F>(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    routes: F,
+    limits: Limits,
+    open: prometheus_client::metrics::gauge::Gauge,
+    stop: impl Future<Output = ()>,
+) where
+    F: Filter + Clone + Send + Sync + 'static,
+    F::Extract: warp::Reply,
+{
+    let acceptor = TlsAcceptor::from(config);
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A client that opens a connection and sends nothing keeps it only this long.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.handshake);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30));
+    tokio::pin!(stop);
     loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                tracing::warn!(error = %e, "accepting a webhook connection failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+        let permit = tokio::select! {
+            _ = &mut stop => break,
+            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
+        let (tcp, peer) = tokio::select! {
+            _ = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a webhook connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(warp::service(routes.clone()));
+        let (acceptor, builder, routes, open) = (
+            acceptor.clone(),
+            builder.clone(),
+            routes.clone(),
+            open.clone(),
+        );
+        // Taken now: a connection still in its handshake when the server stops is waited
+        // for too, and told to finish as soon as it is served.
+        let watcher = graceful.watcher();
+        open.inc();
         tokio::spawn(async move {
-            let tls = match acceptor.accept(tcp).await {
-                Ok(tls) => tls,
-                Err(e) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-            };
-            if let Err(e) = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tls), service)
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "webhook connection ended with an error");
-            }
+            let _permit = permit;
+            serve_one(tcp, peer, acceptor, builder, routes, limits, watcher).await;
+            open.dec();
         });
     }
+    drop(listener);
+    if tokio::time::timeout(limits.drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "webhook connections still open after {}s; closing them",
+            limits.drain.as_secs()
+        );
+    }
+}
+
+/// One connection: its TLS handshake (closed when it takes longer than the limit), then its
+/// requests, each tagged with what the handshake showed of the client.
+async fn serve_one<F>(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    builder: auto::Builder<TokioExecutor>,
+    routes: F,
+    limits: Limits,
+    watcher: Watcher,
+) where
+    F: Filter + Clone + Send + Sync + 'static,
+    F::Extract: warp::Reply,
+{
+    let tls = match tokio::time::timeout(limits.handshake, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "no TLS handshake in time; closing");
+            return;
+        }
+    };
+    let who = match tls.get_ref().1.peer_certificates() {
+        Some(_) => Peer::Verified,
+        None => Peer::Anonymous,
+    };
+    let filtered = warp::service(routes);
+    let service = service_fn(move |mut request: hyper::Request<Incoming>| {
+        request.extensions_mut().insert(who);
+        tower_service::Service::call(&mut filtered.clone(), request)
+    });
+    let connection = builder.serve_connection(TokioIo::new(tls), service);
+    if let Err(e) = watcher.watch(connection).await {
+        tracing::debug!(%peer, error = %e, "webhook connection ended with an error");
+    }
+}
+
+/// Listens on `addr` with a backlog that absorbs a burst of connections while the accept
+/// loop catches up (the kernel caps it at `net.core.somaxconn`).
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 /// A pooled HTTPS client that trusts the webhook's CA bundle and checks the serving
@@ -119,11 +258,7 @@ pub struct Forwarder {
 
 impl Forwarder {
     pub fn new(ca_bundle: &str, server_name: &str) -> Result<Forwarder, String> {
-        let mut roots = RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(ca_bundle.as_bytes()) {
-            let cert = cert.map_err(|e| format!("ca.crt: {e}"))?;
-            roots.add(cert).map_err(|e| format!("ca.crt: {e}"))?;
-        }
+        let roots = roots(ca_bundle).map_err(|e| format!("ca.crt: {e}"))?;
         let tls = ClientConfig::builder_with_provider(Arc::new(default_provider()))
             .with_safe_default_protocol_versions()
             .expect("ring supports the default versions")
@@ -146,10 +281,18 @@ impl Forwarder {
         })
     }
 
-    /// POSTs `body` to `https://<endpoint><path>` and returns the answer's body.
-    pub async fn post(&self, endpoint: &str, path: &str, body: Bytes) -> Result<Bytes, String> {
+    /// POSTs `body` to `https://<endpoint><path>` with the peer signature `signed` and
+    /// returns the answer's body.
+    pub async fn post(
+        &self,
+        endpoint: &str,
+        path: &str,
+        body: Bytes,
+        signed: &str,
+    ) -> Result<Bytes, String> {
         let request = hyper::Request::post(format!("https://{endpoint}{path}"))
             .header("content-type", "application/json")
+            .header(super::peer::HEADER, signed)
             .body(Full::new(body))
             .map_err(|e| e.to_string())?;
         let call = async {
@@ -158,18 +301,37 @@ impl Forwarder {
                 .request(request)
                 .await
                 .map_err(|e| format!("{e:?}"))?;
-            if !response.status().is_success() {
-                return Err(format!("HTTP {}", response.status()));
-            }
+            let status = response.status();
             let body = response
                 .into_body()
                 .collect()
                 .await
-                .map_err(|e| e.to_string())?;
-            Ok(body.to_bytes())
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            match status.is_success() {
+                true => Ok(body),
+                false => Err(format!(
+                    "HTTP {status}: {}",
+                    String::from_utf8_lossy(&body).trim()
+                )),
+            }
         };
-        tokio::time::timeout(Duration::from_secs(4), call)
+        tokio::time::timeout(Duration::from_secs(2), call)
             .await
-            .map_err(|_| "no answer within 4s".to_string())?
+            .map_err(|_| "no answer within 2s".to_string())?
+    }
+}
+
+/// The certificates of a PEM bundle, as trust roots.
+fn roots(pem: &str) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        roots
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    match roots.is_empty() {
+        true => Err("no certificate in it".into()),
+        false => Ok(roots),
     }
 }

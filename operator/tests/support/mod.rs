@@ -24,13 +24,10 @@ use framelane_api::{
 use framelane_contract::Runner;
 pub use framelane_testenv::eventually;
 use framelane_testenv::{TEST_LABEL, TestEnv, TestNamespace};
-use k8s_openapi::{
-    ByteString,
-    api::{admissionregistration::v1::ValidatingWebhookConfiguration, core::v1::Namespace},
-};
+use k8s_openapi::{ByteString, api::core::v1::Namespace};
 use kube::{
     Api, Client, ResourceExt,
-    api::{DeleteParams, ListParams, PostParams},
+    api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams},
 };
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, watch};
@@ -76,7 +73,7 @@ impl Fixture {
             fixed["cfg"] = json!(cfg);
         }
         let mut full = json!({"fixedParameters": fixed, "defaults": {"width": 832, "height": 480, "frames": 81, "fps": 16},
-            "limits": {"maxWidth": 1280, "maxHeight": 1280, "maxFrames": 161}, "package": {"path": name}, "modes": ["t2v"]});
+            "limits": {"maxWidth": 1280, "maxHeight": 1280, "maxFrames": 161}, "weights": {"format": "diffusers", "path": name}, "modes": ["t2v"]});
         merge(&mut full, spec);
         let model: VideoModel = serde_json::from_value(json!({
             "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoModel",
@@ -135,14 +132,51 @@ impl Fixture {
         Ok(Api::namespaced(Client::try_from(config)?, &self.ns.name))
     }
 
-    /// The name of this test's ValidatingWebhookConfiguration.
+    /// The name of this test's webhook configurations (validating and mutating).
     pub fn webhook_configuration(&self) -> String {
         format!("framelane-{}", self.ns.name)
+    }
+
+    /// This test's two webhook configurations: their API, kind, webhook name and the path
+    /// the operator serves them on.
+    fn webhook_configurations(
+        &self,
+    ) -> [(Api<DynamicObject>, &'static str, &'static str, &'static str); 2] {
+        let api = |kind: &str| {
+            let gvk = GroupVersionKind::gvk("admissionregistration.k8s.io", "v1", kind);
+            Api::all_with(self.client.clone(), &ApiResource::from_gvk(&gvk))
+        };
+        [
+            (
+                api("ValidatingWebhookConfiguration"),
+                "ValidatingWebhookConfiguration",
+                "videojobs.framelane.dev",
+                "/validate-videojob",
+            ),
+            (
+                api("MutatingWebhookConfiguration"),
+                "MutatingWebhookConfiguration",
+                "defaults.videojobs.framelane.dev",
+                "/mutate-videojob",
+            ),
+        ]
     }
 
     /// Starts an operator that also serves the admission webhook, on `port` (0: a free one).
     /// Returns it and its webhook port.
     pub fn webhook_operator(
+        &self,
+        identity: &str,
+        port: u16,
+        extra: &[&str],
+    ) -> Result<(OperatorProcess, u16)> {
+        let mut args = vec!["--watch-namespace", &self.ns.name];
+        args.extend(extra);
+        self.webhook_operator_watching_all(identity, port, &args)
+    }
+
+    /// The same, for the jobs of every namespace (still only this test's lanes).
+    pub fn webhook_operator_watching_all(
         &self,
         identity: &str,
         port: u16,
@@ -154,74 +188,87 @@ impl Fixture {
             format!("127.0.0.1:{port}"),
             "--webhook-configuration".into(),
             self.webhook_configuration(),
+            "--webhook-client-ca".into(),
+            self.ns.env.webhook_client_ca().display().to_string(),
+            // Longer than the round robin's ENDPOINTS_LAG.
+            "--shutdown-delay-seconds".into(),
+            "2".into(),
         ];
         args.extend(extra.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Ok((OperatorProcess::start(&self.ns, identity, &args)?, port))
+        Ok((
+            OperatorProcess::start_watching_all(&self.ns, identity, &args)?,
+            port,
+        ))
     }
 
-    /// Registers the webhook at `port` for this test's namespace only (so other tests on
-    /// the shared control plane never call it), as the chart does for a cluster: CREATE of
-    /// VideoJobs, failurePolicy Fail, no side effects, a 5 s timeout. The operator fills in
-    /// the caBundle.
+    /// Registers the webhooks at `port` for this test's namespace only (so other tests on
+    /// the shared control plane never call them), as the chart does for a cluster: CREATE of
+    /// VideoJobs, failurePolicy Fail, no side effects, a 5 s timeout; the validating one and
+    /// the mutating one that fills in defaults. The operator fills in the caBundle.
     pub async fn register_webhook(&self, port: u16) -> Result<()> {
         self.register_webhook_with(port, json!({})).await
     }
 
-    /// The same, with `webhook` merged over the webhook's entry (an `objectSelector`, say).
+    /// The same, with `webhook` merged over each webhook's entry (an `objectSelector`, say).
     pub async fn register_webhook_with(&self, port: u16, webhook: Value) -> Result<()> {
-        let mut entry = json!({
-            "name": "videojobs.framelane.dev",
-            "admissionReviewVersions": ["v1"],
-            "sideEffects": "None",
-            "failurePolicy": "Fail",
-            "timeoutSeconds": 5,
-            "clientConfig": {"url": format!("https://127.0.0.1:{port}/validate-videojob")},
-            "rules": [{"apiGroups": ["framelane.dev"], "apiVersions": ["v1alpha1"],
-                "operations": ["CREATE"], "resources": ["videojobs"], "scope": "Namespaced"}],
-            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": self.ns.name}},
-        });
-        merge(&mut entry, webhook);
-        let configuration: ValidatingWebhookConfiguration = serde_json::from_value(json!({
-            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
-            "metadata": {"name": self.webhook_configuration(), "labels": {INSTANCE_LABEL: self.ns.name}},
-            "webhooks": [entry]
-        }))?;
-        Api::<ValidatingWebhookConfiguration>::all(self.client.clone())
-            .create(&PostParams::default(), &configuration)
-            .await?;
+        for (api, kind, name, path) in self.webhook_configurations() {
+            let mut entry = json!({
+                "name": name,
+                "admissionReviewVersions": ["v1"],
+                "sideEffects": "None",
+                "failurePolicy": "Fail",
+                "timeoutSeconds": 5,
+                "clientConfig": {"url": format!("https://127.0.0.1:{port}{path}")},
+                "rules": [{"apiGroups": ["framelane.dev"], "apiVersions": ["v1alpha1"],
+                    "operations": ["CREATE"], "resources": ["videojobs"], "scope": "Namespaced"}],
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": self.ns.name}},
+            });
+            merge(&mut entry, webhook.clone());
+            let configuration: DynamicObject = serde_json::from_value(json!({
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": kind,
+                "metadata": {"name": self.webhook_configuration(), "labels": {INSTANCE_LABEL: self.ns.name}},
+                "webhooks": [entry]
+            }))?;
+            api.create(&PostParams::default(), &configuration).await?;
+        }
         Ok(())
     }
 
-    /// Sets the caBundle of this test's webhook configuration, as cert-manager's cainjector
+    /// Sets the caBundle of this test's webhook configurations, as cert-manager's cainjector
     /// does.
     pub async fn set_ca_bundle(&self, pem: &str) -> Result<()> {
-        let configurations = Api::<ValidatingWebhookConfiguration>::all(self.client.clone());
-        let mut configuration = configurations.get(&self.webhook_configuration()).await?;
-        for webhook in configuration.webhooks.iter_mut().flatten() {
-            webhook.client_config.ca_bundle = Some(ByteString(pem.as_bytes().to_vec()));
-        }
-        configurations
-            .replace(
-                &self.webhook_configuration(),
-                &PostParams::default(),
-                &configuration,
-            )
-            .await?;
-        Ok(())
+        let bundle = serde_json::to_value(ByteString(pem.as_bytes().to_vec()))?;
+        self.patch_webhooks(
+            json!([{"op": "add", "path": "/webhooks/0/clientConfig/caBundle", "value": bundle}]),
+            None,
+        )
+        .await
     }
 
-    /// Points this test's webhook configuration at `port`, keeping its caBundle.
+    /// Points this test's webhook configurations at `port`, keeping their caBundle.
     pub async fn point_webhook(&self, port: u16) -> Result<()> {
-        let patch = json!([{"op": "replace", "path": "/webhooks/0/clientConfig/url",
-            "value": format!("https://127.0.0.1:{port}/validate-videojob")}]);
-        Api::<ValidatingWebhookConfiguration>::all(self.client.clone())
-            .patch(
+        self.patch_webhooks(json!([]), Some(port)).await
+    }
+
+    /// Applies the JSON patch `ops` to both configurations, and with `port` points them there.
+    async fn patch_webhooks(&self, ops: Value, port: Option<u16>) -> Result<()> {
+        for (api, _, _, path) in self.webhook_configurations() {
+            let mut ops = ops.as_array().cloned().unwrap_or_default();
+            if let Some(port) = port {
+                ops.push(
+                    json!({"op": "replace", "path": "/webhooks/0/clientConfig/url",
+                    "value": format!("https://127.0.0.1:{port}{path}")}),
+                );
+            }
+            api.patch(
                 &self.webhook_configuration(),
                 &kube::api::PatchParams::default(),
-                &kube::api::Patch::<()>::Json(serde_json::from_value(patch)?),
+                &kube::api::Patch::<()>::Json(serde_json::from_value(Value::Array(ops))?),
             )
             .await?;
+        }
         Ok(())
     }
 
@@ -315,7 +362,7 @@ impl Drop for Fixture {
             .kubectl()
             .args([
                 "delete",
-                "validatingwebhookconfigurations",
+                "validatingwebhookconfigurations,mutatingwebhookconfigurations",
                 "-l",
                 &selector,
                 "--wait=false",
@@ -345,6 +392,17 @@ pub struct OperatorProcess {
 
 impl OperatorProcess {
     pub fn start(ns: &TestNamespace, identity: &str, extra: &[&str]) -> Result<OperatorProcess> {
+        let mut args = vec!["--watch-namespace", &ns.name];
+        args.extend(extra);
+        OperatorProcess::start_watching_all(ns, identity, &args)
+    }
+
+    /// The same, for the jobs of every namespace (still only this test's lanes).
+    pub fn start_watching_all(
+        ns: &TestNamespace,
+        identity: &str,
+        extra: &[&str],
+    ) -> Result<OperatorProcess> {
         let port = free_port()?;
         let log =
             std::env::temp_dir().join(format!("framelane-operator-{}-{identity}.log", ns.name));
@@ -352,14 +410,7 @@ impl OperatorProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_framelane-operator"))
             .env("KUBECONFIG", &ns.env.kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
-            .args([
-                "--namespace",
-                &ns.name,
-                "--watch-namespace",
-                &ns.name,
-                "--identity",
-                identity,
-            ])
+            .args(["--namespace", &ns.name, "--identity", identity])
             .args(["--lane-selector", &format!("{INSTANCE_LABEL}={}", ns.name)])
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
             .args(extra)
@@ -372,6 +423,24 @@ impl OperatorProcess {
             metrics_port: port,
             log,
         })
+    }
+
+    /// SIGTERM, as the kubelet sends when a pod is deleted.
+    pub fn terminate(&self) -> Result<()> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -TERM {}: {status}", self.child.id());
+        Ok(())
+    }
+
+    /// Waits until the process has exited; its exit status.
+    pub async fn until_exited(&mut self) -> Result<std::process::ExitStatus> {
+        let child = &mut self.child;
+        eventually(30, "the operator to exit", || {
+            std::future::ready(child.try_wait().map_err(anyhow::Error::from))
+        })
+        .await
     }
 
     /// `kill -9`.
@@ -442,22 +511,53 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
+/// How long a replica's readiness takes to reach the round robin, as an EndpointSlice
+/// change takes a moment to reach kube-proxy and the API server.
+const ENDPOINTS_LAG: Duration = Duration::from_secs(1);
+
+/// One replica behind the round robin.
+struct Backend {
+    port: u16,
+    metrics_port: u16,
+    /// Whether new connections go to it.
+    routed: bool,
+    /// What /readyz said last, and since when.
+    ready: bool,
+    since: tokio::time::Instant,
+}
+
 /// A TCP round robin in front of several webhook replicas, as a Service spreads
-/// connections over the pods behind it.
+/// connections over its ready pods: a new connection goes to the next replica whose /readyz
+/// has answered 200 for [`ENDPOINTS_LAG`] (a replica that stops being ready keeps getting
+/// connections for as long); open connections stay where they are.
 pub struct RoundRobin {
     pub port: u16,
-    task: tokio::task::JoinHandle<()>,
+    backends: Arc<Mutex<Vec<Backend>>>,
+    tasks: [tokio::task::JoinHandle<()>; 2],
 }
 
 impl RoundRobin {
-    pub async fn start(backends: Vec<u16>) -> Result<RoundRobin> {
+    /// In front of `replicas` (each an operator and its webhook port).
+    pub async fn start(replicas: &[(&OperatorProcess, u16)]) -> Result<RoundRobin> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
-        let task = tokio::spawn(async move {
+        let backends = Arc::new(Mutex::new(Vec::<Backend>::new()));
+        let pick = backends.clone();
+        let proxy = tokio::spawn(async move {
             let mut next = 0;
             while let Ok((mut inbound, _)) = listener.accept().await {
-                let backend = backends[next % backends.len()];
-                next += 1;
+                let backend = {
+                    let backends = pick.lock().expect("backends lock");
+                    let routed: Vec<u16> = backends
+                        .iter()
+                        .filter(|b| b.routed)
+                        .map(|b| b.port)
+                        .collect();
+                    next += 1;
+                    (!routed.is_empty()).then(|| routed[next % routed.len()])
+                };
+                // No ready replica: the connection is refused, as with no endpoints.
+                let Some(backend) = backend else { continue };
                 tokio::spawn(async move {
                     if let Ok(mut outbound) =
                         tokio::net::TcpStream::connect(("127.0.0.1", backend)).await
@@ -467,13 +567,77 @@ impl RoundRobin {
                 });
             }
         });
-        Ok(RoundRobin { port, task })
+        let probed = backends.clone();
+        let probes = tokio::spawn(async move {
+            loop {
+                let ports: Vec<u16> = probed
+                    .lock()
+                    .expect("backends lock")
+                    .iter()
+                    .map(|b| b.metrics_port)
+                    .collect();
+                let mut ready = Vec::new();
+                for port in ports {
+                    ready.push(readyz(port).await);
+                }
+                let now = tokio::time::Instant::now();
+                for (b, ready) in probed.lock().expect("backends lock").iter_mut().zip(ready) {
+                    if b.ready != ready {
+                        (b.ready, b.since) = (ready, now);
+                    }
+                    if now.duration_since(b.since) >= ENDPOINTS_LAG {
+                        b.routed = b.ready;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        let service = RoundRobin {
+            port,
+            backends,
+            tasks: [proxy, probes],
+        };
+        for (operator, webhook_port) in replicas {
+            service.add(operator, *webhook_port);
+        }
+        Ok(service)
     }
+
+    /// Another replica behind it (a new pod of a rollout).
+    pub fn add(&self, operator: &OperatorProcess, webhook_port: u16) {
+        self.backends.lock().expect("backends lock").push(Backend {
+            port: webhook_port,
+            metrics_port: operator.metrics_port,
+            routed: false,
+            ready: false,
+            since: tokio::time::Instant::now(),
+        });
+    }
+}
+
+/// Whether the process's /readyz on `port` answers 200.
+async fn readyz(port: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream
+            .write_all(b"GET /readyz HTTP/1.1\r\nhost: probe\r\nconnection: close\r\n\r\n")
+            .await?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await?;
+        std::io::Result::Ok(answer.starts_with(b"HTTP/1.1 200"))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), probe).await,
+        Ok(Ok(true))
+    )
 }
 
 impl Drop for RoundRobin {
     fn drop(&mut self) {
-        self.task.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 

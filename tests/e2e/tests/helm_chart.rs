@@ -35,7 +35,7 @@ use k8s_openapi::api::{
     policy::v1::PodDisruptionBudget,
 };
 use kube::{
-    Api, Client,
+    Api, Client, ResourceExt,
     api::{DeleteParams, ListParams, PostParams},
     config::{AuthInfo, KubeConfigOptions, Kubeconfig, NamedAuthInfo},
 };
@@ -166,7 +166,11 @@ async fn the_chart_lints_and_renders_valid_manifests_for_every_option() -> Resul
         ],
         &["operator.watchNamespace=team-a"],
         &["webhook.enabled=false"],
-        &["webhook.url=https://10.0.0.5:9443/validate-videojob"],
+        &["webhook.url=https://10.0.0.5:9443"],
+        &[
+            "webhook.clientCA.configMap=apiserver-webhook-client-ca",
+            "networkPolicy.webhookFrom[0].ipBlock.cidr=10.0.0.0/28",
+        ],
         &[
             "metrics.serviceMonitor.enabled=true",
             "metrics.prometheusRule.enabled=true",
@@ -178,7 +182,7 @@ async fn the_chart_lints_and_renders_valid_manifests_for_every_option() -> Resul
             "volumes.outputs.existingClaim=team-outputs",
             "networkPolicy.enabled=false",
             "operator.replicas=1",
-            "runner.ownLeasePolicy=false",
+            "runner.admissionPolicies=false",
             "operator.image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
         ],
     ];
@@ -267,15 +271,53 @@ async fn the_chart_lints_and_renders_valid_manifests_for_every_option() -> Resul
                 );
             }
             ["webhook.enabled=false"] => {
-                ensure!(
-                    !docs
-                        .iter()
-                        .any(|d| d["kind"] == "ValidatingWebhookConfiguration")
-                );
+                ensure!(!docs.iter().any(|d| {
+                    d["kind"] == "ValidatingWebhookConfiguration"
+                        || d["kind"] == "MutatingWebhookConfiguration"
+                }));
                 let args = find(&docs, "Deployment", "fl-framelane-operator")?["spec"]["template"]
                     ["spec"]["containers"][0]["args"]
                     .to_string();
                 ensure!(!args.contains("--webhook-addr"), "{args}");
+            }
+            ["webhook.clientCA.configMap=apiserver-webhook-client-ca", _] => {
+                // The operator reads the API server's client CA from the ConfigMap.
+                let pod = &find(&docs, "Deployment", "fl-framelane-operator")?["spec"]["template"]
+                    ["spec"];
+                let args = pod["containers"][0]["args"].to_string();
+                ensure!(
+                    args.contains("--webhook-client-ca=/etc/framelane/webhook-client-ca/ca.crt"),
+                    "{args}"
+                );
+                ensure!(
+                    pod["volumes"][0]["configMap"]["name"] == "apiserver-webhook-client-ca"
+                        && pod["containers"][0]["volumeMounts"][0]["mountPath"]
+                            == "/etc/framelane/webhook-client-ca",
+                    "{pod}"
+                );
+                // Only the other replicas and the API server's addresses reach the webhook.
+                let policy = find(&docs, "NetworkPolicy", "fl-framelane-operator")?;
+                let from = &policy["spec"]["ingress"][0]["from"];
+                ensure!(
+                    from[0]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "fl"
+                        && from[1]["ipBlock"]["cidr"] == "10.0.0.0/28"
+                        && from.as_array().map(Vec::len) == Some(2),
+                    "{policy}"
+                );
+            }
+            ["webhook.url=https://10.0.0.5:9443"] => {
+                for kind in [
+                    "ValidatingWebhookConfiguration",
+                    "MutatingWebhookConfiguration",
+                ] {
+                    let url =
+                        &find(&docs, kind, "fl-framelane")?["webhooks"][0]["clientConfig"]["url"];
+                    ensure!(
+                        url.as_str()
+                            .is_some_and(|u| u.starts_with("https://10.0.0.5:9443/")),
+                        "{kind}: {url}"
+                    );
+                }
             }
             _ => {}
         }
@@ -299,6 +341,13 @@ async fn the_chart_lints_and_renders_valid_manifests_for_every_option() -> Resul
         find(&docs, "PodDisruptionBudget", "fl-framelane-operator")?["spec"]["minAvailable"] == 1
     );
     let webhook = &find(&docs, "ValidatingWebhookConfiguration", "fl-framelane")?["webhooks"][0];
+    let defaults = &find(&docs, "MutatingWebhookConfiguration", "fl-framelane")?["webhooks"][0];
+    ensure!(defaults["clientConfig"]["service"]["path"] == "/mutate-videojob");
+    ensure!(
+        defaults["rules"] == webhook["rules"]
+            && defaults["namespaceSelector"] == webhook["namespaceSelector"]
+    );
+    ensure!(webhook["clientConfig"]["service"]["path"] == "/validate-videojob");
     ensure!(webhook["failurePolicy"] == "Fail" && webhook["sideEffects"] == "None");
     ensure!(webhook["timeoutSeconds"].as_i64().is_some_and(|t| t <= 10));
     ensure!(
@@ -318,6 +367,7 @@ async fn the_chart_lints_and_renders_valid_manifests_for_every_option() -> Resul
         ("ModelLane", "shared"),
         ("NetworkPolicy", "fl-framelane-operator"),
         ("NetworkPolicy", "fl-framelane-runner"),
+        ("ValidatingAdmissionPolicy", "fl-framelane-runner-jobs"),
         ("ValidatingAdmissionPolicy", "fl-framelane-runner-own-lease"),
         ("Lease", "fl-framelane-operator"),
         ("Secret", "fl-framelane-webhook-tls"),
@@ -561,9 +611,109 @@ struct Release {
     full: String,
     dir: tempfile::TempDir,
     webhook_port: u16,
+    /// `operator.watchNamespace`: where the jobs are, when not in every namespace.
+    watched: Option<TestNamespace>,
 }
 
 impl Release {
+    /// The release `ns` will be (named like it), with the PersistentVolumes its claims bind to.
+    async fn new(ns: TestNamespace, watched: Option<TestNamespace>) -> Result<Release> {
+        let webhook_port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let release = Release {
+            env: ns.env,
+            name: ns.name.clone(),
+            full: format!("{}-framelane", ns.name),
+            dir: tempfile::tempdir()?,
+            webhook_port,
+            ns,
+            watched,
+        };
+        for (which, mode) in [("models", "ReadOnlyMany"), ("outputs", "ReadWriteMany")] {
+            let pv: PersistentVolume = serde_json::from_value(json!({
+                "metadata": {"name": format!("{}-{which}", release.ns.name)},
+                "spec": {"capacity": {"storage": "300Gi"}, "accessModes": [mode], "storageClassName": "",
+                    "hostPath": {"path": format!("/var/lib/framelane/{which}")},
+                    "claimRef": {"namespace": release.ns.name, "name": format!("{}-{which}", release.full)}},
+            }))?;
+            release
+                .volumes()
+                .create(&PostParams::default(), &pv)
+                .await?;
+        }
+        Ok(release)
+    }
+
+    fn volumes(&self) -> Api<PersistentVolume> {
+        Api::all(self.ns.client.clone())
+    }
+
+    /// After the test: a failed test's release is uninstalled (its webhook would refuse jobs
+    /// in the namespace), and the volumes go.
+    async fn clean_up(&self, failed: bool) {
+        if failed {
+            let _ = self.helm("uninstall", &["--wait", "--timeout=60s"]);
+        }
+        for which in ["models", "outputs"] {
+            let _ = self
+                .volumes()
+                .delete(
+                    &format!("{}-{which}", self.ns.name),
+                    &DeleteParams::default(),
+                )
+                .await;
+        }
+    }
+
+    /// The operator, as the first pod of the chart's Deployment, with a token of the chart's
+    /// operator account bound to it (written to the returned kubeconfig). Returns once the
+    /// API server trusts its webhook: a job naming no model is refused.
+    async fn operator(&self) -> Result<(Operator, PathBuf)> {
+        let selector = format!(
+            "app.kubernetes.io/name=framelane-operator,app.kubernetes.io/instance={}",
+            self.name
+        );
+        let pods = self.pods(&selector).await?;
+        let pod = pods.first().context("the chart's operator pod")?;
+        let kubeconfig = self.dir.path().join("operator.kubeconfig");
+        token_kubeconfig(
+            self.env,
+            &pod_token(
+                &self.ns,
+                &format!("{}-operator", self.full),
+                pod.metadata.name.as_deref().expect("named"),
+            )?,
+            &kubeconfig,
+        )?;
+        let operator = Operator::start(
+            pod,
+            &kubeconfig,
+            &format!("127.0.0.1:{}", self.webhook_port),
+        )?;
+        let jobs = self.jobs_namespace().api::<VideoJob>();
+        eventually(60, "the chart's webhook to answer", || async {
+            let dry = PostParams {
+                dry_run: true,
+                ..Default::default()
+            };
+            let job: VideoJob = serde_json::from_value(
+                json!({"apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob",
+                "metadata": {"name": "probe"}, "spec": {"model": "no-such-model", "prompt": "p"}}),
+            )?;
+            let refused =
+                matches!(jobs.create(&dry, &job).await, Err(kube::Error::Api(s)) if s.code == 422);
+            Ok(refused.then_some(()))
+        })
+        .await?;
+        Ok((operator, kubeconfig))
+    }
+
+    /// The namespace of the release's jobs.
+    fn jobs_namespace(&self) -> &TestNamespace {
+        self.watched.as_ref().unwrap_or(&self.ns)
+    }
+
     fn model(&self, package: &str) -> String {
         format!("{}-{package}", self.ns.name)
     }
@@ -573,30 +723,48 @@ impl Release {
     /// anything holding the fake GPUs, the webhook reached at this process, and the chart's
     /// own claims bound to volumes made for them.
     fn values(&self, anisora_replicas: u32) -> Value {
+        // Both text to video, on the tiny models of the runner's tests: a diffusers folder
+        // and a ComfyUI AllInOne file.
         let model = |package: &str, fixed: Value| {
-            json!({"name": self.model(package), "spec": {"fixedParameters": fixed,
+            let mut spec = json!({"fixedParameters": fixed,
                 "defaults": {"width": 256, "height": 256, "frames": 17, "fps": 8},
                 "limits": {"maxWidth": 512, "maxHeight": 512, "maxFrames": 33},
-                "package": {"path": package}, "modes": ["t2v"]}})
+                "weights": {"format": "diffusers", "path": "wan-t2v"}, "modes": ["t2v"]});
+            if package == "phr00t" {
+                spec["weights"] = json!({"format": "comfyui", "file": "phr00t/phr00t-aio.safetensors",
+                    "tokenizer": "phr00t/tokenizer"});
+                spec["sampling"] =
+                    json!({"solver": "euler_ancestral", "schedule": "beta", "shift": 8.0});
+            }
+            json!({"name": self.model(package), "spec": spec})
         };
         let runner = json!({"resources": {"requests": {"cpu": "100m"}}});
+        // The operator of `just up` (its lane selector leaves these out) must not act on them.
+        let labels = json!({"framelane.dev/test-instance": self.ns.name});
         json!({
-            "operator": {"laneSelector": format!("app.kubernetes.io/instance={}", self.name)},
+            // Keeps the operator of `just up` away from the release's lanes (its selector
+            // leaves the tests' out), so only the release's own operator runs them.
+            "commonLabels": {"framelane.dev/test-instance": self.ns.name},
+            "operator": {"laneSelector": format!("app.kubernetes.io/instance={}", self.name),
+                "watchNamespace": self.watched.as_ref().map_or("", |w| w.name.as_str())},
             "webhook": {
-                "url": format!("https://127.0.0.1:{}/validate-videojob", self.webhook_port),
-                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": self.ns.name}},
+                "url": format!("https://127.0.0.1:{}", self.webhook_port),
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": self.jobs_namespace().name}},
             },
+            // Four tiny Wan jobs take a CPU runner more than the default 30 s; this test is
+            // about jobs surviving an upgrade and a rollback, not about queue timeouts.
+            "queueDefaults": {"maxDepth": 25, "maxWaitSeconds": 600},
             "volumes": {
                 "models": {"storageClassName": "", "volumeName": format!("{}-models", self.ns.name)},
                 "outputs": {"storageClassName": "", "volumeName": format!("{}-outputs", self.ns.name)},
             },
             "models": [model("anisora", json!({"steps": 8})), model("phr00t", json!({"steps": 4, "cfg": 1.0}))],
             "lanes": [
-                {"name": self.model("anisora"), "spec": {"mode": "Dedicated", "models": [self.model("anisora")],
+                {"name": self.model("anisora"), "labels": labels, "spec": {"mode": "Dedicated", "models": [self.model("anisora")],
                     "replicas": anisora_replicas, "fallback": {"lane": self.model("shared")}, "runner": runner}},
-                {"name": self.model("phr00t"), "spec": {"mode": "Dedicated", "models": [self.model("phr00t")],
+                {"name": self.model("phr00t"), "labels": labels, "spec": {"mode": "Dedicated", "models": [self.model("phr00t")],
                     "fallback": {"lane": self.model("shared")}, "runner": runner}},
-                {"name": self.model("shared"), "spec": {"mode": "Shared",
+                {"name": self.model("shared"), "labels": labels, "spec": {"mode": "Shared",
                     "models": [self.model("anisora"), self.model("phr00t")], "runner": runner}},
             ],
         })
@@ -635,7 +803,7 @@ impl Release {
     }
 
     /// A runner process playing the lane's first pod: the pod's own environment, a token of
-    /// the chart's runner account bound to the pod, the tiny model packages.
+    /// the chart's runner account bound to the pod, the tiny models.
     async fn runner(&self, package: &str) -> Result<tokio::process::Child> {
         let pod = eventually(60, "the lane's runner pod", || async {
             Ok(self.lane_pods(package).await?.into_iter().find(|p| {
@@ -689,7 +857,7 @@ impl Release {
             "metadata": {"name": name}, "spec": spec,
         }))
         .expect("a VideoJob");
-        self.ns
+        self.jobs_namespace()
             .api::<VideoJob>()
             .create(&PostParams::default(), &job)
             .await
@@ -697,7 +865,7 @@ impl Release {
     }
 
     async fn wait_succeeded(&self, names: &[&str]) -> Result<()> {
-        let jobs = self.ns.api::<VideoJob>();
+        let jobs = self.jobs_namespace().api::<VideoJob>();
         eventually(300, "the jobs to succeed", || async {
             let mut done = 0;
             for name in names {
@@ -744,40 +912,68 @@ async fn a_helm_install_runs_jobs_under_its_own_rbac_and_survives_upgrade_rollba
         &ns.name,
         "pod-security.kubernetes.io/enforce=restricted",
     ]))?;
-    let webhook_port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let release = Release {
-        env,
-        name: ns.name.clone(),
-        full: format!("{}-framelane", ns.name),
-        dir: tempfile::tempdir()?,
-        webhook_port,
-        ns,
-    };
-    let ns = &release.ns;
-    let admin = ns.client.clone();
-    let volumes: Api<PersistentVolume> = Api::all(admin.clone());
-    for (which, mode) in [("models", "ReadOnlyMany"), ("outputs", "ReadWriteMany")] {
-        let pv: PersistentVolume = serde_json::from_value(json!({
-            "metadata": {"name": format!("{}-{which}", ns.name)},
-            "spec": {"capacity": {"storage": "300Gi"}, "accessModes": [mode], "storageClassName": "",
-                "hostPath": {"path": format!("/var/lib/framelane/{which}")},
-                "claimRef": {"namespace": ns.name, "name": format!("{}-{which}", release.full)}},
-        }))?;
-        volumes.create(&PostParams::default(), &pv).await?;
-    }
+    let release = Release::new(ns, None).await?;
     let result = install_run_upgrade_uninstall(&release).await;
-    if result.is_err() {
-        // Leave no release behind (its webhook would refuse jobs in this namespace).
-        let _ = release.helm("uninstall", &["--wait", "--timeout=60s"]);
-    }
-    for which in ["models", "outputs"] {
-        let _ = volumes
-            .delete(&format!("{}-{which}", ns.name), &DeleteParams::default())
-            .await;
-    }
+    release.clean_up(result.is_err()).await;
     result
+}
+
+#[tokio::test]
+async fn a_helm_install_watching_one_namespace_runs_jobs_there() -> Result<()> {
+    let env = TestEnv::get()?;
+    let ns = env.namespace("chart-watch").await?;
+    let team = env.namespace("team").await?;
+    let release = Release::new(ns, Some(team)).await?;
+    let result = watch_one_namespace(&release).await;
+    release.clean_up(result.is_err()).await;
+    result
+}
+
+/// With operator.watchNamespace, the runner pods get that namespace and the chart grants
+/// the runners VideoJobs there only: a job there is claimed and succeeds.
+async fn watch_one_namespace(release: &Release) -> Result<()> {
+    release.install_or_upgrade("install", 1)?;
+    let team = release.jobs_namespace();
+    let (mut operator, _) = release.operator().await?;
+    let mut runner = release.runner("phr00t").await?;
+    let pods = release.lane_pods("phr00t").await?;
+    let env = pods
+        .first()
+        .and_then(|p| p.spec.as_ref())
+        .map(|s| s.containers[0].env.clone().unwrap_or_default())
+        .unwrap_or_default();
+    ensure!(
+        env.iter().any(|e| e.name == "FRAMELANE_WATCH_NAMESPACE"
+            && e.value.as_deref() == Some(team.name.as_str())),
+        "a runner pod tells its runner the watched namespace: {env:?}"
+    );
+    // Under load the runner may start after the lane's fallback grace: wait for the lane to
+    // run its own jobs again, or the job would go to the fallback lane, which has no runner.
+    let lanes: Api<ModelLane> = Api::all(release.ns.client.clone());
+    let lane = release.model("phr00t");
+    eventually(120, "the lane's runner to be ready", || async {
+        let status = lanes.get(&lane).await?.status.unwrap_or_default();
+        let own_jobs = !status.fallback.is_some_and(|f| f.active);
+        Ok((status.ready_runners == 1 && own_jobs).then_some(()))
+    })
+    .await?;
+    release
+        .create_job("lighthouse", "phr00t", json!({}))
+        .await?;
+    release.wait_succeeded(&["lighthouse"]).await?;
+    let job = team.api::<VideoJob>().get("lighthouse").await?;
+    let status = job.status.context("a status")?;
+    ensure!(
+        status
+            .runner
+            .as_deref()
+            .is_some_and(|r| r.starts_with(&release.model("phr00t"))),
+        "{status:?}"
+    );
+    runner.kill().await?;
+    operator.stop();
+    release.helm("uninstall", &["--wait", "--timeout=180s"])?;
+    Ok(())
 }
 
 async fn install_run_upgrade_uninstall(release: &Release) -> Result<()> {
@@ -819,32 +1015,7 @@ async fn install_run_upgrade_uninstall(release: &Release) -> Result<()> {
     })
     .await?;
 
-    // The operator, as its first pod, with the chart's operator account.
-    let operator_pod = &operator_pods[0];
-    let operator_kubeconfig = release.dir.path().join("operator.kubeconfig");
-    token_kubeconfig(
-        env,
-        &pod_token(
-            ns,
-            &format!("{full}-operator"),
-            operator_pod.metadata.name.as_deref().expect("named"),
-        )?,
-        &operator_kubeconfig,
-    )?;
-    let mut operator = Operator::start(
-        operator_pod,
-        &operator_kubeconfig,
-        &format!("127.0.0.1:{}", release.webhook_port),
-    )?;
-    // The webhook is effective once the API server trusts it: a job naming no model is refused.
-    eventually(60, "the chart's webhook to answer", || async {
-            let dry = PostParams { dry_run: true, ..Default::default() };
-            let job: VideoJob = serde_json::from_value(json!({"apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob",
-                "metadata": {"name": "probe"}, "spec": {"model": "no-such-model", "prompt": "p"}}))?;
-            let refused = matches!(ns.api::<VideoJob>().create(&dry, &job).await, Err(kube::Error::Api(s)) if s.code == 422);
-            Ok(refused.then_some(()))
-        })
-        .await?;
+    let (mut operator, operator_kubeconfig) = release.operator().await?;
     let secret = ns
         .api::<Secret>()
         .get(&format!("{full}-webhook-tls"))
@@ -1257,4 +1428,308 @@ async fn the_charts_alerts_and_dashboard_use_only_exported_metrics_and_pass_prom
         "{queried:?}"
     );
     Ok(())
+}
+
+/// A kube client that authenticates as `account` with a token bound to `pod` (or to nothing).
+async fn client_as(
+    ns: &TestNamespace,
+    dir: &Path,
+    account: &str,
+    pod: Option<&str>,
+) -> Result<Client> {
+    let token = match pod {
+        Some(pod) => pod_token(ns, account, pod)?,
+        None => run(ns.kubectl().args(["create", "token", account]))?
+            .trim()
+            .to_string(),
+    };
+    let path = dir.join(format!("{}.kubeconfig", pod.unwrap_or(account)));
+    token_kubeconfig(ns.env, &token, &path)?;
+    let config = kube::Config::from_custom_kubeconfig(
+        Kubeconfig::read_from(&path)?,
+        &KubeConfigOptions::default(),
+    )
+    .await?;
+    Ok(Client::try_from(config)?)
+}
+
+/// Expects a write refused with `code` and a message containing `message`.
+fn expect_refused<T: std::fmt::Debug>(
+    written: Result<T, kube::Error>,
+    code: u16,
+    message: &str,
+) -> Result<()> {
+    match written {
+        Err(kube::Error::Api(s)) if s.code == code && s.message.contains(message) => Ok(()),
+        Err(kube::Error::Api(s)) => bail!(
+            "expected {code} with {message:?}; the API server said {}: {}",
+            s.code,
+            s.message
+        ),
+        other => bail!("expected {code} with {message:?}, got {other:?}"),
+    }
+}
+
+/// Writes `status` over a job's status, as `jobs`' client.
+async fn write_status(
+    jobs: &Api<VideoJob>,
+    name: &str,
+    status: Value,
+) -> Result<VideoJob, kube::Error> {
+    let mut job = jobs.get(name).await?;
+    job.status = serde_json::from_value(status).map_err(kube::Error::SerdeError)?;
+    jobs.replace_status(name, &PostParams::default(), &job)
+        .await
+}
+
+/// The chart's admission policies on the runners, each refusal seen from a runner's own
+/// pod-bound token, with the real runner contract allowed through.
+async fn runner_policies(ns: &TestNamespace, release: &str, dir: &Path) -> Result<()> {
+    let account = format!("{release}-framelane-runner");
+    // Runner pods of lane `x` and of lane `x-b`: the policies read the lane from the pod name,
+    // exactly (lane x is not lane x-b).
+    let pods = ns.api::<Pod>();
+    let mut uids = std::collections::BTreeMap::new();
+    for name in ["x-0a1b2c-0", "x-0a1b2c-1", "x-b-0a1b2c-0"] {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"serviceAccountName": account, "containers": [{"name": "runner", "image": "runner"}]},
+        }))?;
+        let pod = pods.create(&PostParams::default(), &pod).await?;
+        uids.insert(name, pod.metadata.uid.context("a uid")?);
+    }
+    let x = client_as(ns, dir, &account, Some("x-0a1b2c-0")).await?;
+    let xb = client_as(ns, dir, &account, Some("x-b-0a1b2c-0")).await?;
+    let admin = ns.api::<VideoJob>();
+    let as_x: Api<VideoJob> = Api::namespaced(x.clone(), &ns.name);
+    let as_xb: Api<VideoJob> = Api::namespaced(xb.clone(), &ns.name);
+    let queued_at = "2030-01-02T03:04:05.678901Z";
+    let queued = |lane: &str| json!({"phase": "Queued", "lane": lane, "queuedAt": queued_at, "queuePosition": 1});
+    let running = |lane: &str, runner: &str, incarnation: &str| {
+        json!({"phase": "Running", "lane": lane, "queuedAt": queued_at, "runner": runner,
+            "runnerIncarnation": incarnation, "attempts": 1})
+    };
+    let new_job = |name: &str, status: Value| {
+        let admin = admin.clone();
+        let name = name.to_string();
+        async move {
+            let job: VideoJob = serde_json::from_value(json!({
+                "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob",
+                "metadata": {"name": name},
+                "spec": {"model": "served-by-no-lane", "prompt": "a cat by the sea"},
+            }))?;
+            admin.create(&PostParams::default(), &job).await?;
+            write_status(&admin, &name, status).await?;
+            anyhow::Ok(())
+        }
+    };
+    let x_self = format!("{}/0123456789abcdef", uids["x-0a1b2c-0"]);
+    let xb_self = format!("{}/0123456789abcdef", uids["x-b-0a1b2c-0"]);
+    // The API server enforces a new policy once it has loaded it: a token bound to no pod is
+    // then refused.
+    new_job("probe", queued("no-runner-serves")).await?;
+    let unbound: Api<VideoJob> =
+        Api::namespaced(client_as(ns, dir, &account, None).await?, &ns.name);
+    eventually(30, "the runner policies to be enforced", || async {
+        let written = write_status(
+            &unbound,
+            "probe",
+            running("no-runner-serves", "x-0a1b2c-0", &x_self),
+        )
+        .await;
+        Ok(expect_refused(
+            written,
+            403,
+            "a runner writes only with the token of its own runner pod",
+        )
+        .ok())
+    })
+    .await?;
+
+    // Claims: only its own lane's queued jobs, recording its own pod.
+    new_job("of-lane-x", queued("x")).await?;
+    new_job("of-lane-x-b", queued("x-b")).await?;
+    expect_refused(
+        write_status(&as_xb, "of-lane-x", running("x", "x-b-0a1b2c-0", &xb_self)).await,
+        403,
+        "runner pod x-b-0a1b2c-0 serves lane x-b: it may not claim job of-lane-x of lane x",
+    )?;
+    expect_refused(
+        write_status(&as_x, "of-lane-x-b", running("x-b", "x-0a1b2c-0", &x_self)).await,
+        403,
+        "runner pod x-0a1b2c-0 serves lane x: it may not claim job of-lane-x-b of lane x-b",
+    )?;
+    expect_refused(
+        write_status(&as_x, "of-lane-x", running("x", "x-0a1b2c-1", &x_self)).await,
+        403,
+        "a claim records who claimed: status.runner x-0a1b2c-0",
+    )?;
+    // The runner contract itself passes: claim, progress, complete, heartbeat.
+    let runner =
+        framelane_contract::Runner::start(x.clone(), &ns.name, "x-0a1b2c-0", "x", as_x.clone())
+            .owned_by_pod(uids["x-0a1b2c-0"].clone());
+    let mut claimed = eventually(30, "runner x to claim its lane's job", || async {
+        Ok(runner.claim_next().await?)
+    })
+    .await?;
+    ensure!(claimed.job().metadata.name.as_deref() == Some("of-lane-x"));
+    claimed.progress("Denoising", 1, 2, 50).await?;
+    let output = framelane_api::videojob::Output {
+        path: format!("{}/of-lane-x/video.mp4", ns.name),
+        frames: 17,
+        fps: 16,
+        width: 256,
+        height: 256,
+        ..Default::default()
+    };
+    claimed.complete(output, None).await?;
+    runner.heartbeat(None).await?;
+    runner.heartbeat(Some("anisora")).await?;
+
+    // Nor may it finish a queued job without running it.
+    new_job("waiting", queued("x")).await?;
+    let mut dropped = queued("x");
+    dropped["phase"] = json!("Failed");
+    expect_refused(
+        write_status(&as_x, "waiting", dropped).await,
+        403,
+        "a runner may only claim a Queued job (Queued to Running) or update a Running job it holds; job waiting is Queued and would become Failed",
+    )?;
+    // Updates: only of a job its pod holds; never handing it on, never its queuedAt.
+    new_job(
+        "held-by-x-1",
+        running("x", "x-0a1b2c-1", &format!("{}/0", uids["x-0a1b2c-1"])),
+    )
+    .await?;
+    let mut done = running("x", "x-0a1b2c-1", &format!("{}/0", uids["x-0a1b2c-1"]));
+    done["phase"] = json!("Succeeded");
+    expect_refused(
+        write_status(&as_x, "held-by-x-1", done).await,
+        403,
+        &format!(
+            "runner pod x-0a1b2c-0 (uid {}) may only update a job it holds; job held-by-x-1 is held by x-0a1b2c-1",
+            uids["x-0a1b2c-0"]
+        ),
+    )?;
+    // Its own pod name, but an earlier pod of that name (another uid).
+    new_job(
+        "held-by-earlier-pod",
+        running("x", "x-0a1b2c-0", "earlier-uid/0"),
+    )
+    .await?;
+    let mut done = running("x", "x-0a1b2c-0", "earlier-uid/0");
+    done["phase"] = json!("Succeeded");
+    expect_refused(
+        write_status(&as_x, "held-by-earlier-pod", done).await,
+        403,
+        "may only update a job it holds; job held-by-earlier-pod is held by x-0a1b2c-0 (earlier-uid/0)",
+    )?;
+    new_job("held-by-x", running("x", "x-0a1b2c-0", &x_self)).await?;
+    expect_refused(
+        write_status(&as_x, "held-by-x", queued("x")).await,
+        403,
+        "a runner may not hand a job on",
+    )?;
+    let mut late = running("x", "x-0a1b2c-0", &x_self);
+    late["queuedAt"] = json!("2031-01-01T00:00:00.000000Z");
+    expect_refused(
+        write_status(&as_x, "held-by-x", late).await,
+        422,
+        "status.queuedAt: Invalid value: status.queuedAt is the job's place in its lane's queue",
+    )?;
+    // A held job with no queuedAt (written by an admin): the runner still may not set one.
+    let mut unplaced = running("x", "x-0a1b2c-0", &x_self);
+    unplaced
+        .as_object_mut()
+        .expect("an object")
+        .remove("queuedAt");
+    new_job("unplaced", unplaced.clone()).await?;
+    // The year 9999 is refused for everyone (the CRD: the operator cannot read it), a
+    // plausible time for the runner by its policy.
+    unplaced["queuedAt"] = json!("9999-01-01T00:00:00.000000Z");
+    expect_refused(
+        write_status(&as_x, "unplaced", unplaced.clone()).await,
+        422,
+        "status.queuedAt must be before the year 9000",
+    )?;
+    unplaced["queuedAt"] = json!("2031-01-01T00:00:00.000000Z");
+    expect_refused(
+        write_status(&as_x, "unplaced", unplaced).await,
+        403,
+        "a runner may not set or change status.queuedAt",
+    )?;
+    // Its own finished job stays finished.
+    expect_refused(
+        write_status(
+            &as_x,
+            "of-lane-x",
+            running("x", "x-0a1b2c-0", &runner.incarnation()),
+        )
+        .await,
+        422,
+        "the job is Succeeded or Failed, and a finished job's status never changes again",
+    )?;
+
+    // Leases: only its own, in its own lane.
+    let leases: Api<Lease> = Api::namespaced(x.clone(), &ns.name);
+    let mut own = leases.get("x-0a1b2c-0").await?;
+    ensure!(
+        own.spec.as_ref().and_then(|s| s.holder_identity.clone()) == Some(runner.incarnation()),
+        "the heartbeat names the runner's start: {own:?}"
+    );
+    let xbs = framelane_contract::Runner::start(
+        xb.clone(),
+        &ns.name,
+        "x-b-0a1b2c-0",
+        "x-b",
+        as_xb.clone(),
+    )
+    .owned_by_pod(uids["x-b-0a1b2c-0"].clone());
+    xbs.heartbeat(None).await?;
+    let mut other = Api::<Lease>::namespaced(ns.client.clone(), &ns.name)
+        .get("x-b-0a1b2c-0")
+        .await?;
+    other.metadata.managed_fields = None;
+    // Renewing it: the same Lease, written back.
+    expect_refused(
+        leases
+            .replace("x-b-0a1b2c-0", &PostParams::default(), &other)
+            .await,
+        403,
+        "a runner may only write the heartbeat Lease named after its own pod; Lease x-b-0a1b2c-0 is not x-0a1b2c-0",
+    )?;
+    own.labels_mut()
+        .insert("framelane.dev/lane".into(), "x-b".into());
+    expect_refused(
+        leases
+            .replace("x-0a1b2c-0", &PostParams::default(), &own)
+            .await,
+        403,
+        "runner pod x-0a1b2c-0 serves lane x: its heartbeat Lease must be labelled framelane.dev/lane=x, not x-b",
+    )?;
+
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_charts_policies_hold_each_runner_to_its_own_lane_jobs_and_lease() -> Result<()> {
+    let env = TestEnv::get()?;
+    let ns = env.namespace("trust").await?;
+    let dir = tempfile::tempdir()?;
+    let release = ns.name.clone();
+    run(helm(env)
+        .args(["install", &release, "-n", &ns.name])
+        .arg(chart())
+        .args([
+            "--set=webhook.enabled=false",
+            "--set=operator.replicas=1",
+            "--set=volumes.models.create=false",
+            "--set=volumes.outputs.create=false",
+            "--set-json=models=[]",
+            "--set-json=lanes=[]",
+        ]))?;
+    let result = runner_policies(&ns, &release, dir.path()).await;
+    let uninstalled = run(helm(env).args(["uninstall", &release, "-n", &ns.name, "--wait"]));
+    result?;
+    uninstalled.map(|_| ())
 }

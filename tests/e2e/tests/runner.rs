@@ -1,7 +1,11 @@
 //! End to end on the local control plane, through the `framelane-runner` binary playing the
-//! lane's pod, with the operator admitting jobs:
-//! - a VideoJob becomes an MP4 whose size and sha256 match its status; consecutive jobs reuse
-//!   the loaded model (one load in the runner's log);
+//! lane's pod, with the operator admitting jobs, on the default install's models
+//! (examples/videomodels.yaml: anisora image to video, phr00t text to video) made of the tiny
+//! random-weight Wan models of the runner's tests:
+//! - an image-to-video VideoJob reads its start image from the model volume and becomes an
+//!   MP4 whose size and sha256 match its status; consecutive jobs reuse the loaded model (one
+//!   load in the runner's log); one whose image is missing or unreadable fails with the
+//!   reason, and the runner carries on;
 //! - a Shared runner fed alternating anisora/phr00t jobs logs each unload before the next
 //!   load, and every unload leaves the live tensor bytes where they were before any model;
 //! - a job deleted mid-generation stops at a step boundary, ends Cancelled and goes away; the
@@ -11,17 +15,33 @@ use std::{path::PathBuf, process::Stdio, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
-use framelane_api::{ModelLane, VideoJob, VideoModel, videojob::JobPhase};
+use framelane_api::{ModelLane, VideoJob, VideoModel, reasons::JobReason, videojob::JobPhase};
 use framelane_testenv::{TestEnv, TestNamespace, eventually, tiny_models, workspace_binary};
 use kube::{
     Api,
     api::{DeleteParams, PostParams},
 };
+use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 
 const INSTANCE_LABEL: &str = "framelane.dev/test-instance";
+
+/// The tiny models' start image, on the model volume.
+const FIRST_FRAME: &str = "inputs/first-frame.png";
+
+/// The spec of the default install's VideoModel `name` (examples/videomodels.yaml).
+fn default_model(name: &str) -> Result<Value> {
+    let yaml = include_str!("../../../examples/videomodels.yaml");
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let model = Value::deserialize(doc)?;
+        if model["metadata"]["name"] == name {
+            return Ok(model["spec"].clone());
+        }
+    }
+    bail!("examples/videomodels.yaml has no model {name}")
+}
 
 /// One test's operator, lane, models and runner process.
 struct Setup {
@@ -31,30 +51,32 @@ struct Setup {
     runner: std::sync::Mutex<tokio::process::Child>,
     log: PathBuf,
     out: tempfile::TempDir,
-    /// Test-scoped VideoModel name of each package (`anisora`, `phr00t`).
+    /// Test-scoped VideoModel name of each default model (`anisora`, `phr00t`).
     models: Vec<(String, String)>,
     health: String,
 }
 
 impl Setup {
-    /// A lane of `mode` serving `packages` (package directories with their fixed steps), the
-    /// operator watching only this test's objects, and a runner process for the lane.
-    async fn start(prefix: &str, mode: &str, packages: &[(&str, u32)]) -> Result<Setup> {
+    /// A lane of `mode` serving the default models `defaults` under test-scoped names (with
+    /// smaller default sizes), the operator watching only this test's objects, and a runner
+    /// process for the lane.
+    async fn start(prefix: &str, mode: &str, defaults: &[&str]) -> Result<Setup> {
         let env = TestEnv::get()?;
         let ns = env.namespace(prefix).await?;
         let labels = json!({INSTANCE_LABEL: ns.name});
         let mut models = Vec::new();
-        for (package, steps) in packages {
-            let model = format!("{}-{package}", ns.name);
+        for default in defaults {
+            let model = format!("{}-{default}", ns.name);
+            let mut spec = default_model(default)?;
+            spec["defaults"] = json!({"width": 256, "height": 256, "frames": 17, "fps": 8});
             let video_model: VideoModel = serde_json::from_value(json!({
-                "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoModel", "metadata": {"name": model, "labels": labels},
-                "spec": {"fixedParameters": {"steps": steps}, "defaults": {"width": 256, "height": 256, "frames": 17, "fps": 8},
-                    "limits": {"maxWidth": 1024, "maxHeight": 1024, "maxFrames": 33}, "package": {"path": package}, "modes": ["t2v"]}
+                "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoModel",
+                "metadata": {"name": model, "labels": labels}, "spec": spec
             }))?;
             Api::<VideoModel>::all(ns.client.clone())
                 .create(&PostParams::default(), &video_model)
                 .await?;
-            models.push((package.to_string(), model));
+            models.push((default.to_string(), model));
         }
         let lane = format!("{}-lane", ns.name);
         let names: Vec<&String> = models.iter().map(|(_, m)| m).collect();
@@ -130,8 +152,8 @@ impl Setup {
         })
     }
 
-    fn model(&self, package: &str) -> &str {
-        &self.models.iter().find(|(p, _)| p == package).unwrap().1
+    fn model(&self, default: &str) -> &str {
+        &self.models.iter().find(|(d, _)| d == default).unwrap().1
     }
 
     fn jobs(&self) -> Api<VideoJob> {
@@ -186,6 +208,27 @@ impl Setup {
         .with_context(|| self.log_text())
     }
 
+    /// Waits until the job `name` Failed and returns its status's reason and message.
+    async fn wait_failed(&self, name: &str, secs: u64) -> Result<(String, String)> {
+        eventually(secs, &format!("job {name} to fail"), || async {
+            let job = self.jobs().get(name).await?;
+            let status = job.status.unwrap_or_default();
+            ensure!(
+                status.phase != Some(JobPhase::Succeeded),
+                "job {name} succeeded"
+            );
+            self.check_runner()?;
+            Ok((status.phase == Some(JobPhase::Failed)).then(|| {
+                (
+                    status.reason.map(|r| r.to_string()).unwrap_or_default(),
+                    status.message.unwrap_or_default(),
+                )
+            }))
+        })
+        .await
+        .with_context(|| self.log_text())
+    }
+
     /// HTTP status of GET `path` on the runner's probe port.
     async fn probe(&self, path: &str) -> Result<u16> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -222,11 +265,12 @@ impl Setup {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_videojob_becomes_an_mp4_and_the_model_stays_loaded() -> Result<()> {
-    let setup = Setup::start("runner-e2e", "Dedicated", &[("anisora", 8)]).await?;
+async fn an_image_to_video_job_becomes_an_mp4_and_the_model_stays_loaded() -> Result<()> {
+    let setup = Setup::start("runner-e2e", "Dedicated", &["anisora"]).await?;
     let model = setup.model("anisora").to_owned();
     for name in ["first", "second"] {
-        let spec = json!({"model": model, "prompt": format!("a fox, take {name}"), "seed": 7});
+        let spec = json!({"model": model, "mode": "i2v", "image": FIRST_FRAME,
+            "prompt": format!("a fox, take {name}"), "seed": 7});
         setup.create_job(name, spec).await?;
     }
 
@@ -303,14 +347,58 @@ async fn a_videojob_becomes_an_mp4_and_the_model_stays_loaded() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_image_cannot_be_read_fails_with_the_reason() -> Result<()> {
+    let setup = Setup::start("runner-image", "Dedicated", &["anisora"]).await?;
+    let model = setup.model("anisora").to_owned();
+    let cases = [
+        (
+            "missing",
+            "inputs/missing.png",
+            "spec.image \"inputs/missing.png\": ",
+            "inputs/missing.png does not exist in the model volume",
+        ),
+        (
+            "not-an-image",
+            "anisora/model_index.json",
+            "spec.image is not a PNG or JPEG image",
+            "",
+        ),
+    ];
+    for (name, image, _, _) in &cases {
+        let spec = json!({"model": model, "mode": "i2v", "image": image, "prompt": "a fox"});
+        setup.create_job(name, spec).await?;
+        // One after the other, so the runner takes them in this order.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    for (name, _, starts, contains) in cases {
+        let (reason, message) = setup.wait_failed(name, 120).await?;
+        assert_eq!(reason, JobReason::GenerationFailed.as_str(), "{name}");
+        assert!(
+            message.starts_with(starts) && message.contains(contains),
+            "{name}: {message}"
+        );
+    }
+    // The runner stays healthy and the next job (with its image) succeeds.
+    assert_eq!(setup.probe("/healthz").await?, 200);
+    let spec = json!({"model": model, "mode": "i2v", "image": FIRST_FRAME, "prompt": "a fox"});
+    setup.create_job("next", spec).await?;
+    setup.wait_succeeded(&["next"], 120).await?;
+    setup.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_runner_unloads_before_each_switch_and_keeps_no_old_tensor() -> Result<()> {
-    let setup = Setup::start("runner-shared", "Shared", &[("anisora", 8), ("phr00t", 4)]).await?;
+    let setup = Setup::start("runner-shared", "Shared", &["anisora", "phr00t"]).await?;
     let order = ["anisora", "phr00t", "anisora", "phr00t"];
     let mut names = Vec::new();
-    for (i, package) in order.iter().enumerate() {
-        let name = format!("job-{i}-{package}");
-        let spec = json!({"model": setup.model(package), "prompt": format!("a fox, take {i}"),
+    for (i, model) in order.iter().enumerate() {
+        let name = format!("job-{i}-{model}");
+        let mut spec = json!({"model": setup.model(model), "prompt": format!("a fox, take {i}"),
             "seed": i, "width": 256, "height": 256, "frames": 9});
+        if *model == "anisora" {
+            spec["mode"] = json!("i2v");
+            spec["image"] = json!(FIRST_FRAME);
+        }
         setup.create_job(&name, spec).await?;
         // Created one after the other, so the queue (and the runner) takes them in this order.
         tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -376,11 +464,11 @@ async fn a_shared_runner_unloads_before_each_switch_and_keeps_no_old_tensor() ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_deleted_mid_generation_stops_and_the_runner_runs_the_next() -> Result<()> {
-    let setup = Setup::start("runner-cancel", "Dedicated", &[("anisora", 8)]).await?;
+    let setup = Setup::start("runner-cancel", "Dedicated", &["anisora"]).await?;
     let model = setup.model("anisora").to_owned();
     // Large enough that its eight steps take seconds on the CPU.
-    let spec = json!({"model": model, "prompt": "a long fox", "seed": 3,
-        "width": 1024, "height": 1024, "frames": 33});
+    let spec = json!({"model": model, "mode": "i2v", "image": FIRST_FRAME, "prompt": "a long fox",
+        "seed": 3, "width": 512, "height": 512, "frames": 33});
     setup.create_job("long", spec).await?;
     eventually(180, "a denoising step of the long job", || async {
         let job = setup.jobs().get("long").await?;
@@ -439,7 +527,8 @@ async fn a_job_deleted_mid_generation_stops_and_the_runner_runs_the_next() -> Re
 
     assert_eq!(setup.probe("/healthz").await?, 200);
     assert_eq!(setup.probe("/readyz").await?, 200);
-    let spec = json!({"model": model, "prompt": "the next fox", "seed": 4});
+    let spec = json!({"model": model, "mode": "i2v", "image": FIRST_FRAME, "prompt": "the next fox",
+        "seed": 4});
     setup.create_job("next", spec).await?;
     setup.wait_succeeded(&["next"], 120).await?;
     setup.stop().await

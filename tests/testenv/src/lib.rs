@@ -82,13 +82,15 @@ pub fn torch_python() -> PathBuf {
     path
 }
 
-/// The tiny `anisora` and `phr00t` model packages the runner's tests make (random weights),
-/// made once per test process.
+/// The tiny random-weight Wan models the runner's tests, benchmark and demo use, made once
+/// per test process by gpu-runner/tests/make_tiny_wan_models.py (its doc lists them): `anisora`
+/// (diffusers, image to video, two experts), `phr00t` (one ComfyUI AllInOne file, text to
+/// video), `wan-t2v` (diffusers, text to video) and `inputs/first-frame.png`.
 pub fn tiny_models() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let script = repo_root().join("gpu-runner/tests/make_tiny_packages.py");
+        let script = repo_root().join("gpu-runner/tests/make_tiny_wan_models.py");
         let out = Command::new(torch_python())
             .arg(&script)
             .arg(dir.path())
@@ -135,6 +137,12 @@ pub struct TestEnv {
 static ENV: OnceLock<Result<TestEnv, String>> = OnceLock::new();
 
 impl TestEnv {
+    /// The CA of the client certificate the API server shows admission webhooks (an
+    /// operator's `--webhook-client-ca`).
+    pub fn webhook_client_ca(&self) -> PathBuf {
+        self.root.join(".testenv/pki/webhook-client-ca.crt")
+    }
+
     /// The control plane of this checkout, started by `up.sh` on first use in this process.
     pub fn get() -> Result<&'static TestEnv, Error> {
         ENV.get_or_init(start)

@@ -1,0 +1,55 @@
+//! How long to wait before trying again: exponential backoff with jitter, so that runners
+//! that failed together (an API server outage, a refusing admission policy) do not retry
+//! together.
+
+use std::time::Duration;
+
+/// Waits that double from `first` up to `max`, each less a random part of up to half.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    ceiling: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(first: Duration, max: Duration) -> Self {
+        Backoff {
+            ceiling: first.min(max),
+            max,
+        }
+    }
+
+    /// The next wait, between half the current ceiling and the ceiling.
+    pub fn next_wait(&mut self) -> Duration {
+        let ceiling = self.ceiling;
+        self.ceiling = ceiling.saturating_mul(2).min(self.max);
+        ceiling.mul_f64(1.0 - rand::random::<f64>() / 2.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_double_up_to_the_cap_and_are_jittered_below_the_ceiling() {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let waits: Vec<Duration> = (0..10).map(|_| backoff.next_wait()).collect();
+        let ceilings = [
+            200, 400, 800, 1600, 3200, 6400, 10_000, 10_000, 10_000, 10_000,
+        ];
+        for (wait, ceiling) in waits.iter().zip(ceilings) {
+            let ceiling = Duration::from_millis(ceiling);
+            assert!(
+                *wait <= ceiling && *wait >= ceiling / 2,
+                "{wait:?} not in [{:?}, {ceiling:?}]",
+                ceiling / 2
+            );
+        }
+        // Jittered: ten runners starting together do not all wait the same.
+        let firsts: std::collections::BTreeSet<Duration> = (0..10)
+            .map(|_| Backoff::new(Duration::from_secs(1), Duration::from_secs(10)).next_wait())
+            .collect();
+        assert!(firsts.len() > 1, "{firsts:?}");
+    }
+}

@@ -1,0 +1,627 @@
+//! A whole Wan model, the way diffusers' `WanPipeline` (text to video) and
+//! `WanImageToVideoPipeline` (image to video, Wan 2.2 A14B: no image encoder) run it: the
+//! prompt through umT5, the latents through one or two transformers and a solver, the result
+//! through the VAE.
+//!
+//! Image to video: the first frame, followed by `frames - 1` black frames, is VAE-encoded and
+//! normalized, a mask marks the first latent frame as given, and the transformer sees the
+//! latents, the mask (4 channels) and the encoded frames (16) stacked: 36 input channels.
+//! A transformer of 16 input channels makes text-to-video models, one of 36 image-to-video
+//! ones; a model runs only its own mode.
+//!
+//! Precision: the transformers and the text encoder compute in the model's kind (bfloat16 in
+//! production), the VAE in its own (float32); latents, noise and solver math are float32.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tch::{Device, Kind, TchError, Tensor};
+
+use super::components::{ComponentError, TextEncoderFiles, VaeFiles};
+use super::recipe::Solver;
+use super::safetensors::{SafetensorsError, TensorFiles};
+use super::scheduler::{Expert, SchedulerConfig, SchedulerError, expert_for};
+use super::transformer::WanTransformer;
+use super::umt5::{Umt5Encoder, Umt5Error, tokenize_prompts};
+use super::vae::{AutoencoderKLWan, VaeError};
+use super::weights::{TransformerCheckpoint, WeightsError};
+use crate::sampler::{StepControl, guide, uses_uncond};
+use crate::tokenizer::{PromptTokenizer, TokenizerError};
+use crate::video::Frames;
+
+/// Token ids per prompt: the Wan pipelines' `max_sequence_length`.
+pub const TEXT_LENGTH: usize = 512;
+/// Mask channels stacked before the encoded first frame in image-to-video inputs.
+const MASK_CHANNELS: i64 = 4;
+
+/// Where a Wan model's files are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelFiles {
+    /// A diffusers pipeline folder: `model_index.json`, `tokenizer/`, `text_encoder/`,
+    /// `transformer/` (and `transformer_2/`), `vae/`, `scheduler/`.
+    Diffusers(PathBuf),
+    /// ComfyUI files.
+    ComfyUi(ComfyUiFiles),
+}
+
+/// A model in ComfyUI's files: one AllInOne file, or split files per component.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ComfyUiFiles {
+    /// The (high-noise) transformer: one or more files. An AllInOne file also holds the text
+    /// encoder and the VAE.
+    pub transformer: Vec<PathBuf>,
+    /// The low-noise expert of a two-expert model; empty for one transformer.
+    pub transformer_2: Vec<PathBuf>,
+    /// The umT5 text encoder; empty: in the transformer's files.
+    pub text_encoder: Vec<PathBuf>,
+    /// The VAE; empty: in the transformer's files.
+    pub vae: Vec<PathBuf>,
+    /// A folder with the umT5 tokenizer's `tokenizer.json`.
+    pub tokenizer: PathBuf,
+}
+
+/// What a model is made of and how it samples. `None` takes the value a diffusers folder was
+/// saved with (`scheduler/`, `model_index.json`'s `boundary_ratio`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelSpec {
+    pub files: ModelFiles,
+    pub solver: Option<Solver>,
+    /// Where a two-expert model switches from its high-noise to its low-noise transformer,
+    /// as a fraction of the solver's timestep range.
+    pub boundary_ratio: Option<f64>,
+}
+
+/// The dtypes a pipeline computes in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Precision {
+    /// The transformers and the text encoder (float32 or bfloat16).
+    pub model: Kind,
+    /// The VAE.
+    pub vae: Kind,
+}
+
+impl Precision {
+    /// bfloat16 weights with a float32 VAE, as the Wan models are published and run.
+    pub const BFLOAT16: Precision = Precision {
+        model: Kind::BFloat16,
+        vae: Kind::Float,
+    };
+    pub const FLOAT32: Precision = Precision {
+        model: Kind::Float,
+        vae: Kind::Float,
+    };
+}
+
+/// What a model generates from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    TextToVideo,
+    ImageToVideo,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::TextToVideo => "t2v",
+            Mode::ImageToVideo => "i2v",
+        }
+    }
+}
+
+/// Why a model cannot be loaded or run.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a diffusers Wan pipeline index: {reason}")]
+    ModelIndex { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Transformer(#[from] WeightsError),
+    #[error(transparent)]
+    Component(#[from] ComponentError),
+    #[error(transparent)]
+    File(#[from] SafetensorsError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Scheduler(#[from] SchedulerError),
+    #[error("the model's parts do not fit together: {0}")]
+    Mismatch(String),
+    #[error("{0}")]
+    Sampling(String),
+    #[error("`{field}` {reason}")]
+    InvalidRequest { field: &'static str, reason: String },
+    #[error("cancelled at a step boundary after {completed} of {total} denoising steps")]
+    Cancelled { completed: usize, total: usize },
+    #[error(transparent)]
+    TextEncoder(#[from] Umt5Error),
+    #[error(transparent)]
+    Vae(#[from] VaeError),
+    #[error("{0}")]
+    Torch(#[from] TchError),
+}
+
+/// diffusers' `model_index.json`: the fields that decide how the pipeline runs.
+#[derive(Deserialize)]
+struct ModelIndex {
+    #[serde(rename = "_class_name")]
+    class_name: String,
+    #[serde(default)]
+    boundary_ratio: Option<f64>,
+    #[serde(default)]
+    expand_timesteps: bool,
+    #[serde(default)]
+    image_encoder: Option<(Option<String>, Option<String>)>,
+    #[serde(default)]
+    transformer_2: Option<(Option<String>, Option<String>)>,
+}
+
+const PIPELINES: [&str; 2] = ["WanPipeline", "WanImageToVideoPipeline"];
+
+impl ModelIndex {
+    fn read(dir: &Path) -> Result<ModelIndex, PipelineError> {
+        let path = dir.join("model_index.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| PipelineError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let bad = |reason: String| PipelineError::ModelIndex {
+            path: path.clone(),
+            reason,
+        };
+        let index: ModelIndex = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if !PIPELINES.contains(&index.class_name.as_str()) {
+            return Err(bad(format!(
+                "_class_name is {}; the runner runs {PIPELINES:?}",
+                index.class_name
+            )));
+        }
+        if index.expand_timesteps {
+            return Err(bad(
+                "expand_timesteps is true (Wan 2.2 TI2V-5B), which the runner does not implement"
+                    .to_owned(),
+            ));
+        }
+        if index
+            .image_encoder
+            .as_ref()
+            .is_some_and(|(library, _)| library.is_some())
+        {
+            return Err(bad(
+                "it has an image_encoder (Wan 2.1 image-to-video's CLIP), which the runner does \
+                 not implement; use a Wan 2.2 image-to-video model"
+                    .to_owned(),
+            ));
+        }
+        Ok(index)
+    }
+
+    fn has_transformer_2(&self) -> bool {
+        self.transformer_2
+            .as_ref()
+            .is_some_and(|(library, _)| library.is_some())
+    }
+}
+
+/// The transformers, text encoder, VAE and tokenizer of a model, with their configs, before
+/// any weight is read.
+struct Parts {
+    tokenizer_dir: PathBuf,
+    text_encoder: TextEncoderFiles,
+    transformer: TransformerCheckpoint,
+    transformer_2: Option<TransformerCheckpoint>,
+    vae: VaeFiles,
+    solver: Solver,
+    boundary_ratio: Option<f64>,
+}
+
+impl Parts {
+    fn find(spec: &ModelSpec) -> Result<Parts, PipelineError> {
+        match &spec.files {
+            ModelFiles::Diffusers(dir) => {
+                let index = ModelIndex::read(dir)?;
+                let solver = match &spec.solver {
+                    Some(solver) => solver.clone(),
+                    None => Solver::Scheduler(SchedulerConfig::read(
+                        &dir.join("scheduler/scheduler_config.json"),
+                    )?),
+                };
+                let transformer_2 = index
+                    .has_transformer_2()
+                    .then(|| TransformerCheckpoint::diffusers(&dir.join("transformer_2")))
+                    .transpose()?;
+                Ok(Parts {
+                    tokenizer_dir: dir.join("tokenizer"),
+                    text_encoder: TextEncoderFiles::diffusers(&dir.join("text_encoder"))?,
+                    transformer: TransformerCheckpoint::diffusers(&dir.join("transformer"))?,
+                    transformer_2,
+                    vae: VaeFiles::diffusers(&dir.join("vae"))?,
+                    solver,
+                    boundary_ratio: spec.boundary_ratio.or(index.boundary_ratio),
+                })
+            }
+            ModelFiles::ComfyUi(files) => {
+                let transformer_files = TensorFiles::open(&files.transformer)?;
+                let or_transformer = |paths: &[PathBuf]| {
+                    if paths.is_empty() {
+                        Ok(transformer_files.clone())
+                    } else {
+                        TensorFiles::open(paths)
+                    }
+                };
+                let text_files = or_transformer(&files.text_encoder)?;
+                let vae_files = or_transformer(&files.vae)?;
+                let transformer_2 = (!files.transformer_2.is_empty())
+                    .then(|| {
+                        TransformerCheckpoint::comfyui(
+                            TensorFiles::open(&files.transformer_2)?,
+                            None,
+                        )
+                    })
+                    .transpose()?;
+                Ok(Parts {
+                    tokenizer_dir: files.tokenizer.clone(),
+                    text_encoder: TextEncoderFiles::comfyui(text_files)?,
+                    transformer: TransformerCheckpoint::comfyui(transformer_files, None)?,
+                    transformer_2,
+                    vae: VaeFiles::comfyui(vae_files)?,
+                    solver: spec.solver.clone().ok_or_else(|| {
+                        PipelineError::Sampling(
+                            "ComfyUI files carry no scheduler: the model must name its sampling \
+                             (solver, schedule, shift)"
+                                .to_owned(),
+                        )
+                    })?,
+                    boundary_ratio: spec.boundary_ratio,
+                })
+            }
+        }
+    }
+
+    /// Refuses parts that cannot work together, before reading weights. Returns the mode.
+    fn check(&self) -> Result<Mode, PipelineError> {
+        let mismatch = |m: String| Err(PipelineError::Mismatch(m));
+        let config = self.transformer.config();
+        if let Some(low) = &self.transformer_2 {
+            let low = low.config();
+            if (
+                low.in_channels,
+                low.out_channels(),
+                low.text_dim,
+                low.patch_size,
+            ) != (
+                config.in_channels,
+                config.out_channels(),
+                config.text_dim,
+                config.patch_size,
+            ) {
+                return mismatch(format!(
+                    "the two transformers take different inputs: {} and {} channels, text {} \
+                     and {}, patch {:?} and {:?}",
+                    config.in_channels,
+                    low.in_channels,
+                    config.text_dim,
+                    low.text_dim,
+                    config.patch_size,
+                    low.patch_size
+                ));
+            }
+        }
+        match (&self.transformer_2, self.boundary_ratio) {
+            (Some(_), None) => {
+                return Err(PipelineError::Sampling(
+                    "the model has two transformers but no expert boundary: set \
+                     sampling.experts.boundary (Wan 2.2 A14B: 0.9 for image to video, 0.875 \
+                     for text to video)"
+                        .to_owned(),
+                ));
+            }
+            (None, Some(ratio)) => {
+                return Err(PipelineError::Sampling(format!(
+                    "an expert boundary of {ratio} is set, but the model has one transformer; \
+                     remove sampling.experts or give the model its second transformer"
+                )));
+            }
+            (_, Some(ratio)) if !(0.0..=1.0).contains(&ratio) => {
+                return Err(PipelineError::Sampling(format!(
+                    "the expert boundary must be between 0 and 1, got {ratio}"
+                )));
+            }
+            _ => {}
+        }
+        self.solver.check()?;
+        let text = self.text_encoder.config().d_model;
+        if text != config.text_dim {
+            return mismatch(format!(
+                "the text encoder makes {text}-wide embeddings, the transformer takes {} \
+                 (text_dim)",
+                config.text_dim
+            ));
+        }
+        let z = self.vae.config().z_dim;
+        if config.out_channels() != z {
+            return mismatch(format!(
+                "the transformer predicts {} latent channels, the VAE has {z}",
+                config.out_channels()
+            ));
+        }
+        if config.in_channels == z {
+            Ok(Mode::TextToVideo)
+        } else if config.in_channels == 2 * z + MASK_CHANNELS {
+            Ok(Mode::ImageToVideo)
+        } else {
+            mismatch(format!(
+                "the transformer takes {} input channels: neither text to video ({z}) nor \
+                 image to video ({})",
+                config.in_channels,
+                2 * z + MASK_CHANNELS
+            ))
+        }
+    }
+
+    fn bytes(&self, precision: Precision) -> u64 {
+        let transformer = |c: &TransformerCheckpoint| -> u64 {
+            c.config()
+                .parameters()
+                .iter()
+                .map(|(_, shape)| shape.iter().product::<i64>() as u64)
+                .sum::<u64>()
+                * precision.model.elt_size_in_bytes() as u64
+        };
+        transformer(&self.transformer)
+            + self.transformer_2.as_ref().map_or(0, transformer)
+            + self.text_encoder.bytes(precision.model)
+            + self.vae.bytes(precision.vae)
+    }
+}
+
+/// One job's inputs.
+#[derive(Clone, Copy, Debug)]
+pub struct Request<'a> {
+    pub prompt: &'a str,
+    /// The empty prompt when the job has none.
+    pub negative_prompt: &'a str,
+    pub width: i64,
+    pub height: i64,
+    pub frames: i64,
+    pub steps: u32,
+    /// Classifier-free guidance; 1 or less runs each step once, on the prompt alone.
+    pub guidance: f64,
+    pub seed: u64,
+    /// Image to video: the first frame `[1, 3, height, width]` in [-1, 1] (see
+    /// `crate::image`).
+    pub image: Option<&'a Tensor>,
+}
+
+/// A loaded model on one device.
+pub struct WanPipeline {
+    tokenizer: PromptTokenizer,
+    text_encoder: Umt5Encoder,
+    transformer: WanTransformer,
+    transformer_2: Option<WanTransformer>,
+    vae: AutoencoderKLWan,
+    solver: Solver,
+    boundary_ratio: Option<f64>,
+    vae_kind: Kind,
+    mode: Mode,
+    device: Device,
+}
+
+impl WanPipeline {
+    /// Bytes the model's weights take on the device in `precision`, read from the file
+    /// headers: what a load needs before activations.
+    pub fn weight_bytes(spec: &ModelSpec, precision: Precision) -> Result<u64, PipelineError> {
+        Ok(Parts::find(spec)?.bytes(precision))
+    }
+
+    /// Reads and checks every part, then loads the weights onto `device`.
+    pub fn load(
+        spec: &ModelSpec,
+        precision: Precision,
+        device: Device,
+    ) -> Result<WanPipeline, PipelineError> {
+        let parts = Parts::find(spec)?;
+        let mode = parts.check()?;
+        let tokenizer = PromptTokenizer::load(&parts.tokenizer_dir, TEXT_LENGTH)?;
+        let transformer = WanTransformer::load(&parts.transformer, precision.model, device)?;
+        let transformer_2 = parts
+            .transformer_2
+            .as_ref()
+            .map(|c| WanTransformer::load(c, precision.model, device))
+            .transpose()?;
+        Ok(WanPipeline {
+            tokenizer,
+            text_encoder: parts.text_encoder.load(precision.model, device)?,
+            transformer,
+            transformer_2,
+            vae: parts.vae.load(precision.vae, device)?,
+            solver: parts.solver,
+            boundary_ratio: parts.boundary_ratio,
+            vae_kind: precision.vae,
+            mode,
+            device,
+        })
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn solver(&self) -> &Solver {
+        &self.solver
+    }
+
+    pub fn boundary_ratio(&self) -> Option<f64> {
+        self.boundary_ratio
+    }
+
+    /// The token ids the text encoder sees for `text` (cleaned, padded to 512).
+    pub fn token_ids(&self, text: &str) -> Result<Vec<i64>, PipelineError> {
+        let tokens = tokenize_prompts(&self.tokenizer, &[text])?;
+        Ok(Vec::<i64>::try_from(tokens.ids.f_flatten(0, -1)?)?)
+    }
+
+    /// The prompt's embeddings `[1, 512, text_dim]` in the transformer's dtype, as the
+    /// pipelines' `encode_prompt` gives them to the transformer.
+    pub fn encode_prompt(&self, text: &str) -> Result<Tensor, PipelineError> {
+        let embeds = self.text_encoder.prompt_embeds(&self.tokenizer, &[text])?;
+        Ok(embeds.f_to_kind(self.transformer.kind())?)
+    }
+
+    /// The latent shape of a request, checking its size fits the model.
+    pub fn latent_shape(&self, request: &Request<'_>) -> Result<[i64; 5], PipelineError> {
+        let vae = self.vae.config();
+        let (ts, ss) = (vae.scale_factor_temporal, vae.scale_factor_spatial);
+        let [_, ph, pw] = self.transformer.config().patch_size;
+        let invalid = |field, reason: String| Err(PipelineError::InvalidRequest { field, reason });
+        if request.frames < 1 || (request.frames - 1) % ts != 0 {
+            return invalid(
+                "frames",
+                format!("must be of the form {ts}k+1, got {}", request.frames),
+            );
+        }
+        for (field, value, patch) in [("width", request.width, pw), ("height", request.height, ph)]
+        {
+            let multiple = ss * patch;
+            if value < multiple || value % multiple != 0 {
+                return invalid(
+                    field,
+                    format!("must be a multiple of {multiple}, got {value}"),
+                );
+            }
+        }
+        if request.steps == 0 {
+            return invalid("steps", "must be at least 1".to_owned());
+        }
+        Ok([
+            1,
+            vae.z_dim,
+            (request.frames - 1) / ts + 1,
+            request.height / ss,
+            request.width / ss,
+        ])
+    }
+
+    /// The denoised latents of `request`. `on_step(done, total)` runs after every step;
+    /// returning `Cancel` stops there.
+    pub fn denoise(
+        &self,
+        request: &Request<'_>,
+        on_step: &mut dyn FnMut(usize, usize) -> StepControl,
+    ) -> Result<Tensor, PipelineError> {
+        let _no_grad = tch::no_grad_guard();
+        let shape = self.latent_shape(request)?;
+        let condition = match (self.mode, request.image) {
+            (Mode::TextToVideo, None) => None,
+            (Mode::ImageToVideo, Some(image)) => Some(self.image_condition(image, request)?),
+            (Mode::TextToVideo, Some(_)) => {
+                return Err(PipelineError::InvalidRequest {
+                    field: "image",
+                    reason: "is for image to video; this model makes videos from text only"
+                        .to_owned(),
+                });
+            }
+            (Mode::ImageToVideo, None) => {
+                return Err(PipelineError::InvalidRequest {
+                    field: "image",
+                    reason: "is required: this model makes videos from an image".to_owned(),
+                });
+            }
+        };
+        let cond = self.encode_prompt(request.prompt)?;
+        let uncond = uses_uncond(request.guidance)
+            .then(|| self.encode_prompt(request.negative_prompt))
+            .transpose()?;
+        let (initial, mut sampler) = self.solver.start(request.steps, request.seed, &shape)?;
+        let mut latents = initial.f_to_device(self.device)?;
+        let timesteps = sampler.timesteps().to_vec();
+        let total = timesteps.len();
+        let train = self.solver.num_train_timesteps();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let transformer = match expert_for(t, self.boundary_ratio, train) {
+                Expert::HighNoise => &self.transformer,
+                Expert::LowNoise => self
+                    .transformer_2
+                    .as_ref()
+                    .expect("a boundary is set only with a second transformer"),
+            };
+            let input = match &condition {
+                Some(condition) => Tensor::f_cat(&[&latents, condition], 1)?,
+                None => latents.shallow_clone(),
+            };
+            let timestep = Tensor::from_slice(&[t as f32]).f_to_device(self.device)?;
+            let mut velocity = transformer.forward(&input, &timestep, &cond)?;
+            if let Some(uncond) = &uncond {
+                let unconditional = transformer.forward(&input, &timestep, uncond)?;
+                velocity = guide(&velocity, &unconditional, request.guidance)?;
+            }
+            if self.solver.wants_float_velocity() {
+                velocity = velocity.f_to_kind(Kind::Float)?;
+            }
+            latents = sampler.step(&velocity, &latents)?;
+            if on_step(i + 1, total) == StepControl::Cancel {
+                return Err(PipelineError::Cancelled {
+                    completed: i + 1,
+                    total,
+                });
+            }
+        }
+        Ok(latents)
+    }
+
+    /// The image-to-video condition: the mask and the encoded, normalized first frame
+    /// followed by black frames, `[1, 4 + z_dim, latent frames, h, w]` in float32.
+    fn image_condition(
+        &self,
+        image: &Tensor,
+        request: &Request<'_>,
+    ) -> Result<Tensor, PipelineError> {
+        let size = image.size();
+        if size != [1, 3, request.height, request.width] {
+            return Err(PipelineError::InvalidRequest {
+                field: "image",
+                reason: format!(
+                    "is {size:?}; it must be resized to the job's [1, 3, {}, {}] first",
+                    request.height, request.width
+                ),
+            });
+        }
+        let vae_kind = self.vae_kind;
+        let first = image.f_to_device(self.device)?.f_to_kind(vae_kind)?;
+        let rest = Tensor::f_zeros(
+            [1, 3, request.frames - 1, request.height, request.width],
+            (vae_kind, self.device),
+        )?;
+        let video = Tensor::f_cat(&[first.f_unsqueeze(2)?, rest], 2)?;
+        let encoded = self.vae.encode(&video, None)?.f_to_kind(Kind::Float)?;
+        let encoded = self.vae.normalize_latents(&encoded)?;
+        let (_, _, frames, h, w) = encoded.size5()?;
+        let mask = Tensor::f_cat(
+            &[
+                Tensor::f_ones([1, MASK_CHANNELS, 1, h, w], (Kind::Float, self.device))?,
+                Tensor::f_zeros(
+                    [1, MASK_CHANNELS, frames - 1, h, w],
+                    (Kind::Float, self.device),
+                )?,
+            ],
+            2,
+        )?;
+        Ok(Tensor::f_cat(&[mask, encoded], 1)?)
+    }
+
+    /// Decodes denoised latents into 8-bit frames, as the pipelines' video processor makes
+    /// them.
+    pub fn decode(&self, latents: &Tensor) -> Result<Frames, PipelineError> {
+        let _no_grad = tch::no_grad_guard();
+        let latents = latents.f_to_kind(self.vae_kind)?;
+        let latents = self.vae.unnormalize_latents(&latents)?;
+        Ok(self.vae.decode_frames(&latents, None)?)
+    }
+}

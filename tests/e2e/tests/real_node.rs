@@ -45,6 +45,9 @@ use sha2::{Digest, Sha256};
 /// The user and group of both images and of the chart's pods.
 const NONROOT: &str = "65532";
 
+/// The ConfigMap with the CA of the API server's webhook client certificate (webhook.clientCA).
+const WEBHOOK_CLIENT_CA: &str = "apiserver-webhook-client-ca";
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -219,27 +222,37 @@ impl Release {
     }
 
     /// The release's values: the CPU runner image, the webhook behind the chart's Service for
-    /// this namespace only, one tiny model and one CPU lane (no GPU asked for, a queue deep
-    /// enough for the upgrade's burst), volumes bound to this test's folders.
+    /// this namespace only, answering only the API server (its client CA), one tiny model (text
+    /// to video, small default sizes) and one CPU lane (no GPU asked for, a queue deep enough
+    /// for the upgrade's burst), volumes bound to this test's folders.
     fn values(&self, runner_tag: &str, operator_tag: &str) -> Value {
         let ns = &self.ns.name;
         json!({
+            // Keeps the operator of `just up` away from the release's lanes (its selector
+            // leaves the tests' out), so only the release's own operator runs them.
+            "commonLabels": {"framelane.dev/test-instance": ns},
             "operator": {
                 "image": {"tag": operator_tag},
                 "laneSelector": format!("app.kubernetes.io/instance={}", self.name),
             },
             "runner": {"image": {"tag": runner_tag}},
-            "webhook": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}},
+            "webhook": {
+                "clientCA": {"configMap": WEBHOOK_CLIENT_CA},
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+            },
             "volumes": {
                 "models": {"storageClassName": "", "volumeName": format!("{ns}-models")},
                 "outputs": {"storageClassName": "", "volumeName": format!("{ns}-outputs")},
             },
-            "models": [{"name": self.model(), "spec": {"fixedParameters": {"steps": 8},
-                "defaults": {"width": 256, "height": 256, "frames": 17, "fps": 8},
+            "models": [{"name": self.model(), "spec": {"fixedParameters": {"steps": 4, "cfg": 1.0},
+                "defaults": {"width": 256, "height": 256, "frames": 5, "fps": 8},
                 "limits": {"maxWidth": 512, "maxHeight": 512, "maxFrames": 81},
-                "package": {"path": "anisora"}, "modes": ["t2v"]}}],
+                "weights": {"format": "comfyui", "file": "phr00t/phr00t-aio.safetensors",
+                    "tokenizer": "phr00t/tokenizer"},
+                "sampling": {"solver": "euler_ancestral", "schedule": "beta", "shift": 8.0},
+                "modes": ["t2v"]}}],
             "lanes": [{"name": self.lane(), "spec": {"mode": "Dedicated", "models": [self.model()],
-                "queue": {"maxDepth": 100},
+                "queue": {"maxDepth": 100, "maxWaitSeconds": 600},
                 "runner": {"resources": {"requests": {"cpu": "250m", "memory": "512Mi"},
                     "limits": {"memory": "4Gi"}}}}}],
         })
@@ -306,12 +319,18 @@ impl Release {
         Ok(lease.spec.and_then(|s| s.holder_identity))
     }
 
-    async fn create_job(&self, name: &str, frames: u32) -> Result<(), kube::Error> {
+    /// A job at the model's default size, or (`long`) at its largest, which runs for a while.
+    async fn create_job(&self, name: &str, long: bool) -> Result<(), kube::Error> {
+        let mut spec = json!({"model": self.model(), "prompt": format!("{name} by the sea"),
+            "seed": 7});
+        if long {
+            spec["width"] = json!(512);
+            spec["height"] = json!(512);
+            spec["frames"] = json!(81);
+        }
         let job: VideoJob = serde_json::from_value(json!({
             "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob",
-            "metadata": {"name": name},
-            "spec": {"model": self.model(), "prompt": format!("{name} by the sea"), "seed": 7,
-                "frames": frames},
+            "metadata": {"name": name}, "spec": spec,
         }))
         .expect("a VideoJob");
         self.ns
@@ -394,6 +413,13 @@ async fn the_chart_runs_in_real_pods_on_the_real_node() -> Result<()> {
         &ns.name,
         "pod-security.kubernetes.io/enforce=restricted",
     ]))?;
+    run(env
+        .kubectl()
+        .args(["create", "configmap", WEBHOOK_CLIENT_CA, "-n", &ns.name])
+        .arg(format!(
+            "--from-file=ca.crt={}",
+            env.webhook_client_ca().display()
+        )))?;
     let release = Release {
         env,
         node,
@@ -514,7 +540,7 @@ async fn install_and_run(release: &Release, app: &str, upgraded_tag: &str) -> Re
         runner.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&node.name),
         "the runner pod runs on the real node"
     );
-    release.create_job("first", 17).await?;
+    release.create_job("first", false).await?;
     release.wait_succeeded(&["first".into()]).await?;
     release.check_output("first").await?;
     eprintln!(
@@ -557,7 +583,7 @@ async fn install_and_run(release: &Release, app: &str, upgraded_tag: &str) -> Re
     // The leader pod deleted with jobs queued: the other replica leads, every job finishes.
     let queued: Vec<String> = (1..=3).map(|i| format!("takeover-{i}")).collect();
     for name in &queued {
-        release.create_job(name, 17).await?;
+        release.create_job(name, false).await?;
     }
     let deleted = Instant::now();
     ns.api::<Pod>()
@@ -571,13 +597,13 @@ async fn install_and_run(release: &Release, app: &str, upgraded_tag: &str) -> Re
         "real node: {successor} leads {:.0} s after leader {leader} was deleted",
         deleted.elapsed().as_secs_f64()
     );
-    release.create_job("after-takeover", 17).await?;
+    release.create_job("after-takeover", false).await?;
     let mut expected = queued.clone();
     expected.push("after-takeover".into());
     release.wait_succeeded(&expected).await?;
 
     // The runner's container killed mid-job: the kubelet restarts it, the job runs again.
-    release.create_job("killed", 81).await?;
+    release.create_job("killed", true).await?;
     let jobs = ns.api::<VideoJob>();
     eventually(120, "the long job to run", || async {
         let status = jobs.get("killed").await?.status.unwrap_or_default();

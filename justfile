@@ -51,8 +51,8 @@ lint:
 torch:
     @gpu-runner/scripts/setup-torch.sh
 
-# Run every test against the real local control plane (started if needed, with its real node; a demo's lanes are removed first), after building the images the real node runs (the operator and the CPU runner; not the CUDA runner).
-test: prereqs tools test-images
+# Run every test against the real local control plane (started if needed; a demo's lanes are removed first). The real-node test is apart: `just test-real-node`.
+test: prereqs tools
     #!/usr/bin/env bash
     set -euo pipefail
     eval "$(gpu-runner/scripts/setup-torch.sh)"
@@ -83,6 +83,15 @@ runner_image := "ghcr.io/framelane/runner:0.1.0"
 # Build the operator image and the runner's CUDA and CPU images with Docker from this checkout (release binaries; no registry needed); prints their sizes.
 images:
     scripts/images.sh "{{operator_image}}" "{{runner_image}}"
+
+# The Helm chart with the images in real pods on the control plane's real node (as root; restarts the control plane with its node if it runs without): install, webhook, a CPU lane's job, leader deleted, runner killed, upgrade under load.
+test-real-node: prereqs tools test-images
+    #!/usr/bin/env bash
+    set -euo pipefail
+    eval "$(gpu-runner/scripts/setup-torch.sh)"
+    export TESTENV_REAL_NODE=1
+    tests/testenv/up.sh
+    cargo test -p framelane-e2e --features real-node --test real_node -- --nocapture
 
 # The images the real-node test runs: the operator and the runner's CPU flavour (`just test` builds them; the CUDA flavour needs the multi-GB CUDA torch libraries and runs on no node here).
 test-images:

@@ -2,10 +2,9 @@
 # Starts a real, local Kubernetes control plane for tests ("testenv") without Docker:
 # etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok (which plays the
 # kubelet for the fake GPU nodes in nodes.yaml), all bound to 127.0.0.1 on ports picked at
-# runtime, and, as root, a real node (node.sh: containerd, kubelet, kube-proxy) where pods run
-# as containers. Everything lives in $REPO/.testenv; tests use $REPO/.testenv/kubeconfig.
-# TESTENV_REAL_NODE=0 leaves the real node out (it is left out without root); only the
-# real-node tests need it.
+# runtime, and, with TESTENV_REAL_NODE=1 (as root), a real node (node.sh: containerd, kubelet,
+# kube-proxy) where pods run as containers; only the real-node test needs it (`just
+# test-real-node`). Everything lives in $REPO/.testenv; tests use $REPO/.testenv/kubeconfig.
 #
 # Idempotent: if this checkout's testenv is already up and healthy it only re-applies the
 # nodes and CRDs and exits. A stale or broken .testenv is torn down (down.sh) and started
@@ -20,9 +19,7 @@ PKI="$STATE/pki"
 LOGS="$STATE/logs"
 CRDS="$REPO/crds"
 COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
-if [ -z "${TESTENV_REAL_NODE:-}" ]; then
-  if [ "$(id -u)" = 0 ]; then TESTENV_REAL_NODE=1; else TESTENV_REAL_NODE=0; fi
-fi
+TESTENV_REAL_NODE=${TESTENV_REAL_NODE:-0}
 SERVICE_CIDR=10.0.0.0/24 # the "kubernetes" Service gets 10.0.0.1
 POD_CIDR=10.244.0.0/16   # kwok hands out pod IPs from here; must not overlap SERVICE_CIDR
 MAX_ATTEMPTS=3           # fresh starts, when a picked port was taken before we bound it
@@ -109,7 +106,7 @@ hint() {
     kube-controller-manager) echo "kube-controller-manager did not become healthy or did not create the default ServiceAccount; see $LOGS/kube-controller-manager.log." ;;
     kube-scheduler) echo "kube-scheduler did not become healthy; see $LOGS/kube-scheduler.log." ;;
     kwok) echo "the fake nodes did not become Ready; see $LOGS/kwok.log and the stages in $HERE/kwok.yaml." ;;
-    node) echo "the real node did not start; see $LOGS/containerd.log, kubelet.log and kube-proxy.log (it needs root; TESTENV_REAL_NODE=0 leaves it out)." ;;
+    node) echo "the real node did not start; see $LOGS/containerd.log, kubelet.log and kube-proxy.log (it needs root; without TESTENV_REAL_NODE=1 it is left out)." ;;
     crds) echo "applying $CRDS failed: fix the CRD manifests there." ;;
     *) echo "see the logs in $LOGS." ;;
   esac
@@ -203,7 +200,7 @@ mkdir -p "$PKI" "$LOGS" "$STATE/etcd" "$STATE/kwok"
 NODE_HOST_IP=
 if [ "$TESTENV_REAL_NODE" = 1 ]; then
   CURRENT=node
-  [ "$(id -u)" = 0 ] || fail "the real node needs root (TESTENV_REAL_NODE=0 leaves it out)"
+  [ "$(id -u)" = 0 ] || fail "the real node needs root (without TESTENV_REAL_NODE=1 it is left out)"
   NODE_ENV=$("$HERE/node.sh" net)
   eval "$NODE_ENV"
 fi

@@ -12,6 +12,8 @@
 //!   answered and every job finishes;
 //! - `helm uninstall` removes the pods.
 //!
+//! Run with `just test-real-node` (the `real-node` feature; root, Docker, the images).
+//!
 //! The test's namespace asks for the real node (it is tainted: kwok keeps every other pod), so
 //! the release's operator pods and the lane's runner pods land there.
 
@@ -93,7 +95,7 @@ impl Node {
             vars.get(key).cloned().with_context(|| {
                 format!(
                     "{} has no {key}: the control plane runs without its real node; \
-                     run `just down` and `just up` as root (without TESTENV_REAL_NODE=0)",
+                     run `just test-real-node` as root (it starts the control plane with TESTENV_REAL_NODE=1)",
                     path.display()
                 )
             })

@@ -10,6 +10,7 @@ use std::{
 };
 
 use framelane_api::{VideoJob, modellane::FallbackCause, videojob::JobPhase};
+use jiff::Timestamp;
 
 use crate::{
     depth::{Occupancy, Overloaded, QueueLimits, room},
@@ -92,15 +93,15 @@ impl Index {
     /// Records what an API write answered, unless the watch has shown the job deleted since
     /// (the index no longer knows it): a late answer must not bring its slot back. Returns the
     /// lanes whose queue changed.
-    pub fn observe_written(&mut self, job: &VideoJob) -> Vec<String> {
+    pub fn observe_written(&mut self, job: &VideoJob, now: Timestamp) -> Vec<String> {
         if !self.knows(job) {
             return Vec::new();
         }
-        self.observe(job)
+        self.observe(job, now)
     }
 
-    /// Records a job as the watch shows it; returns the lanes whose queue changed.
-    pub fn observe(&mut self, job: &VideoJob) -> Vec<String> {
+    /// Records a job as the watch shows it at `now`; returns the lanes whose queue changed.
+    pub fn observe(&mut self, job: &VideoJob, now: Timestamp) -> Vec<String> {
         let key = key_of(job);
         if let (Some(seen), Some(new)) = (self.versions.get(&key), version(job))
             && new < *seen
@@ -112,7 +113,7 @@ impl Index {
         }
         let slot = slot_of(job);
         if let Slot::Queued { queued_at, .. } = &slot {
-            self.clock.observe(*queued_at, jiff::Timestamp::now());
+            self.clock.observe(*queued_at, now);
         }
         let waiting = job.status.as_ref().and_then(|s| s.phase).is_none()
             && job.metadata.deletion_timestamp.is_none();
@@ -306,7 +307,12 @@ impl Index {
     }
 
     /// The admission was written (`written`) or failed (`None`): the reservation ends.
-    pub fn settle(&mut self, job: &VideoJob, written: Option<&VideoJob>) -> Vec<String> {
+    pub fn settle(
+        &mut self,
+        job: &VideoJob,
+        written: Option<&VideoJob>,
+        now: Timestamp,
+    ) -> Vec<String> {
         let key = key_of(job);
         if self.reservations.remove(&key).is_none() {
             // Deleted (or the index rebuilt) while the write was on its way: what the watch
@@ -314,7 +320,7 @@ impl Index {
             return Vec::new();
         }
         match written {
-            Some(written) => self.observe(written),
+            Some(written) => self.observe(written, now),
             None => {
                 self.versions.remove(&key);
                 if job.status.as_ref().and_then(|s| s.phase).is_none() {
@@ -338,7 +344,11 @@ impl Index {
     /// Rebuilds everything from a full list (after a watch restart, deletions may have been
     /// missed). Webhook holds stay: their creates may still be on their way. Returns every
     /// lane it held jobs of before or holds now: their depth may have changed.
-    pub fn rebuild<'a>(&mut self, jobs: impl Iterator<Item = &'a VideoJob>) -> Vec<String> {
+    pub fn rebuild<'a>(
+        &mut self,
+        jobs: impl Iterator<Item = &'a VideoJob>,
+        now: Timestamp,
+    ) -> Vec<String> {
         let mut lanes: Vec<String> = self.queues.lane_names().cloned().collect();
         *self = Index {
             clock: std::mem::take(&mut self.clock),
@@ -347,7 +357,7 @@ impl Index {
             ..Default::default()
         };
         for job in jobs {
-            lanes.extend(self.observe(job));
+            lanes.extend(self.observe(job, now));
         }
         lanes.sort();
         lanes.dedup();
@@ -396,10 +406,10 @@ mod tests {
             j
         };
         let mut index = Index::default();
-        index.observe(&queued("a", "lane-a"));
+        index.observe(&queued("a", "lane-a"), Timestamp::UNIX_EPOCH);
         assert_eq!(index.queues.depth("lane-a"), 1);
         // The watch restarts: "a" was deleted meanwhile, "b" was admitted to another lane.
-        let lanes = index.rebuild([queued("b", "lane-b")].iter());
+        let lanes = index.rebuild([queued("b", "lane-b")].iter(), Timestamp::UNIX_EPOCH);
         assert_eq!(lanes, ["lane-a", "lane-b"]);
         assert_eq!(index.queues.depth("lane-a"), 0);
     }
@@ -417,16 +427,25 @@ mod tests {
             j
         };
         let mut index = Index::default();
-        index.observe(&queued(2));
+        index.observe(&queued(2), Timestamp::UNIX_EPOCH);
         // The lane reconciler's position write answers with version 3, but the watch has
         // meanwhile shown the job deleted (at version 4).
         index.forget(&queued(4));
-        assert!(index.observe_written(&queued(3)).is_empty());
+        assert!(
+            index
+                .observe_written(&queued(3), Timestamp::UNIX_EPOCH)
+                .is_empty()
+        );
         assert_eq!(index.queues.depth("lane-a"), 0, "no slot comes back");
         assert!(!index.knows(&queued(3)));
         // A job the index knows takes the answer.
-        index.observe(&queued(5));
-        assert!(index.observe_written(&queued(6)).is_empty(), "same slot");
+        index.observe(&queued(5), Timestamp::UNIX_EPOCH);
+        assert!(
+            index
+                .observe_written(&queued(6), Timestamp::UNIX_EPOCH)
+                .is_empty(),
+            "same slot"
+        );
         assert_eq!(index.queues.depth("lane-a"), 1);
     }
 
@@ -448,7 +467,7 @@ mod tests {
             "a dry run fits but holds nothing"
         );
         assert_eq!(index.occupancy("lane-a", None, lane_of, now).depth, 2);
-        index.observe(&job("a", 5));
+        index.observe(&job("a", 5), Timestamp::UNIX_EPOCH);
         assert_eq!(
             index.occupancy("lane-a", None, lane_of, now).depth,
             2,

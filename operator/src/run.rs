@@ -420,12 +420,12 @@ fn job_stream(
                 let mut index = index.lock().expect("index lock");
                 match event {
                     watcher::Event::Apply(job) | watcher::Event::InitApply(job) => {
-                        index.observe(job)
+                        index.observe(job, Timestamp::now())
                     }
                     watcher::Event::Delete(job) => index.forget(job),
                     watcher::Event::InitDone => {
                         let all = store.state();
-                        index.rebuild(all.iter().map(|j| j.as_ref()))
+                        index.rebuild(all.iter().map(|j| j.as_ref()), Timestamp::now())
                     }
                     watcher::Event::Init => Vec::new(),
                 }

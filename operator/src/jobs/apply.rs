@@ -48,7 +48,7 @@ pub async fn fail(
     let status = transitions::failed(job, reason, message, None, Timestamp::now());
     let lane = status.lane.clone();
     let written = replace_status(ctx, job, status).await?;
-    ctx.update_index(|index| index.observe_written(&written));
+    ctx.update_index(|index| index.observe_written(&written, Timestamp::now()));
     if reason == JobReason::QueueWaitTimeout
         && let Some(lane) = lane
     {
@@ -69,7 +69,7 @@ pub async fn requeue(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
     let runner = job.status.as_ref().and_then(|s| s.runner.clone());
     let lane = status.lane.clone().unwrap_or_default();
     let written = replace_status(ctx, job, status).await?;
-    ctx.update_index(|index| index.observe_written(&written));
+    ctx.update_index(|index| index.observe_written(&written, Timestamp::now()));
     ctx.metrics
         .runner_lost_requeues
         .get_or_create(&Metrics::lane(&lane))

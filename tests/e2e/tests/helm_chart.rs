@@ -25,7 +25,7 @@ use clap::{CommandFactory, Parser};
 use framelane_api::{ModelLane, VideoJob, videojob::JobPhase};
 use framelane_operator::config::Config;
 use framelane_testenv::{
-    TestEnv, TestNamespace, eventually, tiny_models, torch_python, workspace_binary,
+    TestEnv, TestNamespace, eventually, expect_refused, tiny_models, torch_python, workspace_binary,
 };
 use k8s_openapi::api::{
     admissionregistration::v1::ValidatingWebhookConfiguration,
@@ -1451,23 +1451,6 @@ async fn client_as(
     )
     .await?;
     Ok(Client::try_from(config)?)
-}
-
-/// Expects a write refused with `code` and a message containing `message`.
-fn expect_refused<T: std::fmt::Debug>(
-    written: Result<T, kube::Error>,
-    code: u16,
-    message: &str,
-) -> Result<()> {
-    match written {
-        Err(kube::Error::Api(s)) if s.code == code && s.message.contains(message) => Ok(()),
-        Err(kube::Error::Api(s)) => bail!(
-            "expected {code} with {message:?}; the API server said {}: {}",
-            s.code,
-            s.message
-        ),
-        other => bail!("expected {code} with {message:?}, got {other:?}"),
-    }
 }
 
 /// Writes `status` over a job's status, as `jobs`' client.

@@ -65,6 +65,23 @@ where
     }
 }
 
+/// Expects a write refused by the API server with `code` and a message containing `message`.
+pub fn expect_refused<T: std::fmt::Debug>(
+    written: Result<T, kube::Error>,
+    code: u16,
+    message: &str,
+) -> anyhow::Result<()> {
+    match written {
+        Err(kube::Error::Api(s)) if s.code == code && s.message.contains(message) => Ok(()),
+        Err(kube::Error::Api(s)) => anyhow::bail!(
+            "expected {code} with {message:?}; the API server said {}: {}",
+            s.code,
+            s.message
+        ),
+        other => anyhow::bail!("expected {code} with {message:?}, got {other:?}"),
+    }
+}
+
 /// The torch venv's Python (`FRAMELANE_TORCH_PYTHON`, set by
 /// `eval "$(gpu-runner/scripts/setup-torch.sh)"`, as `just test` does). Missing is a failure,
 /// never a skip.

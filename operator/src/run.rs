@@ -29,7 +29,7 @@ use tokio_stream_shim::UnboundedReceiverStream;
 
 use crate::{
     config::{CertificateSource, Config},
-    context::Context,
+    context::{Context, Counted},
     events::EventSink,
     jobs, lanes,
     leader::Elector,
@@ -337,7 +337,14 @@ async fn controllers(
     let index = Arc::new(Mutex::new(Index::default()));
     let (lane_tx, lane_rx) = mpsc::unbounded_channel::<String>();
     let (job_tx, job_rx) = mpsc::unbounded_channel::<JobKey>();
-    let (jobs, job_stream) = job_stream(&client, &config, index.clone(), lane_tx.clone());
+    let counted = Arc::new(Mutex::new(Counted::default()));
+    let (jobs, job_stream) = job_stream(
+        &client,
+        &config,
+        index.clone(),
+        counted.clone(),
+        lane_tx.clone(),
+    );
 
     let reporter = Reporter {
         controller: "framelane-operator".into(),
@@ -359,7 +366,7 @@ async fn controllers(
         lane_changes: lane_tx,
         job_changes: job_tx,
         leader_since: Timestamp::now(),
-        counted: Mutex::new(Default::default()),
+        counted,
     });
     if let Some(webhook) = webhook {
         let _ = webhook.leader.set(ctx.clone());
@@ -398,6 +405,7 @@ fn job_stream(
     client: &Client,
     config: &Config,
     index: Arc<Mutex<Index>>,
+    counted: Arc<Mutex<Counted>>,
     lanes_changed: mpsc::UnboundedSender<String>,
 ) -> (
     reflector::Store<VideoJob>,
@@ -422,9 +430,15 @@ fn job_stream(
                     watcher::Event::Apply(job) | watcher::Event::InitApply(job) => {
                         index.observe(job, Timestamp::now())
                     }
-                    watcher::Event::Delete(job) => index.forget(job),
+                    watcher::Event::Delete(job) => {
+                        let uid = job.metadata.uid.as_deref().unwrap_or_default();
+                        counted.lock().expect("counted lock").forget(uid);
+                        index.forget(job)
+                    }
                     watcher::Event::InitDone => {
                         let all = store.state();
+                        let live = all.iter().filter_map(|j| j.metadata.uid.as_deref());
+                        (counted.lock().expect("counted lock")).retain(&live.collect());
                         index.rebuild(all.iter().map(|j| j.as_ref()), Timestamp::now())
                     }
                     watcher::Event::Init => Vec::new(),

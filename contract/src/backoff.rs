@@ -23,8 +23,14 @@ impl Backoff {
     pub fn next_wait(&mut self) -> Duration {
         let ceiling = self.ceiling;
         self.ceiling = ceiling.saturating_mul(2).min(self.max);
-        ceiling.mul_f64(1.0 - rand::random::<f64>() / 2.0)
+        jittered(ceiling)
     }
+}
+
+/// `wait` less a random part of up to half: a fixed retry interval that many processes
+/// failing together (after an outage) do not all keep.
+pub fn jittered(wait: Duration) -> Duration {
+    wait.mul_f64(1.0 - rand::random::<f64>() / 2.0)
 }
 
 #[cfg(test)]
@@ -51,5 +57,17 @@ mod tests {
             .map(|_| Backoff::new(Duration::from_secs(1), Duration::from_secs(10)).next_wait())
             .collect();
         assert!(firsts.len() > 1, "{firsts:?}");
+    }
+
+    #[test]
+    fn a_jittered_wait_is_between_half_and_all_of_it_and_varies() {
+        let second = Duration::from_secs(1);
+        let waits: std::collections::BTreeSet<Duration> =
+            (0..10).map(|_| jittered(second)).collect();
+        assert!(
+            waits.iter().all(|w| *w <= second && *w >= second / 2),
+            "{waits:?}"
+        );
+        assert!(waits.len() > 1, "{waits:?}");
     }
 }

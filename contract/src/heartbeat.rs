@@ -13,7 +13,10 @@ use k8s_openapi::{
 use kube::api::{ObjectMeta, PostParams};
 use tokio::sync::watch;
 
-use crate::claim::{ContractError, Runner};
+use crate::{
+    backoff::jittered,
+    claim::{ContractError, Runner},
+};
 
 /// How long a heartbeat stays fresh without renewal.
 pub const LEASE_DURATION: Duration = Duration::from_secs(15);
@@ -90,7 +93,7 @@ impl Runner {
                 if let Err(e) = runner.heartbeat(loaded.as_deref()).await {
                     tracing::warn!(error = %e, runner = runner.name, "heartbeat renewal failed");
                 }
-                tokio::time::sleep(RENEW_INTERVAL).await;
+                tokio::time::sleep(jittered(RENEW_INTERVAL)).await;
             }
         }))
     }

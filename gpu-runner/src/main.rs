@@ -20,7 +20,7 @@ use framelane_api::{
     reasons::JobReason,
     videojob::{JobPhase, MemoryReport},
 };
-use framelane_contract::{ClaimedJob, ContractError, Runner};
+use framelane_contract::{ClaimedJob, ContractError, Runner, backoff::Backoff};
 use framelane_runner::{
     cache::{LaneMode, ModelCache},
     generate::{JobOutcome, JobRequest, Progress, run_job},
@@ -178,13 +178,20 @@ async fn main() -> anyhow::Result<()> {
         metrics,
         loaded: loaded_tx,
     };
+    let retry = || Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    let mut backoff = retry();
     loop {
         match runner.claim_next().await {
-            Ok(Some(job)) => worker.run(job).await,
-            Ok(None) => runner.wait_for_change(Duration::from_secs(2)).await,
+            Ok(claimed) => {
+                backoff = retry();
+                match claimed {
+                    Some(job) => worker.run(job).await,
+                    None => runner.wait_for_change(Duration::from_secs(2)).await,
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "claiming a job failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(backoff.next_wait()).await;
             }
         }
     }

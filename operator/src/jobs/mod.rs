@@ -6,6 +6,7 @@ mod admit;
 mod apply;
 mod record;
 
+use framelane_contract::backoff::jittered;
 use std::{sync::Arc, time::Duration};
 
 use framelane_api::VideoJob;
@@ -109,9 +110,11 @@ pub fn error_policy(job: Arc<VideoJob>, error: &Error, ctx: Arc<Context>) -> Act
     if !matches!(error, Error::Conflict) {
         tracing::warn!(job = %job.name_any(), %error, "reconcile failed");
     }
-    Action::requeue(Duration::from_millis(if matches!(error, Error::Conflict) {
-        100
-    } else {
-        2000
-    }))
+    Action::requeue(jittered(Duration::from_millis(
+        if matches!(error, Error::Conflict) {
+            100
+        } else {
+            2000
+        },
+    )))
 }

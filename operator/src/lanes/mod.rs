@@ -5,6 +5,7 @@
 pub mod pods;
 mod sync;
 
+use framelane_contract::backoff::jittered;
 use std::{sync::Arc, time::Duration};
 
 use framelane_api::{ModelLane, ModelLaneStatus, modellane::FallbackCause, reasons::LaneReason};
@@ -169,8 +170,8 @@ fn publish(ctx: &Context, lane: &ModelLane, type_: EventType, reason: LaneReason
 pub fn error_policy(lane: Arc<ModelLane>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_error("modellane", error);
     if matches!(error, Error::Conflict) {
-        return Action::requeue(Duration::from_millis(100));
+        return Action::requeue(jittered(Duration::from_millis(100)));
     }
     tracing::warn!(lane = %lane.name_any(), %error, "reconcile failed");
-    Action::requeue(Duration::from_secs(1))
+    Action::requeue(jittered(Duration::from_secs(1)))
 }

@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use crate::{
     api_errors::{is_conflict, is_not_found},
     backoff::Backoff,
+    readable::{Unreadable, watch_readable},
 };
 
 /// The first and the longest wait between tries of a final status write.
@@ -67,10 +68,22 @@ impl Runner {
     ) -> Self {
         let (store, writer) = reflector::store();
         let (tx, changed) = watch::channel(());
-        let stream = watcher(jobs.clone(), watcher::Config::default())
-            .default_backoff()
-            .reflect(writer)
-            .applied_objects();
+        let unreadable = |u: Unreadable| {
+            tracing::warn!(
+                object = u.object,
+                error = u.error,
+                "left out a VideoJob this runner cannot read: upgrade the runner to the version that wrote it, or fix or delete the job"
+            );
+        };
+        let stream = watch_readable::<VideoJob, _>(
+            jobs.clone().into_client(),
+            jobs.namespace(),
+            watcher::Config::default(),
+            unreadable,
+        )
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects();
         tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
             while let Some(event) = stream.next().await {

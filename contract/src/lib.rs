@@ -18,11 +18,14 @@
 //!   `/metrics`.
 //! - [`api_errors`]: what an API error means (a conflict, a missing object).
 //! - [`backoff`]: exponential backoff with jitter for retries.
+//! - [`readable`]: watches that leave out (and report) an object that does not parse,
+//!   instead of stalling on it.
 
 pub mod api_errors;
 pub mod backoff;
 pub mod claim;
 pub mod heartbeat;
+pub mod readable;
 pub mod serve;
 
 pub use claim::{ClaimedJob, ContractError, Runner};

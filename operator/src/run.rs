@@ -10,6 +10,7 @@ use std::{
 };
 
 use framelane_api::{ModelLane, VideoJob, VideoModel, wellknown::LABEL_LANE};
+use framelane_contract::readable::{Unreadable, watch_readable};
 use framelane_core::{index::Index, queue::JobKey};
 use futures::{StreamExt, TryStreamExt, future};
 use jiff::Timestamp;
@@ -33,7 +34,7 @@ use crate::{
     events::EventSink,
     jobs, lanes,
     leader::Elector,
-    metrics::Metrics,
+    metrics::{KindLabels, Metrics},
     webhook::{self, Webhook, certs::Policy},
 };
 
@@ -80,9 +81,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ));
     let (models, models_writer) = reflector::store();
     tokio::spawn(
-        watcher(
-            Api::<VideoModel>::all(client.clone()),
+        watch_readable::<VideoModel, _>(
+            client.clone(),
+            None,
             watcher::Config::default(),
+            report_unreadable(&metrics, "VideoModel"),
         )
         .default_backoff()
         .reflect(models_writer)
@@ -307,6 +310,24 @@ fn connection_cap(wanted: usize) -> usize {
     cap
 }
 
+/// Counts and logs an object a watch left out because this version cannot read it.
+fn report_unreadable(metrics: &Arc<Metrics>, kind: &'static str) -> impl Fn(Unreadable) + use<> {
+    let counter = metrics.unreadable_objects.get_or_create(&KindLabels {
+        kind: kind.to_owned(),
+    });
+    counter.inc_by(0);
+    let counter = counter.clone();
+    move |u: Unreadable| {
+        counter.inc();
+        tracing::warn!(
+            kind,
+            object = u.object,
+            error = u.error,
+            "left out an object this operator cannot read: upgrade the operator to the version that wrote it, or fix or delete the object"
+        );
+    }
+}
+
 /// Runs the lane and job controllers (the leader's work) until they end.
 async fn controllers(
     client: Client,
@@ -330,10 +351,15 @@ async fn controllers(
         None => watcher::Config::default(),
     };
     let (lanes, lanes_writer) = reflector::store();
-    let lane_stream = watcher(Api::<ModelLane>::all(client.clone()), lane_watch)
-        .default_backoff()
-        .reflect(lanes_writer)
-        .applied_objects();
+    let lane_stream = watch_readable::<ModelLane, _>(
+        client.clone(),
+        None,
+        lane_watch,
+        report_unreadable(&metrics, "ModelLane"),
+    )
+    .default_backoff()
+    .reflect(lanes_writer)
+    .applied_objects();
     let index = Arc::new(Mutex::new(Index::default()));
     let (lane_tx, lane_rx) = mpsc::unbounded_channel::<String>();
     let (job_tx, job_rx) = mpsc::unbounded_channel::<JobKey>();
@@ -341,6 +367,7 @@ async fn controllers(
     let (jobs, job_stream) = job_stream(
         &client,
         &config,
+        &metrics,
         index.clone(),
         counted.clone(),
         lane_tx.clone(),
@@ -404,6 +431,7 @@ async fn controllers(
 fn job_stream(
     client: &Client,
     config: &Config,
+    metrics: &Arc<Metrics>,
     index: Arc<Mutex<Index>>,
     counted: Arc<Mutex<Counted>>,
     lanes_changed: mpsc::UnboundedSender<String>,
@@ -411,43 +439,44 @@ fn job_stream(
     reflector::Store<VideoJob>,
     impl futures::Stream<Item = Result<VideoJob, watcher::Error>> + use<>,
 ) {
-    let api: Api<VideoJob> = match &config.watch_namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
     let (jobs, writer) = reflector::store();
     let store = jobs.clone();
     // managedFields are most of a VideoJob's bytes and nothing here reads them: the cache
     // drops them (writes leave them alone: an update without them keeps the stored ones).
-    let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .modify(|job: &mut VideoJob| job.metadata.managed_fields = None)
-        .reflect(writer)
-        .inspect_ok(move |event| {
-            let changed = {
-                let mut index = index.lock().expect("index lock");
-                match event {
-                    watcher::Event::Apply(job) | watcher::Event::InitApply(job) => {
-                        index.observe(job, Timestamp::now())
-                    }
-                    watcher::Event::Delete(job) => {
-                        let uid = job.metadata.uid.as_deref().unwrap_or_default();
-                        counted.lock().expect("counted lock").forget(uid);
-                        index.forget(job)
-                    }
-                    watcher::Event::InitDone => {
-                        let all = store.state();
-                        let live = all.iter().filter_map(|j| j.metadata.uid.as_deref());
-                        (counted.lock().expect("counted lock")).retain(&live.collect());
-                        index.rebuild(all.iter().map(|j| j.as_ref()), Timestamp::now())
-                    }
-                    watcher::Event::Init => Vec::new(),
+    let stream = watch_readable::<VideoJob, _>(
+        client.clone(),
+        config.watch_namespace.as_deref(),
+        watcher::Config::default(),
+        report_unreadable(metrics, "VideoJob"),
+    )
+    .default_backoff()
+    .modify(|job: &mut VideoJob| job.metadata.managed_fields = None)
+    .reflect(writer)
+    .inspect_ok(move |event| {
+        let changed = {
+            let mut index = index.lock().expect("index lock");
+            match event {
+                watcher::Event::Apply(job) | watcher::Event::InitApply(job) => {
+                    index.observe(job, Timestamp::now())
                 }
-            };
-            for lane in changed {
-                let _ = lanes_changed.send(lane);
+                watcher::Event::Delete(job) => {
+                    let uid = job.metadata.uid.as_deref().unwrap_or_default();
+                    counted.lock().expect("counted lock").forget(uid);
+                    index.forget(job)
+                }
+                watcher::Event::InitDone => {
+                    let all = store.state();
+                    let live = all.iter().filter_map(|j| j.metadata.uid.as_deref());
+                    (counted.lock().expect("counted lock")).retain(&live.collect());
+                    index.rebuild(all.iter().map(|j| j.as_ref()), Timestamp::now())
+                }
+                watcher::Event::Init => Vec::new(),
             }
-        })
-        .touched_objects();
+        };
+        for lane in changed {
+            let _ = lanes_changed.send(lane);
+        }
+    })
+    .touched_objects();
     (jobs, stream)
 }

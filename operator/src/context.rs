@@ -43,6 +43,8 @@ pub struct Context {
     pub job_changes: mpsc::UnboundedSender<JobKey>,
     /// When this replica became leader: metrics count only what happened since.
     pub leader_since: Timestamp,
+    /// Since when this replica has seen the runners' heartbeat Leases without a break.
+    pub leases_seen: Arc<LeaseView>,
     /// Transitions already counted in the finished and queue-wait metrics or told by an
     /// Event: see [`Context::first_time`].
     pub counted: Arc<Mutex<Counted>>,
@@ -251,6 +253,27 @@ impl Context {
         for lane in lanes {
             let _ = self.lane_changes.send(lane);
         }
+    }
+}
+
+/// Since when the heartbeat Lease cache is whole: from when the leader started watching, moved
+/// on each time the watch fails (the API server unreachable) and is retried. Runners cannot
+/// renew during such a failure either, so their freshness is judged from then
+/// (`timeouts::holder_fresh_until`).
+pub struct LeaseView(Mutex<Timestamp>);
+
+impl LeaseView {
+    pub fn new(since: Timestamp) -> LeaseView {
+        LeaseView(Mutex::new(since))
+    }
+
+    pub fn failed(&self, at: Timestamp) {
+        let mut since = self.0.lock().expect("lease view lock");
+        *since = (*since).max(at);
+    }
+
+    pub fn since(&self) -> Timestamp {
+        *self.0.lock().expect("lease view lock")
     }
 }
 

@@ -22,7 +22,7 @@ use kube::{
         controller::Config as ControllerConfig,
         events::{Recorder, Reporter},
         reflector::{self, ObjectRef},
-        watcher,
+        watcher::{self, ExponentialBackoff, watcher},
     },
 };
 use tokio::sync::mpsc;
@@ -30,7 +30,7 @@ use tokio_stream_shim::UnboundedReceiverStream;
 
 use crate::{
     config::{CertificateSource, Config},
-    context::{Context, Counted},
+    context::{Context, Counted, LeaseView},
     events::EventSink,
     jobs, lanes,
     leader::Elector,
@@ -337,11 +337,22 @@ async fn controllers(
     webhook: Option<Arc<Webhook>>,
 ) -> anyhow::Result<()> {
     let (leases, leases_writer) = reflector::store();
+    let leases_seen = Arc::new(LeaseView::new(Timestamp::now()));
+    let seen = leases_seen.clone();
     let lease_stream = watcher(
         Api::<Lease>::namespaced(client.clone(), &config.namespace),
         watcher::Config::default().labels(framelane_api::wellknown::LABEL_RUNNER),
     )
-    .default_backoff()
+    // Retried at least every second: each failure moves `leases_seen` on, so an API server
+    // outage keeps runners fresh while it lasts and for a lease duration after.
+    .backoff(ExponentialBackoff::from(
+        backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(1))
+            .with_jitter()
+            .without_max_times(),
+    ))
+    .inspect_err(move |_| seen.failed(Timestamp::now()))
     .reflect(leases_writer)
     // Deletions too: a runner's Lease goes with its pod, and the lane must notice at once
     // that it lost a runner.
@@ -393,6 +404,7 @@ async fn controllers(
         lane_changes: lane_tx,
         job_changes: job_tx,
         leader_since: Timestamp::now(),
+        leases_seen,
         counted,
     });
     if let Some(webhook) = webhook {

@@ -60,12 +60,13 @@ async fn reconcile_inner(job: &VideoJob, ctx: &Context) -> Result<Action, Error>
 /// What `decide` needs to know about a job, from the caches and the locked queue index.
 fn facts(job: &VideoJob, ctx: &Context, now: Timestamp, index: &Index) -> Facts {
     let status = job.status.clone().unwrap_or_default();
+    let seen_since = ctx.leases_seen.since();
     let runner_fresh_until = status.runner.as_deref().and_then(|runner| {
         ctx.leases
             .state()
             .iter()
             .find(|l| l.name_any() == runner)
-            .and_then(|l| holder_fresh_until(l, status.runner_incarnation.as_deref()))
+            .and_then(|l| holder_fresh_until(l, status.runner_incarnation.as_deref(), seen_since))
     });
     // Only a new job is checked: the webhook checked it, or it was created while the webhook
     // did not (turned off, a namespace it leaves out); a model changed later does not fail

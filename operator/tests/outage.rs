@@ -52,9 +52,9 @@ async fn an_api_server_outage_does_not_requeue_running_jobs() -> Result<()> {
     let fx = Fixture::new("outage").await?;
     let model = fx.model("anisora", 90, None).await?;
     let lane = fx.lane("anisora", &[&model], serde_json::json!({})).await?;
-    // The leader keeps leading through the outage (its Lease outlasts it), so what is tested
-    // is how it judges runners after its own view of them was cut off.
-    let op = OperatorProcess::start(&fx.ns, "op", &["--leader-lease-seconds", "120"])?;
+    // The leader keeps leading through the outage (it gives up after 2/3 of its Lease), so
+    // what is tested is how it judges runners after its own view of them was cut off.
+    let op = OperatorProcess::start(&fx.ns, "op", &["--leader-lease-seconds", "300"])?;
     let _runner = fx.runner(
         "runner",
         &lane,

@@ -21,7 +21,7 @@ use framelane_api::{
     reasons::JobReason,
     videojob::{JobPhase, Output},
 };
-use framelane_contract::Runner;
+use framelane_contract::{ContractError, Runner};
 pub use framelane_testenv::eventually;
 use framelane_testenv::{TEST_LABEL, TestEnv, TestNamespace};
 use k8s_openapi::{ByteString, api::core::v1::Namespace};
@@ -731,12 +731,18 @@ impl SimRunner {
                     }
                     tokio::time::sleep(behaviour.step_time).await;
                     let percent = step * 100 / behaviour.steps;
-                    if let Err(e) = claimed
+                    // As the real runner: a job no longer its own stops it; a refused
+                    // write (the API server unreachable) does not stop the work.
+                    match claimed
                         .progress("Denoising", step, behaviour.steps, percent)
                         .await
                     {
-                        eprintln!("runner {}: {e}", runner.name());
-                        break;
+                        Err(e @ ContractError::Lost(_)) => {
+                            eprintln!("runner {}: {e}", runner.name());
+                            break;
+                        }
+                        Err(e) => eprintln!("runner {}: progress not written: {e}", runner.name()),
+                        Ok(()) => {}
                     }
                 }
                 let result = if let Some(step) = cancelled_at {

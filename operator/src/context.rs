@@ -257,9 +257,10 @@ impl Context {
 }
 
 /// Since when the heartbeat Lease cache is whole: from when the leader started watching, moved
-/// on each time the watch fails (the API server unreachable) and is retried. Runners cannot
-/// renew during such a failure either, so their freshness is judged from then
-/// (`timeouts::holder_fresh_until`).
+/// on each time the watch fails or a reconcile finds the API server unreachable (refused
+/// connections, or 5xx while it starts: requests that hang until it answers fail no watch).
+/// Runners cannot renew while it is unreachable either, so their freshness is judged from
+/// then (`timeouts::holder_fresh_until`).
 pub struct LeaseView(Mutex<Timestamp>);
 
 impl LeaseView {

@@ -170,6 +170,11 @@ impl TestEnv {
     /// A client with the admin identity. Each call builds a new one, so every test's tokio
     /// runtime owns its own connections.
     pub async fn client(&self) -> Result<Client, Error> {
+        Ok(Client::try_from(self.config().await?)?)
+    }
+
+    /// The admin client's configuration (a test may point it through a proxy of its own).
+    pub async fn config(&self) -> Result<Config, Error> {
         let kubeconfig =
             Kubeconfig::read_from(&self.kubeconfig).map_err(|source| Error::Kubeconfig {
                 path: self.kubeconfig.clone(),
@@ -181,7 +186,7 @@ impl TestEnv {
                 path: self.kubeconfig.clone(),
                 source,
             })?;
-        Ok(Client::try_from(config)?)
+        Ok(config)
     }
 
     /// `kubectl` of the control plane's version, talking to it as admin.

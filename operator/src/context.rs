@@ -24,7 +24,7 @@ use kube::{
 };
 use tokio::sync::mpsc;
 
-use crate::{config::Config, events::EventSink, metrics::Metrics};
+use crate::{config::Config, events::EventSink, leader::Elector, metrics::Metrics};
 
 pub struct Context {
     pub client: Client,
@@ -43,6 +43,9 @@ pub struct Context {
     pub job_changes: mpsc::UnboundedSender<JobKey>,
     /// When this replica became leader: metrics count only what happened since.
     pub leader_since: Timestamp,
+    /// The election: a reconcile or a webhook decision acts only while it confirms this
+    /// replica leads.
+    pub elector: Arc<Elector>,
     /// Transitions already counted in the finished and queue-wait metrics or told by an
     /// Event (`{uid}/start/{attempt}`, `{uid}/finished`, `{uid}/failed-event`): see
     /// [`Context::first_time`].
@@ -50,6 +53,11 @@ pub struct Context {
 }
 
 impl Context {
+    /// Whether this replica is the confirmed leader now (see [`Elector::confirmed`]).
+    pub fn leading(&self) -> bool {
+        self.elector.confirmed()
+    }
+
     /// The queue index, locked.
     pub fn index(&self) -> MutexGuard<'_, Index> {
         self.index.lock().expect("index lock")

@@ -236,13 +236,12 @@ impl Elector {
     }
 
     /// Notified whenever the Lease shows no holder (a leader let go on shutdown), so a
-    /// standby tries at once instead of at its next retry.
-    pub fn releases(&self) -> Arc<Notify> {
+    /// standby tries at once instead of at its next retry. `api` is the Leases' API through
+    /// the operator's usual client (a watch waits longer than the election's read timeout).
+    pub fn releases(&self, api: Api<Lease>) -> Arc<Notify> {
         let notify = Arc::new(Notify::new());
         let config = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
-        let leases = watcher(self.api.clone(), config)
-            .default_backoff()
-            .applied_objects();
+        let leases = watcher(api, config).default_backoff().applied_objects();
         let released = notify.clone();
         tokio::spawn(leases.for_each(move |lease| {
             let free = lease.is_ok_and(|l| l.spec.is_none_or(|s| s.holder_identity.is_none()));

@@ -106,7 +106,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
-    let released = elector.releases();
+    let released = elector.releases(Api::namespaced(client.clone(), &config.namespace));
     loop {
         tokio::select! {
             _ = &mut shutdown => {

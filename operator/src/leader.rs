@@ -43,6 +43,14 @@ pub enum ElectionError {
     TimedOut(Duration),
 }
 
+/// Another holder's Lease: its resourceVersion, when this replica saw it change to that,
+/// and its duration.
+struct Observed {
+    version: String,
+    since: Instant,
+    duration: Duration,
+}
+
 /// One replica's view of the election.
 pub struct Elector {
     api: Api<Lease>,
@@ -53,8 +61,8 @@ pub struct Elector {
     endpoint: Option<String>,
     /// The current leader's webhook address, as last read.
     leader_endpoint: Mutex<Option<String>>,
-    /// The Lease as this replica last saw it (its resourceVersion) and when it saw it change.
-    observed: Mutex<Option<(String, Instant)>>,
+    /// Another holder's Lease as this replica last saw it.
+    observed: Mutex<Option<Observed>>,
     /// Until when this replica is a confirmed leader; `None` while it is not one.
     confirmed_until: Mutex<Option<Instant>>,
 }
@@ -142,7 +150,7 @@ impl Elector {
     /// resourceVersion it read, so two replicas can never both succeed.
     pub async fn try_lead(&self) -> Result<bool, ElectionError> {
         let started = Instant::now();
-        let led = self.bounded(self.try_lead_once(started)).await;
+        let led = self.bounded(self.try_lead_once()).await;
         if let Ok(true) = led {
             *self.confirmed_until.lock().expect("confirmed lock") =
                 Some(started + self.renew_deadline());
@@ -150,7 +158,7 @@ impl Elector {
         led
     }
 
-    async fn try_lead_once(&self, started: Instant) -> Result<bool, kube::Error> {
+    async fn try_lead_once(&self) -> Result<bool, kube::Error> {
         let now = MicroTime(Timestamp::now());
         let seconds = self.duration.as_secs() as i32;
         let Some(mut lease) = self.api.get_opt(&self.name).await? else {
@@ -178,10 +186,7 @@ impl Elector {
             self.lose();
         }
         let held = spec.holder_identity.is_some();
-        let lease_duration = spec
-            .lease_duration_seconds
-            .map_or(self.duration, |s| Duration::from_secs(s.max(0) as u64));
-        if !mine && held && !self.expired(&lease, lease_duration, started) {
+        if !mine && held && !self.expired(&lease) {
             self.saw(endpoint_of(&lease));
             return Ok(false);
         }
@@ -204,18 +209,51 @@ impl Elector {
         conflict_is_false(written)
     }
 
-    /// Whether another holder's Lease has gone unchanged for `lease_duration` since this
-    /// replica first saw it as it is now (`seen_at`: when this look started).
-    fn expired(&self, lease: &Lease, lease_duration: Duration, seen_at: Instant) -> bool {
-        let version = lease.resource_version().unwrap_or_default();
-        let mut observed = self.observed.lock().expect("observed lock");
-        match &*observed {
-            Some((seen, since)) if *seen == version => since.elapsed() >= lease_duration,
-            _ => {
-                *observed = Some((version, seen_at));
-                false
-            }
+    /// Whether another holder's Lease has gone unchanged for its duration since this
+    /// replica saw it change.
+    fn expired(&self, lease: &Lease) -> bool {
+        self.observe(lease);
+        self.observed
+            .lock()
+            .expect("observed lock")
+            .as_ref()
+            .is_some_and(|o| o.since.elapsed() >= o.duration)
+    }
+
+    /// Notes another holder's Lease as seen now: a new resourceVersion (a renewal, a new
+    /// holder) starts its duration again.
+    fn observe(&self, lease: &Lease) {
+        let Some(spec) = &lease.spec else { return };
+        if spec.holder_identity.is_none()
+            || spec.holder_identity.as_deref() == Some(self.identity.as_str())
+        {
+            return;
         }
+        let version = lease.resource_version().unwrap_or_default();
+        let duration = spec
+            .lease_duration_seconds
+            .map_or(self.duration, |s| Duration::from_secs(s.max(0) as u64));
+        let mut observed = self.observed.lock().expect("observed lock");
+        if observed.as_ref().is_none_or(|o| o.version != version) {
+            *observed = Some(Observed {
+                version,
+                since: Instant::now(),
+                duration,
+            });
+        }
+    }
+
+    /// How long a standby waits before its next try: the retry interval, or less when the
+    /// Lease it saw expires sooner.
+    pub fn next_try(&self) -> Duration {
+        let expires_in = self
+            .observed
+            .lock()
+            .expect("observed lock")
+            .as_ref()
+            .map(|o| (o.since + o.duration).saturating_duration_since(Instant::now()));
+        let soon = expires_in.map_or(Duration::MAX, |d| d + Duration::from_millis(50));
+        self.retry_interval().min(soon)
     }
 
     /// Another replica holds the Lease, or took it: this one is no longer leader.
@@ -236,17 +274,25 @@ impl Elector {
     }
 
     /// Notified whenever the Lease shows no holder (a leader let go on shutdown), so a
-    /// standby tries at once instead of at its next retry. `api` is the Leases' API through
-    /// the operator's usual client (a watch waits longer than the election's read timeout).
-    pub fn releases(&self, api: Api<Lease>) -> Arc<Notify> {
+    /// standby tries at once instead of at its next retry. Every renewal the watch shows is
+    /// noted as seen then, so a standby measures a dead leader's lease from its last renewal,
+    /// not from its own next look. `api` is the Leases' API through the operator's usual
+    /// client (a watch waits longer than the election's read timeout).
+    pub fn releases(self: &Arc<Self>, api: Api<Lease>) -> Arc<Notify> {
         let notify = Arc::new(Notify::new());
         let config = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
         let leases = watcher(api, config).default_backoff().applied_objects();
-        let released = notify.clone();
+        let (released, elector) = (notify.clone(), self.clone());
         tokio::spawn(leases.for_each(move |lease| {
-            let free = lease.is_ok_and(|l| l.spec.is_none_or(|s| s.holder_identity.is_none()));
-            if free {
-                released.notify_one();
+            if let Ok(lease) = lease {
+                if lease
+                    .spec
+                    .as_ref()
+                    .is_none_or(|s| s.holder_identity.is_none())
+                {
+                    released.notify_one();
+                }
+                elector.observe(&lease);
             }
             futures::future::ready(())
         }));

@@ -121,7 +121,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         // A leader that lets go on shutdown is replaced at once, not at the next retry.
         tokio::select! {
-            _ = tokio::time::sleep(elector.retry_interval()) => {}
+            _ = tokio::time::sleep(elector.next_try()) => {}
             _ = released.notified() => {}
         }
     }

@@ -14,7 +14,8 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use k8s_openapi::api::coordination::v1::Lease;
+use framelane_operator::webhook::peer::{self, PeerKeys};
+use k8s_openapi::api::{coordination::v1::Lease, core::v1::Secret};
 use kube::{Api, api::PostParams};
 use serde_json::json;
 use support::{
@@ -262,5 +263,72 @@ async fn a_leader_whose_clock_is_12s_behind_keeps_leading_alone() -> Result<()> 
     );
     assert!(!leads(b.metrics_port).await);
     assert_eq!(s.fx.list_jobs().await?.len(), 25, "lane {}", s.lane);
+    Ok(())
+}
+
+/// POSTs a signed review to the leader path of the webhook on `port`, as a standby does, saying
+/// it waits `within_ms` more for the answer; the HTTP status and body.
+async fn hand_over(s: &Setup, port: u16, name: &str, within_ms: u64) -> Result<(u16, String)> {
+    let secret = Api::<Secret>::namespaced(s.fx.client.clone(), &s.fx.ns.name)
+        .get("framelane-webhook-tls")
+        .await?;
+    let key = secret
+        .data
+        .and_then(|d| d.get("tls.key").cloned())
+        .context("the webhook Secret has no tls.key")?;
+    let keys = PeerKeys::default();
+    keys.load(std::str::from_utf8(&key.0)?);
+    let review = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": format!("uid-{name}"), "operation": "CREATE", "namespace": s.fx.ns.name,
+            "name": name,
+            "kind": {"group": "framelane.dev", "version": "v1alpha1", "kind": "VideoJob"},
+            "object": {"apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob",
+                "metadata": {"name": name, "namespace": s.fx.ns.name},
+                "spec": {"model": s.model, "mode": "t2v", "prompt": "handed over", "width": 832,
+                    "height": 480, "frames": 81, "fps": 16, "steps": 8}}}});
+    let body = serde_json::to_vec(&review)?;
+    let signed = keys.sign(&body)?;
+    let out = tokio::process::Command::new("curl")
+        .args(["-sk", "-o", "-", "-w", "\n%{http_code}", "-X", "POST"])
+        .args(["-H", "content-type: application/json"])
+        .args(["-H", &format!("{}: {signed}", peer::HEADER)])
+        .args(["-H", &format!("x-framelane-answer-within-ms: {within_ms}")])
+        .args(["--data-binary", &String::from_utf8(body)?])
+        .arg(format!("https://127.0.0.1:{port}/leader/validate-videojob"))
+        .output()
+        .await?;
+    let text = String::from_utf8(out.stdout)?;
+    let (body, code) = text.rsplit_once('\n').context("curl printed no status")?;
+    Ok((code.trim().parse()?, body.to_string()))
+}
+
+#[tokio::test]
+async fn a_review_the_standby_stopped_waiting_for_takes_no_slot_on_the_leader() -> Result<()> {
+    let s = setup("fence-late").await?;
+    let (leader, port) = s.fx.webhook_operator("a", 0, NO_RESYNC)?;
+    leader.until_leading().await?;
+    s.fx.register_webhook(port).await?;
+    s.fx.webhook_effective(&s.model).await?;
+
+    // A standby that has 2 s left gets the leader's answer (and the leader holds a slot for
+    // the create it allowed); one with 0.1 s left, less than the answer's way back may take,
+    // gets a refusal and the leader holds nothing for it.
+    let (code, answer) = hand_over(&s, port, "in-time", 2000).await?;
+    assert_eq!(code, 200, "{answer}");
+    assert!(answer.contains(r#""allowed":true"#), "{answer}");
+    let (code, answer) = hand_over(&s, port, "too-late", 100).await?;
+    assert_eq!(code, 503, "{answer}");
+    assert!(answer.contains("wait for this answer is over"), "{answer}");
+
+    // The lane has room for 24 more: the create handed over in time holds one slot (until
+    // its hold lapses), the one the standby gave up on none.
+    let jobs = s.fx.jobs_without_retries().await?;
+    let (admitted, refused) = burst(&jobs, &s.model, "after", 200).await;
+    assert_eq!(
+        admitted,
+        24,
+        "refusals: {:?}",
+        refused.first().map(|r| &r.message)
+    );
     Ok(())
 }

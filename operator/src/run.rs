@@ -178,10 +178,7 @@ async fn election_client(config: &Config) -> anyhow::Result<Client> {
 /// exits, so its Deployment restarts it as a standby.
 async fn keep_leading(elector: Arc<Elector>, metrics: Arc<Metrics>) {
     let mut wait = elector.retry_interval();
-    loop {
-        let Some(until) = elector.confirmed_until() else {
-            break;
-        };
+    while let Some(until) = elector.confirmed_until() {
         tokio::time::sleep_until(until.min(Instant::now() + wait).into()).await;
         match tokio::time::timeout_at(until.into(), elector.try_lead()).await {
             Ok(Ok(true)) => wait = elector.retry_interval(),

@@ -20,10 +20,6 @@ pub const ANSWER_WITHIN: &str = "x-framelane-answer-within-ms";
 /// slot only if at least this much of the wait is left.
 pub const REPLY_MARGIN: Duration = Duration::from_millis(300);
 
-/// The last part of the wait that the known leader does not get: it is left for reading the
-/// Lease and trying the leader it names, when the known one does not answer.
-const FAILOVER_SHARE: Duration = Duration::from_secs(1);
-
 impl Webhook {
     /// Posts the review to the leader and returns its AdmissionReview answer, or why there
     /// is none by `deadline`.
@@ -34,10 +30,10 @@ impl Webhook {
             .expect("forwarder lock")
             .clone()
             .ok_or("no CA loaded yet")?;
-        let post = |endpoint: String, body: Bytes, by: Instant| {
+        let post = |endpoint: String, body: Bytes| {
             let forwarder = forwarder.clone();
             async move {
-                let left = by.saturating_duration_since(Instant::now());
+                let left = deadline.saturating_duration_since(Instant::now());
                 if left <= REPLY_MARGIN {
                     return Err(format!("no answer from the leader at {endpoint} in time"));
                 }
@@ -50,14 +46,12 @@ impl Webhook {
         };
         let known = self.elector.leader_endpoint();
         let answer = match &known {
-            Some(endpoint) => {
-                let by = deadline.checked_sub(FAILOVER_SHARE).unwrap_or(deadline);
-                post(endpoint.clone(), body.clone(), by).await
-            }
+            Some(endpoint) => post(endpoint.clone(), body.clone()).await,
             None => Err("no leader is known yet".into()),
         };
-        // No leader known, or the one known stopped answering (a failover): read the Lease
-        // again and try the leader it names.
+        // No leader known, or the one known refused (a failover): read the Lease again and
+        // try the leader it names. The known leader gets the whole wait: one that hangs is
+        // not replaced within it anyway (its Lease lasts longer).
         let (endpoint, answer) = match answer {
             Ok(answer) => (known.unwrap_or_default(), answer),
             Err(first) => {
@@ -71,7 +65,7 @@ impl Webhook {
                     .map_err(|e| format!("{first}; reading the leader Lease: {e}"))?
                     .filter(|e| Some(e) != known.as_ref())
                     .ok_or(first)?;
-                let answer = post(endpoint.clone(), body, deadline).await?;
+                let answer = post(endpoint.clone(), body).await?;
                 (endpoint, answer)
             }
         };

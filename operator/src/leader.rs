@@ -104,12 +104,7 @@ impl Elector {
     /// How long after the start of its last successful renewal a leader stops acting: two
     /// thirds of the lease, so it has stopped well before a standby can take over.
     pub fn renew_deadline(&self) -> Duration {
-        self.duration * 2 / 3
-    }
-
-    /// How long one try of the election may take.
-    pub fn call_timeout(&self) -> Duration {
-        self.retry_interval()
+        renew_deadline(self.duration)
     }
 
     /// The leader's webhook address, as of the last look at the Lease.
@@ -140,12 +135,14 @@ impl Elector {
         };
     }
 
-    /// How often the leader renews (and a standby retries): a third of the lease.
+    /// How often the leader renews (and a standby retries): a fifth of the lease, so a
+    /// leader has two or three tries, each of up to twice that, before its renew deadline.
     pub fn retry_interval(&self) -> Duration {
-        self.duration / 3
+        self.duration / 5
     }
 
-    /// Takes or renews the Lease, within [`Elector::call_timeout`]. `Ok(true)`: this replica
+    /// Takes or renews the Lease, within the renew deadline (a leader bounds it by its own
+    /// deadline). `Ok(true)`: this replica
     /// leads, confirmed until the renew deadline from now. Every write carries the
     /// resourceVersion it read, so two replicas can never both succeed.
     pub async fn try_lead(&self) -> Result<bool, ElectionError> {
@@ -261,12 +258,12 @@ impl Elector {
         *self.confirmed_until.lock().expect("confirmed lock") = None;
     }
 
-    /// `call`, or [`ElectionError::TimedOut`] after [`Elector::call_timeout`].
+    /// `call`, or [`ElectionError::TimedOut`] after the renew deadline.
     async fn bounded<T>(
         &self,
         call: impl Future<Output = Result<T, kube::Error>>,
     ) -> Result<T, ElectionError> {
-        let limit = self.call_timeout();
+        let limit = self.renew_deadline();
         match tokio::time::timeout(limit, call).await {
             Ok(result) => Ok(result?),
             Err(_) => Err(ElectionError::TimedOut(limit)),
@@ -313,6 +310,12 @@ impl Elector {
         }
         Ok(())
     }
+}
+
+/// How long after the start of its last successful renewal a leader stops acting, for a
+/// lease of `duration`: also the longest any call of the election may take.
+pub fn renew_deadline(duration: Duration) -> Duration {
+    duration * 2 / 3
 }
 
 /// The webhook address a Lease's holder published.

@@ -163,7 +163,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// instead of keeping a leader that can no longer renew.
 async fn election_client(config: &Config) -> anyhow::Result<Client> {
     let mut kube = framelane_contract::serve::config(config.kubeconfig.as_deref()).await?;
-    let limit = config.leader_lease_seconds / 3;
+    let limit = crate::leader::renew_deadline(config.leader_lease_seconds);
     kube.default_retry = false;
     kube.connect_timeout = Some(limit);
     kube.read_timeout = Some(limit);

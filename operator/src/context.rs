@@ -24,7 +24,7 @@ use kube::{
 };
 use tokio::sync::mpsc;
 
-use crate::{config::Config, events::EventSink, metrics::Metrics};
+use crate::{config::Config, events::EventSink, leader::Elector, metrics::Metrics};
 
 pub struct Context {
     pub client: Client,
@@ -45,6 +45,9 @@ pub struct Context {
     pub leader_since: Timestamp,
     /// Since when this replica has seen the runners' heartbeat Leases without a break.
     pub leases_seen: Arc<LeaseView>,
+    /// The election: a reconcile or a webhook decision acts only while it confirms this
+    /// replica leads.
+    pub elector: Arc<Elector>,
     /// Transitions already counted in the finished and queue-wait metrics or told by an
     /// Event: see [`Context::first_time`].
     pub counted: Arc<Mutex<Counted>>,
@@ -91,6 +94,11 @@ impl Counted {
 }
 
 impl Context {
+    /// Whether this replica is the confirmed leader now (see [`Elector::confirmed`]).
+    pub fn leading(&self) -> bool {
+        self.elector.confirmed()
+    }
+
     /// The queue index, locked.
     pub fn index(&self) -> MutexGuard<'_, Index> {
         self.index.lock().expect("index lock")

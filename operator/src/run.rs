@@ -73,7 +73,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("framelane-operator-{}", std::process::id()));
     let elector = Arc::new(Elector::new(
-        Api::namespaced(client.clone(), &config.namespace),
+        Api::namespaced(election_client(&config).await?, &config.namespace),
         &config.leader_lease,
         &identity,
         config.leader_lease_seconds,
@@ -109,7 +109,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
-    let released = elector.releases();
+    let released = elector.releases(Api::namespaced(client.clone(), &config.namespace));
     loop {
         tokio::select! {
             _ = &mut shutdown => {
@@ -124,13 +124,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         // A leader that lets go on shutdown is replaced at once, not at the next retry.
         tokio::select! {
-            _ = tokio::time::sleep(elector.retry_interval()) => {}
+            _ = tokio::time::sleep(elector.next_try()) => {}
             _ = released.notified() => {}
         }
     }
     tracing::info!(identity, "became the leader");
     metrics.leader.set(1);
-    tokio::spawn(keep_leading(elector.clone(), config.leader_lease_seconds));
+    tokio::spawn(keep_leading(elector.clone(), metrics.clone()));
     if let Some(webhook) = webhook
         .as_ref()
         .filter(|w| w.source == CertificateSource::Operator)
@@ -145,7 +145,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let delay = config.shutdown_delay_seconds;
-    let work = controllers(client, config, metrics, models, webhook);
+    let work = controllers(client, config, metrics, models, webhook, elector.clone());
     tokio::pin!(work);
     tokio::select! {
         result = &mut work => result?,
@@ -161,25 +161,51 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Renews the Lease; exits the process as soon as leadership cannot be confirmed within the
-/// lease duration, so two leaders never write at once.
-async fn keep_leading(elector: Arc<Elector>, duration: Duration) {
-    let mut confirmed = Instant::now();
-    loop {
-        tokio::time::sleep(elector.retry_interval()).await;
-        match elector.try_lead().await {
-            Ok(true) => confirmed = Instant::now(),
-            Ok(false) => {
-                tracing::error!("another replica holds the leader Lease; exiting");
-                std::process::exit(1);
+/// The client of the election: no retries and a read timeout, so that a renewal the API
+/// server does not answer (a 503 retried for minutes, a stalled connection) fails in time
+/// instead of keeping a leader that can no longer renew.
+async fn election_client(config: &Config) -> anyhow::Result<Client> {
+    let mut kube = framelane_contract::serve::config(config.kubeconfig.as_deref()).await?;
+    let limit = crate::leader::renew_deadline(config.leader_lease_seconds);
+    kube.default_retry = false;
+    kube.connect_timeout = Some(limit);
+    kube.read_timeout = Some(limit);
+    kube.write_timeout = Some(limit);
+    kube.reset_reader_on_write = true;
+    Ok(Client::try_from(kube)?)
+}
+
+/// Renews the Lease. As soon as leadership is not confirmed (no renewal succeeded within the
+/// renew deadline, or another replica holds the Lease), the replica stops acting as leader
+/// (the webhook and the controllers check [`Elector::confirmed`] before each decision) and
+/// exits, so its Deployment restarts it as a standby.
+async fn keep_leading(elector: Arc<Elector>, metrics: Arc<Metrics>) {
+    let mut wait = elector.retry_interval();
+    while let Some(until) = elector.confirmed_until() {
+        tokio::time::sleep_until(until.min(Instant::now() + wait).into()).await;
+        match tokio::time::timeout_at(until.into(), elector.try_lead()).await {
+            Ok(Ok(true)) => wait = elector.retry_interval(),
+            Ok(Ok(false)) => {
+                tracing::error!("another replica holds the leader Lease");
+                break;
             }
-            Err(e) => tracing::warn!(error = %e, "cannot renew the leader Lease"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot renew the leader Lease; retrying");
+                wait = Duration::from_secs(1);
+            }
+            Err(_) => {}
         }
-        if confirmed.elapsed() >= duration - elector.retry_interval() {
-            tracing::error!("could not renew the leader Lease in time; exiting");
-            std::process::exit(1);
+        if !elector.confirmed() {
+            tracing::error!(
+                renew_deadline_ms = elector.renew_deadline().as_millis() as u64,
+                "could not renew the leader Lease within the renew deadline"
+            );
+            break;
         }
     }
+    metrics.leader.set(0);
+    tracing::error!("no longer the leader: stopped acting as leader; exiting");
+    std::process::exit(1);
 }
 
 /// The webhook's HTTPS server, until it is told to stop.
@@ -335,6 +361,7 @@ async fn controllers(
     metrics: Arc<Metrics>,
     models: reflector::Store<VideoModel>,
     webhook: Option<Arc<Webhook>>,
+    elector: Arc<Elector>,
 ) -> anyhow::Result<()> {
     let (leases, leases_writer) = reflector::store();
     let leases_seen = Arc::new(LeaseView::new(Timestamp::now()));
@@ -405,6 +432,7 @@ async fn controllers(
         job_changes: job_tx,
         leader_since: Timestamp::now(),
         leases_seen,
+        elector,
         counted,
     });
     if let Some(webhook) = webhook {

@@ -29,6 +29,10 @@ pub async fn reconcile(job: Arc<VideoJob>, ctx: Arc<Context>) -> Result<Action, 
 }
 
 async fn reconcile_inner(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
+    // A replica whose leadership is not confirmed decides nothing: it is about to exit.
+    if !ctx.leading() {
+        return Ok(Action::await_change());
+    }
     if !ctx.synced() {
         return Ok(Action::requeue(Duration::from_millis(200)));
     }

@@ -34,6 +34,10 @@ pub async fn reconcile(lane: Arc<ModelLane>, ctx: Arc<Context>) -> Result<Action
 }
 
 async fn reconcile_inner(lane: &ModelLane, ctx: &Context) -> Result<Action, Error> {
+    // A replica whose leadership is not confirmed writes nothing: it is about to exit.
+    if !ctx.leading() {
+        return Ok(Action::await_change());
+    }
     if lane.meta().deletion_timestamp.is_some() {
         // Its pods are owned by it: the garbage collector removes them.
         return Ok(Action::await_change());

@@ -67,7 +67,8 @@ const DECIDE_WITHIN: Duration = Duration::from_secs(3);
 
 pub struct Webhook {
     pub models: Store<VideoModel>,
-    /// The leader's controller context, once this replica leads.
+    /// The leader's controller context, once this replica leads; used only while the
+    /// election confirms it still does (see [`Webhook::leader`]).
     pub leader: OnceLock<Arc<Context>>,
     pub elector: Arc<Elector>,
     pub metrics: Arc<Metrics>,
@@ -117,18 +118,29 @@ impl Webhook {
         out
     }
 
-    /// Answers one AdmissionReview a standby handed on; `None` while this replica cannot
-    /// count (it does not lead, or has not read its caches yet): the standby tries again.
-    pub fn review_as_leader(&self, body: &[u8]) -> Option<Vec<u8>> {
+    /// Answers one AdmissionReview a standby handed on, which waits for the answer until
+    /// `answer_by`; `Err` with why not while this replica cannot count (it is not the
+    /// confirmed leader, or has not read its caches yet) or the standby would give up before
+    /// the answer reached it (then no slot is taken): the standby tries again or refuses.
+    pub fn review_as_leader(
+        &self,
+        body: &[u8],
+        answer_by: Option<Instant>,
+    ) -> Result<Vec<u8>, &'static str> {
         let started = Instant::now();
+        if answer_by.is_some_and(|by| started + forward::REPLY_MARGIN >= by) {
+            return Err("the standby's wait for this answer is over");
+        }
         let out = match self.checked(body) {
-            Ok((request, job)) => self.hold(&request, &job)?,
+            Ok((request, job)) => self
+                .hold(&request, &job)
+                .ok_or("this replica is not the confirmed leader or has not read its caches yet")?,
             Err(answer) => answer,
         };
         self.metrics
             .webhook_duration
             .observe(started.elapsed().as_secs_f64());
-        Some(out)
+        Ok(out)
     }
 
     async fn answer(&self, body: Bytes, deadline: Instant) -> Vec<u8> {
@@ -138,16 +150,15 @@ impl Webhook {
         };
         // The leader decides. While there is none that can count (a failover, a rollout),
         // wait for one rather than fail the create.
-        let mut why = String::new();
+        let mut why;
         loop {
             if let Some(answer) = self.hold(&request, &job) {
                 return answer;
             }
-            if self.leader.get().is_none() {
-                match tokio::time::timeout_at(deadline.into(), self.forward(body.clone())).await {
-                    Ok(Ok(answer)) => return answer,
-                    Ok(Err(e)) => why = e,
-                    Err(_) => {}
+            if self.leader().is_none() {
+                match self.forward(body.clone(), deadline).await {
+                    Ok(answer) => return answer,
+                    Err(e) => why = e,
                 }
             } else {
                 why = "this replica leads but has not read its lanes and jobs yet".into();
@@ -175,9 +186,15 @@ impl Webhook {
         }
     }
 
+    /// The leader's context while this replica is the confirmed leader: a replica whose
+    /// renewals stalled, or that lost the Lease, hands reviews on like a standby.
+    fn leader(&self) -> Option<&Arc<Context>> {
+        self.leader.get().filter(|ctx| ctx.leading())
+    }
+
     /// The leader's decision, or `None` when this replica cannot count now.
     fn hold(&self, request: &Request, job: &VideoJob) -> Option<Vec<u8>> {
-        let ctx = self.leader.get()?;
+        let ctx = self.leader()?;
         let (lane, denial) = hold::hold_slot(ctx, request, job)?;
         Some(self.decided(&request.uid, &lane, denial.as_ref()))
     }

@@ -2,7 +2,10 @@
 //! API server, and `POST /leader/validate-videojob` where a standby hands a review to the
 //! leader. A caller that cannot show it is one of those is refused before its body is read.
 
-use std::sync::Arc;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use warp::{
@@ -12,6 +15,7 @@ use warp::{
 
 use super::{
     Webhook,
+    forward::ANSWER_WITHIN,
     peer::{self, Refused},
     tls::Peer,
 };
@@ -62,32 +66,33 @@ impl Webhook {
             .map(move |b: Bytes| json(mutator.mutate(&b)));
         let standby = warp::path!("leader" / "validate-videojob")
             .and(warp::header::optional::<String>(peer::HEADER))
+            .and(warp::header::optional::<u64>(ANSWER_WITHIN))
             .and(body())
-            .and_then(move |signed: Option<String>, b: Bytes| {
-                let webhook = leader.clone();
-                async move {
-                    if let Err(refused) = webhook.peers.verify(signed.as_deref(), &b) {
-                        let status = match refused {
-                            Refused::NoKey => StatusCode::SERVICE_UNAVAILABLE,
-                            _ => StatusCode::FORBIDDEN,
-                        };
-                        if status == StatusCode::FORBIDDEN {
-                            return Err(warp::reject::custom(Unauthenticated(
-                                "leader",
-                                refused.to_string(),
-                            )));
+            .and_then(
+                move |signed: Option<String>, within: Option<u64>, b: Bytes| {
+                    let answer_by = within.map(|ms| Instant::now() + Duration::from_millis(ms));
+                    let webhook = leader.clone();
+                    async move {
+                        if let Err(refused) = webhook.peers.verify(signed.as_deref(), &b) {
+                            let status = match refused {
+                                Refused::NoKey => StatusCode::SERVICE_UNAVAILABLE,
+                                _ => StatusCode::FORBIDDEN,
+                            };
+                            if status == StatusCode::FORBIDDEN {
+                                return Err(warp::reject::custom(Unauthenticated(
+                                    "leader",
+                                    refused.to_string(),
+                                )));
+                            }
+                            return Ok(text(status, refused.to_string()));
                         }
-                        return Ok(text(status, refused.to_string()));
+                        Ok(match webhook.review_as_leader(&b, answer_by) {
+                            Ok(answer) => json(answer),
+                            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, why.into()),
+                        })
                     }
-                    Ok(match webhook.review_as_leader(&b) {
-                        Some(answer) => json(answer),
-                        None => text(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "this replica does not lead or has not read its caches yet".into(),
-                        ),
-                    })
-                }
-            });
+                },
+            );
         warp::post()
             .and(validate.or(mutate).unify().or(standby).unify())
             .recover(move |rejection| {

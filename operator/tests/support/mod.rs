@@ -32,6 +32,8 @@ use kube::{
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, watch};
 
+pub mod stall;
+
 pub const INSTANCE_LABEL: &str = "framelane.dev/test-instance";
 
 pub struct Fixture {
@@ -182,6 +184,17 @@ impl Fixture {
         port: u16,
         extra: &[&str],
     ) -> Result<(OperatorProcess, u16)> {
+        self.webhook_operator_with_env(identity, port, extra, &[])
+    }
+
+    /// The same, with `env` added to the process's environment (libfaketime, say).
+    pub fn webhook_operator_with_env(
+        &self,
+        identity: &str,
+        port: u16,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<(OperatorProcess, u16)> {
         let port = if port == 0 { free_port()? } else { port };
         let mut args = vec![
             "--webhook-addr".to_string(),
@@ -197,7 +210,7 @@ impl Fixture {
         args.extend(extra.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Ok((
-            OperatorProcess::start_watching_all(&self.ns, identity, &args)?,
+            OperatorProcess::start_with_env(&self.ns, identity, &args, env)?,
             port,
         ))
     }
@@ -403,6 +416,16 @@ impl OperatorProcess {
         identity: &str,
         extra: &[&str],
     ) -> Result<OperatorProcess> {
+        OperatorProcess::start_with_env(ns, identity, extra, &[])
+    }
+
+    /// The same, with `env` added to the process's environment.
+    pub fn start_with_env(
+        ns: &TestNamespace,
+        identity: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<OperatorProcess> {
         let port = free_port()?;
         let log =
             std::env::temp_dir().join(format!("framelane-operator-{}-{identity}.log", ns.name));
@@ -410,6 +433,7 @@ impl OperatorProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_framelane-operator"))
             .env("KUBECONFIG", &ns.env.kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
+            .envs(env.iter().copied())
             .args(["--namespace", &ns.name, "--identity", identity])
             .args(["--lane-selector", &format!("{INSTANCE_LABEL}={}", ns.name)])
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])

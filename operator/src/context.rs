@@ -265,10 +265,11 @@ impl Context {
 }
 
 /// Since when the heartbeat Lease cache is whole: from when the leader started watching, moved
-/// on each time the watch fails or a reconcile finds the API server unreachable (refused
-/// connections, or 5xx while it starts: requests that hang until it answers fail no watch).
-/// Runners cannot renew while it is unreachable either, so their freshness is judged from
-/// then (`timeouts::holder_fresh_until`).
+/// on each time the watch fails, a reconcile finds the API server unreachable (refused
+/// connections, 5xx while it starts), or a leader renewal fails or is the first to succeed
+/// after failures (while kube-apiserver starts, requests hang until it answers, and a watch
+/// may fail no more). Runners cannot renew while it is unreachable either, so their
+/// freshness is judged from then (`timeouts::holder_fresh_until`).
 pub struct LeaseView(Mutex<Timestamp>);
 
 impl LeaseView {
@@ -276,7 +277,8 @@ impl LeaseView {
         LeaseView(Mutex::new(since))
     }
 
-    pub fn failed(&self, at: Timestamp) {
+    /// The view was cut off, or came back, at `at`: runners get a lease duration from then.
+    pub fn interrupted(&self, at: Timestamp) {
         let mut since = self.0.lock().expect("lease view lock");
         *since = (*since).max(at);
     }

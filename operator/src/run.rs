@@ -130,7 +130,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!(identity, "became the leader");
     metrics.leader.set(1);
-    tokio::spawn(keep_leading(elector.clone(), metrics.clone()));
+    let leases_seen = Arc::new(LeaseView::new(Timestamp::now()));
+    tokio::spawn(keep_leading(
+        elector.clone(),
+        metrics.clone(),
+        leases_seen.clone(),
+    ));
     if let Some(webhook) = webhook
         .as_ref()
         .filter(|w| w.source == CertificateSource::Operator)
@@ -145,7 +150,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let delay = config.shutdown_delay_seconds;
-    let work = controllers(client, config, metrics, models, webhook, elector.clone());
+    let work = controllers(
+        client,
+        config,
+        metrics,
+        models,
+        webhook,
+        elector.clone(),
+        leases_seen,
+    );
     tokio::pin!(work);
     tokio::select! {
         result = &mut work => result?,
@@ -179,11 +192,20 @@ async fn election_client(config: &Config) -> anyhow::Result<Client> {
 /// renew deadline, or another replica holds the Lease), the replica stops acting as leader
 /// (the webhook and the controllers check [`Elector::confirmed`] before each decision) and
 /// exits, so its Deployment restarts it as a standby.
-async fn keep_leading(elector: Arc<Elector>, metrics: Arc<Metrics>) {
+///
+/// A failed renewal, and the first to succeed after failures, tell `leases_seen` that the
+/// API server was unreachable until then.
+async fn keep_leading(elector: Arc<Elector>, metrics: Arc<Metrics>, leases_seen: Arc<LeaseView>) {
     let mut wait = elector.retry_interval();
+    let mut failing = false;
     while let Some(until) = elector.confirmed_until() {
         tokio::time::sleep_until(until.min(Instant::now() + wait).into()).await;
-        match tokio::time::timeout_at(until.into(), elector.try_lead()).await {
+        let renewed = tokio::time::timeout_at(until.into(), elector.try_lead()).await;
+        if failing || !matches!(renewed, Ok(Ok(_))) {
+            leases_seen.interrupted(Timestamp::now());
+        }
+        failing = !matches!(renewed, Ok(Ok(_)));
+        match renewed {
             Ok(Ok(true)) => wait = elector.retry_interval(),
             Ok(Ok(false)) => {
                 tracing::error!("another replica holds the leader Lease");
@@ -362,9 +384,9 @@ async fn controllers(
     models: reflector::Store<VideoModel>,
     webhook: Option<Arc<Webhook>>,
     elector: Arc<Elector>,
+    leases_seen: Arc<LeaseView>,
 ) -> anyhow::Result<()> {
     let (leases, leases_writer) = reflector::store();
-    let leases_seen = Arc::new(LeaseView::new(Timestamp::now()));
     let seen = leases_seen.clone();
     let lease_stream = watcher(
         Api::<Lease>::namespaced(client.clone(), &config.namespace),
@@ -379,7 +401,7 @@ async fn controllers(
             .with_jitter()
             .without_max_times(),
     ))
-    .inspect_err(move |_| seen.failed(Timestamp::now()))
+    .inspect_err(move |_| seen.interrupted(Timestamp::now()))
     .reflect(leases_writer)
     // Deletions too: a runner's Lease goes with its pod, and the lane must notice at once
     // that it lost a runner.

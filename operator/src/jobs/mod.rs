@@ -113,7 +113,7 @@ fn lane_of(
 pub fn error_policy(job: Arc<VideoJob>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_error("videojob", error);
     if error.api_unreachable() {
-        ctx.leases_seen.failed(Timestamp::now());
+        ctx.leases_seen.interrupted(Timestamp::now());
     }
     if !matches!(error, Error::Conflict) {
         tracing::warn!(job = %job.name_any(), %error, "reconcile failed");

@@ -174,7 +174,7 @@ fn publish(ctx: &Context, lane: &ModelLane, type_: EventType, reason: LaneReason
 pub fn error_policy(lane: Arc<ModelLane>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_error("modellane", error);
     if error.api_unreachable() {
-        ctx.leases_seen.failed(jiff::Timestamp::now());
+        ctx.leases_seen.interrupted(jiff::Timestamp::now());
     }
     if matches!(error, Error::Conflict) {
         return Action::requeue(jittered(Duration::from_millis(100)));

@@ -24,7 +24,7 @@ use framelane_runner::generate::{JobRequest, run_job};
 use framelane_runner::job::model_ref;
 use framelane_runner::memory::RunnerDevice;
 use framelane_runner::sampler::StepControl;
-use framelane_runner::wan::pipeline::{Mode, Precision, WanPipeline};
+use framelane_runner::wan::pipeline::{MemoryPlan, Mode, Precision, WanPipeline};
 use serde::Deserialize;
 use tch::{Kind, Tensor};
 
@@ -114,7 +114,13 @@ fn main() -> anyhow::Result<()> {
 
     let out = std::env::temp_dir().join("framelane-gpu-check");
     let modes: Vec<Mode> = refs.iter().map(|r| r.modes[0]).collect();
-    let mut cache = ModelCache::new(LaneMode::Shared, device, Precision::BFLOAT16, refs)?;
+    let mut cache = ModelCache::new(
+        LaneMode::Shared,
+        device,
+        Precision::BFLOAT16,
+        MemoryPlan::default(),
+        refs,
+    )?;
     let mut rows: BTreeMap<&str, ModelRow> = BTreeMap::new();
     for i in 0..jobs {
         let which = i as usize % models.len();

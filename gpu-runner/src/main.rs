@@ -352,6 +352,7 @@ impl Worker {
     /// the job's memory either way.
     async fn report(&self, claimed: ClaimedJob, outcome: JobOutcome, name: &str) {
         let memory = outcome.memory.ok().map(|m| {
+            self.metrics.observe_job(&m);
             let kinds = [
                 ("allocated", m.status.after_cleanup_allocated_bytes),
                 ("reserved", m.status.after_cleanup_reserved_bytes),

@@ -11,6 +11,7 @@
 //! - [`cache`]: Dedicated / Shared model switching.
 //! - [`job`]: a claimed VideoJob to a request, and the outcome back to its status.
 //! - [`memory`], [`accel`]: device selection, allocator statistics, emptying the cache.
+//! - [`placement`]: memory modes (what stays on the device), VAE tiling, host copies.
 //! - [`metrics`]: the runner's Prometheus metrics.
 
 pub mod accel;
@@ -21,6 +22,7 @@ pub mod inputs;
 pub mod job;
 pub mod memory;
 pub mod metrics;
+pub mod placement;
 pub mod sampler;
 pub mod schedule;
 pub mod tokenizer;

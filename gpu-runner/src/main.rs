@@ -28,8 +28,9 @@ use framelane_runner::{
     job::{model_ref, output_for, request_for},
     memory::RunnerDevice,
     metrics::{MemoryLabels, Metrics, ResultLabels},
+    placement::{MemoryMode, VaeTiling},
     sampler::StepControl,
-    wan::pipeline::Precision,
+    wan::pipeline::{MemoryPlan, Precision},
 };
 use kube::{Api, ResourceExt};
 use tokio::sync::{mpsc, watch};
@@ -68,6 +69,14 @@ struct Args {
     /// What the transformers and the text encoder compute in (the VAE computes in float32).
     #[arg(long, env = "FRAMELANE_WEIGHTS_DTYPE", value_enum, default_value_t = WeightsDtype::Bfloat16)]
     weights_dtype: WeightsDtype,
+    /// How much of a model stays on the device (the ModelLane's spec.runner.memory.mode):
+    /// auto picks from the GPU's memory (docs/memory.md).
+    #[arg(long, env = "FRAMELANE_MEMORY_MODE", value_enum, default_value_t = MemoryMode::Auto)]
+    memory_mode: MemoryMode,
+    /// Whether the VAE decodes in spatial tiles (spec.runner.memory.vaeTiling): auto tiles
+    /// when an untiled decode would not fit.
+    #[arg(long, env = "FRAMELANE_VAE_TILING", value_enum, default_value_t = VaeTiling::Auto)]
+    vae_tiling: VaeTiling,
     /// Root of the output volume; videos go to <namespace>/<name>/.
     #[arg(long, env = "FRAMELANE_OUTPUT_DIR", default_value = "/outputs")]
     output_dir: PathBuf,
@@ -143,7 +152,13 @@ async fn main() -> anyhow::Result<()> {
         allocated_bytes = device.stats()?.allocated_current,
         "runner starting"
     );
-    let cache = Arc::new(Mutex::new(ModelCache::new(mode, device, precision, refs)?));
+    let plan = MemoryPlan {
+        mode: args.memory_mode,
+        vae_tiling: args.vae_tiling,
+    };
+    let cache = Arc::new(Mutex::new(ModelCache::new(
+        mode, device, precision, plan, refs,
+    )?));
     let (loaded_tx, loaded_rx) = watch::channel(None::<String>);
     if mode == LaneMode::Dedicated {
         // A Dedicated runner is ready (and announces itself) only with its model loaded.
@@ -298,7 +313,7 @@ impl Worker {
                 let mut cache = cache.lock().expect("cache lock");
                 let loads = cache.loads();
                 let pipeline = cache.get(&model_name).map_err(|e| e.to_string())?;
-                let outcome = run_job(pipeline, &device, &request, &out, |p| {
+                let mut outcome = run_job(pipeline, &device, &request, &out, |p| {
                     let _ = progress_tx.send(*p);
                     if cancel.load(Ordering::Relaxed) {
                         StepControl::Cancel
@@ -306,6 +321,9 @@ impl Worker {
                         StepControl::Continue
                     }
                 });
+                if let Ok(memory) = &mut outcome.memory {
+                    memory.status.model_load_seconds = Some(cache.last_load_seconds());
+                }
                 if cache.loads() > loads {
                     metrics.model_loads.inc();
                 } else {
@@ -341,6 +359,7 @@ impl Worker {
     /// the job's memory either way.
     async fn report(&self, claimed: ClaimedJob, outcome: JobOutcome, name: &str) {
         let memory = outcome.memory.ok().map(|m| {
+            self.metrics.observe_job(&m);
             let kinds = [
                 ("allocated", m.status.after_cleanup_allocated_bytes),
                 ("reserved", m.status.after_cleanup_reserved_bytes),

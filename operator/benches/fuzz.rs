@@ -361,6 +361,7 @@ fn contract(job: &Value, rng: &mut StdRng, counts: &mut Counts) {
         peak_reserved_bytes: int(rng),
         after_cleanup_allocated_bytes: int(rng),
         after_cleanup_reserved_bytes: int(rng),
+        ..Default::default()
     });
     let completed = transitions::completed(&job, output, memory.clone(), now);
     broken(

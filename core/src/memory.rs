@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use framelane_api::{
-    GenerationMode,
+    GenerationMode, VideoJobSpec, VideoModel,
     modellane::{MemoryMode, VaeTiling},
 };
 use serde::{Deserialize, Serialize};
@@ -134,6 +134,41 @@ pub struct JobSize {
     /// cfg > 1: an unconditional pass per step, and a second prompt to encode.
     pub guided: bool,
     pub mode: GenerationMode,
+}
+
+impl JobSize {
+    /// The size `spec` asks of `model`, its model's defaults filling what it leaves out; cfg
+    /// is the model's fixed value, else the job's (as the runner runs it).
+    pub fn of(spec: &VideoJobSpec, model: &VideoModel) -> JobSize {
+        let defaults = &model.spec.defaults;
+        let cfg = model.spec.fixed_parameters.cfg.or(spec.cfg).unwrap_or(1.0);
+        let positive = |v: i32| u64::try_from(v).unwrap_or(0);
+        JobSize {
+            width: positive(spec.width.unwrap_or(defaults.width)),
+            height: positive(spec.height.unwrap_or(defaults.height)),
+            frames: positive(spec.frames.unwrap_or(defaults.frames)),
+            guided: cfg > 1.0,
+            mode: spec.mode,
+        }
+    }
+
+    /// The size of a job of `model` that leaves every size out, in its first mode.
+    pub fn defaults(model: &VideoModel) -> JobSize {
+        let d = &model.spec.defaults;
+        let positive = |v: i32| u64::try_from(v).unwrap_or(0);
+        JobSize {
+            width: positive(d.width),
+            height: positive(d.height),
+            frames: positive(d.frames),
+            guided: model.spec.fixed_parameters.cfg.unwrap_or(1.0) > 1.0,
+            mode: model
+                .spec
+                .modes
+                .first()
+                .copied()
+                .unwrap_or(GenerationMode::T2v),
+        }
+    }
 }
 
 /// A stage of a job, in the order they run.

@@ -21,6 +21,7 @@ use framelane_api::{
     videojob::{JobPhase, MemoryReport},
 };
 use framelane_contract::{ClaimedJob, ContractError, Runner};
+use framelane_core::memory::RunnerMemory;
 use framelane_runner::{
     cache::{LaneMode, ModelCache},
     generate::{JobOutcome, JobRequest, Progress, run_job},
@@ -28,6 +29,7 @@ use framelane_runner::{
     job::{model_ref, output_for, request_for},
     memory::RunnerDevice,
     metrics::{MemoryLabels, Metrics, ResultLabels},
+    profile::{MemoryArgs, refusal, runner_memory},
     sampler::StepControl,
     wan::pipeline::Precision,
 };
@@ -80,6 +82,8 @@ struct Args {
     /// Kubeconfig to use (default: $KUBECONFIG, ~/.kube/config, or the in-cluster account).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    memory: MemoryArgs,
 }
 
 /// `--weights-dtype`.
@@ -143,6 +147,18 @@ async fn main() -> anyhow::Result<()> {
         allocated_bytes = device.stats()?.allocated_current,
         "runner starting"
     );
+    let fit = runner_memory(&args.memory, &device, &models, &refs, precision)
+        .context("reading the models' shapes for the fit check")?;
+    match &fit {
+        Some(fit) => tracing::info!(
+            device_bytes = fit.device_bytes,
+            budget_bytes = fit.budget_bytes,
+            mode = fit.mode.as_str(),
+            vae_tiling = fit.vae_tiling,
+            "fit check"
+        ),
+        None => tracing::info!("device memory unknown: no fit check (see --device-memory-bytes)"),
+    }
     let cache = Arc::new(Mutex::new(ModelCache::new(mode, device, precision, refs)?));
     let (loaded_tx, loaded_rx) = watch::channel(None::<String>);
     if mode == LaneMode::Dedicated {
@@ -167,6 +183,9 @@ async fn main() -> anyhow::Result<()> {
     if let Some(uid) = &args.pod_uid {
         runner = runner.owned_by_pod(uid);
     }
+    if let Some(fit) = &fit {
+        runner = runner.reporting_memory(fit);
+    }
     let _heartbeat = runner.keep_alive(loaded_rx);
     let worker = Worker {
         cache,
@@ -177,6 +196,8 @@ async fn main() -> anyhow::Result<()> {
         models,
         metrics,
         loaded: loaded_tx,
+        fit,
+        lane: args.lane.clone(),
     };
     loop {
         match runner.claim_next().await {
@@ -199,6 +220,9 @@ struct Worker {
     models: Vec<VideoModel>,
     metrics: Arc<Metrics>,
     loaded: watch::Sender<Option<String>>,
+    /// What the fit check measures jobs against, when the device's memory is known.
+    fit: Option<RunnerMemory>,
+    lane: String,
 }
 
 /// What a generation task gives back: the outcome and the model loaded after it, or why the
@@ -222,6 +246,17 @@ impl Worker {
                 .await;
             return;
         };
+        // A job admitted before this lane's runners reported their memory is checked here,
+        // before the GPU is touched.
+        if let Some(message) = self
+            .fit
+            .as_ref()
+            .and_then(|fit| refusal(fit, &job, &model, &self.lane))
+        {
+            self.fail(claimed, JobReason::DoesNotFit, &message, None, &name)
+                .await;
+            return;
+        }
         let mut request = request_for(&job, &model);
         if let Some(image) = &job.spec.image {
             match read_image(image, &self.models_dir, &self.image_url_hosts).await {

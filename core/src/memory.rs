@@ -82,6 +82,10 @@ pub struct ModelProfile {
     pub transformer: TransformerShape,
     pub text_encoder: TextEncoderShape,
     pub vae: VaeShape,
+    /// Whether the device's 3-D convolutions unfold their input into a scratch matrix, 27
+    /// times its size (libtorch on the CPU); cuDNN's implicit GEMM does not.
+    #[serde(default)]
+    pub conv_unfold: bool,
 }
 
 /// The denoiser's dimensions (the experts of a two-expert model share them).
@@ -216,10 +220,17 @@ impl Estimate {
 const TILE: u64 = 256;
 /// Frames of the previous chunk each cached causal convolution keeps (the VAE's `CACHE_T`).
 const CACHE_T: u64 = 2;
+/// Positions of the transformer's rotary tables (Wan's `rope_max_seq_len`).
+const ROPE_LENGTH: u64 = 1024;
 
 impl ModelProfile {
+    /// Each transformer's weights with its rotary tables (float32 cosines and sines of
+    /// [`ROPE_LENGTH`] positions over the head size).
     fn experts(&self) -> impl Iterator<Item = u64> + '_ {
-        self.transformer_bytes.iter().copied()
+        let head = self.transformer.dim / self.transformer.heads.max(1);
+        self.transformer_bytes
+            .iter()
+            .map(move |bytes| bytes + ROPE_LENGTH * head * 4)
     }
 
     fn largest_expert(&self) -> u64 {
@@ -270,19 +281,19 @@ impl ModelProfile {
         let e = self.dtype_bytes;
         let prompts = if job.guided { 2 } else { 1 };
         let one = t.text_length * (4 * t.d_model + 3 * t.d_ff) * e
-            + 3 * t.heads * t.text_length * t.text_length * 4;
+            + 4 * t.heads * t.text_length * t.text_length * 4;
         one + prompts * t.text_length * t.d_model * e
     }
 
     /// One transformer block's worst moment over `tokens`: the block's input and output, the
     /// modulated input, queries, keys and values with their rotated and contiguous copies,
-    /// the attention output (13 token-by-dim tensors), or, in the feed-forward, four of them
+    /// the attention output (8 token-by-dim tensors), or, in the feed-forward, four of them
     /// with two `ffn_dim`-wide ones; plus the float32 layer norm of the modulation
     /// (three more, float32).
     fn block_activations(&self, tokens: u64) -> u64 {
         let s = &self.transformer;
         let e = self.dtype_bytes;
-        let attention = 13 * s.dim * e;
+        let attention = 8 * s.dim * e;
         let feed_forward = 4 * s.dim * e + 2 * s.ffn_dim * e;
         tokens * (attention.max(feed_forward) + 3 * s.dim * 4)
     }
@@ -323,7 +334,8 @@ impl ModelProfile {
     /// resolution the feature cache keeps `CACHE_T` frames for every cached convolution of
     /// its residual blocks, and the widest resolution holds the working tensors of a
     /// residual block (input, norms, the padded, cache-joined convolution inputs and outputs:
-    /// eight of its chunk's size).
+    /// nine of its chunk's size), with a 3x3x3 convolution's unfolded input where the device
+    /// unfolds.
     fn decode_activations(&self, job: &JobSize, tiling: bool) -> u64 {
         let e = self.vae_dtype_bytes;
         let (width, height) = if tiling {
@@ -335,10 +347,14 @@ impl ModelProfile {
         let convs = 2 * (self.vae.res_blocks + 1) + 1;
         let mut cache = 0;
         let mut working: u64 = 0;
+        let mut unfolded: u64 = 0;
         for (channels, level, frames) in self.vae_levels() {
             let level_pixels = pixels >> (2 * level);
             cache += convs * channels * CACHE_T * level_pixels;
-            working = working.max(8 * channels * frames * level_pixels);
+            working = working.max(9 * channels * frames * level_pixels);
+            if self.conv_unfold {
+                unfolded = unfolded.max(27 * channels * frames * level_pixels);
+            }
         }
         let tiles = if tiling {
             // Tiles decode one after another; their decoded pixels are blended into the
@@ -347,7 +363,7 @@ impl ModelProfile {
         } else {
             0
         };
-        (cache + working) * e + tiles
+        (cache + working + unfolded) * e + tiles
     }
 
     /// Image-to-video's VAE encoding of the start image followed by black frames: the whole
@@ -600,6 +616,7 @@ mod tests {
                 temporal_compression: 4,
                 spatial_compression: 8,
             },
+            conv_unfold: false,
         }
     }
 
@@ -643,7 +660,8 @@ mod tests {
                 Stage::Decoding
             ]
         );
-        assert_eq!(small.resident_bytes, 68_854_000_000);
+        // Weights, and each expert's rotary tables (512 KiB).
+        assert_eq!(small.resident_bytes, 68_854_000_000 + 2 * 524_288);
         for (s, l) in small.stages.iter().zip(&large.stages) {
             if s.0 != Stage::TextEncoding {
                 assert!(l.1 > s.1, "{:?}: {} !> {}", s.0, l.1, s.1);
@@ -665,7 +683,7 @@ mod tests {
         let offload = peak(MemoryMode::ModelOffload, false);
         assert_eq!(
             resident - swap,
-            28_600_000_000,
+            28_600_000_000 + 524_288,
             "one expert fewer on the device"
         );
         assert!(offload < swap, "{offload} {swap}");
@@ -712,8 +730,8 @@ mod tests {
         // Model offload fits what resident does not.
         assert!(fits(&runner(80 * GB, MemoryMode::ModelOffload), "anisora", &size).is_ok());
 
-        // Offloaded on 40 GiB, denoising is the peak, and it shrinks with the frames.
-        let memory = runner(40 * GB, MemoryMode::ModelOffload);
+        // Offloaded on 36 GiB, denoising is the peak, and it shrinks with the frames.
+        let memory = runner(36 * GB, MemoryMode::ModelOffload);
         let refused = fits(&memory, "anisora", &size).unwrap_err();
         assert_eq!(refused.stage, Stage::Denoising);
         let frames = refused.frames.expect("fewer frames fit");

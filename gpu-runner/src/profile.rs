@@ -99,6 +99,7 @@ pub enum ProfileError {
 pub fn model_profile(
     files: &ModelFiles,
     precision: Precision,
+    device: tch::Device,
 ) -> Result<ModelProfile, ProfileError> {
     let (transformers, text_encoder, vae) = match files {
         ModelFiles::Diffusers(dir) => {
@@ -184,6 +185,7 @@ pub fn model_profile(
             temporal_compression: u(v.scale_factor_temporal),
             spatial_compression: u(v.scale_factor_spatial),
         },
+        conv_unfold: device == tch::Device::Cpu,
     })
 }
 
@@ -224,7 +226,10 @@ pub fn runner_memory(
     let budget = usable_bytes(device_bytes);
     let mut profiles = std::collections::BTreeMap::new();
     for r in refs {
-        profiles.insert(r.model.clone(), model_profile(&r.spec.files, precision)?);
+        profiles.insert(
+            r.model.clone(),
+            model_profile(&r.spec.files, precision, device.device)?,
+        );
     }
     let all: Vec<&ModelProfile> = profiles.values().collect();
     let mode = resolve_mode(args.memory_mode.into(), &all, budget);

@@ -16,6 +16,8 @@ use framelane_api::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::parameters::{Cause, CauseReason};
+
 /// The version of the annotation's JSON; a runner writes it, the operator reads only this.
 pub const ANNOTATION_VERSION: u32 = 1;
 
@@ -518,6 +520,23 @@ impl DoesNotFit {
             self.mode.as_str(),
             self.budget as f64 / GIB,
         )
+    }
+}
+
+impl DoesNotFit {
+    /// The 422's cause: the field to lower (the frames when fewer fit, else the width) and
+    /// [`DoesNotFit::message`].
+    pub fn cause(&self, size: &JobSize, lane: &str) -> Cause {
+        Cause {
+            field: if self.frames.is_some() {
+                "spec.frames"
+            } else {
+                "spec.width"
+            }
+            .into(),
+            reason: CauseReason::FieldValueInvalid,
+            message: self.message(size, lane),
+        }
     }
 }
 

@@ -754,7 +754,7 @@ mod tests {
         let refused = fits(&memory, "anisora", &size).unwrap_err();
         assert_eq!(refused.stage, Stage::Denoising);
         let frames = refused.frames.expect("fewer frames fit");
-        assert!(frames < 81 && (frames - 1) % 4 == 0, "{frames}");
+        assert!(frames < 81 && (frames - 1).is_multiple_of(4), "{frames}");
         assert!(fits(&memory, "anisora", &job(1280, 720, frames)).is_ok());
         assert!(fits(&memory, "anisora", &job(1280, 720, frames + 4)).is_err());
         let message = refused.message(&size, "anisora");

@@ -9,7 +9,7 @@ use framelane_api::{
     reasons::JobReason,
     videojob::{JobPhase, MemoryReport, Output, Progress},
 };
-use framelane_core::{claims, index::version, transitions};
+use framelane_core::{claims, index::version, memory::RunnerMemory, transitions};
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -48,6 +48,9 @@ pub struct Runner {
     pub(crate) lane: String,
     /// The uid of the runner's pod (called like the runner), when known.
     pub(crate) pod_uid: Option<String>,
+    /// The `framelane.dev/memory` annotation the heartbeat carries, when the runner knows
+    /// its device's memory.
+    pub(crate) memory: Option<String>,
     /// Drawn when the runner starts: a container restarted in the same pod is a new holder.
     nonce: String,
     pub(crate) leases: Api<Lease>,
@@ -97,6 +100,7 @@ impl Runner {
             name: name.into(),
             lane: lane.into(),
             pod_uid: None,
+            memory: None,
             nonce: format!("{:016x}", rand::random::<u64>()),
             leases: Api::namespaced(client, namespace),
             jobs,
@@ -109,6 +113,13 @@ impl Runner {
     /// uid) the owner of the heartbeat Lease, so the Lease is garbage-collected with the pod.
     pub fn owned_by_pod(mut self, uid: impl Into<String>) -> Self {
         self.pod_uid = Some(uid.into());
+        self
+    }
+
+    /// Reports the runner's GPU memory and model shapes in every heartbeat, for the fit
+    /// check at admission.
+    pub fn reporting_memory(mut self, memory: &RunnerMemory) -> Self {
+        self.memory = Some(memory.to_annotation());
         self
     }
 

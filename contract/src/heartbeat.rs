@@ -1,10 +1,12 @@
 //! A runner's heartbeat: a `Lease` named after its pod and held by the runner's current start
 //! (`Runner::incarnation`), renewed every [`RENEW_INTERVAL`], fresh for [`LEASE_DURATION`],
-//! with the model it has loaded in an annotation.
+//! with the model it has loaded and its GPU memory (for the fit check) in annotations.
 
 use std::time::Duration;
 
-use framelane_api::wellknown::{ANNOTATION_LOADED_MODEL, LABEL_LANE, LABEL_RUNNER};
+use framelane_api::wellknown::{
+    ANNOTATION_LOADED_MODEL, ANNOTATION_MEMORY, LABEL_LANE, LABEL_RUNNER,
+};
 use jiff::Timestamp;
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
@@ -30,6 +32,9 @@ impl Runner {
         let mut annotations = std::collections::BTreeMap::new();
         if let Some(model) = loaded_model {
             annotations.insert(ANNOTATION_LOADED_MODEL.to_string(), model.to_string());
+        }
+        if let Some(memory) = &self.memory {
+            annotations.insert(ANNOTATION_MEMORY.to_string(), memory.clone());
         }
         let seconds = LEASE_DURATION.as_secs() as i32;
         let incarnation = self.incarnation();

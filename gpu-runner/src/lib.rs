@@ -13,6 +13,8 @@
 //! - [`memory`], [`accel`]: device selection, allocator statistics, emptying the cache.
 //! - [`placement`]: memory modes (what stays on the device), VAE tiling, host copies.
 //! - [`metrics`]: the runner's Prometheus metrics.
+//! - [`profile`]: the fit check's runner side: model shapes, device memory, refusing a job
+//!   that does not fit.
 
 pub mod accel;
 pub mod cache;
@@ -23,6 +25,7 @@ pub mod job;
 pub mod memory;
 pub mod metrics;
 pub mod placement;
+pub mod profile;
 pub mod sampler;
 pub mod schedule;
 pub mod tokenizer;

@@ -21,6 +21,7 @@ use framelane_api::{
     videojob::{JobPhase, MemoryReport},
 };
 use framelane_contract::{ClaimedJob, ContractError, Runner, backoff::Backoff};
+use framelane_core::memory::RunnerMemory;
 use framelane_runner::{
     cache::{LaneMode, ModelCache},
     generate::{JobOutcome, JobRequest, Progress, run_job},
@@ -29,6 +30,7 @@ use framelane_runner::{
     memory::RunnerDevice,
     metrics::{MemoryLabels, Metrics, ResultLabels},
     placement::{MemoryMode, VaeTiling},
+    profile::{MemoryArgs, refusal, runner_memory},
     sampler::StepControl,
     wan::pipeline::{MemoryPlan, Precision},
 };
@@ -69,14 +71,6 @@ struct Args {
     /// What the transformers and the text encoder compute in (the VAE computes in float32).
     #[arg(long, env = "FRAMELANE_WEIGHTS_DTYPE", value_enum, default_value_t = WeightsDtype::Bfloat16)]
     weights_dtype: WeightsDtype,
-    /// How much of a model stays on the device (the ModelLane's spec.runner.memory.mode):
-    /// auto picks from the GPU's memory (docs/memory.md).
-    #[arg(long, env = "FRAMELANE_MEMORY_MODE", value_enum, default_value_t = MemoryMode::Auto)]
-    memory_mode: MemoryMode,
-    /// Whether the VAE decodes in spatial tiles (spec.runner.memory.vaeTiling): auto tiles
-    /// when an untiled decode would not fit.
-    #[arg(long, env = "FRAMELANE_VAE_TILING", value_enum, default_value_t = VaeTiling::Auto)]
-    vae_tiling: VaeTiling,
     /// Root of the output volume; videos go to <namespace>/<name>/.
     #[arg(long, env = "FRAMELANE_OUTPUT_DIR", default_value = "/outputs")]
     output_dir: PathBuf,
@@ -89,6 +83,8 @@ struct Args {
     /// Kubeconfig to use (default: $KUBECONFIG, ~/.kube/config, or the in-cluster account).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    memory: MemoryArgs,
 }
 
 /// `--weights-dtype`.
@@ -152,9 +148,34 @@ async fn main() -> anyhow::Result<()> {
         allocated_bytes = device.stats()?.allocated_current,
         "runner starting"
     );
-    let plan = MemoryPlan {
-        mode: args.memory_mode,
-        vae_tiling: args.vae_tiling,
+    let fit = runner_memory(&args.memory, &device, &models, &refs, precision)
+        .context("reading the models' shapes for the fit check")?;
+    // The mode the runner reports (resolved with the device's budget) is the one it runs in.
+    let plan = match &fit {
+        Some(fit) => {
+            tracing::info!(
+                device_bytes = fit.device_bytes,
+                budget_bytes = fit.budget_bytes,
+                mode = fit.mode.as_str(),
+                vae_tiling = fit.vae_tiling,
+                "fit check"
+            );
+            MemoryPlan {
+                mode: MemoryMode::from(fit.mode),
+                vae_tiling: if fit.vae_tiling {
+                    VaeTiling::On
+                } else {
+                    VaeTiling::Off
+                },
+            }
+        }
+        None => {
+            tracing::info!("device memory unknown: no fit check (see --device-memory-bytes)");
+            MemoryPlan {
+                mode: args.memory.memory_mode,
+                vae_tiling: args.memory.vae_tiling,
+            }
+        }
     };
     let cache = Arc::new(Mutex::new(ModelCache::new(
         mode, device, precision, plan, refs,
@@ -182,6 +203,9 @@ async fn main() -> anyhow::Result<()> {
     if let Some(uid) = &args.pod_uid {
         runner = runner.owned_by_pod(uid);
     }
+    if let Some(fit) = &fit {
+        runner = runner.reporting_memory(fit);
+    }
     let _heartbeat = runner.keep_alive(loaded_rx);
     let worker = Worker {
         cache,
@@ -192,6 +216,8 @@ async fn main() -> anyhow::Result<()> {
         models,
         metrics,
         loaded: loaded_tx,
+        fit,
+        lane: args.lane.clone(),
     };
     let retry = || Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     let mut backoff = retry();
@@ -221,6 +247,9 @@ struct Worker {
     models: Vec<VideoModel>,
     metrics: Arc<Metrics>,
     loaded: watch::Sender<Option<String>>,
+    /// What the fit check measures jobs against, when the device's memory is known.
+    fit: Option<RunnerMemory>,
+    lane: String,
 }
 
 /// What a generation task gives back: the outcome and the model loaded after it, or why the
@@ -244,6 +273,17 @@ impl Worker {
                 .await;
             return;
         };
+        // A job admitted before this lane's runners reported their memory is checked here,
+        // before the GPU is touched.
+        if let Some(message) = self
+            .fit
+            .as_ref()
+            .and_then(|fit| refusal(fit, &job, &model, &self.lane))
+        {
+            self.fail(claimed, JobReason::DoesNotFit, &message, None, &name)
+                .await;
+            return;
+        }
         let mut request = request_for(&job, &model);
         if let Some(image) = &job.spec.image {
             match read_image(image, &self.models_dir, &self.image_url_hosts).await {

@@ -9,7 +9,9 @@
 //! - a Shared runner fed alternating anisora/phr00t jobs logs each unload before the next
 //!   load, and every unload leaves the live tensor bytes where they were before any model;
 //! - a job deleted mid-generation stops at a step boundary, ends Cancelled and goes away; the
-//!   runner stays healthy and runs the next job.
+//!   runner stays healthy and runs the next job;
+//! - a runner told its device is small reports it in its heartbeat Lease and refuses a job
+//!   too large for it (`DoesNotFit`) before generating, then runs one that fits.
 
 use std::{path::PathBuf, process::Stdio, time::Duration};
 
@@ -61,6 +63,16 @@ impl Setup {
     /// smaller default sizes), the operator watching only this test's objects, and a runner
     /// process for the lane.
     async fn start(prefix: &str, mode: &str, defaults: &[&str]) -> Result<Setup> {
+        Setup::start_with(prefix, mode, defaults, &[]).await
+    }
+
+    /// The same, with `extra` flags for the runner.
+    async fn start_with(
+        prefix: &str,
+        mode: &str,
+        defaults: &[&str],
+        extra: &[&str],
+    ) -> Result<Setup> {
         let env = TestEnv::get()?;
         let ns = env.namespace(prefix).await?;
         let labels = json!({INSTANCE_LABEL: ns.name});
@@ -136,6 +148,7 @@ impl Setup {
             .arg(out.path())
             .args(["--watch-namespace", &ns.name, "--metrics-addr", &health])
             .args(["--kubeconfig", &kubeconfig])
+            .args(extra)
             .stdout(std::fs::File::create(&log)?)
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -531,5 +544,70 @@ async fn a_job_deleted_mid_generation_stops_and_the_runner_runs_the_next() -> Re
         "seed": 4});
     setup.create_job("next", spec).await?;
     setup.wait_succeeded(&["next"], 120).await?;
+    setup.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_refuses_a_job_too_large_for_its_device_and_runs_the_next() -> Result<()> {
+    // 1,227,000,000 bytes leave 600 MiB usable: the tiny anisora's weights and a 256x256x9
+    // job (about 350 MiB on the CPU) fit, 512x512 (four times that) does not.
+    let setup = Setup::start_with(
+        "runner-fit",
+        "Dedicated",
+        &["anisora"],
+        &["--device-memory-bytes", "1227000000"],
+    )
+    .await?;
+    let model = setup.model("anisora").to_owned();
+    let lease = eventually(60, "the runner's memory report", || async {
+        let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(
+            setup.ns.client.clone(),
+            &setup.ns.name,
+        )
+        .get_opt("runner-0")
+        .await?;
+        Ok(lease.and_then(|l| {
+            l.metadata
+                .annotations
+                .and_then(|a| a.get("framelane.dev/memory").cloned())
+        }))
+    })
+    .await
+    .with_context(|| setup.log_text())?;
+    let report: Value = serde_json::from_str(&lease)?;
+    assert_eq!(
+        (&report["v"], &report["deviceBytes"], &report["mode"]),
+        (&json!(1), &json!(1_227_000_000u64), &json!("resident")),
+        "{report}"
+    );
+    assert!(
+        report["models"][&model]["transformerBytes"].is_array(),
+        "{report}"
+    );
+
+    let large = json!({"model": model, "mode": "i2v", "image": FIRST_FRAME, "prompt": "a fox",
+        "width": 512, "height": 512, "frames": 17});
+    setup.create_job("large", large).await?;
+    let (reason, message) = setup.wait_failed("large", 120).await?;
+    assert_eq!(reason, JobReason::DoesNotFit.as_str());
+    assert!(
+        message.starts_with("needs ")
+            && message.contains("512x512x17 in memory mode resident")
+            && message.contains("runners have 0.6 GiB usable; the largest that fit: "),
+        "{message}"
+    );
+    let generated = setup.log_lines().iter().any(|l| {
+        l["fields"]["message"] == "job memory"
+            && l["fields"]["job"]
+                .as_str()
+                .is_some_and(|j| j.ends_with("large"))
+    });
+    ensure!(!generated, "the refused job never reached the GPU");
+
+    assert_eq!(setup.probe("/healthz").await?, 200);
+    let small = json!({"model": model, "mode": "i2v", "image": FIRST_FRAME, "prompt": "a fox",
+        "width": 256, "height": 256, "frames": 9});
+    setup.create_job("small", small).await?;
+    setup.wait_succeeded(&["small"], 180).await?;
     setup.stop().await
 }

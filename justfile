@@ -69,6 +69,7 @@ bench: tools
     tests/testenv/up.sh
     cargo bench -p framelane-operator --bench queue
     cargo bench -p framelane-operator --bench webhook
+    cargo bench -p framelane-operator --bench peers
     cargo bench -p framelane-operator --bench fuzz
     cargo bench -p framelane-operator --bench restart
     eval "$(gpu-runner/scripts/setup-torch.sh)" && cargo bench -p framelane-runner --bench runner

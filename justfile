@@ -8,9 +8,10 @@ export KUBECONFIG := justfile_directory() / ".testenv/kubeconfig"
 default:
     @just --list
 
-# Build (or reuse from the cache) the control plane binaries; prints their directory.
+# Build (or reuse from the cache) the control plane binaries and Kueue (the peer `just bench` compares with, and a test checks); prints the control plane's directory.
 tools:
     @tests/testenv/tools.sh
+    @tests/testenv/kueue.sh build >/dev/null
 
 # Start the local control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok, 2 fake GPU nodes) with the CRDs installed, and framelane-operator from this checkout.
 up:
@@ -68,6 +69,7 @@ bench: tools
     tests/testenv/up.sh
     cargo bench -p framelane-operator --bench queue
     cargo bench -p framelane-operator --bench webhook
+    cargo bench -p framelane-operator --bench peers
     cargo bench -p framelane-operator --bench fuzz
     cargo bench -p framelane-operator --bench restart
     eval "$(gpu-runner/scripts/setup-torch.sh)" && cargo bench -p framelane-runner --bench runner

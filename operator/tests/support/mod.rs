@@ -195,14 +195,37 @@ impl Fixture {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<(OperatorProcess, u16)> {
+        let ca = self.ns.env.webhook_client_ca().display().to_string();
+        let mut args = vec!["--webhook-client-ca", &ca];
+        args.extend(extra);
+        self.webhook_operator_open_with_env(identity, port, &args, env)
+    }
+
+    /// A webhook operator for this test's namespace that asks callers for no client
+    /// certificate (unless `extra` gives `--webhook-client-ca`): for load generators such as
+    /// wrk, which cannot show one.
+    pub fn webhook_operator_open(
+        &self,
+        identity: &str,
+        port: u16,
+        extra: &[&str],
+    ) -> Result<(OperatorProcess, u16)> {
+        self.webhook_operator_open_with_env(identity, port, extra, &[])
+    }
+
+    fn webhook_operator_open_with_env(
+        &self,
+        identity: &str,
+        port: u16,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<(OperatorProcess, u16)> {
         let port = if port == 0 { free_port()? } else { port };
         let mut args = vec![
             "--webhook-addr".to_string(),
             format!("127.0.0.1:{port}"),
             "--webhook-configuration".into(),
             self.webhook_configuration(),
-            "--webhook-client-ca".into(),
-            self.ns.env.webhook_client_ca().display().to_string(),
             // Longer than the round robin's ENDPOINTS_LAG.
             "--shutdown-delay-seconds".into(),
             "2".into(),
@@ -375,7 +398,7 @@ impl Drop for Fixture {
             .kubectl()
             .args([
                 "delete",
-                "validatingwebhookconfigurations,mutatingwebhookconfigurations",
+                "validatingwebhookconfigurations,mutatingwebhookconfigurations,validatingadmissionpolicies,validatingadmissionpolicybindings",
                 "-l",
                 &selector,
                 "--wait=false",

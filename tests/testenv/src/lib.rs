@@ -7,6 +7,8 @@
 //! When it cannot start, the test fails with the reason, the log to read and the fix;
 //! nothing is skipped.
 
+pub mod kueue;
+
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -43,6 +45,12 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("{0}")]
     Wait(String),
+    #[error(
+        "Kueue did not start: {0}\n\
+         Read .testenv/logs/kueue.log, fix the cause, then run `tests/testenv/kueue.sh` again \
+         (its first run builds Kueue from the Go module proxy, about 10 minutes on 2 cores)."
+    )]
+    Kueue(String),
 }
 
 /// Polls `check` every 200 ms until it returns `Some`, for at most `secs`: the one way the

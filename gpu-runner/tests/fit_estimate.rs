@@ -55,11 +55,20 @@ fn measure(pipeline: &mut WanPipeline, job: &JobSize) -> Measured {
     let latents = pipeline
         .denoise(&request, &mut |_, _| StepControl::Continue)
         .unwrap_or_else(|e| panic!("{e}"));
-    let denoise = device.stats().unwrap().allocated_peak - before.allocated_current;
+    // Each stage restarts the allocator's peak window: a call's peak is its stages' largest.
+    let peak = |pipeline: &mut WanPipeline| {
+        pipeline
+            .take_stages()
+            .iter()
+            .map(|s| s.peak_allocated_bytes)
+            .max()
+            .expect("the pipeline measured its stages")
+    };
+    let denoise = peak(pipeline) - before.allocated_current;
     let before = device.begin_job().unwrap();
     let frames = pipeline.decode(&latents).unwrap();
     assert_eq!(frames.count as u64, job.frames);
-    let decode = device.stats().unwrap().allocated_peak - before.allocated_current;
+    let decode = peak(pipeline) - before.allocated_current;
     Measured {
         weights,
         denoise: denoise + before.allocated_current - weights,

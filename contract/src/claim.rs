@@ -2,6 +2,8 @@
 //! resourceVersion precondition, and reports progress and the outcome, each write conditional
 //! on the job still being its own. What each write says is `framelane_core::transitions`.
 
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use framelane_api::{
@@ -23,6 +25,7 @@ use tokio::sync::watch;
 use crate::{
     api_errors::{is_conflict, is_not_found},
     backoff::Backoff,
+    outputs::{self, Removal},
     readable::{Unreadable, watch_readable},
 };
 
@@ -39,6 +42,8 @@ pub enum ContractError {
         "job {0} is no longer this runner's (cancelled, finished, or requeued after this runner was declared lost); stop working on it"
     )]
     Lost(String),
+    #[error("moving the job's files into place: {0}")]
+    Files(#[from] std::io::Error),
 }
 
 /// One runner's side of the contract.
@@ -57,6 +62,8 @@ pub struct Runner {
     jobs: Api<VideoJob>,
     store: reflector::Store<VideoJob>,
     changed: watch::Receiver<()>,
+    /// The output volume, once set: the files of jobs deleted meanwhile are removed from it.
+    outputs: Arc<OnceLock<PathBuf>>,
 }
 
 impl Runner {
@@ -85,13 +92,20 @@ impl Runner {
             unreadable,
         )
         .default_backoff()
-        .reflect(writer)
-        .applied_objects();
+        .reflect(writer);
+        let outputs = Arc::new(OnceLock::<PathBuf>::new());
+        let root = outputs.clone();
         tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
             while let Some(event) = stream.next().await {
-                if let Err(e) = event {
-                    tracing::warn!(error = %e, "watching VideoJobs failed; retrying");
+                match event {
+                    Ok(watcher::Event::Delete(job)) => {
+                        if let Some(root) = root.get() {
+                            remove_deleted(root.clone(), job);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "watching VideoJobs failed; retrying"),
                 }
                 let _ = tx.send(());
             }
@@ -106,7 +120,15 @@ impl Runner {
             jobs,
             store,
             changed,
+            outputs,
         }
+    }
+
+    /// Sets the output volume this runner writes to: the files of a job deleted from now on
+    /// (by its user or its TTL) are removed from it (`outputs::remove_deleted`).
+    pub fn removing_outputs_of_deleted_jobs(self, root: impl Into<PathBuf>) -> Self {
+        let _ = self.outputs.set(root.into());
+        self
     }
 
     /// Makes the runner's pod (named like the runner, in the Lease's namespace, with this
@@ -187,6 +209,22 @@ impl Runner {
             &job.namespace().unwrap_or_default(),
         )
     }
+}
+
+/// Removes a deleted job's files off the async threads, logging what happened.
+fn remove_deleted(root: PathBuf, job: VideoJob) {
+    tokio::task::spawn_blocking(move || {
+        let name = format!("{}/{}", job.namespace().unwrap_or_default(), job.name_any());
+        match outputs::remove_deleted(&root, &job) {
+            Ok(Removal::Removed) => {
+                tracing::info!(job = %name, "removed the files of a deleted job")
+            }
+            Ok(Removal::NotItsFiles) => {}
+            Err(e) => {
+                tracing::warn!(job = %name, error = %e, "could not remove the files of a deleted job")
+            }
+        }
+    });
 }
 
 fn with_status(job: &VideoJob, status: VideoJobStatus) -> VideoJob {
@@ -273,6 +311,54 @@ impl ClaimedJob {
         })
         .await?;
         Ok(self.job)
+    }
+
+    /// Where this attempt writes its files before [`ClaimedJob::publish`] moves them into
+    /// place: `<root>/.staging/<job uid>-<attempt>/`, laid out like `root`.
+    pub fn staging_dir(&self, root: &Path) -> PathBuf {
+        outputs::staging_dir(root, &self.job)
+    }
+
+    /// Moves the attempt's `files` (relative paths) from its staging folder into `root`, after
+    /// a fresh read from the API server shows the job still this runner's: a runner that was
+    /// declared lost, and whose job another runner took over, has its files thrown away
+    /// (`Lost`) instead of replacing the ones the job's status describes. While the API server
+    /// cannot be reached the read is retried with backoff, the files kept.
+    pub async fn publish(&mut self, root: &Path, files: &[String]) -> Result<(), ContractError> {
+        let staging = self.staging_dir(root);
+        let name = self.job.name_any();
+        let mut backoff = Backoff::new(FINAL_RETRY_FIRST, FINAL_RETRY_MAX);
+        let mine = loop {
+            match self.api.get_opt(&name).await {
+                Ok(Some(current)) if self.is_mine(&current) => {
+                    self.job = current;
+                    break true;
+                }
+                Ok(_) => break false,
+                Err(error) => {
+                    let wait = backoff.next_wait();
+                    tracing::warn!(job = %name, %error, ?wait, "cannot confirm the job is still this runner's; keeping its files staged and retrying");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        };
+        let staged = staging.clone();
+        let files = files.to_vec();
+        let root = root.to_path_buf();
+        let moved = tokio::task::spawn_blocking(move || {
+            if mine {
+                outputs::move_into_place(&staged, &root, &files)
+            } else {
+                outputs::discard(&staged)
+            }
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+        if !mine {
+            tracing::warn!(job = %name, staging = %staging.display(), "the job is no longer this runner's: its files were thrown away, not published");
+            return Err(ContractError::Lost(name));
+        }
+        Ok(moved?)
     }
 
     /// Writes a final status. A refusal other than a conflict or a missing job is retried

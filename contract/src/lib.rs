@@ -14,6 +14,9 @@
 //!   still this runner's, so a job never stays Running after its runner finished it. The
 //!   statuses written are
 //!   `framelane_core::transitions`'.
+//! - [`outputs`]: a job's files on the output volume. An attempt writes them to its own
+//!   staging folder; they are moved into place only once the API server confirms the job is
+//!   still the runner's, and removed when the job is deleted.
 //! - [`serve`]: a client from a kubeconfig or the pod's account, and `/healthz`, `/readyz`,
 //!   `/metrics`.
 //! - [`api_errors`]: what an API error means (a conflict, a missing object).
@@ -25,6 +28,7 @@ pub mod api_errors;
 pub mod backoff;
 pub mod claim;
 pub mod heartbeat;
+pub mod outputs;
 pub mod readable;
 pub mod serve;
 

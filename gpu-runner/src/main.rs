@@ -20,7 +20,7 @@ use framelane_api::{
     reasons::JobReason,
     videojob::{JobPhase, MemoryReport},
 };
-use framelane_contract::{ClaimedJob, ContractError, Runner, backoff::Backoff};
+use framelane_contract::{ClaimedJob, ContractError, Runner, backoff::Backoff, outputs};
 use framelane_core::memory::RunnerMemory;
 use framelane_runner::{
     cache::{LaneMode, ModelCache},
@@ -206,6 +206,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(fit) = &fit {
         runner = runner.reporting_memory(fit);
     }
+    runner = runner.removing_outputs_of_deleted_jobs(&args.output_dir);
     let _heartbeat = runner.keep_alive(loaded_rx);
     let worker = Worker {
         cache,
@@ -341,10 +342,12 @@ impl Worker {
         let cancel = Arc::new(AtomicBool::new(false));
         let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<Progress>();
         let task = tokio::task::spawn_blocking({
+            // The attempt's own folder: `report` moves the files into place once the job
+            // is confirmed still this runner's.
             let (cache, device, out, cancel, metrics) = (
                 self.cache.clone(),
                 self.device,
-                self.output_dir.clone(),
+                claimed.staging_dir(&self.output_dir),
                 cancel.clone(),
                 self.metrics.clone(),
             );
@@ -397,7 +400,7 @@ impl Worker {
 
     /// Writes the outcome of a generation: the video, or the failure with its reason, with
     /// the job's memory either way.
-    async fn report(&self, claimed: ClaimedJob, outcome: JobOutcome, name: &str) {
+    async fn report(&self, mut claimed: ClaimedJob, outcome: JobOutcome, name: &str) {
         let memory = outcome.memory.ok().map(|m| {
             self.metrics.observe_job(&m);
             let kinds = [
@@ -414,10 +417,26 @@ impl Worker {
         });
         match outcome.result {
             Ok(video) => {
-                let written = claimed.complete(output_for(&video), memory).await;
-                self.finished(written, JobPhase::Succeeded.as_str(), name);
+                let files = [video.path.clone(), video.preview_path.clone()];
+                match claimed.publish(&self.output_dir, &files).await {
+                    Ok(()) => {
+                        let written = claimed.complete(output_for(&video), memory).await;
+                        self.finished(written, JobPhase::Succeeded.as_str(), name);
+                    }
+                    // Taken over by another runner meanwhile (`publish` logged it).
+                    Err(ContractError::Lost(_)) => {}
+                    Err(e) => {
+                        let message = format!("the video was made but not saved: {e}");
+                        self.fail(claimed, JobReason::GenerationFailed, &message, memory, name)
+                            .await;
+                    }
+                }
             }
             Err(error) => {
+                // Whatever a failed attempt wrote stays out of the output volume.
+                if let Err(e) = outputs::discard(&claimed.staging_dir(&self.output_dir)) {
+                    tracing::warn!(job = name, error = %e, "could not remove a failed attempt's files");
+                }
                 let reason = error.reason();
                 if reason == JobReason::GpuOutOfMemory {
                     self.metrics.ooms.inc();

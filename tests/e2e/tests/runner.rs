@@ -525,7 +525,8 @@ async fn a_job_deleted_mid_generation_stops_and_the_runner_runs_the_next() -> Re
         .with_context(|| format!("no step count in {error:?}"))?;
     assert!(
         (1..8).contains(&completed),
-        "stopped after {completed} of 8 steps: {error}"
+        "stopped after {completed} of 8 steps: {error}\n{}",
+        setup.log_text()
     );
     assert!(
         lines
@@ -544,6 +545,27 @@ async fn a_job_deleted_mid_generation_stops_and_the_runner_runs_the_next() -> Re
         "seed": 4});
     setup.create_job("next", spec).await?;
     setup.wait_succeeded(&["next"], 120).await?;
+
+    // Deleting a finished job removes its files; nothing of the cancelled attempt is left.
+    let folder = setup.out.path().join(&setup.ns.name).join("next");
+    assert!(folder.join("video.mp4").exists() && folder.join("preview.png").exists());
+    setup
+        .jobs()
+        .delete("next", &DeleteParams::default())
+        .await?;
+    eventually(60, "the deleted job's files to go", || async {
+        setup.check_runner()?;
+        Ok((!folder.exists()).then_some(()))
+    })
+    .await
+    .with_context(|| setup.log_text())?;
+    let staging = setup.out.path().join(".staging");
+    let left: Vec<_> = std::fs::read_dir(&staging)?.collect::<Result<_, _>>()?;
+    assert!(
+        left.is_empty(),
+        "attempts' files left in {}: {left:?}",
+        staging.display()
+    );
     setup.stop().await
 }
 

@@ -1,6 +1,7 @@
 //! Leader fencing on the real local control plane: a leader whose connection to the API
 //! server stalls, or whose clock is 12 s off, never leaves two replicas acting as leader at
-//! once, and a lane never takes more than its maxDepth jobs.
+//! once, and a lane never takes more than its maxDepth jobs; a standby without a leader
+//! refuses within the API server's webhook timeout.
 
 mod support;
 
@@ -10,10 +11,10 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use framelane_operator::webhook::peer::{self, PeerKeys};
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Secret};
 use kube::{Api, api::PostParams};
@@ -330,5 +331,47 @@ async fn a_review_the_standby_stopped_waiting_for_takes_no_slot_on_the_leader() 
         "refusals: {:?}",
         refused.first().map(|r| &r.message)
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_standby_that_cannot_reach_the_leader_refuses_within_the_api_servers_timeout()
+-> Result<()> {
+    let s = setup("fence-timeout").await?;
+    let (mut leader, _) = s.fx.webhook_operator("a", 0, NO_RESYNC)?;
+    leader.until_leading().await?;
+    let (standby, port) = s.fx.webhook_operator("b", 0, NO_RESYNC)?;
+    standby.until_ready().await?;
+    // The API server waits 2 s for the webhook, less than the 3 s a review waits when it is
+    // not told how long it has.
+    s.fx.register_webhook_with(port, json!({"timeoutSeconds": 2}))
+        .await?;
+    s.fx.webhook_effective(&s.model).await?;
+
+    // The leader dies; its Lease lasts 10 s more, so the standby has no leader to hand to.
+    leader.kill();
+    let jobs = s.fx.jobs_without_retries().await?;
+    let started = Instant::now();
+    let created = jobs
+        .create(
+            &PostParams::default(),
+            &job("orphan", json!({"model": s.model, "prompt": "a fox"})),
+        )
+        .await;
+    let waited = started.elapsed();
+    let Err(kube::Error::Api(status)) = created else {
+        bail!("the create was not refused: {created:?}");
+    };
+    // The standby's own refusal, with its reason and what to do, not the API server's
+    // "context deadline exceeded".
+    assert_eq!(status.code, 503, "{status:?}");
+    assert!(
+        status
+            .message
+            .contains("framelane has no leader replica that can count the lane's queue"),
+        "{}",
+        status.message
+    );
+    assert!(waited < Duration::from_secs(2), "refused after {waited:?}");
     Ok(())
 }

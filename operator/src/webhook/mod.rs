@@ -61,9 +61,50 @@ pub const PATH: &str = "/validate-videojob";
 pub const MUTATE_PATH: &str = "/mutate-videojob";
 /// The path a standby hands reviews to the leader on.
 const LEADER_PATH: &str = "/leader/validate-videojob";
-/// How long a review may wait for a leader that can count (one being elected, or starting):
-/// well inside the API server's webhook timeout (5 s in the chart).
+/// How long a review may wait for a leader that can count (one being elected, or starting),
+/// hand-over included, when the API server did not say how long it waits: 3 s, inside the
+/// chart's 5 s `webhook.timeoutSeconds`.
 const DECIDE_WITHIN: Duration = Duration::from_secs(3);
+
+/// How long a review may wait, from the API server's `timeout` query parameter (its wait for
+/// this call, the webhook's `timeoutSeconds` or less, as a Go duration such as `5s`): three
+/// fifths of it, so that a refusal reaches the API server before it gives up on the call and
+/// fails the create with its own, vaguer error.
+pub fn decide_within(timeout: Option<&str>) -> Duration {
+    timeout
+        .and_then(go_duration)
+        .map_or(DECIDE_WITHIN, |t| t * 3 / 5)
+}
+
+/// A Go duration (`time.Duration.String()`: `5s`, `1m0s`, `1.5s`, `300ms`); `None` for
+/// anything else.
+fn go_duration(text: &str) -> Option<Duration> {
+    const UNITS: [(&str, f64); 7] = [
+        ("ns", 1e-9),
+        ("us", 1e-6),
+        ("µs", 1e-6),
+        ("ms", 1e-3),
+        ("s", 1.0),
+        ("m", 60.0),
+        ("h", 3600.0),
+    ];
+    let mut rest = text;
+    let mut seconds = 0.0;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .filter(|&end| end > 0)?;
+        let value: f64 = rest[..digits].parse().ok()?;
+        let after = &rest[digits..];
+        let unit_len = after
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(after.len());
+        let (_, scale) = UNITS.iter().find(|(u, _)| *u == &after[..unit_len])?;
+        seconds += value * scale;
+        rest = &after[unit_len..];
+    }
+    (seconds > 0.0 && seconds <= 3600.0).then(|| Duration::from_secs_f64(seconds))
+}
 
 pub struct Webhook {
     pub models: Store<VideoModel>,
@@ -108,10 +149,11 @@ impl Webhook {
         }
     }
 
-    /// Answers one AdmissionReview body from the API server.
-    pub async fn review(&self, body: Bytes) -> Vec<u8> {
+    /// Answers one AdmissionReview body from the API server, deciding within `within`
+    /// ([`decide_within`] of the call's timeout).
+    pub async fn review(&self, body: Bytes, within: Duration) -> Vec<u8> {
         let started = Instant::now();
-        let out = self.answer(body, started + DECIDE_WITHIN).await;
+        let out = self.answer(body, started + within).await;
         self.metrics
             .webhook_duration
             .observe(started.elapsed().as_secs_f64());
@@ -284,6 +326,29 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
+
+    #[test]
+    fn a_review_decides_within_three_fifths_of_the_api_servers_timeout() {
+        let ms = |text| decide_within(Some(text)).as_millis();
+        assert_eq!(ms("5s"), 3000);
+        assert_eq!(ms("2s"), 1200);
+        assert_eq!(ms("30s"), 18_000);
+        assert_eq!(ms("1m0s"), 36_000);
+        assert_eq!(ms("1.5s"), 900);
+        assert_eq!(ms("500ms"), 300);
+        // Not said, or not a duration: the 3 s that fit the chart's 5 s.
+        for text in [
+            None,
+            Some(""),
+            Some("5"),
+            Some("s"),
+            Some("5x"),
+            Some("-5s"),
+            Some("0s"),
+        ] {
+            assert_eq!(decide_within(text), DECIDE_WITHIN, "{text:?}");
+        }
+    }
 
     /// The default install's models (examples/videomodels.yaml).
     fn models() -> Vec<Arc<VideoModel>> {

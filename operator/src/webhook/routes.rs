@@ -3,6 +3,7 @@
 //! leader. A caller that cannot show it is one of those is refused before its body is read.
 
 use std::{
+    collections::HashMap,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -14,7 +15,7 @@ use warp::{
 };
 
 use super::{
-    Webhook,
+    Webhook, decide_within,
     forward::ANSWER_WITHIN,
     peer::{self, Refused},
     tls::Peer,
@@ -54,11 +55,13 @@ impl Webhook {
         // The body is read before the caller is refused: an answer while a client is still
         // sending makes some clients report a broken connection instead of the refusal.
         let validate = warp::path!("validate-videojob")
+            .and(warp::query::<HashMap<String, String>>())
             .and(body())
             .and(api_server.clone())
-            .then(move |b: Bytes| {
+            .then(move |query: HashMap<String, String>, b: Bytes| {
                 let webhook = validator.clone();
-                async move { json(webhook.review(b).await) }
+                let within = decide_within(query.get("timeout").map(String::as_str));
+                async move { json(webhook.review(b, within).await) }
             });
         let mutate = warp::path!("mutate-videojob")
             .and(body())

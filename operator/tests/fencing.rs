@@ -15,9 +15,13 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
+use framelane_api::videojob::JobPhase;
 use framelane_operator::webhook::peer::{self, PeerKeys};
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Secret};
-use kube::{Api, api::PostParams};
+use kube::{
+    Api, ResourceExt,
+    api::{DeleteParams, PostParams},
+};
 use serde_json::json;
 use support::{
     Fixture, OperatorProcess, RoundRobin, burst, eventually, job, sample, stall::StallProxy,
@@ -373,5 +377,77 @@ async fn a_standby_that_cannot_reach_the_leader_refuses_within_the_api_servers_t
         status.message
     );
     assert!(waited < Duration::from_secs(2), "refused after {waited:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_job_deleted_and_re_created_before_the_leader_saw_the_delete_is_counted() -> Result<()> {
+    let s = setup("fence-names").await?;
+    let name = format!("kubeconfig-{}-through-proxy", s.fx.ns.name);
+    let (proxy, kubeconfig) = StallProxy::start(&s.fx.ns.env.kubeconfig, &name).await?;
+    let kubeconfig = kubeconfig.display().to_string();
+    let mut flags = vec!["--kubeconfig", kubeconfig.as_str()];
+    flags.extend(NO_RESYNC);
+    let (leader, port) = s.fx.webhook_operator("a", 0, &flags)?;
+    leader.until_leading().await?;
+    s.fx.register_webhook(port).await?;
+    s.fx.webhook_effective(&s.model).await?;
+    let jobs = s.fx.jobs_without_retries().await?;
+    let (admitted, _) = burst(&jobs, &s.model, "full", 25).await;
+    assert_eq!(admitted, 25);
+    eventually(60, "the lane to count 25", || async {
+        Ok((s.fx.lane_status(&s.lane).await?.queue_depth == 25).then_some(()))
+    })
+    .await?;
+
+    // The leader's watch stalls, so it sees the delete late: the create of a new job under
+    // the deleted one's name meets a lane that still counts the old one, and is refused.
+    let again = || {
+        job(
+            "full-0",
+            json!({"model": s.model, "prompt": "the same name"}),
+        )
+    };
+    proxy.freeze();
+    let deleted = jobs.delete("full-0", &DeleteParams::default()).await;
+    let created = jobs.create(&PostParams::default(), &again()).await;
+    proxy.thaw();
+    deleted?;
+    match &created {
+        Err(kube::Error::Api(status)) if status.code == 503 => assert!(
+            status.message.contains("queue_overloaded"),
+            "{}",
+            status.message
+        ),
+        other => bail!("the new job was let in uncounted into a full lane: {other:?}"),
+    }
+
+    // Once the leader has seen the delete, the name's new job takes the freed slot and is
+    // counted: the lane holds 25 again, the next create is refused, and nothing failed.
+    let created = eventually(
+        30,
+        "the new job under the old name to be admitted",
+        || async { Ok(jobs.create(&PostParams::default(), &again()).await.ok()) },
+    )
+    .await?;
+    let (more, _) = burst(&jobs, &s.model, "more", 5).await;
+    assert_eq!(more, 0, "the lane took more than its maxDepth");
+    let stored = s.fx.list_jobs().await?;
+    assert_eq!(stored.len(), 25);
+    eventually(30, "the new job to be Queued", || async {
+        let job = jobs.get("full-0").await?;
+        ensure!(
+            job.uid() == created.uid(),
+            "the new job was replaced: {:?}",
+            job.uid()
+        );
+        let phase = job.status.and_then(|s| s.phase);
+        ensure!(
+            phase != Some(JobPhase::Failed),
+            "the new job failed: {phase:?}"
+        );
+        Ok((phase == Some(JobPhase::Queued)).then_some(()))
+    })
+    .await?;
     Ok(())
 }

@@ -6,12 +6,12 @@
 use framelane_api::{
     VideoJob, VideoJobStatus, reasons::JobReason, videojob::JobPhase, wellknown::JOB_FINALIZER,
 };
-use framelane_contract::api_errors::ignore_not_found;
+use framelane_contract::api_errors::{ignore_not_found, is_conflict, is_not_found};
 use framelane_core::{index::key_of, transitions};
 use jiff::Timestamp;
 use kube::{
     Api, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions},
     runtime::controller::Action,
 };
 use serde_json::json;
@@ -79,13 +79,22 @@ pub async fn requeue(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
-/// Deletes a finished job whose TTL passed.
+/// Deletes a finished job whose TTL passed: this job, by its UID, never a job re-created
+/// under its name since (the precondition fails with a conflict: nothing to delete).
 pub async fn delete(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
-    ignore_not_found(
-        api(ctx, job)
-            .delete(&job.name_any(), &DeleteParams::background())
-            .await,
-    )?;
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: job.uid(),
+            resource_version: None,
+        }),
+        ..DeleteParams::background()
+    };
+    match api(ctx, job).delete(&job.name_any(), &params).await {
+        Err(e) if is_conflict(&e) || is_not_found(&e) => {}
+        result => {
+            result?;
+        }
+    }
     Ok(Action::await_change())
 }
 

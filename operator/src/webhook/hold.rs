@@ -62,6 +62,7 @@ pub fn hold_slot(
         }
         index.hold(
             key,
+            job.metadata.uid.as_deref(),
             &name,
             limits,
             lane_of,

@@ -72,6 +72,11 @@ impl StallProxy {
     pub fn freeze(&self) {
         self.frozen.store(true, Ordering::SeqCst);
     }
+
+    /// Lets everything held pass again, in order.
+    pub fn thaw(&self) {
+        self.frozen.store(false, Ordering::SeqCst);
+    }
 }
 
 /// Copies `from` to `to`; while frozen, holds what it read instead of writing it (so the

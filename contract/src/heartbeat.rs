@@ -24,6 +24,10 @@ use crate::{
 pub const LEASE_DURATION: Duration = Duration::from_secs(15);
 /// How often a runner renews its heartbeat.
 pub const RENEW_INTERVAL: Duration = Duration::from_secs(3);
+/// How long one renewal may take before it is given up and tried again: a request the API
+/// server holds (etcd down: it waits up to its own 60 s request timeout) must not stop the
+/// renewals that would succeed once it is back.
+pub const RENEW_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Runner {
     /// Creates or renews the heartbeat Lease, recording the loaded model.
@@ -95,8 +99,16 @@ impl Runner {
         HeartbeatHandle(tokio::spawn(async move {
             loop {
                 let loaded = model.borrow().clone();
-                if let Err(e) = runner.heartbeat(loaded.as_deref()).await {
-                    tracing::warn!(error = %e, runner = runner.name, "heartbeat renewal failed");
+                match tokio::time::timeout(RENEW_TIMEOUT, runner.heartbeat(loaded.as_deref())).await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, runner = runner.name, "heartbeat renewal failed")
+                    }
+                    Err(_) => tracing::warn!(
+                        runner = runner.name,
+                        "heartbeat renewal got no answer within {RENEW_TIMEOUT:?}; trying again"
+                    ),
                 }
                 tokio::time::sleep(jittered(RENEW_INTERVAL)).await;
             }

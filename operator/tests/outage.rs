@@ -3,53 +3,17 @@
 
 mod support;
 
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result};
 use framelane_api::videojob::JobPhase;
 use framelane_testenv::TestEnv;
 use kube::{Api, Client};
-use support::{Behaviour, Fixture, OperatorProcess, SimRunner, eventually, phase};
+use support::{Behaviour, Fixture, OperatorProcess, Outage, SimRunner, eventually, phase};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
 };
-
-/// Stops this checkout's kube-apiserver (tests/testenv/apiserver.sh); starts it again when
-/// ended or dropped, so a failing test leaves the control plane up for the next one.
-struct Outage {
-    stopped: bool,
-}
-
-impl Outage {
-    fn begin() -> Result<Outage> {
-        apiserver("stop")?;
-        Ok(Outage { stopped: true })
-    }
-
-    fn end(&mut self) -> Result<()> {
-        self.stopped = false;
-        apiserver("start")
-    }
-}
-
-impl Drop for Outage {
-    fn drop(&mut self) {
-        if self.stopped {
-            let _ = apiserver("start");
-        }
-    }
-}
-
-fn apiserver(action: &str) -> Result<()> {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/testenv/apiserver.sh");
-    let status = Command::new(script).arg(action).status()?;
-    ensure!(
-        status.success(),
-        "tests/testenv/apiserver.sh {action}: {status}"
-    );
-    Ok(())
-}
 
 /// Forwards TCP connections to `upstream` while open; closing it drops every connection and
 /// refuses new ones, as a network partition would.
@@ -144,7 +108,7 @@ async fn an_api_server_outage_does_not_requeue_running_jobs() -> Result<()> {
     .await?;
 
     gate.set_open(false);
-    let mut outage = Outage::begin()?;
+    let mut outage = Outage::begin("kube-apiserver")?;
     tokio::time::sleep(Duration::from_secs(60)).await;
     outage.end()?;
     tokio::time::sleep(Duration::from_secs(8)).await;

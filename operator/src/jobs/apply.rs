@@ -3,12 +3,15 @@
 //! it, say), the write fails with a conflict and the job is decided again, so nothing
 //! overwrites a state the decision did not see.
 
+use std::time::Duration;
+
 use framelane_api::{
     VideoJob, VideoJobStatus, reasons::JobReason, videojob::JobPhase, wellknown::JOB_FINALIZER,
 };
 use framelane_contract::api_errors::{ignore_not_found, is_conflict, is_not_found};
 use framelane_core::{index::key_of, transitions};
 use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::{
     Api, ResourceExt,
     api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions},
@@ -63,10 +66,25 @@ pub async fn fail(
     Ok(Action::await_change())
 }
 
-/// Puts a job whose runner was lost back at its place in the queue.
+/// How soon a job whose runner only looked lost (the heartbeat cache was behind) is looked at
+/// again.
+const CACHE_BEHIND_RECHECK: Duration = Duration::from_secs(3);
+
+/// Puts a job whose runner was lost back at its place in the queue, once the API server
+/// confirms that the runner's heartbeat really stopped.
 pub async fn requeue(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
-    let (status, message) = transitions::requeued(job, ctx.config.max_attempts, Timestamp::now());
     let runner = job.status.as_ref().and_then(|s| s.runner.clone());
+    if let Some(name) = &runner
+        && heartbeat_cache_behind(job, name, ctx).await?
+    {
+        // The heartbeat watch went quiet without failing (the API server rebuilt its own
+        // cache after an etcd outage): the whole view is suspect, so every runner is judged
+        // fresh for a lease duration from now, and this job is looked at again.
+        ctx.leases_seen.interrupted(Timestamp::now());
+        tracing::info!(job = %job.name_any(), runner = %name, "the heartbeat cache is behind the API server; the runner is alive, the job stays");
+        return Ok(Action::requeue(CACHE_BEHIND_RECHECK));
+    }
+    let (status, message) = transitions::requeued(job, ctx.config.max_attempts, Timestamp::now());
     let lane = status.lane.clone().unwrap_or_default();
     let written = replace_status(ctx, job, status).await?;
     ctx.update_index(|index| index.observe_written(&written, Timestamp::now()));
@@ -77,6 +95,41 @@ pub async fn requeue(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
     tracing::warn!(job = %job.name_any(), runner, lane, "runner lost; job requeued");
     record::requeued(ctx, job, &message);
     Ok(Action::await_change())
+}
+
+/// Whether the runner's heartbeat Lease, read from the API server now, shows the job's runner
+/// renewing since the copy the watch cache holds, and fresh by this replica's clock: the cache
+/// is behind, the runner not lost. (A runner that died after such a renewal is found lost
+/// a lease duration later, whether the cache caught up or not.)
+async fn heartbeat_cache_behind(
+    job: &VideoJob,
+    runner: &str,
+    ctx: &Context,
+) -> Result<bool, Error> {
+    let cached = ctx
+        .leases
+        .state()
+        .into_iter()
+        .find(|l| l.name_any() == runner)
+        .and_then(|l| l.resource_version());
+    let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
+    let Some(current) = leases.get_opt(runner).await? else {
+        return Ok(false);
+    };
+    let spec = current.spec.clone().unwrap_or_default();
+    let incarnation = job
+        .status
+        .as_ref()
+        .and_then(|s| s.runner_incarnation.as_deref());
+    let same_holder = incarnation.is_none() || spec.holder_identity.as_deref() == incarnation;
+    let fresh = spec.renew_time.is_some_and(|renewed| {
+        let duration = i64::from(spec.lease_duration_seconds.unwrap_or(0));
+        renewed
+            .0
+            .checked_add(jiff::SignedDuration::from_secs(duration))
+            .is_ok_and(|until| until > Timestamp::now())
+    });
+    Ok(current.resource_version() != cached && same_holder && fresh)
 }
 
 /// Deletes a finished job whose TTL passed: this job, by its UID, never a job re-created

@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Result;
+use anyhow::{Result, ensure};
 use framelane_api::{
     ModelLane, VideoJob, VideoModel,
     reasons::JobReason,
@@ -995,4 +995,44 @@ pub fn count_phases(jobs: &[VideoJob]) -> BTreeMap<String, usize> {
         *counts.entry(format!("{:?}", phase(job))).or_insert(0) += 1;
     }
     counts
+}
+
+/// Stops one of this checkout's control plane processes (tests/testenv/outage.sh); starts it
+/// again when ended or dropped, so a failing test leaves the control plane up for the next one.
+pub struct Outage {
+    component: &'static str,
+    stopped: bool,
+}
+
+impl Outage {
+    pub fn begin(component: &'static str) -> Result<Outage> {
+        outage("stop", component)?;
+        Ok(Outage {
+            component,
+            stopped: true,
+        })
+    }
+
+    pub fn end(&mut self) -> Result<()> {
+        self.stopped = false;
+        outage("start", self.component)
+    }
+}
+
+impl Drop for Outage {
+    fn drop(&mut self) {
+        if self.stopped {
+            let _ = outage("start", self.component);
+        }
+    }
+}
+
+fn outage(action: &str, component: &str) -> Result<()> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/testenv/outage.sh");
+    let status = Command::new(script).args([action, component]).status()?;
+    ensure!(
+        status.success(),
+        "tests/testenv/outage.sh {action} {component}: {status}"
+    );
+    Ok(())
 }

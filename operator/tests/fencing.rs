@@ -451,3 +451,52 @@ async fn a_job_deleted_and_re_created_before_the_leader_saw_the_delete_is_counte
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_finished_jobs_ttl_never_deletes_a_job_re_created_under_its_name() -> Result<()> {
+    let s = setup("fence-ttl").await?;
+    let name = format!("kubeconfig-{}-through-proxy", s.fx.ns.name);
+    let (proxy, kubeconfig) = StallProxy::start(&s.fx.ns.env.kubeconfig, &name).await?;
+    let kubeconfig = kubeconfig.display().to_string();
+    // The leader outlives the stall (it gives up after 2/3 of its Lease).
+    let flags = [
+        "--kubeconfig",
+        kubeconfig.as_str(),
+        "--leader-lease-seconds",
+        "300",
+    ];
+    let op = OperatorProcess::start(&s.fx.ns, "op", &flags)?;
+    op.until_leading().await?;
+    // No webhook here: the controller fails a job with a wrong parameter at once, and a job
+    // that never ran carries no finalizer, so deleting it is immediate.
+    let spec = |steps: i32| json!({"model": s.model, "prompt": "a fox", "steps": steps, "ttlSecondsAfterFinished": 3});
+    s.fx.jobs
+        .create(&PostParams::default(), &job("fox", spec(999)))
+        .await?;
+    eventually(60, "the first job to fail", || async {
+        let job = s.fx.jobs.get("fox").await?;
+        Ok((job.status.and_then(|s| s.phase) == Some(JobPhase::Failed)).then_some(()))
+    })
+    .await?;
+
+    // The leader's connection stalls before the TTL passes: its delete of the finished job
+    // is held on the way. Meanwhile the user deletes the job and creates a new one under
+    // its name; then the held delete arrives.
+    proxy.freeze();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    s.fx.jobs.delete("fox", &DeleteParams::default()).await?;
+    let new =
+        s.fx.jobs
+            .create(&PostParams::default(), &job("fox", spec(8)))
+            .await?;
+    proxy.thaw();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let log = op.log_text();
+    let now = s.fx.jobs.get_opt("fox").await?;
+    assert_eq!(
+        now.as_ref().and_then(|j| j.uid()),
+        new.uid(),
+        "the old job's TTL deleted the new job; operator log:\n{log}"
+    );
+    Ok(())
+}

@@ -47,6 +47,13 @@ async fn setup(prefix: &str) -> Result<Setup> {
     Ok(Setup { fx, model, lane })
 }
 
+/// A proxy to the API server that the test can stall, and a kubeconfig that goes through it.
+async fn stall_proxy(s: &Setup) -> Result<(StallProxy, String)> {
+    let name = format!("kubeconfig-{}-through-proxy", s.fx.ns.name);
+    let (proxy, kubeconfig) = StallProxy::start(&s.fx.ns.env.kubeconfig, &name).await?;
+    Ok((proxy, kubeconfig.display().to_string()))
+}
+
 /// Operator flags that leave a lane's status unrefreshed unless something changes.
 const NO_RESYNC: &[&str] = &["--lane-resync-seconds", "3600"];
 
@@ -158,9 +165,7 @@ async fn route_to(s: &Setup, operator: &OperatorProcess, port: u16) -> Result<()
 async fn a_leader_whose_api_server_connection_stalls_stops_before_the_standby_leads() -> Result<()>
 {
     let s = setup("fence-stall").await?;
-    let name = format!("kubeconfig-{}-through-proxy", s.fx.ns.name);
-    let (proxy, kubeconfig) = StallProxy::start(&s.fx.ns.env.kubeconfig, &name).await?;
-    let kubeconfig = kubeconfig.display().to_string();
+    let (proxy, kubeconfig) = stall_proxy(&s).await?;
     let mut flags = vec!["--kubeconfig", kubeconfig.as_str()];
     flags.extend(NO_RESYNC);
     let (mut a, port_a) = s.fx.webhook_operator("a", 0, &flags)?;
@@ -383,9 +388,7 @@ async fn a_standby_that_cannot_reach_the_leader_refuses_within_the_api_servers_t
 #[tokio::test]
 async fn a_job_deleted_and_re_created_before_the_leader_saw_the_delete_is_counted() -> Result<()> {
     let s = setup("fence-names").await?;
-    let name = format!("kubeconfig-{}-through-proxy", s.fx.ns.name);
-    let (proxy, kubeconfig) = StallProxy::start(&s.fx.ns.env.kubeconfig, &name).await?;
-    let kubeconfig = kubeconfig.display().to_string();
+    let (proxy, kubeconfig) = stall_proxy(&s).await?;
     let mut flags = vec!["--kubeconfig", kubeconfig.as_str()];
     flags.extend(NO_RESYNC);
     let (leader, port) = s.fx.webhook_operator("a", 0, &flags)?;
@@ -455,9 +458,7 @@ async fn a_job_deleted_and_re_created_before_the_leader_saw_the_delete_is_counte
 #[tokio::test]
 async fn a_finished_jobs_ttl_never_deletes_a_job_re_created_under_its_name() -> Result<()> {
     let s = setup("fence-ttl").await?;
-    let name = format!("kubeconfig-{}-through-proxy", s.fx.ns.name);
-    let (proxy, kubeconfig) = StallProxy::start(&s.fx.ns.env.kubeconfig, &name).await?;
-    let kubeconfig = kubeconfig.display().to_string();
+    let (proxy, kubeconfig) = stall_proxy(&s).await?;
     // The leader outlives the stall (it gives up after 2/3 of its Lease).
     let flags = [
         "--kubeconfig",

@@ -141,6 +141,14 @@ impl MemoryMode {
         }
     }
 
+    /// Every mode.
+    pub const ALL: [MemoryMode; 4] = [
+        MemoryMode::Auto,
+        MemoryMode::Resident,
+        MemoryMode::ExpertSwap,
+        MemoryMode::ModelOffload,
+    ];
+
     /// The value of the runner's `--memory-mode` flag.
     pub fn flag(self) -> &'static str {
         match self {
@@ -149,6 +157,11 @@ impl MemoryMode {
             MemoryMode::ExpertSwap => "expert-swap",
             MemoryMode::ModelOffload => "model-offload",
         }
+    }
+
+    /// The mode a `--memory-mode` value names.
+    pub fn from_flag(flag: &str) -> Option<MemoryMode> {
+        MemoryMode::ALL.into_iter().find(|m| m.flag() == flag)
     }
 }
 
@@ -166,6 +179,14 @@ pub enum VaeTiling {
 }
 
 impl VaeTiling {
+    /// Every setting.
+    pub const ALL: [VaeTiling; 3] = [VaeTiling::Auto, VaeTiling::Off, VaeTiling::On];
+
+    /// The setting a `--vae-tiling` value names.
+    pub fn from_flag(flag: &str) -> Option<VaeTiling> {
+        VaeTiling::ALL.into_iter().find(|t| t.as_str() == flag)
+    }
+
     /// The value as the API writes it, and of the runner's `--vae-tiling` flag.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -25,7 +25,9 @@ use anyhow::{Context, bail, ensure};
 use framelane_runner::cache::{LaneMode, ModelCache, ModelRef};
 use framelane_runner::generate::{JobRequest, Stage, run_job};
 use framelane_runner::memory::RunnerDevice;
-use framelane_runner::placement::{ACTIVATION_SHARE, MemoryMode, PartBytes, Placement, VaeTiling};
+use framelane_runner::placement::{
+    self, ACTIVATION_SHARE, MemoryMode, PartBytes, Placement, VaeTiling,
+};
 use framelane_runner::sampler::StepControl;
 use framelane_runner::wan::pipeline::{
     ComfyUiFiles, MemoryPlan, Mode, ModelFiles, ModelSpec, Precision, WanPipeline,
@@ -210,7 +212,7 @@ fn main() -> anyhow::Result<()> {
         // cap (expert-swap leaves a one-transformer model resident).
         let placement = bytes
             .iter()
-            .map(|b| MemoryMode::Auto.place(b, Some(cap)))
+            .map(|b| placement::place(MemoryMode::Auto, b, Some(cap)))
             .max_by_key(|p| match p {
                 Placement::Resident => 0,
                 Placement::ExpertSwap => 1,

@@ -4,7 +4,7 @@
 
 use crate::accel::AccelError;
 use crate::memory::{RunnerDevice, is_out_of_memory};
-use crate::placement::Placement;
+use crate::placement::{self, Placement};
 use crate::wan::pipeline::{MemoryPlan, Mode, ModelSpec, PipelineError, Precision, WanPipeline};
 
 /// Free memory a load needs beyond the weights: the allocator's rounding and the first
@@ -177,7 +177,7 @@ impl ModelCache {
         // What the placement puts on the device at load: every weight when resident, the
         // text encoder and the VAE under expert-swap, nothing under model-offload.
         let total = self.device.total_bytes()?;
-        let needed = match self.plan.mode.place(&bytes, total) {
+        let needed = match placement::place(self.plan.mode, &bytes, total) {
             Placement::Resident => bytes.all(),
             Placement::ExpertSwap => bytes.text_encoder + bytes.vae,
             Placement::ModelOffload => 0,

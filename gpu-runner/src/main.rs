@@ -29,7 +29,7 @@ use framelane_runner::{
     job::{model_ref, output_for, request_for},
     memory::RunnerDevice,
     metrics::{MemoryLabels, Metrics, ResultLabels},
-    placement::{MemoryMode, VaeTiling},
+    placement::VaeTiling,
     profile::{MemoryArgs, refusal, runner_memory},
     sampler::StepControl,
     wan::pipeline::{MemoryPlan, Precision},
@@ -161,7 +161,7 @@ async fn main() -> anyhow::Result<()> {
                 "fit check"
             );
             MemoryPlan {
-                mode: MemoryMode::from(fit.mode),
+                mode: fit.mode,
                 vae_tiling: if fit.vae_tiling {
                     VaeTiling::On
                 } else {

@@ -8,35 +8,9 @@ use tch::{Device, TchError, Tensor};
 
 use crate::accel::{self, AccelError};
 
-/// `--memory-mode` (ModelLane `spec.runner.memory.mode`): how much of a model stays on the
-/// device between and during its stages.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum MemoryMode {
-    /// Chosen from the device's total memory at load (see [`MemoryMode::place`]); resident
-    /// on the CPU.
-    #[default]
-    Auto,
-    /// Every part on the device from load to unload.
-    Resident,
-    /// Two-expert models: the expert not in use waits in host memory and is swapped in at the
-    /// boundary step; the text encoder and the VAE stay on the device. One-transformer models
-    /// stay resident.
-    ExpertSwap,
-    /// The text encoder, the transformer(s) and the VAE each come to the device for their
-    /// stage only, as diffusers' `enable_model_cpu_offload`.
-    ModelOffload,
-}
-
-/// `--vae-tiling` (ModelLane `spec.runner.memory.vaeTiling`).
-#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum VaeTiling {
-    /// Tiles when an untiled decode would not fit in the device memory left at decode time;
-    /// never on the CPU.
-    #[default]
-    Auto,
-    Off,
-    On,
-}
+/// `--memory-mode` and `--vae-tiling` take the ModelLane's `spec.runner.memory` values
+/// (docs/memory.md): `auto` resolves by [`place`] and [`tiles`].
+pub use framelane_api::modellane::{MemoryMode, VaeTiling};
 
 /// What a loaded model keeps where: a [`MemoryMode`] resolved for one model on one device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,44 +72,42 @@ impl PartBytes {
     }
 }
 
-impl MemoryMode {
-    /// The placement of a model of `bytes` on a device of `total` bytes (`None`: the CPU).
-    /// `auto`: resident when every weight fits in the device's memory less
-    /// [`ACTIVATION_SHARE`], else expert-swap when a two-expert model fits with one expert,
-    /// else model-offload. Expert-swap of a one-transformer model is resident.
-    pub fn place(self, bytes: &PartBytes, total: Option<u64>) -> Placement {
-        let two_experts = bytes.transformer_2.is_some();
-        match self {
-            MemoryMode::Resident => Placement::Resident,
-            MemoryMode::ExpertSwap if two_experts => Placement::ExpertSwap,
-            MemoryMode::ExpertSwap => Placement::Resident,
-            MemoryMode::ModelOffload => Placement::ModelOffload,
-            MemoryMode::Auto => {
-                let Some(total) = total else {
-                    return Placement::Resident;
-                };
-                let budget = (total as f64 * (1.0 - ACTIVATION_SHARE)) as u64;
-                if bytes.all() <= budget {
-                    Placement::Resident
-                } else if two_experts && bytes.one_expert() <= budget {
-                    Placement::ExpertSwap
-                } else {
-                    Placement::ModelOffload
-                }
+/// The placement of a model of `bytes` on a device of `total` bytes (`None`: the CPU) in
+/// `mode`. `auto`: resident when every weight fits in the device's memory less
+/// [`ACTIVATION_SHARE`], else expert-swap when a two-expert model fits with one expert, else
+/// model-offload; resident on the CPU. Expert-swap of a one-transformer model is resident
+/// (nothing to swap). Model-offload: the text encoder, the transformer(s) and the VAE each
+/// come to the device for their stage only, as diffusers' `enable_model_cpu_offload`.
+pub fn place(mode: MemoryMode, bytes: &PartBytes, total: Option<u64>) -> Placement {
+    let two_experts = bytes.transformer_2.is_some();
+    match mode {
+        MemoryMode::Resident => Placement::Resident,
+        MemoryMode::ExpertSwap if two_experts => Placement::ExpertSwap,
+        MemoryMode::ExpertSwap => Placement::Resident,
+        MemoryMode::ModelOffload => Placement::ModelOffload,
+        MemoryMode::Auto => {
+            let Some(total) = total else {
+                return Placement::Resident;
+            };
+            let budget = (total as f64 * (1.0 - ACTIVATION_SHARE)) as u64;
+            if bytes.all() <= budget {
+                Placement::Resident
+            } else if two_experts && bytes.one_expert() <= budget {
+                Placement::ExpertSwap
+            } else {
+                Placement::ModelOffload
             }
         }
     }
 }
 
-impl VaeTiling {
-    /// Whether to decode (or encode) in tiles, given the bytes an untiled pass needs and the
-    /// device bytes free for it (`None`: the CPU).
-    pub fn tiles(self, untiled_bytes: u64, room: Option<u64>) -> bool {
-        match self {
-            VaeTiling::On => true,
-            VaeTiling::Off => false,
-            VaeTiling::Auto => room.is_some_and(|room| untiled_bytes > room),
-        }
+/// Whether to decode (or encode) in tiles with `tiling`, given the bytes an untiled pass needs
+/// and the device bytes free for it (`None`: the CPU, which `auto` never tiles).
+pub fn tiles(tiling: VaeTiling, untiled_bytes: u64, room: Option<u64>) -> bool {
+    match tiling {
+        VaeTiling::On => true,
+        VaeTiling::Off => false,
+        VaeTiling::Auto => room.is_some_and(|room| untiled_bytes > room),
     }
 }
 
@@ -189,21 +161,21 @@ mod tests {
 
     #[test]
     fn auto_picks_by_the_devices_memory() {
-        let auto = |total: u64| MemoryMode::Auto.place(&A14B, Some(total));
+        let auto = |total: u64| place(MemoryMode::Auto, &A14B, Some(total));
         assert_eq!(auto(141 * GB), Placement::Resident);
         assert_eq!(auto(80 * GB), Placement::ExpertSwap);
         assert_eq!(auto(48 * GB), Placement::ModelOffload);
-        assert_eq!(MemoryMode::Auto.place(&A14B, None), Placement::Resident);
+        assert_eq!(place(MemoryMode::Auto, &A14B, None), Placement::Resident);
         let one = PartBytes {
             transformer_2: None,
             ..A14B
         };
         assert_eq!(
-            MemoryMode::Auto.place(&one, Some(48 * GB)),
+            place(MemoryMode::Auto, &one, Some(48 * GB)),
             Placement::ModelOffload
         );
         assert_eq!(
-            MemoryMode::ExpertSwap.place(&one, Some(48 * GB)),
+            place(MemoryMode::ExpertSwap, &one, Some(48 * GB)),
             Placement::Resident,
             "nothing to swap"
         );
@@ -211,10 +183,10 @@ mod tests {
 
     #[test]
     fn auto_tiles_only_what_would_not_fit() {
-        assert!(VaeTiling::Auto.tiles(10, Some(9)));
-        assert!(!VaeTiling::Auto.tiles(10, Some(10)));
-        assert!(!VaeTiling::Auto.tiles(u64::MAX, None));
-        assert!(VaeTiling::On.tiles(0, None));
-        assert!(!VaeTiling::Off.tiles(u64::MAX, Some(0)));
+        assert!(tiles(VaeTiling::Auto, 10, Some(9)));
+        assert!(!tiles(VaeTiling::Auto, 10, Some(10)));
+        assert!(!tiles(VaeTiling::Auto, u64::MAX, None));
+        assert!(tiles(VaeTiling::On, 0, None));
+        assert!(!tiles(VaeTiling::Off, u64::MAX, Some(0)));
     }
 }

@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use framelane_api::{
     VideoJob, VideoModel,
     modellane::{MemoryMode, VaeTiling},
@@ -19,7 +20,6 @@ use crate::{
     accel::{self, AccelError},
     cache::ModelRef,
     memory::RunnerDevice,
-    placement,
     wan::{
         components::{ComponentError, TextEncoderFiles, VaeFiles},
         pipeline::{ModelFiles, Precision, TEXT_LENGTH},
@@ -32,47 +32,19 @@ use crate::{
 #[derive(clap::Args, Debug, Clone)]
 pub struct MemoryArgs {
     /// How the models are held in GPU memory (the lane's spec.runner.memory.mode).
-    #[arg(long, env = "FRAMELANE_MEMORY_MODE", value_enum, default_value_t = placement::MemoryMode::Auto)]
-    pub memory_mode: placement::MemoryMode,
+    #[arg(long, env = "FRAMELANE_MEMORY_MODE", default_value = "auto",
+        value_parser = PossibleValuesParser::new(MemoryMode::ALL.map(MemoryMode::flag))
+            .map(|flag| MemoryMode::from_flag(&flag).expect("a listed --memory-mode")))]
+    pub memory_mode: MemoryMode,
     /// Whether the VAE works in tiles (the lane's spec.runner.memory.vaeTiling).
-    #[arg(long, env = "FRAMELANE_VAE_TILING", value_enum, default_value_t = placement::VaeTiling::Auto)]
-    pub vae_tiling: placement::VaeTiling,
+    #[arg(long, env = "FRAMELANE_VAE_TILING", default_value = "auto",
+        value_parser = PossibleValuesParser::new(VaeTiling::ALL.map(VaeTiling::as_str))
+            .map(|flag| VaeTiling::from_flag(&flag).expect("a listed --vae-tiling")))]
+    pub vae_tiling: VaeTiling,
     /// For tests and CPU lanes: the device memory to report and check jobs against, in bytes,
     /// instead of the GPU's. Without it a CPU runner reports none and checks nothing.
     #[arg(long, env = "FRAMELANE_DEVICE_MEMORY_BYTES")]
     pub device_memory_bytes: Option<u64>,
-}
-
-impl From<placement::MemoryMode> for MemoryMode {
-    fn from(mode: placement::MemoryMode) -> MemoryMode {
-        match mode {
-            placement::MemoryMode::Auto => MemoryMode::Auto,
-            placement::MemoryMode::Resident => MemoryMode::Resident,
-            placement::MemoryMode::ExpertSwap => MemoryMode::ExpertSwap,
-            placement::MemoryMode::ModelOffload => MemoryMode::ModelOffload,
-        }
-    }
-}
-
-impl From<MemoryMode> for placement::MemoryMode {
-    fn from(mode: MemoryMode) -> placement::MemoryMode {
-        match mode {
-            MemoryMode::Auto => placement::MemoryMode::Auto,
-            MemoryMode::Resident => placement::MemoryMode::Resident,
-            MemoryMode::ExpertSwap => placement::MemoryMode::ExpertSwap,
-            MemoryMode::ModelOffload => placement::MemoryMode::ModelOffload,
-        }
-    }
-}
-
-impl From<placement::VaeTiling> for VaeTiling {
-    fn from(tiling: placement::VaeTiling) -> VaeTiling {
-        match tiling {
-            placement::VaeTiling::Auto => VaeTiling::Auto,
-            placement::VaeTiling::Off => VaeTiling::Off,
-            placement::VaeTiling::On => VaeTiling::On,
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -227,12 +199,12 @@ pub fn runner_memory(
         );
     }
     let all: Vec<&ModelProfile> = profiles.values().collect();
-    let mode = resolve_mode(args.memory_mode.into(), &all, budget);
+    let mode = resolve_mode(args.memory_mode, &all, budget);
     let defaults: Vec<(&ModelProfile, JobSize)> = models
         .iter()
         .filter_map(|m| Some((profiles.get(&m.name_any())?, JobSize::defaults(m))))
         .collect();
-    let vae_tiling = resolve_tiling(args.vae_tiling.into(), &defaults, mode, budget);
+    let vae_tiling = resolve_tiling(args.vae_tiling, &defaults, mode, budget);
     Ok(Some(RunnerMemory {
         v: ANNOTATION_VERSION,
         device_bytes,
@@ -254,4 +226,47 @@ pub fn refusal(
     fits(memory, &model.name_any(), &size)
         .err()
         .map(|refused| refused.message(&size, lane))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        memory: MemoryArgs,
+    }
+
+    #[test]
+    fn memory_flags_take_what_the_operator_passes_from_the_lane() {
+        let parse = |args: &[&str]| Flags::try_parse_from([&["runner"], args].concat());
+        let defaults = parse(&[]).unwrap().memory;
+        assert_eq!(
+            (defaults.memory_mode, defaults.vae_tiling),
+            (MemoryMode::Auto, VaeTiling::Auto)
+        );
+        for mode in MemoryMode::ALL {
+            for tiling in VaeTiling::ALL {
+                let flags = [
+                    "--memory-mode",
+                    mode.flag(),
+                    "--vae-tiling",
+                    tiling.as_str(),
+                ];
+                let memory = parse(&flags).unwrap().memory;
+                assert_eq!((memory.memory_mode, memory.vae_tiling), (mode, tiling));
+            }
+        }
+        let wrong = parse(&["--memory-mode", "expertSwap"])
+            .err()
+            .expect("the API's spelling is not the flag's")
+            .to_string();
+        assert!(
+            wrong.contains("expert-swap") && wrong.contains("model-offload"),
+            "{wrong}"
+        );
+    }
 }

@@ -30,7 +30,7 @@ use super::vae::{AutoencoderKLWan, Tiling, VaeError};
 use super::weights::{TransformerCheckpoint, WeightsError};
 use crate::accel::{self, AccelError};
 use crate::memory::{MeasuredStage, StageMeter};
-use crate::placement::{HostWeights, MemoryMode, PartBytes, Placement, VaeTiling};
+use crate::placement::{self, HostWeights, MemoryMode, PartBytes, Placement, VaeTiling};
 use crate::sampler::{StepControl, guide, uses_uncond};
 use crate::tokenizer::{PromptTokenizer, TokenizerError};
 use crate::video::Frames;
@@ -529,7 +529,7 @@ impl WanPipeline {
             Device::Cuda(index) => Some(accel::memory_info(index)?.1).filter(|&t| t > 0),
             _ => None,
         };
-        let placement = plan.mode.place(&bytes, total);
+        let placement = placement::place(plan.mode, &bytes, total);
         let tokenizer = PromptTokenizer::load(&parts.tokenizer_dir, TEXT_LENGTH)?;
         let offload_experts = placement != Placement::Resident;
         let offload_rest = placement == Placement::ModelOffload;
@@ -886,7 +886,7 @@ impl WanPipeline {
             _ => None,
         };
         let untiled = self.untiled_vae_bytes(height, width);
-        Ok(self.vae_tiling.tiles(untiled, room).then(Tiling::default))
+        Ok(placement::tiles(self.vae_tiling, untiled, room).then(Tiling::default))
     }
 
     /// The image-to-video condition: the mask and the encoded, normalized first frame

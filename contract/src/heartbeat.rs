@@ -12,7 +12,7 @@ use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
     apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference},
 };
-use kube::api::{ObjectMeta, PostParams};
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use tokio::sync::watch;
 
 use crate::{
@@ -59,8 +59,18 @@ impl Runner {
                 spec.holder_identity = Some(incarnation);
                 spec.lease_duration_seconds = Some(seconds);
                 spec.renew_time = Some(now);
+                // A patch without a resourceVersion: the Lease is this runner's alone, and
+                // right after etcd comes back the API server may answer the read above from
+                // its stale cache, which would make a conditional write conflict every time.
+                let patch = serde_json::json!({
+                    "metadata": {
+                        "annotations": lease.metadata.annotations,
+                        "ownerReferences": lease.metadata.owner_references,
+                    },
+                    "spec": lease.spec,
+                });
                 self.leases
-                    .replace(&self.name, &PostParams::default(), &lease)
+                    .patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
                     .await?;
             }
             None => {

@@ -14,7 +14,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{
     Api, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions},
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions},
     runtime::controller::Action,
 };
 use serde_json::json;
@@ -66,17 +66,33 @@ pub async fn fail(
     Ok(Action::await_change())
 }
 
-/// How soon a job whose runner only looked lost (the heartbeat cache was behind) is looked at
-/// again.
+/// How soon a job whose runner only looked lost (the heartbeat cache was behind, or the API
+/// server could not say) is looked at again.
 const CACHE_BEHIND_RECHECK: Duration = Duration::from_secs(3);
+/// How long the leader waits for the runner's Lease before it requeues: an API server that
+/// holds the read (etcd down) cannot confirm anything.
+const CONFIRM_WITHIN: Duration = Duration::from_secs(5);
 
 /// Puts a job whose runner was lost back at its place in the queue, once the API server
 /// confirms that the runner's heartbeat really stopped.
 pub async fn requeue(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
     let runner = job.status.as_ref().and_then(|s| s.runner.clone());
-    if let Some(name) = &runner
-        && heartbeat_cache_behind(job, name, ctx).await?
+    let Some(name) = &runner else {
+        return requeue_confirmed(job, ctx).await;
+    };
+    let behind = match tokio::time::timeout(CONFIRM_WITHIN, heartbeat_cache_behind(job, name, ctx))
+        .await
     {
+        Ok(behind) => behind?,
+        // Runners cannot renew either while the API server holds requests: a lease
+        // duration from now for all of them, as after any outage.
+        Err(_) => {
+            ctx.leases_seen.interrupted(Timestamp::now());
+            tracing::info!(job = %job.name_any(), runner = %name, "the API server did not answer the heartbeat check in time; the job stays");
+            return Ok(Action::requeue(CACHE_BEHIND_RECHECK));
+        }
+    };
+    if behind {
         // The heartbeat watch went quiet without failing (the API server rebuilt its own
         // cache after an etcd outage): the whole view is suspect, so every runner is judged
         // fresh for a lease duration from now, and this job is looked at again.
@@ -84,6 +100,11 @@ pub async fn requeue(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
         tracing::info!(job = %job.name_any(), runner = %name, "the heartbeat cache is behind the API server; the runner is alive, the job stays");
         return Ok(Action::requeue(CACHE_BEHIND_RECHECK));
     }
+    requeue_confirmed(job, ctx).await
+}
+
+async fn requeue_confirmed(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
+    let runner = job.status.as_ref().and_then(|s| s.runner.clone());
     let (status, message) = transitions::requeued(job, ctx.config.max_attempts, Timestamp::now());
     let lane = status.lane.clone().unwrap_or_default();
     let written = replace_status(ctx, job, status).await?;
@@ -112,8 +133,11 @@ async fn heartbeat_cache_behind(
         .into_iter()
         .find(|l| l.name_any() == runner)
         .and_then(|l| l.resource_version());
+    // A list, not a get: right after etcd comes back the API server answered a get of a
+    // Lease from its own stale cache, where a (consistent) list read etcd.
     let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
-    let Some(current) = leases.get_opt(runner).await? else {
+    let by_name = ListParams::default().fields(&format!("metadata.name={runner}"));
+    let Some(current) = leases.list(&by_name).await?.items.pop() else {
         return Ok(false);
     };
     let spec = current.spec.clone().unwrap_or_default();

@@ -6,7 +6,7 @@ mod admit;
 mod apply;
 mod record;
 
-use framelane_contract::backoff::jittered;
+use framelane_contract::{backoff::jittered, heartbeat::LEASE_DURATION};
 use std::{sync::Arc, time::Duration};
 
 use framelane_api::VideoJob;
@@ -65,13 +65,21 @@ async fn reconcile_inner(job: &VideoJob, ctx: &Context) -> Result<Action, Error>
 fn facts(job: &VideoJob, ctx: &Context, now: Timestamp, index: &Index) -> Facts {
     let status = job.status.clone().unwrap_or_default();
     let seen_since = ctx.leases_seen.since();
-    let runner_fresh_until = status.runner.as_deref().and_then(|runner| {
+    let from_lease = status.runner.as_deref().and_then(|runner| {
         ctx.leases
             .state()
             .iter()
             .find(|l| l.name_any() == runner)
             .and_then(|l| holder_fresh_until(l, status.runner_incarnation.as_deref(), seen_since))
     });
+    // The claim is the runner's own sign of life: a runner may claim before the leader has
+    // seen its first heartbeat.
+    let from_claim = status
+        .runner
+        .as_ref()
+        .and(status.started_at.as_ref())
+        .and_then(|started| started.0.checked_add(LEASE_DURATION).ok());
+    let runner_fresh_until = from_lease.max(from_claim);
     // Only a new job is checked: the webhook checked it, or it was created while the webhook
     // did not (turned off, a namespace it leaves out); a model changed later does not fail
     // jobs already admitted.

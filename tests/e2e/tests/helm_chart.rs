@@ -1122,6 +1122,7 @@ async fn install_run_upgrade_uninstall(release: &Release) -> Result<()> {
         (true, "list videomodels.framelane.dev".into()),
         (true, format!("create leases.coordination.k8s.io -n {n}")),
         (true, format!("update leases.coordination.k8s.io -n {n}")),
+        (true, format!("patch leases.coordination.k8s.io -n {n}")),
         (false, format!("update videojobs.framelane.dev -n {n}")),
         (false, format!("delete videojobs.framelane.dev -n {n}")),
         (false, format!("create videojobs.framelane.dev -n {n}")),

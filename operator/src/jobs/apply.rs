@@ -9,7 +9,11 @@ use framelane_api::{
     VideoJob, VideoJobStatus, reasons::JobReason, videojob::JobPhase, wellknown::JOB_FINALIZER,
 };
 use framelane_contract::api_errors::{ignore_not_found, is_conflict, is_not_found};
-use framelane_core::{index::key_of, transitions};
+use framelane_core::{
+    index::key_of,
+    timeouts::{holder_fresh_until, runner_alive},
+    transitions,
+};
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{
@@ -140,20 +144,13 @@ async fn heartbeat_cache_behind(
     let Some(current) = leases.list(&by_name).await?.items.pop() else {
         return Ok(false);
     };
-    let spec = current.spec.clone().unwrap_or_default();
     let incarnation = job
         .status
         .as_ref()
         .and_then(|s| s.runner_incarnation.as_deref());
-    let same_holder = incarnation.is_none() || spec.holder_identity.as_deref() == incarnation;
-    let fresh = spec.renew_time.is_some_and(|renewed| {
-        let duration = i64::from(spec.lease_duration_seconds.unwrap_or(0));
-        renewed
-            .0
-            .checked_add(jiff::SignedDuration::from_secs(duration))
-            .is_ok_and(|until| until > Timestamp::now())
-    });
-    Ok(current.resource_version() != cached && same_holder && fresh)
+    // The job's holder, fresh by its renewal alone (no outage grace): as `facts` judges it.
+    let fresh_until = holder_fresh_until(&current, incarnation, Timestamp::UNIX_EPOCH);
+    Ok(current.resource_version() != cached && runner_alive(fresh_until, Timestamp::now()))
 }
 
 /// Deletes a finished job whose TTL passed: this job, by its UID, never a job re-created

@@ -54,9 +54,9 @@ async fn an_etcd_outage_loses_no_job_runs_none_twice_and_keeps_depth_exact() -> 
     })
     .await?;
 
-    let mut outage = Outage::begin("etcd")?;
+    let mut outage = Outage::begin("etcd").await?;
     tokio::time::sleep(Duration::from_secs(20)).await;
-    outage.end()?;
+    outage.end().await?;
 
     let done = eventually(120, "every job to finish", || async {
         let all = fx.list_jobs().await?;

@@ -108,9 +108,9 @@ async fn an_api_server_outage_does_not_requeue_running_jobs() -> Result<()> {
     .await?;
 
     gate.set_open(false);
-    let mut outage = Outage::begin("kube-apiserver")?;
+    let mut outage = Outage::begin("kube-apiserver").await?;
     tokio::time::sleep(Duration::from_secs(60)).await;
-    outage.end()?;
+    outage.end().await?;
     tokio::time::sleep(Duration::from_secs(8)).await;
     gate.set_open(true);
 

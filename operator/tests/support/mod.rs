@@ -1005,31 +1005,41 @@ pub struct Outage {
 }
 
 impl Outage {
-    pub fn begin(component: &'static str) -> Result<Outage> {
-        outage("stop", component)?;
+    /// Async, so that the simulated runners and proxies of the test's runtime go on (a
+    /// blocking wait would freeze their heartbeats while the API server comes back).
+    pub async fn begin(component: &'static str) -> Result<Outage> {
+        outage("stop", component).await?;
         Ok(Outage {
             component,
             stopped: true,
         })
     }
 
-    pub fn end(&mut self) -> Result<()> {
+    pub async fn end(&mut self) -> Result<()> {
         self.stopped = false;
-        outage("start", self.component)
+        outage("start", self.component).await
     }
 }
 
 impl Drop for Outage {
     fn drop(&mut self) {
         if self.stopped {
-            let _ = outage("start", self.component);
+            let _ = Command::new(outage_script())
+                .args(["start", self.component])
+                .status();
         }
     }
 }
 
-fn outage(action: &str, component: &str) -> Result<()> {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/testenv/outage.sh");
-    let status = Command::new(script).args([action, component]).status()?;
+fn outage_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/testenv/outage.sh")
+}
+
+async fn outage(action: &str, component: &str) -> Result<()> {
+    let status = tokio::process::Command::new(outage_script())
+        .args([action, component])
+        .status()
+        .await?;
     ensure!(
         status.success(),
         "tests/testenv/outage.sh {action} {component}: {status}"

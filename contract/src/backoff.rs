@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use kube::runtime::watcher::ExponentialBackoff;
+
 /// Waits that double from `first` up to `max`, each less a random part of up to half.
 #[derive(Clone, Debug)]
 pub struct Backoff {
@@ -27,6 +29,26 @@ impl Backoff {
     }
 }
 
+/// The backoff of every watch the operator and the runners keep: from 100 ms, doubling up to
+/// `max`, jittered, and back to 100 ms after any event. kube's default waits up to 30 s (with
+/// jitter, up to a minute) and only forgets the waits two minutes after the last error: after
+/// an API server outage the first tries fail, the waits grow, and the watch that finally
+/// expires (410) then relisted a minute late, leaving the caches (a job finished, a lane's
+/// depth) stale for that long.
+pub fn watch_backoff(max: Duration) -> ExponentialBackoff {
+    ExponentialBackoff::from(
+        backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(max)
+            .with_jitter()
+            .without_max_times(),
+    )
+}
+
+/// The longest wait of [`watch_backoff`] for the watches whose caches decide (jobs, lanes,
+/// models, runners' jobs).
+pub const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
 /// `wait` less a random part of up to half: a fixed retry interval that many processes
 /// failing together (after an outage) do not all keep.
 pub fn jittered(wait: Duration) -> Duration {
@@ -36,6 +58,20 @@ pub fn jittered(wait: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_watch_waits_at_most_its_cap_and_starts_over_after_an_event() {
+        use kube::runtime::utils::Backoff as _;
+        let mut backoff = watch_backoff(Duration::from_secs(5));
+        let waits: Vec<Duration> = (0..12).map(|_| backoff.next().unwrap()).collect();
+        assert!(
+            waits.iter().all(|w| *w <= Duration::from_secs(10)),
+            "{waits:?}"
+        );
+        assert!(waits[11] >= Duration::from_secs(5), "{waits:?}");
+        backoff.reset();
+        assert!(backoff.next().unwrap() <= Duration::from_millis(200));
+    }
 
     #[test]
     fn waits_double_up_to_the_cap_and_are_jittered_below_the_ceiling() {

@@ -20,13 +20,14 @@ use kube::{
     api::PostParams,
     runtime::{WatchStreamExt, reflector, watcher},
 };
+use prometheus_client::metrics::{counter::Counter, family::Family};
 use tokio::sync::watch;
 
 use crate::{
     api_errors::{is_conflict, is_not_found},
-    backoff::Backoff,
+    backoff::{Backoff, WATCH_BACKOFF_MAX, watch_backoff},
     outputs::{self, Removal},
-    readable::{Unreadable, watch_readable},
+    readable::{Unreadable, WatchErrorLabels, count_watch_error, watch_readable},
 };
 
 /// The first and the longest wait between tries of a final status write.
@@ -64,6 +65,7 @@ pub struct Runner {
     changed: watch::Receiver<()>,
     /// The output volume, once set: the files of jobs deleted meanwhile are removed from it.
     outputs: Arc<OnceLock<PathBuf>>,
+    watch_errors: Family<WatchErrorLabels, Counter>,
 }
 
 impl Runner {
@@ -91,10 +93,12 @@ impl Runner {
             watcher::Config::default(),
             unreadable,
         )
-        .default_backoff()
+        .backoff(watch_backoff(WATCH_BACKOFF_MAX))
         .reflect(writer);
         let outputs = Arc::new(OnceLock::<PathBuf>::new());
         let root = outputs.clone();
+        let watch_errors = Family::<WatchErrorLabels, Counter>::default();
+        let errors = watch_errors.clone();
         tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
             while let Some(event) = stream.next().await {
@@ -105,7 +109,7 @@ impl Runner {
                         }
                     }
                     Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "watching VideoJobs failed; retrying"),
+                    Err(e) => count_watch_error(&errors, "VideoJob", &e),
                 }
                 let _ = tx.send(());
             }
@@ -121,7 +125,13 @@ impl Runner {
             store,
             changed,
             outputs,
+            watch_errors,
         }
+    }
+
+    /// This runner's watch errors by cause (`readable::watch_error_cause`), for its metrics.
+    pub fn watch_errors(&self) -> &Family<WatchErrorLabels, Counter> {
+        &self.watch_errors
     }
 
     /// Sets the output volume this runner writes to: the files of a job deleted from now on

@@ -12,7 +12,57 @@ use kube::{
     api::{ApiResource, DynamicObject},
     runtime::watcher,
 };
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+};
 use serde::de::DeserializeOwned;
+
+/// Labels of the watch-error counters (`framelane_watch_errors_total`,
+/// `framelane_runner_watch_errors_total`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WatchErrorLabels {
+    /// The kind watched: `VideoJob`, `ModelLane`, `VideoModel`, `Lease`.
+    pub kind: String,
+    /// [`watch_error_cause`].
+    pub cause: String,
+}
+
+/// Why a watch restarted: `expired` when the API server no longer holds the resourceVersion
+/// it was resuming from (410 Gone: after an API server restart, or a client cut off longer
+/// than the server's history), so the cache is listed again whole, deletions missed meanwhile
+/// included; `failed` for any other error (refused, timed out, 5xx), retried with backoff.
+pub fn watch_error_cause(e: &watcher::Error) -> &'static str {
+    let gone = match e {
+        watcher::Error::WatchError(status) => status.code == 410,
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.code == 410,
+        _ => false,
+    };
+    if gone { "expired" } else { "failed" }
+}
+
+/// Counts a watch error of `kind` in `errors` by its cause and logs it: an expiry is routine
+/// (the watch lists again and goes on), any other error is a warning.
+pub fn count_watch_error(
+    errors: &Family<WatchErrorLabels, Counter>,
+    kind: &str,
+    e: &watcher::Error,
+) {
+    let cause = watch_error_cause(e);
+    errors
+        .get_or_create(&WatchErrorLabels {
+            kind: kind.into(),
+            cause: cause.into(),
+        })
+        .inc();
+    if cause == "expired" {
+        tracing::info!(kind, error = %e, "watch expired; listing again");
+    } else {
+        tracing::warn!(kind, error = %e, "watch failed; retrying");
+    }
+}
 
 /// An object a watch left out because it does not parse as its kind.
 #[derive(Debug)]
@@ -102,6 +152,46 @@ mod tests {
             "status": status,
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_410_from_any_step_of_a_watch_is_an_expiry() {
+        let status = |code| {
+            Box::new(kube::core::Status {
+                code,
+                ..Default::default()
+            })
+        };
+        let gone = [
+            watcher::Error::WatchError(status(410)),
+            watcher::Error::WatchStartFailed(kube::Error::Api(status(410))),
+            watcher::Error::InitialListFailed(kube::Error::Api(status(410))),
+            watcher::Error::WatchFailed(kube::Error::Api(status(410))),
+        ];
+        for e in &gone {
+            assert_eq!(watch_error_cause(e), "expired", "{e:?}");
+        }
+        let other = [
+            watcher::Error::WatchError(status(500)),
+            watcher::Error::WatchStartFailed(kube::Error::Api(status(503))),
+            watcher::Error::NoResourceVersion,
+        ];
+        for e in &other {
+            assert_eq!(watch_error_cause(e), "failed", "{e:?}");
+        }
+        let errors = Family::default();
+        count_watch_error(&errors, "VideoJob", &gone[0]);
+        count_watch_error(&errors, "VideoJob", &other[0]);
+        count_watch_error(&errors, "VideoJob", &gone[1]);
+        let count = |cause: &str| {
+            errors
+                .get_or_create(&WatchErrorLabels {
+                    kind: "VideoJob".into(),
+                    cause: cause.into(),
+                })
+                .get()
+        };
+        assert_eq!((count("expired"), count("failed")), (2, 1));
     }
 
     #[test]

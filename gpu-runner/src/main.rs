@@ -107,7 +107,19 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let client = framelane_contract::serve::client(args.kubeconfig.as_deref()).await?;
-    let metrics = Arc::new(Metrics::default());
+    let jobs: Api<VideoJob> = match &args.watch_namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    // Watching from the start (claims come only once ready), so its errors are in the metrics.
+    let mut runner = Runner::start(
+        client.clone(),
+        &args.namespace,
+        &args.name,
+        &args.lane,
+        jobs,
+    );
+    let metrics = Arc::new(Metrics::new(runner.watch_errors().clone()));
     let ready = Arc::new(AtomicBool::new(false));
     tokio::spawn(framelane_contract::serve::probes(
         args.metrics_addr,
@@ -195,11 +207,6 @@ async fn main() -> anyhow::Result<()> {
     }
     ready.store(true, Ordering::Relaxed);
 
-    let jobs: Api<VideoJob> = match &args.watch_namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let mut runner = Runner::start(client, &args.namespace, &args.name, &args.lane, jobs);
     if let Some(uid) = &args.pod_uid {
         runner = runner.owned_by_pod(uid);
     }

@@ -2,6 +2,7 @@
 //! defined here and nowhere else.
 
 use crate::memory::JobMemory;
+use framelane_contract::readable::WatchErrorLabels;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -52,8 +53,10 @@ pub struct Metrics {
     pub alloc_retries: Counter,
 }
 
-impl Default for Metrics {
-    fn default() -> Metrics {
+impl Metrics {
+    /// The runner's metrics, with the contract's count of its job watch's errors
+    /// (`Runner::watch_errors`).
+    pub fn new(watch_errors: Family<WatchErrorLabels, Counter>) -> Metrics {
         let mut registry = Registry::with_prefix("framelane_runner");
         let jobs = Family::default();
         registry.register(
@@ -121,6 +124,11 @@ impl Default for Metrics {
             "Allocator retries (cache flushes to satisfy an allocation) during jobs",
             alloc_retries.clone(),
         );
+        registry.register(
+            "watch_errors",
+            "Errors of the runner's watch of VideoJobs, by cause (expired: 410 Gone, listed again whole; failed: retried)",
+            watch_errors,
+        );
         Metrics {
             registry,
             jobs,
@@ -186,7 +194,7 @@ mod tests {
 
     #[test]
     fn a_jobs_stages_become_the_stage_metrics() {
-        let metrics = Metrics::default();
+        let metrics = Metrics::new(Family::default());
         let stage = |stage: &str, peak: i64, seconds: f64, load_seconds: f64| StageMemoryReport {
             stage: stage.to_owned(),
             peak_allocated_bytes: peak,

@@ -17,6 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use framelane_contract::backoff::{WATCH_BACKOFF_MAX, watch_backoff};
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::{
@@ -278,7 +279,9 @@ impl Elector {
     pub fn releases(self: &Arc<Self>, api: Api<Lease>) -> Arc<Notify> {
         let notify = Arc::new(Notify::new());
         let config = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
-        let leases = watcher(api, config).default_backoff().applied_objects();
+        let leases = watcher(api, config)
+            .backoff(watch_backoff(WATCH_BACKOFF_MAX))
+            .applied_objects();
         let (released, elector) = (notify.clone(), self.clone());
         tokio::spawn(leases.for_each(move |lease| {
             if let Ok(lease) = lease {

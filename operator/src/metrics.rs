@@ -4,6 +4,7 @@
 use std::sync::atomic::AtomicI64;
 
 use framelane_api::modellane::FallbackCause;
+use framelane_contract::readable::WatchErrorLabels;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -90,6 +91,7 @@ pub struct Metrics {
     pub fallback_jobs_moved: Family<MovedLabels, Counter>,
     pub events_dropped: Counter,
     pub unreadable_objects: Family<KindLabels, Counter>,
+    pub watch_errors: Family<WatchErrorLabels, Counter>,
     pub reconcile_duration: Family<ControllerLabels, Histogram>,
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub leader: Gauge<i64, AtomicI64>,
@@ -187,6 +189,11 @@ impl Default for Metrics {
                 r,
                 "unreadable_objects",
                 "Watch events left out because the object does not parse as its kind (written by another Framelane version?)",
+            ),
+            watch_errors: register(
+                r,
+                "watch_errors",
+                "Errors of the operator's watches, by kind and cause (expired: 410 Gone, the cache is listed again whole; failed: retried with backoff)",
             ),
             reconcile_duration: register_with(
                 r,

@@ -10,7 +10,10 @@ use std::{
 };
 
 use framelane_api::{ModelLane, VideoJob, VideoModel, wellknown::LABEL_LANE};
-use framelane_contract::readable::{Unreadable, watch_readable};
+use framelane_contract::{
+    backoff::{WATCH_BACKOFF_MAX, watch_backoff},
+    readable::{Unreadable, count_watch_error, watch_readable},
+};
 use framelane_core::{index::Index, queue::JobKey};
 use futures::{StreamExt, TryStreamExt, future};
 use jiff::Timestamp;
@@ -22,7 +25,7 @@ use kube::{
         controller::Config as ControllerConfig,
         events::{Recorder, Reporter},
         reflector::{self, ObjectRef},
-        watcher::{self, ExponentialBackoff, watcher},
+        watcher::{self, watcher},
     },
 };
 use tokio::sync::mpsc;
@@ -87,7 +90,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             watcher::Config::default(),
             report_unreadable(&metrics, "VideoModel"),
         )
-        .default_backoff()
+        .inspect_err(report_watch_errors(&metrics, "VideoModel"))
+        .backoff(watch_backoff(WATCH_BACKOFF_MAX))
         .reflect(models_writer)
         .for_each(|_| future::ready(())),
     );
@@ -376,6 +380,34 @@ fn report_unreadable(metrics: &Arc<Metrics>, kind: &'static str) -> impl Fn(Unre
     }
 }
 
+/// Runs a watch that feeds a cache in a task of its own and hands what it yields to a
+/// controller through a channel, so that the cache is as current as the API server lets it
+/// be however the controller takes its triggers. Polled as a trigger of the lane controller,
+/// the runners' Lease and the ModelLane watches were retried a few times in two minutes of an
+/// API server outage instead of every second or five, and their caches (a lane's runners,
+/// its depth) stayed stale for minutes after it. (The jobs' watch stays the job
+/// controller's own trigger: fed through a channel, that controller stopped reconciling
+/// during an outage, for a reason not found yet.)
+fn in_own_task<T: Send + 'static>(
+    stream: impl futures::Stream<Item = T> + Send + 'static,
+) -> UnboundedReceiverStream<T> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(stream.for_each(move |item| {
+        let _ = tx.send(item);
+        future::ready(())
+    }));
+    UnboundedReceiverStream(rx)
+}
+
+/// Counts and logs the errors of a watch of `kind` (`framelane_watch_errors_total`).
+fn report_watch_errors(
+    metrics: &Arc<Metrics>,
+    kind: &'static str,
+) -> impl Fn(&watcher::Error) + use<> {
+    let metrics = metrics.clone();
+    move |e| count_watch_error(&metrics.watch_errors, kind, e)
+}
+
 /// Runs the lane and job controllers (the leader's work) until they end.
 async fn controllers(
     client: Client,
@@ -394,18 +426,14 @@ async fn controllers(
     )
     // Retried at least every second: each failure moves `leases_seen` on, so an API server
     // outage keeps runners fresh while it lasts and for a lease duration after.
-    .backoff(ExponentialBackoff::from(
-        backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(1))
-            .with_jitter()
-            .without_max_times(),
-    ))
+    .backoff(watch_backoff(Duration::from_secs(1)))
+    .inspect_err(report_watch_errors(&metrics, "Lease"))
     .inspect_err(move |_| seen.interrupted(Timestamp::now()))
     .reflect(leases_writer)
     // Deletions too: a runner's Lease goes with its pod, and the lane must notice at once
     // that it lost a runner.
     .touched_objects();
+    let lease_stream = in_own_task(lease_stream);
     let lane_watch = match &config.lane_selector {
         Some(selector) => watcher::Config::default().labels(selector),
         None => watcher::Config::default(),
@@ -417,9 +445,11 @@ async fn controllers(
         lane_watch,
         report_unreadable(&metrics, "ModelLane"),
     )
-    .default_backoff()
+    .inspect_err(report_watch_errors(&metrics, "ModelLane"))
+    .backoff(watch_backoff(WATCH_BACKOFF_MAX))
     .reflect(lanes_writer)
     .applied_objects();
+    let lane_stream = in_own_task(lane_stream);
     let index = Arc::new(Mutex::new(Index::default()));
     let (lane_tx, lane_rx) = mpsc::unbounded_channel::<String>();
     let (job_tx, job_rx) = mpsc::unbounded_channel::<JobKey>();
@@ -511,7 +541,8 @@ fn job_stream(
         watcher::Config::default(),
         report_unreadable(metrics, "VideoJob"),
     )
-    .default_backoff()
+    .inspect_err(report_watch_errors(metrics, "VideoJob"))
+    .backoff(watch_backoff(WATCH_BACKOFF_MAX))
     .modify(|job: &mut VideoJob| job.metadata.managed_fields = None)
     .reflect(writer)
     .inspect_ok(move |event| {

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use framelane_contract::{
     api_errors::is_conflict,
-    backoff::{Backoff, jittered},
+    backoff::{Backoff, WATCH_BACKOFF_MAX, jittered, watch_backoff},
 };
 use futures::StreamExt;
 use k8s_openapi::{
@@ -51,7 +51,8 @@ impl Webhook {
             }
         }
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        let mut events = std::pin::pin!(watcher(secrets, config).default_backoff());
+        let mut events =
+            std::pin::pin!(watcher(secrets, config).backoff(watch_backoff(WATCH_BACKOFF_MAX)));
         // Whether the latest (re)list found the Secret.
         let mut found = false;
         while let Some(event) = events.next().await {

@@ -1273,7 +1273,10 @@ async fn install_run_upgrade_uninstall(release: &Release) -> Result<()> {
 /// one is not exported at all), in the Prometheus text format.
 fn exported_metrics() -> (String, String) {
     use framelane_api::modellane::FallbackCause;
-    use framelane_contract::serve::{Metrics as _, prometheus_text};
+    use framelane_contract::{
+        readable::WatchErrorLabels,
+        serve::{Metrics as _, prometheus_text},
+    };
     use framelane_operator::metrics::{
         AdmissionLabels, CertificateLabels, ControllerLabels, ErrorLabels, FinishedLabels, Metrics,
         MovedLabels,
@@ -1328,8 +1331,19 @@ fn exported_metrics() -> (String, String) {
         .get_or_create(&certificate)
         .set(1_900_000_000);
 
+    let expired = WatchErrorLabels {
+        kind: "VideoJob".into(),
+        cause: "expired".into(),
+    };
+    op.watch_errors.get_or_create(&expired).inc();
+
     use framelane_runner::metrics::{MemoryLabels, Metrics as Runner, ResultLabels};
-    let runner = Runner::default();
+    let runner_watch_errors = prometheus_client::metrics::family::Family::<
+        WatchErrorLabels,
+        prometheus_client::metrics::counter::Counter,
+    >::default();
+    let runner = Runner::new(runner_watch_errors.clone());
+    runner_watch_errors.get_or_create(&expired).inc();
     let result = ResultLabels {
         result: "Succeeded".into(),
     };

@@ -17,15 +17,14 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use framelane_api::videojob::JobPhase;
 use framelane_operator::webhook::peer::{self, PeerKeys};
+use framelane_testenv::stall::StallProxy;
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Secret};
 use kube::{
     Api, ResourceExt,
     api::{DeleteParams, PostParams},
 };
 use serde_json::json;
-use support::{
-    Fixture, OperatorProcess, RoundRobin, burst, eventually, job, sample, stall::StallProxy,
-};
+use support::{Fixture, OperatorProcess, RoundRobin, burst, eventually, job, sample};
 
 /// A lane for one model with maxDepth 25 and no runner.
 struct Setup {

@@ -5,60 +5,12 @@ mod support;
 
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use framelane_api::videojob::JobPhase;
-use framelane_testenv::TestEnv;
-use kube::{Api, Client};
-use support::{Behaviour, Fixture, OperatorProcess, Outage, SimRunner, eventually, phase};
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::watch,
-};
-
-/// Forwards TCP connections to `upstream` while open; closing it drops every connection and
-/// refuses new ones, as a network partition would.
-struct Gate {
-    port: u16,
-    open: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Gate {
-    async fn start(upstream: String) -> Result<Gate> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let port = listener.local_addr()?.port();
-        let (open, opened) = watch::channel(true);
-        let task = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let mut state = opened.clone();
-                if !*state.borrow() {
-                    continue;
-                }
-                let upstream = upstream.clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(upstream).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = state.wait_for(|open| !*open) => {}
-                    }
-                });
-            }
-        });
-        Ok(Gate { port, open, task })
-    }
-
-    fn set_open(&self, open: bool) {
-        self.open.send_replace(open);
-    }
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
+use framelane_testenv::{TestEnv, stall::StallProxy};
+use kube::{Api, Client, ResourceExt, api::DeleteParams};
+use serde_json::json;
+use support::{Behaviour, Fixture, OperatorProcess, Outage, SimRunner, eventually, phase, sample};
 
 /// A runner cannot renew its heartbeat while the API server is down, and the operator cannot
 /// see it: the job goes on once the API server is back, instead of being requeued as lost.
@@ -66,24 +18,41 @@ impl Drop for Gate {
 /// client's backoff, slower than the operator's): within the lease duration the operator
 /// gives runners after its view of them recovers. Judged by `renewTime` alone, the runner's
 /// heartbeat looked a minute old at once and the job was requeued.
+///
+/// The restarted API server no longer holds the resourceVersions the operator's and the
+/// runner's watches resume from: they expire (410 Gone) and list again. Two queued jobs are
+/// deleted while the operator is still cut off, so it never sees their deletions as events:
+/// the lane's count must still drop to what is really there.
 #[tokio::test]
-async fn an_api_server_outage_does_not_requeue_running_jobs() -> Result<()> {
+async fn an_api_server_outage_requeues_no_running_job_and_expired_watches_list_again() -> Result<()>
+{
     let fx = Fixture::new("outage").await?;
     let model = fx.model("anisora", 90, None).await?;
-    let lane = fx.lane("anisora", &[&model], serde_json::json!({})).await?;
+    let lane = fx
+        .lane("anisora", &[&model], json!({"queue": {"maxDepth": 3}}))
+        .await?;
+    // The operator and the runner each reach the API server through a proxy the test cuts.
+    let name = format!("kubeconfig-{}-operator", fx.ns.name);
+    let (op_gate, op_kubeconfig) = StallProxy::start(&fx.ns.env.kubeconfig, &name).await?;
+    let op_kubeconfig = op_kubeconfig.display().to_string();
     // The leader keeps leading through the outage (it gives up after 2/3 of its Lease), so
     // what is tested is how it judges runners after its own view of them was cut off.
-    let op = OperatorProcess::start(&fx.ns, "op", &["--leader-lease-seconds", "300"])?;
+    let op = OperatorProcess::start(
+        &fx.ns,
+        "op",
+        &[
+            "--kubeconfig",
+            &op_kubeconfig,
+            "--leader-lease-seconds",
+            "300",
+        ],
+    )?;
+    let name = format!("kubeconfig-{}-runner", fx.ns.name);
+    let (gate, _) = StallProxy::start(&fx.ns.env.kubeconfig, &name).await?;
     let mut config = TestEnv::get()?.config().await?;
-    let upstream = config
-        .cluster_url
-        .authority()
-        .context("the kubeconfig names the API server's address")?
-        .to_string();
-    let gate = Gate::start(upstream).await?;
     config.cluster_url = format!("https://127.0.0.1:{}", gate.port).parse()?;
     let gated = Client::try_from(config)?;
-    let _runner = SimRunner::start(
+    let runner = SimRunner::start(
         gated.clone(),
         &fx.ns.name,
         "runner",
@@ -106,13 +75,25 @@ async fn an_api_server_outage_does_not_requeue_running_jobs() -> Result<()> {
         Ok((phase(&job) == Some(JobPhase::Running) && step >= 3).then_some(()))
     })
     .await?;
+    for name in QUEUED {
+        fx.create_job(name, &model).await?;
+    }
+    eventually(30, "the lane to count 3 jobs", || async {
+        Ok((fx.lane_status(&lane).await?.queue_depth == 3).then_some(()))
+    })
+    .await?;
 
-    gate.set_open(false);
+    op_gate.cut();
+    gate.cut();
     let mut outage = Outage::begin("kube-apiserver").await?;
     tokio::time::sleep(Duration::from_secs(60)).await;
     outage.end().await?;
+    for name in QUEUED {
+        fx.jobs.delete(name, &DeleteParams::default()).await?;
+    }
+    op_gate.restore();
     tokio::time::sleep(Duration::from_secs(8)).await;
-    gate.set_open(true);
+    gate.restore();
 
     let finished = eventually(120, "the job to finish", || async {
         let job = fx.jobs.get("long").await?;
@@ -154,5 +135,48 @@ async fn an_api_server_outage_does_not_requeue_running_jobs() -> Result<()> {
             "{refused} in the job's Events:\n{reasons}"
         );
     }
+
+    // Both watches expired and were listed again, and an admin sees it.
+    for kind in ["VideoJob", "Lease"] {
+        let series = format!("framelane_watch_errors_total{{kind=\"{kind}\",cause=\"expired\"}}");
+        eventually(60, &series, || async {
+            Ok(sample(&op.metrics().await?, &series)
+                .is_some_and(|n| n >= 1.0)
+                .then_some(()))
+        })
+        .await?;
+    }
+    eventually(60, "the runner's watch to expire", || async {
+        Ok((runner.watch_expiries() >= 1).then_some(()))
+    })
+    .await?;
+    // The lane counts what is there: the deleted jobs' slots are free, so three new jobs
+    // are all admitted (with the two still counted, two of them would fail QueueOverloaded).
+    eventually(120, "the lane to count no job", || async {
+        Ok((fx.lane_status(&lane).await?.queue_depth == 0).then_some(()))
+    })
+    .await?;
+    for name in AFTER {
+        fx.create_job(name, &model).await?;
+    }
+    eventually(30, "the new jobs to be admitted", || async {
+        let jobs = fx.list_jobs().await?;
+        let admitted = jobs
+            .iter()
+            .filter(|j| AFTER.contains(&j.name_any().as_str()))
+            .filter(|j| matches!(phase(j), Some(JobPhase::Queued | JobPhase::Running)))
+            .count();
+        let failed: Vec<_> = jobs
+            .iter()
+            .filter(|j| phase(j) == Some(JobPhase::Failed))
+            .map(|j| (j.name_any(), j.status.clone()))
+            .collect();
+        anyhow::ensure!(failed.is_empty(), "failed: {failed:?}");
+        Ok((admitted == AFTER.len()).then_some(()))
+    })
+    .await?;
     Ok(())
 }
+
+const QUEUED: [&str; 2] = ["queued-0", "queued-1"];
+const AFTER: [&str; 3] = ["after-0", "after-1", "after-2"];

@@ -21,7 +21,7 @@ use framelane_api::{
     reasons::JobReason,
     videojob::{JobPhase, Output},
 };
-use framelane_contract::{ContractError, Runner};
+use framelane_contract::{ContractError, Runner, readable::WatchErrorLabels};
 pub use framelane_testenv::eventually;
 use framelane_testenv::{TEST_LABEL, TestEnv, TestNamespace};
 use k8s_openapi::{ByteString, api::core::v1::Namespace};
@@ -29,10 +29,9 @@ use kube::{
     Api, Client, ResourceExt,
     api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams},
 };
+use prometheus_client::metrics::{counter::Counter, family::Family};
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, watch};
-
-pub mod stall;
 
 pub const INSTANCE_LABEL: &str = "framelane.dev/test-instance";
 
@@ -721,6 +720,8 @@ pub struct SimRunner {
     pub log: RunLog,
     pub loads: Arc<AtomicUsize>,
     pub cancelled: Arc<AtomicUsize>,
+    /// Its watch's errors by cause, as the runner binary exports them.
+    pub watch_errors: Family<WatchErrorLabels, Counter>,
 }
 
 impl SimRunner {
@@ -737,6 +738,7 @@ impl SimRunner {
         let cancelled = Arc::new(AtomicUsize::new(0));
         let (model_tx, model_rx) = watch::channel(None::<String>);
         let mut runner = Runner::start(client, ns, name, lane, jobs);
+        let watch_errors = runner.watch_errors().clone();
         let (task_log, task_loads, task_cancelled) =
             (log.clone(), loads.clone(), cancelled.clone());
         let task = tokio::spawn(async move {
@@ -827,7 +829,18 @@ impl SimRunner {
             log,
             loads,
             cancelled,
+            watch_errors,
         }
+    }
+
+    /// How many times this runner's job watch expired (410 Gone) and was listed again.
+    pub fn watch_expiries(&self) -> u64 {
+        self.watch_errors
+            .get_or_create(&WatchErrorLabels {
+                kind: "VideoJob".into(),
+                cause: "expired".into(),
+            })
+            .get()
     }
 
     /// Stops the runner as a crash would.

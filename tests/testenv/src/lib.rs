@@ -8,6 +8,7 @@
 //! nothing is skipped.
 
 pub mod kueue;
+pub mod stall;
 
 use std::{
     path::{Path, PathBuf},

@@ -10,6 +10,9 @@
 //!   load, and every unload leaves the live tensor bytes where they were before any model;
 //! - a job deleted mid-generation stops at a step boundary, ends Cancelled and goes away; the
 //!   runner stays healthy and runs the next job;
+//! - a runner cut off from the API server mid-generation loses the job to a second runner;
+//!   when its connection returns, its late video is refused and thrown away, and the one in
+//!   place and in status stays the second runner's;
 //! - a runner told its device is small reports it in its heartbeat Lease and refuses a job
 //!   too large for it (`DoesNotFit`) before generating, then runs one that fits.
 
@@ -18,7 +21,9 @@ use std::{path::PathBuf, process::Stdio, time::Duration};
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use framelane_api::{ModelLane, VideoJob, VideoModel, reasons::JobReason, videojob::JobPhase};
-use framelane_testenv::{TestEnv, TestNamespace, eventually, tiny_models, workspace_binary};
+use framelane_testenv::{
+    TestEnv, TestNamespace, eventually, stall::StallProxy, tiny_models, workspace_binary,
+};
 use kube::{
     Api,
     api::{DeleteParams, PostParams},
@@ -50,12 +55,63 @@ struct Setup {
     env: &'static TestEnv,
     ns: TestNamespace,
     operator: JoinHandle<Result<()>>,
+    lane: RunnerLane,
     runner: std::sync::Mutex<tokio::process::Child>,
     log: PathBuf,
     out: tempfile::TempDir,
     /// Test-scoped VideoModel name of each default model (`anisora`, `phr00t`).
     models: Vec<(String, String)>,
     health: String,
+}
+
+/// What a runner process of the test's lane is started with.
+struct RunnerLane {
+    name: String,
+    mode: String,
+    /// `--models`: the lane's models, comma-separated.
+    models: String,
+}
+
+impl RunnerLane {
+    /// Starts runner `name` writing to `out`; its probe address (a free port, so the test can
+    /// call it) and its log (in `out`).
+    fn spawn(
+        &self,
+        name: &str,
+        ns: &TestNamespace,
+        out: &std::path::Path,
+        kubeconfig: &std::path::Path,
+        extra: &[&str],
+    ) -> Result<(tokio::process::Child, String, PathBuf)> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let health = format!("127.0.0.1:{port}");
+        let log = out.join(format!("{name}.log"));
+        let runner = tokio::process::Command::new(workspace_binary("framelane-runner"))
+            .args([
+                "--name",
+                name,
+                "--namespace",
+                &ns.name,
+                "--lane",
+                &self.name,
+            ])
+            .args(["--mode", &self.mode, "--models", &self.models])
+            .arg("--models-dir")
+            .arg(tiny_models())
+            .arg("--output-dir")
+            .arg(out)
+            .args(["--watch-namespace", &ns.name, "--metrics-addr", &health])
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(extra)
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        Ok((runner, health, log))
+    }
 }
 
 impl Setup {
@@ -72,6 +128,18 @@ impl Setup {
         mode: &str,
         defaults: &[&str],
         extra: &[&str],
+    ) -> Result<Setup> {
+        let env = TestEnv::get()?;
+        Setup::start_through(prefix, mode, defaults, extra, &env.kubeconfig).await
+    }
+
+    /// The same, the runner reaching the API server with `kubeconfig` (through a proxy, say).
+    async fn start_through(
+        prefix: &str,
+        mode: &str,
+        defaults: &[&str],
+        extra: &[&str],
+        kubeconfig: &std::path::Path,
     ) -> Result<Setup> {
         let env = TestEnv::get()?;
         let ns = env.namespace(prefix).await?;
@@ -101,12 +169,12 @@ impl Setup {
             .create(&PostParams::default(), &model_lane)
             .await?;
 
-        let kubeconfig = env.kubeconfig.to_string_lossy().into_owned();
+        let admin = env.kubeconfig.to_string_lossy().into_owned();
         let selector = format!("{INSTANCE_LABEL}={}", ns.name);
         let config = framelane_operator::config::Config::parse_from([
             "framelane-operator",
             "--kubeconfig",
-            &kubeconfig,
+            &admin,
             "--namespace",
             &ns.name,
             "--watch-namespace",
@@ -120,49 +188,35 @@ impl Setup {
         ]);
         let operator = tokio::spawn(framelane_operator::run::run(config));
 
-        // A free port for the runner's probes, so the test can call them.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let health = format!("127.0.0.1:{port}");
         let out = tempfile::tempdir()?;
-        let log = out.path().join("runner.log");
-        let model_list = names
-            .iter()
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>()
-            .join(",");
-        let runner = tokio::process::Command::new(workspace_binary("framelane-runner"))
-            .args([
-                "--name",
-                "runner-0",
-                "--namespace",
-                &ns.name,
-                "--lane",
-                &lane,
-            ])
-            .args(["--mode", mode, "--models", &model_list])
-            .arg("--models-dir")
-            .arg(tiny_models())
-            .arg("--output-dir")
-            .arg(out.path())
-            .args(["--watch-namespace", &ns.name, "--metrics-addr", &health])
-            .args(["--kubeconfig", &kubeconfig])
-            .args(extra)
-            .stdout(std::fs::File::create(&log)?)
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()?;
+        let lane = RunnerLane {
+            name: lane,
+            mode: mode.into(),
+            models: names
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+        };
+        let (runner, health, log) = lane.spawn("runner-0", &ns, out.path(), kubeconfig, extra)?;
         Ok(Setup {
             env,
             ns,
             operator,
+            lane,
             runner: std::sync::Mutex::new(runner),
             log,
             out,
             models,
             health,
         })
+    }
+
+    /// Another runner process of the lane (writing to the same output volume), reaching the
+    /// API server with the admin kubeconfig; its probe address and log.
+    fn another_runner(&self, name: &str) -> Result<(tokio::process::Child, String, PathBuf)> {
+        self.lane
+            .spawn(name, &self.ns, self.out.path(), &self.env.kubeconfig, &[])
     }
 
     fn model(&self, default: &str) -> &str {
@@ -566,6 +620,93 @@ async fn a_job_deleted_mid_generation_stops_and_the_runner_runs_the_next() -> Re
         "attempts' files left in {}: {left:?}",
         staging.display()
     );
+    setup.stop().await
+}
+
+/// A runner cut off from the API server while it generates goes on and finishes its video,
+/// but its heartbeat goes stale, so the job is requeued and a second runner runs it again.
+/// When the first runner's connection comes back, its late result is refused: the video in
+/// place and the sha256 in status stay the second runner's, and the first's files are
+/// thrown away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_runners_late_video_is_refused_and_the_retrys_stays() -> Result<()> {
+    let env = TestEnv::get()?;
+    let name = format!("kubeconfig-runner-zombie-{}", std::process::id());
+    let (proxy, proxied) = StallProxy::start(&env.kubeconfig, &name).await?;
+    let setup =
+        Setup::start_through("runner-zombie", "Dedicated", &["anisora"], &[], &proxied).await?;
+    let model = setup.model("anisora").to_owned();
+    // Long enough (seconds per step on the CPU) to be cut off mid-generation.
+    let spec = json!({"model": model, "mode": "i2v", "image": FIRST_FRAME, "prompt": "a late fox",
+        "seed": 5, "width": 512, "height": 512, "frames": 33});
+    setup.create_job("late", spec).await?;
+    eventually(180, "a denoising step of the job", || async {
+        let job = setup.jobs().get("late").await?;
+        setup.check_runner()?;
+        let progress = job.status.as_ref().and_then(|s| s.progress.clone());
+        Ok(progress
+            .is_some_and(|p| p.stage.as_deref() == Some("Denoising") && p.step >= 1)
+            .then_some(()))
+    })
+    .await
+    .with_context(|| setup.log_text())?;
+
+    proxy.cut();
+    let (mut second, _, second_log) = setup.another_runner("runner-1")?;
+    let second_text = || std::fs::read_to_string(&second_log).unwrap_or_default();
+    let done = setup
+        .wait_succeeded(&["late"], 300)
+        .await
+        .with_context(second_text)?;
+    let status = done[0].status.clone().unwrap_or_default();
+    assert_eq!(status.runner.as_deref(), Some("runner-1"), "{status:?}");
+    assert_eq!(status.attempts, Some(2), "{status:?}");
+    let video = setup.out.path().join(&setup.ns.name).join("late/video.mp4");
+    let published = std::fs::metadata(&video)?;
+    let sha = |path: &std::path::Path| -> Result<String> {
+        Ok(hex::encode(Sha256::digest(std::fs::read(path)?)))
+    };
+    let output = status.output.clone().context("no output in status")?;
+    assert_eq!(sha(&video)?, output.sha256);
+
+    // The first runner finished meanwhile and keeps its files staged until it can ask the
+    // API server whether the job is still its own.
+    proxy.restore();
+    eventually(120, "the first runner to throw its files away", || async {
+        setup.check_runner()?;
+        Ok(setup
+            .log_lines()
+            .iter()
+            .any(|l| {
+                l["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("the job is no longer this runner's"))
+            })
+            .then_some(()))
+    })
+    .await
+    .with_context(|| setup.log_text())?;
+    let job = setup.jobs().get("late").await?;
+    let after = job.status.unwrap_or_default();
+    assert_eq!(after.runner.as_deref(), Some("runner-1"), "{after:?}");
+    assert_eq!(after.attempts, Some(2), "{after:?}");
+    assert_eq!(after.output, Some(output.clone()));
+    use std::os::unix::fs::MetadataExt;
+    let now = std::fs::metadata(&video)?;
+    assert_eq!(
+        (now.ino(), now.mtime_nsec()),
+        (published.ino(), published.mtime_nsec()),
+        "the video in place was replaced"
+    );
+    assert_eq!(sha(&video)?, output.sha256);
+    let staging = setup.out.path().join(".staging");
+    let left: Vec<_> = std::fs::read_dir(&staging)?.collect::<Result<_, _>>()?;
+    assert!(
+        left.is_empty(),
+        "attempts' files left in {}: {left:?}",
+        staging.display()
+    );
+    second.kill().await?;
     setup.stop().await
 }
 

@@ -720,30 +720,44 @@ impl WanPipeline {
         )
     }
 
+    /// Runs `work` as the measured `stage`: the parts it brought to the device go back to the
+    /// host (`release`) whether it succeeded or not, then the stage's peak memory and seconds
+    /// are recorded.
+    fn measured<T>(
+        &mut self,
+        stage: MeasuredStage,
+        work: impl FnOnce(&mut Self, &mut StageMeter) -> Result<T, PipelineError>,
+        release: impl FnOnce(&mut Self),
+    ) -> Result<T, PipelineError> {
+        let mut meter = StageMeter::start(self.device, stage)?;
+        let done = work(self, &mut meter);
+        release(self);
+        let done = done?;
+        self.stages.push(meter.finish()?);
+        Ok(done)
+    }
+
     /// The prompt's (and, with guidance, the negative prompt's) embeddings.
     fn prompt_stage(
         &mut self,
         request: &Request<'_>,
     ) -> Result<(Tensor, Option<Tensor>), PipelineError> {
-        let mut meter = StageMeter::start(self.device, MeasuredStage::EncodingPrompt)?;
-        let (files, tokenizer) = (&self.text_encoder_files, &self.tokenizer);
-        let (kind, device) = (self.precision.model, self.device);
-        let encoded = self
-            .text_encoder
-            .bring(&mut meter.load_seconds, |host| {
-                Ok(files.from_host(host, kind, device)?)
-            })
-            .and_then(|encoder| {
+        self.measured(
+            MeasuredStage::EncodingPrompt,
+            |this, meter| {
+                let (files, tokenizer) = (&this.text_encoder_files, &this.tokenizer);
+                let (kind, device) = (this.precision.model, this.device);
+                let encoder = this.text_encoder.bring(&mut meter.load_seconds, |host| {
+                    Ok(files.from_host(host, kind, device)?)
+                })?;
                 let cond = prompt_embeds(encoder, tokenizer, kind, request.prompt)?;
                 let uncond = uses_uncond(request.guidance)
                     .then(|| prompt_embeds(encoder, tokenizer, kind, request.negative_prompt))
                     .transpose()?;
                 Ok((cond, uncond))
-            });
-        self.text_encoder.release();
-        let encoded = encoded?;
-        self.stages.push(meter.finish()?);
-        Ok(encoded)
+            },
+            |this| this.text_encoder.release(),
+        )
     }
 
     /// The image-to-video condition, measured as its own stage.
@@ -752,12 +766,11 @@ impl WanPipeline {
         image: &Tensor,
         request: &Request<'_>,
     ) -> Result<Tensor, PipelineError> {
-        let mut meter = StageMeter::start(self.device, MeasuredStage::EncodingImage)?;
-        let condition = self.image_condition(image, request, &mut meter.load_seconds);
-        self.vae.release();
-        let condition = condition?;
-        self.stages.push(meter.finish()?);
-        Ok(condition)
+        self.measured(
+            MeasuredStage::EncodingImage,
+            |this, meter| this.image_condition(image, request, &mut meter.load_seconds),
+            |this| this.vae.release(),
+        )
     }
 
     fn denoising_stage(
@@ -769,17 +782,19 @@ impl WanPipeline {
         condition: Option<&Tensor>,
         on_step: &mut dyn FnMut(usize, usize) -> StepControl,
     ) -> Result<Tensor, PipelineError> {
-        let mut meter = StageMeter::start(self.device, MeasuredStage::Denoising)?;
-        let latents =
-            self.denoising_steps(request, shape, cond, uncond, condition, on_step, &mut meter);
-        // Experts go back to host memory whether the loop finished or not.
-        self.transformer.release();
-        if let Some(low) = &mut self.transformer_2 {
-            low.release();
-        }
-        let latents = latents?;
-        self.stages.push(meter.finish()?);
-        Ok(latents)
+        self.measured(
+            MeasuredStage::Denoising,
+            |this, meter| {
+                this.denoising_steps(request, shape, cond, uncond, condition, on_step, meter)
+            },
+            // Experts go back to host memory whether the loop finished or not.
+            |this| {
+                this.transformer.release();
+                if let Some(low) = &mut this.transformer_2 {
+                    low.release();
+                }
+            },
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -934,12 +949,11 @@ impl WanPipeline {
     /// them; measured as the decoding stage, in tiles where [`WanPipeline::vae_tiles`] says.
     pub fn decode(&mut self, latents: &Tensor) -> Result<Frames, PipelineError> {
         let _no_grad = tch::no_grad_guard();
-        let mut meter = StageMeter::start(self.device, MeasuredStage::Decoding)?;
-        let frames = self.decode_frames(latents, &mut meter.load_seconds);
-        self.vae.release();
-        let frames = frames?;
-        self.stages.push(meter.finish()?);
-        Ok(frames)
+        self.measured(
+            MeasuredStage::Decoding,
+            |this, meter| this.decode_frames(latents, &mut meter.load_seconds),
+            |this| this.vae.release(),
+        )
     }
 
     fn decode_frames(

@@ -296,6 +296,36 @@ impl Setup {
         .with_context(|| self.log_text())
     }
 
+    /// Waits until the job `name` has finished a denoising step (and has not finished).
+    async fn until_denoising(&self, name: &str) -> Result<()> {
+        eventually(180, &format!("a denoising step of job {name}"), || async {
+            let job = self.jobs().get(name).await?;
+            ensure!(
+                job.status.as_ref().and_then(|s| s.phase) != Some(JobPhase::Succeeded),
+                "job {name} finished before the test could act mid-generation"
+            );
+            self.check_runner()?;
+            let progress = job.status.as_ref().and_then(|s| s.progress.clone());
+            Ok(progress
+                .is_some_and(|p| p.stage.as_deref() == Some("Denoising") && p.step >= 1)
+                .then_some(()))
+        })
+        .await
+        .with_context(|| self.log_text())
+    }
+
+    /// Fails if any attempt's files are left in the output volume's staging folder.
+    fn no_staged_files(&self) -> Result<()> {
+        let staging = self.out.path().join(".staging");
+        let left: Vec<_> = std::fs::read_dir(&staging)?.collect::<Result<_, _>>()?;
+        ensure!(
+            left.is_empty(),
+            "attempts' files left in {}: {left:?}",
+            staging.display()
+        );
+        Ok(())
+    }
+
     /// HTTP status of GET `path` on the runner's probe port.
     async fn probe(&self, path: &str) -> Result<u16> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -537,20 +567,7 @@ async fn a_job_deleted_mid_generation_stops_and_the_runner_runs_the_next() -> Re
     let spec = json!({"model": model, "mode": "i2v", "image": FIRST_FRAME, "prompt": "a long fox",
         "seed": 3, "width": 512, "height": 512, "frames": 33});
     setup.create_job("long", spec).await?;
-    eventually(180, "a denoising step of the long job", || async {
-        let job = setup.jobs().get("long").await?;
-        ensure!(
-            job.status.as_ref().and_then(|s| s.phase) != Some(JobPhase::Succeeded),
-            "the job finished before it could be deleted"
-        );
-        setup.check_runner()?;
-        let progress = job.status.as_ref().and_then(|s| s.progress.clone());
-        Ok(progress
-            .is_some_and(|p| p.stage.as_deref() == Some("Denoising") && p.step >= 1)
-            .then_some(()))
-    })
-    .await
-    .with_context(|| setup.log_text())?;
+    setup.until_denoising("long").await?;
     setup
         .jobs()
         .delete("long", &DeleteParams::default())
@@ -613,13 +630,7 @@ async fn a_job_deleted_mid_generation_stops_and_the_runner_runs_the_next() -> Re
     })
     .await
     .with_context(|| setup.log_text())?;
-    let staging = setup.out.path().join(".staging");
-    let left: Vec<_> = std::fs::read_dir(&staging)?.collect::<Result<_, _>>()?;
-    assert!(
-        left.is_empty(),
-        "attempts' files left in {}: {left:?}",
-        staging.display()
-    );
+    setup.no_staged_files()?;
     setup.stop().await
 }
 
@@ -640,16 +651,7 @@ async fn a_partitioned_runners_late_video_is_refused_and_the_retrys_stays() -> R
     let spec = json!({"model": model, "mode": "i2v", "image": FIRST_FRAME, "prompt": "a late fox",
         "seed": 5, "width": 512, "height": 512, "frames": 33});
     setup.create_job("late", spec).await?;
-    eventually(180, "a denoising step of the job", || async {
-        let job = setup.jobs().get("late").await?;
-        setup.check_runner()?;
-        let progress = job.status.as_ref().and_then(|s| s.progress.clone());
-        Ok(progress
-            .is_some_and(|p| p.stage.as_deref() == Some("Denoising") && p.step >= 1)
-            .then_some(()))
-    })
-    .await
-    .with_context(|| setup.log_text())?;
+    setup.until_denoising("late").await?;
 
     proxy.cut();
     let (mut second, _, second_log) = setup.another_runner("runner-1")?;
@@ -699,13 +701,7 @@ async fn a_partitioned_runners_late_video_is_refused_and_the_retrys_stays() -> R
         "the video in place was replaced"
     );
     assert_eq!(sha(&video)?, output.sha256);
-    let staging = setup.out.path().join(".staging");
-    let left: Vec<_> = std::fs::read_dir(&staging)?.collect::<Result<_, _>>()?;
-    assert!(
-        left.is_empty(),
-        "attempts' files left in {}: {left:?}",
-        staging.display()
-    );
+    setup.no_staged_files()?;
     second.kill().await?;
     setup.stop().await
 }

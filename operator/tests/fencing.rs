@@ -47,9 +47,9 @@ async fn setup(prefix: &str) -> Result<Setup> {
 }
 
 /// A proxy to the API server that the test can stall, and a kubeconfig that goes through it.
-async fn stall_proxy(s: &Setup) -> Result<(StallProxy, String)> {
+fn stall_proxy(s: &Setup) -> Result<(StallProxy, String)> {
     let name = format!("kubeconfig-{}-through-proxy", s.fx.ns.name);
-    let (proxy, kubeconfig) = StallProxy::start(&s.fx.ns.env.kubeconfig, &name).await?;
+    let (proxy, kubeconfig) = StallProxy::start(&s.fx.ns.env.kubeconfig, &name)?;
     Ok((proxy, kubeconfig.display().to_string()))
 }
 
@@ -164,7 +164,7 @@ async fn route_to(s: &Setup, operator: &OperatorProcess, port: u16) -> Result<()
 async fn a_leader_whose_api_server_connection_stalls_stops_before_the_standby_leads() -> Result<()>
 {
     let s = setup("fence-stall").await?;
-    let (proxy, kubeconfig) = stall_proxy(&s).await?;
+    let (proxy, kubeconfig) = stall_proxy(&s)?;
     let mut flags = vec!["--kubeconfig", kubeconfig.as_str()];
     flags.extend(NO_RESYNC);
     let (mut a, port_a) = s.fx.webhook_operator("a", 0, &flags)?;
@@ -387,7 +387,7 @@ async fn a_standby_that_cannot_reach_the_leader_refuses_within_the_api_servers_t
 #[tokio::test]
 async fn a_job_deleted_and_re_created_before_the_leader_saw_the_delete_is_counted() -> Result<()> {
     let s = setup("fence-names").await?;
-    let (proxy, kubeconfig) = stall_proxy(&s).await?;
+    let (proxy, kubeconfig) = stall_proxy(&s)?;
     let mut flags = vec!["--kubeconfig", kubeconfig.as_str()];
     flags.extend(NO_RESYNC);
     let (leader, port) = s.fx.webhook_operator("a", 0, &flags)?;
@@ -457,7 +457,7 @@ async fn a_job_deleted_and_re_created_before_the_leader_saw_the_delete_is_counte
 #[tokio::test]
 async fn a_finished_jobs_ttl_never_deletes_a_job_re_created_under_its_name() -> Result<()> {
     let s = setup("fence-ttl").await?;
-    let (proxy, kubeconfig) = stall_proxy(&s).await?;
+    let (proxy, kubeconfig) = stall_proxy(&s)?;
     // The leader outlives the stall (it gives up after 2/3 of its Lease).
     let flags = [
         "--kubeconfig",

@@ -33,7 +33,7 @@ async fn an_api_server_outage_requeues_no_running_job_and_expired_watches_list_a
         .await?;
     // The operator and the runner each reach the API server through a proxy the test cuts.
     let name = format!("kubeconfig-{}-operator", fx.ns.name);
-    let (op_gate, op_kubeconfig) = StallProxy::start(&fx.ns.env.kubeconfig, &name).await?;
+    let (op_gate, op_kubeconfig) = StallProxy::start(&fx.ns.env.kubeconfig, &name)?;
     let op_kubeconfig = op_kubeconfig.display().to_string();
     // The leader keeps leading through the outage (it gives up after 2/3 of its Lease), so
     // what is tested is how it judges runners after its own view of them was cut off.
@@ -48,7 +48,7 @@ async fn an_api_server_outage_requeues_no_running_job_and_expired_watches_list_a
         ],
     )?;
     let name = format!("kubeconfig-{}-runner", fx.ns.name);
-    let (gate, _) = StallProxy::start(&fx.ns.env.kubeconfig, &name).await?;
+    let (gate, _) = StallProxy::start(&fx.ns.env.kubeconfig, &name)?;
     let mut config = TestEnv::get()?.config().await?;
     config.cluster_url = format!("https://127.0.0.1:{}", gate.port).parse()?;
     let gated = Client::try_from(config)?;

@@ -721,7 +721,7 @@ pub struct SimRunner {
     pub loads: Arc<AtomicUsize>,
     pub cancelled: Arc<AtomicUsize>,
     /// Its watch's errors by cause, as the runner binary exports them.
-    pub watch_errors: Family<WatchErrorLabels, Counter>,
+    watch_errors: Family<WatchErrorLabels, Counter>,
 }
 
 impl SimRunner {

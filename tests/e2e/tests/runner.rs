@@ -643,7 +643,7 @@ async fn a_job_deleted_mid_generation_stops_and_the_runner_runs_the_next() -> Re
 async fn a_partitioned_runners_late_video_is_refused_and_the_retrys_stays() -> Result<()> {
     let env = TestEnv::get()?;
     let name = format!("kubeconfig-runner-zombie-{}", std::process::id());
-    let (proxy, proxied) = StallProxy::start(&env.kubeconfig, &name).await?;
+    let (proxy, proxied) = StallProxy::start(&env.kubeconfig, &name)?;
     let setup =
         Setup::start_through("runner-zombie", "Dedicated", &["anisora"], &[], &proxied).await?;
     let model = setup.model("anisora").to_owned();

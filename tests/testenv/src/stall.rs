@@ -34,7 +34,7 @@ pub struct StallProxy {
 impl StallProxy {
     /// A proxy to the API server of `kubeconfig`; returns it and a copy of the kubeconfig
     /// that goes through it (written next to the original, under `name`).
-    pub async fn start(kubeconfig: &Path, name: &str) -> Result<(StallProxy, PathBuf)> {
+    pub fn start(kubeconfig: &Path, name: &str) -> Result<(StallProxy, PathBuf)> {
         let mut config = kube::config::Kubeconfig::read_from(kubeconfig)?;
         let cluster = config
             .clusters

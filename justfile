@@ -8,9 +8,10 @@ export KUBECONFIG := justfile_directory() / ".testenv/kubeconfig"
 default:
     @just --list
 
-# Build (or reuse from the cache) the control plane binaries; prints their directory.
+# Build (or reuse from the cache) the control plane binaries and Kueue (the peer `just bench` compares with, and a test checks); prints the control plane's directory.
 tools:
     @tests/testenv/tools.sh
+    @tests/testenv/kueue.sh build >/dev/null
 
 # Start the local control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok, 2 fake GPU nodes) with the CRDs installed, and framelane-operator from this checkout.
 up:
@@ -68,11 +69,12 @@ bench: tools
     tests/testenv/up.sh
     cargo bench -p framelane-operator --bench queue
     cargo bench -p framelane-operator --bench webhook
+    cargo bench -p framelane-operator --bench peers
     cargo bench -p framelane-operator --bench fuzz
     cargo bench -p framelane-operator --bench restart
     eval "$(gpu-runner/scripts/setup-torch.sh)" && cargo bench -p framelane-runner --bench runner
 
-# GPU memory check on one H100/H200 (torch 2.11 installed, no network): 20 alternating jobs on a Shared runner, with expandable_segments on and off. Args: --jobs N --weight-gib G --binary PATH.
+# GPU memory check on one H100/H200 (torch 2.11, no network): full-size Wan 14B models (A14B i2v, AllInOne t2v), per size and memory cap 20 alternating jobs on a Shared runner, expandable_segments on and off, against diffusers. Args: --jobs N --sizes WxHxF,.. --caps 80G,.. --steps N --binary PATH --no-diffusers --tiny (CPU dry run).
 gpu-check *args:
     gpu-runner/scripts/gpu-check.sh {{args}}
 

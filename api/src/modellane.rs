@@ -90,6 +90,111 @@ pub struct RunnerTemplate {
     /// Volume the runners write videos to, under `<namespace>/<job name>/`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_volume: Option<LaneVolume>,
+    /// How the runners hold the models in GPU memory. Left out: `auto` for both fields.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<RunnerMemorySpec>,
+}
+
+/// How a lane's runners hold the models in GPU memory. A job whose estimated peak does not
+/// fit the runners' GPU in this mode is refused at admission (HTTP 422) with the largest
+/// size that fits (docs/fit-check.md).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RunnerMemorySpec {
+    /// `resident`: every model part stays on the GPU. `expertSwap`: a two-expert model keeps
+    /// one expert on the GPU at a time, the other in pinned host memory. `modelOffload`: the
+    /// text encoder, the denoiser and the VAE are each on the GPU only for their stage.
+    /// `auto` (default): chosen at start from the GPU's memory.
+    #[serde(default)]
+    pub mode: MemoryMode,
+    /// Whether the VAE decodes and encodes in spatial tiles and frame chunks: `on`, `off`, or
+    /// `auto` (default: when the model's default size does not fit otherwise).
+    #[serde(default)]
+    pub vae_tiling: VaeTiling,
+}
+
+/// How a runner holds the models in GPU memory (`spec.runner.memory.mode`).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum MemoryMode {
+    /// Chosen at start from the GPU's memory.
+    #[default]
+    Auto,
+    /// Every model part stays on the GPU.
+    Resident,
+    /// One expert of a two-expert model on the GPU at a time.
+    ExpertSwap,
+    /// Each model part on the GPU only for its stage.
+    ModelOffload,
+}
+
+impl MemoryMode {
+    /// The value as the API writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemoryMode::Auto => "auto",
+            MemoryMode::Resident => "resident",
+            MemoryMode::ExpertSwap => "expertSwap",
+            MemoryMode::ModelOffload => "modelOffload",
+        }
+    }
+
+    /// Every mode.
+    pub const ALL: [MemoryMode; 4] = [
+        MemoryMode::Auto,
+        MemoryMode::Resident,
+        MemoryMode::ExpertSwap,
+        MemoryMode::ModelOffload,
+    ];
+
+    /// The value of the runner's `--memory-mode` flag.
+    pub fn flag(self) -> &'static str {
+        match self {
+            MemoryMode::Auto => "auto",
+            MemoryMode::Resident => "resident",
+            MemoryMode::ExpertSwap => "expert-swap",
+            MemoryMode::ModelOffload => "model-offload",
+        }
+    }
+
+    /// The mode a `--memory-mode` value names.
+    pub fn from_flag(flag: &str) -> Option<MemoryMode> {
+        MemoryMode::ALL.into_iter().find(|m| m.flag() == flag)
+    }
+}
+
+/// Whether a runner's VAE works in tiles (`spec.runner.memory.vaeTiling`).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum VaeTiling {
+    /// When the model's default size does not fit otherwise.
+    #[default]
+    Auto,
+    Off,
+    On,
+}
+
+impl VaeTiling {
+    /// Every setting.
+    pub const ALL: [VaeTiling; 3] = [VaeTiling::Auto, VaeTiling::Off, VaeTiling::On];
+
+    /// The setting a `--vae-tiling` value names.
+    pub fn from_flag(flag: &str) -> Option<VaeTiling> {
+        VaeTiling::ALL.into_iter().find(|t| t.as_str() == flag)
+    }
+
+    /// The value as the API writes it, and of the runner's `--vae-tiling` flag.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VaeTiling::Auto => "auto",
+            VaeTiling::Off => "off",
+            VaeTiling::On => "on",
+        }
+    }
 }
 
 /// A volume of the runner pods: exactly one source, with the same shape as in a Pod.

@@ -27,6 +27,10 @@ vocabulary! {
         MovedToFallback,
         /// The GPU ran out of memory.
         GpuOutOfMemory,
+        /// The job's estimated GPU memory does not fit its runner's GPU in the lane's memory
+        /// mode; the runner refused it before touching the GPU. The message names the limit
+        /// and the largest size that fits.
+        DoesNotFit,
         /// The job was deleted before it finished.
         Cancelled,
         /// The lane's queue was full.

@@ -277,4 +277,38 @@ pub struct MemoryReport {
     pub after_cleanup_allocated_bytes: i64,
     /// Bytes still reserved after the runner emptied the cache.
     pub after_cleanup_reserved_bytes: i64,
+    /// Where the model kept its parts: `resident`, `expertSwap` or `modelOffload` (the
+    /// ModelLane's `spec.runner.memory.mode`, `auto` resolved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mode: Option<String>,
+    /// Whether the VAE decoded (and, for image to video, encoded) in spatial tiles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vae_tiled: Option<bool>,
+    /// Seconds the job waited for its model to be loaded (a cold load or a Shared lane's
+    /// switch); 0 when it was already loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_load_seconds: Option<f64>,
+    /// Each stage's memory and time, in order: `EncodingPrompt`, `EncodingImage` (image to
+    /// video), `Denoising`, `Decoding`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<StageMemoryReport>,
+}
+
+/// GPU memory and time of one stage of a run. The allocator's cache is emptied after every
+/// stage, so each stage's peak is its own.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StageMemoryReport {
+    /// `EncodingPrompt`, `EncodingImage`, `Denoising` or `Decoding`.
+    pub stage: String,
+    /// Most bytes allocated by tensors during the stage.
+    pub peak_allocated_bytes: i64,
+    /// Most bytes reserved by the caching allocator during the stage.
+    pub peak_reserved_bytes: i64,
+    /// Seconds the stage took, bringing offloaded parts to the device included.
+    pub seconds: f64,
+    /// Seconds spent copying offloaded parts (or a swapped expert) to the device.
+    pub load_seconds: f64,
+    /// Allocator retries (cache flushes to satisfy an allocation) during the stage.
+    pub alloc_retries: i64,
 }

@@ -9,6 +9,9 @@ pub const LABEL_MODEL: &str = "framelane.dev/model";
 pub const LABEL_RUNNER: &str = "framelane.dev/runner";
 /// Annotation on a heartbeat Lease: the model the runner has loaded now.
 pub const ANNOTATION_LOADED_MODEL: &str = "framelane.dev/loaded-model";
+/// Annotation on a heartbeat Lease: the runner's GPU memory, budget, memory mode and model
+/// shapes (versioned JSON, `framelane_core::memory::RunnerMemory`), for the fit check.
+pub const ANNOTATION_MEMORY: &str = "framelane.dev/memory";
 /// Finalizer on a running VideoJob, so deleting it stops its runner before the slot is freed.
 pub const JOB_FINALIZER: &str = "framelane.dev/cancel";
 /// The allocator setting every runner pod carries unless its lane overrides it.

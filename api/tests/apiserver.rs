@@ -690,23 +690,7 @@ fn expect_refused(
     field: &str,
     message: &str,
 ) -> Result<()> {
-    match written {
-        Ok(job) => bail!(
-            "the API server accepted a status that breaks `{message}`: {:?}",
-            job.status
-        ),
-        Err(kube::Error::Api(s)) => {
-            ensure!(s.code == 422, "expected 422, got {}: {}", s.code, s.message);
-            ensure!(
-                s.message
-                    .contains(&format!("{field}: Invalid value: {message}")),
-                "expected `{field}: {message}`; the API server said: {}",
-                s.message
-            );
-            Ok(())
-        }
-        Err(e) => Err(e.into()),
-    }
+    framelane_testenv::expect_refused(written, 422, &format!("{field}: Invalid value: {message}"))
 }
 
 const QUEUED_AT: &str = "2030-01-02T03:04:05.678901Z";
@@ -856,19 +840,7 @@ fn expect_refused_value(
     message: &str,
 ) -> Result<()> {
     let expected = format!("{field}: Invalid value: \"{value}\": {message}");
-    match written {
-        Ok(job) => bail!("the API server accepted {field} {value}: {:?}", job.status),
-        Err(kube::Error::Api(s)) => {
-            ensure!(s.code == 422, "expected 422, got {}: {}", s.code, s.message);
-            ensure!(
-                s.message.contains(&expected),
-                "expected `{expected}`; the API server said: {}",
-                s.message
-            );
-            Ok(())
-        }
-        Err(e) => Err(e.into()),
-    }
+    framelane_testenv::expect_refused(written, 422, &expected)
 }
 
 /// The API server takes times up to 9999-12-31T23:59:59Z, but the operator's time type ends

@@ -21,6 +21,17 @@ pub fn refusal(error: &kube::Error) -> Option<&str> {
     }
 }
 
+/// The API server did not answer, or answered that it cannot serve now (5xx: starting,
+/// overloaded, timed out): says nothing about the object, only that the API server was not
+/// reachable.
+pub fn is_unreachable(error: &kube::Error) -> bool {
+    match error {
+        kube::Error::Api(status) => status.code >= 500,
+        kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_) => true,
+        _ => false,
+    }
+}
+
 /// `Ok(None)` for a missing object, so a delete or patch of something already gone succeeds.
 pub fn ignore_not_found<T>(result: Result<T, kube::Error>) -> Result<Option<T>, kube::Error> {
     match result {

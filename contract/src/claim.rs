@@ -2,6 +2,8 @@
 //! resourceVersion precondition, and reports progress and the outcome, each write conditional
 //! on the job still being its own. What each write says is `framelane_core::transitions`.
 
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use framelane_api::{
@@ -9,7 +11,7 @@ use framelane_api::{
     reasons::JobReason,
     videojob::{JobPhase, MemoryReport, Output, Progress},
 };
-use framelane_core::{claims, index::version, transitions};
+use framelane_core::{claims, index::version, memory::RunnerMemory, transitions};
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -18,11 +20,14 @@ use kube::{
     api::PostParams,
     runtime::{WatchStreamExt, reflector, watcher},
 };
+use prometheus_client::metrics::{counter::Counter, family::Family};
 use tokio::sync::watch;
 
 use crate::{
     api_errors::{is_conflict, is_not_found},
-    backoff::Backoff,
+    backoff::{Backoff, WATCH_BACKOFF_MAX, watch_backoff},
+    outputs::{self, Removal},
+    readable::{Unreadable, WatchErrorLabels, count_watch_error, watch_readable},
 };
 
 /// The first and the longest wait between tries of a final status write.
@@ -38,6 +43,8 @@ pub enum ContractError {
         "job {0} is no longer this runner's (cancelled, finished, or requeued after this runner was declared lost); stop working on it"
     )]
     Lost(String),
+    #[error("moving the job's files into place: {0}")]
+    Files(#[from] std::io::Error),
 }
 
 /// One runner's side of the contract.
@@ -47,12 +54,18 @@ pub struct Runner {
     pub(crate) lane: String,
     /// The uid of the runner's pod (called like the runner), when known.
     pub(crate) pod_uid: Option<String>,
+    /// The `framelane.dev/memory` annotation the heartbeat carries, when the runner knows
+    /// its device's memory.
+    pub(crate) memory: Option<String>,
     /// Drawn when the runner starts: a container restarted in the same pod is a new holder.
     nonce: String,
     pub(crate) leases: Api<Lease>,
     jobs: Api<VideoJob>,
     store: reflector::Store<VideoJob>,
     changed: watch::Receiver<()>,
+    /// The output volume, once set: the files of jobs deleted meanwhile are removed from it.
+    outputs: Arc<OnceLock<PathBuf>>,
+    watch_errors: Family<WatchErrorLabels, Counter>,
 }
 
 impl Runner {
@@ -67,15 +80,36 @@ impl Runner {
     ) -> Self {
         let (store, writer) = reflector::store();
         let (tx, changed) = watch::channel(());
-        let stream = watcher(jobs.clone(), watcher::Config::default())
-            .default_backoff()
-            .reflect(writer)
-            .applied_objects();
+        let unreadable = |u: Unreadable| {
+            tracing::warn!(
+                object = u.object,
+                error = u.error,
+                "left out a VideoJob this runner cannot read: upgrade the runner to the version that wrote it, or fix or delete the job"
+            );
+        };
+        let stream = watch_readable::<VideoJob, _>(
+            jobs.clone().into_client(),
+            jobs.namespace(),
+            watcher::Config::default(),
+            unreadable,
+        )
+        .backoff(watch_backoff(WATCH_BACKOFF_MAX))
+        .reflect(writer);
+        let outputs = Arc::new(OnceLock::<PathBuf>::new());
+        let root = outputs.clone();
+        let watch_errors = Family::<WatchErrorLabels, Counter>::default();
+        let errors = watch_errors.clone();
         tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
             while let Some(event) = stream.next().await {
-                if let Err(e) = event {
-                    tracing::warn!(error = %e, "watching VideoJobs failed; retrying");
+                match event {
+                    Ok(watcher::Event::Delete(job)) => {
+                        if let Some(root) = root.get() {
+                            remove_deleted(root.clone(), job);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => count_watch_error(&errors, "VideoJob", &e),
                 }
                 let _ = tx.send(());
             }
@@ -84,18 +118,40 @@ impl Runner {
             name: name.into(),
             lane: lane.into(),
             pod_uid: None,
+            memory: None,
             nonce: format!("{:016x}", rand::random::<u64>()),
             leases: Api::namespaced(client, namespace),
             jobs,
             store,
             changed,
+            outputs,
+            watch_errors,
         }
+    }
+
+    /// This runner's watch errors by cause (`readable::watch_error_cause`), for its metrics.
+    pub fn watch_errors(&self) -> &Family<WatchErrorLabels, Counter> {
+        &self.watch_errors
+    }
+
+    /// Sets the output volume this runner writes to: the files of a job deleted from now on
+    /// (by its user or its TTL) are removed from it (`outputs::remove_deleted`).
+    pub fn removing_outputs_of_deleted_jobs(self, root: impl Into<PathBuf>) -> Self {
+        let _ = self.outputs.set(root.into());
+        self
     }
 
     /// Makes the runner's pod (named like the runner, in the Lease's namespace, with this
     /// uid) the owner of the heartbeat Lease, so the Lease is garbage-collected with the pod.
     pub fn owned_by_pod(mut self, uid: impl Into<String>) -> Self {
         self.pod_uid = Some(uid.into());
+        self
+    }
+
+    /// Reports the runner's GPU memory and model shapes in every heartbeat, for the fit
+    /// check at admission.
+    pub fn reporting_memory(mut self, memory: &RunnerMemory) -> Self {
+        self.memory = Some(memory.to_annotation());
         self
     }
 
@@ -163,6 +219,22 @@ impl Runner {
             &job.namespace().unwrap_or_default(),
         )
     }
+}
+
+/// Removes a deleted job's files off the async threads, logging what happened.
+fn remove_deleted(root: PathBuf, job: VideoJob) {
+    tokio::task::spawn_blocking(move || {
+        let name = format!("{}/{}", job.namespace().unwrap_or_default(), job.name_any());
+        match outputs::remove_deleted(&root, &job) {
+            Ok(Removal::Removed) => {
+                tracing::info!(job = %name, "removed the files of a deleted job")
+            }
+            Ok(Removal::NotItsFiles) => {}
+            Err(e) => {
+                tracing::warn!(job = %name, error = %e, "could not remove the files of a deleted job")
+            }
+        }
+    });
 }
 
 fn with_status(job: &VideoJob, status: VideoJobStatus) -> VideoJob {
@@ -249,6 +321,54 @@ impl ClaimedJob {
         })
         .await?;
         Ok(self.job)
+    }
+
+    /// Where this attempt writes its files before [`ClaimedJob::publish`] moves them into
+    /// place: `<root>/.staging/<job uid>-<attempt>/`, laid out like `root`.
+    pub fn staging_dir(&self, root: &Path) -> PathBuf {
+        outputs::staging_dir(root, &self.job)
+    }
+
+    /// Moves the attempt's `files` (relative paths) from its staging folder into `root`, after
+    /// a fresh read from the API server shows the job still this runner's: a runner that was
+    /// declared lost, and whose job another runner took over, has its files thrown away
+    /// (`Lost`) instead of replacing the ones the job's status describes. While the API server
+    /// cannot be reached the read is retried with backoff, the files kept.
+    pub async fn publish(&mut self, root: &Path, files: &[String]) -> Result<(), ContractError> {
+        let staging = self.staging_dir(root);
+        let name = self.job.name_any();
+        let mut backoff = Backoff::new(FINAL_RETRY_FIRST, FINAL_RETRY_MAX);
+        let mine = loop {
+            match self.api.get_opt(&name).await {
+                Ok(Some(current)) if self.is_mine(&current) => {
+                    self.job = current;
+                    break true;
+                }
+                Ok(_) => break false,
+                Err(error) => {
+                    let wait = backoff.next_wait();
+                    tracing::warn!(job = %name, %error, ?wait, "cannot confirm the job is still this runner's; keeping its files staged and retrying");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        };
+        let staged = staging.clone();
+        let files = files.to_vec();
+        let root = root.to_path_buf();
+        let moved = tokio::task::spawn_blocking(move || {
+            if mine {
+                outputs::move_into_place(&staged, &root, &files)
+            } else {
+                outputs::discard(&staged)
+            }
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+        if !mine {
+            tracing::warn!(job = %name, staging = %staging.display(), "the job is no longer this runner's: its files were thrown away, not published");
+            return Err(ContractError::Lost(name));
+        }
+        Ok(moved?)
     }
 
     /// Writes a final status. A refusal other than a conflict or a missing job is retried

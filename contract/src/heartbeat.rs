@@ -1,24 +1,33 @@
 //! A runner's heartbeat: a `Lease` named after its pod and held by the runner's current start
 //! (`Runner::incarnation`), renewed every [`RENEW_INTERVAL`], fresh for [`LEASE_DURATION`],
-//! with the model it has loaded in an annotation.
+//! with the model it has loaded and its GPU memory (for the fit check) in annotations.
 
 use std::time::Duration;
 
-use framelane_api::wellknown::{ANNOTATION_LOADED_MODEL, LABEL_LANE, LABEL_RUNNER};
+use framelane_api::wellknown::{
+    ANNOTATION_LOADED_MODEL, ANNOTATION_MEMORY, LABEL_LANE, LABEL_RUNNER,
+};
 use jiff::Timestamp;
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
     apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference},
 };
-use kube::api::{ObjectMeta, PostParams};
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use tokio::sync::watch;
 
-use crate::claim::{ContractError, Runner};
+use crate::{
+    backoff::jittered,
+    claim::{ContractError, Runner},
+};
 
 /// How long a heartbeat stays fresh without renewal.
 pub const LEASE_DURATION: Duration = Duration::from_secs(15);
 /// How often a runner renews its heartbeat.
 pub const RENEW_INTERVAL: Duration = Duration::from_secs(3);
+/// How long one renewal may take before it is given up and tried again: a request the API
+/// server holds (etcd down: it waits up to its own 60 s request timeout) must not stop the
+/// renewals that would succeed once it is back.
+pub const RENEW_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Runner {
     /// Creates or renews the heartbeat Lease, recording the loaded model.
@@ -27,6 +36,9 @@ impl Runner {
         let mut annotations = std::collections::BTreeMap::new();
         if let Some(model) = loaded_model {
             annotations.insert(ANNOTATION_LOADED_MODEL.to_string(), model.to_string());
+        }
+        if let Some(memory) = &self.memory {
+            annotations.insert(ANNOTATION_MEMORY.to_string(), memory.clone());
         }
         let seconds = LEASE_DURATION.as_secs() as i32;
         let incarnation = self.incarnation();
@@ -47,8 +59,18 @@ impl Runner {
                 spec.holder_identity = Some(incarnation);
                 spec.lease_duration_seconds = Some(seconds);
                 spec.renew_time = Some(now);
+                // A patch without a resourceVersion: the Lease is this runner's alone, and
+                // right after etcd comes back the API server may answer the read above from
+                // its stale cache, which would make a conditional write conflict every time.
+                let patch = serde_json::json!({
+                    "metadata": {
+                        "annotations": lease.metadata.annotations,
+                        "ownerReferences": lease.metadata.owner_references,
+                    },
+                    "spec": lease.spec,
+                });
                 self.leases
-                    .replace(&self.name, &PostParams::default(), &lease)
+                    .patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
                     .await?;
             }
             None => {
@@ -87,10 +109,18 @@ impl Runner {
         HeartbeatHandle(tokio::spawn(async move {
             loop {
                 let loaded = model.borrow().clone();
-                if let Err(e) = runner.heartbeat(loaded.as_deref()).await {
-                    tracing::warn!(error = %e, runner = runner.name, "heartbeat renewal failed");
+                match tokio::time::timeout(RENEW_TIMEOUT, runner.heartbeat(loaded.as_deref())).await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, runner = runner.name, "heartbeat renewal failed")
+                    }
+                    Err(_) => tracing::warn!(
+                        runner = runner.name,
+                        "heartbeat renewal got no answer within {RENEW_TIMEOUT:?}; trying again"
+                    ),
                 }
-                tokio::time::sleep(RENEW_INTERVAL).await;
+                tokio::time::sleep(jittered(RENEW_INTERVAL)).await;
             }
         }))
     }

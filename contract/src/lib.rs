@@ -14,15 +14,22 @@
 //!   still this runner's, so a job never stays Running after its runner finished it. The
 //!   statuses written are
 //!   `framelane_core::transitions`'.
+//! - [`outputs`]: a job's files on the output volume. An attempt writes them to its own
+//!   staging folder; they are moved into place only once the API server confirms the job is
+//!   still the runner's, and removed when the job is deleted.
 //! - [`serve`]: a client from a kubeconfig or the pod's account, and `/healthz`, `/readyz`,
 //!   `/metrics`.
 //! - [`api_errors`]: what an API error means (a conflict, a missing object).
 //! - [`backoff`]: exponential backoff with jitter for retries.
+//! - [`readable`]: watches that leave out (and report) an object that does not parse,
+//!   instead of stalling on it.
 
 pub mod api_errors;
 pub mod backoff;
 pub mod claim;
 pub mod heartbeat;
+pub mod outputs;
+pub mod readable;
 pub mod serve;
 
 pub use claim::{ClaimedJob, ContractError, Runner};

@@ -16,7 +16,12 @@ use warp::{Filter, http::StatusCode};
 /// A client from `kubeconfig` when given, else the usual inference ($KUBECONFIG,
 /// ~/.kube/config, or the in-cluster service account).
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, kube::Error> {
-    let config = match kubeconfig {
+    Client::try_from(config(kubeconfig).await?)
+}
+
+/// The client configuration [`client`] uses, to adjust before building a client from it.
+pub async fn config(kubeconfig: Option<&Path>) -> Result<kube::Config, kube::Error> {
+    Ok(match kubeconfig {
         Some(path) => {
             let kubeconfig =
                 kube::config::Kubeconfig::read_from(path).map_err(kube::Error::InferKubeconfig)?;
@@ -27,8 +32,7 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, kube::Error> {
         None => kube::Config::infer()
             .await
             .map_err(kube::Error::InferConfig)?,
-    };
-    Client::try_from(config)
+    })
 }
 
 /// A binary's metrics: a prometheus-client registry.

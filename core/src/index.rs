@@ -10,6 +10,7 @@ use std::{
 };
 
 use framelane_api::{VideoJob, modellane::FallbackCause, videojob::JobPhase};
+use jiff::Timestamp;
 
 use crate::{
     depth::{Occupancy, Overloaded, QueueLimits, room},
@@ -22,6 +23,9 @@ pub struct Index {
     pub queues: Queues,
     pub clock: AdmissionClock,
     versions: HashMap<JobKey, u64>,
+    /// The UID of the job each name stands for: a job re-created under a deleted job's name is
+    /// another job, and a late copy of the old one must not touch the new one's slot.
+    uids: HashMap<JobKey, String>,
     reservations: HashMap<JobKey, Reservation>,
     /// Jobs waiting for admission, in creation order.
     awaiting: BTreeSet<(CreationKey, JobKey)>,
@@ -29,8 +33,9 @@ pub struct Index {
     /// Jobs awaiting admission, counted by model.
     awaiting_models: HashMap<String, usize>,
     /// Creates the admission webhook let through that the watch has not shown yet, with the
-    /// lane they count against and when the hold lapses (the create failed after all).
-    holds: HashMap<JobKey, (String, Instant)>,
+    /// lane they count against, when the hold lapses (the create failed after all), and the
+    /// new job's UID.
+    holds: HashMap<JobKey, (String, Instant, Option<String>)>,
     /// Whether a full list of jobs has been read (before that the counts are partial).
     pub synced: bool,
 }
@@ -92,15 +97,15 @@ impl Index {
     /// Records what an API write answered, unless the watch has shown the job deleted since
     /// (the index no longer knows it): a late answer must not bring its slot back. Returns the
     /// lanes whose queue changed.
-    pub fn observe_written(&mut self, job: &VideoJob) -> Vec<String> {
+    pub fn observe_written(&mut self, job: &VideoJob, now: Timestamp) -> Vec<String> {
         if !self.knows(job) {
             return Vec::new();
         }
-        self.observe(job)
+        self.observe(job, now)
     }
 
-    /// Records a job as the watch shows it; returns the lanes whose queue changed.
-    pub fn observe(&mut self, job: &VideoJob) -> Vec<String> {
+    /// Records a job as the watch shows it at `now`; returns the lanes whose queue changed.
+    pub fn observe(&mut self, job: &VideoJob, now: Timestamp) -> Vec<String> {
         let key = key_of(job);
         if let (Some(seen), Some(new)) = (self.versions.get(&key), version(job))
             && new < *seen
@@ -110,18 +115,43 @@ impl Index {
         if let Some(v) = version(job) {
             self.versions.insert(key.clone(), v);
         }
+        self.remember_uid(&key, job);
         let slot = slot_of(job);
         if let Slot::Queued { queued_at, .. } = &slot {
-            self.clock.observe(*queued_at, jiff::Timestamp::now());
+            self.clock.observe(*queued_at, now);
         }
         let waiting = job.status.as_ref().and_then(|s| s.phase).is_none()
             && job.metadata.deletion_timestamp.is_none();
-        self.holds.remove(&key);
+        self.drop_hold(&key, job);
         self.set_awaiting(
             &key,
             waiting.then(|| (creation_key(job), job.spec.model.clone())),
         );
         self.queues.set(key, slot)
+    }
+
+    fn remember_uid(&mut self, key: &JobKey, job: &VideoJob) {
+        match &job.metadata.uid {
+            Some(uid) => self.uids.insert(key.clone(), uid.clone()),
+            None => self.uids.remove(key),
+        };
+    }
+
+    /// Whether the index's job of this name is another one than `uid` (deleted and
+    /// re-created). An unknown UID on either side counts as the same job.
+    fn replaced(&self, key: &JobKey, uid: Option<&str>) -> bool {
+        matches!((self.uids.get(key), uid), (Some(known), Some(uid)) if known != uid)
+    }
+
+    /// Ends the webhook's hold for `job`'s create, unless the hold is another job's.
+    fn drop_hold(&mut self, key: &JobKey, job: &VideoJob) {
+        let uid = job.metadata.uid.as_deref();
+        if self.holds.get(key).is_some_and(
+            |(_, _, held)| matches!((held.as_deref(), uid), (Some(h), Some(u)) if h != u),
+        ) {
+            return;
+        }
+        self.holds.remove(key);
     }
 
     fn set_awaiting(&mut self, key: &JobKey, awaiting: Option<(CreationKey, String)>) {
@@ -163,7 +193,7 @@ impl Index {
         let holds = self
             .holds
             .iter()
-            .filter(|(_, (l, until))| l == lane && *until > now);
+            .filter(|(_, (l, until, _))| l == lane && *until > now);
         let Some(namespace) = namespace else {
             return Occupancy {
                 depth: queue.map_or(0, LaneQueue::depth) + awaiting + holds.count(),
@@ -187,19 +217,25 @@ impl Index {
     }
 
     /// The admission webhook's atomic check-and-take: holds a slot of `lane` for the create
-    /// of `key` if the lane has [`room`], else says why not. A job the index already knows
-    /// takes no second slot (its create fails as a duplicate). With `dry_run` nothing is held.
+    /// of `key` (a new job with `uid`) if the lane has [`room`], else says why not. A job the
+    /// index already knows takes no second slot (its create fails as a duplicate); a job of
+    /// the same name but another UID does (the old one was deleted, the watch has not shown
+    /// it yet). With `dry_run` nothing is held.
+    #[allow(clippy::too_many_arguments)]
     pub fn hold(
         &mut self,
         key: JobKey,
+        uid: Option<&str>,
         lane: &str,
         limits: QueueLimits,
         route: impl Fn(&str) -> Option<String>,
         (now, until): (Instant, Instant),
         dry_run: bool,
     ) -> Result<(), Overloaded> {
-        self.holds.retain(|_, (_, u)| *u > now);
-        if self.versions.contains_key(&key) || self.awaiting_keys.contains_key(&key) {
+        self.holds.retain(|_, (_, u, _)| *u > now);
+        if (self.versions.contains_key(&key) || self.awaiting_keys.contains_key(&key))
+            && !self.replaced(&key, uid)
+        {
             return Ok(());
         }
         let share = limits.max_per_namespace.map(|_| key.namespace.as_str());
@@ -210,7 +246,8 @@ impl Index {
         }
         room(lane, &key.namespace, held, limits)?;
         if !dry_run {
-            self.holds.insert(key, (lane.to_string(), until));
+            self.holds
+                .insert(key, (lane.to_string(), until, uid.map(str::to_string)));
         }
         Ok(())
     }
@@ -227,7 +264,8 @@ impl Index {
     /// Whether the index holds the job: every job the watch showed and that was not deleted
     /// since (a reconcile can still hold a copy of a job deleted a moment ago).
     pub fn knows(&self, job: &VideoJob) -> bool {
-        self.versions.contains_key(&key_of(job))
+        let key = key_of(job);
+        self.versions.contains_key(&key) && !self.replaced(&key, job.metadata.uid.as_deref())
     }
 
     /// Whether this copy of a job is older than one the index has already seen (a cache
@@ -289,6 +327,7 @@ impl Index {
         );
         self.versions
             .insert(key.clone(), version(job).unwrap_or(0) + 1);
+        self.remember_uid(&key, job);
         self.set_awaiting(&key, None);
         let reservation = Reservation {
             lane: lane.into(),
@@ -302,19 +341,30 @@ impl Index {
 
     /// The reservation of a job whose admission is being written.
     pub fn reservation(&self, job: &VideoJob) -> Option<Reservation> {
-        self.reservations.get(&key_of(job)).cloned()
+        let key = key_of(job);
+        if self.replaced(&key, job.metadata.uid.as_deref()) {
+            return None;
+        }
+        self.reservations.get(&key).cloned()
     }
 
     /// The admission was written (`written`) or failed (`None`): the reservation ends.
-    pub fn settle(&mut self, job: &VideoJob, written: Option<&VideoJob>) -> Vec<String> {
+    pub fn settle(
+        &mut self,
+        job: &VideoJob,
+        written: Option<&VideoJob>,
+        now: Timestamp,
+    ) -> Vec<String> {
         let key = key_of(job);
-        if self.reservations.remove(&key).is_none() {
+        if self.replaced(&key, job.metadata.uid.as_deref())
+            || self.reservations.remove(&key).is_none()
+        {
             // Deleted (or the index rebuilt) while the write was on its way: what the watch
             // shows has the last word.
             return Vec::new();
         }
         match written {
-            Some(written) => self.observe(written),
+            Some(written) => self.observe(written, now),
             None => {
                 self.versions.remove(&key);
                 if job.status.as_ref().and_then(|s| s.phase).is_none() {
@@ -325,12 +375,17 @@ impl Index {
         }
     }
 
-    /// Forgets a deleted job; returns the lanes whose queue changed.
+    /// Forgets a deleted job, unless its name stands for a job created since; returns the
+    /// lanes whose queue changed.
     pub fn forget(&mut self, job: &VideoJob) -> Vec<String> {
         let key = key_of(job);
+        self.drop_hold(&key, job);
+        if self.replaced(&key, job.metadata.uid.as_deref()) {
+            return Vec::new();
+        }
         self.versions.remove(&key);
+        self.uids.remove(&key);
         self.reservations.remove(&key);
-        self.holds.remove(&key);
         self.set_awaiting(&key, None);
         self.queues.set(key, Slot::None)
     }
@@ -338,7 +393,11 @@ impl Index {
     /// Rebuilds everything from a full list (after a watch restart, deletions may have been
     /// missed). Webhook holds stay: their creates may still be on their way. Returns every
     /// lane it held jobs of before or holds now: their depth may have changed.
-    pub fn rebuild<'a>(&mut self, jobs: impl Iterator<Item = &'a VideoJob>) -> Vec<String> {
+    pub fn rebuild<'a>(
+        &mut self,
+        jobs: impl Iterator<Item = &'a VideoJob>,
+        now: Timestamp,
+    ) -> Vec<String> {
         let mut lanes: Vec<String> = self.queues.lane_names().cloned().collect();
         *self = Index {
             clock: std::mem::take(&mut self.clock),
@@ -347,7 +406,7 @@ impl Index {
             ..Default::default()
         };
         for job in jobs {
-            lanes.extend(self.observe(job));
+            lanes.extend(self.observe(job, now));
         }
         lanes.sort();
         lanes.dedup();
@@ -396,10 +455,10 @@ mod tests {
             j
         };
         let mut index = Index::default();
-        index.observe(&queued("a", "lane-a"));
+        index.observe(&queued("a", "lane-a"), Timestamp::UNIX_EPOCH);
         assert_eq!(index.queues.depth("lane-a"), 1);
         // The watch restarts: "a" was deleted meanwhile, "b" was admitted to another lane.
-        let lanes = index.rebuild([queued("b", "lane-b")].iter());
+        let lanes = index.rebuild([queued("b", "lane-b")].iter(), Timestamp::UNIX_EPOCH);
         assert_eq!(lanes, ["lane-a", "lane-b"]);
         assert_eq!(index.queues.depth("lane-a"), 0);
     }
@@ -417,16 +476,25 @@ mod tests {
             j
         };
         let mut index = Index::default();
-        index.observe(&queued(2));
+        index.observe(&queued(2), Timestamp::UNIX_EPOCH);
         // The lane reconciler's position write answers with version 3, but the watch has
         // meanwhile shown the job deleted (at version 4).
         index.forget(&queued(4));
-        assert!(index.observe_written(&queued(3)).is_empty());
+        assert!(
+            index
+                .observe_written(&queued(3), Timestamp::UNIX_EPOCH)
+                .is_empty()
+        );
         assert_eq!(index.queues.depth("lane-a"), 0, "no slot comes back");
         assert!(!index.knows(&queued(3)));
         // A job the index knows takes the answer.
-        index.observe(&queued(5));
-        assert!(index.observe_written(&queued(6)).is_empty(), "same slot");
+        index.observe(&queued(5), Timestamp::UNIX_EPOCH);
+        assert!(
+            index
+                .observe_written(&queued(6), Timestamp::UNIX_EPOCH)
+                .is_empty(),
+            "same slot"
+        );
         assert_eq!(index.queues.depth("lane-a"), 1);
     }
 
@@ -438,28 +506,28 @@ mod tests {
         let until = (now, now + Duration::from_secs(15));
         for name in ["a", "b"] {
             assert_eq!(
-                index.hold(key(name), "lane-a", LIMITS, lane_of, until, false),
+                index.hold(key(name), None, "lane-a", LIMITS, lane_of, until, false),
                 Ok(())
             );
         }
         assert_eq!(
-            index.hold(key("dry"), "lane-a", LIMITS, lane_of, until, true),
+            index.hold(key("dry"), None, "lane-a", LIMITS, lane_of, until, true),
             Ok(()),
             "a dry run fits but holds nothing"
         );
         assert_eq!(index.occupancy("lane-a", None, lane_of, now).depth, 2);
-        index.observe(&job("a", 5));
+        index.observe(&job("a", 5), Timestamp::UNIX_EPOCH);
         assert_eq!(
             index.occupancy("lane-a", None, lane_of, now).depth,
             2,
             "a shown job counts as awaiting admission instead of held"
         );
         assert_eq!(
-            index.hold(key("c"), "lane-a", LIMITS, lane_of, until, false),
+            index.hold(key("c"), None, "lane-a", LIMITS, lane_of, until, false),
             Ok(())
         );
         assert_eq!(
-            index.hold(key("d"), "lane-a", LIMITS, lane_of, until, false),
+            index.hold(key("d"), None, "lane-a", LIMITS, lane_of, until, false),
             Err(Overloaded::Lane {
                 lane: "lane-a".into(),
                 depth: 3,
@@ -467,17 +535,79 @@ mod tests {
             })
         );
         assert_eq!(
-            index.hold(key("a"), "lane-a", LIMITS, lane_of, until, false),
+            index.hold(key("a"), None, "lane-a", LIMITS, lane_of, until, false),
             Ok(()),
             "an existing name takes no slot: its create fails as a duplicate"
         );
         let later = now + Duration::from_secs(16);
         assert_eq!(
-            index.hold(key("d"), "lane-a", LIMITS, lane_of, (later, later), false),
+            index.hold(
+                key("d"),
+                None,
+                "lane-a",
+                LIMITS,
+                lane_of,
+                (later, later),
+                false
+            ),
             Ok(()),
             "holds of creates that never arrived lapse"
         );
         index.forget(&job("a", 6));
         assert_eq!(index.occupancy("lane-a", None, lane_of, later).depth, 0);
+    }
+
+    #[test]
+    fn a_job_re_created_under_a_known_name_is_counted_and_keeps_its_place() {
+        let lane_of = |m: &str| (m == "anisora").then(|| "lane-a".to_string());
+        let with_uid = |version: u64, uid: &str, queued: bool| {
+            let mut j = job("a", version);
+            j.metadata.uid = Some(uid.into());
+            j.status = queued.then(|| {
+                serde_json::from_value(json!({
+                    "phase": "Queued", "lane": "lane-a", "queuedAt": "2026-11-27T10:00:00.000001Z"
+                }))
+                .unwrap()
+            });
+            j
+        };
+        let mut index = Index::default();
+        let now = Instant::now();
+        let until = (now, now + Duration::from_secs(15));
+        let old = with_uid(2, "old", true);
+        index.observe(&old, Timestamp::UNIX_EPOCH);
+        // Deleted and re-created: the webhook sees the create before the watch shows the
+        // delete.
+        assert_eq!(
+            index.hold(
+                key("a"),
+                Some("new"),
+                "lane-a",
+                LIMITS,
+                lane_of,
+                until,
+                false
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            index.occupancy("lane-a", None, lane_of, now).depth,
+            2,
+            "the old job's slot and the new job's hold"
+        );
+        index.forget(&with_uid(3, "old", true));
+        assert_eq!(
+            index.occupancy("lane-a", None, lane_of, now).depth,
+            1,
+            "the old job's delete leaves the new job's hold"
+        );
+        let new = with_uid(4, "new", false);
+        index.observe(&new, Timestamp::UNIX_EPOCH);
+        assert_eq!(index.occupancy("lane-a", None, lane_of, now).depth, 1);
+        // A late copy of the old job (a reconcile's release) leaves the new one alone.
+        index.forget(&old);
+        assert!(index.knows(&new) && !index.knows(&old));
+        assert!(index.reservation(&old).is_none());
+        assert_eq!(index.occupancy("lane-a", None, lane_of, now).depth, 1);
     }
 }

@@ -18,6 +18,7 @@
 //!   progressed, completed, failed, requeued)?
 //! - [`lane_status`]: what should a lane's status say, and which Events does a change imply?
 //! - [`parameters`]: does a job fit its model (the fields and fixes of a 422)?
+//! - [`memory`]: does a job fit a runner's GPU (each stage's peak, the largest size that fits)?
 //! - [`defaults`]: what does a new job leave out that its model fills in?
 //! - [`conditions`]: how a condition changes (its `lastTransitionTime`, in one place).
 
@@ -30,6 +31,7 @@ pub mod fallback;
 pub mod index;
 pub mod lane_status;
 pub mod lifecycle;
+pub mod memory;
 pub mod parameters;
 pub mod queue;
 pub mod routing;

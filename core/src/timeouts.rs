@@ -36,12 +36,23 @@ pub fn run_deadline(started_at: Option<Timestamp>, deadline: Duration) -> Option
 /// the Lease still names the job's holder (`status.runnerIncarnation`). A runner restarted
 /// under the same pod name renews that Lease as a new holder, so the job its earlier start
 /// held is lost at once instead of looking alive for as long as the new start renews.
-pub fn holder_fresh_until(lease: &Lease, incarnation: Option<&str>) -> Option<Timestamp> {
-    let holder = lease.spec.as_ref()?.holder_identity.as_deref();
-    if holder != incarnation {
+///
+/// `seen_since` is when the operator's view of the Leases last came back whole (it began
+/// leading, or its watch of them recovered from a failure). Nobody can renew while the API
+/// server is unreachable, so a holder stays fresh for a whole lease duration after that: an
+/// outage is not mistaken for a dead runner.
+pub fn holder_fresh_until(
+    lease: &Lease,
+    incarnation: Option<&str>,
+    seen_since: Timestamp,
+) -> Option<Timestamp> {
+    let spec = lease.spec.as_ref()?;
+    if spec.holder_identity.as_deref() != incarnation {
         return None;
     }
-    fresh_until(lease)
+    let duration = SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(0)));
+    let grace = plus(seen_since, duration);
+    Some(fresh_until(lease).map_or(grace, |renewed| renewed.max(grace)))
 }
 
 /// Whether a running job's runner still counts as alive: its heartbeat is fresh.
@@ -113,14 +124,62 @@ mod tests {
             ..Default::default()
         };
         let first = Some("uid-1/0123456789abcdef");
-        assert_eq!(holder_fresh_until(&lease(first), first), Some(t(115)));
+        let seen = t(0);
+        assert_eq!(holder_fresh_until(&lease(first), first, seen), Some(t(115)));
         // The pod's container restarted: same Lease, renewed by a new start.
         let restarted = lease(Some("uid-1/fedcba9876543210"));
-        assert_eq!(holder_fresh_until(&restarted, first), None);
-        assert!(!runner_alive(holder_fresh_until(&restarted, first), t(101)));
+        assert_eq!(holder_fresh_until(&restarted, first, seen), None);
+        assert!(!runner_alive(
+            holder_fresh_until(&restarted, first, seen),
+            t(101)
+        ));
         // A job that records no holder is not held by a Lease that names one.
-        assert_eq!(holder_fresh_until(&lease(first), None), None);
-        assert_eq!(holder_fresh_until(&Lease::default(), first), None);
+        assert_eq!(holder_fresh_until(&lease(first), None, seen), None);
+        assert_eq!(holder_fresh_until(&Lease::default(), first, seen), None);
+    }
+
+    #[test]
+    fn a_holder_gets_a_whole_lease_duration_after_the_operators_view_recovers() {
+        let holder = Some("uid-1/0123456789abcdef");
+        let renewed_at = |secs: i64| Lease {
+            spec: Some(LeaseSpec {
+                holder_identity: holder.map(Into::into),
+                renew_time: Some(MicroTime(t(secs))),
+                lease_duration_seconds: Some(15),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        // Last renewed at 100, then the API server was unreachable until 160: the runner
+        // could not renew, and has until 175 to do it.
+        let fresh = holder_fresh_until(&renewed_at(100), holder, t(160));
+        assert_eq!(fresh, Some(t(175)));
+        assert!(runner_alive(fresh, t(170)));
+        assert!(!runner_alive(fresh, t(175)));
+        // A renewal after the recovery counts from itself.
+        assert_eq!(
+            holder_fresh_until(&renewed_at(165), holder, t(160)),
+            Some(t(180))
+        );
+        // A view whole since long before: the renewal alone decides.
+        assert_eq!(
+            holder_fresh_until(&renewed_at(100), holder, t(0)),
+            Some(t(115))
+        );
+        // A Lease never renewed is fresh for the grace alone.
+        let mut never = renewed_at(0);
+        never.spec.as_mut().unwrap().renew_time = None;
+        assert_eq!(holder_fresh_until(&never, holder, t(160)), Some(t(175)));
+        // Another holder is lost whatever the view.
+        assert_eq!(
+            holder_fresh_until(&renewed_at(100), Some("uid-1/other"), t(160)),
+            None
+        );
+        // A far-future recovery saturates.
+        assert_eq!(
+            holder_fresh_until(&renewed_at(100), holder, Timestamp::MAX),
+            Some(Timestamp::MAX)
+        );
     }
 
     #[test]

@@ -84,7 +84,7 @@ impl Runner {
 
     /// Seconds per step (from the first step's end to the last's, over steps - 1) and end to
     /// end of one call, measured as the Python side measures them.
-    fn time(&self, case: &Value) -> (f64, f64) {
+    fn time(&mut self, case: &Value) -> (f64, f64) {
         let (width, height) = (
             case["width"].as_i64().unwrap(),
             case["height"].as_i64().unwrap(),
@@ -178,7 +178,7 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|---|");
     for case in cases() {
-        let runner = Runner::load(&case);
+        let mut runner = Runner::load(&case);
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         let mut threads = 0;
         for run in 0..=RUNS {

@@ -7,6 +7,8 @@
 
 #include <ATen/Context.h>
 #include <ATen/DeviceAccelerator.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/from_blob.h>
 #include <c10/core/CPUAllocator.h>
 
 #include <dlfcn.h>
@@ -14,9 +16,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <unordered_map>
 
@@ -254,6 +258,29 @@ int fl_set_tf32(int allow, char* err, size_t err_len) {
   return guarded(err, err_len, [&] {
     at::globalContext().setAllowTF32CuBLAS(allow != 0);
     at::globalContext().setAllowTF32CuDNN(allow != 0);
+  });
+}
+
+// A copy of `src` in host memory that the device's allocator statistics do not count: pinned
+// (page-locked) memory when an accelerator is present, so copies back to it are fast and can
+// overlap with compute; on a CPU-only runner plain malloc'd memory outside the counting
+// allocator, so the CPU standing in for a GPU shows modules leaving "the device". `*out` is a
+// new tensor the caller owns (tch frees it).
+int fl_host_copy(const at::Tensor* src, at::Tensor** out, char* err, size_t err_len) {
+  return guarded(err, err_len, [&] {
+    at::Tensor cpu = src->to(at::kCPU).contiguous();
+    if (has_accelerator()) {
+      *out = new at::Tensor(cpu.pin_memory());
+      return;
+    }
+    size_t bytes = cpu.nbytes();
+    void* data = std::malloc(std::max<size_t>(bytes, 1));
+    if (data == nullptr) {
+      throw std::runtime_error("cannot allocate " + std::to_string(bytes) + " bytes of host memory");
+    }
+    std::memcpy(data, cpu.data_ptr(), bytes);
+    *out = new at::Tensor(
+        at::from_blob(data, cpu.sizes(), [](void* p) { std::free(p); }, cpu.options()));
   });
 }
 

@@ -35,7 +35,7 @@ fn main() -> anyhow::Result<()> {
         solver: None,
         boundary_ratio: None,
     };
-    let pipeline = WanPipeline::load(&spec, Precision::BFLOAT16, device.device)?;
+    let mut pipeline = WanPipeline::load(&spec, Precision::BFLOAT16, device.device)?;
     let image = rest
         .get(5)
         .map(|path| std::fs::read(path).with_context(|| format!("reading {path}")))
@@ -55,7 +55,7 @@ fn main() -> anyhow::Result<()> {
         cfg: 1.0,
         seed: num(4, 0)?,
     };
-    let outcome = run_job(&pipeline, &device, &job, out.as_ref(), |p| {
+    let outcome = run_job(&mut pipeline, &device, &job, out.as_ref(), |p| {
         eprintln!("{} {}/{}", p.stage.as_str(), p.step, p.total_steps);
         StepControl::Continue
     });

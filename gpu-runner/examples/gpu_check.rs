@@ -1,54 +1,180 @@
-//! The GPU memory check (scripts/gpu-check.sh runs it): a Shared model cache alternating
-//! anisora (image to video, two experts) and phr00t (text to video, one ComfyUI file) jobs on
-//! one device, with a ballast allocation that leaves room for one model but not both, so
-//! every switch must really free the old model.
+//! The GPU memory check (scripts/gpu-check.sh runs it) on full-size Wan models with random
+//! weights (scripts/make_full_size_wan.py): Wan 2.2 A14B image to video (two 14B experts) and
+//! a 14B AllInOne text-to-video file with umT5-XXL and the Wan VAE.
 //!
-//!     gpu_check MODELS_DIR [JOBS]
+//!     gpu_check MODELS_DIR [--jobs N] [--sizes 832x480x81,1280x720x81] [--caps 80G,48G,24G]
+//!               [--steps N] [--diffusers PYTHON] [--tiny]
 //!
-//! MODELS_DIR is from tests/make_tiny_wan_models.py (with `--heavy-gib` for heavy weights); the
-//! models are the default install's VideoModels (examples/videomodels.yaml) in bfloat16.
-//!
-//! Prints one line per job and one table row per model (memory figures exclude the ballast)
-//! and fails (exit 1) on any failed job, any OOM, a model whose peak reserved memory varies by
-//! more than 2 % across its jobs, or more than one model's weights reserved after a cleanup.
-//! Run it once per PYTORCH_CUDA_ALLOC_CONF setting (the allocator reads it at CUDA start).
+//! For each memory cap (the GPU limited to that many bytes by a ballast allocation, standing for
+//! a smaller card) and each size: N jobs alternating the two models on one Shared model cache,
+//! in the memory mode `auto` picks for the cap. A cap where no mode fits a model's largest part
+//! is reported as refused and not run. Prints one line per job and one table row per model and
+//! stage: peak allocated and reserved (max, and the spread of reserved across jobs), seconds,
+//! part-load seconds, retries and OOMs; per model the switch time and seconds per denoising step,
+//! and with `--diffusers` diffusers' seconds per step in the same mode (scripts/
+//! gpu_check_diffusers.py) and the ratio. `--tiny` passes the tiny shapes to that script (the
+//! CPU dry run). Exit 1 on any OOM or retry, or a stage's peak reserved varying by more than
+//! 2 % across a model's jobs. Run it once per PYTORCH_CUDA_ALLOC_CONF setting.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, bail, ensure};
-use framelane_api::VideoModel;
-use framelane_runner::cache::{LOAD_HEADROOM, LaneMode, ModelCache, ModelRef};
-use framelane_runner::generate::{JobRequest, run_job};
-use framelane_runner::job::model_ref;
+use framelane_runner::cache::{LaneMode, ModelCache, ModelRef};
+use framelane_runner::generate::{JobRequest, Stage, run_job};
 use framelane_runner::memory::RunnerDevice;
+use framelane_runner::placement::{
+    self, ACTIVATION_SHARE, MemoryMode, PartBytes, Placement, VaeTiling,
+};
 use framelane_runner::sampler::StepControl;
-use framelane_runner::wan::pipeline::{Mode, Precision, WanPipeline};
-use serde::Deserialize;
+use framelane_runner::wan::pipeline::{
+    ComfyUiFiles, MemoryPlan, Mode, ModelFiles, ModelSpec, Precision, WanPipeline,
+};
+use framelane_runner::wan::recipe::Solver;
 use tch::{Kind, Tensor};
 
 const GIB: f64 = (1u64 << 30) as f64;
-/// Free memory kept beyond one model's weights for a job's activations.
-const ACTIVATIONS: u64 = 4 << 30;
 
-#[derive(Default)]
-struct ModelRow {
+struct Args {
+    root: PathBuf,
     jobs: u32,
-    peak_reserved: Vec<i64>,
-    after_cleanup_reserved: i64,
-    retries: i64,
-    ooms: i64,
+    sizes: Vec<(u32, u32, u32)>,
+    caps: Vec<u64>,
+    steps: u32,
+    diffusers: Option<String>,
+    tiny: bool,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = std::env::args().skip(1);
+    let mut parsed = Args {
+        root: PathBuf::from(args.next().context(
+            "usage: gpu_check MODELS_DIR [--jobs N] [--sizes WxHxF,..] [--caps 80G,..] \
+             [--steps N] [--diffusers PYTHON] [--tiny]",
+        )?),
+        jobs: 20,
+        sizes: vec![(832, 480, 81), (1280, 720, 81)],
+        caps: ["80G", "48G", "24G"]
+            .iter()
+            .map(|c| bytes(c))
+            .collect::<anyhow::Result<_>>()?,
+        steps: 4,
+        diffusers: None,
+        tiny: false,
+    };
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--jobs" => parsed.jobs = value()?.parse().context("--jobs: a number")?,
+            "--steps" => parsed.steps = value()?.parse().context("--steps: a number")?,
+            "--sizes" => {
+                parsed.sizes = value()?
+                    .split(',')
+                    .map(|s| {
+                        let n: Vec<u32> = s.split('x').map(str::parse).collect::<Result<_, _>>()?;
+                        ensure!(n.len() == 3, "a size is WIDTHxHEIGHTxFRAMES, got {s}");
+                        Ok((n[0], n[1], n[2]))
+                    })
+                    .collect::<anyhow::Result<_>>()?
+            }
+            "--caps" => {
+                parsed.caps = value()?
+                    .split(',')
+                    .map(bytes)
+                    .collect::<anyhow::Result<_>>()?
+            }
+            "--diffusers" => parsed.diffusers = Some(value()?),
+            "--tiny" => parsed.tiny = true,
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    ensure!(
+        parsed.jobs >= 2 && parsed.steps >= 2,
+        "--jobs and --steps must be at least 2"
+    );
+    Ok(parsed)
+}
+
+/// `80G` (GB, 10^9) or `12M` (MB) as bytes.
+fn bytes(text: &str) -> anyhow::Result<u64> {
+    let (number, unit) = text.split_at(text.len().saturating_sub(1));
+    let scale = match unit {
+        "G" => 1e9,
+        "M" => 1e6,
+        _ => bail!("a cap is a number of GB or MB such as 80G or 12M, got {text:?}"),
+    };
+    Ok((number.parse::<f64>().context("a cap's number")? * scale) as u64)
+}
+
+/// The two models, as ComfyUI files; the A14B reads its text encoder and VAE from the
+/// AllInOne file.
+fn models(root: &Path) -> Vec<(ModelRef, &'static str)> {
+    let aio = root.join("aio/aio.safetensors");
+    let comfy = |transformer, transformer_2| {
+        ModelFiles::ComfyUi(ComfyUiFiles {
+            transformer,
+            transformer_2,
+            text_encoder: vec![aio.clone()],
+            vae: vec![aio.clone()],
+            tokenizer: root.join("tokenizer"),
+        })
+    };
+    vec![
+        (
+            ModelRef {
+                model: "a14b".into(),
+                spec: ModelSpec {
+                    files: comfy(
+                        vec![root.join("a14b/high.safetensors")],
+                        vec![root.join("a14b/low.safetensors")],
+                    ),
+                    solver: Some(Solver::wan_unipc(5.0)),
+                    boundary_ratio: Some(0.9),
+                },
+                modes: vec![Mode::ImageToVideo],
+            },
+            "a14b",
+        ),
+        (
+            ModelRef {
+                model: "aio".into(),
+                spec: ModelSpec {
+                    files: comfy(vec![aio.clone()], Vec::new()),
+                    solver: Some(Solver::wan_unipc(3.0)),
+                    boundary_ratio: None,
+                },
+                modes: vec![Mode::TextToVideo],
+            },
+            "aio",
+        ),
+    ]
+}
+
+/// One stage of one job; reserved bytes above the ballast.
+struct StageRun {
+    allocated: i64,
+    reserved: i64,
     seconds: f64,
+    load_seconds: f64,
+    retries: i64,
+}
+
+/// One model's figures over one configuration's jobs.
+#[derive(Default)]
+struct Row {
+    jobs: u32,
+    failures: Vec<String>,
+    /// Per stage, one entry per job.
+    stages: BTreeMap<String, Vec<StageRun>>,
+    switch_seconds: Vec<f64>,
+    step_seconds: Vec<f64>,
+    ooms: i64,
 }
 
 fn main() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let root = PathBuf::from(args.next().context("usage: gpu_check MODELS_DIR [JOBS]")?);
-    let jobs: u32 = match args.next() {
-        Some(n) => n.parse().context("JOBS must be a number")?,
-        None => 20,
-    };
+    let args = parse_args()?;
     let device = RunnerDevice::detect()?;
     // gpu-check.sh sets this when Python's torch sees a GPU: a check that quietly ran on the
     // CPU would prove nothing.
@@ -60,155 +186,292 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|| "libtorch_cuda loaded but sees no GPU".into());
         bail!("torch sees a GPU but this binary runs on the CPU: {why}");
     }
-    let yaml = include_str!("../../examples/videomodels.yaml");
-    let videomodels: Vec<VideoModel> = serde_yaml::Deserializer::from_str(yaml)
-        .map(VideoModel::deserialize)
-        .collect::<Result<_, _>>()?;
-    let refs: Vec<ModelRef> = videomodels
-        .iter()
-        .map(|m| model_ref(m, &root).map_err(anyhow::Error::msg))
-        .collect::<anyhow::Result<_>>()?;
-    let models: Vec<(String, u32)> = videomodels
-        .iter()
-        .map(|m| {
-            (
-                m.metadata.name.clone().unwrap_or_default(),
-                m.spec.fixed_parameters.steps as u32,
-            )
-        })
-        .collect();
-    let image = std::fs::read(root.join("inputs/first-frame.png"))
-        .context("MODELS_DIR has no inputs/first-frame.png")?;
-    let mut weights = 0;
-    let mut both = 0;
-    for r in &refs {
-        let bytes = WanPipeline::weight_bytes(&r.spec, Precision::BFLOAT16)?;
-        weights = weights.max(bytes);
-        both += bytes;
+    let models = models(&args.root);
+    let image = std::fs::read(args.root.join("inputs/first-frame.png"))
+        .context("MODELS_DIR has no inputs/first-frame.png (make_full_size_wan.py writes it)")?;
+    let mut bytes: Vec<PartBytes> = Vec::new();
+    for (r, _) in &models {
+        bytes.push(WanPipeline::part_bytes(&r.spec, Precision::BFLOAT16)?);
     }
-    // Ballast: leave one model (with the load headroom) plus activations, and less than two.
+    let conf = std::env::var("PYTORCH_CUDA_ALLOC_CONF").unwrap_or_else(|_| "(unset)".into());
+    let mut failed = Vec::new();
+    for &cap in &args.caps {
+        let budget = cap as f64 * (1.0 - ACTIVATION_SHARE);
+        if let Some(i) = bytes.iter().position(|b| b.largest() as f64 > budget) {
+            println!(
+                "\ncap {:.3} GB: refused, no mode fits: {}'s largest part is {:.1} GB in bfloat16, \
+                 more than the {:.1} GB `auto` leaves for weights",
+                cap as f64 / 1e9,
+                models[i].1,
+                bytes[i].largest() as f64 / 1e9,
+                budget / 1e9
+            );
+            continue;
+        }
+        // The lane's mode: the most offloading of what `auto` picks for each model under the
+        // cap (expert-swap leaves a one-transformer model resident).
+        let placement = bytes
+            .iter()
+            .map(|b| placement::place(MemoryMode::Auto, b, Some(cap)))
+            .max_by_key(|p| match p {
+                Placement::Resident => 0,
+                Placement::ExpertSwap => 1,
+                Placement::ModelOffload => 2,
+            })
+            .expect("two models");
+        let mode = match placement {
+            Placement::Resident => MemoryMode::Resident,
+            Placement::ExpertSwap => MemoryMode::ExpertSwap,
+            Placement::ModelOffload => MemoryMode::ModelOffload,
+        };
+        for &size in &args.sizes {
+            let rows = run_config(&args, &device, &models, &image, cap, mode, size, &conf)?;
+            for (model, row) in &rows {
+                failed.extend(
+                    row.failures
+                        .iter()
+                        .map(|f| format!("cap {:.3} GB, {size:?}, {model}: {f}", cap as f64 / 1e9)),
+                );
+            }
+            if let Some(python) = &args.diffusers {
+                for ((r, kind), row) in models.iter().zip(rows.values()) {
+                    let theirs = diffusers_step(&args, python, kind, size, placement, cap)?;
+                    let ours = mean(&row.step_seconds);
+                    println!(
+                        "{:<5} s/step: runner {ours:.3}, diffusers {theirs:.3} ({}), ratio {:.3}",
+                        r.model,
+                        if placement == Placement::Resident {
+                            "resident"
+                        } else {
+                            "model cpu offload"
+                        },
+                        ours / theirs
+                    );
+                }
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("GPU check failed: {}", failed.join("; "));
+    }
+    println!("\nGPU check passed: no OOM, no retry, peak reserved per stage flat within 2 %");
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_config(
+    args: &Args,
+    device: &RunnerDevice,
+    models: &[(ModelRef, &'static str)],
+    image: &[u8],
+    cap: u64,
+    mode: MemoryMode,
+    (width, height, frames): (u32, u32, u32),
+    conf: &str,
+) -> anyhow::Result<BTreeMap<String, Row>> {
+    // The ballast leaves `cap` bytes of the GPU free, as a card of that size would have.
     let ballast = match device.free_bytes()? {
         Some(free) => {
-            let keep = (weights as f64 * LOAD_HEADROOM) as u64 + ACTIVATIONS;
             ensure!(
-                both > keep,
-                "models of {:.1} GiB together fit beside the largest one's room ({:.1} GiB): \
-                 make them larger (--weight-gib)",
-                both as f64 / GIB,
-                keep as f64 / GIB
+                free > cap,
+                "the GPU has {free} bytes free, less than the cap {cap}"
             );
-            let size = free.saturating_sub(keep);
-            Some(Tensor::empty([size as i64], (Kind::Uint8, device.device)))
+            Some(Tensor::empty(
+                [(free - cap) as i64],
+                (Kind::Uint8, device.device),
+            ))
         }
         None => None,
     };
-    // What the ballast holds: subtracted from every figure so the spread is the models' own.
     let baseline = device.stats()?.reserved_current;
-    let conf = std::env::var("PYTORCH_CUDA_ALLOC_CONF").unwrap_or_else(|_| "(unset)".into());
     println!(
-        "device {}, PYTORCH_CUDA_ALLOC_CONF={conf}, largest model {:.2} GiB, ballast {:.2} GiB, {jobs} jobs",
+        "\ndevice {}, PYTORCH_CUDA_ALLOC_CONF={conf}, cap {:.3} GB, mode {mode:?}, {width}x{height}x{frames}, {} steps, {} jobs",
         device.name(),
-        weights as f64 / GIB,
-        ballast.as_ref().map_or(0, |b| b.numel()) as f64 / GIB
+        cap as f64 / 1e9,
+        args.steps,
+        args.jobs
     );
-
+    let plan = MemoryPlan {
+        mode,
+        vae_tiling: VaeTiling::Auto,
+    };
+    let refs = models.iter().map(|(r, _)| r.clone()).collect();
+    let mut cache = ModelCache::new(LaneMode::Shared, *device, Precision::BFLOAT16, plan, refs)?;
     let out = std::env::temp_dir().join("framelane-gpu-check");
-    let modes: Vec<Mode> = refs.iter().map(|r| r.modes[0]).collect();
-    let mut cache = ModelCache::new(LaneMode::Shared, device, Precision::BFLOAT16, refs)?;
-    let mut rows: BTreeMap<&str, ModelRow> = BTreeMap::new();
-    for i in 0..jobs {
-        let which = i as usize % models.len();
-        let (model, steps) = (models[which].0.as_str(), models[which].1);
-        let started = Instant::now();
-        let pipeline = cache
-            .get(model)
-            .with_context(|| format!("job {i}: loading {model}"))?;
-        let loaded = started.elapsed().as_secs_f64();
-        let mode = modes[which];
+    let mut rows: BTreeMap<String, Row> = BTreeMap::new();
+    for i in 0..args.jobs {
+        let (r, _) = &models[i as usize % models.len()];
+        let row = rows.entry(r.model.clone()).or_default();
+        row.jobs += 1;
+        if let Err(e) = cache.get(&r.model) {
+            row.failures.push(format!("job {i}: loading failed: {e}"));
+            continue;
+        }
+        let switch = cache.last_load_seconds();
+        let pipeline = cache.get(&r.model)?;
         let request = JobRequest {
             namespace: "gpu-check".into(),
             name: format!("job-{i}"),
-            mode,
+            mode: r.modes[0],
             prompt: format!("a fox, take {i}"),
-            negative_prompt: Some("blurry".into()),
-            image: (mode == Mode::ImageToVideo).then(|| image.clone()),
-            width: 832,
-            height: 480,
-            frames: 81,
+            negative_prompt: None,
+            image: (r.modes[0] == Mode::ImageToVideo).then(|| image.to_vec()),
+            width,
+            height,
+            frames,
             fps: 16,
-            steps,
+            steps: args.steps,
             cfg: 1.0,
             seed: i,
         };
-        let outcome = run_job(pipeline, &device, &request, &out, |_| StepControl::Continue);
-        if let Err(e) = outcome.result {
-            bail!("job {i} ({model}) failed: {e}");
+        let started = Instant::now();
+        let mut step_ends = Vec::new();
+        let outcome = run_job(pipeline, device, &request, &out, |p| {
+            if p.stage == Stage::Denoising {
+                step_ends.push(Instant::now());
+            }
+            StepControl::Continue
+        });
+        let seconds = started.elapsed().as_secs_f64();
+        // As diffusers' side measures it: from the first step's end to the last's.
+        if let [first, .., last] = step_ends[..] {
+            row.step_seconds
+                .push((last - first).as_secs_f64() / (step_ends.len() - 1) as f64);
         }
         let memory = outcome.memory?;
-        let peak = memory.status.peak_reserved_bytes - baseline;
-        let after_cleanup = memory.status.after_cleanup_reserved_bytes - baseline;
-        println!(
-            "job {i:>2} {model:<8} load {loaded:5.2} s, job {:5.2} s, peak reserved {:.3} GiB, after cleanup {:.3} GiB",
-            started.elapsed().as_secs_f64() - loaded,
-            peak as f64 / GIB,
-            after_cleanup as f64 / GIB
-        );
-        let row = rows.entry(model).or_default();
-        row.jobs += 1;
-        row.peak_reserved.push(peak);
-        row.after_cleanup_reserved = row.after_cleanup_reserved.max(after_cleanup);
-        row.retries += memory.alloc_retries;
         row.ooms += memory.ooms;
-        row.seconds += started.elapsed().as_secs_f64();
+        if let Err(e) = outcome.result {
+            row.failures.push(format!("job {i}: {e}"));
+        }
+        if switch > 0.0 {
+            row.switch_seconds.push(switch);
+        }
+        let mut line = format!(
+            "job {i:>2} {:<5} switch {switch:6.2} s, job {seconds:6.2} s, tiled {}",
+            r.model,
+            memory.status.vae_tiled.unwrap_or(false)
+        );
+        for s in &memory.status.stages {
+            line += &format!(
+                ", {} {:.2}/{:.2} GiB {:.2} s",
+                s.stage,
+                s.peak_allocated_bytes as f64 / GIB,
+                (s.peak_reserved_bytes - baseline) as f64 / GIB,
+                s.seconds
+            );
+            row.stages
+                .entry(s.stage.clone())
+                .or_default()
+                .push(StageRun {
+                    allocated: s.peak_allocated_bytes,
+                    reserved: s.peak_reserved_bytes - baseline,
+                    seconds: s.seconds,
+                    load_seconds: s.load_seconds,
+                    retries: s.alloc_retries,
+                });
+        }
+        println!("{line}");
     }
     std::fs::remove_dir_all(&out).ok();
-
-    println!(
-        "| model | jobs | peak reserved min..max GiB | spread | after cleanup max GiB | retries | OOMs | s/job |"
-    );
-    println!("|---|---|---|---|---|---|---|---|");
-    let mut failures = Vec::new();
-    for (model, row) in &rows {
-        let min = *row.peak_reserved.iter().min().unwrap_or(&0);
-        let max = *row.peak_reserved.iter().max().unwrap_or(&0);
-        let spread = if min > 0 {
-            (max - min) as f64 / min as f64
-        } else {
-            0.0
-        };
-        println!(
-            "| {model} | {} | {:.3}..{:.3} | {:.2} % | {:.3} | {} | {} | {:.2} |",
-            row.jobs,
-            min as f64 / GIB,
-            max as f64 / GIB,
-            spread * 100.0,
-            row.after_cleanup_reserved as f64 / GIB,
-            row.retries,
-            row.ooms,
-            row.seconds / f64::from(row.jobs)
-        );
-        if row.ooms > 0 {
-            failures.push(format!("{model}: {} OOMs", row.ooms));
-        }
-        // After a job only the loaded model may stay: more means the old model survived.
-        if row.after_cleanup_reserved as f64 > weights as f64 * LOAD_HEADROOM {
-            failures.push(format!(
-                "{model}: {:.3} GiB still reserved after cleanup, more than one model ({:.3} GiB)",
-                row.after_cleanup_reserved as f64 / GIB,
-                weights as f64 / GIB
-            ));
-        }
-        if spread > 0.02 {
-            failures.push(format!(
-                "{model}: peak reserved varies by {:.2} % (limit 2 %)",
-                spread * 100.0
-            ));
-        }
-    }
+    drop(cache);
     drop(ballast);
-    if !failures.is_empty() {
-        bail!("GPU check failed: {}", failures.join("; "));
+    println!(
+        "| model | stage | jobs | peak allocated max GiB | peak reserved min..max GiB | spread | s | load s | retries | OOMs |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for (model, row) in rows.iter_mut() {
+        for (stage, runs) in &row.stages {
+            let reserved: Vec<i64> = runs.iter().map(|r| r.reserved).collect();
+            let (min, max) = (
+                *reserved.iter().min().unwrap_or(&0),
+                *reserved.iter().max().unwrap_or(&0),
+            );
+            let spread = if min > 0 {
+                (max - min) as f64 / min as f64
+            } else {
+                0.0
+            };
+            let retries: i64 = runs.iter().map(|r| r.retries).sum();
+            println!(
+                "| {model} | {stage} | {} | {:.3} | {:.3}..{:.3} | {:.2} % | {:.2} | {:.2} | {retries} | {} |",
+                runs.len(),
+                runs.iter().map(|r| r.allocated).max().unwrap_or(0) as f64 / GIB,
+                min as f64 / GIB,
+                max as f64 / GIB,
+                spread * 100.0,
+                mean(&runs.iter().map(|r| r.seconds).collect::<Vec<_>>()),
+                mean(&runs.iter().map(|r| r.load_seconds).collect::<Vec<_>>()),
+                row.ooms
+            );
+            if spread > 0.02 {
+                row.failures.push(format!(
+                    "{stage}: peak reserved varies by {:.2} %",
+                    spread * 100.0
+                ));
+            }
+            if retries > 0 {
+                row.failures
+                    .push(format!("{stage}: {retries} allocator retries"));
+            }
+        }
+        if row.ooms > 0 {
+            row.failures.push(format!("{} OOMs", row.ooms));
+        }
+        println!(
+            "{model}: switch {:.2} s on average over {} switches, {:.3} s per denoising step",
+            mean(&row.switch_seconds),
+            row.switch_seconds.len(),
+            mean(&row.step_seconds)
+        );
     }
-    println!("GPU check passed: no OOM, peak reserved flat within 2 % per model");
-    Ok(())
+    Ok(rows)
+}
+
+fn mean(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        0.0
+    } else {
+        values.iter().sum::<f64>() / values.len() as f64
+    }
+}
+
+/// diffusers' seconds per step for the same model shape, size and mode.
+fn diffusers_step(
+    args: &Args,
+    python: &str,
+    kind: &str,
+    (width, height, frames): (u32, u32, u32),
+    placement: Placement,
+    cap: u64,
+) -> anyhow::Result<f64> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gpu_check_diffusers.py");
+    let mode = if placement == Placement::Resident {
+        "resident"
+    } else {
+        "offload"
+    };
+    let mut command = Command::new(python);
+    command.arg(&script).arg(&args.root).arg(kind);
+    for n in [width, height, frames, args.steps] {
+        command.arg(n.to_string());
+    }
+    command.arg(mode).arg(cap.to_string());
+    if args.tiny {
+        command.arg("--tiny");
+    }
+    let output = command
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    ensure!(
+        output.status.success(),
+        "{} failed: {}",
+        script.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let line = String::from_utf8_lossy(&output.stdout);
+    let json: serde_json::Value = serde_json::from_str(line.lines().last().unwrap_or(""))
+        .with_context(|| format!("diffusers printed {line:?}"))?;
+    json["sPerStep"]
+        .as_f64()
+        .context("no sPerStep in diffusers' answer")
 }

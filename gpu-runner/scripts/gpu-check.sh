@@ -1,50 +1,66 @@
 #!/usr/bin/env bash
-# The GPU memory check of issue 5, for one NVIDIA H100/H200 with torch 2.11 installed and no
-# network: 20 alternating anisora/phr00t jobs (832x480, 81 frames) on a Shared model cache,
-# with random-weight Wan models as wide as Wan 14B (tests/make_tiny_wan_models.py --heavy-gib:
-# anisora's two experts about --weight-gib GiB in bfloat16, phr00t half that) and a ballast
-# sized so both models never fit at once. Fails on any OOM or a model whose peak reserved
-# memory varies by more than 2 %; prints a table with expandable_segments on (what runner
-# pods get) and again with it off.
+# The GPU memory check of issue 16, for one NVIDIA H100/H200 with torch 2.11 and no network:
+# full-size Wan 2.2 A14B image to video (two 14B experts) and a 14B AllInOne text-to-video
+# model with umT5-XXL and the Wan VAE, random weights written here (make_full_size_wan.py, fp8
+# on disk, about 49 GB). For each size and each memory cap standing for a smaller card:
+# N jobs alternating the two models on one Shared runner in the mode `auto` picks, with
+# expandable_segments on and then off. Records per stage peak allocated/reserved, seconds,
+# OOMs and retries, the switch time, and seconds per denoising step against diffusers in the
+# same mode. Fails on any OOM or retry, or a stage's peak reserved varying by more than 2 %.
 #
-#   gpu-runner/scripts/gpu-check.sh [--jobs N] [--weight-gib G] [--binary PATH] [--work DIR]
+#   gpu-runner/scripts/gpu-check.sh [--jobs N] [--sizes WxHxF,..] [--caps 80G,48G,24G]
+#       [--steps N] [--binary PATH] [--work DIR] [--no-diffusers] [--tiny]
 #
 # --binary: a gpu_check built elsewhere (the GPU machine has no network for cargo):
 #   cargo build --release -p framelane-runner --example gpu_check
-#   -> $CARGO_TARGET_DIR/release/examples/gpu_check (default: built here with cargo)
+# --tiny: the CPU dry run: tiny models, sizes and caps (16M,12M,8M pick each mode).
+# diffusers, transformers and accelerate must import in the torch Python; offline, install
+# them from the wheels gpu-check-wheels.sh downloads (FRAMELANE_GPU_CHECK_WHEELS=DIR).
 set -euo pipefail
 
 JOBS=20
-WEIGHT_GIB=16
+SIZES="832x480x81,1280x720x81"
+CAPS="80G,48G,24G"
+STEPS=4
 BINARY=""
 WORK="${TMPDIR:-/tmp}/framelane-gpu-check"
+DIFFUSERS=1
+TINY=""
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 
-usage() { sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --jobs) JOBS="$2"; shift 2 ;;
-    --weight-gib) WEIGHT_GIB="$2"; shift 2 ;;
+    --sizes) SIZES="$2"; shift 2 ;;
+    --caps) CAPS="$2"; shift 2 ;;
+    --steps) STEPS="$2"; shift 2 ;;
     --binary) BINARY="$2"; shift 2 ;;
     --work) WORK="$2"; shift 2 ;;
+    --no-diffusers) DIFFUSERS=0; shift ;;
+    --tiny) TINY=1; SIZES="64x48x9,96x64x17"; CAPS="16M,12M,8M"; shift ;;
     -h|--help) usage 0 ;;
     *) echo "gpu-check: unknown argument $1" >&2; usage 2 ;;
   esac
 done
-[[ "$JOBS" =~ ^[0-9]+$ && "$JOBS" -ge 2 ]] || { echo "gpu-check: --jobs must be a number >= 2" >&2; exit 2; }
-[[ "$WEIGHT_GIB" =~ ^[0-9]+(\.[0-9]+)?$ ]] || { echo "gpu-check: --weight-gib must be a number" >&2; exit 2; }
 
 # torch 2.11: the preinstalled one, or the venv of setup-torch.sh.
 PY="${FRAMELANE_TORCH_PYTHON:-python3}"
 "$PY" -c 'import sys, torch; sys.exit(0 if torch.__version__.startswith("2.11") else 1)' \
   || { echo "gpu-check: $PY has no torch 2.11 (set FRAMELANE_TORCH_PYTHON)" >&2; exit 1; }
+if [[ -n "${FRAMELANE_GPU_CHECK_WHEELS:-}" ]]; then
+  "$PY" -m pip install --quiet --no-index --no-deps --find-links "$FRAMELANE_GPU_CHECK_WHEELS" \
+    -r "$FRAMELANE_GPU_CHECK_WHEELS/requirements.txt"
+fi
+"$PY" -c 'import diffusers, transformers' \
+  || { echo "gpu-check: $PY cannot import diffusers and transformers (see --help)" >&2; exit 1; }
 LIBTORCH="$("$PY" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
 export LIBTORCH LD_LIBRARY_PATH="$LIBTORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   export FRAMELANE_GPU_CHECK_EXPECT_CUDA=1
   "$PY" -c 'import torch; print("gpu-check:", torch.cuda.get_device_name(0), torch.__version__)'
 else
-  echo "gpu-check: no GPU visible: the check runs on the CPU, without a ballast"
+  echo "gpu-check: no GPU visible: a dry run on the CPU, without a ballast (not a GPU result)"
 fi
 
 if [[ -z "$BINARY" ]]; then
@@ -53,19 +69,20 @@ if [[ -z "$BINARY" ]]; then
 fi
 [[ -x "$BINARY" ]] || { echo "gpu-check: $BINARY is not an executable gpu_check" >&2; exit 1; }
 
-mkdir -p "$WORK"
-STAMP="$WORK/models/.weight-$WEIGHT_GIB"
-if [[ ! -f "$STAMP" ]]; then
-  echo "gpu-check: writing the models (anisora about ${WEIGHT_GIB} GiB) to $WORK/models"
-  rm -rf "$WORK/models"
-  "$PY" "$ROOT/gpu-runner/tests/make_tiny_wan_models.py" "$WORK/models" --heavy-gib "$WEIGHT_GIB"
-  touch "$STAMP"
+MODELS="$WORK/models${TINY:+-tiny}"
+if [[ ! -f "$MODELS/.complete" ]]; then
+  echo "gpu-check: writing the models to $MODELS"
+  rm -rf "$MODELS"
+  "$PY" "$ROOT/gpu-runner/scripts/make_full_size_wan.py" "$MODELS" ${TINY:+--tiny}
+  touch "$MODELS/.complete"
 fi
 
+ARGS=(--jobs "$JOBS" --sizes "$SIZES" --caps "$CAPS" --steps "$STEPS" ${TINY:+--tiny})
+((DIFFUSERS)) && ARGS+=(--diffusers "$PY")
 status=0
 for conf in "expandable_segments:True" "expandable_segments:False"; do
   echo
-  PYTORCH_CUDA_ALLOC_CONF="$conf" "$BINARY" "$WORK/models" "$JOBS" || status=1
+  PYTORCH_CUDA_ALLOC_CONF="$conf" "$BINARY" "$MODELS" "${ARGS[@]}" || status=1
 done
 echo
 echo "gpu-check: $( ((status == 0)) && echo passed || echo FAILED ) in ${SECONDS} s"

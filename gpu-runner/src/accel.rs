@@ -1,6 +1,7 @@
 //! The accelerator shim (csrc/accel_shim.cpp): what tch does not bind — synchronizing, emptying
 //! the caching allocator, device memory statistics, loading libtorch_cuda, and a counting CPU
-//! allocator so CPU runs report (and tests can check) live tensor bytes.
+//! allocator so CPU runs report (and tests can check) live tensor bytes, and host copies of
+//! weights outside the device's accounting.
 
 // Calling C functions is `unsafe` in Rust; the workspace forbids unsafe code, so this one
 // module (the only FFI boundary of the crate) allows it. Every call passes valid, owned
@@ -9,6 +10,8 @@
 
 use std::ffi::{CStr, c_char, c_int};
 use std::sync::OnceLock;
+
+use tch::Tensor;
 
 const MSG_LEN: usize = 1024;
 
@@ -44,6 +47,12 @@ unsafe extern "C" {
     ) -> c_int;
     fn fl_track_cpu_allocations(err: *mut c_char, err_len: usize) -> c_int;
     fn fl_set_tf32(allow: c_int, err: *mut c_char, err_len: usize) -> c_int;
+    fn fl_host_copy(
+        src: *const torch_sys::C_tensor,
+        out: *mut *mut torch_sys::C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
     fn fl_cpu_live(
         live_bytes: *mut i64,
         live_allocations: *mut i64,
@@ -191,6 +200,21 @@ pub fn cpu_live() -> Result<(i64, i64), AccelError> {
     let rc = unsafe { fl_cpu_live(&mut bytes, &mut count, err.as_mut_ptr(), err.len()) };
     check("cpu allocator stats", rc, &err)?;
     Ok((bytes, count))
+}
+
+/// A copy of `tensor` in host memory the device's allocator statistics do not count: pinned
+/// memory where there is an accelerator, memory outside the counting allocator on a CPU-only
+/// runner. Where offloaded weights wait between stages.
+pub fn host_copy(tensor: &Tensor) -> Result<Tensor, AccelError> {
+    let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
+    let mut err = [0 as c_char; MSG_LEN];
+    // SAFETY: `tensor.as_ptr()` is a live tensor for the call; `out` is a live local the shim
+    // sets to a new heap tensor on success; `err` is writable and of the length passed.
+    let rc = unsafe { fl_host_copy(tensor.as_ptr(), &mut out, err.as_mut_ptr(), err.len()) };
+    check("host copy", rc, &err)?;
+    // SAFETY: on success `out` is a tensor the shim allocated with `new`, owned by no one
+    // else; tch's Tensor takes ownership and frees it on drop.
+    Ok(unsafe { Tensor::from_ptr(out) })
 }
 
 /// Allows or forbids TF32 in float32 matrix products and convolutions on CUDA (cuDNN allows

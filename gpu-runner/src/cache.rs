@@ -4,7 +4,8 @@
 
 use crate::accel::AccelError;
 use crate::memory::{RunnerDevice, is_out_of_memory};
-use crate::wan::pipeline::{Mode, ModelSpec, PipelineError, Precision, WanPipeline};
+use crate::placement::{self, Placement};
+use crate::wan::pipeline::{MemoryPlan, Mode, ModelSpec, PipelineError, Precision, WanPipeline};
 
 /// Free memory a load needs beyond the weights: the allocator's rounding and the first
 /// activations.
@@ -75,10 +76,13 @@ pub struct ModelCache {
     mode: LaneMode,
     device: RunnerDevice,
     precision: Precision,
+    plan: MemoryPlan,
     models: Vec<ModelRef>,
     /// The loaded model, under the name the lane knows it by (its VideoModel).
     loaded: Option<(String, WanPipeline)>,
     loads: u64,
+    /// Seconds the last [`ModelCache::get`] spent unloading and loading (0 when warm).
+    last_load_seconds: f64,
 }
 
 impl ModelCache {
@@ -86,6 +90,7 @@ impl ModelCache {
         mode: LaneMode,
         device: RunnerDevice,
         precision: Precision,
+        plan: MemoryPlan,
         models: Vec<ModelRef>,
     ) -> Result<ModelCache, CacheError> {
         if mode == LaneMode::Dedicated && models.len() != 1 {
@@ -95,9 +100,11 @@ impl ModelCache {
             mode,
             device,
             precision,
+            plan,
             models,
             loaded: None,
             loads: 0,
+            last_load_seconds: 0.0,
         })
     }
 
@@ -115,9 +122,15 @@ impl ModelCache {
         self.loads
     }
 
+    /// Seconds the last [`ModelCache::get`] spent unloading the old model and loading the
+    /// new one: a Shared lane's switch time (0 when the model was loaded already).
+    pub fn last_load_seconds(&self) -> f64 {
+        self.last_load_seconds
+    }
+
     /// The pipeline of `model`, loading it (and, in Shared mode, unloading the current one)
     /// when it is not on the device.
-    pub fn get(&mut self, model: &str) -> Result<&WanPipeline, CacheError> {
+    pub fn get(&mut self, model: &str) -> Result<&mut WanPipeline, CacheError> {
         let wanted = self
             .models
             .iter()
@@ -127,11 +140,14 @@ impl ModelCache {
                 model: model.to_owned(),
                 known: self.models.iter().map(|m| m.model.clone()).collect(),
             })?;
+        self.last_load_seconds = 0.0;
         if self.loaded_model() != Some(model) {
+            let started = std::time::Instant::now();
             self.unload()?;
             self.load(&wanted)?;
+            self.last_load_seconds = started.elapsed().as_secs_f64();
         }
-        Ok(&self.loaded.as_ref().expect("loaded above").1)
+        Ok(&mut self.loaded.as_mut().expect("loaded above").1)
     }
 
     /// Drops the loaded model, if any, and returns the device's memory to the driver.
@@ -157,7 +173,15 @@ impl ModelCache {
             model: model.clone(),
             source: Box::new(source),
         };
-        let needed = WanPipeline::weight_bytes(&wanted.spec, self.precision).map_err(failed)?;
+        let bytes = WanPipeline::part_bytes(&wanted.spec, self.precision).map_err(failed)?;
+        // What the placement puts on the device at load: every weight when resident, the
+        // text encoder and the VAE under expert-swap, nothing under model-offload.
+        let total = self.device.total_bytes()?;
+        let needed = match placement::place(self.plan.mode, &bytes, total) {
+            Placement::Resident => bytes.all(),
+            Placement::ExpertSwap => bytes.text_encoder + bytes.vae,
+            Placement::ModelOffload => 0,
+        };
         if let Some(free) = self.device.free_bytes()?
             && !fits(needed, free)
         {
@@ -167,7 +191,12 @@ impl ModelCache {
                 free,
             });
         }
-        let loaded = match WanPipeline::load(&wanted.spec, self.precision, self.device.device) {
+        let loaded = match WanPipeline::load_with(
+            &wanted.spec,
+            self.precision,
+            self.device.device,
+            self.plan,
+        ) {
             Ok(pipeline) => pipeline,
             Err(source) => {
                 // Whatever the failed load allocated is garbage now.
@@ -196,7 +225,9 @@ impl ModelCache {
         tracing::info!(
             model,
             device = %self.device.name(),
-            weight_bytes = needed,
+            weight_bytes = bytes.all(),
+            on_device_bytes = needed,
+            memory_mode = loaded.placement().as_str(),
             allocated_bytes = stats.allocated_current,
             reserved_bytes = stats.reserved_current,
             "model loaded"

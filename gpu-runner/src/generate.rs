@@ -132,7 +132,7 @@ pub struct JobOutcome {
 /// Runs `job` on `model` and writes its files under `out_root`. `on_progress` may cancel at
 /// any step boundary. Memory is cleaned up and measured however the job ends.
 pub fn run_job(
-    model: &WanPipeline,
+    model: &mut WanPipeline,
     device: &RunnerDevice,
     job: &JobRequest,
     out_root: &Path,
@@ -142,6 +142,7 @@ pub fn run_job(
     let job_id = format!("{}/{}", job.namespace, job.name);
     // Every tensor of the job lives inside `frames_for`; libtorch errors that tch raises as
     // panics are caught so the runner stays up.
+    model.take_stages();
     let frames = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         frames_for(model, job, &mut on_progress)
     }))
@@ -166,9 +167,15 @@ pub fn run_job(
             job.fps,
         )?)
     });
+    model.release_offloaded();
+    let tiled = model.vae_tiled();
+    let stages = model.take_stages();
     let memory = before.and_then(|before| {
         let after = device.clean_up()?;
-        Ok(JobMemory::new(device, &before, &after))
+        let mut memory = JobMemory::new(device, &before, &after, stages);
+        memory.status.memory_mode = Some(model.placement().as_str().to_owned());
+        memory.status.vae_tiled = Some(tiled);
+        Ok(memory)
     });
     match &memory {
         Ok(report) => report.log(&job_id),
@@ -194,7 +201,7 @@ fn first_frame(job: &JobRequest) -> Result<Option<tch::Tensor>, JobError> {
 }
 
 fn frames_for(
-    model: &WanPipeline,
+    model: &mut WanPipeline,
     job: &JobRequest,
     on_progress: &mut dyn FnMut(&Progress) -> StepControl,
 ) -> Result<Frames, JobError> {

@@ -11,7 +11,10 @@
 //! - [`cache`]: Dedicated / Shared model switching.
 //! - [`job`]: a claimed VideoJob to a request, and the outcome back to its status.
 //! - [`memory`], [`accel`]: device selection, allocator statistics, emptying the cache.
+//! - [`placement`]: memory modes (what stays on the device), VAE tiling, host copies.
 //! - [`metrics`]: the runner's Prometheus metrics.
+//! - [`profile`]: the fit check's runner side: model shapes, device memory, refusing a job
+//!   that does not fit.
 
 pub mod accel;
 pub mod cache;
@@ -21,6 +24,8 @@ pub mod inputs;
 pub mod job;
 pub mod memory;
 pub mod metrics;
+pub mod placement;
+pub mod profile;
 pub mod sampler;
 pub mod schedule;
 pub mod tokenizer;

@@ -20,7 +20,8 @@ use framelane_api::{
     reasons::JobReason,
     videojob::{JobPhase, MemoryReport},
 };
-use framelane_contract::{ClaimedJob, ContractError, Runner};
+use framelane_contract::{ClaimedJob, ContractError, Runner, backoff::Backoff, outputs};
+use framelane_core::memory::RunnerMemory;
 use framelane_runner::{
     cache::{LaneMode, ModelCache},
     generate::{JobOutcome, JobRequest, Progress, run_job},
@@ -28,8 +29,10 @@ use framelane_runner::{
     job::{model_ref, output_for, request_for},
     memory::RunnerDevice,
     metrics::{MemoryLabels, Metrics, ResultLabels},
+    placement::VaeTiling,
+    profile::{MemoryArgs, refusal, runner_memory},
     sampler::StepControl,
-    wan::pipeline::Precision,
+    wan::pipeline::{MemoryPlan, Precision},
 };
 use kube::{Api, ResourceExt};
 use tokio::sync::{mpsc, watch};
@@ -80,6 +83,8 @@ struct Args {
     /// Kubeconfig to use (default: $KUBECONFIG, ~/.kube/config, or the in-cluster account).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    memory: MemoryArgs,
 }
 
 /// `--weights-dtype`.
@@ -102,7 +107,19 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let client = framelane_contract::serve::client(args.kubeconfig.as_deref()).await?;
-    let metrics = Arc::new(Metrics::default());
+    let jobs: Api<VideoJob> = match &args.watch_namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    // Watching from the start (claims come only once ready), so its errors are in the metrics.
+    let mut runner = Runner::start(
+        client.clone(),
+        &args.namespace,
+        &args.name,
+        &args.lane,
+        jobs,
+    );
+    let metrics = Arc::new(Metrics::new(runner.watch_errors().clone()));
     let ready = Arc::new(AtomicBool::new(false));
     tokio::spawn(framelane_contract::serve::probes(
         args.metrics_addr,
@@ -143,7 +160,38 @@ async fn main() -> anyhow::Result<()> {
         allocated_bytes = device.stats()?.allocated_current,
         "runner starting"
     );
-    let cache = Arc::new(Mutex::new(ModelCache::new(mode, device, precision, refs)?));
+    let fit = runner_memory(&args.memory, &device, &models, &refs, precision)
+        .context("reading the models' shapes for the fit check")?;
+    // The mode the runner reports (resolved with the device's budget) is the one it runs in.
+    let plan = match &fit {
+        Some(fit) => {
+            tracing::info!(
+                device_bytes = fit.device_bytes,
+                budget_bytes = fit.budget_bytes,
+                mode = fit.mode.as_str(),
+                vae_tiling = fit.vae_tiling,
+                "fit check"
+            );
+            MemoryPlan {
+                mode: fit.mode,
+                vae_tiling: if fit.vae_tiling {
+                    VaeTiling::On
+                } else {
+                    VaeTiling::Off
+                },
+            }
+        }
+        None => {
+            tracing::info!("device memory unknown: no fit check (see --device-memory-bytes)");
+            MemoryPlan {
+                mode: args.memory.memory_mode,
+                vae_tiling: args.memory.vae_tiling,
+            }
+        }
+    };
+    let cache = Arc::new(Mutex::new(ModelCache::new(
+        mode, device, precision, plan, refs,
+    )?));
     let (loaded_tx, loaded_rx) = watch::channel(None::<String>);
     if mode == LaneMode::Dedicated {
         // A Dedicated runner is ready (and announces itself) only with its model loaded.
@@ -159,14 +207,13 @@ async fn main() -> anyhow::Result<()> {
     }
     ready.store(true, Ordering::Relaxed);
 
-    let jobs: Api<VideoJob> = match &args.watch_namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let mut runner = Runner::start(client, &args.namespace, &args.name, &args.lane, jobs);
     if let Some(uid) = &args.pod_uid {
         runner = runner.owned_by_pod(uid);
     }
+    if let Some(fit) = &fit {
+        runner = runner.reporting_memory(fit);
+    }
+    runner = runner.removing_outputs_of_deleted_jobs(&args.output_dir);
     let _heartbeat = runner.keep_alive(loaded_rx);
     let worker = Worker {
         cache,
@@ -177,14 +224,23 @@ async fn main() -> anyhow::Result<()> {
         models,
         metrics,
         loaded: loaded_tx,
+        fit,
+        lane: args.lane.clone(),
     };
+    let retry = || Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    let mut backoff = retry();
     loop {
         match runner.claim_next().await {
-            Ok(Some(job)) => worker.run(job).await,
-            Ok(None) => runner.wait_for_change(Duration::from_secs(2)).await,
+            Ok(claimed) => {
+                backoff = retry();
+                match claimed {
+                    Some(job) => worker.run(job).await,
+                    None => runner.wait_for_change(Duration::from_secs(2)).await,
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "claiming a job failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(backoff.next_wait()).await;
             }
         }
     }
@@ -199,6 +255,9 @@ struct Worker {
     models: Vec<VideoModel>,
     metrics: Arc<Metrics>,
     loaded: watch::Sender<Option<String>>,
+    /// What the fit check measures jobs against, when the device's memory is known.
+    fit: Option<RunnerMemory>,
+    lane: String,
 }
 
 /// What a generation task gives back: the outcome and the model loaded after it, or why the
@@ -222,6 +281,17 @@ impl Worker {
                 .await;
             return;
         };
+        // A job admitted before this lane's runners reported their memory is checked here,
+        // before the GPU is touched.
+        if let Some(message) = self
+            .fit
+            .as_ref()
+            .and_then(|fit| refusal(fit, &job, &model, &self.lane))
+        {
+            self.fail(claimed, JobReason::DoesNotFit, &message, None, &name)
+                .await;
+            return;
+        }
         let mut request = request_for(&job, &model);
         if let Some(image) = &job.spec.image {
             match read_image(image, &self.models_dir, &self.image_url_hosts).await {
@@ -279,10 +349,12 @@ impl Worker {
         let cancel = Arc::new(AtomicBool::new(false));
         let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<Progress>();
         let task = tokio::task::spawn_blocking({
+            // The attempt's own folder: `report` moves the files into place once the job
+            // is confirmed still this runner's.
             let (cache, device, out, cancel, metrics) = (
                 self.cache.clone(),
                 self.device,
-                self.output_dir.clone(),
+                claimed.staging_dir(&self.output_dir),
                 cancel.clone(),
                 self.metrics.clone(),
             );
@@ -291,7 +363,7 @@ impl Worker {
                 let mut cache = cache.lock().expect("cache lock");
                 let loads = cache.loads();
                 let pipeline = cache.get(&model_name).map_err(|e| e.to_string())?;
-                let outcome = run_job(pipeline, &device, &request, &out, |p| {
+                let mut outcome = run_job(pipeline, &device, &request, &out, |p| {
                     let _ = progress_tx.send(*p);
                     if cancel.load(Ordering::Relaxed) {
                         StepControl::Cancel
@@ -299,6 +371,9 @@ impl Worker {
                         StepControl::Continue
                     }
                 });
+                if let Ok(memory) = &mut outcome.memory {
+                    memory.status.model_load_seconds = Some(cache.last_load_seconds());
+                }
                 if cache.loads() > loads {
                     metrics.model_loads.inc();
                 } else {
@@ -332,8 +407,9 @@ impl Worker {
 
     /// Writes the outcome of a generation: the video, or the failure with its reason, with
     /// the job's memory either way.
-    async fn report(&self, claimed: ClaimedJob, outcome: JobOutcome, name: &str) {
+    async fn report(&self, mut claimed: ClaimedJob, outcome: JobOutcome, name: &str) {
         let memory = outcome.memory.ok().map(|m| {
+            self.metrics.observe_job(&m);
             let kinds = [
                 ("allocated", m.status.after_cleanup_allocated_bytes),
                 ("reserved", m.status.after_cleanup_reserved_bytes),
@@ -348,10 +424,26 @@ impl Worker {
         });
         match outcome.result {
             Ok(video) => {
-                let written = claimed.complete(output_for(&video), memory).await;
-                self.finished(written, JobPhase::Succeeded.as_str(), name);
+                let files = [video.path.clone(), video.preview_path.clone()];
+                match claimed.publish(&self.output_dir, &files).await {
+                    Ok(()) => {
+                        let written = claimed.complete(output_for(&video), memory).await;
+                        self.finished(written, JobPhase::Succeeded.as_str(), name);
+                    }
+                    // Taken over by another runner meanwhile (`publish` logged it).
+                    Err(ContractError::Lost(_)) => {}
+                    Err(e) => {
+                        let message = format!("the video was made but not saved: {e}");
+                        self.fail(claimed, JobReason::GenerationFailed, &message, memory, name)
+                            .await;
+                    }
+                }
             }
             Err(error) => {
+                // Whatever a failed attempt wrote stays out of the output volume.
+                if let Err(e) = outputs::discard(&claimed.staging_dir(&self.output_dir)) {
+                    tracing::warn!(job = name, error = %e, "could not remove a failed attempt's files");
+                }
                 let reason = error.reason();
                 if reason == JobReason::GpuOutOfMemory {
                     self.metrics.ooms.inc();

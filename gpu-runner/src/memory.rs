@@ -1,6 +1,8 @@
 //! Device selection and memory hygiene: what runs after every job and every model switch.
 
-use framelane_api::videojob::MemoryReport;
+use std::time::Instant;
+
+use framelane_api::videojob::{MemoryReport, StageMemoryReport};
 use serde::Serialize;
 use tch::Device;
 
@@ -48,10 +50,7 @@ impl RunnerDevice {
     }
 
     fn index(&self) -> usize {
-        match self.device {
-            Device::Cuda(i) => i,
-            _ => 0,
-        }
+        index(self.device)
     }
 
     pub fn stats(&self) -> Result<MemoryStats, AccelError> {
@@ -62,6 +61,12 @@ impl RunnerDevice {
     pub fn free_bytes(&self) -> Result<Option<u64>, AccelError> {
         let (free, total) = accel::memory_info(self.index())?;
         Ok((total > 0).then_some(free))
+    }
+
+    /// Total device bytes, or `None` where the driver has no such number (CPU).
+    pub fn total_bytes(&self) -> Result<Option<u64>, AccelError> {
+        let (_, total) = accel::memory_info(self.index())?;
+        Ok((total > 0).then_some(total))
     }
 
     /// Starts a job's peak window.
@@ -76,6 +81,76 @@ impl RunnerDevice {
         accel::synchronize(self.index())?;
         accel::empty_cache()?;
         self.stats()
+    }
+}
+
+/// The allocator's index of `device` (0 for the CPU).
+fn index(device: Device) -> usize {
+    match device {
+        Device::Cuda(i) => i,
+        _ => 0,
+    }
+}
+
+/// A stage of a job measured on its own; the names are `status.progress.stage` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MeasuredStage {
+    EncodingPrompt,
+    EncodingImage,
+    Denoising,
+    Decoding,
+}
+
+impl MeasuredStage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MeasuredStage::EncodingPrompt => "EncodingPrompt",
+            MeasuredStage::EncodingImage => "EncodingImage",
+            MeasuredStage::Denoising => "Denoising",
+            MeasuredStage::Decoding => "Decoding",
+        }
+    }
+}
+
+/// Measures one stage: its peak window starts at [`StageMeter::start`]; [`StageMeter::finish`]
+/// frees what the stage left in the allocator's cache and reports the stage.
+pub struct StageMeter {
+    device: Device,
+    stage: MeasuredStage,
+    started: Instant,
+    before: MemoryStats,
+    /// Seconds spent bringing offloaded parts to the device; the stage adds to it.
+    pub load_seconds: f64,
+}
+
+impl StageMeter {
+    pub fn start(device: Device, stage: MeasuredStage) -> Result<StageMeter, AccelError> {
+        accel::reset_peak_stats(index(device))?;
+        Ok(StageMeter {
+            device,
+            stage,
+            started: Instant::now(),
+            before: accel::memory_stats(index(device))?,
+            load_seconds: 0.0,
+        })
+    }
+
+    /// Synchronizes, empties the allocator's cache and reports the stage. Call it after the
+    /// stage's tensors and offloaded parts are dropped.
+    pub fn finish(self) -> Result<StageMemoryReport, AccelError> {
+        let i = index(self.device);
+        accel::synchronize(i)?;
+        let seconds = self.started.elapsed().as_secs_f64();
+        accel::empty_cache()?;
+        let after = accel::memory_stats(i)?;
+        Ok(StageMemoryReport {
+            stage: self.stage.as_str().to_owned(),
+            peak_allocated_bytes: after.allocated_peak,
+            peak_reserved_bytes: after.reserved_peak,
+            seconds,
+            load_seconds: self.load_seconds,
+            alloc_retries: after.num_alloc_retries - self.before.num_alloc_retries,
+        })
     }
 }
 
@@ -94,15 +169,27 @@ pub struct JobMemory {
 }
 
 impl JobMemory {
-    /// `before` is taken at [`RunnerDevice::begin_job`], `after` at [`RunnerDevice::clean_up`].
-    pub fn new(device: &RunnerDevice, before: &MemoryStats, after: &MemoryStats) -> Self {
+    /// `before` is taken at [`RunnerDevice::begin_job`], `after` at [`RunnerDevice::clean_up`];
+    /// `stages` are the job's measured stages (each restarted the peak window, so the job's
+    /// peak is the largest of theirs and `after`'s).
+    pub fn new(
+        device: &RunnerDevice,
+        before: &MemoryStats,
+        after: &MemoryStats,
+        stages: Vec<StageMemoryReport>,
+    ) -> Self {
+        let peak = |own: i64, stage: fn(&StageMemoryReport) -> i64| {
+            stages.iter().map(stage).fold(own, i64::max)
+        };
         JobMemory {
             status: MemoryReport {
                 device: device.name(),
-                peak_allocated_bytes: after.allocated_peak,
-                peak_reserved_bytes: after.reserved_peak,
+                peak_allocated_bytes: peak(after.allocated_peak, |s| s.peak_allocated_bytes),
+                peak_reserved_bytes: peak(after.reserved_peak, |s| s.peak_reserved_bytes),
                 after_cleanup_allocated_bytes: after.allocated_current,
                 after_cleanup_reserved_bytes: after.reserved_current,
+                stages,
+                ..MemoryReport::default()
             },
             alloc_retries: after.num_alloc_retries - before.num_alloc_retries,
             ooms: after.num_ooms - before.num_ooms,
@@ -120,6 +207,10 @@ impl JobMemory {
             after_cleanup_reserved_bytes = self.status.after_cleanup_reserved_bytes,
             alloc_retries = self.alloc_retries,
             ooms = self.ooms,
+            memory_mode = self.status.memory_mode.as_deref().unwrap_or(""),
+            vae_tiled = self.status.vae_tiled.unwrap_or(false),
+            model_load_seconds = self.status.model_load_seconds.unwrap_or(0.0),
+            stages = %serde_json::to_string(&self.status.stages).unwrap_or_default(),
             "job memory"
         );
     }
@@ -162,7 +253,23 @@ mod tests {
         let device = RunnerDevice {
             device: Device::Cuda(0),
         };
-        let r = JobMemory::new(&device, &before, &after);
+        let stage = |stage: &str, peak_allocated_bytes| StageMemoryReport {
+            stage: stage.to_owned(),
+            peak_allocated_bytes,
+            peak_reserved_bytes: 150,
+            ..Default::default()
+        };
+        let r = JobMemory::new(
+            &device,
+            &before,
+            &after,
+            vec![stage("EncodingPrompt", 40), stage("Denoising", 120)],
+        );
+        assert_eq!(
+            (r.status.peak_allocated_bytes, r.status.peak_reserved_bytes),
+            (120, 200),
+            "the job's peak is the largest of its stages' and the end's"
+        );
         assert_eq!(r.status.device, "cuda:0");
         assert_eq!((r.alloc_retries, r.ooms), (2, 1));
         assert_eq!(
@@ -170,7 +277,7 @@ mod tests {
                 r.status.peak_allocated_bytes,
                 r.status.after_cleanup_reserved_bytes
             ),
-            (100, 20)
+            (120, 20)
         );
     }
 }

@@ -8,8 +8,7 @@ use openh264::formats::{RgbSliceU8, YUVBuffer};
 use openh264::{OpenH264API, Timestamp};
 use sha2::{Digest, Sha256};
 
-pub const VIDEO_FILE: &str = "video.mp4";
-pub const PREVIEW_FILE: &str = "preview.png";
+use framelane_contract::outputs::{PREVIEW_FILE, VIDEO_FILE};
 
 /// H.264 quantizer bounds: visually near-lossless for generated video.
 const MIN_QP: u8 = 16;

@@ -22,7 +22,7 @@ fn load(model: &str) -> WanPipeline {
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn run(pipeline: &WanPipeline, out: &Path, job: &JobRequest) -> JobOutcome {
+fn run(pipeline: &mut WanPipeline, out: &Path, job: &JobRequest) -> JobOutcome {
     run_job(pipeline, &common::device(), job, out, |_| {
         StepControl::Continue
     })
@@ -31,11 +31,11 @@ fn run(pipeline: &WanPipeline, out: &Path, job: &JobRequest) -> JobOutcome {
 #[test]
 fn same_seed_gives_a_byte_identical_mp4_with_every_frame() {
     let device = common::device();
-    let pipeline = load("anisora");
+    let mut pipeline = load("anisora");
     let out = tempfile::tempdir().unwrap();
     let mut stages = Vec::new();
     let first = run_job(
-        &pipeline,
+        &mut pipeline,
         &device,
         &common::job("anisora", "fox-a", 7),
         out.path(),
@@ -53,12 +53,20 @@ fn same_seed_gives_a_byte_identical_mp4_with_every_frame() {
     assert_eq!(denoised, (1..=8).collect::<Vec<_>>());
     assert_eq!(stages.first(), Some(&(Stage::EncodingPrompt, 0)));
     assert_eq!(stages.last(), Some(&(Stage::Encoding, 0)));
-    let b = run(&pipeline, out.path(), &common::job("anisora", "fox-b", 7))
-        .result
-        .unwrap();
-    let c = run(&pipeline, out.path(), &common::job("anisora", "fox-c", 8))
-        .result
-        .unwrap();
+    let b = run(
+        &mut pipeline,
+        out.path(),
+        &common::job("anisora", "fox-b", 7),
+    )
+    .result
+    .unwrap();
+    let c = run(
+        &mut pipeline,
+        out.path(),
+        &common::job("anisora", "fox-c", 8),
+    )
+    .result
+    .unwrap();
 
     assert_eq!(a.path, "default/fox-a/video.mp4");
     let bytes_a = std::fs::read(out.path().join(&a.path)).unwrap();
@@ -88,9 +96,9 @@ fn same_seed_gives_a_byte_identical_mp4_with_every_frame() {
 
 #[test]
 fn another_start_image_gives_another_video() {
-    let pipeline = load("anisora");
+    let mut pipeline = load("anisora");
     let out = tempfile::tempdir().unwrap();
-    let original = run(&pipeline, out.path(), &common::job("anisora", "a", 1))
+    let original = run(&mut pipeline, out.path(), &common::job("anisora", "a", 1))
         .result
         .unwrap();
     let mut job = common::job("anisora", "b", 1);
@@ -102,7 +110,7 @@ fn another_start_image_gives_another_video() {
     writer.write_image_data(&[200u8; 16 * 16 * 3]).unwrap();
     writer.finish().unwrap();
     job.image = Some(flat);
-    let other = run(&pipeline, out.path(), &job).result.unwrap();
+    let other = run(&mut pipeline, out.path(), &job).result.unwrap();
     assert_ne!(
         original.sha256, other.sha256,
         "the start image made no difference"
@@ -111,13 +119,13 @@ fn another_start_image_gives_another_video() {
 
 #[test]
 fn ffprobe_sees_h264_with_the_requested_frames_fps_and_duration() {
-    let pipeline = load("phr00t");
+    let mut pipeline = load("phr00t");
     let out = tempfile::tempdir().unwrap();
     let mut job = common::job("phr00t", "probe", 3);
     job.frames = 17;
     job.fps = 8;
     job.width = 48;
-    let video = run(&pipeline, out.path(), &job).result.unwrap();
+    let video = run(&mut pipeline, out.path(), &job).result.unwrap();
     let probe = common::ffprobe(&out.path().join(&video.path))
         .expect("ffprobe is missing: install it (apt-get install ffmpeg); .ci/run does");
     let stream = &probe["streams"][0];
@@ -137,11 +145,11 @@ fn ffprobe_sees_h264_with_the_requested_frames_fps_and_duration() {
 #[test]
 fn cancelling_stops_at_a_step_boundary_and_the_runner_carries_on() {
     let device = common::device();
-    let pipeline = load("anisora");
+    let mut pipeline = load("anisora");
     let out = tempfile::tempdir().unwrap();
     let mut last_step = 0;
     let cancelled = run_job(
-        &pipeline,
+        &mut pipeline,
         &device,
         &common::job("anisora", "cancel", 1),
         out.path(),
@@ -172,7 +180,7 @@ fn cancelling_stops_at_a_step_boundary_and_the_runner_carries_on() {
     assert!(cancelled.memory.is_ok());
 
     let next = run(
-        &pipeline,
+        &mut pipeline,
         out.path(),
         &common::job("anisora", "after-cancel", 1),
     );
@@ -181,9 +189,9 @@ fn cancelling_stops_at_a_step_boundary_and_the_runner_carries_on() {
 
 #[test]
 fn bad_requests_are_rejected_with_the_field() {
-    let pipeline = load("phr00t");
+    let mut pipeline = load("phr00t");
     let out = tempfile::tempdir().unwrap();
-    let failed = |job: &JobRequest| run(&pipeline, out.path(), job).result.unwrap_err();
+    let mut failed = |job: &JobRequest| run(&mut pipeline, out.path(), job).result.unwrap_err();
 
     let mut frames = common::job("phr00t", "bad-frames", 1);
     frames.frames = 6;
@@ -212,11 +220,11 @@ fn bad_requests_are_rejected_with_the_field() {
 
 #[test]
 fn an_unreadable_start_image_fails_the_job_with_the_reason() {
-    let pipeline = load("anisora");
+    let mut pipeline = load("anisora");
     let out = tempfile::tempdir().unwrap();
     let mut job = common::job("anisora", "garbage", 1);
     job.image = Some(b"\x89PNG\r\n\x1a\nnot really".to_vec());
-    let err = run(&pipeline, out.path(), &job).result.unwrap_err();
+    let err = run(&mut pipeline, out.path(), &job).result.unwrap_err();
     assert!(
         err.to_string()
             .starts_with("spec.image is not a readable PNG image:"),
@@ -224,6 +232,6 @@ fn an_unreadable_start_image_fails_the_job_with_the_reason() {
     );
     assert_eq!(err.reason(), JobReason::GenerationFailed);
     job.image = Some(b"GIF89a....".to_vec());
-    let err = run(&pipeline, out.path(), &job).result.unwrap_err();
+    let err = run(&mut pipeline, out.path(), &job).result.unwrap_err();
     assert_eq!(err.to_string(), "spec.image is not a PNG or JPEG image");
 }

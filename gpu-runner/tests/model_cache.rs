@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use framelane_runner::cache::{CacheError, LaneMode, ModelCache, ModelRef};
 use framelane_runner::generate::run_job;
 use framelane_runner::sampler::StepControl;
-use framelane_runner::wan::pipeline::{Mode, Precision, WanPipeline};
+use framelane_runner::wan::pipeline::{MemoryPlan, Mode, Precision, WanPipeline};
 
 /// Captures this thread's log lines.
 #[derive(Clone, Default)]
@@ -62,7 +62,14 @@ fn shared_switching_frees_the_old_model_and_dedicated_loads_once() {
     refs(); // makes the models before the baseline is taken
     let baseline = live();
 
-    let mut shared = ModelCache::new(LaneMode::Shared, device, Precision::FLOAT32, refs()).unwrap();
+    let mut shared = ModelCache::new(
+        LaneMode::Shared,
+        device,
+        Precision::FLOAT32,
+        MemoryPlan::default(),
+        refs(),
+    )
+    .unwrap();
     let mut loaded_bytes = std::collections::BTreeMap::new();
     for (i, model) in ["anisora", "phr00t", "anisora", "phr00t", "anisora"]
         .iter()
@@ -133,6 +140,7 @@ fn shared_switching_frees_the_old_model_and_dedicated_loads_once() {
         LaneMode::Dedicated,
         device,
         Precision::FLOAT32,
+        MemoryPlan::default(),
         refs()[1..].to_vec(),
     )
     .unwrap();
@@ -162,7 +170,13 @@ fn shared_switching_frees_the_old_model_and_dedicated_loads_once() {
         Err(CacheError::UnknownModel { .. })
     ));
     assert!(matches!(
-        ModelCache::new(LaneMode::Dedicated, device, Precision::FLOAT32, refs()),
+        ModelCache::new(
+            LaneMode::Dedicated,
+            device,
+            Precision::FLOAT32,
+            MemoryPlan::default(),
+            refs()
+        ),
         Err(CacheError::DedicatedNeedsOneModel(2))
     ));
     drop(dedicated);
@@ -176,6 +190,7 @@ fn shared_switching_frees_the_old_model_and_dedicated_loads_once() {
         LaneMode::Dedicated,
         device,
         Precision::FLOAT32,
+        MemoryPlan::default(),
         vec![dishonest],
     )
     .unwrap();

@@ -143,7 +143,7 @@ fn first_frame(case: &Value) -> Option<Tensor> {
 }
 
 /// Runs the case on `pipeline`: its latents (float32, CPU) and frames.
-fn generate(pipeline: &WanPipeline, case: &Value) -> (Tensor, framelane_runner::video::Frames) {
+fn generate(pipeline: &mut WanPipeline, case: &Value) -> (Tensor, framelane_runner::video::Frames) {
     let image = first_frame(case);
     let request = Request {
         prompt: case["prompt"].as_str().unwrap(),
@@ -217,7 +217,7 @@ fn ids(name: &str, field: &str) -> Vec<i64> {
 
 #[test]
 fn text_to_video_matches_wan_pipeline_with_its_saved_unipc_scheduler() {
-    let pipeline = load(&diffusers("wan-t2v"));
+    let mut pipeline = load(&diffusers("wan-t2v"));
     assert_eq!(pipeline.mode(), Mode::TextToVideo);
     let case = case("t2v");
     assert_eq!(
@@ -232,13 +232,13 @@ fn text_to_video_matches_wan_pipeline_with_its_saved_unipc_scheduler() {
             .unwrap(),
         ids("t2v", "negativeIds")
     );
-    let (latents, frames) = generate(&pipeline, &case);
+    let (latents, frames) = generate(&mut pipeline, &case);
     assert_matches("t2v", "t2v", &latents, &frames);
 }
 
 #[test]
 fn image_to_video_matches_the_two_expert_image_to_video_pipeline() {
-    let pipeline = load(&diffusers("anisora"));
+    let mut pipeline = load(&diffusers("anisora"));
     assert_eq!(pipeline.mode(), Mode::ImageToVideo);
     assert_eq!(pipeline.boundary_ratio(), Some(0.9));
     let case = case("i2v");
@@ -248,7 +248,7 @@ fn image_to_video_matches_the_two_expert_image_to_video_pipeline() {
             .unwrap(),
         ids("i2v", "ids")
     );
-    let (latents, frames) = generate(&pipeline, &case);
+    let (latents, frames) = generate(&mut pipeline, &case);
     assert_matches("i2v", "i2v", &latents, &frames);
 }
 
@@ -268,7 +268,7 @@ fn the_first_frame_is_resized_as_pils_lanczos_resizes_it() {
 
 #[test]
 fn the_model_as_one_comfyui_allinone_file_gives_the_same_video() {
-    let pipeline = load(&allinone("phr00t-aio.safetensors", Solver::wan_unipc(3.0)));
+    let mut pipeline = load(&allinone("phr00t-aio.safetensors", Solver::wan_unipc(3.0)));
     let case = case("t2v");
     assert_eq!(
         pipeline
@@ -276,7 +276,7 @@ fn the_model_as_one_comfyui_allinone_file_gives_the_same_video() {
             .unwrap(),
         ids("t2v", "ids")
     );
-    let (latents, frames) = generate(&pipeline, &case);
+    let (latents, frames) = generate(&mut pipeline, &case);
     assert_matches("comfyui allinone", "t2v", &latents, &frames);
 }
 
@@ -284,11 +284,11 @@ fn the_model_as_one_comfyui_allinone_file_gives_the_same_video() {
 /// dequantized weights, within the same tolerance.
 #[test]
 fn a_scaled_fp8_allinone_file_matches_its_dequantized_weights() {
-    let pipeline = load(&allinone(
+    let mut pipeline = load(&allinone(
         "phr00t-aio-fp8.safetensors",
         Solver::wan_unipc(3.0),
     ));
-    let (latents, frames) = generate(&pipeline, &case("t2v"));
+    let (latents, frames) = generate(&mut pipeline, &case("t2v"));
     assert_matches("comfyui scaled fp8", "t2v_fp8", &latents, &frames);
     let full = &reference().tensor("t2v.latents");
     let quantization = (&latents - full).abs().max().double_value(&[]);
@@ -303,8 +303,8 @@ fn euler_ancestral_on_the_beta_schedule_matches_comfyuis_definitions() {
         shift: 8.0,
         eta: 1.0,
     };
-    let pipeline = load(&allinone("phr00t-aio.safetensors", solver));
-    let (latents, frames) = generate(&pipeline, &case("comfy"));
+    let mut pipeline = load(&allinone("phr00t-aio.safetensors", solver));
+    let (latents, frames) = generate(&mut pipeline, &case("comfy"));
     assert_matches("euler ancestral + beta", "comfy", &latents, &frames);
 }
 
@@ -412,7 +412,7 @@ fn sampling_that_does_not_fit_the_model_is_refused() {
 
 #[test]
 fn a_request_for_the_other_mode_is_refused() {
-    let text = load(&diffusers("wan-t2v"));
+    let mut text = load(&diffusers("wan-t2v"));
     let image = first_frame(&case("i2v")).unwrap();
     let request = Request {
         prompt: "a fox",
@@ -425,22 +425,23 @@ fn a_request_for_the_other_mode_is_refused() {
         seed: 0,
         image: Some(&image),
     };
-    let refuse =
-        |p: &WanPipeline, r: &Request<'_>| match p.denoise(r, &mut |_, _| StepControl::Continue) {
-            Err(PipelineError::InvalidRequest { field, reason }) => format!("{field} {reason}"),
-            other => panic!("not refused: {:?}", other.map(|t| t.size())),
-        };
+    let refuse = |p: &mut WanPipeline, r: &Request<'_>| match p
+        .denoise(r, &mut |_, _| StepControl::Continue)
+    {
+        Err(PipelineError::InvalidRequest { field, reason }) => format!("{field} {reason}"),
+        other => panic!("not refused: {:?}", other.map(|t| t.size())),
+    };
     assert_eq!(
-        refuse(&text, &request),
+        refuse(&mut text, &request),
         "image is for image to video; this model makes videos from text only"
     );
-    let video = load(&diffusers("anisora"));
+    let mut video = load(&diffusers("anisora"));
     let without = Request {
         image: None,
         ..request
     };
     assert_eq!(
-        refuse(&video, &without),
+        refuse(&mut video, &without),
         "image is required: this model makes videos from an image"
     );
     let odd = Request {
@@ -448,14 +449,14 @@ fn a_request_for_the_other_mode_is_refused() {
         ..request
     };
     assert_eq!(
-        refuse(&video, &odd),
+        refuse(&mut video, &odd),
         "frames must be of the form 4k+1, got 8"
     );
 }
 
 #[test]
 fn cancelling_stops_at_the_step_boundary() {
-    let pipeline = load(&diffusers("anisora"));
+    let mut pipeline = load(&diffusers("anisora"));
     let image = first_frame(&case("i2v")).unwrap();
     let request = Request {
         prompt: "a fox",

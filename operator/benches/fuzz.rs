@@ -31,7 +31,23 @@ use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-/// Keys the webhook and the transitions read, so mutations hit them often.
+/// The VideoJob spec fields a review's object carries; each is also mutated on its own.
+const SPEC_FIELDS: &[&str] = &[
+    "model",
+    "mode",
+    "prompt",
+    "negativePrompt",
+    "image",
+    "width",
+    "height",
+    "frames",
+    "fps",
+    "steps",
+    "cfg",
+    "seed",
+];
+
+/// The other keys the webhook and the transitions read, so mutations hit them often.
 const KEYS: &[&str] = &[
     "apiVersion",
     "kind",
@@ -45,18 +61,6 @@ const KEYS: &[&str] = &[
     "dryRun",
     "group",
     "spec",
-    "model",
-    "mode",
-    "prompt",
-    "negativePrompt",
-    "image",
-    "width",
-    "height",
-    "frames",
-    "fps",
-    "steps",
-    "cfg",
-    "seed",
     "ttlSecondsAfterFinished",
     "deadlineSeconds",
     "status",
@@ -357,6 +361,7 @@ fn contract(job: &Value, rng: &mut StdRng, counts: &mut Counts) {
         peak_reserved_bytes: int(rng),
         after_cleanup_allocated_bytes: int(rng),
         after_cleanup_reserved_bytes: int(rng),
+        ..Default::default()
     });
     let completed = transitions::completed(&job, output, memory.clone(), now);
     broken(
@@ -454,6 +459,15 @@ fn example_jobs() -> Vec<Value> {
     ]
 }
 
+/// A key the webhook or the transitions read.
+fn known_key(rng: &mut StdRng) -> &'static str {
+    let i = rng.random_range(0..SPEC_FIELDS.len() + KEYS.len());
+    SPEC_FIELDS
+        .get(i)
+        .copied()
+        .unwrap_or_else(|| KEYS[i - SPEC_FIELDS.len()])
+}
+
 /// A review body: an example, mutated as a JSON tree, then often as bytes.
 fn review_body(rng: &mut StdRng, reviews: &[Value]) -> Vec<u8> {
     if rng.random_ratio(1, 50) {
@@ -461,22 +475,7 @@ fn review_body(rng: &mut StdRng, reviews: &[Value]) -> Vec<u8> {
     }
     let mut review = reviews.choose(rng).unwrap().clone();
     if rng.random_ratio(1, 3) {
-        let field = *[
-            "model",
-            "mode",
-            "prompt",
-            "negativePrompt",
-            "image",
-            "width",
-            "height",
-            "frames",
-            "fps",
-            "steps",
-            "cfg",
-            "seed",
-        ]
-        .choose(rng)
-        .unwrap();
+        let field = *SPEC_FIELDS.choose(rng).unwrap();
         review["request"]["object"]["spec"][field] = junk(rng, 0);
     }
     for _ in 0..rng.random_range(0..4) {
@@ -519,7 +518,7 @@ fn mutate(value: &mut Value, rng: &mut StdRng) {
                     map.remove(&key);
                 }
                 1 => {
-                    map.insert(KEYS.choose(rng).unwrap().to_string(), junk(rng, 2));
+                    map.insert(known_key(rng).to_string(), junk(rng, 2));
                 }
                 _ => mutate(map.get_mut(&key).unwrap(), rng),
             }
@@ -576,7 +575,7 @@ fn junk(rng: &mut StdRng, depth: u32) -> Value {
         ),
         _ => Value::Object(
             (0..rng.random_range(0..4))
-                .map(|_| (KEYS.choose(rng).unwrap().to_string(), junk(rng, depth - 1)))
+                .map(|_| (known_key(rng).to_string(), junk(rng, depth - 1)))
                 .collect(),
         ),
     }

@@ -1,16 +1,20 @@
 //! `just bench`: the admission webhook on the local control plane.
 //!
-//! 1. The webhook alone, over HTTPS with keep-alive at concurrency 64 (wrk, from Debian's
-//!    packages): decisions per second and p50/p99 latency, for an admitted create (the leader
-//!    takes a queue slot) and for one refused with 422.
-//! 2. VideoJob creates through the API server with the webhook called and without it, in
-//!    alternating blocks of one run: creates per second, p50 and p99, and the ratios. Both
-//!    sides create into the same namespace and lane, which the operator admits; jobs labelled
-//!    `framelane.dev/bench-side: without` do not match the webhook's objectSelector, so the
-//!    API server calls no webhook for them. Each block of stored creates starts once the
-//!    operator has admitted the one before. First stored creates (what a user's create is),
-//!    then server-side dry runs (nothing stored or admitted: the webhook's share of the
-//!    cheapest create the API server does).
+//! 1. The webhook alone, over HTTPS with keep-alive (wrk, from Debian's packages): an
+//!    admitted create (the leader takes a queue slot) at concurrency 1, 4, 16 and 64, and one
+//!    refused with 422 at 64: decisions per second and p50/p99 latency at the client.
+//! 2. VideoJob creates through the API server three ways, in alternating blocks of one run:
+//!    (a) no admission, (b) the same fixed-parameter rules as a ValidatingAdmissionPolicy
+//!    (CEL inside the API server, with the bench's VideoModels as its parameters), (c) our
+//!    webhooks: creates per second, p50 and p99, and the ratios (c)/(a) and (c)/(b). All
+//!    create into the same namespace and lane, which the operator admits; a job's
+//!    `framelane.dev/bench-side` label picks what the API server runs for it (the webhooks'
+//!    objectSelector leaves out `without` and `policy`, the policy's binding selects
+//!    `policy`). Each block of stored creates starts once the operator has admitted the one
+//!    before. First stored creates (what a user's create is), then server-side dry runs
+//!    (nothing stored or admitted: the admission's share of the cheapest create the API
+//!    server does). The webhook's own time per review (p50/p99/p999, from its histogram's
+//!    bucket bounds) over the stored creates it answered.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -20,7 +24,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use framelane_api::VideoJob;
 use futures::{StreamExt, stream};
-use kube::{Api, api::PostParams};
+use kube::{
+    Api,
+    api::{ApiResource, DynamicObject, GroupVersionKind, PostParams},
+};
 use serde_json::json;
 use support::{Fixture, QueuedAt, eventually};
 
@@ -28,20 +35,29 @@ const WRK_SECONDS: u32 = 10;
 const BLOCKS: usize = 8;
 const PER_BLOCK: usize = 250;
 const CONCURRENCY: usize = 32;
-/// The label that keeps a job out of the webhook's objectSelector.
+/// The label that picks a job's admission: `with` (the webhooks), `without`, `policy`.
 const SIDE_LABEL: &str = "framelane.dev/bench-side";
+const SIDES: [(&str, &str); 3] = [
+    ("with", "with the webhook"),
+    ("without", "without admission"),
+    ("policy", "with the ValidatingAdmissionPolicy"),
+];
+/// The wrk runs of an admitted create: (threads, connections).
+const WRK_ADMITTED: [(u32, u32); 4] = [(1, 1), (2, 4), (2, 16), (2, 64)];
 
 #[tokio::main]
 async fn main() -> Result<()> {
     support::remove_namespaces("whbench").await?;
     let fx = Fixture::new("whbench").await?;
     let model = fx.unbounded_anisora().await?;
-    let (op, port) = fx.webhook_operator("bench", 0, &[])?;
+    // No client certificate asked of callers: wrk cannot show one. (The API server's
+    // connections are kept alive, so checking its certificate costs a handshake, not a call.)
+    let (op, port) = fx.webhook_operator_open("bench", 0, &["--watch-namespace", &fx.ns.name])?;
     op.until_leading().await?;
     fx.register_webhook_with(
         port,
         json!({"objectSelector": {"matchExpressions": [
-            {"key": SIDE_LABEL, "operator": "NotIn", "values": ["without"]}]}}),
+            {"key": SIDE_LABEL, "operator": "NotIn", "values": ["without", "policy"]}]}}),
     )
     .await?;
     fx.webhook_effective(&model).await?;
@@ -51,30 +67,36 @@ async fn main() -> Result<()> {
         &fx.ns.name,
         json!({"model": model, "prompt": "a cat", "steps": 20}),
     );
-    for (what, body) in [
-        ("admitted create", admitted),
-        ("refused create (422)", refused),
-    ] {
+    let runs = WRK_ADMITTED
+        .iter()
+        .map(|&(t, c)| ("admitted create", admitted.clone(), t, c))
+        .chain([("refused create (422)", refused, 2, 64)]);
+    for (what, body, threads, connections) in runs {
         let before = buckets(&op.metrics().await?);
-        let (rps, p50, p99) = wrk(port, &body)?;
+        let (rps, p50, p99) = wrk(port, &body, threads, connections)?;
         let after = buckets(&op.metrics().await?);
         println!(
-            "webhook over HTTPS, keep-alive, concurrency 64, {what}: {rps:.0} decisions/s, p50 {p50:.3} ms, p99 {p99:.3} ms (at the client: queueing included)"
+            "webhook over HTTPS, keep-alive, concurrency {connections}, {what}: {rps:.0} decisions/s, p50 {p50:.3} ms, p99 {p99:.3} ms (at the client: queueing included)"
         );
         println!(
             "  its own time (framelane_webhook_duration_seconds): p99 at most {} ms",
-            own_p99(&before, &after) * 1000.0
+            own_quantile(&before, &after, 0.99) * 1000.0
         );
     }
 
+    policy(&fx).await?;
     let api: Api<VideoJob> = fx.jobs_without_retries().await?;
     let (queued, watch) = support::watch_queued(api.clone());
     let mut stored = 0;
     for (what, dry_run) in [("stored", false), ("dry-run", true)] {
-        let mut samples = [Vec::new(), Vec::new()];
-        let mut elapsed = [Duration::ZERO; 2];
+        let mut samples = [Vec::new(), Vec::new(), Vec::new()];
+        let mut elapsed = [Duration::ZERO; 3];
+        let before = buckets(&op.metrics().await?);
         for block in 0..BLOCKS {
-            for (side, label) in ["with", "without"].into_iter().enumerate() {
+            // Each side's turn moves one place every block, so none always follows another.
+            for turn in 0..SIDES.len() {
+                let side = (block + turn) % SIDES.len();
+                let label = SIDES[side].0;
                 let started = Instant::now();
                 let prefix = format!("{what}-{label}-{block}");
                 let latencies = creates(&api, &model, label, &prefix, dry_run).await?;
@@ -86,8 +108,9 @@ async fn main() -> Result<()> {
                 }
             }
         }
+        let after = buckets(&op.metrics().await?);
         let mut summary = Vec::new();
-        for (side, name) in ["with the webhook", "without"].into_iter().enumerate() {
+        for (side, (_, name)) in SIDES.iter().enumerate() {
             let lat = &mut samples[side];
             lat.sort();
             let p99 = lat[lat.len() * 99 / 100].as_secs_f64() * 1000.0;
@@ -99,15 +122,115 @@ async fn main() -> Result<()> {
             );
             summary.push((rate, p99));
         }
+        let (with, without, policy) = (summary[0], summary[1], summary[2]);
         println!(
-            "{what} creates with/without: p99 latency ratio {:.2}, throughput ratio {:.2}",
-            summary[0].1 / summary[1].1,
-            summary[1].0 / summary[0].0
+            "{what} creates, webhook/none (c)/(a): p99 latency ratio {:.2}, time per create ratio {:.2}",
+            with.1 / without.1,
+            without.0 / with.0
+        );
+        println!(
+            "{what} creates, webhook/policy (c)/(b): p99 latency ratio {:.2}, time per create ratio {:.2}",
+            with.1 / policy.1,
+            policy.0 / with.0
+        );
+        println!(
+            "  the webhook's own time per review over these creates (framelane_webhook_duration_seconds, bucket bounds): p50 at most {} ms, p99 at most {} ms, p999 at most {} ms",
+            own_quantile(&before, &after, 0.50) * 1000.0,
+            own_quantile(&before, &after, 0.99) * 1000.0,
+            own_quantile(&before, &after, 0.999) * 1000.0
         );
     }
     watch.abort();
     drop(op);
     support::remove_namespaces("whbench").await
+}
+
+/// The rules the webhook enforces from a job's VideoModel (its fixed steps and cfg, its size
+/// limits, its modes), as a ValidatingAdmissionPolicy whose parameters are this bench's
+/// VideoModels, bound to the jobs labelled `policy`; returns once the API server enforces it.
+/// (What CEL cannot do: refuse a model that does not exist, and hold a queue slot.)
+async fn policy(fx: &Fixture) -> Result<()> {
+    let kind = |kind: &str| {
+        let gvk = GroupVersionKind::gvk("admissionregistration.k8s.io", "v1", kind);
+        Api::<DynamicObject>::all_with(fx.client.clone(), &ApiResource::from_gvk(&gvk))
+    };
+    let name = format!("framelane-{}", fx.ns.name);
+    let rule = |field: &str, check: &str, message: &str| {
+        json!({
+            "expression": format!("!variables.mine || !has(object.spec.{field}) || {check}"),
+            "messageExpression": format!("'spec.{field}: ' + {message} + ' for model ' + params.metadata.name"),
+            "reason": "Invalid"
+        })
+    };
+    let policy: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name, "labels": {support::INSTANCE_LABEL: fx.ns.name}},
+        "spec": {
+            "failurePolicy": "Fail",
+            "paramKind": {"apiVersion": "framelane.dev/v1alpha1", "kind": "VideoModel"},
+            "matchConstraints": {"resourceRules": [{"apiGroups": ["framelane.dev"],
+                "apiVersions": ["v1alpha1"], "operations": ["CREATE"], "resources": ["videojobs"]}]},
+            "variables": [{"name": "mine", "expression": "params.metadata.name == object.spec.model"}],
+            "validations": [
+                rule("steps", "object.spec.steps == params.spec.fixedParameters.steps",
+                    "'must be ' + string(params.spec.fixedParameters.steps)"),
+                rule("cfg", "!has(params.spec.fixedParameters.cfg) || object.spec.cfg == params.spec.fixedParameters.cfg",
+                    "'must be ' + string(params.spec.fixedParameters.cfg)"),
+                rule("width", "object.spec.width <= params.spec.limits.maxWidth",
+                    "'at most ' + string(params.spec.limits.maxWidth)"),
+                rule("height", "object.spec.height <= params.spec.limits.maxHeight",
+                    "'at most ' + string(params.spec.limits.maxHeight)"),
+                rule("frames", "object.spec.frames <= params.spec.limits.maxFrames",
+                    "'at most ' + string(params.spec.limits.maxFrames)"),
+                rule("mode", "object.spec.mode in params.spec.modes", "'not offered'"),
+            ]
+        }
+    }))?;
+    kind("ValidatingAdmissionPolicy")
+        .create(&PostParams::default(), &policy)
+        .await?;
+    let binding: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name, "labels": {support::INSTANCE_LABEL: fx.ns.name}},
+        "spec": {
+            "policyName": name,
+            "validationActions": ["Deny"],
+            "paramRef": {"selector": {"matchLabels": {support::INSTANCE_LABEL: fx.ns.name}},
+                "parameterNotFoundAction": "Deny"},
+            "matchResources": {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": fx.ns.name}},
+                "objectSelector": {"matchLabels": {SIDE_LABEL: "policy"}}
+            }
+        }
+    }))?;
+    kind("ValidatingAdmissionPolicyBinding")
+        .create(&PostParams::default(), &binding)
+        .await?;
+    // Enforced: a dry run with a wrong `steps` is refused, naming the field.
+    let api = fx.jobs_without_retries().await?;
+    let model = fx.scoped("anisora");
+    let probe: VideoJob = serde_json::from_value(json!({
+        "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob",
+        "metadata": {"name": "policy-probe", "labels": {SIDE_LABEL: "policy"}},
+        "spec": {"model": model, "prompt": "probe", "steps": 20}
+    }))?;
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    eventually(
+        60,
+        "the ValidatingAdmissionPolicy to refuse a wrong steps",
+        || async {
+            Ok(match api.create(&dry_run, &probe).await {
+                Err(kube::Error::Api(s)) if s.code == 422 && s.message.contains("spec.steps") => {
+                    Some(())
+                }
+                _ => None,
+            })
+        },
+    )
+    .await
 }
 
 /// Waits until the watch has seen all `stored` jobs Queued, and a little for their Events:
@@ -137,17 +260,17 @@ fn buckets(metrics: &str) -> Vec<(f64, u64)> {
         .collect()
 }
 
-/// The smallest bucket bound holding 99% of the reviews between two scrapes.
-fn own_p99(before: &[(f64, u64)], after: &[(f64, u64)]) -> f64 {
+/// The smallest bucket bound holding the fraction `q` of the reviews between two scrapes.
+fn own_quantile(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> f64 {
     let counts: Vec<(f64, u64)> = after
         .iter()
         .zip(before)
         .map(|((le, a), (_, b))| (*le, a - b))
         .collect();
-    let total = counts.last().map_or(0, |c| c.1);
+    let total = counts.last().map_or(0, |c| c.1) as f64;
     counts
         .iter()
-        .find(|(_, c)| *c * 100 >= total * 99)
+        .find(|(_, c)| *c as f64 >= total * q)
         .map_or(f64::INFINITY, |c| c.0)
 }
 
@@ -167,8 +290,9 @@ fn review(namespace: &str, spec: serde_json::Value) -> String {
     .to_string()
 }
 
-/// Runs wrk against the webhook with `body`; returns requests/s, p50 and p99 in ms.
-fn wrk(port: u16, body: &str) -> Result<(f64, f64, f64)> {
+/// Runs wrk against the webhook with `body`, `connections` kept open by `threads`; returns
+/// requests/s, p50 and p99 in ms.
+fn wrk(port: u16, body: &str, threads: u32, connections: u32) -> Result<(f64, f64, f64)> {
     let script = std::env::temp_dir().join(format!("framelane-wrk-{port}.lua"));
     std::fs::write(
         &script,
@@ -178,8 +302,8 @@ fn wrk(port: u16, body: &str) -> Result<(f64, f64, f64)> {
     )?;
     let out = std::process::Command::new("wrk")
         .args([
-            "-t2",
-            "-c64",
+            &format!("-t{threads}"),
+            &format!("-c{connections}"),
             &format!("-d{WRK_SECONDS}s"),
             "--latency",
             "-s",

@@ -2,7 +2,7 @@
 //! the facts the core's decisions take, gathered from the caches.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex, MutexGuard},
 };
 
@@ -24,7 +24,7 @@ use kube::{
 };
 use tokio::sync::mpsc;
 
-use crate::{config::Config, events::EventSink, metrics::Metrics};
+use crate::{config::Config, events::EventSink, leader::Elector, metrics::Metrics};
 
 pub struct Context {
     pub client: Client,
@@ -43,13 +43,62 @@ pub struct Context {
     pub job_changes: mpsc::UnboundedSender<JobKey>,
     /// When this replica became leader: metrics count only what happened since.
     pub leader_since: Timestamp,
+    /// Since when this replica has seen the runners' heartbeat Leases without a break.
+    pub leases_seen: Arc<LeaseView>,
+    /// The election: a reconcile or a webhook decision acts only while it confirms this
+    /// replica leads.
+    pub elector: Arc<Elector>,
     /// Transitions already counted in the finished and queue-wait metrics or told by an
-    /// Event (`{uid}/start/{attempt}`, `{uid}/finished`, `{uid}/failed-event`): see
-    /// [`Context::first_time`].
-    pub counted: Mutex<HashSet<String>>,
+    /// Event: see [`Context::first_time`].
+    pub counted: Arc<Mutex<Counted>>,
+}
+
+/// What was already counted or told of each job, by the job's UID. The job watch forgets a job's entries when it shows the
+/// job deleted, and a relist forgets those of every job it no longer lists, so the set never
+/// holds more than the stored jobs' entries.
+#[derive(Debug, Default)]
+pub struct Counted(HashMap<String, HashSet<Told>>);
+
+/// A transition of a job that is counted in a metric or told by an Event once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Told {
+    /// Started, in this attempt.
+    Started { attempt: i32 },
+    /// Succeeded or Failed.
+    Finished,
+    /// The failure's Warning Event.
+    FailedEvent,
+}
+
+impl Counted {
+    /// Records `what` of the job `uid`; true the first time only.
+    pub fn first_time(&mut self, uid: &str, what: Told) -> bool {
+        match self.0.get_mut(uid) {
+            Some(seen) => seen.insert(what),
+            None => {
+                self.0.insert(uid.to_owned(), HashSet::from([what]));
+                true
+            }
+        }
+    }
+
+    /// Forgets a deleted job.
+    pub fn forget(&mut self, uid: &str) {
+        self.0.remove(uid);
+    }
+
+    /// Keeps only the jobs `live` holds (after a relist, deletions may have been missed).
+    pub fn retain(&mut self, live: &HashSet<&str>) {
+        self.0.retain(|uid, _| live.contains(uid.as_str()));
+    }
 }
 
 impl Context {
+    /// Whether this replica is the confirmed leader now (see [`Elector::confirmed`]).
+    pub fn leading(&self) -> bool {
+        self.elector.confirmed()
+    }
+
     /// The queue index, locked.
     pub fn index(&self) -> MutexGuard<'_, Index> {
         self.index.lock().expect("index lock")
@@ -186,9 +235,13 @@ impl Context {
         self.lanes.get(&ObjectRef::new(name))
     }
 
-    /// Records `key` in [`Context::counted`]; true the first time only.
-    pub fn first_time(&self, key: String) -> bool {
-        self.counted.lock().expect("counted lock").insert(key)
+    /// Records `what` of `job` in [`Context::counted`]; true the first time only.
+    pub fn first_time(&self, job: &VideoJob, what: Told) -> bool {
+        let uid = job.metadata.uid.as_deref().unwrap_or_default();
+        self.counted
+            .lock()
+            .expect("counted lock")
+            .first_time(uid, what)
     }
 
     /// Has the queued jobs of `lane` decided again.
@@ -211,6 +264,30 @@ impl Context {
     }
 }
 
+/// Since when the heartbeat Lease cache is whole: from when the leader started watching, moved
+/// on each time the watch fails, a reconcile finds the API server unreachable (refused
+/// connections, 5xx while it starts), or a leader renewal fails or is the first to succeed
+/// after failures (while kube-apiserver starts, requests hang until it answers, and a watch
+/// may fail no more). Runners cannot renew while it is unreachable either, so their
+/// freshness is judged from then (`timeouts::holder_fresh_until`).
+pub struct LeaseView(Mutex<Timestamp>);
+
+impl LeaseView {
+    pub fn new(since: Timestamp) -> LeaseView {
+        LeaseView(Mutex::new(since))
+    }
+
+    /// The view was cut off, or came back, at `at`: runners get a lease duration from then.
+    pub fn interrupted(&self, at: Timestamp) {
+        let mut since = self.0.lock().expect("lease view lock");
+        *since = (*since).max(at);
+    }
+
+    pub fn since(&self) -> Timestamp {
+        *self.0.lock().expect("lease view lock")
+    }
+}
+
 /// Jobs admitted to `lane` (Queued or Running), all and those of `namespace`: what the
 /// controller counts, admitting in creation order.
 pub fn admitted(index: &Index, lane: &str, namespace: &str) -> Occupancy {
@@ -221,4 +298,33 @@ pub fn admitted(index: &Index, lane: &str, namespace: &str) -> Occupancy {
             depth: q.depth(),
             namespace: q.held_by(namespace),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transition_counts_once_until_its_job_is_forgotten() {
+        let mut counted = Counted::default();
+        let started = |attempt| Told::Started { attempt };
+        assert!(counted.first_time("a", started(1)));
+        assert!(!counted.first_time("a", started(1)), "told once");
+        assert!(
+            counted.first_time("a", started(2)),
+            "a new attempt starts anew"
+        );
+        assert!(counted.first_time("a", Told::Finished));
+        assert!(counted.first_time("b", Told::Finished), "per job");
+        counted.forget("a");
+        assert!(
+            counted.first_time("a", Told::Finished),
+            "a deleted job's entries are gone"
+        );
+        counted.retain(&HashSet::from(["b"]));
+        assert!(
+            counted.0.keys().eq(["b"]),
+            "a relist keeps only listed jobs"
+        );
+    }
 }

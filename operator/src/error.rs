@@ -1,6 +1,6 @@
 //! Reconcile errors; each variant is a label of `framelane_reconcile_errors_total`.
 
-use framelane_contract::api_errors::is_conflict;
+use framelane_contract::api_errors::{is_conflict, is_unreachable};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -17,6 +17,12 @@ impl Error {
             Error::Conflict => "conflict",
             Error::Kube(_) => "kube_api",
         }
+    }
+
+    /// The API server could not be reached (or could not serve): see
+    /// [`is_unreachable`].
+    pub fn api_unreachable(&self) -> bool {
+        matches!(self, Error::Kube(e) if is_unreachable(e))
     }
 }
 

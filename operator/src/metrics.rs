@@ -4,6 +4,7 @@
 use std::sync::atomic::AtomicI64;
 
 use framelane_api::modellane::FallbackCause;
+use framelane_contract::readable::WatchErrorLabels;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -63,6 +64,12 @@ pub struct RefusedCallLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// `VideoJob`, `ModelLane` or `VideoModel`.
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CertificateLabels {
     /// `serving` or `ca`.
     pub certificate: String,
@@ -83,6 +90,8 @@ pub struct Metrics {
     pub fallback_duration: Family<FallbackLabels, Histogram>,
     pub fallback_jobs_moved: Family<MovedLabels, Counter>,
     pub events_dropped: Counter,
+    pub unreadable_objects: Family<KindLabels, Counter>,
+    pub watch_errors: Family<WatchErrorLabels, Counter>,
     pub reconcile_duration: Family<ControllerLabels, Histogram>,
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub leader: Gauge<i64, AtomicI64>,
@@ -175,6 +184,16 @@ impl Default for Metrics {
                 r,
                 "events_dropped",
                 "Kubernetes Events not posted because too many were waiting for the API server",
+            ),
+            unreadable_objects: register(
+                r,
+                "unreadable_objects",
+                "Watch events left out because the object does not parse as its kind (written by another Framelane version?)",
+            ),
+            watch_errors: register(
+                r,
+                "watch_errors",
+                "Errors of the operator's watches, by kind and cause (expired: 410 Gone, the cache is listed again whole; failed: retried with backoff)",
             ),
             reconcile_duration: register_with(
                 r,

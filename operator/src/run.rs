@@ -10,6 +10,10 @@ use std::{
 };
 
 use framelane_api::{ModelLane, VideoJob, VideoModel, wellknown::LABEL_LANE};
+use framelane_contract::{
+    backoff::{WATCH_BACKOFF_MAX, watch_backoff},
+    readable::{Unreadable, count_watch_error, watch_readable},
+};
 use framelane_core::{index::Index, queue::JobKey};
 use futures::{StreamExt, TryStreamExt, future};
 use jiff::Timestamp;
@@ -21,7 +25,7 @@ use kube::{
         controller::Config as ControllerConfig,
         events::{Recorder, Reporter},
         reflector::{self, ObjectRef},
-        watcher,
+        watcher::{self, watcher},
     },
 };
 use tokio::sync::mpsc;
@@ -29,11 +33,11 @@ use tokio_stream_shim::UnboundedReceiverStream;
 
 use crate::{
     config::{CertificateSource, Config},
-    context::Context,
+    context::{Context, Counted, LeaseView},
     events::EventSink,
     jobs, lanes,
     leader::Elector,
-    metrics::Metrics,
+    metrics::{KindLabels, Metrics},
     webhook::{self, Webhook, certs::Policy},
 };
 
@@ -72,7 +76,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("framelane-operator-{}", std::process::id()));
     let elector = Arc::new(Elector::new(
-        Api::namespaced(client.clone(), &config.namespace),
+        Api::namespaced(election_client(&config).await?, &config.namespace),
         &config.leader_lease,
         &identity,
         config.leader_lease_seconds,
@@ -80,11 +84,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ));
     let (models, models_writer) = reflector::store();
     tokio::spawn(
-        watcher(
-            Api::<VideoModel>::all(client.clone()),
+        watch_readable::<VideoModel, _>(
+            client.clone(),
+            None,
             watcher::Config::default(),
+            report_unreadable(&metrics, "VideoModel"),
         )
-        .default_backoff()
+        .inspect_err(report_watch_errors(&metrics, "VideoModel"))
+        .backoff(watch_backoff(WATCH_BACKOFF_MAX))
         .reflect(models_writer)
         .for_each(|_| future::ready(())),
     );
@@ -106,7 +113,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
-    let released = elector.releases();
+    let released = elector.releases(Api::namespaced(client.clone(), &config.namespace));
     loop {
         tokio::select! {
             _ = &mut shutdown => {
@@ -121,13 +128,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         // A leader that lets go on shutdown is replaced at once, not at the next retry.
         tokio::select! {
-            _ = tokio::time::sleep(elector.retry_interval()) => {}
+            _ = tokio::time::sleep(elector.next_try()) => {}
             _ = released.notified() => {}
         }
     }
     tracing::info!(identity, "became the leader");
     metrics.leader.set(1);
-    tokio::spawn(keep_leading(elector.clone(), config.leader_lease_seconds));
+    let leases_seen = Arc::new(LeaseView::new(Timestamp::now()));
+    tokio::spawn(keep_leading(
+        elector.clone(),
+        metrics.clone(),
+        leases_seen.clone(),
+    ));
     if let Some(webhook) = webhook
         .as_ref()
         .filter(|w| w.source == CertificateSource::Operator)
@@ -142,7 +154,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let delay = config.shutdown_delay_seconds;
-    let work = controllers(client, config, metrics, models, webhook);
+    let work = controllers(
+        client,
+        config,
+        metrics,
+        models,
+        webhook,
+        elector.clone(),
+        leases_seen,
+    );
     tokio::pin!(work);
     tokio::select! {
         result = &mut work => result?,
@@ -158,25 +178,60 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Renews the Lease; exits the process as soon as leadership cannot be confirmed within the
-/// lease duration, so two leaders never write at once.
-async fn keep_leading(elector: Arc<Elector>, duration: Duration) {
-    let mut confirmed = Instant::now();
-    loop {
-        tokio::time::sleep(elector.retry_interval()).await;
-        match elector.try_lead().await {
-            Ok(true) => confirmed = Instant::now(),
-            Ok(false) => {
-                tracing::error!("another replica holds the leader Lease; exiting");
-                std::process::exit(1);
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot renew the leader Lease"),
+/// The client of the election: no retries and a read timeout, so that a renewal the API
+/// server does not answer (a 503 retried for minutes, a stalled connection) fails in time
+/// instead of keeping a leader that can no longer renew.
+async fn election_client(config: &Config) -> anyhow::Result<Client> {
+    let mut kube = framelane_contract::serve::config(config.kubeconfig.as_deref()).await?;
+    let limit = crate::leader::renew_deadline(config.leader_lease_seconds);
+    kube.default_retry = false;
+    kube.connect_timeout = Some(limit);
+    kube.read_timeout = Some(limit);
+    kube.write_timeout = Some(limit);
+    kube.reset_reader_on_write = true;
+    Ok(Client::try_from(kube)?)
+}
+
+/// Renews the Lease. As soon as leadership is not confirmed (no renewal succeeded within the
+/// renew deadline, or another replica holds the Lease), the replica stops acting as leader
+/// (the webhook and the controllers check [`Elector::confirmed`] before each decision) and
+/// exits, so its Deployment restarts it as a standby.
+///
+/// A failed renewal, and the first to succeed after failures, tell `leases_seen` that the
+/// API server was unreachable until then.
+async fn keep_leading(elector: Arc<Elector>, metrics: Arc<Metrics>, leases_seen: Arc<LeaseView>) {
+    let mut wait = elector.retry_interval();
+    let mut failing = false;
+    while let Some(until) = elector.confirmed_until() {
+        tokio::time::sleep_until(until.min(Instant::now() + wait).into()).await;
+        let renewed = tokio::time::timeout_at(until.into(), elector.try_lead()).await;
+        if failing || !matches!(renewed, Ok(Ok(_))) {
+            leases_seen.interrupted(Timestamp::now());
         }
-        if confirmed.elapsed() >= duration - elector.retry_interval() {
-            tracing::error!("could not renew the leader Lease in time; exiting");
-            std::process::exit(1);
+        failing = !matches!(renewed, Ok(Ok(_)));
+        match renewed {
+            Ok(Ok(true)) => wait = elector.retry_interval(),
+            Ok(Ok(false)) => {
+                tracing::error!("another replica holds the leader Lease");
+                break;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot renew the leader Lease; retrying");
+                wait = Duration::from_secs(1);
+            }
+            Err(_) => {}
+        }
+        if !elector.confirmed() {
+            tracing::error!(
+                renew_deadline_ms = elector.renew_deadline().as_millis() as u64,
+                "could not renew the leader Lease within the renew deadline"
+            );
+            break;
         }
     }
+    metrics.leader.set(0);
+    tracing::error!("no longer the leader: stopped acting as leader; exiting");
+    std::process::exit(1);
 }
 
 /// The webhook's HTTPS server, until it is told to stop.
@@ -307,6 +362,52 @@ fn connection_cap(wanted: usize) -> usize {
     cap
 }
 
+/// Counts and logs an object a watch left out because this version cannot read it.
+fn report_unreadable(metrics: &Arc<Metrics>, kind: &'static str) -> impl Fn(Unreadable) + use<> {
+    let counter = metrics.unreadable_objects.get_or_create(&KindLabels {
+        kind: kind.to_owned(),
+    });
+    counter.inc_by(0);
+    let counter = counter.clone();
+    move |u: Unreadable| {
+        counter.inc();
+        tracing::warn!(
+            kind,
+            object = u.object,
+            error = u.error,
+            "left out an object this operator cannot read: upgrade the operator to the version that wrote it, or fix or delete the object"
+        );
+    }
+}
+
+/// Runs a watch that feeds a cache in a task of its own and hands what it yields to a
+/// controller through a channel, so that the cache is as current as the API server lets it
+/// be however the controller takes its triggers. Polled as a trigger of the lane controller,
+/// the runners' Lease and the ModelLane watches were retried a few times in two minutes of an
+/// API server outage instead of every second or five, and their caches (a lane's runners,
+/// its depth) stayed stale for minutes after it. (The jobs' watch stays the job
+/// controller's own trigger: fed through a channel, that controller stopped reconciling
+/// during an outage, for a reason not found yet.)
+fn in_own_task<T: Send + 'static>(
+    stream: impl futures::Stream<Item = T> + Send + 'static,
+) -> UnboundedReceiverStream<T> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(stream.for_each(move |item| {
+        let _ = tx.send(item);
+        future::ready(())
+    }));
+    UnboundedReceiverStream(rx)
+}
+
+/// Counts and logs the errors of a watch of `kind` (`framelane_watch_errors_total`).
+fn report_watch_errors(
+    metrics: &Arc<Metrics>,
+    kind: &'static str,
+) -> impl Fn(&watcher::Error) + use<> {
+    let metrics = metrics.clone();
+    move |e| count_watch_error(&metrics.watch_errors, kind, e)
+}
+
 /// Runs the lane and job controllers (the leader's work) until they end.
 async fn controllers(
     client: Client,
@@ -314,30 +415,53 @@ async fn controllers(
     metrics: Arc<Metrics>,
     models: reflector::Store<VideoModel>,
     webhook: Option<Arc<Webhook>>,
+    elector: Arc<Elector>,
+    leases_seen: Arc<LeaseView>,
 ) -> anyhow::Result<()> {
     let (leases, leases_writer) = reflector::store();
+    let seen = leases_seen.clone();
     let lease_stream = watcher(
         Api::<Lease>::namespaced(client.clone(), &config.namespace),
         watcher::Config::default().labels(framelane_api::wellknown::LABEL_RUNNER),
     )
-    .default_backoff()
+    // Retried at least every second: each failure moves `leases_seen` on, so an API server
+    // outage keeps runners fresh while it lasts and for a lease duration after.
+    .backoff(watch_backoff(Duration::from_secs(1)))
+    .inspect_err(report_watch_errors(&metrics, "Lease"))
+    .inspect_err(move |_| seen.interrupted(Timestamp::now()))
     .reflect(leases_writer)
     // Deletions too: a runner's Lease goes with its pod, and the lane must notice at once
     // that it lost a runner.
     .touched_objects();
+    let lease_stream = in_own_task(lease_stream);
     let lane_watch = match &config.lane_selector {
         Some(selector) => watcher::Config::default().labels(selector),
         None => watcher::Config::default(),
     };
     let (lanes, lanes_writer) = reflector::store();
-    let lane_stream = watcher(Api::<ModelLane>::all(client.clone()), lane_watch)
-        .default_backoff()
-        .reflect(lanes_writer)
-        .applied_objects();
+    let lane_stream = watch_readable::<ModelLane, _>(
+        client.clone(),
+        None,
+        lane_watch,
+        report_unreadable(&metrics, "ModelLane"),
+    )
+    .inspect_err(report_watch_errors(&metrics, "ModelLane"))
+    .backoff(watch_backoff(WATCH_BACKOFF_MAX))
+    .reflect(lanes_writer)
+    .applied_objects();
+    let lane_stream = in_own_task(lane_stream);
     let index = Arc::new(Mutex::new(Index::default()));
     let (lane_tx, lane_rx) = mpsc::unbounded_channel::<String>();
     let (job_tx, job_rx) = mpsc::unbounded_channel::<JobKey>();
-    let (jobs, job_stream) = job_stream(&client, &config, index.clone(), lane_tx.clone());
+    let counted = Arc::new(Mutex::new(Counted::default()));
+    let (jobs, job_stream) = job_stream(
+        &client,
+        &config,
+        &metrics,
+        index.clone(),
+        counted.clone(),
+        lane_tx.clone(),
+    );
 
     let reporter = Reporter {
         controller: "framelane-operator".into(),
@@ -359,7 +483,9 @@ async fn controllers(
         lane_changes: lane_tx,
         job_changes: job_tx,
         leader_since: Timestamp::now(),
-        counted: Mutex::new(Default::default()),
+        leases_seen,
+        elector,
+        counted,
     });
     if let Some(webhook) = webhook {
         let _ = webhook.leader.set(ctx.clone());
@@ -397,43 +523,53 @@ async fn controllers(
 fn job_stream(
     client: &Client,
     config: &Config,
+    metrics: &Arc<Metrics>,
     index: Arc<Mutex<Index>>,
+    counted: Arc<Mutex<Counted>>,
     lanes_changed: mpsc::UnboundedSender<String>,
 ) -> (
     reflector::Store<VideoJob>,
     impl futures::Stream<Item = Result<VideoJob, watcher::Error>> + use<>,
 ) {
-    let api: Api<VideoJob> = match &config.watch_namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
     let (jobs, writer) = reflector::store();
     let store = jobs.clone();
     // managedFields are most of a VideoJob's bytes and nothing here reads them: the cache
     // drops them (writes leave them alone: an update without them keeps the stored ones).
-    let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .modify(|job: &mut VideoJob| job.metadata.managed_fields = None)
-        .reflect(writer)
-        .inspect_ok(move |event| {
-            let changed = {
-                let mut index = index.lock().expect("index lock");
-                match event {
-                    watcher::Event::Apply(job) | watcher::Event::InitApply(job) => {
-                        index.observe(job)
-                    }
-                    watcher::Event::Delete(job) => index.forget(job),
-                    watcher::Event::InitDone => {
-                        let all = store.state();
-                        index.rebuild(all.iter().map(|j| j.as_ref()))
-                    }
-                    watcher::Event::Init => Vec::new(),
+    let stream = watch_readable::<VideoJob, _>(
+        client.clone(),
+        config.watch_namespace.as_deref(),
+        watcher::Config::default(),
+        report_unreadable(metrics, "VideoJob"),
+    )
+    .inspect_err(report_watch_errors(metrics, "VideoJob"))
+    .backoff(watch_backoff(WATCH_BACKOFF_MAX))
+    .modify(|job: &mut VideoJob| job.metadata.managed_fields = None)
+    .reflect(writer)
+    .inspect_ok(move |event| {
+        let changed = {
+            let mut index = index.lock().expect("index lock");
+            match event {
+                watcher::Event::Apply(job) | watcher::Event::InitApply(job) => {
+                    index.observe(job, Timestamp::now())
                 }
-            };
-            for lane in changed {
-                let _ = lanes_changed.send(lane);
+                watcher::Event::Delete(job) => {
+                    let uid = job.metadata.uid.as_deref().unwrap_or_default();
+                    counted.lock().expect("counted lock").forget(uid);
+                    index.forget(job)
+                }
+                watcher::Event::InitDone => {
+                    let all = store.state();
+                    let live = all.iter().filter_map(|j| j.metadata.uid.as_deref());
+                    (counted.lock().expect("counted lock")).retain(&live.collect());
+                    index.rebuild(all.iter().map(|j| j.as_ref()), Timestamp::now())
+                }
+                watcher::Event::Init => Vec::new(),
             }
-        })
-        .touched_objects();
+        };
+        for lane in changed {
+            let _ = lanes_changed.send(lane);
+        }
+    })
+    .touched_objects();
     (jobs, stream)
 }

@@ -77,7 +77,7 @@ if [ "${TESTENV_LOCK_HELD:-}" != 1 ]; then take_lock; fi
 
 # etcd last: stopped together with the apiserver, etcd waits on the apiserver's open watches
 # and both need SIGKILL; after it, each wave exits in a second or two.
-stop framelane-operator framelane-runner
+stop framelane-operator framelane-runner kueue
 "$HERE/node.sh" stop
 stop kwok kube-scheduler kube-controller-manager kube-apiserver
 stop etcd

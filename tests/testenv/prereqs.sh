@@ -33,3 +33,14 @@ if ! command -v ffprobe >/dev/null; then
     missing ffprobe "install ffmpeg (Debian: sudo apt-get install ffmpeg), then run this again"
   fi
 fi
+
+# operator/tests/fencing.rs skews a leader's clock with libfaketime (Debian's faketime).
+if ! compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null \
+  && [ ! -e /usr/lib/faketime/libfaketime.so.1 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    log "installing faketime (libfaketime) with apt-get"
+    apt-get update -qq >&2 && apt-get install -y -qq faketime >/dev/null
+  else
+    missing libfaketime "install faketime (Debian: sudo apt-get install faketime), then run this again"
+  fi
+fi

@@ -14,13 +14,15 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 use super::safetensors::{SafetensorsError, TensorFiles};
 use super::tensors::WeightError;
 use super::umt5::{Umt5Config, Umt5Encoder, Umt5Error};
 use super::vae::{AutoencoderKLWan, VaeConfig, VaeError};
 use super::weights::{DIFFUSERS_WEIGHTS, WeightsError, safetensors_in, unexpected_tensor};
+use crate::accel::AccelError;
+use crate::placement::HostWeights;
 
 /// Tensors only umT5, or only the Wan VAE, has: how a component is found in files that hold
 /// several.
@@ -84,6 +86,10 @@ pub enum ComponentError {
         path: PathBuf,
     },
     #[error(transparent)]
+    Host(#[from] AccelError),
+    #[error("copying a weight to the device: {0}")]
+    Copy(TchError),
+    #[error(transparent)]
     TextEncoder(#[from] Umt5Error),
     #[error(transparent)]
     Vae(#[from] VaeError),
@@ -142,10 +148,44 @@ impl TextEncoderFiles {
 
     /// The encoder on `device`, computing in `kind`.
     pub fn load(&self, kind: Kind, device: Device) -> Result<Umt5Encoder, ComponentError> {
+        self.read(kind, device, None)
+    }
+
+    /// The weights in host memory, for [`TextEncoderFiles::from_host`].
+    pub fn read_host(&self, kind: Kind) -> Result<HostWeights, ComponentError> {
+        let mut host = HostWeights::default();
+        self.read(kind, Device::Cpu, Some(&mut host))?;
+        Ok(host)
+    }
+
+    /// The encoder on `device` from weights [`TextEncoderFiles::read_host`] read.
+    pub fn from_host(
+        &self,
+        host: &HostWeights,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Umt5Encoder, ComponentError> {
+        let mut failed = None;
+        let built = Umt5Encoder::from_tensors(self.config.clone(), device, kind, &mut |name| {
+            from_host(host, name, device, &mut failed)
+        });
+        match failed {
+            Some(e) => Err(ComponentError::Copy(e)),
+            None => Ok(built?),
+        }
+    }
+
+    fn read(
+        &self,
+        kind: Kind,
+        device: Device,
+        host: Option<&mut HostWeights>,
+    ) -> Result<Umt5Encoder, ComponentError> {
         let naming = Naming::ComfyUi {
             prefix: self.prefix.clone(),
         };
         let mut reader = Reader::new(&self.files, naming, kind, device, |name| name.to_owned());
+        reader.host = host;
         let loaded = Umt5Encoder::from_tensors(self.config.clone(), device, kind, &mut |name| {
             reader.read(name)
         });
@@ -155,6 +195,22 @@ impl TextEncoderFiles {
         };
         reader.finish("text encoder", &[TIED_EMBEDDING])?;
         Ok(encoder)
+    }
+}
+
+/// `name` copied from `host` to `device`, remembering the first copy that failed.
+fn from_host(
+    host: &HostWeights,
+    name: &str,
+    device: Device,
+    failed: &mut Option<TchError>,
+) -> Option<Tensor> {
+    match host.to_device(name, device)? {
+        Ok(tensor) => Some(tensor),
+        Err(e) => {
+            failed.get_or_insert(e);
+            None
+        }
     }
 }
 
@@ -204,10 +260,45 @@ impl VaeFiles {
 
     /// The VAE on `device`, computing in `kind`.
     pub fn load(&self, kind: Kind, device: Device) -> Result<AutoencoderKLWan, ComponentError> {
+        self.read(kind, device, None)
+    }
+
+    /// The weights in host memory, for [`VaeFiles::from_host`].
+    pub fn read_host(&self, kind: Kind) -> Result<HostWeights, ComponentError> {
+        let mut host = HostWeights::default();
+        self.read(kind, Device::Cpu, Some(&mut host))?;
+        Ok(host)
+    }
+
+    /// The VAE on `device` from weights [`VaeFiles::read_host`] read.
+    pub fn from_host(
+        &self,
+        host: &HostWeights,
+        kind: Kind,
+        device: Device,
+    ) -> Result<AutoencoderKLWan, ComponentError> {
+        let mut failed = None;
+        let built =
+            AutoencoderKLWan::from_tensors(self.config.clone(), device, kind, &mut |name| {
+                from_host(host, name, device, &mut failed)
+            });
+        match failed {
+            Some(e) => Err(ComponentError::Copy(e)),
+            None => Ok(built?),
+        }
+    }
+
+    fn read(
+        &self,
+        kind: Kind,
+        device: Device,
+        host: Option<&mut HostWeights>,
+    ) -> Result<AutoencoderKLWan, ComponentError> {
         let blocks = self.config.num_res_blocks;
         let mut reader = Reader::new(&self.files, self.naming.clone(), kind, device, |name| {
             wan_vae_name(name, blocks)
         });
+        reader.host = host;
         let loaded =
             AutoencoderKLWan::from_tensors(self.config.clone(), device, kind, &mut |name| {
                 reader.read(name)
@@ -232,6 +323,10 @@ struct Reader<'a, F> {
     used: HashSet<String>,
     /// The first tensor that could not be read, with why.
     failed: Option<SafetensorsError>,
+    /// Where each tensor read is kept instead (the module then holds host copies).
+    host: Option<&'a mut HostWeights>,
+    /// The first host copy that failed.
+    host_failed: Option<AccelError>,
 }
 
 impl<'a, F: Fn(&str) -> String> Reader<'a, F> {
@@ -244,6 +339,8 @@ impl<'a, F: Fn(&str) -> String> Reader<'a, F> {
             rename,
             used: HashSet::new(),
             failed: None,
+            host: None,
+            host_failed: None,
         }
     }
 
@@ -261,7 +358,16 @@ impl<'a, F: Fn(&str) -> String> Reader<'a, F> {
         self.files.info(&file_name)?;
         self.used.insert(file_name.clone());
         match self.files.weight(&file_name, self.kind, self.device) {
-            Ok(tensor) => Some(tensor),
+            Ok(tensor) => match self.host.as_deref_mut() {
+                None => Some(tensor),
+                Some(host) => match host.keep(name, &tensor) {
+                    Ok(copy) => Some(copy),
+                    Err(e) => {
+                        self.host_failed.get_or_insert(e);
+                        None
+                    }
+                },
+            },
             Err(e) => {
                 self.failed.get_or_insert(e);
                 None
@@ -273,6 +379,9 @@ impl<'a, F: Fn(&str) -> String> Reader<'a, F> {
     fn explain(&mut self, component: &'static str, error: WeightError) -> ComponentError {
         if let Some(failed) = self.failed.take() {
             return ComponentError::File(failed);
+        }
+        if let Some(failed) = self.host_failed.take() {
+            return ComponentError::Host(failed);
         }
         match error {
             WeightError::Missing { name, expected } => ComponentError::Missing {

@@ -13,7 +13,9 @@
 //! production), the VAE in its own (float32); latents, noise and solver math are float32.
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
+use framelane_api::videojob::StageMemoryReport;
 use serde::Deserialize;
 use tch::{Device, Kind, TchError, Tensor};
 
@@ -21,10 +23,14 @@ use super::components::{ComponentError, TextEncoderFiles, VaeFiles};
 use super::recipe::Solver;
 use super::safetensors::{SafetensorsError, TensorFiles};
 use super::scheduler::{Expert, SchedulerConfig, SchedulerError, expert_for};
+use super::transformer::TransformerConfig;
 use super::transformer::WanTransformer;
 use super::umt5::{Umt5Encoder, Umt5Error, tokenize_prompts};
-use super::vae::{AutoencoderKLWan, VaeError};
+use super::vae::{AutoencoderKLWan, Tiling, VaeError};
 use super::weights::{TransformerCheckpoint, WeightsError};
+use crate::accel::{self, AccelError};
+use crate::memory::{MeasuredStage, StageMeter};
+use crate::placement::{self, HostWeights, MemoryMode, PartBytes, Placement, VaeTiling};
 use crate::sampler::{StepControl, guide, uses_uncond};
 use crate::tokenizer::{PromptTokenizer, TokenizerError};
 use crate::video::Frames;
@@ -140,6 +146,8 @@ pub enum PipelineError {
     TextEncoder(#[from] Umt5Error),
     #[error(transparent)]
     Vae(#[from] VaeError),
+    #[error(transparent)]
+    Accel(#[from] AccelError),
     #[error("{0}")]
     Torch(#[from] TchError),
 }
@@ -362,7 +370,7 @@ impl Parts {
         }
     }
 
-    fn bytes(&self, precision: Precision) -> u64 {
+    fn bytes(&self, precision: Precision) -> PartBytes {
         let transformer = |c: &TransformerCheckpoint| -> u64 {
             c.config()
                 .parameters()
@@ -371,10 +379,12 @@ impl Parts {
                 .sum::<u64>()
                 * precision.model.elt_size_in_bytes() as u64
         };
-        transformer(&self.transformer)
-            + self.transformer_2.as_ref().map_or(0, transformer)
-            + self.text_encoder.bytes(precision.model)
-            + self.vae.bytes(precision.vae)
+        PartBytes {
+            text_encoder: self.text_encoder.bytes(precision.model),
+            transformer: transformer(&self.transformer),
+            transformer_2: self.transformer_2.as_ref().map(transformer),
+            vae: self.vae.bytes(precision.vae),
+        }
     }
 }
 
@@ -396,54 +406,220 @@ pub struct Request<'a> {
     pub image: Option<&'a Tensor>,
 }
 
+/// How a loaded model keeps its memory: where its parts live and whether the VAE tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MemoryPlan {
+    pub mode: MemoryMode,
+    pub vae_tiling: VaeTiling,
+}
+
+/// A part of the model: kept on the device, or kept in host memory and copied to the device
+/// for its stage only.
+struct Part<M> {
+    on_device: Option<M>,
+    /// Offloaded parts: the host copy the device copy is made from.
+    host: Option<HostWeights>,
+}
+
+impl<M> Part<M> {
+    fn resident(module: M) -> Part<M> {
+        Part {
+            on_device: Some(module),
+            host: None,
+        }
+    }
+
+    fn offloaded(host: HostWeights) -> Part<M> {
+        Part {
+            on_device: None,
+            host: Some(host),
+        }
+    }
+
+    /// The part on the device, copied there from its host copy when it is not; the seconds
+    /// that took are added to `load_seconds`.
+    fn bring(
+        &mut self,
+        load_seconds: &mut f64,
+        build: impl FnOnce(&HostWeights) -> Result<M, PipelineError>,
+    ) -> Result<&M, PipelineError> {
+        if self.on_device.is_none() {
+            let started = Instant::now();
+            let host = self
+                .host
+                .as_ref()
+                .expect("a part not on the device is offloaded");
+            self.on_device = Some(build(host)?);
+            *load_seconds += started.elapsed().as_secs_f64();
+        }
+        Ok(self.on_device.as_ref().expect("brought above"))
+    }
+
+    /// Drops the device copy of an offloaded part; a resident part stays.
+    fn release(&mut self) {
+        if self.host.is_some() {
+            self.on_device = None;
+        }
+    }
+
+    fn on_device(&self) -> bool {
+        self.on_device.is_some()
+    }
+}
+
 /// A loaded model on one device.
 pub struct WanPipeline {
     tokenizer: PromptTokenizer,
-    text_encoder: Umt5Encoder,
-    transformer: WanTransformer,
-    transformer_2: Option<WanTransformer>,
-    vae: AutoencoderKLWan,
+    text_encoder_files: TextEncoderFiles,
+    text_encoder: Part<Umt5Encoder>,
+    transformer_config: TransformerConfig,
+    transformer: Part<WanTransformer>,
+    transformer_2_config: Option<TransformerConfig>,
+    transformer_2: Option<Part<WanTransformer>>,
+    vae_files: VaeFiles,
+    vae: Part<AutoencoderKLWan>,
     solver: Solver,
     boundary_ratio: Option<f64>,
-    vae_kind: Kind,
+    precision: Precision,
+    placement: Placement,
+    vae_tiling: VaeTiling,
+    bytes: PartBytes,
     mode: Mode,
     device: Device,
+    /// The measured stages of the running job (see [`WanPipeline::take_stages`]).
+    stages: Vec<StageMemoryReport>,
+    /// Whether a VAE pass of the running job was tiled.
+    tiled: bool,
 }
 
 impl WanPipeline {
     /// Bytes the model's weights take on the device in `precision`, read from the file
     /// headers: what a load needs before activations.
     pub fn weight_bytes(spec: &ModelSpec, precision: Precision) -> Result<u64, PipelineError> {
+        Ok(Parts::find(spec)?.bytes(precision).all())
+    }
+
+    /// Bytes of each part in `precision`, read from the file headers.
+    pub fn part_bytes(spec: &ModelSpec, precision: Precision) -> Result<PartBytes, PipelineError> {
         Ok(Parts::find(spec)?.bytes(precision))
     }
 
-    /// Reads and checks every part, then loads the weights onto `device`.
+    /// Reads and checks every part, then loads the weights onto `device`, every part
+    /// resident.
     pub fn load(
         spec: &ModelSpec,
         precision: Precision,
         device: Device,
     ) -> Result<WanPipeline, PipelineError> {
+        Self::load_with(spec, precision, device, MemoryPlan::default())
+    }
+
+    /// Reads and checks every part, then places the weights as `plan` says: on `device`, or
+    /// in host memory for the parts that wait there.
+    pub fn load_with(
+        spec: &ModelSpec,
+        precision: Precision,
+        device: Device,
+        plan: MemoryPlan,
+    ) -> Result<WanPipeline, PipelineError> {
         let parts = Parts::find(spec)?;
         let mode = parts.check()?;
+        let bytes = parts.bytes(precision);
+        let total = match device {
+            Device::Cuda(index) => Some(accel::memory_info(index)?.1).filter(|&t| t > 0),
+            _ => None,
+        };
+        let placement = placement::place(plan.mode, &bytes, total);
         let tokenizer = PromptTokenizer::load(&parts.tokenizer_dir, TEXT_LENGTH)?;
-        let transformer = WanTransformer::load(&parts.transformer, precision.model, device)?;
+        let offload_experts = placement != Placement::Resident;
+        let offload_rest = placement == Placement::ModelOffload;
+        let transformer_part = |checkpoint: &TransformerCheckpoint| {
+            Ok::<_, PipelineError>(if offload_experts {
+                Part::offloaded(WanTransformer::read_host(checkpoint, precision.model)?)
+            } else {
+                Part::resident(WanTransformer::load(checkpoint, precision.model, device)?)
+            })
+        };
+        let transformer = transformer_part(&parts.transformer)?;
         let transformer_2 = parts
             .transformer_2
             .as_ref()
-            .map(|c| WanTransformer::load(c, precision.model, device))
+            .map(transformer_part)
             .transpose()?;
+        let text_encoder = if offload_rest {
+            Part::offloaded(parts.text_encoder.read_host(precision.model)?)
+        } else {
+            Part::resident(parts.text_encoder.load(precision.model, device)?)
+        };
+        let vae = if offload_rest {
+            Part::offloaded(parts.vae.read_host(precision.vae)?)
+        } else {
+            Part::resident(parts.vae.load(precision.vae, device)?)
+        };
         Ok(WanPipeline {
             tokenizer,
-            text_encoder: parts.text_encoder.load(precision.model, device)?,
+            text_encoder_files: parts.text_encoder,
+            text_encoder,
+            transformer_config: parts.transformer.config().clone(),
             transformer,
+            transformer_2_config: parts.transformer_2.as_ref().map(|c| c.config().clone()),
             transformer_2,
-            vae: parts.vae.load(precision.vae, device)?,
+            vae_files: parts.vae,
+            vae,
             solver: parts.solver,
             boundary_ratio: parts.boundary_ratio,
-            vae_kind: precision.vae,
+            precision,
+            placement,
+            vae_tiling: plan.vae_tiling,
+            bytes,
             mode,
             device,
+            stages: Vec::new(),
+            tiled: false,
         })
+    }
+
+    /// Where this model keeps its parts.
+    pub fn placement(&self) -> Placement {
+        self.placement
+    }
+
+    /// Bytes of each part's weights.
+    pub fn bytes(&self) -> PartBytes {
+        self.bytes
+    }
+
+    /// Which parts are on the device now: text encoder, high-noise (or only) transformer,
+    /// low-noise transformer, VAE.
+    pub fn on_device(&self) -> [bool; 4] {
+        [
+            self.text_encoder.on_device(),
+            self.transformer.on_device(),
+            self.transformer_2.as_ref().is_some_and(Part::on_device),
+            self.vae.on_device(),
+        ]
+    }
+
+    /// The measured stages since the last call, in order.
+    pub fn take_stages(&mut self) -> Vec<StageMemoryReport> {
+        self.tiled = false;
+        std::mem::take(&mut self.stages)
+    }
+
+    /// Sends every offloaded part back to host memory (resident parts stay): after a job,
+    /// whichever way it ended.
+    pub fn release_offloaded(&mut self) {
+        self.text_encoder.release();
+        self.transformer.release();
+        if let Some(low) = &mut self.transformer_2 {
+            low.release();
+        }
+        self.vae.release();
+    }
+
+    /// Whether a VAE pass since the last [`WanPipeline::take_stages`] was tiled.
+    pub fn vae_tiled(&self) -> bool {
+        self.tiled
     }
 
     pub fn mode(&self) -> Mode {
@@ -468,18 +644,11 @@ impl WanPipeline {
         Ok(Vec::<i64>::try_from(tokens.ids.f_flatten(0, -1)?)?)
     }
 
-    /// The prompt's embeddings `[1, 512, text_dim]` in the transformer's dtype, as the
-    /// pipelines' `encode_prompt` gives them to the transformer.
-    pub fn encode_prompt(&self, text: &str) -> Result<Tensor, PipelineError> {
-        let embeds = self.text_encoder.prompt_embeds(&self.tokenizer, &[text])?;
-        Ok(embeds.f_to_kind(self.transformer.kind())?)
-    }
-
     /// The latent shape of a request, checking its size fits the model.
     pub fn latent_shape(&self, request: &Request<'_>) -> Result<[i64; 5], PipelineError> {
-        let vae = self.vae.config();
+        let vae = self.vae_files.config();
         let (ts, ss) = (vae.scale_factor_temporal, vae.scale_factor_spatial);
-        let [_, ph, pw] = self.transformer.config().patch_size;
+        let [_, ph, pw] = self.transformer_config.patch_size;
         let invalid = |field, reason: String| Err(PipelineError::InvalidRequest { field, reason });
         if request.frames < 1 || (request.frames - 1) % ts != 0 {
             return invalid(
@@ -510,17 +679,17 @@ impl WanPipeline {
     }
 
     /// The denoised latents of `request`. `on_step(done, total)` runs after every step;
-    /// returning `Cancel` stops there.
+    /// returning `Cancel` stops there. Measures the prompt encoding, the image encoding
+    /// (image to video) and the denoising as stages, with offloaded parts brought to the
+    /// device for their stage and sent back after it.
     pub fn denoise(
-        &self,
+        &mut self,
         request: &Request<'_>,
         on_step: &mut dyn FnMut(usize, usize) -> StepControl,
     ) -> Result<Tensor, PipelineError> {
         let _no_grad = tch::no_grad_guard();
         let shape = self.latent_shape(request)?;
-        let condition = match (self.mode, request.image) {
-            (Mode::TextToVideo, None) => None,
-            (Mode::ImageToVideo, Some(image)) => Some(self.image_condition(image, request)?),
+        match (self.mode, request.image) {
             (Mode::TextToVideo, Some(_)) => {
                 return Err(PipelineError::InvalidRequest {
                     field: "image",
@@ -534,31 +703,150 @@ impl WanPipeline {
                     reason: "is required: this model makes videos from an image".to_owned(),
                 });
             }
-        };
-        let cond = self.encode_prompt(request.prompt)?;
-        let uncond = uses_uncond(request.guidance)
-            .then(|| self.encode_prompt(request.negative_prompt))
+            _ => {}
+        }
+        let (cond, uncond) = self.prompt_stage(request)?;
+        let condition = request
+            .image
+            .map(|image| self.image_stage(image, request))
             .transpose()?;
-        let (initial, mut sampler) = self.solver.start(request.steps, request.seed, &shape)?;
+        self.denoising_stage(
+            request,
+            &shape,
+            &cond,
+            uncond.as_ref(),
+            condition.as_ref(),
+            on_step,
+        )
+    }
+
+    /// Runs `work` as the measured `stage`: the parts it brought to the device go back to the
+    /// host (`release`) whether it succeeded or not, then the stage's peak memory and seconds
+    /// are recorded.
+    fn measured<T>(
+        &mut self,
+        stage: MeasuredStage,
+        work: impl FnOnce(&mut Self, &mut StageMeter) -> Result<T, PipelineError>,
+        release: impl FnOnce(&mut Self),
+    ) -> Result<T, PipelineError> {
+        let mut meter = StageMeter::start(self.device, stage)?;
+        let done = work(self, &mut meter);
+        release(self);
+        let done = done?;
+        self.stages.push(meter.finish()?);
+        Ok(done)
+    }
+
+    /// The prompt's (and, with guidance, the negative prompt's) embeddings.
+    fn prompt_stage(
+        &mut self,
+        request: &Request<'_>,
+    ) -> Result<(Tensor, Option<Tensor>), PipelineError> {
+        self.measured(
+            MeasuredStage::EncodingPrompt,
+            |this, meter| {
+                let (files, tokenizer) = (&this.text_encoder_files, &this.tokenizer);
+                let (kind, device) = (this.precision.model, this.device);
+                let encoder = this.text_encoder.bring(&mut meter.load_seconds, |host| {
+                    Ok(files.from_host(host, kind, device)?)
+                })?;
+                let cond = prompt_embeds(encoder, tokenizer, kind, request.prompt)?;
+                let uncond = uses_uncond(request.guidance)
+                    .then(|| prompt_embeds(encoder, tokenizer, kind, request.negative_prompt))
+                    .transpose()?;
+                Ok((cond, uncond))
+            },
+            |this| this.text_encoder.release(),
+        )
+    }
+
+    /// The image-to-video condition, measured as its own stage.
+    fn image_stage(
+        &mut self,
+        image: &Tensor,
+        request: &Request<'_>,
+    ) -> Result<Tensor, PipelineError> {
+        self.measured(
+            MeasuredStage::EncodingImage,
+            |this, meter| this.image_condition(image, request, &mut meter.load_seconds),
+            |this| this.vae.release(),
+        )
+    }
+
+    fn denoising_stage(
+        &mut self,
+        request: &Request<'_>,
+        shape: &[i64; 5],
+        cond: &Tensor,
+        uncond: Option<&Tensor>,
+        condition: Option<&Tensor>,
+        on_step: &mut dyn FnMut(usize, usize) -> StepControl,
+    ) -> Result<Tensor, PipelineError> {
+        self.measured(
+            MeasuredStage::Denoising,
+            |this, meter| {
+                this.denoising_steps(request, shape, cond, uncond, condition, on_step, meter)
+            },
+            // Experts go back to host memory whether the loop finished or not.
+            |this| {
+                this.transformer.release();
+                if let Some(low) = &mut this.transformer_2 {
+                    low.release();
+                }
+            },
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn denoising_steps(
+        &mut self,
+        request: &Request<'_>,
+        shape: &[i64; 5],
+        cond: &Tensor,
+        uncond: Option<&Tensor>,
+        condition: Option<&Tensor>,
+        on_step: &mut dyn FnMut(usize, usize) -> StepControl,
+        meter: &mut StageMeter,
+    ) -> Result<Tensor, PipelineError> {
+        let (initial, mut sampler) = self.solver.start(request.steps, request.seed, shape)?;
         let mut latents = initial.f_to_device(self.device)?;
         let timesteps = sampler.timesteps().to_vec();
         let total = timesteps.len();
         let train = self.solver.num_train_timesteps();
+        let (kind, device) = (self.precision.model, self.device);
         for (i, &t) in timesteps.iter().enumerate() {
-            let transformer = match expert_for(t, self.boundary_ratio, train) {
-                Expert::HighNoise => &self.transformer,
-                Expert::LowNoise => self
-                    .transformer_2
-                    .as_ref()
-                    .expect("a boundary is set only with a second transformer"),
+            let expert = expert_for(t, self.boundary_ratio, train);
+            // Expert-swap and model-offload: the expert not in use goes back to host memory
+            // before the other comes to the device.
+            let (part, config) = match expert {
+                Expert::HighNoise => {
+                    if let Some(low) = &mut self.transformer_2 {
+                        low.release();
+                    }
+                    (&mut self.transformer, &self.transformer_config)
+                }
+                Expert::LowNoise => {
+                    self.transformer.release();
+                    (
+                        self.transformer_2
+                            .as_mut()
+                            .expect("a boundary is set only with a second transformer"),
+                        self.transformer_2_config
+                            .as_ref()
+                            .expect("a second transformer has a config"),
+                    )
+                }
             };
-            let input = match &condition {
+            let transformer = part.bring(&mut meter.load_seconds, |host| {
+                Ok(WanTransformer::from_host(config, host, kind, device)?)
+            })?;
+            let input = match condition {
                 Some(condition) => Tensor::f_cat(&[&latents, condition], 1)?,
                 None => latents.shallow_clone(),
             };
-            let timestep = Tensor::from_slice(&[t as f32]).f_to_device(self.device)?;
-            let mut velocity = transformer.forward(&input, &timestep, &cond)?;
-            if let Some(uncond) = &uncond {
+            let timestep = Tensor::from_slice(&[t as f32]).f_to_device(device)?;
+            let mut velocity = transformer.forward(&input, &timestep, cond)?;
+            if let Some(uncond) = uncond {
                 let unconditional = transformer.forward(&input, &timestep, uncond)?;
                 velocity = guide(&velocity, &unconditional, request.guidance)?;
             }
@@ -576,12 +864,53 @@ impl WanPipeline {
         Ok(latents)
     }
 
+    /// The VAE on the device (brought there if it is offloaded).
+    fn vae_on_device(
+        &mut self,
+        load_seconds: &mut f64,
+    ) -> Result<&AutoencoderKLWan, PipelineError> {
+        let (files, kind, device) = (&self.vae_files, self.precision.vae, self.device);
+        self.vae.bring(
+            load_seconds,
+            |host| Ok(files.from_host(host, kind, device)?),
+        )
+    }
+
+    /// Device bytes an untiled VAE pass over `height` x `width` frames needs beyond the
+    /// weights: the decoder's widest full-resolution layer, for the 4 frames of a chunk,
+    /// [`UNTILED_VAE_TENSORS`] times (inputs, outputs, padded copies and the frame cache).
+    pub fn untiled_vae_bytes(&self, height: i64, width: i64) -> u64 {
+        let config = self.vae_files.config();
+        // The decoder's last upsampler doubles height and width at the second stage's width.
+        let multiplier = config.dim_mult.get(1).or(config.dim_mult.first());
+        let widest =
+            config.decoder_base_dim.unwrap_or(config.base_dim) * multiplier.copied().unwrap_or(1);
+        let elements = widest * config.scale_factor_temporal * height * width;
+        elements as u64 * self.precision.vae.elt_size_in_bytes() as u64 * UNTILED_VAE_TENSORS
+    }
+
+    /// The tiles of a VAE pass, if it is tiled: by `--vae-tiling`, or under `auto` when an
+    /// untiled pass would not fit in the device memory left (free plus cached-but-unused).
+    fn vae_tiles(&self, height: i64, width: i64) -> Result<Option<Tiling>, PipelineError> {
+        let room = match self.device {
+            Device::Cuda(index) => {
+                let (free, _) = accel::memory_info(index)?;
+                let stats = accel::memory_stats(index)?;
+                Some(free + (stats.reserved_current - stats.allocated_current).max(0) as u64)
+            }
+            _ => None,
+        };
+        let untiled = self.untiled_vae_bytes(height, width);
+        Ok(placement::tiles(self.vae_tiling, untiled, room).then(Tiling::default))
+    }
+
     /// The image-to-video condition: the mask and the encoded, normalized first frame
     /// followed by black frames, `[1, 4 + z_dim, latent frames, h, w]` in float32.
     fn image_condition(
-        &self,
+        &mut self,
         image: &Tensor,
         request: &Request<'_>,
+        load_seconds: &mut f64,
     ) -> Result<Tensor, PipelineError> {
         let size = image.size();
         if size != [1, 3, request.height, request.width] {
@@ -593,23 +922,23 @@ impl WanPipeline {
                 ),
             });
         }
-        let vae_kind = self.vae_kind;
-        let first = image.f_to_device(self.device)?.f_to_kind(vae_kind)?;
+        let (vae_kind, device) = (self.precision.vae, self.device);
+        let tiles = self.vae_tiles(request.height, request.width)?;
+        self.tiled |= tiles.is_some();
+        let first = image.f_to_device(device)?.f_to_kind(vae_kind)?;
         let rest = Tensor::f_zeros(
             [1, 3, request.frames - 1, request.height, request.width],
-            (vae_kind, self.device),
+            (vae_kind, device),
         )?;
         let video = Tensor::f_cat(&[first.f_unsqueeze(2)?, rest], 2)?;
-        let encoded = self.vae.encode(&video, None)?.f_to_kind(Kind::Float)?;
-        let encoded = self.vae.normalize_latents(&encoded)?;
+        let vae = self.vae_on_device(load_seconds)?;
+        let encoded = vae.encode(&video, tiles.as_ref())?.f_to_kind(Kind::Float)?;
+        let encoded = vae.normalize_latents(&encoded)?;
         let (_, _, frames, h, w) = encoded.size5()?;
         let mask = Tensor::f_cat(
             &[
-                Tensor::f_ones([1, MASK_CHANNELS, 1, h, w], (Kind::Float, self.device))?,
-                Tensor::f_zeros(
-                    [1, MASK_CHANNELS, frames - 1, h, w],
-                    (Kind::Float, self.device),
-                )?,
+                Tensor::f_ones([1, MASK_CHANNELS, 1, h, w], (Kind::Float, device))?,
+                Tensor::f_zeros([1, MASK_CHANNELS, frames - 1, h, w], (Kind::Float, device))?,
             ],
             2,
         )?;
@@ -617,11 +946,46 @@ impl WanPipeline {
     }
 
     /// Decodes denoised latents into 8-bit frames, as the pipelines' video processor makes
-    /// them.
-    pub fn decode(&self, latents: &Tensor) -> Result<Frames, PipelineError> {
+    /// them; measured as the decoding stage, in tiles where [`WanPipeline::vae_tiles`] says.
+    pub fn decode(&mut self, latents: &Tensor) -> Result<Frames, PipelineError> {
         let _no_grad = tch::no_grad_guard();
-        let latents = latents.f_to_kind(self.vae_kind)?;
-        let latents = self.vae.unnormalize_latents(&latents)?;
-        Ok(self.vae.decode_frames(&latents, None)?)
+        self.measured(
+            MeasuredStage::Decoding,
+            |this, meter| this.decode_frames(latents, &mut meter.load_seconds),
+            |this| this.vae.release(),
+        )
+    }
+
+    fn decode_frames(
+        &mut self,
+        latents: &Tensor,
+        load_seconds: &mut f64,
+    ) -> Result<Frames, PipelineError> {
+        let scale = self.vae_files.config().scale_factor_spatial;
+        let (_, _, _, h, w) = latents.size5()?;
+        let tiles = self.vae_tiles(h * scale, w * scale)?;
+        self.tiled |= tiles.is_some();
+        let kind = self.precision.vae;
+        let vae = self.vae_on_device(load_seconds)?;
+        let latents = vae.unnormalize_latents(&latents.f_to_kind(kind)?)?;
+        Ok(vae.decode_frames(&latents, tiles.as_ref())?)
     }
 }
+
+/// The prompt's embeddings `[1, 512, text_dim]` in the transformer's dtype `kind`, as the
+/// pipelines' `encode_prompt` gives them to the transformer.
+fn prompt_embeds(
+    encoder: &Umt5Encoder,
+    tokenizer: &PromptTokenizer,
+    kind: Kind,
+    text: &str,
+) -> Result<Tensor, PipelineError> {
+    let embeds = encoder.prompt_embeds(tokenizer, &[text])?;
+    Ok(embeds.f_to_kind(kind)?)
+}
+
+/// Full-resolution tensors of the VAE's widest layer an untiled pass holds at once (see
+/// [`WanPipeline::untiled_vae_bytes`]).
+/// Measured on the CPU (tests/memory_modes.rs: 20.5 for the tiny VAE at 480x320), where
+/// convolutions unfold their input; a GPU needs less, so `auto` tiles early rather than late.
+const UNTILED_VAE_TENSORS: u64 = 24;

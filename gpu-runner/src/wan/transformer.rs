@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, TchError, Tensor};
 
 use super::weights::{TransformerCheckpoint, WeightsError};
+use crate::placement::HostWeights;
 
 /// The transformer's `config.json` as diffusers writes it. Missing fields take diffusers'
 /// defaults; fields diffusers does not read (`_class_name`, ...) are ignored.
@@ -203,6 +204,8 @@ struct Loader<'a> {
 
 enum Source<'a> {
     Checkpoint(&'a TransformerCheckpoint, Device),
+    /// Host copies, copied to the device.
+    Host(&'a HostWeights, Device),
     /// Listing only: parameters are left undefined.
     Shapes,
 }
@@ -218,6 +221,18 @@ impl Loader<'_> {
             Source::Checkpoint(checkpoint, device) => {
                 checkpoint.tensor(&name, shape, kind, device)?
             }
+            Source::Host(host, device) => host
+                .to_device(&name, device)
+                .ok_or_else(|| WeightsError::Missing {
+                    name: name.clone(),
+                    files: "the host copy".to_owned(),
+                    expected: shape.to_vec(),
+                })?
+                .map_err(|source| WeightsError::Torch {
+                    what: format!("copying `{name}` to the device"),
+                    files: "the host copy".to_owned(),
+                    source,
+                })?,
             Source::Shapes => Tensor::new(),
         };
         self.visited.push((name, shape.to_vec()));
@@ -581,6 +596,52 @@ impl WanTransformer {
             .map_err(|e| checkpoint.torch_error("rotary tables", e))?;
         Ok(WanTransformer {
             config,
+            kind,
+            device,
+            weights,
+            rope,
+        })
+    }
+
+    /// Reads the checkpoint's weights into host memory (as [`WanTransformer::load`] reads
+    /// them, tensor by tensor), for [`WanTransformer::from_host`].
+    pub fn read_host(
+        checkpoint: &TransformerCheckpoint,
+        kind: Kind,
+    ) -> Result<HostWeights, WeightsError> {
+        let parameters = checkpoint.config().parameters();
+        let mut host = HostWeights::default();
+        for (name, shape) in &parameters {
+            let kind = if keeps_f32(name) { Kind::Float } else { kind };
+            let tensor = checkpoint.tensor(name, shape, kind, Device::Cpu)?;
+            host.keep(name, &tensor).map(drop)?;
+        }
+        let used: Vec<String> = parameters.into_iter().map(|(name, _)| name).collect();
+        checkpoint.check_no_leftovers(&used)?;
+        Ok(host)
+    }
+
+    /// The transformer on `device` from weights [`WanTransformer::read_host`] read.
+    pub fn from_host(
+        config: &TransformerConfig,
+        host: &HostWeights,
+        kind: Kind,
+        device: Device,
+    ) -> Result<WanTransformer, WeightsError> {
+        let mut loader = Loader {
+            source: Source::Host(host, device),
+            kind,
+            visited: Vec::new(),
+        };
+        let weights = Weights::load(&mut loader, config)?;
+        let rope = RopeTables::new(config.attention_head_dim, config.rope_max_seq_len, device)
+            .map_err(|source| WeightsError::Torch {
+                what: "rotary tables".to_owned(),
+                files: "the host copy".to_owned(),
+                source,
+            })?;
+        Ok(WanTransformer {
+            config: config.clone(),
             kind,
             device,
             weights,

@@ -78,6 +78,8 @@ pub enum WeightsError {
          (a VACE, camera, audio or Wan 2.1 image branch, or another model)"
     )]
     Unexpected { name: String, path: PathBuf },
+    #[error(transparent)]
+    Host(#[from] crate::accel::AccelError),
     #[error("{what} ({files}): {source}")]
     Torch {
         what: String,

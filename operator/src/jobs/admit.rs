@@ -49,7 +49,7 @@ pub async fn in_creation_order(job: &VideoJob, ctx: &Context) -> Result<Action, 
     };
     let result = write(job, ctx, &reservation).await;
     ctx.update_index(|index| {
-        let mut changed = index.settle(job, result.as_ref().ok());
+        let mut changed = index.settle(job, result.as_ref().ok(), Timestamp::now());
         if matches!(&result, Err(Error::Kube(e)) if is_not_found(e)) {
             changed.extend(index.forget(job));
         }
@@ -183,7 +183,7 @@ pub async fn move_to(
     let status = transitions::moved(job, to, reservation.position, cause, Timestamp::now());
     let result = apply::replace_status(ctx, job, status).await;
     ctx.update_index(|index| {
-        let mut changed = index.settle(job, result.as_ref().ok());
+        let mut changed = index.settle(job, result.as_ref().ok(), Timestamp::now());
         if matches!(&result, Err(e) if is_not_found(e)) {
             changed.extend(index.forget(job));
         }

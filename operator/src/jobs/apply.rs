@@ -3,15 +3,22 @@
 //! it, say), the write fails with a conflict and the job is decided again, so nothing
 //! overwrites a state the decision did not see.
 
+use std::time::Duration;
+
 use framelane_api::{
     VideoJob, VideoJobStatus, reasons::JobReason, videojob::JobPhase, wellknown::JOB_FINALIZER,
 };
-use framelane_contract::api_errors::ignore_not_found;
-use framelane_core::{index::key_of, transitions};
+use framelane_contract::api_errors::{ignore_not_found, is_conflict, is_not_found};
+use framelane_core::{
+    index::key_of,
+    timeouts::{holder_fresh_until, runner_alive},
+    transitions,
+};
 use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::{
     Api, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions},
     runtime::controller::Action,
 };
 use serde_json::json;
@@ -48,7 +55,7 @@ pub async fn fail(
     let status = transitions::failed(job, reason, message, None, Timestamp::now());
     let lane = status.lane.clone();
     let written = replace_status(ctx, job, status).await?;
-    ctx.update_index(|index| index.observe_written(&written));
+    ctx.update_index(|index| index.observe_written(&written, Timestamp::now()));
     if reason == JobReason::QueueWaitTimeout
         && let Some(lane) = lane
     {
@@ -63,13 +70,49 @@ pub async fn fail(
     Ok(Action::await_change())
 }
 
-/// Puts a job whose runner was lost back at its place in the queue.
+/// How soon a job whose runner only looked lost (the heartbeat cache was behind, or the API
+/// server could not say) is looked at again.
+const CACHE_BEHIND_RECHECK: Duration = Duration::from_secs(3);
+/// How long the leader waits for the runner's Lease before it requeues: an API server that
+/// holds the read (etcd down) cannot confirm anything.
+const CONFIRM_WITHIN: Duration = Duration::from_secs(5);
+
+/// Puts a job whose runner was lost back at its place in the queue, once the API server
+/// confirms that the runner's heartbeat really stopped.
 pub async fn requeue(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
-    let (status, message) = transitions::requeued(job, ctx.config.max_attempts, Timestamp::now());
     let runner = job.status.as_ref().and_then(|s| s.runner.clone());
+    let Some(name) = &runner else {
+        return requeue_confirmed(job, ctx).await;
+    };
+    let behind = match tokio::time::timeout(CONFIRM_WITHIN, heartbeat_cache_behind(job, name, ctx))
+        .await
+    {
+        Ok(behind) => behind?,
+        // Runners cannot renew either while the API server holds requests: a lease
+        // duration from now for all of them, as after any outage.
+        Err(_) => {
+            ctx.leases_seen.interrupted(Timestamp::now());
+            tracing::info!(job = %job.name_any(), runner = %name, "the API server did not answer the heartbeat check in time; the job stays");
+            return Ok(Action::requeue(CACHE_BEHIND_RECHECK));
+        }
+    };
+    if behind {
+        // The heartbeat watch went quiet without failing (the API server rebuilt its own
+        // cache after an etcd outage): the whole view is suspect, so every runner is judged
+        // fresh for a lease duration from now, and this job is looked at again.
+        ctx.leases_seen.interrupted(Timestamp::now());
+        tracing::info!(job = %job.name_any(), runner = %name, "the heartbeat cache is behind the API server; the runner is alive, the job stays");
+        return Ok(Action::requeue(CACHE_BEHIND_RECHECK));
+    }
+    requeue_confirmed(job, ctx).await
+}
+
+async fn requeue_confirmed(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
+    let runner = job.status.as_ref().and_then(|s| s.runner.clone());
+    let (status, message) = transitions::requeued(job, ctx.config.max_attempts, Timestamp::now());
     let lane = status.lane.clone().unwrap_or_default();
     let written = replace_status(ctx, job, status).await?;
-    ctx.update_index(|index| index.observe_written(&written));
+    ctx.update_index(|index| index.observe_written(&written, Timestamp::now()));
     ctx.metrics
         .runner_lost_requeues
         .get_or_create(&Metrics::lane(&lane))
@@ -79,13 +122,53 @@ pub async fn requeue(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
-/// Deletes a finished job whose TTL passed.
+/// Whether the runner's heartbeat Lease, read from the API server now, shows the job's runner
+/// renewing since the copy the watch cache holds, and fresh by this replica's clock: the cache
+/// is behind, the runner not lost. (A runner that died after such a renewal is found lost
+/// a lease duration later, whether the cache caught up or not.)
+async fn heartbeat_cache_behind(
+    job: &VideoJob,
+    runner: &str,
+    ctx: &Context,
+) -> Result<bool, Error> {
+    let cached = ctx
+        .leases
+        .state()
+        .into_iter()
+        .find(|l| l.name_any() == runner)
+        .and_then(|l| l.resource_version());
+    // A list, not a get: right after etcd comes back the API server answered a get of a
+    // Lease from its own stale cache, where a (consistent) list read etcd.
+    let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
+    let by_name = ListParams::default().fields(&format!("metadata.name={runner}"));
+    let Some(current) = leases.list(&by_name).await?.items.pop() else {
+        return Ok(false);
+    };
+    let incarnation = job
+        .status
+        .as_ref()
+        .and_then(|s| s.runner_incarnation.as_deref());
+    // The job's holder, fresh by its renewal alone (no outage grace): as `facts` judges it.
+    let fresh_until = holder_fresh_until(&current, incarnation, Timestamp::UNIX_EPOCH);
+    Ok(current.resource_version() != cached && runner_alive(fresh_until, Timestamp::now()))
+}
+
+/// Deletes a finished job whose TTL passed: this job, by its UID, never a job re-created
+/// under its name since (the precondition fails with a conflict: nothing to delete).
 pub async fn delete(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
-    ignore_not_found(
-        api(ctx, job)
-            .delete(&job.name_any(), &DeleteParams::background())
-            .await,
-    )?;
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: job.uid(),
+            resource_version: None,
+        }),
+        ..DeleteParams::background()
+    };
+    match api(ctx, job).delete(&job.name_any(), &params).await {
+        Err(e) if is_conflict(&e) || is_not_found(&e) => {}
+        result => {
+            result?;
+        }
+    }
     Ok(Action::await_change())
 }
 

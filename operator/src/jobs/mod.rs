@@ -6,6 +6,7 @@ mod admit;
 mod apply;
 mod record;
 
+use framelane_contract::{backoff::jittered, heartbeat::LEASE_DURATION};
 use std::{sync::Arc, time::Duration};
 
 use framelane_api::VideoJob;
@@ -28,6 +29,10 @@ pub async fn reconcile(job: Arc<VideoJob>, ctx: Arc<Context>) -> Result<Action, 
 }
 
 async fn reconcile_inner(job: &VideoJob, ctx: &Context) -> Result<Action, Error> {
+    // A replica whose leadership is not confirmed decides nothing: it is about to exit.
+    if !ctx.leading() {
+        return Ok(Action::await_change());
+    }
     if !ctx.synced() {
         return Ok(Action::requeue(Duration::from_millis(200)));
     }
@@ -59,13 +64,22 @@ async fn reconcile_inner(job: &VideoJob, ctx: &Context) -> Result<Action, Error>
 /// What `decide` needs to know about a job, from the caches and the locked queue index.
 fn facts(job: &VideoJob, ctx: &Context, now: Timestamp, index: &Index) -> Facts {
     let status = job.status.clone().unwrap_or_default();
-    let runner_fresh_until = status.runner.as_deref().and_then(|runner| {
+    let seen_since = ctx.leases_seen.since();
+    let from_lease = status.runner.as_deref().and_then(|runner| {
         ctx.leases
             .state()
             .iter()
             .find(|l| l.name_any() == runner)
-            .and_then(|l| holder_fresh_until(l, status.runner_incarnation.as_deref()))
+            .and_then(|l| holder_fresh_until(l, status.runner_incarnation.as_deref(), seen_since))
     });
+    // The claim is the runner's own sign of life: a runner may claim before the leader has
+    // seen its first heartbeat.
+    let from_claim = status
+        .runner
+        .as_ref()
+        .and(status.started_at.as_ref())
+        .and_then(|started| started.0.checked_add(LEASE_DURATION).ok());
+    let runner_fresh_until = from_lease.max(from_claim);
     // Only a new job is checked: the webhook checked it, or it was created while the webhook
     // did not (turned off, a namespace it leaves out); a model changed later does not fail
     // jobs already admitted.
@@ -106,12 +120,17 @@ fn lane_of(
 
 pub fn error_policy(job: Arc<VideoJob>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_error("videojob", error);
+    if error.api_unreachable() {
+        ctx.leases_seen.interrupted(Timestamp::now());
+    }
     if !matches!(error, Error::Conflict) {
         tracing::warn!(job = %job.name_any(), %error, "reconcile failed");
     }
-    Action::requeue(Duration::from_millis(if matches!(error, Error::Conflict) {
-        100
-    } else {
-        2000
-    }))
+    Action::requeue(jittered(Duration::from_millis(
+        if matches!(error, Error::Conflict) {
+            100
+        } else {
+            2000
+        },
+    )))
 }

@@ -7,7 +7,7 @@ use framelane_core::transitions::Admission;
 use kube::{Resource, ResourceExt, runtime::events::EventType};
 
 use crate::{
-    context::Context,
+    context::{Context, Told},
     metrics::{FinishedLabels, Metrics, MovedLabels},
 };
 
@@ -60,7 +60,7 @@ pub fn moved(
 /// The Event of a failure the controller decided. The watch then shows the failure, and
 /// [`transitions`] must not tell it a second time.
 pub fn failed_by_controller(ctx: &Context, job: &VideoJob, reason: JobReason, message: &str) {
-    ctx.first_time(failed_event_key(job));
+    ctx.first_time(job, Told::FailedEvent);
     publish(ctx, job, EventType::Warning, reason, message);
 }
 
@@ -88,12 +88,16 @@ pub fn transitions(job: &VideoJob, ctx: &Context) {
     let Some(status) = job.status.as_ref() else {
         return;
     };
-    let uid = job.uid().unwrap_or_default();
     let lane = status.lane.clone().unwrap_or_default();
     let runner = status.runner.as_deref().unwrap_or("?");
     if let (Some(started), Some(queued)) = (&status.started_at, &status.queued_at)
         && started.0 >= ctx.leader_since
-        && ctx.first_time(format!("{uid}/start/{}", status.attempts.unwrap_or(0)))
+        && ctx.first_time(
+            job,
+            Told::Started {
+                attempt: status.attempts.unwrap_or(0),
+            },
+        )
     {
         let wait = started.0.duration_since(queued.0).as_secs_f64().max(0.0);
         ctx.metrics
@@ -109,7 +113,7 @@ pub fn transitions(job: &VideoJob, ctx: &Context) {
     if let (Some(phase @ (JobPhase::Succeeded | JobPhase::Failed)), Some(finished_at)) =
         (status.phase, &status.finished_at)
         && finished_at.0 >= ctx.leader_since
-        && ctx.first_time(format!("{uid}/finished"))
+        && ctx.first_time(job, Told::Finished)
     {
         let reason = status.reason.unwrap_or(JobReason::GenerationFailed);
         finished(ctx, phase, reason);
@@ -127,15 +131,11 @@ pub fn transitions(job: &VideoJob, ctx: &Context) {
                 None => format!("runner {runner} finished it in {took:.1} s"),
             };
             publish(ctx, job, EventType::Normal, JobReason::Completed, &note);
-        } else if ctx.first_time(failed_event_key(job)) {
+        } else if ctx.first_time(job, Told::FailedEvent) {
             let note = status.message.as_deref().unwrap_or("the runner failed it");
             publish(ctx, job, EventType::Warning, reason, note);
         }
     }
-}
-
-fn failed_event_key(job: &VideoJob) -> String {
-    format!("{}/failed-event", job.uid().unwrap_or_default())
 }
 
 fn finished(ctx: &Context, phase: JobPhase, reason: JobReason) {

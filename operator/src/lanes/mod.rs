@@ -5,6 +5,7 @@
 pub mod pods;
 mod sync;
 
+use framelane_contract::backoff::jittered;
 use std::{sync::Arc, time::Duration};
 
 use framelane_api::{ModelLane, ModelLaneStatus, modellane::FallbackCause, reasons::LaneReason};
@@ -33,6 +34,10 @@ pub async fn reconcile(lane: Arc<ModelLane>, ctx: Arc<Context>) -> Result<Action
 }
 
 async fn reconcile_inner(lane: &ModelLane, ctx: &Context) -> Result<Action, Error> {
+    // A replica whose leadership is not confirmed writes nothing: it is about to exit.
+    if !ctx.leading() {
+        return Ok(Action::await_change());
+    }
     if lane.meta().deletion_timestamp.is_some() {
         // Its pods are owned by it: the garbage collector removes them.
         return Ok(Action::await_change());
@@ -168,9 +173,12 @@ fn publish(ctx: &Context, lane: &ModelLane, type_: EventType, reason: LaneReason
 
 pub fn error_policy(lane: Arc<ModelLane>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_error("modellane", error);
+    if error.api_unreachable() {
+        ctx.leases_seen.interrupted(jiff::Timestamp::now());
+    }
     if matches!(error, Error::Conflict) {
-        return Action::requeue(Duration::from_millis(100));
+        return Action::requeue(jittered(Duration::from_millis(100)));
     }
     tracing::warn!(lane = %lane.name_any(), %error, "reconcile failed");
-    Action::requeue(Duration::from_secs(1))
+    Action::requeue(jittered(Duration::from_secs(1)))
 }

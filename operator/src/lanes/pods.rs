@@ -149,6 +149,7 @@ fn container(lane: &ModelLane, runner: &RunnerTemplate, config: &Config) -> Cont
                 .unwrap_or_else(|| config.runner_image.clone()),
         ),
         env: Some(env(lane, runner, config)),
+        args: Some(memory_args(runner)),
         ports: Some(vec![ContainerPort {
             name: Some(METRICS_PORT_NAME.into()),
             container_port: METRICS_PORT,
@@ -172,6 +173,17 @@ fn container(lane: &ModelLane, runner: &RunnerTemplate, config: &Config) -> Cont
         }),
         ..Default::default()
     }
+}
+
+/// The lane's memory mode and VAE tiling (`spec.runner.memory`), as the runner's flags.
+fn memory_args(runner: &RunnerTemplate) -> Vec<String> {
+    let memory = runner.memory.clone().unwrap_or_default();
+    vec![
+        "--memory-mode".into(),
+        memory.mode.flag().into(),
+        "--vae-tiling".into(),
+        memory.vae_tiling.as_str().into(),
+    ]
 }
 
 /// The runner's environment: who it is (from the downward API), its lane and models, where
@@ -317,6 +329,34 @@ mod tests {
         assert_eq!(
             (ports[0].name.as_deref(), ports[0].container_port),
             (Some("metrics"), 8080)
+        );
+    }
+
+    #[test]
+    fn the_lanes_memory_mode_and_tiling_are_the_runners_flags() {
+        let args = |spec: serde_json::Value| {
+            desired_pods(&lane(spec), &config())[0]
+                .spec
+                .as_ref()
+                .unwrap()
+                .containers[0]
+                .args
+                .clone()
+                .unwrap()
+        };
+        assert_eq!(
+            args(json!({"mode": "Dedicated", "models": ["anisora"]})),
+            ["--memory-mode", "auto", "--vae-tiling", "auto"]
+        );
+        assert_eq!(
+            args(json!({"mode": "Dedicated", "models": ["anisora"],
+                "runner": {"memory": {"mode": "modelOffload", "vaeTiling": "on"}}})),
+            ["--memory-mode", "model-offload", "--vae-tiling", "on"]
+        );
+        assert_eq!(
+            args(json!({"mode": "Dedicated", "models": ["anisora"],
+                "runner": {"memory": {"mode": "expertSwap"}}})),
+            ["--memory-mode", "expert-swap", "--vae-tiling", "auto"]
         );
     }
 

@@ -136,7 +136,9 @@ pub async fn positions(lane: &ModelLane, ctx: &Context) -> Result<(), Error> {
             .patch_status(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
-            Ok(written) => ctx.update_index(|index| index.observe_written(&written)),
+            Ok(written) => {
+                ctx.update_index(|index| index.observe_written(&written, jiff::Timestamp::now()))
+            }
             // Changed meanwhile (claimed, deleted): the change triggers another pass.
             Err(e) if is_conflict(&e) || is_not_found(&e) => {}
             Err(e) => return Err(e.into()),

@@ -3,8 +3,13 @@
 
 use std::time::{Duration, Instant};
 
-use framelane_api::VideoJob;
-use framelane_core::{queue::JobKey, routing::route};
+use framelane_api::{VideoJob, wellknown::ANNOTATION_MEMORY};
+use framelane_core::{
+    memory::{JobSize, RunnerMemory, fits},
+    queue::JobKey,
+    routing::route,
+};
+use kube::{ResourceExt, runtime::reflector::ObjectRef};
 
 use super::review::{Denial, Request};
 use crate::context::Context;
@@ -40,6 +45,9 @@ pub fn hold_slot(
     {
         return Some((name, None));
     }
+    if let Some(denial) = fit(ctx, &name, request, job) {
+        return Some((name, Some(denial)));
+    }
     let limits = ctx.lane_limits(route.lane);
     let key = JobKey {
         namespace: request.namespace.clone(),
@@ -54,6 +62,7 @@ pub fn hold_slot(
         }
         index.hold(
             key,
+            job.metadata.uid.as_deref(),
             &name,
             limits,
             lane_of,
@@ -65,4 +74,29 @@ pub fn hold_slot(
         .err()
         .map(|full| Denial::overloaded(&request.name, &full));
     Some((name, denial))
+}
+
+/// Refuses a job whose estimated GPU memory does not fit every runner of `lane` that
+/// reported its memory (`framelane.dev/memory` on its heartbeat Lease), whichever claims it.
+/// Runners that reported nothing, or something unreadable (logged), do not count: their
+/// jobs are admitted and the runner checks again before it touches the GPU.
+fn fit(ctx: &Context, lane: &str, request: &Request, job: &VideoJob) -> Option<Denial> {
+    let model = ctx.models.get(&ObjectRef::new(&job.spec.model))?;
+    let size = JobSize::of(&job.spec, &model);
+    let leases = ctx.leases.state();
+    Context::runner_leases(&leases, lane).find_map(|lease| {
+        let value = lease.annotations().get(ANNOTATION_MEMORY)?;
+        let memory = RunnerMemory::from_annotation(value)
+            .inspect_err(|e| {
+                tracing::warn!(lease = %lease.name_any(), lane, error = %e,
+                    "ignoring the runner's unreadable {ANNOTATION_MEMORY} annotation")
+            })
+            .ok()?;
+        let refused = fits(&memory, &job.spec.model, &size).err()?;
+        Some(Denial::does_not_fit(
+            &request.name,
+            lane,
+            refused.cause(&size, lane),
+        ))
+    })
 }

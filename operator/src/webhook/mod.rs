@@ -61,13 +61,55 @@ pub const PATH: &str = "/validate-videojob";
 pub const MUTATE_PATH: &str = "/mutate-videojob";
 /// The path a standby hands reviews to the leader on.
 const LEADER_PATH: &str = "/leader/validate-videojob";
-/// How long a review may wait for a leader that can count (one being elected, or starting):
-/// well inside the API server's webhook timeout (5 s in the chart).
+/// How long a review may wait for a leader that can count (one being elected, or starting),
+/// hand-over included, when the API server did not say how long it waits: 3 s, inside the
+/// chart's 5 s `webhook.timeoutSeconds`.
 const DECIDE_WITHIN: Duration = Duration::from_secs(3);
+
+/// How long a review may wait, from the API server's `timeout` query parameter (its wait for
+/// this call, the webhook's `timeoutSeconds` or less, as a Go duration such as `5s`): three
+/// fifths of it, so that a refusal reaches the API server before it gives up on the call and
+/// fails the create with its own, vaguer error.
+pub fn decide_within(timeout: Option<&str>) -> Duration {
+    timeout
+        .and_then(go_duration)
+        .map_or(DECIDE_WITHIN, |t| t * 3 / 5)
+}
+
+/// A Go duration (`time.Duration.String()`: `5s`, `1m0s`, `1.5s`, `300ms`); `None` for
+/// anything else.
+fn go_duration(text: &str) -> Option<Duration> {
+    const UNITS: [(&str, f64); 7] = [
+        ("ns", 1e-9),
+        ("us", 1e-6),
+        ("µs", 1e-6),
+        ("ms", 1e-3),
+        ("s", 1.0),
+        ("m", 60.0),
+        ("h", 3600.0),
+    ];
+    let mut rest = text;
+    let mut seconds = 0.0;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .filter(|&end| end > 0)?;
+        let value: f64 = rest[..digits].parse().ok()?;
+        let after = &rest[digits..];
+        let unit_len = after
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(after.len());
+        let (_, scale) = UNITS.iter().find(|(u, _)| *u == &after[..unit_len])?;
+        seconds += value * scale;
+        rest = &after[unit_len..];
+    }
+    (seconds > 0.0 && seconds <= 3600.0).then(|| Duration::from_secs_f64(seconds))
+}
 
 pub struct Webhook {
     pub models: Store<VideoModel>,
-    /// The leader's controller context, once this replica leads.
+    /// The leader's controller context, once this replica leads; used only while the
+    /// election confirms it still does (see [`Webhook::leader`]).
     pub leader: OnceLock<Arc<Context>>,
     pub elector: Arc<Elector>,
     pub metrics: Arc<Metrics>,
@@ -107,28 +149,40 @@ impl Webhook {
         }
     }
 
-    /// Answers one AdmissionReview body from the API server.
-    pub async fn review(&self, body: Bytes) -> Vec<u8> {
+    /// Answers one AdmissionReview body from the API server, deciding within `within`
+    /// ([`decide_within`] of the call's timeout).
+    pub async fn review(&self, body: Bytes, within: Duration) -> Vec<u8> {
         let started = Instant::now();
-        let out = self.answer(body, started + DECIDE_WITHIN).await;
+        let out = self.answer(body, started + within).await;
         self.metrics
             .webhook_duration
             .observe(started.elapsed().as_secs_f64());
         out
     }
 
-    /// Answers one AdmissionReview a standby handed on; `None` while this replica cannot
-    /// count (it does not lead, or has not read its caches yet): the standby tries again.
-    pub fn review_as_leader(&self, body: &[u8]) -> Option<Vec<u8>> {
+    /// Answers one AdmissionReview a standby handed on, which waits for the answer until
+    /// `answer_by`; `Err` with why not while this replica cannot count (it is not the
+    /// confirmed leader, or has not read its caches yet) or the standby would give up before
+    /// the answer reached it (then no slot is taken): the standby tries again or refuses.
+    pub fn review_as_leader(
+        &self,
+        body: &[u8],
+        answer_by: Option<Instant>,
+    ) -> Result<Vec<u8>, &'static str> {
         let started = Instant::now();
+        if answer_by.is_some_and(|by| started + forward::REPLY_MARGIN >= by) {
+            return Err("the standby's wait for this answer is over");
+        }
         let out = match self.checked(body) {
-            Ok((request, job)) => self.hold(&request, &job)?,
+            Ok((request, job)) => self
+                .hold(&request, &job)
+                .ok_or("this replica is not the confirmed leader or has not read its caches yet")?,
             Err(answer) => answer,
         };
         self.metrics
             .webhook_duration
             .observe(started.elapsed().as_secs_f64());
-        Some(out)
+        Ok(out)
     }
 
     async fn answer(&self, body: Bytes, deadline: Instant) -> Vec<u8> {
@@ -138,16 +192,15 @@ impl Webhook {
         };
         // The leader decides. While there is none that can count (a failover, a rollout),
         // wait for one rather than fail the create.
-        let mut why = String::new();
+        let mut why;
         loop {
             if let Some(answer) = self.hold(&request, &job) {
                 return answer;
             }
-            if self.leader.get().is_none() {
-                match tokio::time::timeout_at(deadline.into(), self.forward(body.clone())).await {
-                    Ok(Ok(answer)) => return answer,
-                    Ok(Err(e)) => why = e,
-                    Err(_) => {}
+            if self.leader().is_none() {
+                match self.forward(body.clone(), deadline).await {
+                    Ok(answer) => return answer,
+                    Err(e) => why = e,
                 }
             } else {
                 why = "this replica leads but has not read its lanes and jobs yet".into();
@@ -175,9 +228,15 @@ impl Webhook {
         }
     }
 
+    /// The leader's context while this replica is the confirmed leader: a replica whose
+    /// renewals stalled, or that lost the Lease, hands reviews on like a standby.
+    fn leader(&self) -> Option<&Arc<Context>> {
+        self.leader.get().filter(|ctx| ctx.leading())
+    }
+
     /// The leader's decision, or `None` when this replica cannot count now.
     fn hold(&self, request: &Request, job: &VideoJob) -> Option<Vec<u8>> {
-        let ctx = self.leader.get()?;
+        let ctx = self.leader()?;
         let (lane, denial) = hold::hold_slot(ctx, request, job)?;
         Some(self.decided(&request.uid, &lane, denial.as_ref()))
     }
@@ -267,6 +326,29 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
+
+    #[test]
+    fn a_review_decides_within_three_fifths_of_the_api_servers_timeout() {
+        let ms = |text| decide_within(Some(text)).as_millis();
+        assert_eq!(ms("5s"), 3000);
+        assert_eq!(ms("2s"), 1200);
+        assert_eq!(ms("30s"), 18_000);
+        assert_eq!(ms("1m0s"), 36_000);
+        assert_eq!(ms("1.5s"), 900);
+        assert_eq!(ms("500ms"), 300);
+        // Not said, or not a duration: the 3 s that fit the chart's 5 s.
+        for text in [
+            None,
+            Some(""),
+            Some("5"),
+            Some("s"),
+            Some("5x"),
+            Some("-5s"),
+            Some("0s"),
+        ] {
+            assert_eq!(decide_within(text), DECIDE_WITHIN, "{text:?}");
+        }
+    }
 
     /// The default install's models (examples/videomodels.yaml).
     fn models() -> Vec<Arc<VideoModel>> {

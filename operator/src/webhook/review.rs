@@ -31,6 +31,8 @@ pub struct Request {
 pub enum Refusal {
     /// A parameter does not fit the model: 422 `Invalid`.
     InvalidParameters,
+    /// The job's estimated GPU memory does not fit its lane's runners: 422 `Invalid`.
+    DoesNotFit,
     /// The lane is full: 503, the message starts with `queue_overloaded`.
     QueueOverloaded,
     /// The job's namespace holds its share of the lane: 503, the message starts with
@@ -47,6 +49,7 @@ impl Refusal {
     pub fn as_str(self) -> &'static str {
         match self {
             Refusal::InvalidParameters => "invalid_parameters",
+            Refusal::DoesNotFit => "does_not_fit",
             Refusal::QueueOverloaded => "queue_overloaded",
             Refusal::NamespaceShare => "namespace_share",
             Refusal::BadRequest => "bad_request",
@@ -57,7 +60,7 @@ impl Refusal {
     /// The HTTP status code and the Status `reason` the API server returns to the client.
     pub fn status(self) -> (u16, &'static str) {
         match self {
-            Refusal::InvalidParameters => (422, "Invalid"),
+            Refusal::InvalidParameters | Refusal::DoesNotFit => (422, "Invalid"),
             Refusal::QueueOverloaded | Refusal::NamespaceShare | Refusal::Unavailable => {
                 (503, "ServiceUnavailable")
             }
@@ -91,6 +94,20 @@ impl Denial {
             name: name.into(),
             causes,
             ..Denial::new(Refusal::InvalidParameters, String::new())
+        }
+    }
+
+    /// The job `name` needs more GPU memory than lane `lane`'s runners have: `cause` names
+    /// the field to lower, the limit and the largest size that fits.
+    pub fn does_not_fit(name: &str, lane: &str, cause: Cause) -> Denial {
+        Denial {
+            message: format!(
+                "VideoJob {name:?} does not fit the GPU memory of lane {lane:?}: {}: {}",
+                cause.field, cause.message
+            ),
+            name: name.into(),
+            causes: vec![cause],
+            ..Denial::new(Refusal::DoesNotFit, String::new())
         }
     }
 

@@ -2,7 +2,11 @@
 //! API server, and `POST /leader/validate-videojob` where a standby hands a review to the
 //! leader. A caller that cannot show it is one of those is refused before its body is read.
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use warp::{
@@ -11,7 +15,8 @@ use warp::{
 };
 
 use super::{
-    Webhook,
+    Webhook, decide_within,
+    forward::ANSWER_WITHIN,
     peer::{self, Refused},
     tls::Peer,
 };
@@ -50,11 +55,13 @@ impl Webhook {
         // The body is read before the caller is refused: an answer while a client is still
         // sending makes some clients report a broken connection instead of the refusal.
         let validate = warp::path!("validate-videojob")
+            .and(warp::query::<HashMap<String, String>>())
             .and(body())
             .and(api_server.clone())
-            .then(move |b: Bytes| {
+            .then(move |query: HashMap<String, String>, b: Bytes| {
                 let webhook = validator.clone();
-                async move { json(webhook.review(b).await) }
+                let within = decide_within(query.get("timeout").map(String::as_str));
+                async move { json(webhook.review(b, within).await) }
             });
         let mutate = warp::path!("mutate-videojob")
             .and(body())
@@ -62,32 +69,33 @@ impl Webhook {
             .map(move |b: Bytes| json(mutator.mutate(&b)));
         let standby = warp::path!("leader" / "validate-videojob")
             .and(warp::header::optional::<String>(peer::HEADER))
+            .and(warp::header::optional::<u64>(ANSWER_WITHIN))
             .and(body())
-            .and_then(move |signed: Option<String>, b: Bytes| {
-                let webhook = leader.clone();
-                async move {
-                    if let Err(refused) = webhook.peers.verify(signed.as_deref(), &b) {
-                        let status = match refused {
-                            Refused::NoKey => StatusCode::SERVICE_UNAVAILABLE,
-                            _ => StatusCode::FORBIDDEN,
-                        };
-                        if status == StatusCode::FORBIDDEN {
-                            return Err(warp::reject::custom(Unauthenticated(
-                                "leader",
-                                refused.to_string(),
-                            )));
+            .and_then(
+                move |signed: Option<String>, within: Option<u64>, b: Bytes| {
+                    let answer_by = within.map(|ms| Instant::now() + Duration::from_millis(ms));
+                    let webhook = leader.clone();
+                    async move {
+                        if let Err(refused) = webhook.peers.verify(signed.as_deref(), &b) {
+                            let status = match refused {
+                                Refused::NoKey => StatusCode::SERVICE_UNAVAILABLE,
+                                _ => StatusCode::FORBIDDEN,
+                            };
+                            if status == StatusCode::FORBIDDEN {
+                                return Err(warp::reject::custom(Unauthenticated(
+                                    "leader",
+                                    refused.to_string(),
+                                )));
+                            }
+                            return Ok(text(status, refused.to_string()));
                         }
-                        return Ok(text(status, refused.to_string()));
+                        Ok(match webhook.review_as_leader(&b, answer_by) {
+                            Ok(answer) => json(answer),
+                            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, why.into()),
+                        })
                     }
-                    Ok(match webhook.review_as_leader(&b) {
-                        Some(answer) => json(answer),
-                        None => text(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "this replica does not lead or has not read its caches yet".into(),
-                        ),
-                    })
-                }
-            });
+                },
+            );
         warp::post()
             .and(validate.or(mutate).unify().or(standby).unify())
             .recover(move |rejection| {

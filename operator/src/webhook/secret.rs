@@ -5,7 +5,10 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use framelane_contract::api_errors::is_conflict;
+use framelane_contract::{
+    api_errors::is_conflict,
+    backoff::{Backoff, WATCH_BACKOFF_MAX, jittered, watch_backoff},
+};
 use futures::StreamExt;
 use k8s_openapi::{
     ByteString,
@@ -41,13 +44,15 @@ impl Webhook {
         let secrets: Api<Secret> = Api::namespaced(client, &namespace);
         let qualified = format!("{namespace}/{name}");
         if self.source == CertificateSource::Operator {
+            let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
             while let Err(e) = ensure_secret(&secrets, &name, &self.policy).await {
                 tracing::warn!(secret = qualified, error = %e, "cannot create or fill the webhook Secret; retrying");
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                tokio::time::sleep(backoff.next_wait()).await;
             }
         }
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        let mut events = std::pin::pin!(watcher(secrets, config).default_backoff());
+        let mut events =
+            std::pin::pin!(watcher(secrets, config).backoff(watch_backoff(WATCH_BACKOFF_MAX)));
         // Whether the latest (re)list found the Secret.
         let mut found = false;
         while let Some(event) = events.next().await {
@@ -210,7 +215,7 @@ pub async fn maintain_certificates(
         if let Err(e) = maintain_once(&client, &secrets, &secret, &configuration, &policy).await {
             tracing::warn!(error = %e, "maintaining the webhook certificates failed; retrying");
         }
-        tokio::time::sleep(tick).await;
+        tokio::time::sleep(jittered(tick)).await;
     }
 }
 

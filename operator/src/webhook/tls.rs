@@ -282,17 +282,22 @@ impl Forwarder {
     }
 
     /// POSTs `body` to `https://<endpoint><path>` with the peer signature `signed` and
-    /// returns the answer's body.
+    /// returns the answer's body, if it comes `within` that time (which the leader is told).
     pub async fn post(
         &self,
         endpoint: &str,
         path: &str,
         body: Bytes,
         signed: &str,
+        within: Duration,
     ) -> Result<Bytes, String> {
         let request = hyper::Request::post(format!("https://{endpoint}{path}"))
             .header("content-type", "application/json")
             .header(super::peer::HEADER, signed)
+            .header(
+                super::forward::ANSWER_WITHIN,
+                within.as_millis().to_string(),
+            )
             .body(Full::new(body))
             .map_err(|e| e.to_string())?;
         let call = async {
@@ -316,9 +321,9 @@ impl Forwarder {
                 )),
             }
         };
-        tokio::time::timeout(Duration::from_secs(2), call)
+        tokio::time::timeout(within, call)
             .await
-            .map_err(|_| "no answer within 2s".to_string())?
+            .map_err(|_| format!("no answer within {}ms", within.as_millis()))?
     }
 }
 

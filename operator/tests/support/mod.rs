@@ -15,13 +15,13 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Result;
+use anyhow::{Result, ensure};
 use framelane_api::{
     ModelLane, VideoJob, VideoModel,
     reasons::JobReason,
     videojob::{JobPhase, Output},
 };
-use framelane_contract::Runner;
+use framelane_contract::{ContractError, Runner, readable::WatchErrorLabels};
 pub use framelane_testenv::eventually;
 use framelane_testenv::{TEST_LABEL, TestEnv, TestNamespace};
 use k8s_openapi::{ByteString, api::core::v1::Namespace};
@@ -29,6 +29,7 @@ use kube::{
     Api, Client, ResourceExt,
     api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams},
 };
+use prometheus_client::metrics::{counter::Counter, family::Family};
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, watch};
 
@@ -182,14 +183,48 @@ impl Fixture {
         port: u16,
         extra: &[&str],
     ) -> Result<(OperatorProcess, u16)> {
+        self.webhook_operator_with_env(identity, port, extra, &[])
+    }
+
+    /// The same, with `env` added to the process's environment (libfaketime, say).
+    pub fn webhook_operator_with_env(
+        &self,
+        identity: &str,
+        port: u16,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<(OperatorProcess, u16)> {
+        let ca = self.ns.env.webhook_client_ca().display().to_string();
+        let mut args = vec!["--webhook-client-ca", &ca];
+        args.extend(extra);
+        self.webhook_operator_open_with_env(identity, port, &args, env)
+    }
+
+    /// A webhook operator for this test's namespace that asks callers for no client
+    /// certificate (unless `extra` gives `--webhook-client-ca`): for load generators such as
+    /// wrk, which cannot show one.
+    pub fn webhook_operator_open(
+        &self,
+        identity: &str,
+        port: u16,
+        extra: &[&str],
+    ) -> Result<(OperatorProcess, u16)> {
+        self.webhook_operator_open_with_env(identity, port, extra, &[])
+    }
+
+    fn webhook_operator_open_with_env(
+        &self,
+        identity: &str,
+        port: u16,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<(OperatorProcess, u16)> {
         let port = if port == 0 { free_port()? } else { port };
         let mut args = vec![
             "--webhook-addr".to_string(),
             format!("127.0.0.1:{port}"),
             "--webhook-configuration".into(),
             self.webhook_configuration(),
-            "--webhook-client-ca".into(),
-            self.ns.env.webhook_client_ca().display().to_string(),
             // Longer than the round robin's ENDPOINTS_LAG.
             "--shutdown-delay-seconds".into(),
             "2".into(),
@@ -197,7 +232,7 @@ impl Fixture {
         args.extend(extra.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Ok((
-            OperatorProcess::start_watching_all(&self.ns, identity, &args)?,
+            OperatorProcess::start_with_env(&self.ns, identity, &args, env)?,
             port,
         ))
     }
@@ -362,7 +397,7 @@ impl Drop for Fixture {
             .kubectl()
             .args([
                 "delete",
-                "validatingwebhookconfigurations,mutatingwebhookconfigurations",
+                "validatingwebhookconfigurations,mutatingwebhookconfigurations,validatingadmissionpolicies,validatingadmissionpolicybindings",
                 "-l",
                 &selector,
                 "--wait=false",
@@ -403,6 +438,16 @@ impl OperatorProcess {
         identity: &str,
         extra: &[&str],
     ) -> Result<OperatorProcess> {
+        OperatorProcess::start_with_env(ns, identity, extra, &[])
+    }
+
+    /// The same, with `env` added to the process's environment.
+    pub fn start_with_env(
+        ns: &TestNamespace,
+        identity: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<OperatorProcess> {
         let port = free_port()?;
         let log =
             std::env::temp_dir().join(format!("framelane-operator-{}-{identity}.log", ns.name));
@@ -410,6 +455,7 @@ impl OperatorProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_framelane-operator"))
             .env("KUBECONFIG", &ns.env.kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
+            .envs(env.iter().copied())
             .args(["--namespace", &ns.name, "--identity", identity])
             .args(["--lane-selector", &format!("{INSTANCE_LABEL}={}", ns.name)])
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
@@ -674,6 +720,8 @@ pub struct SimRunner {
     pub log: RunLog,
     pub loads: Arc<AtomicUsize>,
     pub cancelled: Arc<AtomicUsize>,
+    /// Its watch's errors by cause, as the runner binary exports them.
+    watch_errors: Family<WatchErrorLabels, Counter>,
 }
 
 impl SimRunner {
@@ -690,6 +738,7 @@ impl SimRunner {
         let cancelled = Arc::new(AtomicUsize::new(0));
         let (model_tx, model_rx) = watch::channel(None::<String>);
         let mut runner = Runner::start(client, ns, name, lane, jobs);
+        let watch_errors = runner.watch_errors().clone();
         let (task_log, task_loads, task_cancelled) =
             (log.clone(), loads.clone(), cancelled.clone());
         let task = tokio::spawn(async move {
@@ -731,12 +780,18 @@ impl SimRunner {
                     }
                     tokio::time::sleep(behaviour.step_time).await;
                     let percent = step * 100 / behaviour.steps;
-                    if let Err(e) = claimed
+                    // As the real runner: a job no longer its own stops it; a refused
+                    // write (the API server unreachable) does not stop the work.
+                    match claimed
                         .progress("Denoising", step, behaviour.steps, percent)
                         .await
                     {
-                        eprintln!("runner {}: {e}", runner.name());
-                        break;
+                        Err(e @ ContractError::Lost(_)) => {
+                            eprintln!("runner {}: {e}", runner.name());
+                            break;
+                        }
+                        Err(e) => eprintln!("runner {}: progress not written: {e}", runner.name()),
+                        Ok(()) => {}
                     }
                 }
                 let result = if let Some(step) = cancelled_at {
@@ -774,7 +829,18 @@ impl SimRunner {
             log,
             loads,
             cancelled,
+            watch_errors,
         }
+    }
+
+    /// How many times this runner's job watch expired (410 Gone) and was listed again.
+    pub fn watch_expiries(&self) -> u64 {
+        self.watch_errors
+            .get_or_create(&WatchErrorLabels {
+                kind: "VideoJob".into(),
+                cause: "expired".into(),
+            })
+            .get()
     }
 
     /// Stops the runner as a crash would.
@@ -942,4 +1008,54 @@ pub fn count_phases(jobs: &[VideoJob]) -> BTreeMap<String, usize> {
         *counts.entry(format!("{:?}", phase(job))).or_insert(0) += 1;
     }
     counts
+}
+
+/// Stops one of this checkout's control plane processes (tests/testenv/outage.sh); starts it
+/// again when ended or dropped, so a failing test leaves the control plane up for the next one.
+pub struct Outage {
+    component: &'static str,
+    stopped: bool,
+}
+
+impl Outage {
+    /// Async, so that the simulated runners and proxies of the test's runtime go on (a
+    /// blocking wait would freeze their heartbeats while the API server comes back).
+    pub async fn begin(component: &'static str) -> Result<Outage> {
+        outage("stop", component).await?;
+        Ok(Outage {
+            component,
+            stopped: true,
+        })
+    }
+
+    pub async fn end(&mut self) -> Result<()> {
+        self.stopped = false;
+        outage("start", self.component).await
+    }
+}
+
+impl Drop for Outage {
+    fn drop(&mut self) {
+        if self.stopped {
+            let _ = Command::new(outage_script())
+                .args(["start", self.component])
+                .status();
+        }
+    }
+}
+
+fn outage_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/testenv/outage.sh")
+}
+
+async fn outage(action: &str, component: &str) -> Result<()> {
+    let status = tokio::process::Command::new(outage_script())
+        .args([action, component])
+        .status()
+        .await?;
+    ensure!(
+        status.success(),
+        "tests/testenv/outage.sh {action} {component}: {status}"
+    );
+    Ok(())
 }

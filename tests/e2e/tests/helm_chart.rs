@@ -25,7 +25,7 @@ use clap::{CommandFactory, Parser};
 use framelane_api::{ModelLane, VideoJob, videojob::JobPhase};
 use framelane_operator::config::Config;
 use framelane_testenv::{
-    TestEnv, TestNamespace, eventually, tiny_models, torch_python, workspace_binary,
+    TestEnv, TestNamespace, eventually, expect_refused, tiny_models, torch_python, workspace_binary,
 };
 use k8s_openapi::api::{
     admissionregistration::v1::ValidatingWebhookConfiguration,
@@ -1122,6 +1122,7 @@ async fn install_run_upgrade_uninstall(release: &Release) -> Result<()> {
         (true, "list videomodels.framelane.dev".into()),
         (true, format!("create leases.coordination.k8s.io -n {n}")),
         (true, format!("update leases.coordination.k8s.io -n {n}")),
+        (true, format!("patch leases.coordination.k8s.io -n {n}")),
         (false, format!("update videojobs.framelane.dev -n {n}")),
         (false, format!("delete videojobs.framelane.dev -n {n}")),
         (false, format!("create videojobs.framelane.dev -n {n}")),
@@ -1272,7 +1273,10 @@ async fn install_run_upgrade_uninstall(release: &Release) -> Result<()> {
 /// one is not exported at all), in the Prometheus text format.
 fn exported_metrics() -> (String, String) {
     use framelane_api::modellane::FallbackCause;
-    use framelane_contract::serve::{Metrics as _, prometheus_text};
+    use framelane_contract::{
+        readable::WatchErrorLabels,
+        serve::{Metrics as _, prometheus_text},
+    };
     use framelane_operator::metrics::{
         AdmissionLabels, CertificateLabels, ControllerLabels, ErrorLabels, FinishedLabels, Metrics,
         MovedLabels,
@@ -1327,8 +1331,19 @@ fn exported_metrics() -> (String, String) {
         .get_or_create(&certificate)
         .set(1_900_000_000);
 
+    let expired = WatchErrorLabels {
+        kind: "VideoJob".into(),
+        cause: "expired".into(),
+    };
+    op.watch_errors.get_or_create(&expired).inc();
+
     use framelane_runner::metrics::{MemoryLabels, Metrics as Runner, ResultLabels};
-    let runner = Runner::default();
+    let runner_watch_errors = prometheus_client::metrics::family::Family::<
+        WatchErrorLabels,
+        prometheus_client::metrics::counter::Counter,
+    >::default();
+    let runner = Runner::new(runner_watch_errors.clone());
+    runner_watch_errors.get_or_create(&expired).inc();
     let result = ResultLabels {
         result: "Succeeded".into(),
     };
@@ -1451,23 +1466,6 @@ async fn client_as(
     )
     .await?;
     Ok(Client::try_from(config)?)
-}
-
-/// Expects a write refused with `code` and a message containing `message`.
-fn expect_refused<T: std::fmt::Debug>(
-    written: Result<T, kube::Error>,
-    code: u16,
-    message: &str,
-) -> Result<()> {
-    match written {
-        Err(kube::Error::Api(s)) if s.code == code && s.message.contains(message) => Ok(()),
-        Err(kube::Error::Api(s)) => bail!(
-            "expected {code} with {message:?}; the API server said {}: {}",
-            s.code,
-            s.message
-        ),
-        other => bail!("expected {code} with {message:?}, got {other:?}"),
-    }
 }
 
 /// Writes `status` over a job's status, as `jobs`' client.

@@ -9,14 +9,21 @@
 //! - a Shared runner fed alternating anisora/phr00t jobs logs each unload before the next
 //!   load, and every unload leaves the live tensor bytes where they were before any model;
 //! - a job deleted mid-generation stops at a step boundary, ends Cancelled and goes away; the
-//!   runner stays healthy and runs the next job.
+//!   runner stays healthy and runs the next job;
+//! - a runner cut off from the API server mid-generation loses the job to a second runner;
+//!   when its connection returns, its late video is refused and thrown away, and the one in
+//!   place and in status stays the second runner's;
+//! - a runner told its device is small reports it in its heartbeat Lease and refuses a job
+//!   too large for it (`DoesNotFit`) before generating, then runs one that fits.
 
 use std::{path::PathBuf, process::Stdio, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use framelane_api::{ModelLane, VideoJob, VideoModel, reasons::JobReason, videojob::JobPhase};
-use framelane_testenv::{TestEnv, TestNamespace, eventually, tiny_models, workspace_binary};
+use framelane_testenv::{
+    TestEnv, TestNamespace, eventually, stall::StallProxy, tiny_models, workspace_binary,
+};
 use kube::{
     Api,
     api::{DeleteParams, PostParams},
@@ -48,6 +55,7 @@ struct Setup {
     env: &'static TestEnv,
     ns: TestNamespace,
     operator: JoinHandle<Result<()>>,
+    lane: RunnerLane,
     runner: std::sync::Mutex<tokio::process::Child>,
     log: PathBuf,
     out: tempfile::TempDir,
@@ -56,11 +64,83 @@ struct Setup {
     health: String,
 }
 
+/// What a runner process of the test's lane is started with.
+struct RunnerLane {
+    name: String,
+    mode: String,
+    /// `--models`: the lane's models, comma-separated.
+    models: String,
+}
+
+impl RunnerLane {
+    /// Starts runner `name` writing to `out`; its probe address (a free port, so the test can
+    /// call it) and its log (in `out`).
+    fn spawn(
+        &self,
+        name: &str,
+        ns: &TestNamespace,
+        out: &std::path::Path,
+        kubeconfig: &std::path::Path,
+        extra: &[&str],
+    ) -> Result<(tokio::process::Child, String, PathBuf)> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let health = format!("127.0.0.1:{port}");
+        let log = out.join(format!("{name}.log"));
+        let runner = tokio::process::Command::new(workspace_binary("framelane-runner"))
+            .args([
+                "--name",
+                name,
+                "--namespace",
+                &ns.name,
+                "--lane",
+                &self.name,
+            ])
+            .args(["--mode", &self.mode, "--models", &self.models])
+            .arg("--models-dir")
+            .arg(tiny_models())
+            .arg("--output-dir")
+            .arg(out)
+            .args(["--watch-namespace", &ns.name, "--metrics-addr", &health])
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(extra)
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        Ok((runner, health, log))
+    }
+}
+
 impl Setup {
     /// A lane of `mode` serving the default models `defaults` under test-scoped names (with
     /// smaller default sizes), the operator watching only this test's objects, and a runner
     /// process for the lane.
     async fn start(prefix: &str, mode: &str, defaults: &[&str]) -> Result<Setup> {
+        Setup::start_with(prefix, mode, defaults, &[]).await
+    }
+
+    /// The same, with `extra` flags for the runner.
+    async fn start_with(
+        prefix: &str,
+        mode: &str,
+        defaults: &[&str],
+        extra: &[&str],
+    ) -> Result<Setup> {
+        let env = TestEnv::get()?;
+        Setup::start_through(prefix, mode, defaults, extra, &env.kubeconfig).await
+    }
+
+    /// The same, the runner reaching the API server with `kubeconfig` (through a proxy, say).
+    async fn start_through(
+        prefix: &str,
+        mode: &str,
+        defaults: &[&str],
+        extra: &[&str],
+        kubeconfig: &std::path::Path,
+    ) -> Result<Setup> {
         let env = TestEnv::get()?;
         let ns = env.namespace(prefix).await?;
         let labels = json!({INSTANCE_LABEL: ns.name});
@@ -89,12 +169,12 @@ impl Setup {
             .create(&PostParams::default(), &model_lane)
             .await?;
 
-        let kubeconfig = env.kubeconfig.to_string_lossy().into_owned();
+        let admin = env.kubeconfig.to_string_lossy().into_owned();
         let selector = format!("{INSTANCE_LABEL}={}", ns.name);
         let config = framelane_operator::config::Config::parse_from([
             "framelane-operator",
             "--kubeconfig",
-            &kubeconfig,
+            &admin,
             "--namespace",
             &ns.name,
             "--watch-namespace",
@@ -108,48 +188,35 @@ impl Setup {
         ]);
         let operator = tokio::spawn(framelane_operator::run::run(config));
 
-        // A free port for the runner's probes, so the test can call them.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let health = format!("127.0.0.1:{port}");
         let out = tempfile::tempdir()?;
-        let log = out.path().join("runner.log");
-        let model_list = names
-            .iter()
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>()
-            .join(",");
-        let runner = tokio::process::Command::new(workspace_binary("framelane-runner"))
-            .args([
-                "--name",
-                "runner-0",
-                "--namespace",
-                &ns.name,
-                "--lane",
-                &lane,
-            ])
-            .args(["--mode", mode, "--models", &model_list])
-            .arg("--models-dir")
-            .arg(tiny_models())
-            .arg("--output-dir")
-            .arg(out.path())
-            .args(["--watch-namespace", &ns.name, "--metrics-addr", &health])
-            .args(["--kubeconfig", &kubeconfig])
-            .stdout(std::fs::File::create(&log)?)
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()?;
+        let lane = RunnerLane {
+            name: lane,
+            mode: mode.into(),
+            models: names
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+        };
+        let (runner, health, log) = lane.spawn("runner-0", &ns, out.path(), kubeconfig, extra)?;
         Ok(Setup {
             env,
             ns,
             operator,
+            lane,
             runner: std::sync::Mutex::new(runner),
             log,
             out,
             models,
             health,
         })
+    }
+
+    /// Another runner process of the lane (writing to the same output volume), reaching the
+    /// API server with the admin kubeconfig; its probe address and log.
+    fn another_runner(&self, name: &str) -> Result<(tokio::process::Child, String, PathBuf)> {
+        self.lane
+            .spawn(name, &self.ns, self.out.path(), &self.env.kubeconfig, &[])
     }
 
     fn model(&self, default: &str) -> &str {
@@ -227,6 +294,36 @@ impl Setup {
         })
         .await
         .with_context(|| self.log_text())
+    }
+
+    /// Waits until the job `name` has finished a denoising step (and has not finished).
+    async fn until_denoising(&self, name: &str) -> Result<()> {
+        eventually(180, &format!("a denoising step of job {name}"), || async {
+            let job = self.jobs().get(name).await?;
+            ensure!(
+                job.status.as_ref().and_then(|s| s.phase) != Some(JobPhase::Succeeded),
+                "job {name} finished before the test could act mid-generation"
+            );
+            self.check_runner()?;
+            let progress = job.status.as_ref().and_then(|s| s.progress.clone());
+            Ok(progress
+                .is_some_and(|p| p.stage.as_deref() == Some("Denoising") && p.step >= 1)
+                .then_some(()))
+        })
+        .await
+        .with_context(|| self.log_text())
+    }
+
+    /// Fails if any attempt's files are left in the output volume's staging folder.
+    fn no_staged_files(&self) -> Result<()> {
+        let staging = self.out.path().join(".staging");
+        let left: Vec<_> = std::fs::read_dir(&staging)?.collect::<Result<_, _>>()?;
+        ensure!(
+            left.is_empty(),
+            "attempts' files left in {}: {left:?}",
+            staging.display()
+        );
+        Ok(())
     }
 
     /// HTTP status of GET `path` on the runner's probe port.
@@ -470,20 +567,7 @@ async fn a_job_deleted_mid_generation_stops_and_the_runner_runs_the_next() -> Re
     let spec = json!({"model": model, "mode": "i2v", "image": FIRST_FRAME, "prompt": "a long fox",
         "seed": 3, "width": 512, "height": 512, "frames": 33});
     setup.create_job("long", spec).await?;
-    eventually(180, "a denoising step of the long job", || async {
-        let job = setup.jobs().get("long").await?;
-        ensure!(
-            job.status.as_ref().and_then(|s| s.phase) != Some(JobPhase::Succeeded),
-            "the job finished before it could be deleted"
-        );
-        setup.check_runner()?;
-        let progress = job.status.as_ref().and_then(|s| s.progress.clone());
-        Ok(progress
-            .is_some_and(|p| p.stage.as_deref() == Some("Denoising") && p.step >= 1)
-            .then_some(()))
-    })
-    .await
-    .with_context(|| setup.log_text())?;
+    setup.until_denoising("long").await?;
     setup
         .jobs()
         .delete("long", &DeleteParams::default())
@@ -512,7 +596,8 @@ async fn a_job_deleted_mid_generation_stops_and_the_runner_runs_the_next() -> Re
         .with_context(|| format!("no step count in {error:?}"))?;
     assert!(
         (1..8).contains(&completed),
-        "stopped after {completed} of 8 steps: {error}"
+        "stopped after {completed} of 8 steps: {error}\n{}",
+        setup.log_text()
     );
     assert!(
         lines
@@ -531,5 +616,157 @@ async fn a_job_deleted_mid_generation_stops_and_the_runner_runs_the_next() -> Re
         "seed": 4});
     setup.create_job("next", spec).await?;
     setup.wait_succeeded(&["next"], 120).await?;
+
+    // Deleting a finished job removes its files; nothing of the cancelled attempt is left.
+    let folder = setup.out.path().join(&setup.ns.name).join("next");
+    assert!(folder.join("video.mp4").exists() && folder.join("preview.png").exists());
+    setup
+        .jobs()
+        .delete("next", &DeleteParams::default())
+        .await?;
+    eventually(60, "the deleted job's files to go", || async {
+        setup.check_runner()?;
+        Ok((!folder.exists()).then_some(()))
+    })
+    .await
+    .with_context(|| setup.log_text())?;
+    setup.no_staged_files()?;
+    setup.stop().await
+}
+
+/// A runner cut off from the API server while it generates goes on and finishes its video,
+/// but its heartbeat goes stale, so the job is requeued and a second runner runs it again.
+/// When the first runner's connection comes back, its late result is refused: the video in
+/// place and the sha256 in status stay the second runner's, and the first's files are
+/// thrown away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_runners_late_video_is_refused_and_the_retrys_stays() -> Result<()> {
+    let env = TestEnv::get()?;
+    let name = format!("kubeconfig-runner-zombie-{}", std::process::id());
+    let (proxy, proxied) = StallProxy::start(&env.kubeconfig, &name)?;
+    let setup =
+        Setup::start_through("runner-zombie", "Dedicated", &["anisora"], &[], &proxied).await?;
+    let model = setup.model("anisora").to_owned();
+    // Long enough (seconds per step on the CPU) to be cut off mid-generation.
+    let spec = json!({"model": model, "mode": "i2v", "image": FIRST_FRAME, "prompt": "a late fox",
+        "seed": 5, "width": 512, "height": 512, "frames": 33});
+    setup.create_job("late", spec).await?;
+    setup.until_denoising("late").await?;
+
+    proxy.cut();
+    let (mut second, _, second_log) = setup.another_runner("runner-1")?;
+    let second_text = || std::fs::read_to_string(&second_log).unwrap_or_default();
+    let done = setup
+        .wait_succeeded(&["late"], 300)
+        .await
+        .with_context(second_text)?;
+    let status = done[0].status.clone().unwrap_or_default();
+    assert_eq!(status.runner.as_deref(), Some("runner-1"), "{status:?}");
+    assert_eq!(status.attempts, Some(2), "{status:?}");
+    let video = setup.out.path().join(&setup.ns.name).join("late/video.mp4");
+    let published = std::fs::metadata(&video)?;
+    let sha = |path: &std::path::Path| -> Result<String> {
+        Ok(hex::encode(Sha256::digest(std::fs::read(path)?)))
+    };
+    let output = status.output.clone().context("no output in status")?;
+    assert_eq!(sha(&video)?, output.sha256);
+
+    // The first runner finished meanwhile and keeps its files staged until it can ask the
+    // API server whether the job is still its own.
+    proxy.restore();
+    eventually(120, "the first runner to throw its files away", || async {
+        setup.check_runner()?;
+        Ok(setup
+            .log_lines()
+            .iter()
+            .any(|l| {
+                l["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("the job is no longer this runner's"))
+            })
+            .then_some(()))
+    })
+    .await
+    .with_context(|| setup.log_text())?;
+    let job = setup.jobs().get("late").await?;
+    let after = job.status.unwrap_or_default();
+    assert_eq!(after.runner.as_deref(), Some("runner-1"), "{after:?}");
+    assert_eq!(after.attempts, Some(2), "{after:?}");
+    assert_eq!(after.output, Some(output.clone()));
+    use std::os::unix::fs::MetadataExt;
+    let now = std::fs::metadata(&video)?;
+    assert_eq!(
+        (now.ino(), now.mtime_nsec()),
+        (published.ino(), published.mtime_nsec()),
+        "the video in place was replaced"
+    );
+    assert_eq!(sha(&video)?, output.sha256);
+    setup.no_staged_files()?;
+    second.kill().await?;
+    setup.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_refuses_a_job_too_large_for_its_device_and_runs_the_next() -> Result<()> {
+    // 1,227,000,000 bytes leave 600 MiB usable: the tiny anisora's weights and a 256x256x9
+    // job (about 350 MiB on the CPU) fit, 512x512 (four times that) does not.
+    let setup = Setup::start_with(
+        "runner-fit",
+        "Dedicated",
+        &["anisora"],
+        &["--device-memory-bytes", "1227000000"],
+    )
+    .await?;
+    let model = setup.model("anisora").to_owned();
+    let lease = eventually(60, "the runner's memory report", || async {
+        let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(
+            setup.ns.client.clone(),
+            &setup.ns.name,
+        )
+        .get_opt("runner-0")
+        .await?;
+        Ok(lease.and_then(|l| {
+            l.metadata
+                .annotations
+                .and_then(|a| a.get("framelane.dev/memory").cloned())
+        }))
+    })
+    .await
+    .with_context(|| setup.log_text())?;
+    let report: Value = serde_json::from_str(&lease)?;
+    assert_eq!(
+        (&report["v"], &report["deviceBytes"], &report["mode"]),
+        (&json!(1), &json!(1_227_000_000u64), &json!("resident")),
+        "{report}"
+    );
+    assert!(
+        report["models"][&model]["transformerBytes"].is_array(),
+        "{report}"
+    );
+
+    let large = json!({"model": model, "mode": "i2v", "image": FIRST_FRAME, "prompt": "a fox",
+        "width": 512, "height": 512, "frames": 17});
+    setup.create_job("large", large).await?;
+    let (reason, message) = setup.wait_failed("large", 120).await?;
+    assert_eq!(reason, JobReason::DoesNotFit.as_str());
+    assert!(
+        message.starts_with("needs ")
+            && message.contains("512x512x17 in memory mode resident")
+            && message.contains("runners have 0.6 GiB usable; the largest that fit: "),
+        "{message}"
+    );
+    let generated = setup.log_lines().iter().any(|l| {
+        l["fields"]["message"] == "job memory"
+            && l["fields"]["job"]
+                .as_str()
+                .is_some_and(|j| j.ends_with("large"))
+    });
+    ensure!(!generated, "the refused job never reached the GPU");
+
+    assert_eq!(setup.probe("/healthz").await?, 200);
+    let small = json!({"model": model, "mode": "i2v", "image": FIRST_FRAME, "prompt": "a fox",
+        "width": 256, "height": 256, "frames": 9});
+    setup.create_job("small", small).await?;
+    setup.wait_succeeded(&["small"], 180).await?;
     setup.stop().await
 }

@@ -7,6 +7,9 @@
 //! When it cannot start, the test fails with the reason, the log to read and the fix;
 //! nothing is skipped.
 
+pub mod kueue;
+pub mod stall;
+
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -43,6 +46,12 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("{0}")]
     Wait(String),
+    #[error(
+        "Kueue did not start: {0}\n\
+         Read .testenv/logs/kueue.log, fix the cause, then run `tests/testenv/kueue.sh` again \
+         (its first run builds Kueue from the Go module proxy, about 10 minutes on 2 cores)."
+    )]
+    Kueue(String),
 }
 
 /// Polls `check` every 200 ms until it returns `Some`, for at most `secs`: the one way the
@@ -62,6 +71,23 @@ where
             "timed out after {secs} s waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Expects a write refused by the API server with `code` and a message containing `message`.
+pub fn expect_refused<T: std::fmt::Debug>(
+    written: Result<T, kube::Error>,
+    code: u16,
+    message: &str,
+) -> anyhow::Result<()> {
+    match written {
+        Err(kube::Error::Api(s)) if s.code == code && s.message.contains(message) => Ok(()),
+        Err(kube::Error::Api(s)) => anyhow::bail!(
+            "expected {code} with {message:?}; the API server said {}: {}",
+            s.code,
+            s.message
+        ),
+        other => anyhow::bail!("expected {code} with {message:?}, got {other:?}"),
     }
 }
 
@@ -153,6 +179,11 @@ impl TestEnv {
     /// A client with the admin identity. Each call builds a new one, so every test's tokio
     /// runtime owns its own connections.
     pub async fn client(&self) -> Result<Client, Error> {
+        Ok(Client::try_from(self.config().await?)?)
+    }
+
+    /// The admin client's configuration (a test may point it through a proxy of its own).
+    pub async fn config(&self) -> Result<Config, Error> {
         let kubeconfig =
             Kubeconfig::read_from(&self.kubeconfig).map_err(|source| Error::Kubeconfig {
                 path: self.kubeconfig.clone(),
@@ -164,7 +195,7 @@ impl TestEnv {
                 path: self.kubeconfig.clone(),
                 source,
             })?;
-        Ok(Client::try_from(config)?)
+        Ok(config)
     }
 
     /// `kubectl` of the control plane's version, talking to it as admin.

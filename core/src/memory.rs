@@ -1,0 +1,843 @@
+//! Does a job fit a runner's GPU? The peak device memory of each stage of a Wan job (text
+//! encoding, image encoding for image-to-video, denoising, VAE decoding), estimated from the
+//! model's shapes, the job's size and the lane's memory mode; the largest size that fits a
+//! budget; and the `framelane.dev/memory` annotation a runner reports them in.
+//!
+//! The activation terms follow the runner's code (gpu-runner/src/wan/): which tensors are
+//! alive together at each stage's worst moment. Each is a count of tensors of one shape, so
+//! an estimate is a handful of multiplications: O(1) per stage. `docs/fit-check.md` derives
+//! the counts and gives the measured error (gpu-runner/tests/fit_estimate.rs).
+
+use std::collections::BTreeMap;
+
+use framelane_api::{
+    GenerationMode, VideoJobSpec, VideoModel,
+    modellane::{MemoryMode, VaeTiling},
+};
+use serde::{Deserialize, Serialize};
+
+use crate::parameters::{Cause, CauseReason};
+
+/// The version of the annotation's JSON; a runner writes it, the operator reads only this.
+pub const ANNOTATION_VERSION: u32 = 1;
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// What a runner reports in its heartbeat Lease's `framelane.dev/memory` annotation.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RunnerMemory {
+    /// [`ANNOTATION_VERSION`].
+    pub v: u32,
+    /// The device's total memory, in bytes.
+    pub device_bytes: u64,
+    /// What jobs may use of it: [`usable_bytes`] of the total.
+    pub budget_bytes: u64,
+    /// The memory mode the runner runs in (never `auto`: resolved at start).
+    pub mode: MemoryMode,
+    /// Whether the VAE decodes and encodes in tiles.
+    pub vae_tiling: bool,
+    /// The shape of each model the runner serves, by VideoModel name.
+    pub models: BTreeMap<String, ModelProfile>,
+}
+
+impl RunnerMemory {
+    /// The annotation value.
+    pub fn to_annotation(&self) -> String {
+        serde_json::to_string(self).expect("plain data serializes")
+    }
+
+    /// Reads an annotation value; an error says what is wrong with it.
+    pub fn from_annotation(value: &str) -> Result<RunnerMemory, String> {
+        let memory: RunnerMemory = serde_json::from_str(value).map_err(|e| e.to_string())?;
+        if memory.v != ANNOTATION_VERSION {
+            return Err(format!(
+                "version {} (this operator reads version {ANNOTATION_VERSION})",
+                memory.v
+            ));
+        }
+        if memory.mode == MemoryMode::Auto {
+            return Err("mode auto: a runner reports the mode it resolved".into());
+        }
+        Ok(memory)
+    }
+}
+
+/// The device memory jobs may use: the total less 5 % and 512 MiB for the CUDA context, the
+/// allocator's rounding and fragmentation.
+pub fn usable_bytes(device_bytes: u64) -> u64 {
+    (device_bytes - device_bytes / 20).saturating_sub(512 << 20)
+}
+
+/// A model's shapes, read from its config files: everything an estimate needs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelProfile {
+    /// Bytes of each transformer's weights on the device (two for a two-expert model).
+    pub transformer_bytes: Vec<u64>,
+    pub text_encoder_bytes: u64,
+    pub vae_bytes: u64,
+    /// Bytes per element the transformers and the text encoder compute in.
+    pub dtype_bytes: u64,
+    /// Bytes per element the VAE computes in.
+    pub vae_dtype_bytes: u64,
+    pub transformer: TransformerShape,
+    pub text_encoder: TextEncoderShape,
+    pub vae: VaeShape,
+    /// Whether the device's 3-D convolutions unfold their input into a scratch matrix, 27
+    /// times its size (libtorch on the CPU); cuDNN's implicit GEMM does not.
+    #[serde(default)]
+    pub conv_unfold: bool,
+}
+
+/// The denoiser's dimensions (the experts of a two-expert model share them).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TransformerShape {
+    /// Hidden size: heads times head size.
+    pub dim: u64,
+    pub ffn_dim: u64,
+    pub heads: u64,
+    pub layers: u64,
+    pub in_channels: u64,
+    pub out_channels: u64,
+    /// Frames, height, width of a patch.
+    pub patch: [u64; 3],
+    pub text_dim: u64,
+}
+
+/// The umT5 text encoder's dimensions.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TextEncoderShape {
+    pub d_model: u64,
+    pub d_ff: u64,
+    pub heads: u64,
+    /// Tokens every prompt is padded to.
+    pub text_length: u64,
+}
+
+/// The Wan VAE's dimensions.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VaeShape {
+    /// The decoder's base width (channels at full resolution).
+    pub base_dim: u64,
+    pub z_dim: u64,
+    /// Channel multipliers per stage, from full resolution down.
+    pub dim_mult: Vec<u64>,
+    pub res_blocks: u64,
+    pub temporal_compression: u64,
+    pub spatial_compression: u64,
+}
+
+/// A job's size and kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobSize {
+    pub width: u64,
+    pub height: u64,
+    pub frames: u64,
+    /// cfg > 1: an unconditional pass per step, and a second prompt to encode.
+    pub guided: bool,
+    pub mode: GenerationMode,
+}
+
+impl JobSize {
+    /// The size `spec` asks of `model`, its model's defaults filling what it leaves out; cfg
+    /// is the model's fixed value, else the job's (as the runner runs it).
+    pub fn of(spec: &VideoJobSpec, model: &VideoModel) -> JobSize {
+        let defaults = &model.spec.defaults;
+        let cfg = model.spec.fixed_parameters.cfg.or(spec.cfg).unwrap_or(1.0);
+        let positive = |v: i32| u64::try_from(v).unwrap_or(0);
+        JobSize {
+            width: positive(spec.width.unwrap_or(defaults.width)),
+            height: positive(spec.height.unwrap_or(defaults.height)),
+            frames: positive(spec.frames.unwrap_or(defaults.frames)),
+            guided: cfg > 1.0,
+            mode: spec.mode,
+        }
+    }
+
+    /// The size of a job of `model` that leaves every size out, in its first mode.
+    pub fn defaults(model: &VideoModel) -> JobSize {
+        let d = &model.spec.defaults;
+        let positive = |v: i32| u64::try_from(v).unwrap_or(0);
+        JobSize {
+            width: positive(d.width),
+            height: positive(d.height),
+            frames: positive(d.frames),
+            guided: model.spec.fixed_parameters.cfg.unwrap_or(1.0) > 1.0,
+            mode: model
+                .spec
+                .modes
+                .first()
+                .copied()
+                .unwrap_or(GenerationMode::T2v),
+        }
+    }
+}
+
+/// A stage of a job, in the order they run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    TextEncoding,
+    ImageEncoding,
+    Denoising,
+    Decoding,
+}
+
+impl Stage {
+    /// The verb the refusal message uses.
+    pub fn verb(self) -> &'static str {
+        match self {
+            Stage::TextEncoding => "encode the prompt for",
+            Stage::ImageEncoding => "encode the start image for",
+            Stage::Denoising => "denoise",
+            Stage::Decoding => "decode",
+        }
+    }
+}
+
+/// Peak device bytes per stage, and what stays on the device between jobs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Estimate {
+    /// Each stage the job runs, with its peak.
+    pub stages: Vec<(Stage, u64)>,
+    pub resident_bytes: u64,
+}
+
+impl Estimate {
+    /// The largest stage peak and its stage.
+    pub fn peak(&self) -> (Stage, u64) {
+        self.stages
+            .iter()
+            .copied()
+            .max_by_key(|&(_, bytes)| bytes)
+            .expect("every job has stages")
+    }
+}
+
+/// Tiles the VAE decodes and encodes in when tiling is on: diffusers' `enable_tiling`
+/// defaults (256-pixel tiles every 192 pixels).
+const TILE: u64 = 256;
+/// Frames of the previous chunk each cached causal convolution keeps (the VAE's `CACHE_T`).
+const CACHE_T: u64 = 2;
+/// Positions of the transformer's rotary tables (Wan's `rope_max_seq_len`).
+const ROPE_LENGTH: u64 = 1024;
+
+impl ModelProfile {
+    /// Each transformer's weights with its rotary tables (float32 cosines and sines of
+    /// [`ROPE_LENGTH`] positions over the head size).
+    fn experts(&self) -> impl Iterator<Item = u64> + '_ {
+        let head = self.transformer.dim / self.transformer.heads.max(1);
+        self.transformer_bytes
+            .iter()
+            .map(move |bytes| bytes + ROPE_LENGTH * head * 4)
+    }
+
+    fn largest_expert(&self) -> u64 {
+        self.experts().max().unwrap_or(0)
+    }
+
+    /// Bytes on the device while no job runs.
+    fn resident(&self, mode: MemoryMode) -> u64 {
+        match mode {
+            MemoryMode::Auto | MemoryMode::Resident => {
+                self.text_encoder_bytes + self.experts().sum::<u64>() + self.vae_bytes
+            }
+            MemoryMode::ExpertSwap => {
+                self.text_encoder_bytes + self.largest_expert() + self.vae_bytes
+            }
+            MemoryMode::ModelOffload => 0,
+        }
+    }
+
+    /// Weights on the device while `stage` runs.
+    fn weights_during(&self, stage: Stage, mode: MemoryMode) -> u64 {
+        match (mode, stage) {
+            (MemoryMode::ModelOffload, Stage::TextEncoding) => self.text_encoder_bytes,
+            (MemoryMode::ModelOffload, Stage::ImageEncoding | Stage::Decoding) => self.vae_bytes,
+            (MemoryMode::ModelOffload, Stage::Denoising) => self.largest_expert(),
+            _ => self.resident(mode),
+        }
+    }
+
+    /// Latent frames, height, width of a job.
+    fn latent(&self, job: &JobSize) -> [u64; 3] {
+        let (t, s) = (
+            self.vae.temporal_compression.max(1),
+            self.vae.spatial_compression.max(1),
+        );
+        [
+            (job.frames.max(1) - 1) / t + 1,
+            job.height / s,
+            job.width / s,
+        ]
+    }
+
+    /// umT5 over `text_length` tokens: the hidden state and its norm, the gated feed-forward's
+    /// three `d_ff`-wide tensors, and the attention scores with the position bias (float32,
+    /// every head), for each prompt; the embeddings of both prompts stay.
+    fn text_activations(&self, job: &JobSize) -> u64 {
+        let t = &self.text_encoder;
+        let e = self.dtype_bytes;
+        let prompts = if job.guided { 2 } else { 1 };
+        let one = t.text_length * (4 * t.d_model + 3 * t.d_ff) * e
+            + 4 * t.heads * t.text_length * t.text_length * 4;
+        one + prompts * t.text_length * t.d_model * e
+    }
+
+    /// One transformer block's worst moment over `tokens`: the block's input and output, the
+    /// modulated input, queries, keys and values with their rotated and contiguous copies,
+    /// the attention output (8 token-by-dim tensors), or, in the feed-forward, four of them
+    /// with two `ffn_dim`-wide ones; plus the float32 layer norm of the modulation
+    /// (three more, float32).
+    fn block_activations(&self, tokens: u64) -> u64 {
+        let s = &self.transformer;
+        let e = self.dtype_bytes;
+        let attention = 8 * s.dim * e;
+        let feed_forward = 4 * s.dim * e + 2 * s.ffn_dim * e;
+        tokens * (attention.max(feed_forward) + 3 * s.dim * 4)
+    }
+
+    /// Denoising: what a step keeps (the latents, the solver's history of three velocities,
+    /// the image condition, both prompts' projected context) plus one block at its worst.
+    fn denoise_activations(&self, job: &JobSize) -> u64 {
+        let s = &self.transformer;
+        let [f, h, w] = self.latent(job);
+        let [pt, ph, pw] = s.patch.map(|p| p.max(1));
+        let tokens = (f / pt) * (h / ph) * (w / pw);
+        let latent_pixels = f * h * w;
+        let condition = match job.mode {
+            GenerationMode::I2v => s.in_channels.saturating_sub(s.out_channels),
+            GenerationMode::T2v => 0,
+        };
+        let kept = latent_pixels * 4 * (5 * s.out_channels + 2 * condition);
+        let prompts = if job.guided { 2 } else { 1 };
+        let context =
+            prompts * self.text_encoder.text_length * (s.dim + s.text_dim) * self.dtype_bytes;
+        kept + context + self.block_activations(tokens)
+    }
+
+    /// The decoder's width and frames per chunk at each resolution, full resolution first
+    /// (level `l` has 1/4^l of the frame's pixels). The temporal upsamplers are the deepest
+    /// ones, as in every Wan VAE.
+    fn vae_levels(&self) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+        let v = &self.vae;
+        let levels = v.dim_mult.len() as u64;
+        let temporal = u64::from(v.temporal_compression.max(1).ilog2());
+        (0..levels).map(move |level| {
+            let frames = 1 << temporal.min(levels - 1 - level);
+            (v.base_dim * v.dim_mult[level as usize], level, frames)
+        })
+    }
+
+    /// VAE decoding of one chunk (the decoder runs one latent frame at a time): at each
+    /// resolution the feature cache keeps `CACHE_T` frames for every cached convolution of
+    /// its residual blocks, and the widest resolution holds the working tensors of a
+    /// residual block (input, norms, the padded, cache-joined convolution inputs and outputs:
+    /// nine of its chunk's size), with a 3x3x3 convolution's unfolded input where the device
+    /// unfolds.
+    fn decode_activations(&self, job: &JobSize, tiling: bool) -> u64 {
+        let e = self.vae_dtype_bytes;
+        let (width, height) = if tiling {
+            (job.width.min(TILE), job.height.min(TILE))
+        } else {
+            (job.width, job.height)
+        };
+        let pixels = width * height;
+        let convs = 2 * (self.vae.res_blocks + 1) + 1;
+        let mut cache = 0;
+        let mut working: u64 = 0;
+        let mut unfolded: u64 = 0;
+        for (channels, level, frames) in self.vae_levels() {
+            let level_pixels = pixels >> (2 * level);
+            cache += convs * channels * CACHE_T * level_pixels;
+            working = working.max(9 * channels * frames * level_pixels);
+            if self.conv_unfold {
+                unfolded = unfolded.max(27 * channels * frames * level_pixels);
+            }
+        }
+        let tiles = if tiling {
+            // Tiles decode one after another; their decoded pixels are blended into the
+            // whole video (float32, with the pieces kept for blending).
+            2 * 3 * job.frames * job.width * job.height * 4
+        } else {
+            0
+        };
+        (cache + working + unfolded) * e + tiles
+    }
+
+    /// Image-to-video's VAE encoding of the start image followed by black frames: the whole
+    /// pixel video twice (the black frames and their concatenation), then the encoder's chunk
+    /// working set and caches, which mirror the decoder's.
+    fn encode_activations(&self, job: &JobSize, tiling: bool) -> u64 {
+        let video = 2 * 3 * job.frames * job.width * job.height * self.vae_dtype_bytes;
+        video + self.decode_activations(job, tiling)
+    }
+
+    /// Each stage's peak and the resident bytes of `job` in `mode` (auto counts as
+    /// resident: the runner reports the mode it resolved).
+    pub fn estimate(&self, job: &JobSize, mode: MemoryMode, tiling: bool) -> Estimate {
+        let mut stages = vec![(
+            Stage::TextEncoding,
+            self.weights_during(Stage::TextEncoding, mode) + self.text_activations(job),
+        )];
+        if job.mode == GenerationMode::I2v {
+            stages.push((
+                Stage::ImageEncoding,
+                self.weights_during(Stage::ImageEncoding, mode)
+                    + self.encode_activations(job, tiling),
+            ));
+        }
+        stages.push((
+            Stage::Denoising,
+            self.weights_during(Stage::Denoising, mode) + self.denoise_activations(job),
+        ));
+        stages.push((
+            Stage::Decoding,
+            self.weights_during(Stage::Decoding, mode) + self.decode_activations(job, tiling),
+        ));
+        Estimate {
+            stages,
+            resident_bytes: self.resident(mode),
+        }
+    }
+
+    /// The most frames (of the form 4k+1, at most `job.frames`) that fit `budget` at the
+    /// job's width and height; `None` if not even one frame does.
+    pub fn most_frames(
+        &self,
+        job: &JobSize,
+        mode: MemoryMode,
+        tiling: bool,
+        budget: u64,
+    ) -> Option<u64> {
+        let step = self.vae.temporal_compression.max(1);
+        let fits = |frames| {
+            let size = JobSize { frames, ..*job };
+            self.estimate(&size, mode, tiling).peak().1 <= budget
+        };
+        // Every stage grows with the frames: bisect over k in frames = step * k + 1.
+        let (mut lo, mut hi) = (0, (job.frames.max(1) - 1) / step);
+        if !fits(1) {
+            return None;
+        }
+        while lo < hi {
+            let mid = (lo + hi).div_ceil(2);
+            if fits(step * mid + 1) {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        Some(step * lo + 1)
+    }
+
+    /// The largest width x height (multiples of 16, at most the job's, in its aspect ratio
+    /// as near as multiples of 16 allow) that fits `budget` at the job's frames; `None` if
+    /// not even 16x16 does.
+    pub fn largest_area(
+        &self,
+        job: &JobSize,
+        mode: MemoryMode,
+        tiling: bool,
+        budget: u64,
+    ) -> Option<(u64, u64)> {
+        let scaled = |n: u64| {
+            let w = (job.width * n / 64 / 16 * 16).max(16);
+            let h = (job.height * n / 64 / 16 * 16).max(16);
+            (w, h)
+        };
+        let fits = |(width, height)| {
+            let size = JobSize {
+                width,
+                height,
+                ..*job
+            };
+            self.estimate(&size, mode, tiling).peak().1 <= budget
+        };
+        // Scale both sides by n/64: bisect over n.
+        let (mut lo, mut hi) = (1u64, 64u64);
+        if !fits(scaled(1)) {
+            return None;
+        }
+        while lo < hi {
+            let mid = (lo + hi).div_ceil(2);
+            if fits(scaled(mid)) {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        Some(scaled(lo))
+    }
+}
+
+/// Why a job does not fit a lane's runners.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DoesNotFit {
+    pub stage: Stage,
+    pub needs: u64,
+    pub budget: u64,
+    pub mode: MemoryMode,
+    /// The most frames at the job's width and height that fit, if any.
+    pub frames: Option<u64>,
+    /// The largest width x height at the job's frames that fits, if any.
+    pub area: Option<(u64, u64)>,
+}
+
+impl DoesNotFit {
+    /// The refusal, for the job `size` on lane `lane`: what it needs, the limit, and the
+    /// largest sizes that fit.
+    pub fn message(&self, size: &JobSize, lane: &str) -> String {
+        let mut fits = Vec::new();
+        if let Some(frames) = self.frames {
+            fits.push(format!(
+                "{}x{}x{frames} (spec.frames: {frames})",
+                size.width, size.height
+            ));
+        }
+        if let Some((w, h)) = self.area {
+            fits.push(format!(
+                "{w}x{h}x{} (spec.width: {w}, spec.height: {h})",
+                size.frames
+            ));
+        }
+        let fits = if fits.is_empty() {
+            "no size of this model fits: use a lane with a larger GPU or another memory mode"
+                .to_owned()
+        } else {
+            format!("the largest that fit: {}", fits.join(" or "))
+        };
+        format!(
+            "needs {:.1} GiB to {} {}x{}x{} in memory mode {}; lane {lane}'s runners have {:.1} GiB usable; {fits}",
+            self.needs as f64 / GIB,
+            self.stage.verb(),
+            size.width,
+            size.height,
+            size.frames,
+            self.mode.as_str(),
+            self.budget as f64 / GIB,
+        )
+    }
+}
+
+impl DoesNotFit {
+    /// The 422's cause: the field to lower (the frames when fewer fit, else the width) and
+    /// [`DoesNotFit::message`].
+    pub fn cause(&self, size: &JobSize, lane: &str) -> Cause {
+        Cause {
+            field: if self.frames.is_some() {
+                "spec.frames"
+            } else {
+                "spec.width"
+            }
+            .into(),
+            reason: CauseReason::FieldValueInvalid,
+            message: self.message(size, lane),
+        }
+    }
+}
+
+/// Whether `job` of `model` fits the runner that reported `memory`: `Ok` when it fits or
+/// the runner did not profile that model (nothing to decide from), else what it needs and
+/// the largest sizes that fit.
+pub fn fits(memory: &RunnerMemory, model: &str, job: &JobSize) -> Result<(), DoesNotFit> {
+    let Some(profile) = memory.models.get(model) else {
+        return Ok(());
+    };
+    let (mode, tiling, budget) = (memory.mode, memory.vae_tiling, memory.budget_bytes);
+    let (stage, needs) = profile.estimate(job, mode, tiling).peak();
+    if needs <= budget {
+        return Ok(());
+    }
+    Err(DoesNotFit {
+        stage,
+        needs,
+        budget,
+        mode,
+        frames: profile.most_frames(job, mode, tiling, budget),
+        area: profile.largest_area(job, mode, tiling, budget),
+    })
+}
+
+/// The mode a runner runs in when its lane says `auto`: everything resident if the weights
+/// take at most 60 % of the budget, else one expert at a time for a two-expert model if that
+/// does, else model offload.
+pub fn resolve_mode(requested: MemoryMode, profiles: &[&ModelProfile], budget: u64) -> MemoryMode {
+    if requested != MemoryMode::Auto {
+        return requested;
+    }
+    let fits = |mode| profiles.iter().all(|p| p.resident(mode) <= budget / 10 * 6);
+    if fits(MemoryMode::Resident) {
+        MemoryMode::Resident
+    } else if profiles.iter().any(|p| p.transformer_bytes.len() > 1) && fits(MemoryMode::ExpertSwap)
+    {
+        MemoryMode::ExpertSwap
+    } else {
+        MemoryMode::ModelOffload
+    }
+}
+
+/// Whether the VAE tiles when the lane says `auto`: when the model's default size does not
+/// decode whole within the budget.
+pub fn resolve_tiling(
+    requested: VaeTiling,
+    profiles: &[(&ModelProfile, JobSize)],
+    mode: MemoryMode,
+    budget: u64,
+) -> bool {
+    match requested {
+        VaeTiling::On => true,
+        VaeTiling::Off => false,
+        VaeTiling::Auto => profiles
+            .iter()
+            .any(|(p, size)| p.estimate(size, mode, false).peak().1 > budget),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GB: u64 = 1 << 30;
+
+    /// Wan 2.2 A14B image-to-video in bfloat16: two 14B experts, umT5-XXL, the Wan 2.1 VAE.
+    fn a14b() -> ModelProfile {
+        ModelProfile {
+            transformer_bytes: vec![28_600_000_000, 28_600_000_000],
+            text_encoder_bytes: 11_400_000_000,
+            vae_bytes: 254_000_000,
+            dtype_bytes: 2,
+            vae_dtype_bytes: 4,
+            transformer: TransformerShape {
+                dim: 5120,
+                ffn_dim: 13824,
+                heads: 40,
+                layers: 40,
+                in_channels: 36,
+                out_channels: 16,
+                patch: [1, 2, 2],
+                text_dim: 4096,
+            },
+            text_encoder: TextEncoderShape {
+                d_model: 4096,
+                d_ff: 10240,
+                heads: 64,
+                text_length: 512,
+            },
+            vae: VaeShape {
+                base_dim: 96,
+                z_dim: 16,
+                dim_mult: vec![1, 2, 4, 4],
+                res_blocks: 2,
+                temporal_compression: 4,
+                spatial_compression: 8,
+            },
+            conv_unfold: false,
+        }
+    }
+
+    fn job(width: u64, height: u64, frames: u64) -> JobSize {
+        JobSize {
+            width,
+            height,
+            frames,
+            guided: true,
+            mode: GenerationMode::T2v,
+        }
+    }
+
+    fn runner(budget: u64, mode: MemoryMode) -> RunnerMemory {
+        RunnerMemory {
+            v: ANNOTATION_VERSION,
+            device_bytes: budget,
+            budget_bytes: budget,
+            mode,
+            vae_tiling: false,
+            models: [("anisora".to_owned(), a14b())].into(),
+        }
+    }
+
+    #[test]
+    fn every_stage_grows_with_the_size_and_resident_holds_every_weight() {
+        let p = a14b();
+        let i2v = |w, h, f| JobSize {
+            mode: GenerationMode::I2v,
+            ..job(w, h, f)
+        };
+        let small = p.estimate(&i2v(832, 480, 81), MemoryMode::Resident, false);
+        let large = p.estimate(&i2v(1280, 720, 81), MemoryMode::Resident, false);
+        let stages: Vec<Stage> = small.stages.iter().map(|s| s.0).collect();
+        assert_eq!(
+            stages,
+            [
+                Stage::TextEncoding,
+                Stage::ImageEncoding,
+                Stage::Denoising,
+                Stage::Decoding
+            ]
+        );
+        // Weights, and each expert's rotary tables (512 KiB).
+        assert_eq!(small.resident_bytes, 68_854_000_000 + 2 * 524_288);
+        for (s, l) in small.stages.iter().zip(&large.stages) {
+            if s.0 != Stage::TextEncoding {
+                assert!(l.1 > s.1, "{:?}: {} !> {}", s.0, l.1, s.1);
+            }
+            assert!(s.1 > small.resident_bytes);
+        }
+        // Untiled, decoding 1280x720 needs tens of GiB on top of the weights.
+        let decode = large.stages[3].1 - large.resident_bytes;
+        assert!(decode > 10 * GB && decode < 40 * GB, "{decode}");
+    }
+
+    #[test]
+    fn modes_and_tiling_lower_the_peak_in_order() {
+        let p = a14b();
+        let size = job(1280, 720, 81);
+        let peak = |mode, tiling| p.estimate(&size, mode, tiling).peak().1;
+        let resident = peak(MemoryMode::Resident, false);
+        let swap = peak(MemoryMode::ExpertSwap, false);
+        let offload = peak(MemoryMode::ModelOffload, false);
+        assert_eq!(
+            resident - swap,
+            28_600_000_000 + 524_288,
+            "one expert fewer on the device"
+        );
+        assert!(offload < swap, "{offload} {swap}");
+        // Offloaded, the A14B runs 1280x720x81 on an 80 GB card but not a 24 GB.
+        assert!(offload < 70 * GB && offload > 22 * GB, "{offload}");
+        // Tiles lower the decoding peak.
+        let decoding = |tiling| p.estimate(&size, MemoryMode::ModelOffload, tiling).stages[2].1;
+        assert!(
+            decoding(true) < decoding(false) / 2,
+            "{} {}",
+            decoding(true),
+            decoding(false)
+        );
+        // cfg 1 skips the second prompt and its context.
+        let unguided = JobSize {
+            guided: false,
+            ..size
+        };
+        assert!(p.estimate(&unguided, MemoryMode::Resident, false).peak().1 <= resident);
+    }
+
+    #[test]
+    fn a_job_that_does_not_fit_is_told_the_limit_and_the_largest_sizes_that_fit() {
+        // Resident on 80 GiB, decoding 1280x720 whole does not fit. Decoding runs one latent
+        // frame at a time, so fewer frames do not help: only a smaller area does.
+        let memory = runner(80 * GB, MemoryMode::Resident);
+        let size = job(1280, 720, 81);
+        let refused = fits(&memory, "anisora", &size).unwrap_err();
+        assert_eq!((refused.stage, refused.frames), (Stage::Decoding, None));
+        let (w, h) = refused.area.expect("a smaller area fits");
+        assert_eq!((w % 16, h % 16), (0, 0));
+        assert!(w < 1280 && h < 720 && w > 640, "{w}x{h}");
+        assert!(fits(&memory, "anisora", &job(w, h, 81)).is_ok());
+        assert!(fits(&memory, "anisora", &job(w + 32, h + 16, 81)).is_err());
+        let message = refused.message(&size, "anisora");
+        assert!(
+            message.starts_with("needs ")
+                && message.contains(
+                    "to decode 1280x720x81 in memory mode resident; lane anisora's runners have 80.0 GiB usable; the largest that fit: "
+                ),
+            "{message}"
+        );
+        assert!(message.contains(&format!("{w}x{h}x81 (spec.width: {w}, spec.height: {h})")));
+        // Model offload fits what resident does not.
+        assert!(fits(&runner(80 * GB, MemoryMode::ModelOffload), "anisora", &size).is_ok());
+
+        // Offloaded on 36 GiB, denoising is the peak, and it shrinks with the frames.
+        let memory = runner(36 * GB, MemoryMode::ModelOffload);
+        let refused = fits(&memory, "anisora", &size).unwrap_err();
+        assert_eq!(refused.stage, Stage::Denoising);
+        let frames = refused.frames.expect("fewer frames fit");
+        assert!(frames < 81 && (frames - 1).is_multiple_of(4), "{frames}");
+        assert!(fits(&memory, "anisora", &job(1280, 720, frames)).is_ok());
+        assert!(fits(&memory, "anisora", &job(1280, 720, frames + 4)).is_err());
+        let message = refused.message(&size, "anisora");
+        assert!(
+            message.contains(&format!("1280x720x{frames} (spec.frames: {frames}) or ")),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_model_that_fits_nowhere_says_so_and_an_unprofiled_model_is_admitted() {
+        let memory = runner(20 * GB, MemoryMode::Resident);
+        let refused = fits(&memory, "anisora", &job(832, 480, 81)).unwrap_err();
+        assert_eq!((refused.frames, refused.area), (None, None));
+        assert!(
+            refused
+                .message(&job(832, 480, 81), "a")
+                .contains("no size of this model fits")
+        );
+        assert!(fits(&memory, "other", &job(1280, 720, 81)).is_ok());
+    }
+
+    #[test]
+    fn the_annotation_round_trips_and_is_refused_when_malformed() {
+        let m = runner(75 * GB, MemoryMode::ExpertSwap);
+        let text = m.to_annotation();
+        assert!(text.len() < 1024, "small: {} bytes", text.len());
+        assert!(text.contains("\"mode\":\"expertSwap\""), "{text}");
+        assert_eq!(RunnerMemory::from_annotation(&text), Ok(m.clone()));
+        assert!(RunnerMemory::from_annotation("{").is_err());
+        let v2 = text.replace("\"v\":1", "\"v\":2");
+        assert!(
+            RunnerMemory::from_annotation(&v2)
+                .unwrap_err()
+                .contains("version 2")
+        );
+        let auto = text.replace("expertSwap", "auto");
+        assert!(RunnerMemory::from_annotation(&auto).is_err());
+    }
+
+    #[test]
+    fn auto_resolves_from_the_budget() {
+        let p = a14b();
+        let all = [&p];
+        let budget = |gb: u64| usable_bytes(gb * 1_000_000_000);
+        assert_eq!(
+            resolve_mode(MemoryMode::Auto, &all, budget(141)),
+            MemoryMode::Resident
+        );
+        assert_eq!(
+            resolve_mode(MemoryMode::Auto, &all, budget(80)),
+            MemoryMode::ExpertSwap
+        );
+        assert_eq!(
+            resolve_mode(MemoryMode::Auto, &all, budget(24)),
+            MemoryMode::ModelOffload
+        );
+        assert_eq!(
+            resolve_mode(MemoryMode::Resident, &all, budget(24)),
+            MemoryMode::Resident
+        );
+        let sized = [(&p, job(832, 480, 81))];
+        assert!(resolve_tiling(
+            VaeTiling::Auto,
+            &sized,
+            MemoryMode::ModelOffload,
+            budget(24)
+        ));
+        assert!(!resolve_tiling(
+            VaeTiling::Auto,
+            &sized,
+            MemoryMode::ModelOffload,
+            budget(80)
+        ));
+        assert!(!resolve_tiling(
+            VaeTiling::Off,
+            &sized,
+            MemoryMode::ModelOffload,
+            budget(24)
+        ));
+        assert_eq!(
+            usable_bytes(24 << 30),
+            (24 << 30) - (24 << 30) / 20 - (512 << 20)
+        );
+    }
+}

@@ -1,0 +1,192 @@
+//! Where a model's parts live: the memory modes (`--memory-mode`), VAE tiling
+//! (`--vae-tiling`), and the host store offloaded weights wait in. docs/memory.md explains
+//! what each mode keeps where and when to pick it.
+
+use std::collections::HashMap;
+
+use tch::{Device, TchError, Tensor};
+
+use crate::accel::{self, AccelError};
+
+/// `--memory-mode` and `--vae-tiling` take the ModelLane's `spec.runner.memory` values
+/// (docs/memory.md): `auto` resolves by [`place`] and [`tiles`].
+pub use framelane_api::modellane::{MemoryMode, VaeTiling};
+
+/// What a loaded model keeps where: a [`MemoryMode`] resolved for one model on one device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    Resident,
+    ExpertSwap,
+    ModelOffload,
+}
+
+impl Placement {
+    /// As `status.memory.memoryMode` and the metrics show it (the ModelLane's spelling).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Placement::Resident => "resident",
+            Placement::ExpertSwap => "expertSwap",
+            Placement::ModelOffload => "modelOffload",
+        }
+    }
+}
+
+/// Share of the device's total memory `auto` keeps free of weights: a job's activations, the
+/// VAE's decode and the allocator's rounding.
+pub const ACTIVATION_SHARE: f64 = 0.25;
+
+/// Weight bytes of a model's parts, in the precision it runs in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PartBytes {
+    pub text_encoder: u64,
+    pub transformer: u64,
+    /// The low-noise expert of a two-expert model.
+    pub transformer_2: Option<u64>,
+    pub vae: u64,
+}
+
+impl PartBytes {
+    pub fn all(&self) -> u64 {
+        self.text_encoder + self.transformer + self.transformer_2.unwrap_or(0) + self.vae
+    }
+
+    /// What expert-swap keeps on the device at most: everything but the smaller expert.
+    pub fn one_expert(&self) -> u64 {
+        self.all()
+            - self
+                .transformer_2
+                .map_or(0, |low| low.min(self.transformer))
+    }
+
+    /// What model-offload needs on the device at most: its largest part.
+    pub fn largest(&self) -> u64 {
+        [
+            self.text_encoder,
+            self.transformer,
+            self.transformer_2.unwrap_or(0),
+            self.vae,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0)
+    }
+}
+
+/// The placement of a model of `bytes` on a device of `total` bytes (`None`: the CPU) in
+/// `mode`. `auto`: resident when every weight fits in the device's memory less
+/// [`ACTIVATION_SHARE`], else expert-swap when a two-expert model fits with one expert, else
+/// model-offload; resident on the CPU. Expert-swap of a one-transformer model is resident
+/// (nothing to swap). Model-offload: the text encoder, the transformer(s) and the VAE each
+/// come to the device for their stage only, as diffusers' `enable_model_cpu_offload`.
+pub fn place(mode: MemoryMode, bytes: &PartBytes, total: Option<u64>) -> Placement {
+    let two_experts = bytes.transformer_2.is_some();
+    match mode {
+        MemoryMode::Resident => Placement::Resident,
+        MemoryMode::ExpertSwap if two_experts => Placement::ExpertSwap,
+        MemoryMode::ExpertSwap => Placement::Resident,
+        MemoryMode::ModelOffload => Placement::ModelOffload,
+        MemoryMode::Auto => {
+            let Some(total) = total else {
+                return Placement::Resident;
+            };
+            let budget = (total as f64 * (1.0 - ACTIVATION_SHARE)) as u64;
+            if bytes.all() <= budget {
+                Placement::Resident
+            } else if two_experts && bytes.one_expert() <= budget {
+                Placement::ExpertSwap
+            } else {
+                Placement::ModelOffload
+            }
+        }
+    }
+}
+
+/// Whether to decode (or encode) in tiles with `tiling`, given the bytes an untiled pass needs
+/// and the device bytes free for it (`None`: the CPU, which `auto` never tiles).
+pub fn tiles(tiling: VaeTiling, untiled_bytes: u64, room: Option<u64>) -> bool {
+    match tiling {
+        VaeTiling::On => true,
+        VaeTiling::Off => false,
+        VaeTiling::Auto => room.is_some_and(|room| untiled_bytes > room),
+    }
+}
+
+/// Weights by name, each a host copy the device's allocator does not count (pinned memory
+/// next to a GPU; memory outside the counting allocator on a CPU-only runner): where an
+/// offloaded part waits. Bringing a part to the device copies its weights into new device
+/// tensors; sending it back drops them (weights do not change during inference).
+#[derive(Default)]
+pub struct HostWeights {
+    tensors: HashMap<String, Tensor>,
+    bytes: u64,
+}
+
+impl HostWeights {
+    /// Keeps a host copy of `tensor` under `name` and returns it (it shares the copy's
+    /// memory, so a module built from it holds no device memory).
+    pub fn keep(&mut self, name: &str, tensor: &Tensor) -> Result<Tensor, AccelError> {
+        let copy = accel::host_copy(tensor)?;
+        self.bytes += (copy.numel() * copy.kind().elt_size_in_bytes()) as u64;
+        let shared = copy.shallow_clone();
+        self.tensors.insert(name.to_owned(), copy);
+        Ok(shared)
+    }
+
+    /// A new tensor on `device` with the weight `name` (a copy even on the CPU, so the
+    /// counting allocator sees it); `None` when there is no such weight.
+    pub fn to_device(&self, name: &str, device: Device) -> Option<Result<Tensor, TchError>> {
+        let host = self.tensors.get(name)?;
+        Some(host.f_to_device_(device, host.kind(), true, true))
+    }
+
+    /// Bytes the host copies take.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GB: u64 = 1_000_000_000;
+
+    /// Wan 2.2 A14B in bfloat16: two 28.6 GB experts, umT5-XXL 11.4 GB, the VAE 0.25 GB.
+    const A14B: PartBytes = PartBytes {
+        text_encoder: 11_400_000_000,
+        transformer: 28_600_000_000,
+        transformer_2: Some(28_600_000_000),
+        vae: 254_000_000,
+    };
+
+    #[test]
+    fn auto_picks_by_the_devices_memory() {
+        let auto = |total: u64| place(MemoryMode::Auto, &A14B, Some(total));
+        assert_eq!(auto(141 * GB), Placement::Resident);
+        assert_eq!(auto(80 * GB), Placement::ExpertSwap);
+        assert_eq!(auto(48 * GB), Placement::ModelOffload);
+        assert_eq!(place(MemoryMode::Auto, &A14B, None), Placement::Resident);
+        let one = PartBytes {
+            transformer_2: None,
+            ..A14B
+        };
+        assert_eq!(
+            place(MemoryMode::Auto, &one, Some(48 * GB)),
+            Placement::ModelOffload
+        );
+        assert_eq!(
+            place(MemoryMode::ExpertSwap, &one, Some(48 * GB)),
+            Placement::Resident,
+            "nothing to swap"
+        );
+    }
+
+    #[test]
+    fn auto_tiles_only_what_would_not_fit() {
+        assert!(tiles(VaeTiling::Auto, 10, Some(9)));
+        assert!(!tiles(VaeTiling::Auto, 10, Some(10)));
+        assert!(!tiles(VaeTiling::Auto, u64::MAX, None));
+        assert!(tiles(VaeTiling::On, 0, None));
+        assert!(!tiles(VaeTiling::Off, u64::MAX, Some(0)));
+    }
+}

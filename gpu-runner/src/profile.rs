@@ -1,0 +1,272 @@
+//! The runner's side of the fit check: its models' shapes (read from their config files and
+//! weight headers, no weight loaded), its device's memory, the memory mode it runs in, all
+//! reported in its heartbeat (`framelane.dev/memory`); and the refusal of a job that does
+//! not fit, before the GPU is touched. The estimate itself is `framelane_core::memory`.
+
+use std::path::Path;
+
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use framelane_api::{
+    VideoJob, VideoModel,
+    modellane::{MemoryMode, VaeTiling},
+};
+use framelane_core::memory::{
+    ANNOTATION_VERSION, JobSize, ModelProfile, RunnerMemory, TextEncoderShape, TransformerShape,
+    VaeShape, fits, resolve_mode, resolve_tiling, usable_bytes,
+};
+use kube::ResourceExt;
+
+use crate::{
+    accel::{self, AccelError},
+    cache::ModelRef,
+    memory::RunnerDevice,
+    wan::{
+        components::{ComponentError, TextEncoderFiles, VaeFiles},
+        pipeline::{ModelFiles, Precision, TEXT_LENGTH},
+        safetensors::{SafetensorsError, TensorFiles},
+        weights::{TransformerCheckpoint, WeightsError},
+    },
+};
+
+/// The runner's memory flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct MemoryArgs {
+    /// How the models are held in GPU memory (the lane's spec.runner.memory.mode).
+    #[arg(long, env = "FRAMELANE_MEMORY_MODE", default_value = "auto",
+        value_parser = PossibleValuesParser::new(MemoryMode::ALL.map(MemoryMode::flag))
+            .map(|flag| MemoryMode::from_flag(&flag).expect("a listed --memory-mode")))]
+    pub memory_mode: MemoryMode,
+    /// Whether the VAE works in tiles (the lane's spec.runner.memory.vaeTiling).
+    #[arg(long, env = "FRAMELANE_VAE_TILING", default_value = "auto",
+        value_parser = PossibleValuesParser::new(VaeTiling::ALL.map(VaeTiling::as_str))
+            .map(|flag| VaeTiling::from_flag(&flag).expect("a listed --vae-tiling")))]
+    pub vae_tiling: VaeTiling,
+    /// For tests and CPU lanes: the device memory to report and check jobs against, in bytes,
+    /// instead of the GPU's. Without it a CPU runner reports none and checks nothing.
+    #[arg(long, env = "FRAMELANE_DEVICE_MEMORY_BYTES")]
+    pub device_memory_bytes: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Component(#[from] ComponentError),
+    #[error(transparent)]
+    Files(#[from] SafetensorsError),
+    #[error("{path}: {message}")]
+    Index { path: String, message: String },
+    #[error(transparent)]
+    Accel(#[from] AccelError),
+}
+
+/// A model's shapes and weight bytes in `precision`, from its config files and the weight
+/// files' headers.
+pub fn model_profile(
+    files: &ModelFiles,
+    precision: Precision,
+    device: tch::Device,
+) -> Result<ModelProfile, ProfileError> {
+    let (transformers, text_encoder, vae) = match files {
+        ModelFiles::Diffusers(dir) => {
+            let mut transformers =
+                vec![TransformerCheckpoint::diffusers(&dir.join("transformer"))?];
+            if has_second_transformer(dir)? {
+                transformers.push(TransformerCheckpoint::diffusers(
+                    &dir.join("transformer_2"),
+                )?);
+            }
+            (
+                transformers,
+                TextEncoderFiles::diffusers(&dir.join("text_encoder"))?,
+                VaeFiles::diffusers(&dir.join("vae"))?,
+            )
+        }
+        ModelFiles::ComfyUi(files) => {
+            let first = TensorFiles::open(&files.transformer)?;
+            let or_first = |paths: &[std::path::PathBuf]| {
+                if paths.is_empty() {
+                    Ok(first.clone())
+                } else {
+                    TensorFiles::open(paths)
+                }
+            };
+            let mut transformers = vec![TransformerCheckpoint::comfyui(first.clone(), None)?];
+            if !files.transformer_2.is_empty() {
+                transformers.push(TransformerCheckpoint::comfyui(
+                    TensorFiles::open(&files.transformer_2)?,
+                    None,
+                )?);
+            }
+            (
+                transformers,
+                TextEncoderFiles::comfyui(or_first(&files.text_encoder)?)?,
+                VaeFiles::comfyui(or_first(&files.vae)?)?,
+            )
+        }
+    };
+    let dtype = precision.model.elt_size_in_bytes() as u64;
+    let config = transformers[0].config();
+    let text = text_encoder.config();
+    let v = vae.config();
+    let u = |n: i64| u64::try_from(n).unwrap_or(0);
+    Ok(ModelProfile {
+        transformer_bytes: transformers
+            .iter()
+            .map(|t| {
+                let elements: i64 = t
+                    .config()
+                    .parameters()
+                    .iter()
+                    .map(|(_, shape)| shape.iter().product::<i64>())
+                    .sum();
+                u(elements) * dtype
+            })
+            .collect(),
+        text_encoder_bytes: text_encoder.bytes(precision.model),
+        vae_bytes: vae.bytes(precision.vae),
+        dtype_bytes: dtype,
+        vae_dtype_bytes: precision.vae.elt_size_in_bytes() as u64,
+        transformer: TransformerShape {
+            dim: u(config.dim()),
+            ffn_dim: u(config.ffn_dim),
+            heads: u(config.num_attention_heads),
+            layers: u(config.num_layers),
+            in_channels: u(config.in_channels),
+            out_channels: u(config.out_channels()),
+            patch: config.patch_size.map(u),
+            text_dim: u(config.text_dim),
+        },
+        text_encoder: TextEncoderShape {
+            d_model: u(text.d_model),
+            d_ff: u(text.d_ff),
+            heads: u(text.num_heads),
+            text_length: TEXT_LENGTH as u64,
+        },
+        vae: VaeShape {
+            base_dim: u(v.decoder_base_dim.unwrap_or(v.base_dim)),
+            z_dim: u(v.z_dim),
+            dim_mult: v.dim_mult.iter().copied().map(u).collect(),
+            res_blocks: u(v.num_res_blocks),
+            temporal_compression: u(v.scale_factor_temporal),
+            spatial_compression: u(v.scale_factor_spatial),
+        },
+        conv_unfold: device == tch::Device::Cpu,
+    })
+}
+
+/// Whether a diffusers folder's `model_index.json` names a second transformer.
+fn has_second_transformer(dir: &Path) -> Result<bool, ProfileError> {
+    let path = dir.join("model_index.json");
+    let index = |message: String| ProfileError::Index {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| index(e.to_string()))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| index(e.to_string()))?;
+    Ok(json
+        .get("transformer_2")
+        .and_then(|t| t.get(0))
+        .is_some_and(|library| !library.is_null()))
+}
+
+/// What the runner reports and checks jobs against: `None` when it does not know its
+/// device's memory (a CPU without `--device-memory-bytes`).
+pub fn runner_memory(
+    args: &MemoryArgs,
+    device: &RunnerDevice,
+    models: &[VideoModel],
+    refs: &[ModelRef],
+    precision: Precision,
+) -> Result<Option<RunnerMemory>, ProfileError> {
+    let device_bytes = match args.device_memory_bytes {
+        Some(bytes) => bytes,
+        None => match device.device {
+            tch::Device::Cuda(i) => accel::memory_info(i)?.1,
+            _ => 0,
+        },
+    };
+    if device_bytes == 0 {
+        return Ok(None);
+    }
+    let budget = usable_bytes(device_bytes);
+    let mut profiles = std::collections::BTreeMap::new();
+    for r in refs {
+        profiles.insert(
+            r.model.clone(),
+            model_profile(&r.spec.files, precision, device.device)?,
+        );
+    }
+    let all: Vec<&ModelProfile> = profiles.values().collect();
+    let mode = resolve_mode(args.memory_mode, &all, budget);
+    let defaults: Vec<(&ModelProfile, JobSize)> = models
+        .iter()
+        .filter_map(|m| Some((profiles.get(&m.name_any())?, JobSize::defaults(m))))
+        .collect();
+    let vae_tiling = resolve_tiling(args.vae_tiling, &defaults, mode, budget);
+    Ok(Some(RunnerMemory {
+        v: ANNOTATION_VERSION,
+        device_bytes,
+        budget_bytes: budget,
+        mode,
+        vae_tiling,
+        models: profiles,
+    }))
+}
+
+/// Why this runner must not run `job` of `model`: its estimate does not fit the budget.
+pub fn refusal(
+    memory: &RunnerMemory,
+    job: &VideoJob,
+    model: &VideoModel,
+    lane: &str,
+) -> Option<String> {
+    let size = JobSize::of(&job.spec, model);
+    fits(memory, &model.name_any(), &size)
+        .err()
+        .map(|refused| refused.message(&size, lane))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        memory: MemoryArgs,
+    }
+
+    #[test]
+    fn memory_flags_take_what_the_operator_passes_from_the_lane() {
+        let parse = |args: &[&str]| Flags::try_parse_from([&["runner"], args].concat());
+        let defaults = parse(&[]).unwrap().memory;
+        assert_eq!(
+            (defaults.memory_mode, defaults.vae_tiling),
+            (MemoryMode::Auto, VaeTiling::Auto)
+        );
+        for mode in MemoryMode::ALL {
+            for tiling in VaeTiling::ALL {
+                let flags = [
+                    "--memory-mode",
+                    mode.flag(),
+                    "--vae-tiling",
+                    tiling.as_str(),
+                ];
+                let memory = parse(&flags).unwrap().memory;
+                assert_eq!((memory.memory_mode, memory.vae_tiling), (mode, tiling));
+            }
+        }
+        let wrong = parse(&["--memory-mode", "expertSwap"])
+            .err()
+            .expect("the API's spelling is not the flag's")
+            .to_string();
+        assert!(
+            wrong.contains("expert-swap") && wrong.contains("model-offload"),
+            "{wrong}"
+        );
+    }
+}

@@ -1,0 +1,164 @@
+//! The fit check's estimate (`framelane_core::memory`) against measured peaks: tiny
+//! random-weight Wan models run at a few sizes with everything resident, and each stage's
+//! measured peak (the counting allocator on the CPU, the caching allocator on a GPU) must
+//! lie under its estimate, by at most [`BAND`]. Its own test binary, so no other test's
+//! tensors count.
+
+mod common;
+
+use framelane_api::{GenerationMode, modellane::MemoryMode};
+use framelane_core::memory::{JobSize, Stage};
+use framelane_runner::{
+    profile::model_profile,
+    sampler::StepControl,
+    wan::pipeline::{ModelFiles, ModelSpec, Precision, Request, WanPipeline},
+};
+use tch::{Kind, Tensor};
+
+/// How far above a measured peak an estimate may be: the estimate counts the tensors alive
+/// at each stage's worst moment from the code, and rounds up where libtorch's kernels keep
+/// scratch (docs/fit-check.md).
+const BAND: f64 = 0.20;
+
+const MIB: f64 = (1 << 20) as f64;
+
+struct Measured {
+    weights: i64,
+    /// Prompt encoding, the start image's encoding and denoising run in one call.
+    denoise: i64,
+    decode: i64,
+}
+
+fn measure(pipeline: &mut WanPipeline, job: &JobSize) -> Measured {
+    let device = common::device();
+    let weights = device.stats().unwrap().allocated_current;
+    tch::manual_seed(0);
+    let image = (job.mode == GenerationMode::I2v).then(|| {
+        Tensor::rand(
+            [1, 3, job.height as i64, job.width as i64],
+            (Kind::Float, device.device),
+        ) * 2.0
+            - 1.0
+    });
+    let request = Request {
+        prompt: "a red fox running through snow",
+        negative_prompt: "blurry",
+        width: job.width as i64,
+        height: job.height as i64,
+        frames: job.frames as i64,
+        steps: 2,
+        guidance: if job.guided { 5.0 } else { 1.0 },
+        seed: 1,
+        image: image.as_ref(),
+    };
+    let before = device.begin_job().unwrap();
+    let latents = pipeline
+        .denoise(&request, &mut |_, _| StepControl::Continue)
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Each stage restarts the allocator's peak window: a call's peak is its stages' largest.
+    let peak = |pipeline: &mut WanPipeline| {
+        pipeline
+            .take_stages()
+            .iter()
+            .map(|s| s.peak_allocated_bytes)
+            .max()
+            .expect("the pipeline measured its stages")
+    };
+    let denoise = peak(pipeline) - before.allocated_current;
+    let before = device.begin_job().unwrap();
+    let frames = pipeline.decode(&latents).unwrap();
+    assert_eq!(frames.count as u64, job.frames);
+    let decode = peak(pipeline) - before.allocated_current;
+    Measured {
+        weights,
+        denoise: denoise + before.allocated_current - weights,
+        decode: decode + before.allocated_current - weights,
+    }
+}
+
+#[test]
+fn estimates_lie_above_measured_peaks_within_the_band() {
+    let device = common::device();
+    let mut failures = Vec::new();
+    for (folder, mode, guided, sizes) in [
+        (
+            "wan-t2v",
+            GenerationMode::T2v,
+            false,
+            [(64, 64, 5), (128, 128, 9), (192, 128, 13)],
+        ),
+        (
+            "anisora",
+            GenerationMode::I2v,
+            true,
+            [(64, 64, 5), (128, 128, 9), (192, 128, 13)],
+        ),
+    ] {
+        let files = ModelFiles::Diffusers(common::models().join(folder));
+        let profile = model_profile(&files, Precision::FLOAT32, device.device).unwrap();
+        let spec = ModelSpec {
+            files,
+            solver: None,
+            boundary_ratio: None,
+        };
+        let mut pipeline = WanPipeline::load(&spec, Precision::FLOAT32, device.device).unwrap();
+        for (width, height, frames) in sizes {
+            let job = JobSize {
+                width,
+                height,
+                frames,
+                guided,
+                mode,
+            };
+            let m = measure(&mut pipeline, &job);
+            let estimate = profile.estimate(&job, MemoryMode::Resident, false);
+            let stage = |s: Stage| {
+                estimate
+                    .stages
+                    .iter()
+                    .find(|(stage, _)| *stage == s)
+                    .map_or(0, |(_, b)| *b as i64)
+            };
+            let resident = estimate.resident_bytes as i64;
+            let denoise_estimate = [Stage::TextEncoding, Stage::ImageEncoding, Stage::Denoising]
+                .into_iter()
+                .map(stage)
+                .max()
+                .unwrap();
+            for (label, measured, estimated) in [
+                ("weights", m.weights, resident),
+                ("denoise", m.weights + m.denoise, denoise_estimate),
+                ("decode", m.weights + m.decode, stage(Stage::Decoding)),
+                (
+                    "decode activations",
+                    m.decode,
+                    stage(Stage::Decoding) - resident,
+                ),
+                (
+                    "denoise activations",
+                    m.denoise,
+                    denoise_estimate - resident,
+                ),
+            ] {
+                let ratio = estimated as f64 / measured as f64;
+                println!(
+                    "{folder} {width}x{height}x{frames} {label}: measured {:.2} MiB, estimated {:.2} MiB ({:+.1} %)",
+                    measured as f64 / MIB,
+                    estimated as f64 / MIB,
+                    (ratio - 1.0) * 100.0
+                );
+                failures.extend((!(1.0..=1.0 + BAND).contains(&ratio)).then(|| {
+                    format!(
+                        "{folder} {width}x{height}x{frames} {label}: {:+.1} %",
+                        (ratio - 1.0) * 100.0
+                    )
+                }));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "estimates outside [measured, measured + {:.0} %]: {failures:?}",
+        BAND * 100.0
+    );
+}

@@ -1,0 +1,313 @@
+//! The fit check at admission on the real local control plane: runners report their GPU
+//! memory in their heartbeat Lease (`framelane.dev/memory`), and the webhook refuses a job
+//! whose estimated peak does not fit its lane's runners with a 422 naming the limit and the
+//! largest size that fits.
+
+mod support;
+
+use anyhow::{Result, ensure};
+use framelane_api::{
+    VideoJob,
+    modellane::MemoryMode,
+    videojob::JobPhase,
+    wellknown::{ANNOTATION_MEMORY, LABEL_LANE, LABEL_RUNNER},
+};
+use framelane_contract::{Runner, heartbeat::HeartbeatHandle};
+use framelane_core::memory::{
+    ANNOTATION_VERSION, ModelProfile, RunnerMemory, TextEncoderShape, TransformerShape, VaeShape,
+    usable_bytes,
+};
+use k8s_openapi::{
+    api::coordination::v1::{Lease, LeaseSpec},
+    apimachinery::pkg::apis::meta::v1::MicroTime,
+};
+use kube::{
+    Api, ResourceExt,
+    api::{ObjectMeta, PostParams},
+};
+use serde_json::json;
+use support::{Fixture, eventually, job, phase};
+use tokio::sync::watch;
+
+const GIB: u64 = 1 << 30;
+
+/// Wan 2.2 A14B in bfloat16 (two 14B experts, umT5-XXL, the Wan VAE) on a GPU.
+fn a14b() -> ModelProfile {
+    ModelProfile {
+        transformer_bytes: vec![28_600_000_000, 28_600_000_000],
+        text_encoder_bytes: 11_400_000_000,
+        vae_bytes: 254_000_000,
+        dtype_bytes: 2,
+        vae_dtype_bytes: 4,
+        transformer: TransformerShape {
+            dim: 5120,
+            ffn_dim: 13824,
+            heads: 40,
+            layers: 40,
+            in_channels: 16,
+            out_channels: 16,
+            patch: [1, 2, 2],
+            text_dim: 4096,
+        },
+        text_encoder: TextEncoderShape {
+            d_model: 4096,
+            d_ff: 10240,
+            heads: 64,
+            text_length: 512,
+        },
+        vae: VaeShape {
+            base_dim: 96,
+            z_dim: 16,
+            dim_mult: vec![1, 2, 4, 4],
+            res_blocks: 2,
+            temporal_compression: 4,
+            spatial_compression: 8,
+        },
+        conv_unfold: false,
+    }
+}
+
+/// What a runner of an 80 GiB GPU serving `model` in `mode` reports.
+fn report(model: &str, mode: MemoryMode) -> RunnerMemory {
+    RunnerMemory {
+        v: ANNOTATION_VERSION,
+        device_bytes: 80 * GIB,
+        budget_bytes: usable_bytes(80 * GIB),
+        mode,
+        vae_tiling: false,
+        models: [(model.to_owned(), a14b())].into(),
+    }
+}
+
+/// A runner that only heartbeats (it claims nothing, so admitted jobs stay Queued), reporting
+/// `memory` through the runner contract.
+fn heartbeat(fx: &Fixture, name: &str, lane: &str, memory: &RunnerMemory) -> HeartbeatHandle {
+    let runner = Runner::start(fx.client.clone(), &fx.ns.name, name, lane, fx.jobs.clone())
+        .reporting_memory(memory);
+    let (_, model) = watch::channel(None);
+    runner.keep_alive(model)
+}
+
+async fn until_ready_runners(fx: &Fixture, lane: &str) -> Result<()> {
+    eventually(30, "the lane's runner to be seen", || async {
+        Ok((fx.lane_status(lane).await?.ready_runners == 1).then_some(()))
+    })
+    .await
+}
+
+fn sized(name: &str, model: &str, width: i32, height: i32, frames: i32) -> VideoJob {
+    job(
+        name,
+        json!({"model": model, "prompt": "a cat", "width": width, "height": height, "frames": frames}),
+    )
+}
+
+async fn until_queued(fx: &Fixture, name: &str) -> Result<()> {
+    eventually(30, "the job to be Queued", || async {
+        Ok((phase(&fx.jobs.get(name).await?) == Some(JobPhase::Queued)).then_some(()))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_job_too_large_for_the_lanes_gpu_is_refused_with_the_limit_and_what_fits() -> Result<()> {
+    let fx = Fixture::new("fit-refuse").await?;
+    let model = fx.model("a14b", 4, None).await?;
+    let lane = fx
+        .lane(
+            "a14b",
+            &[&model],
+            json!({"runner": {"memory": {"mode": "resident"}}}),
+        )
+        .await?;
+    let (_operator, port) = fx.webhook_operator("a", 0, &[])?;
+    fx.register_webhook(port).await?;
+    fx.webhook_effective(&model).await?;
+
+    // Before any runner reported, the job is admitted: its runner checks it.
+    fx.jobs
+        .create(
+            &PostParams::default(),
+            &sized("early", &model, 1280, 720, 81),
+        )
+        .await?;
+    until_queued(&fx, "early").await?;
+
+    let _runner = heartbeat(
+        &fx,
+        "runner-0",
+        &lane,
+        &report(&model, MemoryMode::Resident),
+    );
+    until_ready_runners(&fx, &lane).await?;
+    let refused = match fx
+        .jobs
+        .create(
+            &PostParams::default(),
+            &sized("large", &model, 1280, 720, 81),
+        )
+        .await
+    {
+        Err(kube::Error::Api(status)) => status,
+        other => anyhow::bail!("1280x720x81 was not refused: {other:?}"),
+    };
+    assert_eq!((refused.code, refused.reason.as_str()), (422, "Invalid"));
+    let message = &refused.message;
+    for part in [
+        "to decode 1280x720x81 in memory mode resident",
+        &format!("lane {lane}'s runners have 75.5 GiB usable"),
+        "the largest that fit: ",
+        "(spec.width: ",
+    ] {
+        ensure!(message.contains(part), "{part:?} is not in {message:?}");
+    }
+    let causes = &refused.details.as_ref().expect("details").causes;
+    assert_eq!(causes.len(), 1, "{causes:?}");
+    assert_eq!(causes[0].field, "spec.width");
+    ensure!(
+        fx.jobs.get_opt("large").await?.is_none(),
+        "the job is not created"
+    );
+
+    // The size the refusal offers is admitted and queued.
+    let offered = message
+        .split("the largest that fit: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .expect("a size WxHxF");
+    let [w, h, f]: [i32; 3] = offered
+        .split('x')
+        .map(|n| n.parse().expect("a number"))
+        .collect::<Vec<_>>()
+        .try_into()
+        .expect("three numbers");
+    assert!(w < 1280 && h < 720 && f == 81, "{offered}");
+    fx.jobs
+        .create(&PostParams::default(), &sized("offered", &model, w, h, f))
+        .await?;
+    fx.jobs
+        .create(
+            &PostParams::default(),
+            &sized("default", &model, 832, 480, 81),
+        )
+        .await?;
+    until_queued(&fx, "offered").await?;
+    until_queued(&fx, "default").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn model_offload_admits_what_the_same_gpu_refuses_resident() -> Result<()> {
+    let fx = Fixture::new("fit-modes").await?;
+    // The same model twice, each with its lane: one resident, one offloading.
+    let resident_model = fx.model("a14b-resident", 4, None).await?;
+    let offload_model = fx.model("a14b-offload", 4, None).await?;
+    let resident = fx
+        .lane(
+            "resident",
+            &[&resident_model],
+            json!({"runner": {"memory": {"mode": "resident"}}}),
+        )
+        .await?;
+    let offload = fx
+        .lane(
+            "offload",
+            &[&offload_model],
+            json!({"runner": {"memory": {"mode": "modelOffload"}}}),
+        )
+        .await?;
+    let (_operator, port) = fx.webhook_operator("a", 0, &[])?;
+    fx.register_webhook(port).await?;
+    fx.webhook_effective(&resident_model).await?;
+    let _resident = heartbeat(
+        &fx,
+        "resident-0",
+        &resident,
+        &report(&resident_model, MemoryMode::Resident),
+    );
+    let _offload = heartbeat(
+        &fx,
+        "offload-0",
+        &offload,
+        &report(&offload_model, MemoryMode::ModelOffload),
+    );
+    until_ready_runners(&fx, &resident).await?;
+    until_ready_runners(&fx, &offload).await?;
+
+    let status = fx
+        .jobs
+        .create(
+            &PostParams::default(),
+            &sized("resident", &resident_model, 1280, 720, 81),
+        )
+        .await
+        .err();
+    ensure!(
+        matches!(&status, Some(kube::Error::Api(s)) if s.code == 422 && s.message.contains("memory mode resident")),
+        "resident refuses 1280x720x81: {status:?}"
+    );
+    fx.jobs
+        .create(
+            &PostParams::default(),
+            &sized("offload", &offload_model, 1280, 720, 81),
+        )
+        .await?;
+    until_queued(&fx, "offload").await?;
+    assert_eq!(
+        fx.jobs.get("offload").await?.status.and_then(|s| s.lane),
+        Some(offload)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_malformed_memory_annotation_does_not_break_admission() -> Result<()> {
+    let fx = Fixture::new("fit-malformed").await?;
+    let model = fx.model("a14b", 4, None).await?;
+    let lane = fx.lane("a14b", &[&model], json!({})).await?;
+    let (operator, port) = fx.webhook_operator("a", 0, &[])?;
+    fx.register_webhook(port).await?;
+    fx.webhook_effective(&model).await?;
+    // A heartbeat Lease with an unreadable report.
+    let lease = Lease {
+        metadata: ObjectMeta {
+            name: Some("broken-0".into()),
+            labels: Some(
+                [
+                    (LABEL_LANE.to_owned(), lane.clone()),
+                    (LABEL_RUNNER.to_owned(), "true".to_owned()),
+                ]
+                .into(),
+            ),
+            annotations: Some([(ANNOTATION_MEMORY.to_owned(), "{\"v\": 1, ".to_owned())].into()),
+            ..Default::default()
+        },
+        // Fresh, so the lane counts it as a runner once the operator has read it.
+        spec: Some(LeaseSpec {
+            holder_identity: Some("broken-0".into()),
+            lease_duration_seconds: Some(3600),
+            renew_time: Some(MicroTime(jiff::Timestamp::now())),
+            ..Default::default()
+        }),
+    };
+    Api::<Lease>::namespaced(fx.client.clone(), &fx.ns.name)
+        .create(&PostParams::default(), &lease)
+        .await?;
+    until_ready_runners(&fx, &lane).await?;
+    let created = fx
+        .jobs
+        .create(
+            &PostParams::default(),
+            &sized("large", &model, 1280, 720, 81),
+        )
+        .await?;
+    assert_eq!(created.name_any(), "large");
+    until_queued(&fx, "large").await?;
+    ensure!(
+        operator
+            .log_text()
+            .contains("ignoring the runner's unreadable framelane.dev/memory annotation"),
+        "the operator says why it ignored the report"
+    );
+    Ok(())
+}

@@ -13,6 +13,7 @@
 #
 #   scripts/images.sh OPERATOR_IMAGE RUNNER_IMAGE [cuda|cpu]...   (default: both flavours)
 set -euo pipefail
+shopt -s inherit_errexit
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=${FRAMELANE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/framelane}
@@ -78,8 +79,9 @@ base_image() {
       log "$want cannot be pulled; making $tag from Debian packages with mmdebstrap (once, about a minute)"
       apt_install mmdebstrap mmdebstrap
       mkdir -p "$(dirname "$tar")"
-      mmdebstrap "${opts[@]}" bookworm "$tar.tmp" >&2
-      mv "$tar.tmp" "$tar"
+      # mmdebstrap picks its output's format by the name's extension.
+      mmdebstrap "${opts[@]}" bookworm "${tar%.tar}.tmp.tar" >&2
+      mv "${tar%.tar}.tmp.tar" "$tar"
     fi
     docker import --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
       "$tar" "$tag" >/dev/null

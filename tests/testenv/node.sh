@@ -36,11 +36,29 @@ NODE_LOCK=/run/framelane-node.lock
 
 ctr_node() { ctr --address "$SOCK" --namespace k8s.io "$@"; }
 
+# What the node runs on, from Debian's packages where missing: containerd (with ctr), runc, the
+# CNI plugins (bridge, host-local, loopback), and iptables, conntrack and curl for kube-proxy
+# and its health check.
+packages() {
+  local missing=() pair
+  for pair in containerd:containerd runc:runc /usr/lib/cni/bridge:containernetworking-plugins \
+    iptables:iptables conntrack:conntrack curl:curl; do
+    if [[ "${pair%%:*}" == /* ]]; then [ -x "${pair%%:*}" ] && continue
+    else command -v "${pair%%:*}" >/dev/null && continue; fi
+    missing+=("${pair#*:}")
+  done
+  [ "${#missing[@]}" -gt 0 ] || return 0
+  command -v apt-get >/dev/null || { log "the real node needs ${missing[*]}: install them"; exit 1; }
+  log "installing ${missing[*]} with apt-get"
+  apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
 # ---------------------------------------------------------------------------------------------
 # The link: 10.200.<n>.1 on the host, 10.200.<n>.2 in the node's namespace, pods in
 # 10.201.<n>.0/24 (routed to the node from the host, so the API server reaches the webhook
 # pods). <n> is the first index from this checkout's id on that no other node uses.
 net() {
+  packages
   exec 7>"$NODE_LOCK"
   flock 7
   local n=$((16#$ID % 250)) tries=0

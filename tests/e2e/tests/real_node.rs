@@ -690,13 +690,21 @@ async fn install_and_run(release: &Release, app: &str, upgraded_tag: &str) -> Re
         .map(|s| s.containers[0].image.clone().unwrap_or_default())
         .unwrap_or_default();
     ensure!(image.ends_with(upgraded_tag), "{image}");
-    for pod in release.operator_pods().await? {
-        let image = &pod.spec.as_ref().context("pod spec")?.containers[0].image;
-        ensure!(
-            image.as_deref().is_some_and(|i| i.ends_with(upgraded_tag)),
-            "{image:?}"
-        );
-    }
+    // `helm upgrade --wait` returns once the new pods are ready; the old ones may still be
+    // terminating.
+    eventually(120, "only upgraded operator pods to remain", || async {
+        let pods = release.operator_pods().await?;
+        let upgraded = pods.iter().all(|pod| {
+            pod.spec.as_ref().is_some_and(|s| {
+                s.containers[0]
+                    .image
+                    .as_deref()
+                    .is_some_and(|i| i.ends_with(upgraded_tag))
+            })
+        });
+        Ok((upgraded && pods.len() == 2).then_some(()))
+    })
+    .await?;
     release.wait_succeeded(&created).await?;
     eprintln!(
         "real node: {} jobs created during the operator upgrade, all Succeeded; {refused} \

@@ -46,19 +46,19 @@ lint:
     set -euo pipefail
     eval "$(gpu-runner/scripts/setup-torch.sh)"
     cargo fmt --all --check
-    cargo clippy --workspace --all-targets -- -D warnings
+    cargo clippy --workspace --all-targets --all-features -- -D warnings
 
 # Install libtorch (torch 2.11 from PyPI, cached outside the checkout); prints its exports.
 torch:
     @gpu-runner/scripts/setup-torch.sh
 
-# Run every test against the real local control plane (started if needed; a demo's lanes are removed first). The real-node test is apart: `just test-real-node`.
-test: prereqs tools
+# Run every test: lints; every suite against the real local control plane (started if needed; a demo's lanes are removed first); then both images built and the Helm chart run with them in real pods on the control plane's real node (as root).
+test: prereqs tools && images real-node
     #!/usr/bin/env bash
     set -euo pipefail
     eval "$(gpu-runner/scripts/setup-torch.sh)"
     cargo fmt --all --check
-    cargo clippy --workspace --all-targets -- -D warnings
+    cargo clippy --workspace --all-targets --all-features -- -D warnings
     tests/testenv/up.sh
     tests/testenv/undemo.sh
     cargo test --workspace
@@ -86,8 +86,11 @@ runner_image := "ghcr.io/framelane/runner:0.1.0"
 images:
     scripts/images.sh "{{operator_image}}" "{{runner_image}}"
 
-# The Helm chart with the images in real pods on the control plane's real node (as root; restarts the control plane with its node if it runs without): install, webhook, a CPU lane's job, leader deleted, runner killed, upgrade under load.
-test-real-node: prereqs tools test-images
+# Only the real-node part of `just test` (as root): the operator and CPU runner images, then the Helm chart with them in real pods on the control plane's real node (restarts the control plane with its node if it runs without): install, webhook, a CPU lane's job, leader deleted, runner killed, upgrade under load.
+test-real-node: prereqs tools test-images real-node
+
+[private]
+real-node:
     #!/usr/bin/env bash
     set -euo pipefail
     eval "$(gpu-runner/scripts/setup-torch.sh)"
@@ -95,6 +98,6 @@ test-real-node: prereqs tools test-images
     tests/testenv/up.sh
     cargo test -p framelane-e2e --features real-node --test real_node -- --nocapture
 
-# The images the real-node test runs: the operator and the runner's CPU flavour (`just test` builds them; the CUDA flavour needs the multi-GB CUDA torch libraries and runs on no node here).
+# The images the real-node test runs: the operator and the runner's CPU flavour (`just test` builds the CUDA flavour too; it runs on no node here).
 test-images:
     scripts/images.sh "{{operator_image}}" "{{runner_image}}" cpu

@@ -46,19 +46,19 @@ lint:
     set -euo pipefail
     eval "$(gpu-runner/scripts/setup-torch.sh)"
     cargo fmt --all --check
-    cargo clippy --workspace --all-targets -- -D warnings
+    cargo clippy --workspace --all-targets --all-features -- -D warnings
 
 # Install libtorch (torch 2.11 from PyPI, cached outside the checkout); prints its exports.
 torch:
     @gpu-runner/scripts/setup-torch.sh
 
-# Run every test against the real local control plane (started if needed; a demo's lanes are removed first).
-test: prereqs tools
+# Run every test: lints; every suite against the real local control plane (started if needed; a demo's lanes are removed first); then both images built and the Helm chart run with them in real pods on the control plane's real node (as root).
+test: prereqs tools && images real-node
     #!/usr/bin/env bash
     set -euo pipefail
     eval "$(gpu-runner/scripts/setup-torch.sh)"
     cargo fmt --all --check
-    cargo clippy --workspace --all-targets -- -D warnings
+    cargo clippy --workspace --all-targets --all-features -- -D warnings
     tests/testenv/up.sh
     tests/testenv/undemo.sh
     cargo test --workspace
@@ -78,15 +78,26 @@ bench: tools
 gpu-check *args:
     gpu-runner/scripts/gpu-check.sh {{args}}
 
-# Image tags `just images` builds; override with `just operator_image=... runner_image=... images`.
+# Image tags `just images` builds (the chart's defaults); the runner's CPU flavour is tagged <runner_image>-cpu. Override with `just operator_image=... runner_image=... images`.
 operator_image := "ghcr.io/framelane/operator:0.1.0"
 runner_image := "ghcr.io/framelane/runner:0.1.0"
 
-# Build the operator and runner images with Docker (BuildKit), from the repository root.
+# Build the operator image and the runner's CUDA and CPU images with Docker from this checkout (release binaries; no registry needed); prints their sizes.
 images:
+    scripts/images.sh "{{operator_image}}" "{{runner_image}}"
+
+# Only the real-node part of `just test` (as root): the operator and CPU runner images, then the Helm chart with them in real pods on the control plane's real node (restarts the control plane with its node if it runs without): install, webhook, a CPU lane's job, leader deleted, runner killed, upgrade under load.
+test-real-node: prereqs tools test-images real-node
+
+[private]
+real-node:
     #!/usr/bin/env bash
     set -euo pipefail
-    command -v docker >/dev/null || { echo "images: docker is not installed; install Docker (with BuildKit) to build the images" >&2; exit 1; }
-    docker info >/dev/null 2>&1 || { echo "images: docker cannot reach a Docker engine ('docker info' fails); start one or point DOCKER_HOST at one" >&2; exit 1; }
-    docker build -f operator/Dockerfile -t "{{operator_image}}" .
-    docker build -f gpu-runner/Dockerfile -t "{{runner_image}}" .
+    eval "$(gpu-runner/scripts/setup-torch.sh)"
+    export TESTENV_REAL_NODE=1
+    tests/testenv/up.sh
+    cargo test -p framelane-e2e --features real-node --test real_node -- --nocapture
+
+# The images the real-node test runs: the operator and the runner's CPU flavour (`just test` builds the CUDA flavour too; it runs on no node here).
+test-images:
+    scripts/images.sh "{{operator_image}}" "{{runner_image}}" cpu

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Stops the testenv control plane that tests/testenv/up.sh started for this checkout and removes
-# its state ($REPO/.testenv and $REPO/.testenv.lock). Safe to run at any time: after a failed or
-# interrupted up.sh, or when nothing is running (exit 0). It only ever signals processes that
-# were started from this checkout's .testenv, so other checkouts' testenvs are left alone.
+# Stops the testenv control plane that tests/testenv/up.sh started for this checkout (and its
+# real node, node.sh) and removes its state ($REPO/.testenv and $REPO/.testenv.lock). Safe to
+# run at any time: after a failed or interrupted up.sh, or when nothing is running (exit 0).
+# It only ever signals processes that were started from this checkout's .testenv, so other
+# checkouts' testenvs are left alone.
 #
 # Internal knobs, used by up.sh when it tears down after a failure:
 #   TESTENV_LOCK_HELD=1  the caller already holds the lock: do not take it, do not delete it.
@@ -77,6 +78,7 @@ if [ "${TESTENV_LOCK_HELD:-}" != 1 ]; then take_lock; fi
 # etcd last: stopped together with the apiserver, etcd waits on the apiserver's open watches
 # and both need SIGKILL; after it, each wave exits in a second or two.
 stop framelane-operator framelane-runner kueue
+"$HERE/node.sh" stop
 stop kwok kube-scheduler kube-controller-manager kube-apiserver
 stop etcd
 

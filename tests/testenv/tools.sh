@@ -23,39 +23,58 @@ log() { echo "tools: $*" >&2; }
 # a half-written binary that a later run would trust.
 have() { [ -x "$BIN/$1" ]; }
 
-build_kubernetes() {
-  local want=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
-  local missing=0
-  for b in "${want[@]}"; do have "$b" || missing=1; done
-  [ "$missing" = 0 ] && return
-  log "building Kubernetes $K8S_VERSION (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl); the first build takes about 20 minutes on 2 cores"
+# A Go module that requires k8s.io/kubernetes at $K8S_VERSION, in the current directory:
+# k8s.io/kubernetes requires its staging modules at v0.0.0, so each is pointed at its release.
+k8s_module() {
+  go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p' | xargs -I{} cp {} upstream.mod
+  local staging="v0.${K8S_VERSION#v1.}"
+  {
+    echo "module framelane.dev/testenv/kubernetes"
+    echo "go 1.26.0"
+    echo "require k8s.io/kubernetes $K8S_VERSION"
+    grep -oE '^[[:space:]]+k8s\.io/[a-z0-9-]+ v0\.0\.0$' upstream.mod | awk -v v="$staging" '{print "replace " $1 " => " $1 " " v}'
+  } > go.mod
+}
+
+# Builds Kubernetes commands (k8s.io/kubernetes/cmd/<name>) into $BIN, stamped with the version
+# as upstream's release builds are.
+build_k8s_commands() { # name...
   local work minor
   work=$(mktemp -d)
   minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
-  local staging="v0.${K8S_VERSION#v1.}"
+  local pkgs=()
+  for b in "$@"; do pkgs+=("k8s.io/kubernetes/cmd/$b"); done
   (
     cd "$work"
-    go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p' | xargs -I{} cp {} upstream.mod
-    {
-      echo "module framelane.dev/testenv/kubernetes"
-      echo "go 1.26.0"
-      echo "require k8s.io/kubernetes $K8S_VERSION"
-      # k8s.io/kubernetes requires its staging modules at v0.0.0; point each at its release.
-      grep -oE '^[[:space:]]+k8s\.io/[a-z0-9-]+ v0\.0\.0$' upstream.mod | awk -v v="$staging" '{print "replace " $1 " => " $1 " " v}'
-    } > go.mod
-    go get "k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION" k8s.io/kubernetes/cmd/kube-controller-manager \
-      k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl >&2
+    k8s_module
+    go get "k8s.io/kubernetes/cmd/$1@$K8S_VERSION" "${pkgs[@]:1}" >&2
     local date; date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
     local ld="-s -w"
     for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
       ld="$ld -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean -X $p.buildDate=$date"
     done
     mkdir -p out
-    go build -trimpath -ldflags "$ld" -o out/ k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-      k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl >&2
-    for b in "${want[@]}"; do mv out/"$b" "$BIN/$b"; done
+    go build -trimpath -ldflags "$ld" -o out/ "${pkgs[@]}" >&2
+    for b in "$@"; do mv out/"$b" "$BIN/$b"; done
   )
   rm -rf "$work"
+}
+
+build_kubernetes() {
+  local want=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+  local missing=0
+  for b in "${want[@]}"; do have "$b" || missing=1; done
+  [ "$missing" = 0 ] && return
+  log "building Kubernetes $K8S_VERSION (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl); the first build takes about 20 minutes on 2 cores"
+  build_k8s_commands "${want[@]}"
+}
+
+# The real node's kubelet and kube-proxy (node.sh), from the same module: most of their
+# packages are already in Go's build cache after build_kubernetes.
+build_node() {
+  have kubelet && have kube-proxy && return
+  log "building kubelet and kube-proxy $K8S_VERSION for the real node (about 2 minutes on 2 cores after the control plane's build)"
+  build_k8s_commands kubelet kube-proxy
 }
 
 build_etcd() {
@@ -85,6 +104,48 @@ GO
   rm -rf "$work"
 }
 
+# The sandbox ("pause") process of the real node's pods: it holds a pod's namespaces while
+# its containers come and go. The runtime needs its image locally (there is no registry), so
+# node.sh packs this binary into one.
+build_pause() {
+  have pause && return
+  log "building pause (the real node's sandbox process)"
+  local work; work=$(mktemp -d)
+  (
+    cd "$work"
+    printf 'module framelane.dev/testenv/pause\ngo 1.26.0\n' > go.mod
+    cat > main.go <<'GO'
+// Command pause sleeps until it is told to stop, and reaps the children it inherits as the
+// first process of a pod.
+package main
+
+import (
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	signals := make(chan os.Signal, 8)
+	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM, syscall.SIGCHLD)
+	for s := range signals {
+		if s != syscall.SIGCHLD {
+			return
+		}
+		for {
+			if pid, err := syscall.Wait4(-1, nil, syscall.WNOHANG, nil); pid <= 0 || err != nil {
+				break
+			}
+		}
+	}
+}
+GO
+    go build -trimpath -ldflags "-s -w" -o pause . >&2
+    mv pause "$BIN/pause"
+  )
+  rm -rf "$work"
+}
+
 install_go_tool() { # name module-path version
   have "$1" && return
   log "building $1 $3"
@@ -95,6 +156,8 @@ install_go_tool() { # name module-path version
 }
 
 build_kubernetes
+build_node
+build_pause
 build_etcd
 install_go_tool kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION" "-X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"
 install_go_tool helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION" "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"

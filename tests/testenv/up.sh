@@ -2,7 +2,9 @@
 # Starts a real, local Kubernetes control plane for tests ("testenv") without Docker:
 # etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok (which plays the
 # kubelet for the fake GPU nodes in nodes.yaml), all bound to 127.0.0.1 on ports picked at
-# runtime. Everything lives in $REPO/.testenv; tests use $REPO/.testenv/kubeconfig.
+# runtime, and, with TESTENV_REAL_NODE=1 (as root), a real node (node.sh: containerd, kubelet,
+# kube-proxy) where pods run as containers; only the real-node test needs it (`just
+# test-real-node`). Everything lives in $REPO/.testenv; tests use $REPO/.testenv/kubeconfig.
 #
 # Idempotent: if this checkout's testenv is already up and healthy it only re-applies the
 # nodes and CRDs and exits. A stale or broken .testenv is torn down (down.sh) and started
@@ -17,6 +19,7 @@ PKI="$STATE/pki"
 LOGS="$STATE/logs"
 CRDS="$REPO/crds"
 COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
+TESTENV_REAL_NODE=${TESTENV_REAL_NODE:-0}
 SERVICE_CIDR=10.0.0.0/24 # the "kubernetes" Service gets 10.0.0.1
 POD_CIDR=10.244.0.0/16   # kwok hands out pod IPs from here; must not overlap SERVICE_CIDR
 MAX_ATTEMPTS=3           # fresh starts, when a picked port was taken before we bound it
@@ -78,7 +81,9 @@ apply_crds() {
 }
 
 summary() {
-  echo "testenv is up: Kubernetes $("$KUBECTL" version --client -o json 2>/dev/null | sed -n 's/.*"gitVersion": "\(.*\)".*/\1/p' | head -1), 2 fake GPU nodes, state in $STATE"
+  local real=""
+  if [ "$TESTENV_REAL_NODE" = 1 ]; then real=" and a real node"; fi
+  echo "testenv is up: Kubernetes $("$KUBECTL" version --client -o json 2>/dev/null | sed -n 's/.*"gitVersion": "\(.*\)".*/\1/p' | head -1), 2 fake GPU nodes$real, state in $STATE"
   echo "  kubeconfig: $KUBECONFIG_OUT"
   echo "  export KUBECONFIG=$KUBECONFIG_OUT"
   echo "  stop it with: $HERE/down.sh"
@@ -90,6 +95,7 @@ healthy() {
   [ -f "$KUBECONFIG_OUT" ] && [ -f "$STATE/env" ] || return 1
   local c
   for c in "${COMPONENTS[@]}"; do alive "$c" || return 1; done
+  if [ "$TESTENV_REAL_NODE" = 1 ]; then "$HERE/node.sh" alive || return 1; fi
   "$KUBECTL" --kubeconfig="$KUBECONFIG_OUT" --request-timeout=5s get --raw /readyz >/dev/null 2>&1
 }
 
@@ -100,6 +106,7 @@ hint() {
     kube-controller-manager) echo "kube-controller-manager did not become healthy or did not create the default ServiceAccount; see $LOGS/kube-controller-manager.log." ;;
     kube-scheduler) echo "kube-scheduler did not become healthy; see $LOGS/kube-scheduler.log." ;;
     kwok) echo "the fake nodes did not become Ready; see $LOGS/kwok.log and the stages in $HERE/kwok.yaml." ;;
+    node) echo "the real node did not start; see $LOGS/containerd.log, kubelet.log and kube-proxy.log (it needs root; without TESTENV_REAL_NODE=1 it is left out)." ;;
     crds) echo "applying $CRDS failed: fix the CRD manifests there." ;;
     *) echo "see the logs in $LOGS." ;;
   esac
@@ -188,6 +195,16 @@ launch() { # component command...
 
 mkdir -p "$PKI" "$LOGS" "$STATE/etcd" "$STATE/kwok"
 
+# The real node's network comes first: the API server advertises the host's end of its link
+# to pods, and its certificate names that address.
+NODE_HOST_IP=
+if [ "$TESTENV_REAL_NODE" = 1 ]; then
+  CURRENT=node
+  [ "$(id -u)" = 0 ] || fail "the real node needs root (without TESTENV_REAL_NODE=1 it is left out)"
+  NODE_ENV=$("$HERE/node.sh" net)
+  eval "$NODE_ENV"
+fi
+
 # ---------------------------------------------------------------------------------------------
 # Ports: let the kernel pick free loopback ports. All sockets are held open together so the
 # six ports are distinct; a port could still be taken between here and the component binding
@@ -216,6 +233,7 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))'
     KUBE_CONTROLLER_MANAGER_PORT "$KCM_PORT" \
     KUBE_SCHEDULER_PORT "$SCHEDULER_PORT" \
     KWOK_PORT "$KWOK_PORT"
+  if [ -n "$NODE_HOST_IP" ]; then echo "$NODE_ENV"; fi
 } >"$STATE/env"
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +258,10 @@ log "generating certificates"
   openssl req -new -key ca.key -subj "/CN=framelane-testenv-ca" -out ca.csr
   openssl x509 -req -in ca.csr -signkey ca.key -days 3650 -extfile ca.ext -out ca.crt 2>/dev/null
   sign apiserver "/CN=kube-apiserver" \
-    "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:10.0.0.1"
+    "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:10.0.0.1${NODE_HOST_IP:+,IP:$NODE_HOST_IP}"
+  # The API server's identity towards kubelets (logs, exec).
+  sign kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" \
+    "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth"
   sign admin "/O=system:masters/CN=admin" \
     "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth"
   openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out sa.key 2>/dev/null
@@ -336,11 +357,22 @@ wait_for etcd 30 "etcd to serve on 127.0.0.1:$ETCD_CLIENT_PORT" probe "http://12
 # here, so that Service needs no endpoints.
 # --kubelet-preferred-address-types=InternalIP: reach a fake node's "kubelet" (kwok, at
 # 127.0.0.1:<kwok port>) by IP; the default tries its Hostname first, which does not resolve.
+# With the real node, pods reach the API server through the "kubernetes" Service at the host's
+# end of the node's link, so it listens there too and publishes that address; and it calls
+# webhooks at their pods' addresses (--enable-aggregator-routing), which the host routes to
+# the node, instead of at their Service's cluster IP, which only the node's kube-proxy knows.
+# PodNodeSelector and PodTolerationRestriction let a namespace put its pods on the real node.
+if [ -n "$NODE_HOST_IP" ]; then
+  ADDRESS_FLAGS=(--bind-address=0.0.0.0 --advertise-address="$NODE_HOST_IP" --enable-aggregator-routing=true)
+else
+  ADDRESS_FLAGS=(--bind-address=127.0.0.1 --advertise-address=127.0.0.1 --endpoint-reconciler-type=none)
+fi
 launch kube-apiserver "$BIN/kube-apiserver" \
   --etcd-servers="http://127.0.0.1:$ETCD_CLIENT_PORT" \
-  --bind-address=127.0.0.1 \
-  --advertise-address=127.0.0.1 \
-  --endpoint-reconciler-type=none \
+  "${ADDRESS_FLAGS[@]}" \
+  --enable-admission-plugins=PodNodeSelector,PodTolerationRestriction \
+  --kubelet-client-certificate="$PKI/kubelet-client.crt" \
+  --kubelet-client-key="$PKI/kubelet-client.key" \
   --secure-port="$APISERVER_PORT" \
   --cert-dir="$PKI/kube-apiserver" \
   --tls-cert-file="$PKI/apiserver.crt" \
@@ -423,6 +455,11 @@ sa_exists() { kubectl_admin get serviceaccount default -n default >/dev/null 2>&
 wait_for kube-controller-manager 60 "the default ServiceAccount" sa_exists
 
 apply_crds
+
+if [ -n "$NODE_HOST_IP" ]; then
+  CURRENT=node
+  "$HERE/node.sh" start
+fi
 
 # Publish the kubeconfig last, atomically: its presence means "ready" to tests and to the
 # next up.sh.

@@ -8,6 +8,7 @@ mod support;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
+use framelane_testenv::forged_review;
 use futures::future::join_all;
 use serde_json::json;
 use support::{Fixture, RoundRobin, burst, eventually, job, sample};
@@ -19,32 +20,6 @@ async fn lane(fx: &Fixture, max_depth: i32) -> Result<String> {
     let queue = json!({"queue": {"maxDepth": max_depth, "maxWaitSeconds": 3600}});
     fx.lane("anisora", &[&model], queue).await?;
     Ok(model)
-}
-
-/// A review as the API server would send it for a create of `name` in `namespace`: anyone
-/// who can reach the webhook can write one.
-fn forged_review(namespace: &str, model: &str, name: &str) -> String {
-    json!({
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": format!("uid-{name}"),
-            "kind": {"group": "framelane.dev", "version": "v1alpha1", "kind": "VideoJob"},
-            "resource": {"group": "framelane.dev", "version": "v1alpha1", "resource": "videojobs"},
-            "operation": "CREATE",
-            "namespace": namespace,
-            "name": name,
-            "dryRun": false,
-            "userInfo": {"username": "system:serviceaccount:elsewhere:attacker"},
-            "object": {
-                "apiVersion": "framelane.dev/v1alpha1",
-                "kind": "VideoJob",
-                "metadata": {"name": name, "namespace": namespace},
-                "spec": {"model": model, "prompt": "forged"}
-            }
-        }
-    })
-    .to_string()
 }
 
 /// POSTs `body` to the webhook at `port` as a client that trusts any certificate: the HTTP

@@ -6,6 +6,8 @@
 //!   Service; a CPU lane (runners that ask for no GPU) runs its runner pod on the node, which
 //!   turns a VideoJob into an MP4 on the outputs volume;
 //! - the operator and the runner run as user 65532 on a read-only root filesystem;
+//! - from a pod in another namespace, forged AdmissionReviews to the webhook's Service (the
+//!   API server's paths and the leader path) are refused and take no slot of the queue;
 //! - the leader pod deleted: the other replica takes over and no job is lost;
 //! - the runner's container killed: its job is requeued and finishes;
 //! - `helm upgrade` to another operator image tag while jobs are created: every create is
@@ -30,12 +32,12 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use framelane_api::{ModelLane, VideoJob, videojob::JobPhase};
-use framelane_testenv::{TestEnv, TestNamespace, eventually, tiny_models};
+use framelane_testenv::{TestEnv, TestNamespace, eventually, forged_review, tiny_models};
 use k8s_openapi::api::{
     admissionregistration::v1::ValidatingWebhookConfiguration,
     apps::v1::Deployment,
     coordination::v1::Lease,
-    core::v1::{PersistentVolume, Pod},
+    core::v1::{PersistentVolume, Pod, Service},
 };
 use kube::{
     Api,
@@ -46,6 +48,9 @@ use sha2::{Digest, Sha256};
 
 /// The user and group of both images and of the chart's pods.
 const NONROOT: &str = "65532";
+
+/// The CPU lane's queue depth: deep enough for the upgrade's burst.
+const MAX_DEPTH: usize = 100;
 
 /// The ConfigMap with the CA of the API server's webhook client certificate (webhook.clientCA).
 const WEBHOOK_CLIENT_CA: &str = "apiserver-webhook-client-ca";
@@ -134,6 +139,21 @@ impl Node {
             })
             .with_context(|| format!("no running task {id} in\n{tasks}"))
     }
+}
+
+/// Puts a namespace's pods on the real node (tests/testenv/node.sh: it is tainted, and the
+/// API server's PodNodeSelector and PodTolerationRestriction read these annotations).
+fn on_the_real_node(env: &TestEnv, namespace: &str) -> Result<()> {
+    let tolerations =
+        r#"[{"key":"framelane.dev/real-node","operator":"Exists","effect":"NoSchedule"}]"#;
+    run(env.kubectl().args([
+        "annotate",
+        "namespace",
+        namespace,
+        "scheduler.alpha.kubernetes.io/node-selector=framelane.dev/node=real",
+        &format!("scheduler.alpha.kubernetes.io/defaultTolerations={tolerations}"),
+    ]))?;
+    Ok(())
 }
 
 /// The user and group a process runs as, and whether its root filesystem is read-only, from
@@ -254,7 +274,7 @@ impl Release {
                 "sampling": {"solver": "euler_ancestral", "schedule": "beta", "shift": 8.0},
                 "modes": ["t2v"]}}],
             "lanes": [{"name": self.lane(), "spec": {"mode": "Dedicated", "models": [self.model()],
-                "queue": {"maxDepth": 100, "maxWaitSeconds": 600},
+                "queue": {"maxDepth": MAX_DEPTH, "maxWaitSeconds": 600},
                 "runner": {"resources": {"requests": {"cpu": "250m", "memory": "512Mi"},
                     "limits": {"memory": "4Gi"}}}}}],
         })
@@ -400,15 +420,7 @@ async fn the_chart_runs_in_real_pods_on_the_real_node() -> Result<()> {
         .args(["images", "tag", &operator_image, &upgraded]))?;
 
     let ns = env.namespace("real").await?;
-    let tolerations =
-        r#"[{"key":"framelane.dev/real-node","operator":"Exists","effect":"NoSchedule"}]"#;
-    run(env.kubectl().args([
-        "annotate",
-        "namespace",
-        &ns.name,
-        "scheduler.alpha.kubernetes.io/node-selector=framelane.dev/node=real",
-        &format!("scheduler.alpha.kubernetes.io/defaultTolerations={tolerations}"),
-    ]))?;
+    on_the_real_node(env, &ns.name)?;
     run(env.kubectl().args([
         "label",
         "namespace",
@@ -455,7 +467,7 @@ async fn the_chart_runs_in_real_pods_on_the_real_node() -> Result<()> {
         }))?;
         volumes.create(&PostParams::default(), &pv).await?;
     }
-    let result = install_and_run(&release, &app, &upgraded_tag).await;
+    let result = install_and_run(&release, &runner_image, &app, &upgraded_tag).await;
     if result.is_err() {
         let _ = release.helm("uninstall", &["--wait", "--timeout=120s"]);
     }
@@ -470,7 +482,12 @@ async fn the_chart_runs_in_real_pods_on_the_real_node() -> Result<()> {
     result
 }
 
-async fn install_and_run(release: &Release, app: &str, upgraded_tag: &str) -> Result<()> {
+async fn install_and_run(
+    release: &Release,
+    runner_image: &str,
+    app: &str,
+    upgraded_tag: &str,
+) -> Result<()> {
     let (ns, full, node) = (&release.ns, &release.full, &release.node);
     let runner_tag = format!("{app}-cpu");
     let installed = Instant::now();
@@ -581,6 +598,8 @@ async fn install_and_run(release: &Release, app: &str, upgraded_tag: &str) -> Re
         exec(&["touch", "/tmp/probe"])?.status.success(),
         "/tmp is writable"
     );
+
+    forged_reviews_from_another_namespace(release, runner_image).await?;
 
     // The leader pod deleted with jobs queued: the other replica leads, every job finishes.
     let queued: Vec<String> = (1..=3).map(|i| format!("takeover-{i}")).collect();
@@ -720,4 +739,96 @@ async fn install_and_run(release: &Release, app: &str, upgraded_tag: &str) -> Re
         Ok(pods.is_empty().then_some(()))
     })
     .await
+}
+
+/// From a pod in another namespace on the real node, more forged reviews than the lane's
+/// depth to the webhook's Service: on the API server's paths without its client certificate
+/// and on the leader path without a replica's signature. Each is refused (403), and none takes
+/// a slot: a real create right after is admitted (had each taken its 15 s hold, the lane would
+/// answer `queue_overloaded`). The requests leave from the pod's own network namespace and
+/// address (curl from the host, run in that namespace), through kube-proxy's rules for the
+/// Service, as a process in the pod would send them.
+async fn forged_reviews_from_another_namespace(release: &Release, image: &str) -> Result<()> {
+    let env = release.env;
+    let other = env.namespace("attacker").await?;
+    on_the_real_node(env, &other.name)?;
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "attacker"},
+        "spec": {"containers": [{"name": "attacker", "image": image,
+            "command": ["sleep", "3600"],
+            "securityContext": {"allowPrivilegeEscalation": false, "runAsNonRoot": true,
+                "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}}],
+            "terminationGracePeriodSeconds": 0},
+    }))?;
+    let pods = other.api::<Pod>();
+    pods.create(&PostParams::default(), &pod).await?;
+    let pod = eventually(120, "the other namespace's pod to run", || async {
+        let pod = pods.get("attacker").await?;
+        let running = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .is_some_and(|c| c[0].state.as_ref().is_some_and(|s| s.running.is_some()));
+        Ok(running.then_some(pod))
+    })
+    .await?;
+    let pid = release.node.pid(&pod, "attacker")?;
+    let service = release
+        .ns
+        .api::<Service>()
+        .get(&format!("{}-webhook", release.full))
+        .await?;
+    let ip = service
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .context("the webhook's Service has a cluster IP")?;
+
+    // One curl a review, all in one shell in the pod's network namespace.
+    const PATHS: [&str; 3] = [
+        "/validate-videojob",
+        "/mutate-videojob",
+        "/leader/validate-videojob",
+    ];
+    let dir = release.dir.path().join("forged");
+    std::fs::create_dir(&dir)?;
+    let mut script = String::new();
+    for (p, path) in PATHS.iter().enumerate() {
+        for i in 0..=MAX_DEPTH {
+            let file = dir.join(format!("{p}-{i}.json"));
+            let name = format!("forged-{p}-{i}");
+            std::fs::write(
+                &file,
+                forged_review(&release.ns.name, &release.model(), &name),
+            )?;
+            script.push_str(&format!(
+                "curl -sk -o /dev/null -w '%{{http_code}}\\n' -m 5 -H 'content-type: application/json' \
+                 --data-binary @{} https://{ip}{path}\n",
+                file.display()
+            ));
+        }
+    }
+    let sent = Instant::now();
+    let answers =
+        run(Command::new("nsenter").args(["-t", &pid.to_string(), "-n", "sh", "-c", &script]))?;
+    let seconds = sent.elapsed().as_secs_f64();
+    let codes: Vec<&str> = answers.lines().collect();
+    ensure!(
+        codes.len() == PATHS.len() * (MAX_DEPTH + 1) && codes.iter().all(|c| *c == "403"),
+        "forged reviews from another namespace's pod answered {codes:?}"
+    );
+    release.create_job("after-forged", false).await?;
+    ensure!(
+        seconds < 10.0,
+        "the forged reviews took {seconds:.1} s, so their holds (15 s) might have run out \
+         before the real create"
+    );
+    eprintln!(
+        "real node: {} forged reviews from a pod in {} refused (403) in {seconds:.1} s; a real \
+         create right after admitted",
+        codes.len(),
+        other.name
+    );
+    release.wait_succeeded(&["after-forged".into()]).await?;
+    pods.delete("attacker", &DeleteParams::default()).await?;
+    Ok(())
 }

@@ -74,6 +74,32 @@ where
     }
 }
 
+/// An AdmissionReview as the API server would send it for a create of VideoJob `name` in
+/// `namespace` (model `model`): anyone who can reach the webhook can write one.
+pub fn forged_review(namespace: &str, model: &str, name: &str) -> String {
+    serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": format!("uid-{name}"),
+            "kind": {"group": "framelane.dev", "version": "v1alpha1", "kind": "VideoJob"},
+            "resource": {"group": "framelane.dev", "version": "v1alpha1", "resource": "videojobs"},
+            "operation": "CREATE",
+            "namespace": namespace,
+            "name": name,
+            "dryRun": false,
+            "userInfo": {"username": "system:serviceaccount:elsewhere:attacker"},
+            "object": {
+                "apiVersion": "framelane.dev/v1alpha1",
+                "kind": "VideoJob",
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": {"model": model, "prompt": "forged"}
+            }
+        }
+    })
+    .to_string()
+}
+
 /// Expects a write refused by the API server with `code` and a message containing `message`.
 pub fn expect_refused<T: std::fmt::Debug>(
     written: Result<T, kube::Error>,

@@ -53,7 +53,7 @@ torch:
     @gpu-runner/scripts/setup-torch.sh
 
 # Run every test: lints; every suite against the real local control plane (started if needed; a demo's lanes are removed first); then both images built and the Helm chart run with them in real pods on the control plane's real node (as root).
-test: prereqs tools && real-node
+test: prereqs tools && images real-node
     #!/usr/bin/env bash
     set -euo pipefail
     eval "$(gpu-runner/scripts/setup-torch.sh)"
@@ -61,20 +61,10 @@ test: prereqs tools && real-node
     cargo clippy --workspace --all-targets --all-features -- -D warnings
     tests/testenv/up.sh
     tests/testenv/undemo.sh
-    # The images (release builds: about 15 minutes of CPU on 2 cores) are built beside the
-    # suites at the lowest priority: the suites mostly wait on the control plane, and the build
-    # takes only the CPU they leave.
-    nice -n 19 scripts/images.sh "{{operator_image}}" "{{runner_image}}" >target/images.log 2>&1 &
-    images=$!
-    status=0
-    cargo test --workspace || status=$?
-    if ! wait "$images"; then
-        tail -n 40 target/images.log >&2
-        echo "test: building the images failed (whole log: target/images.log)" >&2
-        exit 1
-    fi
-    grep '^images:' target/images.log
-    exit "$status"
+    cargo test --workspace
+    # The control plane the suites leave behind keeps a core busy; the images' release builds
+    # come next, and the real-node part starts the control plane again with its node.
+    tests/testenv/down.sh
 
 # Benchmarks against the local control plane; record the figures in docs/benchmarks.md.
 bench: tools

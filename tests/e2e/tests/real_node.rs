@@ -32,7 +32,9 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use framelane_api::{ModelLane, VideoJob, videojob::JobPhase};
-use framelane_testenv::{TestEnv, TestNamespace, eventually, forged_review, tiny_models};
+use framelane_testenv::{
+    TestEnv, TestNamespace, eventually, forged_review, repo_root, run_tool, tiny_models,
+};
 use k8s_openapi::api::{
     admissionregistration::v1::ValidatingWebhookConfiguration,
     apps::v1::Deployment,
@@ -54,31 +56,6 @@ const MAX_DEPTH: usize = 100;
 
 /// The ConfigMap with the CA of the API server's webhook client certificate (webhook.clientCA).
 const WEBHOOK_CLIENT_CA: &str = "apiserver-webhook-client-ca";
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .and_then(Path::parent)
-        .expect("tests/e2e sits two levels below the repository root")
-        .to_path_buf()
-}
-
-/// Runs a tool and returns its stdout; a failure carries its output.
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    ensure!(
-        out.status.success(),
-        "{cmd:?} exited with {}:\n{stdout}{stderr}",
-        out.status
-    );
-    Ok(stdout)
-}
 
 /// The real node as up.sh recorded it in .testenv/env.
 struct Node {
@@ -130,7 +107,7 @@ impl Node {
             .as_deref()
             .and_then(|id| id.strip_prefix("containerd://"))
             .with_context(|| format!("{container} has no containerd id: {status:?}"))?;
-        let tasks = run(self.ctr().args(["task", "ls"]))?;
+        let tasks = run_tool(self.ctr().args(["task", "ls"]))?;
         tasks
             .lines()
             .find_map(|l| {
@@ -146,7 +123,7 @@ impl Node {
 fn on_the_real_node(env: &TestEnv, namespace: &str) -> Result<()> {
     let tolerations =
         r#"[{"key":"framelane.dev/real-node","operator":"Exists","effect":"NoSchedule"}]"#;
-    run(env.kubectl().args([
+    run_tool(env.kubectl().args([
         "annotate",
         "namespace",
         namespace,
@@ -185,10 +162,10 @@ fn process_identity(pid: u32) -> Result<(String, String, bool)> {
 /// of the runner (`just images` tags it `<tag>-cpu`).
 fn images() -> Result<(String, String, String)> {
     let chart: Value = serde_yaml::from_str(&std::fs::read_to_string(
-        repo().join("charts/framelane/Chart.yaml"),
+        repo_root().join("charts/framelane/Chart.yaml"),
     )?)?;
     let values: Value = serde_yaml::from_str(&std::fs::read_to_string(
-        repo().join("charts/framelane/values.yaml"),
+        repo_root().join("charts/framelane/values.yaml"),
     )?)?;
     let app = chart["appVersion"]
         .as_str()
@@ -281,10 +258,12 @@ impl Release {
     }
 
     fn helm(&self, verb: &str, args: &[&str]) -> Result<String> {
-        run(Command::new(self.env.bin_dir.join("helm"))
-            .env("KUBECONFIG", &self.env.kubeconfig)
-            .args([verb, &self.name, "-n", &self.ns.name])
-            .args(args))
+        run_tool(
+            Command::new(self.env.bin_dir.join("helm"))
+                .env("KUBECONFIG", &self.env.kubeconfig)
+                .args([verb, &self.name, "-n", &self.ns.name])
+                .args(args),
+        )
     }
 
     fn install_or_upgrade(&self, verb: &str, runner_tag: &str, operator_tag: &str) -> Result<()> {
@@ -293,7 +272,7 @@ impl Release {
             &values,
             serde_yaml::to_string(&self.values(runner_tag, operator_tag))?,
         )?;
-        let chart = repo().join("charts/framelane");
+        let chart = repo_root().join("charts/framelane");
         self.helm(
             verb,
             &[
@@ -362,9 +341,12 @@ impl Release {
             .map(|_| ())
     }
 
+    /// Waits for the jobs to succeed: up to 300 s (the long job takes minutes on a CPU), and
+    /// 30 s more a job (one runner on a shared CPU runs them one after another).
     async fn wait_succeeded(&self, names: &[String]) -> Result<()> {
         let jobs = self.ns.api::<VideoJob>();
-        eventually(300, "the jobs to succeed", || async {
+        let secs = 300 + 30 * names.len() as u64;
+        eventually(secs, "the jobs to succeed", || async {
             let mut done = 0;
             for name in names {
                 let job = jobs.get(name).await?;
@@ -402,11 +384,13 @@ async fn the_chart_runs_in_real_pods_on_the_real_node() -> Result<()> {
     let env = TestEnv::get()?;
     let node = Node::of(env)?;
     let (operator_image, runner_image, app) = images()?;
-    run(Command::new(repo().join("tests/testenv/node.sh")).args([
-        "load",
-        &operator_image,
-        &runner_image,
-    ]))?;
+    run_tool(
+        Command::new(repo_root().join("tests/testenv/node.sh")).args([
+            "load",
+            &operator_image,
+            &runner_image,
+        ]),
+    )?;
     // The upgrade's new tag: the same image under another name, as a release pipeline would
     // push it.
     let upgraded_tag = format!("{app}-upgraded");
@@ -414,26 +398,28 @@ async fn the_chart_runs_in_real_pods_on_the_real_node() -> Result<()> {
         "{}:{upgraded_tag}",
         operator_image.rsplit_once(':').expect("a tag").0
     );
-    let _ = run(node.ctr().args(["images", "rm", &upgraded]));
-    run(node
-        .ctr()
-        .args(["images", "tag", &operator_image, &upgraded]))?;
+    let _ = run_tool(node.ctr().args(["images", "rm", &upgraded]));
+    run_tool(
+        node.ctr()
+            .args(["images", "tag", &operator_image, &upgraded]),
+    )?;
 
     let ns = env.namespace("real").await?;
     on_the_real_node(env, &ns.name)?;
-    run(env.kubectl().args([
+    run_tool(env.kubectl().args([
         "label",
         "namespace",
         &ns.name,
         "pod-security.kubernetes.io/enforce=restricted",
     ]))?;
-    run(env
-        .kubectl()
-        .args(["create", "configmap", WEBHOOK_CLIENT_CA, "-n", &ns.name])
-        .arg(format!(
-            "--from-file=ca.crt={}",
-            env.webhook_client_ca().display()
-        )))?;
+    run_tool(
+        env.kubectl()
+            .args(["create", "configmap", WEBHOOK_CLIENT_CA, "-n", &ns.name])
+            .arg(format!(
+                "--from-file=ca.crt={}",
+                env.webhook_client_ca().display()
+            )),
+    )?;
     let release = Release {
         env,
         node,
@@ -445,15 +431,19 @@ async fn the_chart_runs_in_real_pods_on_the_real_node() -> Result<()> {
     // Host folders behind the volumes: the models readable, the outputs writable by the
     // runner's user.
     let models = release.dir.path().join("models");
-    run(Command::new("cp").arg("-r").arg(tiny_models()).arg(&models))?;
-    run(Command::new("chmod")
-        .arg("-R")
-        .arg("a+rX")
-        .arg(release.dir.path()))?;
+    run_tool(Command::new("cp").arg("-r").arg(tiny_models()).arg(&models))?;
+    run_tool(
+        Command::new("chmod")
+            .arg("-R")
+            .arg("a+rX")
+            .arg(release.dir.path()),
+    )?;
     std::fs::create_dir(release.outputs())?;
-    run(Command::new("chown")
-        .arg(format!("{NONROOT}:{NONROOT}"))
-        .arg(release.outputs()))?;
+    run_tool(
+        Command::new("chown")
+            .arg(format!("{NONROOT}:{NONROOT}"))
+            .arg(release.outputs()),
+    )?;
     let volumes: Api<PersistentVolume> = Api::all(release.ns.client.clone());
     for (which, mode, path) in [
         ("models", "ReadOnlyMany", &models),
@@ -633,7 +623,7 @@ async fn install_and_run(
     .await?;
     let runner = release.runner_pod().await?;
     let pid = node.pid(&runner, "runner")?;
-    run(Command::new("kill").args(["-KILL", &pid.to_string()]))?;
+    run_tool(Command::new("kill").args(["-KILL", &pid.to_string()]))?;
     let when_killed = jobs.get("killed").await?.status.unwrap_or_default();
     ensure!(
         when_killed.phase == Some(JobPhase::Running),
@@ -682,7 +672,7 @@ async fn install_and_run(
                     }
                     Err(e) => bail!("creating {name} during the upgrade: {e}"),
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
             anyhow::Ok((created, refused))
         }
@@ -808,8 +798,14 @@ async fn forged_reviews_from_another_namespace(release: &Release, image: &str) -
         }
     }
     let sent = Instant::now();
-    let answers =
-        run(Command::new("nsenter").args(["-t", &pid.to_string(), "-n", "sh", "-c", &script]))?;
+    let answers = run_tool(Command::new("nsenter").args([
+        "-t",
+        &pid.to_string(),
+        "-n",
+        "sh",
+        "-c",
+        &script,
+    ]))?;
     let seconds = sent.elapsed().as_secs_f64();
     let codes: Vec<&str> = answers.lines().collect();
     ensure!(

@@ -25,7 +25,8 @@ use clap::{CommandFactory, Parser};
 use framelane_api::{ModelLane, VideoJob, videojob::JobPhase};
 use framelane_operator::config::Config;
 use framelane_testenv::{
-    TestEnv, TestNamespace, eventually, expect_refused, tiny_models, torch_python, workspace_binary,
+    TestEnv, TestNamespace, eventually, expect_refused, repo_root, run_tool, tiny_models,
+    torch_python, workspace_binary,
 };
 use k8s_openapi::api::{
     admissionregistration::v1::ValidatingWebhookConfiguration,
@@ -41,33 +42,8 @@ use kube::{
 };
 use serde_json::{Value, json};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .and_then(Path::parent)
-        .expect("tests/e2e sits two levels below the repository root")
-        .to_path_buf()
-}
-
 fn chart() -> PathBuf {
-    repo().join("charts/framelane")
-}
-
-/// Runs a tool and returns its stdout; a failure carries its output.
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    ensure!(
-        out.status.success(),
-        "{cmd:?} exited with {}:\n{stdout}{stderr}",
-        out.status
-    );
-    Ok(stdout)
+    repo_root().join("charts/framelane")
 }
 
 /// Runs a tool that should fail, and returns what it printed.
@@ -85,17 +61,19 @@ fn helm(env: &TestEnv) -> Command {
 
 /// `helm template` of the chart as release `fl` in framelane-system, with `--set` arguments.
 fn template(env: &TestEnv, version: &str, set_args: &[String]) -> Result<String> {
-    run(helm(env)
-        .args([
-            "template",
-            "fl",
-            "-n",
-            "framelane-system",
-            "--kube-version",
-            version,
-        ])
-        .arg(chart())
-        .args(set_args))
+    run_tool(
+        helm(env)
+            .args([
+                "template",
+                "fl",
+                "-n",
+                "framelane-system",
+                "--kube-version",
+                version,
+            ])
+            .arg(chart())
+            .args(set_args),
+    )
 }
 
 /// The documents of a multi-document YAML stream, as JSON values.
@@ -129,9 +107,9 @@ async fn kube_version(client: &Client) -> Result<String> {
 /// Strict JSON schemas of every kind this API server serves (CRDs included), written by
 /// tests/chart/jsonschemas.py from its OpenAPI document.
 fn schemas(env: &TestEnv, dir: &Path) -> Result<()> {
-    let openapi = run(env.kubectl().args(["get", "--raw", "/openapi/v2"]))?;
+    let openapi = run_tool(env.kubectl().args(["get", "--raw", "/openapi/v2"]))?;
     let mut child = Command::new("python3")
-        .arg(repo().join("tests/chart/jsonschemas.py"))
+        .arg(repo_root().join("tests/chart/jsonschemas.py"))
         .arg(dir)
         .stdin(Stdio::piped())
         .spawn()?;
@@ -188,10 +166,12 @@ async fn the_chart_lints_and_renders_valid_manifests_for_every_option() -> Resul
     ];
     for sets in options {
         let set_args: Vec<String> = sets.iter().map(|s| format!("--set={s}")).collect();
-        run(helm(env)
-            .args(["lint", "--strict", "--kube-version", &version])
-            .arg(chart())
-            .args(&set_args))?;
+        run_tool(
+            helm(env)
+                .args(["lint", "--strict", "--kube-version", &version])
+                .arg(chart())
+                .args(&set_args),
+        )?;
         let rendered = template(env, &version, &set_args)?;
         let mut kubeconform = Command::new(env.bin_dir.join("kubeconform"))
             .args([
@@ -421,14 +401,16 @@ async fn the_chart_lints_and_renders_valid_manifests_for_every_option() -> Resul
 
     // Generated files are current.
     let schema = dir.path().join("values.schema.json");
-    run(Command::new(torch_python())
-        .arg(repo().join("tests/chart/values_schema.py"))
-        .arg(&schema))?;
+    run_tool(
+        Command::new(torch_python())
+            .arg(repo_root().join("tests/chart/values_schema.py"))
+            .arg(&schema),
+    )?;
     ensure!(
         std::fs::read(&schema)? == std::fs::read(chart().join("values.schema.json"))?,
         "charts/framelane/values.schema.json is stale: run `just crds`"
     );
-    for crd in std::fs::read_dir(repo().join("crds"))? {
+    for crd in std::fs::read_dir(repo_root().join("crds"))? {
         let crd = crd?.path();
         let copy = chart().join("crds").join(crd.file_name().expect("a file"));
         ensure!(
@@ -490,7 +472,7 @@ fn token_kubeconfig(env: &TestEnv, token: &str, path: &Path) -> Result<()> {
 
 /// A token of `account` bound to `pod`, as the pod itself would get one.
 fn pod_token(ns: &TestNamespace, account: &str, pod: &str) -> Result<String> {
-    Ok(run(ns.kubectl().args([
+    Ok(run_tool(ns.kubectl().args([
         "create",
         "token",
         account,
@@ -772,9 +754,11 @@ impl Release {
 
     /// `helm <verb> <release> ...` in the release namespace, waiting for the result.
     fn helm(&self, verb: &str, args: &[&str]) -> Result<String> {
-        run(helm(self.env)
-            .args([verb, &self.name, "-n", &self.ns.name])
-            .args(args))
+        run_tool(
+            helm(self.env)
+                .args([verb, &self.name, "-n", &self.ns.name])
+                .args(args),
+        )
     }
 
     fn install_or_upgrade(&self, verb: &str, anisora_replicas: u32) -> Result<String> {
@@ -906,7 +890,7 @@ async fn a_helm_install_runs_jobs_under_its_own_rbac_and_survives_upgrade_rollba
     let env = TestEnv::get()?;
     let ns = env.namespace("chart").await?;
     // The operator's pods and the runner pods it makes must pass the restricted standard.
-    run(env.kubectl().args([
+    run_tool(env.kubectl().args([
         "label",
         "namespace",
         &ns.name,
@@ -1239,7 +1223,7 @@ async fn install_run_upgrade_uninstall(release: &Release) -> Result<()> {
             .collect()
     };
     eventually(90, "nothing of the release to remain", || async {
-            let cluster = ours(run(env.kubectl().args([
+            let cluster = ours(run_tool(env.kubectl().args([
                 "get",
                 "clusterroles,clusterrolebindings,validatingwebhookconfigurations,validatingadmissionpolicies,validatingadmissionpolicybindings,videomodels,modellanes",
                 "-l",
@@ -1247,7 +1231,7 @@ async fn install_run_upgrade_uninstall(release: &Release) -> Result<()> {
                 "-o",
                 "name",
             ]))?);
-            let namespaced = ours(run(ns.kubectl().args([
+            let namespaced = ours(run_tool(ns.kubectl().args([
                 "get",
                 "pods,leases,secrets,services,deployments,replicasets,poddisruptionbudgets,networkpolicies,roles,rolebindings,serviceaccounts,configmaps,persistentvolumeclaims",
                 "-o",
@@ -1259,7 +1243,7 @@ async fn install_run_upgrade_uninstall(release: &Release) -> Result<()> {
             Ok((cluster.is_empty() && namespaced.is_empty()).then_some(()))
         })
         .await?;
-    let crds = run(env.kubectl().args(["get", "crd", "-o", "name"]))?;
+    let crds = run_tool(env.kubectl().args(["get", "crd", "-o", "name"]))?;
     for crd in ["videojobs", "videomodels", "modellanes"] {
         ensure!(
             crds.contains(&format!("{crd}.framelane.dev")),
@@ -1400,9 +1384,11 @@ async fn the_charts_alerts_and_dashboard_use_only_exported_metrics_and_pass_prom
         &rules,
         serde_yaml::to_string(&json!({"groups": rule["spec"]["groups"]}))?,
     )?;
-    let checked = run(Command::new(env.bin_dir.join("promtool"))
-        .args(["check", "rules"])
-        .arg(&rules))?;
+    let checked = run_tool(
+        Command::new(env.bin_dir.join("promtool"))
+            .args(["check", "rules"])
+            .arg(&rules),
+    )?;
     ensure!(checked.contains("SUCCESS"), "{checked}");
 
     let (operator, runner) = exported_metrics();
@@ -1454,7 +1440,7 @@ async fn client_as(
 ) -> Result<Client> {
     let token = match pod {
         Some(pod) => pod_token(ns, account, pod)?,
-        None => run(ns.kubectl().args(["create", "token", account]))?
+        None => run_tool(ns.kubectl().args(["create", "token", account]))?
             .trim()
             .to_string(),
     };
@@ -1715,19 +1701,21 @@ async fn the_charts_policies_hold_each_runner_to_its_own_lane_jobs_and_lease() -
     let ns = env.namespace("trust").await?;
     let dir = tempfile::tempdir()?;
     let release = ns.name.clone();
-    run(helm(env)
-        .args(["install", &release, "-n", &ns.name])
-        .arg(chart())
-        .args([
-            "--set=webhook.enabled=false",
-            "--set=operator.replicas=1",
-            "--set=volumes.models.create=false",
-            "--set=volumes.outputs.create=false",
-            "--set-json=models=[]",
-            "--set-json=lanes=[]",
-        ]))?;
+    run_tool(
+        helm(env)
+            .args(["install", &release, "-n", &ns.name])
+            .arg(chart())
+            .args([
+                "--set=webhook.enabled=false",
+                "--set=operator.replicas=1",
+                "--set=volumes.models.create=false",
+                "--set=volumes.outputs.create=false",
+                "--set-json=models=[]",
+                "--set-json=lanes=[]",
+            ]),
+    )?;
     let result = runner_policies(&ns, &release, dir.path()).await;
-    let uninstalled = run(helm(env).args(["uninstall", &release, "-n", &ns.name, "--wait"]));
+    let uninstalled = run_tool(helm(env).args(["uninstall", &release, "-n", &ns.name, "--wait"]));
     result?;
     uninstalled.map(|_| ())
 }

@@ -74,6 +74,24 @@ where
     }
 }
 
+/// Runs a tool and returns its stdout; a failure carries its output.
+pub fn run_tool(cmd: &mut Command) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    anyhow::ensure!(
+        out.status.success(),
+        "{cmd:?} exited with {}:\n{stdout}{stderr}",
+        out.status
+    );
+    Ok(stdout)
+}
+
 /// An AdmissionReview as the API server would send it for a create of VideoJob `name` in
 /// `namespace` (model `model`): anyone who can reach the webhook can write one.
 pub fn forged_review(namespace: &str, model: &str, name: &str) -> String {
@@ -304,7 +322,8 @@ impl TestNamespace {
     }
 }
 
-fn repo_root() -> PathBuf {
+/// The repository's root directory.
+pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .ancestors()
         .nth(2)

@@ -58,8 +58,8 @@ mod tokio_stream_shim {
     }
 }
 
-/// Runs the operator until SIGTERM/SIGINT, or until it loses leadership (then it exits
-/// non-zero so its Deployment restarts it as a standby).
+/// Runs the operator until SIGTERM/SIGINT, or until it loses leadership (then it returns an
+/// error: the process exits non-zero and its Deployment restarts it as a standby).
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let client = framelane_contract::serve::client(config.kubeconfig.as_deref()).await?;
     let metrics = Arc::new(Metrics::default());
@@ -135,7 +135,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(identity, "became the leader");
     metrics.leader.set(1);
     let leases_seen = Arc::new(LeaseView::new(Timestamp::now()));
-    tokio::spawn(keep_leading(
+    // Ends when leadership is lost; then this replica returns an error, so that its
+    // process exits non-zero and its Deployment restarts it as a standby.
+    let mut leading = tokio::spawn(keep_leading(
         elector.clone(),
         metrics.clone(),
         leases_seen.clone(),
@@ -164,15 +166,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         leases_seen,
     );
     tokio::pin!(work);
+    let lost = || anyhow::anyhow!("lost leadership: no longer the leader");
     tokio::select! {
         result = &mut work => result?,
+        _ = &mut leading => return Err(lost()),
         // The controllers go on while the webhook drains: reviews it still answers need the
         // leader's count.
         _ = &mut shutdown => tokio::select! {
             result = &mut work => result?,
+            _ = &mut leading => return Err(lost()),
             _ = drain(&ready, server.take(), delay) => {}
         },
     }
+    leading.abort();
     elector.release().await?;
     tracing::info!("released leadership; exiting");
     Ok(())
@@ -195,7 +201,7 @@ async fn election_client(config: &Config) -> anyhow::Result<Client> {
 /// Renews the Lease. As soon as leadership is not confirmed (no renewal succeeded within the
 /// renew deadline, or another replica holds the Lease), the replica stops acting as leader
 /// (the webhook and the controllers check [`Elector::confirmed`] before each decision) and
-/// exits, so its Deployment restarts it as a standby.
+/// returns, which ends [`run`] with an error.
 ///
 /// A failed renewal, and the first to succeed after failures, tell `leases_seen` that the
 /// API server was unreachable until then.
@@ -231,7 +237,6 @@ async fn keep_leading(elector: Arc<Elector>, metrics: Arc<Metrics>, leases_seen:
     }
     metrics.leader.set(0);
     tracing::error!("no longer the leader: stopped acting as leader; exiting");
-    std::process::exit(1);
 }
 
 /// The webhook's HTTPS server, until it is told to stop.

@@ -549,20 +549,26 @@ impl Operator {
         let config = Config::try_parse_from(&args).with_context(|| format!("{args:?}"))?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("a tokio runtime");
-            runtime.block_on(async {
-                tokio::select! {
-                    result = framelane_operator::run::run(config) => {
-                        if let Err(e) = result { eprintln!("operator: {e:#}") }
+            let mut stopped = stopped;
+            // As the pod's container would be: started afresh whenever it exits with an
+            // error (a replica that lost leadership comes back as a standby).
+            loop {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("a tokio runtime");
+                let failed = runtime.block_on(async {
+                    tokio::select! {
+                        result = framelane_operator::run::run(config.clone()) => result.err(),
+                        _ = &mut stopped => None,
                     }
-                    _ = stopped => {}
-                }
-            });
-            runtime.shutdown_background();
+                });
+                runtime.shutdown_background();
+                let Some(e) = failed else { break };
+                eprintln!("operator: {e:#}; restarting");
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
         });
         Ok(Operator {
             stop: Some(stop),

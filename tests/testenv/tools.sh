@@ -77,14 +77,28 @@ build_node() {
   build_k8s_commands kubelet kube-proxy
 }
 
+# Builds command $1 into $BIN from the main.go on stdin, in a module of its own that requires
+# $2 (module@version) when given.
+build_main() { # name [module@version]
+  local work; work=$(mktemp -d)
+  cat > "$work/main.go"
+  (
+    cd "$work"
+    printf 'module framelane.dev/testenv/%s\ngo 1.26.0\n' "$1" > go.mod
+    if [ -n "${2:-}" ]; then
+      go get "$2" >&2
+      go mod tidy >&2
+    fi
+    go build -trimpath -ldflags "-s -w" -o "$1" . >&2
+    mv "$1" "$BIN/$1"
+  )
+  rm -rf "$work"
+}
+
 build_etcd() {
   have etcd && return
   log "building etcd $ETCD_VERSION"
-  local work; work=$(mktemp -d)
-  (
-    cd "$work"
-    printf 'module framelane.dev/testenv/etcd\ngo 1.26.0\n' > go.mod
-    cat > main.go <<'GO'
+  build_main etcd "go.etcd.io/etcd/server/v3@$ETCD_VERSION" <<'GO'
 // Command etcd runs etcd's server entry point; upstream ships its main in another module.
 package main
 
@@ -96,12 +110,6 @@ import (
 
 func main() { etcdmain.Main(os.Args) }
 GO
-    go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >&2
-    go mod tidy >&2
-    go build -trimpath -ldflags "-s -w" -o etcd . >&2
-    mv etcd "$BIN/etcd"
-  )
-  rm -rf "$work"
 }
 
 # The sandbox ("pause") process of the real node's pods: it holds a pod's namespaces while
@@ -110,11 +118,7 @@ GO
 build_pause() {
   have pause && return
   log "building pause (the real node's sandbox process)"
-  local work; work=$(mktemp -d)
-  (
-    cd "$work"
-    printf 'module framelane.dev/testenv/pause\ngo 1.26.0\n' > go.mod
-    cat > main.go <<'GO'
+  build_main pause <<'GO'
 // Command pause sleeps until it is told to stop, and reaps the children it inherits as the
 // first process of a pod.
 package main
@@ -140,10 +144,6 @@ func main() {
 	}
 }
 GO
-    go build -trimpath -ldflags "-s -w" -o pause . >&2
-    mv pause "$BIN/pause"
-  )
-  rm -rf "$work"
 }
 
 install_go_tool() { # name module-path version

@@ -22,7 +22,8 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::{CommandFactory, Parser};
-use framelane_api::{ModelLane, VideoJob, videojob::JobPhase};
+use framelane_api::{ModelLane, VideoJob};
+use framelane_e2e::until_succeeded;
 use framelane_operator::config::Config;
 use framelane_testenv::{
     TestEnv, TestNamespace, eventually, expect_refused, repo_root, run_tool, tiny_models,
@@ -855,20 +856,9 @@ impl Release {
     }
 
     async fn wait_succeeded(&self, names: &[&str]) -> Result<()> {
-        let jobs = self.jobs_namespace().api::<VideoJob>();
-        eventually(300, "the jobs to succeed", || async {
-            let mut done = 0;
-            for name in names {
-                let job = jobs.get(name).await?;
-                match job.status.as_ref().and_then(|s| s.phase) {
-                    Some(JobPhase::Succeeded) => done += 1,
-                    Some(JobPhase::Failed) => bail!("job {name} failed: {:?}", job.status),
-                    _ => {}
-                }
-            }
-            Ok((done == names.len()).then_some(()))
-        })
-        .await
+        let jobs = self.jobs_namespace().api();
+        until_succeeded(&jobs, names, 300, || Ok(())).await?;
+        Ok(())
     }
 
     /// `kubectl auth can-i` as the account whose token `kubeconfig` holds.

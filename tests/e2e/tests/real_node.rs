@@ -32,6 +32,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use framelane_api::{ModelLane, VideoJob, videojob::JobPhase};
+use framelane_e2e::until_succeeded;
 use framelane_testenv::{
     TestEnv, TestNamespace, eventually, forged_review, repo_root, run_tool, tiny_models,
 };
@@ -344,21 +345,9 @@ impl Release {
     /// Waits for the jobs to succeed: up to 300 s (the long job takes minutes on a CPU), and
     /// 30 s more a job (one runner on a shared CPU runs them one after another).
     async fn wait_succeeded(&self, names: &[String]) -> Result<()> {
-        let jobs = self.ns.api::<VideoJob>();
         let secs = 300 + 30 * names.len() as u64;
-        eventually(secs, "the jobs to succeed", || async {
-            let mut done = 0;
-            for name in names {
-                let job = jobs.get(name).await?;
-                match job.status.as_ref().and_then(|s| s.phase) {
-                    Some(JobPhase::Succeeded) => done += 1,
-                    Some(JobPhase::Failed) => bail!("job {name} failed: {:?}", job.status),
-                    _ => {}
-                }
-            }
-            Ok((done == names.len()).then_some(()))
-        })
-        .await
+        until_succeeded(&self.ns.api(), names, secs, || Ok(())).await?;
+        Ok(())
     }
 
     /// The job's MP4 is on the outputs volume, as its status describes it.

@@ -21,6 +21,7 @@ use std::{path::PathBuf, process::Stdio, time::Duration};
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use framelane_api::{ModelLane, VideoJob, VideoModel, reasons::JobReason, videojob::JobPhase};
+use framelane_e2e::until_succeeded;
 use framelane_testenv::{
     TestEnv, TestNamespace, eventually, stall::StallProxy, tiny_models, workspace_binary,
 };
@@ -258,21 +259,9 @@ impl Setup {
 
     /// Waits until every job in `names` Succeeded; any failure fails the test.
     async fn wait_succeeded(&self, names: &[&str], secs: u64) -> Result<Vec<VideoJob>> {
-        eventually(secs, &format!("jobs {names:?} to succeed"), || async {
-            let mut done = Vec::new();
-            for name in names {
-                let job = self.jobs().get(name).await?;
-                match job.status.as_ref().and_then(|s| s.phase) {
-                    Some(JobPhase::Succeeded) => done.push(job),
-                    Some(JobPhase::Failed) => bail!("job {name} failed: {:?}", job.status),
-                    _ => {}
-                }
-            }
-            self.check_runner()?;
-            Ok((done.len() == names.len()).then_some(done))
-        })
-        .await
-        .with_context(|| self.log_text())
+        until_succeeded(&self.jobs(), names, secs, || self.check_runner())
+            .await
+            .with_context(|| self.log_text())
     }
 
     /// Waits until the job `name` Failed and returns its status's reason and message.

@@ -239,25 +239,81 @@ impl ModelProfile {
         self.experts().max().unwrap_or(0)
     }
 
-    /// Bytes on the device while no job runs.
+    /// What `auto` weighs for this model ([`auto_mode`]).
+    pub fn mode_weights(&self) -> ModeWeights {
+        ModeWeights {
+            resident: self.resident(MemoryMode::Resident),
+            expert_swap: self
+                .swaps(MemoryMode::ExpertSwap)
+                .then(|| self.weights_during(Stage::Denoising, MemoryMode::ExpertSwap)),
+        }
+    }
+
+    /// Wan 2.2 A14B image-to-video in bfloat16 (two 14B experts, umT5-XXL, the Wan 2.1 VAE in
+    /// float32) as a runner on a GPU reports it: the model behind the figures in
+    /// docs/fit-check.md, and a reference for tests and benchmarks.
+    pub fn wan22_a14b_i2v() -> ModelProfile {
+        ModelProfile {
+            transformer_bytes: vec![28_600_000_000, 28_600_000_000],
+            text_encoder_bytes: 11_400_000_000,
+            vae_bytes: 254_000_000,
+            dtype_bytes: 2,
+            vae_dtype_bytes: 4,
+            transformer: TransformerShape {
+                dim: 5120,
+                ffn_dim: 13824,
+                heads: 40,
+                layers: 40,
+                in_channels: 36,
+                out_channels: 16,
+                patch: [1, 2, 2],
+                text_dim: 4096,
+            },
+            text_encoder: TextEncoderShape {
+                d_model: 4096,
+                d_ff: 10240,
+                heads: 64,
+                text_length: 512,
+            },
+            vae: VaeShape {
+                base_dim: 96,
+                z_dim: 16,
+                dim_mult: vec![1, 2, 4, 4],
+                res_blocks: 2,
+                temporal_compression: 4,
+                spatial_compression: 8,
+            },
+            conv_unfold: false,
+        }
+    }
+
+    /// Whether expert-swap has experts to swap (with one transformer it is resident).
+    fn swaps(&self, mode: MemoryMode) -> bool {
+        mode == MemoryMode::ExpertSwap && self.transformer_bytes.len() > 1
+    }
+
+    /// Bytes on the device while no job runs. Expert-swap keeps the text encoder and the VAE;
+    /// its experts wait in host memory.
     fn resident(&self, mode: MemoryMode) -> u64 {
         match mode {
-            MemoryMode::Auto | MemoryMode::Resident => {
+            MemoryMode::ExpertSwap if self.swaps(mode) => self.text_encoder_bytes + self.vae_bytes,
+            MemoryMode::Auto | MemoryMode::Resident | MemoryMode::ExpertSwap => {
                 self.text_encoder_bytes + self.experts().sum::<u64>() + self.vae_bytes
-            }
-            MemoryMode::ExpertSwap => {
-                self.text_encoder_bytes + self.largest_expert() + self.vae_bytes
             }
             MemoryMode::ModelOffload => 0,
         }
     }
 
-    /// Weights on the device while `stage` runs.
+    /// Weights on the device while `stage` runs: with expert-swap, one expert at a time joins
+    /// the text encoder and the VAE while denoising.
     fn weights_during(&self, stage: Stage, mode: MemoryMode) -> u64 {
         match (mode, stage) {
             (MemoryMode::ModelOffload, Stage::TextEncoding) => self.text_encoder_bytes,
             (MemoryMode::ModelOffload, Stage::ImageEncoding | Stage::Decoding) => self.vae_bytes,
             (MemoryMode::ModelOffload, Stage::Denoising) => self.largest_expert(),
+            (_, Stage::Denoising) if self.swaps(mode) => {
+                self.resident(mode) + self.largest_expert()
+            }
             _ => self.resident(mode),
         }
     }
@@ -287,17 +343,21 @@ impl ModelProfile {
         one + prompts * t.text_length * t.d_model * e
     }
 
-    /// One transformer block's worst moment over `tokens`: the block's input and output, the
-    /// modulated input, queries, keys and values with their rotated and contiguous copies,
-    /// the attention output (8 token-by-dim tensors), or, in the feed-forward, four of them
-    /// with two `ffn_dim`-wide ones; plus the float32 layer norm of the modulation
-    /// (three more, float32).
+    /// One transformer block's worst moment over `tokens`: in self-attention, the block's
+    /// input and output, the modulated input, queries, keys and values with their rotated and
+    /// contiguous copies, the attention output (8 token-by-dim tensors); in cross-attention,
+    /// five of them (input, normed input, queries and their contiguous copy, output) and the
+    /// text's keys and values with their contiguous copies (4 text-length-by-dim tensors); in
+    /// the feed-forward, four with two `ffn_dim`-wide ones; plus the float32 layer norm of the
+    /// modulation (three more, float32).
     fn block_activations(&self, tokens: u64) -> u64 {
         let s = &self.transformer;
         let e = self.dtype_bytes;
-        let attention = 8 * s.dim * e;
-        let feed_forward = 4 * s.dim * e + 2 * s.ffn_dim * e;
-        tokens * (attention.max(feed_forward) + 3 * s.dim * 4)
+        let self_attention = tokens * 8 * s.dim * e;
+        let cross_attention =
+            tokens * 5 * s.dim * e + 4 * self.text_encoder.text_length * s.dim * e;
+        let feed_forward = tokens * (4 * s.dim * e + 2 * s.ffn_dim * e);
+        self_attention.max(cross_attention).max(feed_forward) + tokens * 3 * s.dim * 4
     }
 
     /// Denoising: what a step keeps (the latents, the solver's history of three velocities,
@@ -562,17 +622,36 @@ pub fn fits(memory: &RunnerMemory, model: &str, job: &JobSize) -> Result<(), Doe
     })
 }
 
-/// The mode a runner runs in when its lane says `auto`: everything resident if the weights
-/// take at most 60 % of the budget, else one expert at a time for a two-expert model if that
-/// does, else model offload.
+/// The mode a runner runs in when its lane says `auto`: [`auto_mode`] of its models.
 pub fn resolve_mode(requested: MemoryMode, profiles: &[&ModelProfile], budget: u64) -> MemoryMode {
     if requested != MemoryMode::Auto {
         return requested;
     }
-    let fits = |mode| profiles.iter().all(|p| p.resident(mode) <= budget / 10 * 6);
-    if fits(MemoryMode::Resident) {
+    let weights: Vec<ModeWeights> = profiles.iter().map(|p| p.mode_weights()).collect();
+    auto_mode(&weights, budget)
+}
+
+/// What `auto` weighs for one model: the weight bytes on the device with everything resident,
+/// and with one expert at a time (`None`: one transformer, nothing to swap).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModeWeights {
+    pub resident: u64,
+    pub expert_swap: Option<u64>,
+}
+
+/// `auto`'s choice for the models one runner serves, from its usable `budget`
+/// ([`usable_bytes`]): everything resident if every model's weights take at most 60 % of it
+/// (the rest is for a job's activations and the VAE's decode), else one expert at a time if a
+/// model has two and every model's weights then do, else model offload. The runner's start,
+/// a pipeline loaded with `auto` and the GPU check all decide with this.
+pub fn auto_mode(models: &[ModeWeights], budget: u64) -> MemoryMode {
+    let limit = budget / 10 * 6;
+    if models.iter().all(|m| m.resident <= limit) {
         MemoryMode::Resident
-    } else if profiles.iter().any(|p| p.transformer_bytes.len() > 1) && fits(MemoryMode::ExpertSwap)
+    } else if models.iter().any(|m| m.expert_swap.is_some())
+        && models
+            .iter()
+            .all(|m| m.expert_swap.unwrap_or(m.resident) <= limit)
     {
         MemoryMode::ExpertSwap
     } else {
@@ -603,42 +682,6 @@ mod tests {
 
     const GB: u64 = 1 << 30;
 
-    /// Wan 2.2 A14B image-to-video in bfloat16: two 14B experts, umT5-XXL, the Wan 2.1 VAE.
-    fn a14b() -> ModelProfile {
-        ModelProfile {
-            transformer_bytes: vec![28_600_000_000, 28_600_000_000],
-            text_encoder_bytes: 11_400_000_000,
-            vae_bytes: 254_000_000,
-            dtype_bytes: 2,
-            vae_dtype_bytes: 4,
-            transformer: TransformerShape {
-                dim: 5120,
-                ffn_dim: 13824,
-                heads: 40,
-                layers: 40,
-                in_channels: 36,
-                out_channels: 16,
-                patch: [1, 2, 2],
-                text_dim: 4096,
-            },
-            text_encoder: TextEncoderShape {
-                d_model: 4096,
-                d_ff: 10240,
-                heads: 64,
-                text_length: 512,
-            },
-            vae: VaeShape {
-                base_dim: 96,
-                z_dim: 16,
-                dim_mult: vec![1, 2, 4, 4],
-                res_blocks: 2,
-                temporal_compression: 4,
-                spatial_compression: 8,
-            },
-            conv_unfold: false,
-        }
-    }
-
     fn job(width: u64, height: u64, frames: u64) -> JobSize {
         JobSize {
             width,
@@ -656,13 +699,13 @@ mod tests {
             budget_bytes: budget,
             mode,
             vae_tiling: false,
-            models: [("anisora".to_owned(), a14b())].into(),
+            models: [("anisora".to_owned(), ModelProfile::wan22_a14b_i2v())].into(),
         }
     }
 
     #[test]
     fn every_stage_grows_with_the_size_and_resident_holds_every_weight() {
-        let p = a14b();
+        let p = ModelProfile::wan22_a14b_i2v();
         let i2v = |w, h, f| JobSize {
             mode: GenerationMode::I2v,
             ..job(w, h, f)
@@ -694,18 +737,34 @@ mod tests {
 
     #[test]
     fn modes_and_tiling_lower_the_peak_in_order() {
-        let p = a14b();
+        let p = ModelProfile::wan22_a14b_i2v();
         let size = job(1280, 720, 81);
         let peak = |mode, tiling| p.estimate(&size, mode, tiling).peak().1;
         let resident = peak(MemoryMode::Resident, false);
         let swap = peak(MemoryMode::ExpertSwap, false);
         let offload = peak(MemoryMode::ModelOffload, false);
+        let stage_bytes = |mode, stage| {
+            let estimate = p.estimate(&size, mode, false);
+            estimate.stages.iter().find(|(s, _)| *s == stage).unwrap().1
+        };
+        let expert = 28_600_000_000 + 524_288;
+        let fewer = |stage| {
+            stage_bytes(MemoryMode::Resident, stage) - stage_bytes(MemoryMode::ExpertSwap, stage)
+        };
         assert_eq!(
-            resident - swap,
-            28_600_000_000 + 524_288,
-            "one expert fewer on the device"
+            fewer(Stage::Denoising),
+            expert,
+            "one expert fewer while denoising"
         );
-        assert!(offload < swap, "{offload} {swap}");
+        assert_eq!(
+            fewer(Stage::Decoding),
+            2 * expert,
+            "no expert while decoding"
+        );
+        assert!(
+            swap < resident && offload < swap,
+            "{resident} {swap} {offload}"
+        );
         // Offloaded, the A14B runs 1280x720x81 on an 80 GB card but not a 24 GB.
         assert!(offload < 70 * GB && offload > 22 * GB, "{offload}");
         // Tiles lower the decoding peak.
@@ -797,7 +856,7 @@ mod tests {
 
     #[test]
     fn auto_resolves_from_the_budget() {
-        let p = a14b();
+        let p = ModelProfile::wan22_a14b_i2v();
         let all = [&p];
         let budget = |gb: u64| usable_bytes(gb * 1_000_000_000);
         assert_eq!(

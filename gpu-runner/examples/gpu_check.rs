@@ -22,12 +22,11 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, bail, ensure};
+use framelane_core::memory::{ModeWeights, auto_mode, usable_bytes};
 use framelane_runner::cache::{LaneMode, ModelCache, ModelRef};
 use framelane_runner::generate::{JobRequest, Stage, run_job};
 use framelane_runner::memory::RunnerDevice;
-use framelane_runner::placement::{
-    self, ACTIVATION_SHARE, MemoryMode, PartBytes, Placement, VaeTiling,
-};
+use framelane_runner::placement::{MemoryMode, PartBytes, VaeTiling};
 use framelane_runner::sampler::StepControl;
 use framelane_runner::wan::pipeline::{
     ComfyUiFiles, MemoryPlan, Mode, ModelFiles, ModelSpec, Precision, WanPipeline,
@@ -196,34 +195,21 @@ fn main() -> anyhow::Result<()> {
     let conf = std::env::var("PYTORCH_CUDA_ALLOC_CONF").unwrap_or_else(|_| "(unset)".into());
     let mut failed = Vec::new();
     for &cap in &args.caps {
-        let budget = cap as f64 * (1.0 - ACTIVATION_SHARE);
-        if let Some(i) = bytes.iter().position(|b| b.largest() as f64 > budget) {
+        let budget = usable_bytes(cap);
+        if let Some(i) = bytes.iter().position(|b| b.largest() > budget) {
             println!(
-                "\ncap {:.3} GB: refused, no mode fits: {}'s largest part is {:.1} GB in bfloat16, \
-                 more than the {:.1} GB `auto` leaves for weights",
+                "\ncap {:.3} GB: refused, no mode fits: {}'s largest part is {:.3} GB in bfloat16, \
+                 more than the {:.3} GB usable",
                 cap as f64 / 1e9,
                 models[i].1,
                 bytes[i].largest() as f64 / 1e9,
-                budget / 1e9
+                budget as f64 / 1e9
             );
             continue;
         }
-        // The lane's mode: the most offloading of what `auto` picks for each model under the
-        // cap (expert-swap leaves a one-transformer model resident).
-        let placement = bytes
-            .iter()
-            .map(|b| placement::place(MemoryMode::Auto, b, Some(cap)))
-            .max_by_key(|p| match p {
-                Placement::Resident => 0,
-                Placement::ExpertSwap => 1,
-                Placement::ModelOffload => 2,
-            })
-            .expect("two models");
-        let mode = match placement {
-            Placement::Resident => MemoryMode::Resident,
-            Placement::ExpertSwap => MemoryMode::ExpertSwap,
-            Placement::ModelOffload => MemoryMode::ModelOffload,
-        };
+        // The lane's mode: what a Shared runner of both models resolves `auto` to under the cap.
+        let weights: Vec<ModeWeights> = bytes.iter().map(PartBytes::mode_weights).collect();
+        let mode = auto_mode(&weights, budget);
         for &size in &args.sizes {
             let rows = run_config(&args, &device, &models, &image, cap, mode, size, &conf)?;
             for (model, row) in &rows {
@@ -235,12 +221,12 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(python) = &args.diffusers {
                 for ((r, kind), row) in models.iter().zip(rows.values()) {
-                    let theirs = diffusers_step(&args, python, kind, size, placement, cap)?;
+                    let theirs = diffusers_step(&args, python, kind, size, mode, cap)?;
                     let ours = mean(&row.step_seconds);
                     println!(
                         "{:<5} s/step: runner {ours:.3}, diffusers {theirs:.3} ({}), ratio {:.3}",
                         r.model,
-                        if placement == Placement::Resident {
+                        if mode == MemoryMode::Resident {
                             "resident"
                         } else {
                             "model cpu offload"
@@ -441,11 +427,11 @@ fn diffusers_step(
     python: &str,
     kind: &str,
     (width, height, frames): (u32, u32, u32),
-    placement: Placement,
+    mode: MemoryMode,
     cap: u64,
 ) -> anyhow::Result<f64> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gpu_check_diffusers.py");
-    let mode = if placement == Placement::Resident {
+    let mode = if mode == MemoryMode::Resident {
         "resident"
     } else {
         "offload"

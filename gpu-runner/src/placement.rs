@@ -6,6 +6,8 @@ use std::collections::HashMap;
 
 use tch::{Device, TchError, Tensor};
 
+use framelane_core::memory::{ModeWeights, auto_mode, usable_bytes};
+
 use crate::accel::{self, AccelError};
 
 /// `--memory-mode` and `--vae-tiling` take the ModelLane's `spec.runner.memory` values
@@ -31,10 +33,6 @@ impl Placement {
     }
 }
 
-/// Share of the device's total memory `auto` keeps free of weights: a job's activations, the
-/// VAE's decode and the allocator's rounding.
-pub const ACTIVATION_SHARE: f64 = 0.25;
-
 /// Weight bytes of a model's parts, in the precision it runs in.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PartBytes {
@@ -58,6 +56,14 @@ impl PartBytes {
                 .map_or(0, |low| low.min(self.transformer))
     }
 
+    /// What `auto` weighs ([`auto_mode`]).
+    pub fn mode_weights(&self) -> ModeWeights {
+        ModeWeights {
+            resident: self.all(),
+            expert_swap: self.transformer_2.map(|_| self.one_expert()),
+        }
+    }
+
     /// What model-offload needs on the device at most: its largest part.
     pub fn largest(&self) -> u64 {
         [
@@ -73,31 +79,22 @@ impl PartBytes {
 }
 
 /// The placement of a model of `bytes` on a device of `total` bytes (`None`: the CPU) in
-/// `mode`. `auto`: resident when every weight fits in the device's memory less
-/// [`ACTIVATION_SHARE`], else expert-swap when a two-expert model fits with one expert, else
-/// model-offload; resident on the CPU. Expert-swap of a one-transformer model is resident
-/// (nothing to swap). Model-offload: the text encoder, the transformer(s) and the VAE each
-/// come to the device for their stage only, as diffusers' `enable_model_cpu_offload`.
+/// `mode`. `auto` (a runner resolves it at start; a pipeline loaded with it resolves it here)
+/// is [`auto_mode`] of this model on the device's usable bytes, and resident on the CPU.
+/// Expert-swap of a one-transformer model is resident (nothing to swap). Model-offload: the
+/// text encoder, the transformer(s) and the VAE each come to the device for their stage only,
+/// as diffusers' `enable_model_cpu_offload`.
 pub fn place(mode: MemoryMode, bytes: &PartBytes, total: Option<u64>) -> Placement {
-    let two_experts = bytes.transformer_2.is_some();
+    let mode = match (mode, total) {
+        (MemoryMode::Auto, None) => MemoryMode::Resident,
+        (MemoryMode::Auto, Some(total)) => auto_mode(&[bytes.mode_weights()], usable_bytes(total)),
+        (mode, _) => mode,
+    };
     match mode {
-        MemoryMode::Resident => Placement::Resident,
-        MemoryMode::ExpertSwap if two_experts => Placement::ExpertSwap,
+        MemoryMode::Auto | MemoryMode::Resident => Placement::Resident,
+        MemoryMode::ExpertSwap if bytes.transformer_2.is_some() => Placement::ExpertSwap,
         MemoryMode::ExpertSwap => Placement::Resident,
         MemoryMode::ModelOffload => Placement::ModelOffload,
-        MemoryMode::Auto => {
-            let Some(total) = total else {
-                return Placement::Resident;
-            };
-            let budget = (total as f64 * (1.0 - ACTIVATION_SHARE)) as u64;
-            if bytes.all() <= budget {
-                Placement::Resident
-            } else if two_experts && bytes.one_expert() <= budget {
-                Placement::ExpertSwap
-            } else {
-                Placement::ModelOffload
-            }
-        }
     }
 }
 

@@ -13,10 +13,7 @@ use framelane_api::{
     wellknown::{ANNOTATION_MEMORY, LABEL_LANE, LABEL_RUNNER},
 };
 use framelane_contract::{Runner, heartbeat::HeartbeatHandle};
-use framelane_core::memory::{
-    ANNOTATION_VERSION, ModelProfile, RunnerMemory, TextEncoderShape, TransformerShape, VaeShape,
-    usable_bytes,
-};
+use framelane_core::memory::{ANNOTATION_VERSION, ModelProfile, RunnerMemory, usable_bytes};
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
     apimachinery::pkg::apis::meta::v1::MicroTime,
@@ -31,42 +28,6 @@ use tokio::sync::watch;
 
 const GIB: u64 = 1 << 30;
 
-/// Wan 2.2 A14B in bfloat16 (two 14B experts, umT5-XXL, the Wan VAE) on a GPU.
-fn a14b() -> ModelProfile {
-    ModelProfile {
-        transformer_bytes: vec![28_600_000_000, 28_600_000_000],
-        text_encoder_bytes: 11_400_000_000,
-        vae_bytes: 254_000_000,
-        dtype_bytes: 2,
-        vae_dtype_bytes: 4,
-        transformer: TransformerShape {
-            dim: 5120,
-            ffn_dim: 13824,
-            heads: 40,
-            layers: 40,
-            in_channels: 16,
-            out_channels: 16,
-            patch: [1, 2, 2],
-            text_dim: 4096,
-        },
-        text_encoder: TextEncoderShape {
-            d_model: 4096,
-            d_ff: 10240,
-            heads: 64,
-            text_length: 512,
-        },
-        vae: VaeShape {
-            base_dim: 96,
-            z_dim: 16,
-            dim_mult: vec![1, 2, 4, 4],
-            res_blocks: 2,
-            temporal_compression: 4,
-            spatial_compression: 8,
-        },
-        conv_unfold: false,
-    }
-}
-
 /// What a runner of an 80 GiB GPU serving `model` in `mode` reports.
 fn report(model: &str, mode: MemoryMode) -> RunnerMemory {
     RunnerMemory {
@@ -75,7 +36,7 @@ fn report(model: &str, mode: MemoryMode) -> RunnerMemory {
         budget_bytes: usable_bytes(80 * GIB),
         mode,
         vae_tiling: false,
-        models: [(model.to_owned(), a14b())].into(),
+        models: [(model.to_owned(), ModelProfile::wan22_a14b_i2v())].into(),
     }
 }
 

@@ -7,7 +7,7 @@
 mod common;
 
 use framelane_api::{GenerationMode, modellane::MemoryMode};
-use framelane_core::memory::{JobSize, Stage};
+use framelane_core::memory::{JobSize, ModelProfile, Stage};
 use framelane_runner::{
     placement::VaeTiling,
     profile::model_profile,
@@ -86,6 +86,30 @@ fn measure(pipeline: &mut WanPipeline, job: &JobSize) -> Measured {
     }
 }
 
+/// A tiny model's profile, as a runner reads it, and its spec.
+fn tiny_model(folder: &str) -> (ModelProfile, ModelSpec) {
+    let files = ModelFiles::Diffusers(common::models().join(folder));
+    let profile = model_profile(&files, Precision::FLOAT32, common::device().device).unwrap();
+    let spec = ModelSpec {
+        files,
+        solver: None,
+        boundary_ratio: None,
+    };
+    (profile, spec)
+}
+
+/// Prints `what`'s measured and estimated bytes; a failure when the estimate lies outside
+/// `[measured, measured + BAND]`.
+fn compare(what: &str, measured: i64, estimated: i64) -> Option<String> {
+    let error = (estimated as f64 / measured as f64 - 1.0) * 100.0;
+    println!(
+        "{what}: measured {:.2} MiB, estimated {:.2} MiB ({error:+.1} %)",
+        measured as f64 / MIB,
+        estimated as f64 / MIB,
+    );
+    (!(0.0..=BAND * 100.0).contains(&error)).then(|| format!("{what}: {error:+.1} %"))
+}
+
 /// One test: the allocator's counts are the process's, so the checks run one after the other.
 #[test]
 fn estimates_lie_above_measured_peaks_within_the_band() {
@@ -116,13 +140,7 @@ fn resident_failures() -> Vec<String> {
             [(64, 64, 5), (128, 128, 9), (192, 128, 13)],
         ),
     ] {
-        let files = ModelFiles::Diffusers(common::models().join(folder));
-        let profile = model_profile(&files, Precision::FLOAT32, device.device).unwrap();
-        let spec = ModelSpec {
-            files,
-            solver: None,
-            boundary_ratio: None,
-        };
+        let (profile, spec) = tiny_model(folder);
         let mut pipeline = WanPipeline::load(&spec, Precision::FLOAT32, device.device).unwrap();
         for (width, height, frames) in sizes {
             let job = JobSize {
@@ -162,19 +180,8 @@ fn resident_failures() -> Vec<String> {
                     denoise_estimate - resident,
                 ),
             ] {
-                let ratio = estimated as f64 / measured as f64;
-                println!(
-                    "{folder} {width}x{height}x{frames} {label}: measured {:.2} MiB, estimated {:.2} MiB ({:+.1} %)",
-                    measured as f64 / MIB,
-                    estimated as f64 / MIB,
-                    (ratio - 1.0) * 100.0
-                );
-                failures.extend((!(1.0..=1.0 + BAND).contains(&ratio)).then(|| {
-                    format!(
-                        "{folder} {width}x{height}x{frames} {label}: {:+.1} %",
-                        (ratio - 1.0) * 100.0
-                    )
-                }));
+                let what = format!("{folder} {width}x{height}x{frames} {label}");
+                failures.extend(compare(&what, measured, estimated));
             }
         }
     }
@@ -217,13 +224,7 @@ fn mode_failures() -> Vec<String> {
         ("wan-t2v", GenerationMode::T2v, false),
         ("anisora", GenerationMode::I2v, true),
     ] {
-        let files = ModelFiles::Diffusers(common::models().join(folder));
-        let profile = model_profile(&files, Precision::FLOAT32, device.device).unwrap();
-        let spec = ModelSpec {
-            files,
-            solver: None,
-            boundary_ratio: None,
-        };
+        let (profile, spec) = tiny_model(folder);
         // Tiles are 256x256 pixels: only a frame above that is cut in several.
         let (small, large) = ((128, 128, 9), (320, 288, 5));
         for (memory_mode, tiled, sizes) in [
@@ -253,21 +254,11 @@ fn mode_failures() -> Vec<String> {
                         .iter()
                         .find(|(s, _)| *s == stage)
                         .map_or(0, |(_, b)| *b as i64);
-                    let ratio = estimated as f64 / measured as f64;
                     let what = format!(
                         "{folder} {memory_mode:?}{} {width}x{height}x{frames} {stage:?}",
                         if tiled { " tiled" } else { "" }
                     );
-                    println!(
-                        "{what}: measured {:.2} MiB, estimated {:.2} MiB ({:+.1} %)",
-                        measured as f64 / MIB,
-                        estimated as f64 / MIB,
-                        (ratio - 1.0) * 100.0
-                    );
-                    failures.extend(
-                        (!(1.0..=1.0 + BAND).contains(&ratio))
-                            .then(|| format!("{what}: {:+.1} %", (ratio - 1.0) * 100.0)),
-                    );
+                    failures.extend(compare(&what, measured, estimated));
                 }
             }
         }

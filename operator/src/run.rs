@@ -166,17 +166,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         leases_seen,
     );
     tokio::pin!(work);
-    let lost = || anyhow::anyhow!("lost leadership: no longer the leader");
+    let led = async {
+        tokio::select! {
+            result = &mut work => result,
+            // The controllers go on while the webhook drains: reviews it still answers need
+            // the leader's count.
+            _ = &mut shutdown => tokio::select! {
+                result = &mut work => result,
+                _ = drain(&ready, server.take(), delay) => Ok(()),
+            },
+        }
+    };
     tokio::select! {
-        result = &mut work => result?,
-        _ = &mut leading => return Err(lost()),
-        // The controllers go on while the webhook drains: reviews it still answers need the
-        // leader's count.
-        _ = &mut shutdown => tokio::select! {
-            result = &mut work => result?,
-            _ = &mut leading => return Err(lost()),
-            _ = drain(&ready, server.take(), delay) => {}
-        },
+        result = led => result?,
+        _ = &mut leading => anyhow::bail!("lost leadership: no longer the leader"),
     }
     leading.abort();
     elector.release().await?;

@@ -4,6 +4,19 @@
 use framelane_api::{VideoJobSpec, VideoModel};
 use serde_json::{Value, json};
 
+/// The fields under `spec` that [`missing`] can fill in, in its order.
+pub const DEFAULTED: [&str; 6] = ["steps", "cfg", "width", "height", "frames", "fps"];
+
+/// The CEL expression of the mutating webhook's `matchConditions` (the chart's and the
+/// tests' configurations): true when a job leaves out one of [`DEFAULTED`]. A job that sets
+/// them all has nothing to fill in, so the API server does not call the mutating webhook
+/// for it: one HTTPS call per create instead of two.
+pub fn leaves_a_default_out() -> String {
+    DEFAULTED
+        .map(|field| format!("!has(object.spec.{field})"))
+        .join(" || ")
+}
+
 /// The fields of `spec` its model fills in, as (field name under `spec`, value): the model's
 /// fixed steps and cfg (when it fixes one), and its default size, length and frame rate.
 pub fn missing(spec: &VideoJobSpec, model: &VideoModel) -> Vec<(&'static str, Value)> {
@@ -87,12 +100,36 @@ mod tests {
                 ("fps", json!(16))
             ]
         );
+        let every: Vec<&str> = missing(&spec(json!({})), &phr00t)
+            .into_iter()
+            .map(|(field, _)| field)
+            .collect();
+        assert_eq!(
+            every, DEFAULTED,
+            "the match condition names every field filled in"
+        );
+        let all_set = spec(
+            json!({"steps": 4, "cfg": 1.0, "width": 256, "height": 256, "frames": 17, "fps": 8}),
+        );
+        assert!(missing(&all_set, &phr00t).is_empty());
         let free_cfg = model(json!({"steps": 8}));
         assert!(
             missing(&spec(json!({})), &free_cfg)
                 .iter()
                 .all(|(f, _)| *f != "cfg"),
             "a model that fixes no cfg gives none"
+        );
+    }
+
+    /// The chart's MutatingWebhookConfiguration skips exactly the jobs that set every field.
+    #[test]
+    fn the_charts_match_condition_is_this_one() {
+        let chart = include_str!("../../charts/framelane/templates/webhook.yaml");
+        assert!(
+            chart.contains(&format!("expression: {:?}", leaves_a_default_out())),
+            "charts/framelane/templates/webhook.yaml: the mutating webhook's matchConditions \
+             expression must be {:?}",
+            leaves_a_default_out()
         );
     }
 }

@@ -112,6 +112,56 @@ async fn a_job_that_leaves_parameters_out_is_stored_with_its_models_values() -> 
     Ok(())
 }
 
+/// The API server sends a create to the mutating webhook only when the job leaves something
+/// out (its matchCondition): a job that sets every field is created while the mutating
+/// webhook cannot be reached, one that leaves out a single field is not.
+#[tokio::test]
+async fn a_job_that_sets_every_field_is_not_sent_to_the_mutating_webhook() -> Result<()> {
+    let s = setup("wh-match", 25).await?;
+    let (_operator, port) = s.fx.webhook_operator("a", 0, &[])?;
+    s.fx.register_webhook(port).await?;
+    s.fx.webhook_effective(&s.phr00t).await?;
+    s.fx.unreachable_mutating_webhook().await?;
+    let every = json!({"model": s.phr00t, "prompt": "a cat", "steps": 4, "cfg": 1.0,
+        "width": 256, "height": 256, "frames": 17, "fps": 8});
+    let mut without_fps = every.clone();
+    without_fps.as_object_mut().unwrap().remove("fps");
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let jobs = s.fx.jobs_without_retries().await?;
+    eventually(
+        30,
+        "the API server to call the unreachable mutating webhook",
+        || async {
+            Ok(
+                match jobs
+                    .create(&dry_run, &job("no-fps", without_fps.clone()))
+                    .await
+                {
+                    Err(kube::Error::Api(e))
+                        if e.message.contains("defaults.videojobs.framelane.dev") =>
+                    {
+                        Some(())
+                    }
+                    _ => None,
+                },
+            )
+        },
+    )
+    .await?;
+    let stored = jobs
+        .create(&PostParams::default(), &job("every", every))
+        .await
+        .context("a job that sets every field must not need the mutating webhook")?;
+    assert_eq!(
+        (stored.spec.steps, stored.spec.width, stored.spec.fps),
+        (Some(4), Some(256), Some(8))
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn wrong_parameters_are_refused_with_every_field_and_its_fix() -> Result<()> {
     let Setup {

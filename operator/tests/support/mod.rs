@@ -22,6 +22,7 @@ use framelane_api::{
     videojob::{JobPhase, Output},
 };
 use framelane_contract::{ContractError, Runner, readable::WatchErrorLabels};
+use framelane_core::defaults;
 pub use framelane_testenv::eventually;
 use framelane_testenv::{TEST_LABEL, TestEnv, TestNamespace};
 use k8s_openapi::{ByteString, api::core::v1::Namespace};
@@ -259,6 +260,11 @@ impl Fixture {
                     "operations": ["CREATE"], "resources": ["videojobs"], "scope": "Namespaced"}],
                 "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": self.ns.name}},
             });
+            if kind == "MutatingWebhookConfiguration" {
+                // As the chart's: only a job that leaves something out is sent to it.
+                entry["matchConditions"] = json!([{"name": "leaves-a-default-out",
+                    "expression": defaults::leaves_a_default_out()}]);
+            }
             merge(&mut entry, webhook.clone());
             let configuration: DynamicObject = serde_json::from_value(json!({
                 "apiVersion": "admissionregistration.k8s.io/v1",
@@ -304,6 +310,21 @@ impl Fixture {
             )
             .await?;
         }
+        Ok(())
+    }
+
+    /// Points this test's mutating webhook at a port nothing listens on: every call to it
+    /// fails (failurePolicy Fail), so a create that succeeds was not sent to it.
+    pub async fn unreachable_mutating_webhook(&self) -> Result<()> {
+        let [_, (api, ..)] = self.webhook_configurations();
+        let ops = json!([{"op": "replace", "path": "/webhooks/0/clientConfig/url",
+            "value": "https://127.0.0.1:1/mutate-videojob"}]);
+        api.patch(
+            &self.webhook_configuration(),
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::<()>::Json(serde_json::from_value(ops)?),
+        )
+        .await?;
         Ok(())
     }
 

@@ -73,6 +73,7 @@ bench: tools
     cargo bench -p framelane-operator --bench queue
     cargo bench -p framelane-operator --bench webhook
     cargo bench -p framelane-operator --bench peers
+    cargo bench -p framelane-operator --bench writes
     cargo bench -p framelane-operator --bench fuzz
     cargo bench -p framelane-operator --bench restart
     eval "$(gpu-runner/scripts/setup-torch.sh)" && cargo bench -p framelane-runner --bench runner

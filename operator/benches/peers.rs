@@ -37,7 +37,7 @@ use framelane_testenv::{
 use futures::{StreamExt, TryStreamExt, stream};
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{Api, PostParams};
-use support::{Fixture, eventually};
+use support::{Fixture, cpu_seconds, eventually};
 
 const ROUNDS: [(usize, usize); 4] = [(200, 4), (200, 32), (1000, 4), (1000, 32)];
 /// The lane's `maxDepth` and the ClusterQueue's quota: room for every job of the run.
@@ -319,20 +319,6 @@ fn writes(env: &TestEnv) -> Result<HashMap<String, f64>> {
         *counts.entry(key).or_insert(0.0) += value.trim().parse::<f64>().unwrap_or(0.0);
     }
     Ok(counts)
-}
-
-/// User plus system CPU time of `pid` so far, in seconds (clock ticks of 1/100 s).
-fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces), which ends at the last ')'.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("a /proc stat line")?
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    Ok(ticks / 100.0)
 }
 
 /// The resident memory of `pid` now, in KiB.

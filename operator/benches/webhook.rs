@@ -3,18 +3,24 @@
 //! 1. The webhook alone, over HTTPS with keep-alive (wrk, from Debian's packages): an
 //!    admitted create (the leader takes a queue slot) at concurrency 1, 4, 16 and 64, and one
 //!    refused with 422 at 64: decisions per second and p50/p99 latency at the client.
-//! 2. VideoJob creates through the API server three ways, in alternating blocks of one run:
+//! 2. VideoJob creates through the API server four ways, in alternating blocks of one run:
 //!    (a) no admission, (b) the same fixed-parameter rules as a ValidatingAdmissionPolicy
 //!    (CEL inside the API server, with the bench's VideoModels as its parameters), (c) our
-//!    webhooks: creates per second, p50 and p99, and the ratios (c)/(a) and (c)/(b). All
-//!    create into the same namespace and lane, which the operator admits; a job's
+//!    webhooks, for a job that sets every field (the mutating webhook's matchCondition
+//!    leaves it out: one call), (c') our webhooks for a job that leaves its model's values
+//!    out (two calls): creates per second, p50 and p99, and the ratios (c)/(a), (c)/(b) and
+//!    (c')/(a). The other sides' jobs set every field too, so every side stores the same
+//!    spec. All create into the same namespace and lane, which the operator admits; a job's
 //!    `framelane.dev/bench-side` label picks what the API server runs for it (the webhooks'
 //!    objectSelector leaves out `without` and `policy`, the policy's binding selects
 //!    `policy`). Each block of stored creates starts once the operator has admitted the one
 //!    before. First stored creates (what a user's create is), then server-side dry runs
 //!    (nothing stored or admitted: the admission's share of the cheapest create the API
 //!    server does). The webhook's own time per review (p50/p99/p999, from its histogram's
-//!    bucket bounds) over the stored creates it answered.
+//!    bucket bounds) over the stored creates it answered. Per side, the CPU time per create
+//!    of kube-apiserver, etcd and the operator (/proc/PID/stat, from each block's start until
+//!    the operator has admitted it), and its ratios: steadier than the rates, which the
+//!    2-core machine's scheduling moves by 10 % from one block to the next.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -29,18 +35,25 @@ use kube::{
     api::{ApiResource, DynamicObject, GroupVersionKind, PostParams},
 };
 use serde_json::json;
-use support::{Fixture, QueuedAt, eventually};
+use support::{Fixture, QueuedAt, cpu_seconds, eventually};
 
 const WRK_SECONDS: u32 = 10;
 const BLOCKS: usize = 8;
 const PER_BLOCK: usize = 250;
 const CONCURRENCY: usize = 32;
-/// The label that picks a job's admission: `with` (the webhooks), `without`, `policy`.
+/// The label that picks a job's admission: `with` and `with-defaults` (the webhooks),
+/// `without`, `policy`.
 const SIDE_LABEL: &str = "framelane.dev/bench-side";
-const SIDES: [(&str, &str); 3] = [
-    ("with", "with the webhook"),
-    ("without", "without admission"),
-    ("policy", "with the ValidatingAdmissionPolicy"),
+/// Each side's label, its name, and whether its jobs set every field.
+const SIDES: [(&str, &str, bool); 4] = [
+    ("with", "with the webhook (every field set: one call)", true),
+    (
+        "with-defaults",
+        "with the webhook (model's values left out: two calls)",
+        false,
+    ),
+    ("without", "without admission", true),
+    ("policy", "with the ValidatingAdmissionPolicy", true),
 ];
 /// The wrk runs of an admitted create: (threads, connections).
 const WRK_ADMITTED: [(u32, u32); 4] = [(1, 1), (2, 4), (2, 16), (2, 64)];
@@ -88,29 +101,41 @@ async fn main() -> Result<()> {
     let api: Api<VideoJob> = fx.jobs_without_retries().await?;
     let (queued, watch) = support::watch_queued(api.clone());
     let mut stored = 0;
+    let procs = [
+        support::control_plane_pid("kube-apiserver")?,
+        support::control_plane_pid("etcd")?,
+        op.child.id(),
+    ];
     for (what, dry_run) in [("stored", false), ("dry-run", true)] {
-        let mut samples = [Vec::new(), Vec::new(), Vec::new()];
-        let mut elapsed = [Duration::ZERO; 3];
+        let mut samples = SIDES.map(|_| Vec::new());
+        let mut elapsed = SIDES.map(|_| Duration::ZERO);
+        let mut cpu = SIDES.map(|_| [0.0; 3]);
         let before = buckets(&op.metrics().await?);
         for block in 0..BLOCKS {
             // Each side's turn moves one place every block, so none always follows another.
             for turn in 0..SIDES.len() {
                 let side = (block + turn) % SIDES.len();
-                let label = SIDES[side].0;
+                let (label, _, every_field) = SIDES[side];
+                let cpu_before = cpu_seconds_of(&procs)?;
                 let started = Instant::now();
                 let prefix = format!("{what}-{label}-{block}");
-                let latencies = creates(&api, &model, label, &prefix, dry_run).await?;
+                let latencies =
+                    creates(&api, &model, (label, every_field), &prefix, dry_run).await?;
                 elapsed[side] += started.elapsed();
                 samples[side].extend(latencies);
                 if !dry_run {
                     stored += PER_BLOCK;
                     settle(&queued, stored).await?;
                 }
+                let cpu_after = cpu_seconds_of(&procs)?;
+                for (i, spent) in cpu[side].iter_mut().enumerate() {
+                    *spent += cpu_after[i] - cpu_before[i];
+                }
             }
         }
         let after = buckets(&op.metrics().await?);
         let mut summary = Vec::new();
-        for (side, (_, name)) in SIDES.iter().enumerate() {
+        for (side, (_, name, _)) in SIDES.iter().enumerate() {
             let lat = &mut samples[side];
             lat.sort();
             let p99 = lat[lat.len() * 99 / 100].as_secs_f64() * 1000.0;
@@ -120,9 +145,17 @@ async fn main() -> Result<()> {
                 lat[lat.len() / 2].as_secs_f64() * 1000.0,
                 lat.len()
             );
-            summary.push((rate, p99));
+            let per_create = cpu[side].map(|s| s / lat.len() as f64 * 1000.0);
+            println!(
+                "  CPU per create {name}: kube-apiserver {:.2} ms, etcd {:.2} ms, operator {:.2} ms, together {:.2} ms",
+                per_create[0],
+                per_create[1],
+                per_create[2],
+                per_create.iter().sum::<f64>()
+            );
+            summary.push((rate, p99, per_create.iter().sum::<f64>()));
         }
-        let (with, without, policy) = (summary[0], summary[1], summary[2]);
+        let (with, defaults, without, policy) = (summary[0], summary[1], summary[2], summary[3]);
         println!(
             "{what} creates, webhook/none (c)/(a): p99 latency ratio {:.2}, time per create ratio {:.2}",
             with.1 / without.1,
@@ -132,6 +165,17 @@ async fn main() -> Result<()> {
             "{what} creates, webhook/policy (c)/(b): p99 latency ratio {:.2}, time per create ratio {:.2}",
             with.1 / policy.1,
             policy.0 / with.0
+        );
+        println!(
+            "{what} creates, webhook leaving defaults out/none (c')/(a): p99 latency ratio {:.2}, time per create ratio {:.2}",
+            defaults.1 / without.1,
+            without.0 / defaults.0
+        );
+        println!(
+            "{what} creates, CPU per create (kube-apiserver, etcd and operator together): (c)/(a) {:.2}, (c)/(b) {:.2}, (c')/(a) {:.2}",
+            with.2 / without.2,
+            with.2 / policy.2,
+            defaults.2 / without.2
         );
         println!(
             "  the webhook's own time per review over these creates (framelane_webhook_duration_seconds, bucket bounds): p50 at most {} ms, p99 at most {} ms, p999 at most {} ms",
@@ -231,6 +275,15 @@ async fn policy(fx: &Fixture) -> Result<()> {
         },
     )
     .await
+}
+
+/// User plus system CPU seconds so far of each of `procs`.
+fn cpu_seconds_of(procs: &[u32; 3]) -> Result<[f64; 3]> {
+    Ok([
+        cpu_seconds(procs[0])?,
+        cpu_seconds(procs[1])?,
+        cpu_seconds(procs[2])?,
+    ])
 }
 
 /// Waits until the watch has seen all `stored` jobs Queued, and a little for their Events:
@@ -343,11 +396,12 @@ fn millis(text: &str) -> Result<f64> {
 }
 
 /// PER_BLOCK creates (server-side dry runs if `dry_run`) at CONCURRENCY, labelled
-/// `SIDE_LABEL: side`; returns each one's latency.
+/// `SIDE_LABEL: side`, setting every field the mutating webhook fills in if `every_field`
+/// (the fixture model's values); returns each one's latency.
 async fn creates(
     api: &Api<VideoJob>,
     model: &str,
-    side: &str,
+    (side, every_field): (&str, bool),
     prefix: &str,
     dry_run: bool,
 ) -> Result<Vec<Duration>> {
@@ -357,10 +411,19 @@ async fn creates(
     };
     let results: Vec<Result<Duration>> = stream::iter(0..PER_BLOCK)
         .map(|i| {
+            let mut spec = json!({"model": model, "prompt": "a cat"});
+            if every_field {
+                spec.as_object_mut().expect("an object").extend(
+                    json!({"steps": 8, "cfg": 5.0, "width": 832, "height": 480, "frames": 81, "fps": 16})
+                        .as_object()
+                        .expect("an object")
+                        .clone(),
+                );
+            }
             let job: VideoJob = serde_json::from_value(json!({
                 "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob",
                 "metadata": {"name": format!("{prefix}-{i}"), "labels": {SIDE_LABEL: side}},
-                "spec": {"model": model, "prompt": "a cat"}
+                "spec": spec
             }))
             .expect("a VideoJob");
             let (api, params) = (api, &params);

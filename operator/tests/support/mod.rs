@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use framelane_api::{
     ModelLane, VideoJob, VideoModel,
     reasons::JobReason,
@@ -1079,4 +1079,26 @@ async fn outage(action: &str, component: &str) -> Result<()> {
         "tests/testenv/outage.sh {action} {component}: {status}"
     );
     Ok(())
+}
+
+/// User plus system CPU time of `pid` so far, in seconds (clock ticks of 1/100 s).
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces), which ends at the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("a /proc stat line")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    Ok(ticks / 100.0)
+}
+
+/// The pid of the local control plane's process `name` (kube-apiserver, etcd, ...), from the
+/// pid file up.sh wrote.
+pub fn control_plane_pid(name: &str) -> Result<u32> {
+    let file = TestEnv::get()?.root.join(format!(".testenv/{name}.pid"));
+    let text = std::fs::read_to_string(&file).with_context(|| format!("reading {file:?}"))?;
+    Ok(text.trim().parse()?)
 }

@@ -156,21 +156,22 @@ async fn main() -> Result<()> {
             summary.push((rate, p99, per_create.iter().sum::<f64>()));
         }
         let (with, defaults, without, policy) = (summary[0], summary[1], summary[2], summary[3]);
-        println!(
-            "{what} creates, webhook/none (c)/(a): p99 latency ratio {:.2}, time per create ratio {:.2}",
-            with.1 / without.1,
-            without.0 / with.0
-        );
-        println!(
-            "{what} creates, webhook/policy (c)/(b): p99 latency ratio {:.2}, time per create ratio {:.2}",
-            with.1 / policy.1,
-            policy.0 / with.0
-        );
-        println!(
-            "{what} creates, webhook leaving defaults out/none (c')/(a): p99 latency ratio {:.2}, time per create ratio {:.2}",
-            defaults.1 / without.1,
-            without.0 / defaults.0
-        );
+        let pairs = [
+            ("webhook/none (c)/(a)", with, without),
+            ("webhook/policy (c)/(b)", with, policy),
+            (
+                "webhook leaving defaults out/none (c')/(a)",
+                defaults,
+                without,
+            ),
+        ];
+        for (ratio, side, base) in pairs {
+            println!(
+                "{what} creates, {ratio}: p99 latency ratio {:.2}, time per create ratio {:.2}",
+                side.1 / base.1,
+                base.0 / side.0
+            );
+        }
         println!(
             "{what} creates, CPU per create (kube-apiserver, etcd and operator together): (c)/(a) {:.2}, (c)/(b) {:.2}, (c')/(a) {:.2}",
             with.2 / without.2,

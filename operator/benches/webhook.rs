@@ -35,7 +35,7 @@ use kube::{
     api::{ApiResource, DynamicObject, GroupVersionKind, PostParams},
 };
 use serde_json::json;
-use support::{Fixture, QueuedAt, cpu_seconds, eventually};
+use support::{Fixture, QueuedAt, cpu_seconds_each, eventually};
 
 const WRK_SECONDS: u32 = 10;
 const BLOCKS: usize = 8;
@@ -116,7 +116,7 @@ async fn main() -> Result<()> {
             for turn in 0..SIDES.len() {
                 let side = (block + turn) % SIDES.len();
                 let (label, _, every_field) = SIDES[side];
-                let cpu_before = cpu_seconds_of(&procs)?;
+                let cpu_before = cpu_seconds_each(procs)?;
                 let started = Instant::now();
                 let prefix = format!("{what}-{label}-{block}");
                 let latencies =
@@ -127,7 +127,7 @@ async fn main() -> Result<()> {
                     stored += PER_BLOCK;
                     settle(&queued, stored).await?;
                 }
-                let cpu_after = cpu_seconds_of(&procs)?;
+                let cpu_after = cpu_seconds_each(procs)?;
                 for (i, spent) in cpu[side].iter_mut().enumerate() {
                     *spent += cpu_after[i] - cpu_before[i];
                 }
@@ -276,15 +276,6 @@ async fn policy(fx: &Fixture) -> Result<()> {
         },
     )
     .await
-}
-
-/// User plus system CPU seconds so far of each of `procs`.
-fn cpu_seconds_of(procs: &[u32; 3]) -> Result<[f64; 3]> {
-    Ok([
-        cpu_seconds(procs[0])?,
-        cpu_seconds(procs[1])?,
-        cpu_seconds(procs[2])?,
-    ])
 }
 
 /// Waits until the watch has seen all `stored` jobs Queued, and a little for their Events:

@@ -28,7 +28,7 @@ use kube::{
     runtime::events::{Event, EventType, Recorder, Reporter},
 };
 use serde_json::json;
-use support::{Fixture, cpu_seconds};
+use support::{Fixture, cpu_seconds_each};
 
 const N: usize = 500;
 const CONCURRENCY: usize = 8;
@@ -127,11 +127,11 @@ async fn measured<T>(
     procs: &[u32; 2],
     work: impl Future<Output = Result<T>>,
 ) -> Result<(T, Figures)> {
-    let before = [cpu_seconds(procs[0])?, cpu_seconds(procs[1])?];
+    let before = cpu_seconds_each(*procs)?;
     let started = Instant::now();
     let out = work.await?;
     let rate = N as f64 / started.elapsed().as_secs_f64();
-    let after = [cpu_seconds(procs[0])?, cpu_seconds(procs[1])?];
+    let after = cpu_seconds_each(*procs)?;
     let per_write = |i: usize| (after[i] - before[i]) / N as f64 * 1000.0;
     Ok((
         out,

@@ -1102,3 +1102,12 @@ pub fn control_plane_pid(name: &str) -> Result<u32> {
     let text = std::fs::read_to_string(&file).with_context(|| format!("reading {file:?}"))?;
     Ok(text.trim().parse()?)
 }
+
+/// [`cpu_seconds`] of each of `pids`, read one after another.
+pub fn cpu_seconds_each<const N: usize>(pids: [u32; N]) -> Result<[f64; N]> {
+    let mut seconds = [0.0; N];
+    for (s, pid) in seconds.iter_mut().zip(pids) {
+        *s = cpu_seconds(pid)?;
+    }
+    Ok(seconds)
+}

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -109,6 +110,42 @@ class CountingCpuAllocator final : public c10::Allocator {
 
 CountingCpuAllocator* CountingCpuAllocator::instance = nullptr;
 std::once_flag counting_once;
+
+constexpr size_t kPage = 4096;
+constexpr unsigned int kCudaHostRegisterPortable = 1;
+
+// cudaHostRegister and cudaHostUnregister of the CUDA runtime libtorch_cuda loaded, looked up
+// at run time so that CPU-only builds need no CUDA.
+struct HostRegister {
+  int (*enroll)(void*, size_t, unsigned int);
+  int (*unenroll)(void*);
+};
+
+const HostRegister* host_register() {
+  static const HostRegister* found = []() -> const HostRegister* {
+    void* handle = RTLD_DEFAULT;
+    if (dlsym(handle, "cudaHostRegister") == nullptr) {
+      handle = nullptr;
+      for (const char* name : {"libcudart.so.13", "libcudart.so.12", "libcudart.so"}) {
+        handle = dlopen(name, RTLD_NOW | RTLD_NOLOAD);
+        if (handle != nullptr) {
+          break;
+        }
+      }
+    }
+    if (handle == nullptr) {
+      return nullptr;
+    }
+    void* enroll = dlsym(handle, "cudaHostRegister");
+    void* unenroll = dlsym(handle, "cudaHostUnregister");
+    if (enroll == nullptr || unenroll == nullptr) {
+      return nullptr;
+    }
+    return new HostRegister{reinterpret_cast<int (*)(void*, size_t, unsigned int)>(enroll),
+                            reinterpret_cast<int (*)(void*)>(unenroll)};
+  }();
+  return found;
+}
 
 }  // namespace
 
@@ -269,18 +306,43 @@ int fl_set_tf32(int allow, char* err, size_t err_len) {
 int fl_host_copy(const at::Tensor* src, at::Tensor** out, char* err, size_t err_len) {
   return guarded(err, err_len, [&] {
     at::Tensor cpu = src->to(at::kCPU).contiguous();
-    if (has_accelerator()) {
-      *out = new at::Tensor(cpu.pin_memory());
-      return;
-    }
     size_t bytes = cpu.nbytes();
-    void* data = std::malloc(std::max<size_t>(bytes, 1));
-    if (data == nullptr) {
+    // Page-aligned, so that the whole allocation can be page-locked as it is.
+    size_t size = std::max<size_t>((bytes + kPage - 1) / kPage * kPage, kPage);
+    void* data = nullptr;
+    if (posix_memalign(&data, kPage, size) != 0) {
       throw std::runtime_error("cannot allocate " + std::to_string(bytes) + " bytes of host memory");
     }
     std::memcpy(data, cpu.data_ptr(), bytes);
-    *out = new at::Tensor(
-        at::from_blob(data, cpu.sizes(), [](void* p) { std::free(p); }, cpu.options()));
+    if (!has_accelerator()) {
+      *out = new at::Tensor(
+          at::from_blob(data, cpu.sizes(), [](void* p) { std::free(p); }, cpu.options()));
+      return;
+    }
+    // Page-locked in place rather than through libtorch's pinned allocator, which rounds each
+    // allocation up to a power of two (a 141.6 MB Wan feed-forward matrix would pin 256 MiB)
+    // and keeps freed blocks for reuse instead of returning them.
+    const HostRegister* reg = host_register();
+    int rc = reg == nullptr ? -1 : reg->enroll(data, size, kCudaHostRegisterPortable);
+    if (rc != 0) {
+      std::free(data);
+      static std::once_flag warned;
+      std::call_once(warned, [rc] {
+        std::fprintf(stderr,
+                     "framelane: cudaHostRegister %s (%d); host copies use libtorch's pinned "
+                     "allocator, which rounds each one up to a power of two\n",
+                     rc < 0 ? "not found" : "failed", rc);
+      });
+      *out = new at::Tensor(cpu.pin_memory());
+      return;
+    }
+    *out = new at::Tensor(at::from_blob(
+        data, cpu.sizes(),
+        [](void* p) {
+          host_register()->unenroll(p);
+          std::free(p);
+        },
+        cpu.options()));
   });
 }
 

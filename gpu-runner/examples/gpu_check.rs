@@ -10,11 +10,12 @@
 //! in the memory mode `auto` picks for the cap. A cap where no mode fits a model's largest part
 //! is reported as refused and not run. Prints one line per job and one table row per model and
 //! stage: peak allocated and reserved (max, and the spread of reserved across jobs), seconds,
-//! part-load seconds, retries and OOMs; per model the switch time and seconds per denoising step,
+//! part-load seconds, retries and OOMs; per model the switch time (from the files, and from
+//! host memory when the runner's host budget holds both models) and seconds per denoising step,
 //! and with `--diffusers` diffusers' seconds per step in the same mode (scripts/
 //! gpu_check_diffusers.py) and the ratio. `--tiny` passes the tiny shapes to that script (the
-//! CPU dry run). Exit 1 on any OOM or retry, or a stage's peak reserved varying by more than
-//! 2 % across a model's jobs. Run it once per PYTORCH_CUDA_ALLOC_CONF setting.
+//! CPU dry run). Exit 1 on any OOM or retry, a stage's peak reserved varying by more than
+//! 2 % across a model's jobs, or a switch from host memory over 30 s. Run it once per PYTORCH_CUDA_ALLOC_CONF setting.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,9 +24,9 @@ use std::time::Instant;
 
 use anyhow::{Context, bail, ensure};
 use framelane_core::memory::{ModeWeights, auto_mode, usable_bytes};
-use framelane_runner::cache::{LaneMode, ModelCache, ModelRef};
+use framelane_runner::cache::{LaneMode, LoadedFrom, ModelCache, ModelRef};
 use framelane_runner::generate::{JobRequest, Stage, run_job};
-use framelane_runner::memory::RunnerDevice;
+use framelane_runner::memory::{RunnerDevice, default_host_budget};
 use framelane_runner::placement::{MemoryMode, PartBytes, VaeTiling};
 use framelane_runner::sampler::StepControl;
 use framelane_runner::wan::pipeline::{
@@ -35,6 +36,9 @@ use framelane_runner::wan::recipe::Solver;
 use tch::{Kind, Tensor};
 
 const GIB: f64 = (1u64 << 30) as f64;
+
+/// Issue 16's target for a Shared lane's switch from pinned host memory.
+const HOST_SWITCH_TARGET_SECONDS: f64 = 30.0;
 
 struct Args {
     root: PathBuf,
@@ -167,7 +171,8 @@ struct Row {
     failures: Vec<String>,
     /// Per stage, one entry per job.
     stages: BTreeMap<String, Vec<StageRun>>,
-    switch_seconds: Vec<f64>,
+    /// Switches to the model, from its files and from host memory.
+    switch_seconds: BTreeMap<LoadedFrom, Vec<f64>>,
     step_seconds: Vec<f64>,
     ooms: i64,
 }
@@ -280,9 +285,17 @@ fn run_config(
     let plan = MemoryPlan {
         mode,
         vae_tiling: VaeTiling::Auto,
+        ..MemoryPlan::default()
     };
     let refs = models.iter().map(|(r, _)| r.clone()).collect();
-    let mut cache = ModelCache::new(LaneMode::Shared, *device, Precision::BFLOAT16, plan, refs)?;
+    let host_budget = default_host_budget().unwrap_or(0);
+    let mut cache = ModelCache::new(LaneMode::Shared, *device, Precision::BFLOAT16, plan, refs)?
+        .with_host_budget(host_budget)?;
+    println!(
+        "host budget {:.1} GB: the models wait in host memory between switches: {}",
+        host_budget as f64 / 1e9,
+        cache.keeps_in_host()
+    );
     let out = std::env::temp_dir().join("framelane-gpu-check");
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
     for i in 0..args.jobs {
@@ -293,7 +306,8 @@ fn run_config(
             row.failures.push(format!("job {i}: loading failed: {e}"));
             continue;
         }
-        let switch = cache.last_load_seconds();
+        let (switch, from) = (cache.last_load_seconds(), cache.last_load_from());
+        let host_bytes = cache.host_bytes();
         let pipeline = cache.get(&r.model)?;
         let request = JobRequest {
             namespace: "gpu-check".into(),
@@ -330,11 +344,13 @@ fn run_config(
             row.failures.push(format!("job {i}: {e}"));
         }
         if switch > 0.0 {
-            row.switch_seconds.push(switch);
+            row.switch_seconds.entry(from).or_default().push(switch);
         }
         let mut line = format!(
-            "job {i:>2} {:<5} switch {switch:6.2} s, job {seconds:6.2} s, tiled {}",
+            "job {i:>2} {:<5} switch {switch:6.2} s from {:<5}, host {:6.3} GB, job {seconds:6.2} s, tiled {}",
             r.model,
+            from.as_str(),
+            host_bytes as f64 / 1e9,
             memory.status.vae_tiled.unwrap_or(false)
         );
         for s in &memory.status.stages {
@@ -403,10 +419,23 @@ fn run_config(
         if row.ooms > 0 {
             row.failures.push(format!("{} OOMs", row.ooms));
         }
+        let mut switches = String::new();
+        for (from, seconds) in &row.switch_seconds {
+            let slowest = seconds.iter().copied().fold(0.0, f64::max);
+            switches += &format!(
+                "from {} {:.2} s on average, {slowest:.2} s at most over {}; ",
+                from.as_str(),
+                mean(seconds),
+                seconds.len()
+            );
+            if *from == LoadedFrom::Host && slowest > HOST_SWITCH_TARGET_SECONDS {
+                row.failures.push(format!(
+                    "a switch from host memory took {slowest:.2} s (target {HOST_SWITCH_TARGET_SECONDS} s)"
+                ));
+            }
+        }
         println!(
-            "{model}: switch {:.2} s on average over {} switches, {:.3} s per denoising step",
-            mean(&row.switch_seconds),
-            row.switch_seconds.len(),
+            "{model}: switch {switches}{:.3} s per denoising step",
             mean(&row.step_seconds)
         );
     }

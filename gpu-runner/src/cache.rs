@@ -1,6 +1,9 @@
 //! Which model is on the device. Dedicated: one model, loaded once and kept. Shared: one model
-//! at a time; a switch drops every tensor and module of the old model, synchronizes, empties the
-//! allocator cache and logs memory before it checks free memory and loads the new one.
+//! at a time; a switch drops every device tensor of the old model, synchronizes, empties the
+//! allocator cache and logs memory before it checks free memory and brings the new one. When
+//! every model's host copies fit the runner's host budget ([`ModelCache::with_host_budget`]),
+//! the old model waits in host memory (pinned next to a GPU) and a switch back copies it to
+//! the device without reading its files; otherwise it is dropped and loaded again.
 
 use crate::accel::AccelError;
 use crate::memory::{RunnerDevice, is_out_of_memory};
@@ -80,9 +83,33 @@ pub struct ModelCache {
     models: Vec<ModelRef>,
     /// The loaded model, under the name the lane knows it by (its VideoModel).
     loaded: Option<(String, WanPipeline)>,
+    /// Shared, within the host budget: the models off the device, waiting in host memory.
+    parked: Vec<(String, WanPipeline)>,
+    /// Whether models are loaded with host copies of every part and parked between switches.
+    keep_in_host: bool,
     loads: u64,
     /// Seconds the last [`ModelCache::get`] spent unloading and loading (0 when warm).
     last_load_seconds: f64,
+    /// Where the last load came from.
+    last_load_from: LoadedFrom,
+}
+
+/// Where a model came to the device from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LoadedFrom {
+    /// Its weight files (a cold load).
+    Files,
+    /// Its host copies: a Shared lane's switch back to a parked model.
+    Host,
+}
+
+impl LoadedFrom {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoadedFrom::Files => "files",
+            LoadedFrom::Host => "host",
+        }
+    }
 }
 
 impl ModelCache {
@@ -103,9 +130,52 @@ impl ModelCache {
             plan,
             models,
             loaded: None,
+            parked: Vec::new(),
+            keep_in_host: false,
             loads: 0,
             last_load_seconds: 0.0,
+            last_load_from: LoadedFrom::Files,
         })
+    }
+
+    /// A Shared cache of several models keeps them all in host memory between switches when
+    /// their weights (every part, in the cache's precision, from the file headers) take at
+    /// most `budget` bytes; otherwise, and in Dedicated mode, a switch reads the files again.
+    pub fn with_host_budget(mut self, budget: u64) -> Result<ModelCache, CacheError> {
+        if self.mode != LaneMode::Shared || self.models.len() < 2 {
+            return Ok(self);
+        }
+        let mut needed = 0;
+        for m in &self.models {
+            needed += WanPipeline::part_bytes(&m.spec, self.precision)
+                .map_err(|source| CacheError::Load {
+                    model: m.model.clone(),
+                    source: Box::new(source),
+                })?
+                .all();
+        }
+        self.keep_in_host = needed <= budget;
+        tracing::info!(
+            host_budget_bytes = budget,
+            host_bytes = needed,
+            keep_in_host = self.keep_in_host,
+            "Shared lane: models between switches"
+        );
+        Ok(self)
+    }
+
+    /// Whether models wait in host memory between switches.
+    pub fn keeps_in_host(&self) -> bool {
+        self.keep_in_host
+    }
+
+    /// Bytes of weights held in host memory: offloaded parts and parked models.
+    pub fn host_bytes(&self) -> u64 {
+        self.loaded
+            .iter()
+            .chain(&self.parked)
+            .map(|(_, p)| p.host_bytes())
+            .sum()
     }
 
     pub fn mode(&self) -> LaneMode {
@@ -128,6 +198,11 @@ impl ModelCache {
         self.last_load_seconds
     }
 
+    /// Where the last load came from: the files, or host memory.
+    pub fn last_load_from(&self) -> LoadedFrom {
+        self.last_load_from
+    }
+
     /// The pipeline of `model`, loading it (and, in Shared mode, unloading the current one)
     /// when it is not on the device.
     pub fn get(&mut self, model: &str) -> Result<&mut WanPipeline, CacheError> {
@@ -144,22 +219,33 @@ impl ModelCache {
         if self.loaded_model() != Some(model) {
             let started = std::time::Instant::now();
             self.unload()?;
-            self.load(&wanted)?;
+            match self.parked.iter().position(|(m, _)| m == model) {
+                Some(i) => self.restore(i)?,
+                None => self.load(&wanted)?,
+            }
             self.last_load_seconds = started.elapsed().as_secs_f64();
         }
         Ok(&mut self.loaded.as_mut().expect("loaded above").1)
     }
 
-    /// Drops the loaded model, if any, and returns the device's memory to the driver.
+    /// Takes the loaded model, if any, off the device (to host memory when models are kept
+    /// there, else dropped) and returns the device's memory to the driver.
     pub fn unload(&mut self) -> Result<(), CacheError> {
-        let Some((model, old)) = self.loaded.take() else {
+        let Some((model, mut old)) = self.loaded.take() else {
             return Ok(());
         };
-        drop(old);
+        let kept = self.keep_in_host && old.parkable();
+        if kept {
+            old.park();
+            self.parked.push((model.clone(), old));
+        } else {
+            drop(old);
+        }
         let after = self.device.clean_up()?;
         tracing::info!(
             model,
             device = %self.device.name(),
+            kept_in_host = kept,
             allocated_bytes = after.allocated_current,
             reserved_bytes = after.reserved_current,
             "model unloaded"
@@ -167,50 +253,110 @@ impl ModelCache {
         Ok(())
     }
 
-    fn load(&mut self, wanted: &ModelRef) -> Result<(), CacheError> {
-        let model = wanted.model.clone();
-        let failed = |source: PipelineError| CacheError::Load {
-            model: model.clone(),
-            source: Box::new(source),
-        };
-        let bytes = WanPipeline::part_bytes(&wanted.spec, self.precision).map_err(failed)?;
-        // What the placement puts on the device at load: every weight when resident, the
-        // text encoder and the VAE under expert-swap, nothing under model-offload.
+    /// Device bytes the model's placement keeps on the device between jobs: every weight
+    /// when resident, the text encoder and the VAE under expert-swap, nothing under
+    /// model-offload.
+    fn on_device_bytes(&self, bytes: &placement::PartBytes) -> Result<u64, CacheError> {
         let total = self.device.total_bytes()?;
-        let needed = match placement::place(self.plan.mode, &bytes, total) {
+        Ok(match placement::place(self.plan.mode, bytes, total) {
             Placement::Resident => bytes.all(),
             Placement::ExpertSwap => bytes.text_encoder + bytes.vae,
             Placement::ModelOffload => 0,
-        };
-        if let Some(free) = self.device.free_bytes()?
-            && !fits(needed, free)
-        {
-            return Err(CacheError::WontFit {
-                model,
+        })
+    }
+
+    /// Errs when `needed` bytes do not fit the device's free memory (with headroom).
+    fn check_free(&self, model: &str, needed: u64) -> Result<(), CacheError> {
+        match self.device.free_bytes()? {
+            Some(free) if !fits(needed, free) => Err(CacheError::WontFit {
+                model: model.to_owned(),
                 needed,
                 free,
-            });
+            }),
+            _ => Ok(()),
         }
-        let loaded = match WanPipeline::load_with(
-            &wanted.spec,
-            self.precision,
-            self.device.device,
-            self.plan,
-        ) {
-            Ok(pipeline) => pipeline,
-            Err(source) => {
-                // Whatever the failed load allocated is garbage now.
-                self.device.clean_up()?;
-                return Err(if is_out_of_memory(&source.to_string()) {
-                    CacheError::LoadOutOfMemory {
-                        model,
-                        source: Box::new(source),
-                    }
-                } else {
-                    failed(source)
-                });
+    }
+
+    /// Brings the parked model `i` back to the device from host memory.
+    fn restore(&mut self, i: usize) -> Result<(), CacheError> {
+        let (model, mut pipeline) = self.parked.remove(i);
+        let needed = self.on_device_bytes(&pipeline.bytes())?;
+        let restored = self.check_free(&model, needed).and_then(|()| {
+            pipeline
+                .unpark()
+                .map_err(|source| self.load_error(&model, source))
+        });
+        if let Err(e) = restored {
+            // Whatever came to the device goes back: the model waits in host memory again.
+            pipeline.park();
+            self.device.clean_up()?;
+            self.parked.push((model, pipeline));
+            return Err(e);
+        }
+        self.loaded(model, pipeline, needed, LoadedFrom::Host)
+    }
+
+    /// A load's error: out of memory, or any other.
+    fn load_error(&self, model: &str, source: PipelineError) -> CacheError {
+        if is_out_of_memory(&source.to_string()) {
+            CacheError::LoadOutOfMemory {
+                model: model.to_owned(),
+                source: Box::new(source),
             }
+        } else {
+            CacheError::Load {
+                model: model.to_owned(),
+                source: Box::new(source),
+            }
+        }
+    }
+
+    /// Records `pipeline` as the model on the device.
+    fn loaded(
+        &mut self,
+        model: String,
+        pipeline: WanPipeline,
+        on_device: u64,
+        from: LoadedFrom,
+    ) -> Result<(), CacheError> {
+        let stats = self.device.stats()?;
+        tracing::info!(
+            model,
+            device = %self.device.name(),
+            from = from.as_str(),
+            weight_bytes = pipeline.bytes().all(),
+            on_device_bytes = on_device,
+            host_bytes = pipeline.host_bytes(),
+            memory_mode = pipeline.placement().as_str(),
+            allocated_bytes = stats.allocated_current,
+            reserved_bytes = stats.reserved_current,
+            "model loaded"
+        );
+        self.loaded = Some((model, pipeline));
+        self.loads += 1;
+        self.last_load_from = from;
+        Ok(())
+    }
+
+    fn load(&mut self, wanted: &ModelRef) -> Result<(), CacheError> {
+        let model = wanted.model.clone();
+        let bytes = WanPipeline::part_bytes(&wanted.spec, self.precision)
+            .map_err(|source| self.load_error(&model, source))?;
+        let needed = self.on_device_bytes(&bytes)?;
+        self.check_free(&model, needed)?;
+        let plan = MemoryPlan {
+            host_copies: self.keep_in_host,
+            ..self.plan
         };
+        let loaded =
+            match WanPipeline::load_with(&wanted.spec, self.precision, self.device.device, plan) {
+                Ok(pipeline) => pipeline,
+                Err(source) => {
+                    // Whatever the failed load allocated is garbage now.
+                    self.device.clean_up()?;
+                    return Err(self.load_error(&model, source));
+                }
+            };
         if wanted.modes != [loaded.mode()] {
             let runs = loaded.mode().as_str();
             drop(loaded);
@@ -221,20 +367,7 @@ impl ModelCache {
                 runs,
             });
         }
-        let stats = self.device.stats()?;
-        tracing::info!(
-            model,
-            device = %self.device.name(),
-            weight_bytes = bytes.all(),
-            on_device_bytes = needed,
-            memory_mode = loaded.placement().as_str(),
-            allocated_bytes = stats.allocated_current,
-            reserved_bytes = stats.reserved_current,
-            "model loaded"
-        );
-        self.loaded = Some((model, loaded));
-        self.loads += 1;
-        Ok(())
+        self.loaded(model, loaded, needed, LoadedFrom::Files)
     }
 }
 

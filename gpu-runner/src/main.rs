@@ -23,11 +23,11 @@ use framelane_api::{
 use framelane_contract::{ClaimedJob, ContractError, Runner, backoff::Backoff, outputs};
 use framelane_core::memory::RunnerMemory;
 use framelane_runner::{
-    cache::{LaneMode, ModelCache},
+    cache::{CacheError, LaneMode, ModelCache},
     generate::{JobOutcome, JobRequest, Progress, run_job},
     inputs::read_image,
     job::{model_ref, output_for, request_for},
-    memory::RunnerDevice,
+    memory::{RunnerDevice, default_host_budget},
     metrics::{MemoryLabels, Metrics, ResultLabels},
     placement::VaeTiling,
     profile::{MemoryArgs, refusal, runner_memory},
@@ -179,6 +179,7 @@ async fn main() -> anyhow::Result<()> {
                 } else {
                     VaeTiling::Off
                 },
+                ..MemoryPlan::default()
             }
         }
         None => {
@@ -186,23 +187,33 @@ async fn main() -> anyhow::Result<()> {
             MemoryPlan {
                 mode: args.memory.memory_mode,
                 vae_tiling: args.memory.vae_tiling,
+                ..MemoryPlan::default()
             }
         }
     };
-    let cache = Arc::new(Mutex::new(ModelCache::new(
-        mode, device, precision, plan, refs,
-    )?));
+    let host_budget = args
+        .memory
+        .host_memory_bytes
+        .or_else(default_host_budget)
+        .unwrap_or(0);
+    let cache = Arc::new(Mutex::new(
+        ModelCache::new(mode, device, precision, plan, refs)?.with_host_budget(host_budget)?,
+    ));
     let (loaded_tx, loaded_rx) = watch::channel(None::<String>);
     if mode == LaneMode::Dedicated {
         // A Dedicated runner is ready (and announces itself) only with its model loaded.
         let model = args.models[0].clone();
         let loaded = tokio::task::spawn_blocking({
-            let cache = cache.clone();
-            move || cache.lock().expect("cache lock").get(&model).map(|_| ())
+            let (cache, metrics) = (cache.clone(), metrics.clone());
+            move || {
+                let mut cache = cache.lock().expect("cache lock");
+                cache.get(&model)?;
+                metrics.record_load(&cache);
+                Ok::<_, CacheError>(())
+            }
         })
         .await?;
         loaded.with_context(|| format!("loading model {}", args.models[0]))?;
-        metrics.model_loads.inc();
         loaded_tx.send_replace(Some(args.models[0].clone()));
     }
     ready.store(true, Ordering::Relaxed);
@@ -375,7 +386,7 @@ impl Worker {
                     memory.status.model_load_seconds = Some(cache.last_load_seconds());
                 }
                 if cache.loads() > loads {
-                    metrics.model_loads.inc();
+                    metrics.record_load(&cache);
                 } else {
                     metrics.warm_hits.inc();
                 }

@@ -216,6 +216,36 @@ impl JobMemory {
     }
 }
 
+/// The share of the host's memory a Shared runner fills with its models by default.
+pub const HOST_BUDGET_SHARE: f64 = 0.8;
+
+/// The default host budget: [`HOST_BUDGET_SHARE`] of the container's memory limit (cgroup v2
+/// `memory.max`, or v1 `memory.limit_in_bytes`), or of the machine's memory without one.
+pub fn default_host_budget() -> Option<u64> {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let limit = read("/sys/fs/cgroup/memory.max")
+        .or_else(|| read("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+        .and_then(|text| cgroup_limit(&text));
+    let total = read("/proc/meminfo").and_then(|text| mem_total(&text));
+    let memory = match (limit, total) {
+        (Some(limit), Some(total)) => limit.min(total),
+        (limit, total) => limit.or(total)?,
+    };
+    Some((memory as f64 * HOST_BUDGET_SHARE) as u64)
+}
+
+/// A cgroup memory limit file's bytes; `None` for no limit (`max`, or v1's huge number).
+fn cgroup_limit(text: &str) -> Option<u64> {
+    text.trim().parse().ok().filter(|&bytes| bytes < 1 << 62)
+}
+
+/// `MemTotal` of /proc/meminfo, in bytes.
+fn mem_total(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// A libtorch error that is the device running out of memory.
 pub fn is_out_of_memory(message: &str) -> bool {
     let m = message.to_ascii_lowercase();
@@ -225,6 +255,23 @@ pub fn is_out_of_memory(message: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_containers_memory_limit_and_the_machines_memory() {
+        assert_eq!(cgroup_limit("17179869184\n"), Some(16 << 30));
+        assert_eq!(cgroup_limit("max\n"), None);
+        assert_eq!(
+            cgroup_limit("9223372036854771712\n"),
+            None,
+            "cgroup v1's no limit"
+        );
+        let meminfo = "MemTotal:       24590000 kB\nMemFree:         1000 kB\n";
+        assert_eq!(mem_total(meminfo), Some(24_590_000 * 1024));
+        assert_eq!(mem_total("MemFree: 1 kB\n"), None);
+        let budget = default_host_budget().expect("this machine has /proc/meminfo");
+        let total = mem_total(&std::fs::read_to_string("/proc/meminfo").unwrap()).unwrap();
+        assert!(budget > 0 && budget <= (total as f64 * HOST_BUDGET_SHARE) as u64);
+    }
 
     #[test]
     fn recognises_cuda_oom_messages() {

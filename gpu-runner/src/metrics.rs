@@ -1,6 +1,7 @@
 //! The runner's metrics (prefix `framelane_runner_`), served on `/metrics`. The names are
 //! defined here and nowhere else.
 
+use crate::cache::ModelCache;
 use crate::memory::JobMemory;
 use framelane_contract::readable::WatchErrorLabels;
 use prometheus_client::{
@@ -17,6 +18,13 @@ pub struct ResultLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MemoryLabels {
     pub kind: String,
+}
+
+/// Where a model came to the device from: `files` (a cold load) or `host` (a Shared lane's
+/// switch back to a model waiting in host memory).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LoadLabels {
+    pub from: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -42,8 +50,9 @@ pub struct Metrics {
     pub registry: Registry,
     pub jobs: Family<ResultLabels, Counter>,
     pub generation_seconds: Histogram,
-    pub model_loads: Counter,
+    pub model_loads: Family<LoadLabels, Counter>,
     pub warm_hits: Counter,
+    pub host_weight_bytes: Gauge,
     pub memory_after_cleanup: Family<MemoryLabels, Gauge>,
     pub ooms: Counter,
     pub stage_peak: Family<StageMemoryLabels, Gauge>,
@@ -71,10 +80,10 @@ impl Metrics {
             "Time from claim to the final status of a job",
             generation_seconds.clone(),
         );
-        let model_loads = Counter::default();
+        let model_loads = Family::default();
         registry.register(
             "model_loads",
-            "Models loaded onto the device (cold loads)",
+            "Models brought onto the device, from their files (cold loads) or from host memory (a Shared lane's switch)",
             model_loads.clone(),
         );
         let warm_hits = Counter::default();
@@ -82,6 +91,12 @@ impl Metrics {
             "warm_hits",
             "Jobs that found their model already loaded",
             warm_hits.clone(),
+        );
+        let host_weight_bytes = Gauge::default();
+        registry.register(
+            "host_weight_bytes",
+            "Weights held in host memory (pinned next to a GPU): offloaded parts, and a Shared lane's models between switches",
+            host_weight_bytes.clone(),
         );
         let memory_after_cleanup = Family::default();
         registry.register(
@@ -135,6 +150,7 @@ impl Metrics {
             generation_seconds,
             model_loads,
             warm_hits,
+            host_weight_bytes,
             memory_after_cleanup,
             ooms,
             stage_peak,
@@ -147,6 +163,13 @@ impl Metrics {
 }
 
 impl Metrics {
+    /// Records that `cache` just brought a model to the device.
+    pub fn record_load(&self, cache: &ModelCache) {
+        let from = cache.last_load_from().as_str().to_owned();
+        self.model_loads.get_or_create(&LoadLabels { from }).inc();
+        self.host_weight_bytes.set(cache.host_bytes() as i64);
+    }
+
     /// Records a finished job's memory: per stage, the allocator retries, and the model load
     /// it waited for.
     pub fn observe_job(&self, memory: &JobMemory) {

@@ -45,6 +45,12 @@ pub struct MemoryArgs {
     /// instead of the GPU's. Without it a CPU runner reports none and checks nothing.
     #[arg(long, env = "FRAMELANE_DEVICE_MEMORY_BYTES")]
     pub device_memory_bytes: Option<u64>,
+    /// Host memory a Shared runner may fill with its models' weights (pinned next to a GPU)
+    /// so that a switch back to a model copies it from there instead of reading its files: it
+    /// does so when all its models fit. Default: 80 % of the container's memory limit, or of
+    /// the machine's memory without one. 0: always read the files.
+    #[arg(long, env = "FRAMELANE_HOST_MEMORY_BYTES")]
+    pub host_memory_bytes: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]

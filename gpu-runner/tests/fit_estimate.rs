@@ -236,6 +236,7 @@ fn mode_failures() -> Vec<String> {
             let plan = MemoryPlan {
                 mode: memory_mode,
                 vae_tiling: if tiled { VaeTiling::On } else { VaeTiling::Off },
+                ..MemoryPlan::default()
             };
             let mut pipeline =
                 WanPipeline::load_with(&spec, Precision::FLOAT32, device.device, plan).unwrap();

@@ -41,6 +41,7 @@ fn run(model: &str, mode: MemoryMode, job: &JobRequest) -> Run {
     let plan = MemoryPlan {
         mode,
         vae_tiling: VaeTiling::Off,
+        ..MemoryPlan::default()
     };
     let mut pipeline = WanPipeline::load_with(
         &common::model(model).spec,
@@ -252,6 +253,7 @@ fn tiled_decoding_peaks_lower_and_stays_close() {
         let plan = MemoryPlan {
             mode: MemoryMode::Resident,
             vae_tiling,
+            ..MemoryPlan::default()
         };
         let mut pipeline = WanPipeline::load_with(
             &common::model("phr00t").spec,

@@ -411,28 +411,47 @@ pub struct Request<'a> {
 pub struct MemoryPlan {
     pub mode: MemoryMode,
     pub vae_tiling: VaeTiling,
+    /// Keep a host copy of every part, the resident ones too, so that the whole model can
+    /// leave the device ([`WanPipeline::park`]) and come back without reading its files: what
+    /// a Shared runner does with its models between switches.
+    pub host_copies: bool,
 }
 
 /// A part of the model: kept on the device, or kept in host memory and copied to the device
 /// for its stage only.
 struct Part<M> {
     on_device: Option<M>,
-    /// Offloaded parts: the host copy the device copy is made from.
+    /// The host copy the device copy is made from: offloaded parts, and every part of a model
+    /// loaded with [`MemoryPlan::host_copies`].
     host: Option<HostWeights>,
+    /// Whether the part stays on the device between stages (its placement keeps it there).
+    resident: bool,
 }
 
 impl<M> Part<M> {
-    fn resident(module: M) -> Part<M> {
-        Part {
+    /// A resident part: from its host copy when `host` is given (a model that can be parked),
+    /// else loaded straight from its files.
+    fn resident(
+        host: Option<HostWeights>,
+        from_host: impl FnOnce(&HostWeights) -> Result<M, PipelineError>,
+        load: impl FnOnce() -> Result<M, PipelineError>,
+    ) -> Result<Part<M>, PipelineError> {
+        let module = match &host {
+            Some(host) => from_host(host)?,
+            None => load()?,
+        };
+        Ok(Part {
             on_device: Some(module),
-            host: None,
-        }
+            host,
+            resident: true,
+        })
     }
 
     fn offloaded(host: HostWeights) -> Part<M> {
         Part {
             on_device: None,
             host: Some(host),
+            resident: false,
         }
     }
 
@@ -448,7 +467,7 @@ impl<M> Part<M> {
             let host = self
                 .host
                 .as_ref()
-                .expect("a part not on the device is offloaded");
+                .expect("a part not on the device has a host copy");
             self.on_device = Some(build(host)?);
             *load_seconds += started.elapsed().as_secs_f64();
         }
@@ -457,13 +476,38 @@ impl<M> Part<M> {
 
     /// Drops the device copy of an offloaded part; a resident part stays.
     fn release(&mut self) {
-        if self.host.is_some() {
+        if !self.resident {
             self.on_device = None;
         }
     }
 
+    /// Brings a resident part back to the device after [`Part::park`].
+    fn restore(
+        &mut self,
+        load_seconds: &mut f64,
+        build: impl FnOnce(&HostWeights) -> Result<M, PipelineError>,
+    ) -> Result<(), PipelineError> {
+        if self.resident {
+            self.bring(load_seconds, build)?;
+        }
+        Ok(())
+    }
+
+    /// Drops the device copy whatever the placement; the host copy stays.
+    fn park(&mut self) {
+        assert!(
+            self.host.is_some(),
+            "only a part with a host copy is parked"
+        );
+        self.on_device = None;
+    }
+
     fn on_device(&self) -> bool {
         self.on_device.is_some()
+    }
+
+    fn host_bytes(&self) -> u64 {
+        self.host.as_ref().map_or(0, HostWeights::bytes)
     }
 }
 
@@ -533,12 +577,28 @@ impl WanPipeline {
         let tokenizer = PromptTokenizer::load(&parts.tokenizer_dir, TEXT_LENGTH)?;
         let offload_experts = placement != Placement::Resident;
         let offload_rest = placement == Placement::ModelOffload;
+        let kind = precision.model;
+        // The host copy a resident part is built from, when the model must be parkable.
+        let host_copy = |read: &dyn Fn() -> Result<HostWeights, PipelineError>| {
+            plan.host_copies.then(read).transpose()
+        };
         let transformer_part = |checkpoint: &TransformerCheckpoint| {
-            Ok::<_, PipelineError>(if offload_experts {
-                Part::offloaded(WanTransformer::read_host(checkpoint, precision.model)?)
-            } else {
-                Part::resident(WanTransformer::load(checkpoint, precision.model, device)?)
-            })
+            let read = || Ok(WanTransformer::read_host(checkpoint, kind)?);
+            if offload_experts {
+                return Ok::<_, PipelineError>(Part::offloaded(read()?));
+            }
+            Part::resident(
+                host_copy(&read)?,
+                |host| {
+                    Ok(WanTransformer::from_host(
+                        checkpoint.config(),
+                        host,
+                        kind,
+                        device,
+                    )?)
+                },
+                || Ok(WanTransformer::load(checkpoint, kind, device)?),
+            )
         };
         let transformer = transformer_part(&parts.transformer)?;
         let transformer_2 = parts
@@ -546,15 +606,26 @@ impl WanPipeline {
             .as_ref()
             .map(transformer_part)
             .transpose()?;
+        let (text, vae_files, vae_kind) = (&parts.text_encoder, &parts.vae, precision.vae);
+        let read_text = || Ok(text.read_host(kind)?);
         let text_encoder = if offload_rest {
-            Part::offloaded(parts.text_encoder.read_host(precision.model)?)
+            Part::offloaded(read_text()?)
         } else {
-            Part::resident(parts.text_encoder.load(precision.model, device)?)
+            Part::resident(
+                host_copy(&read_text)?,
+                |host| Ok(text.from_host(host, kind, device)?),
+                || Ok(text.load(kind, device)?),
+            )?
         };
+        let read_vae = || Ok(vae_files.read_host(vae_kind)?);
         let vae = if offload_rest {
-            Part::offloaded(parts.vae.read_host(precision.vae)?)
+            Part::offloaded(read_vae()?)
         } else {
-            Part::resident(parts.vae.load(precision.vae, device)?)
+            Part::resident(
+                host_copy(&read_vae)?,
+                |host| Ok(vae_files.from_host(host, vae_kind, device)?),
+                || Ok(vae_files.load(vae_kind, device)?),
+            )?
         };
         Ok(WanPipeline {
             tokenizer,
@@ -615,6 +686,63 @@ impl WanPipeline {
             low.release();
         }
         self.vae.release();
+    }
+
+    /// Whether every part has a host copy (loaded with [`MemoryPlan::host_copies`]), so that
+    /// [`WanPipeline::park`] may take the model off the device.
+    pub fn parkable(&self) -> bool {
+        self.text_encoder.host.is_some()
+            && self.transformer.host.is_some()
+            && self
+                .transformer_2
+                .as_ref()
+                .is_none_or(|low| low.host.is_some())
+            && self.vae.host.is_some()
+    }
+
+    /// Bytes of the host copies this model holds (pinned memory next to a GPU).
+    pub fn host_bytes(&self) -> u64 {
+        self.text_encoder.host_bytes()
+            + self.transformer.host_bytes()
+            + self.transformer_2.as_ref().map_or(0, Part::host_bytes)
+            + self.vae.host_bytes()
+    }
+
+    /// Takes the whole model off the device; its host copies stay, so
+    /// [`WanPipeline::unpark`] brings it back without reading its files. Panics unless
+    /// [`WanPipeline::parkable`].
+    pub fn park(&mut self) {
+        self.text_encoder.park();
+        self.transformer.park();
+        if let Some(low) = &mut self.transformer_2 {
+            low.park();
+        }
+        self.vae.park();
+    }
+
+    /// Copies the parts the placement keeps on the device back from their host copies, as
+    /// they were before [`WanPipeline::park`].
+    pub fn unpark(&mut self) -> Result<(), PipelineError> {
+        let mut seconds = 0.0;
+        let (kind, device) = (self.precision.model, self.device);
+        let files = &self.text_encoder_files;
+        self.text_encoder.restore(
+            &mut seconds,
+            |host| Ok(files.from_host(host, kind, device)?),
+        )?;
+        let config = &self.transformer_config;
+        self.transformer.restore(&mut seconds, |host| {
+            Ok(WanTransformer::from_host(config, host, kind, device)?)
+        })?;
+        if let (Some(low), Some(config)) = (&mut self.transformer_2, &self.transformer_2_config) {
+            low.restore(&mut seconds, |host| {
+                Ok(WanTransformer::from_host(config, host, kind, device)?)
+            })?;
+        }
+        let (files, vae_kind) = (&self.vae_files, self.precision.vae);
+        self.vae.restore(&mut seconds, |host| {
+            Ok(files.from_host(host, vae_kind, device)?)
+        })
     }
 
     /// Whether a VAE pass since the last [`WanPipeline::take_stages`] was tiled.

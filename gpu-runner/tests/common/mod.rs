@@ -64,12 +64,17 @@ pub fn device() -> RunnerDevice {
 
 /// The default install's VideoModel `name` (examples/videomodels.yaml) on the tiny models.
 pub fn model(name: &str) -> ModelRef {
+    model_at(name, models())
+}
+
+/// The VideoModel `name` on a copy of the tiny models' directory at `root`.
+pub fn model_at(name: &str, root: &Path) -> ModelRef {
     let yaml = include_str!("../../../examples/videomodels.yaml");
     let model = serde_yaml::Deserializer::from_str(yaml)
         .map(|doc| VideoModel::deserialize(doc).expect("a VideoModel"))
         .find(|m| m.metadata.name.as_deref() == Some(name))
         .unwrap_or_else(|| panic!("examples/videomodels.yaml has no model {name}"));
-    model_ref(&model, models()).unwrap()
+    model_ref(&model, root).unwrap()
 }
 
 /// The tiny models' start image for image-to-video jobs.

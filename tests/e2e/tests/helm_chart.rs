@@ -1317,7 +1317,7 @@ fn exported_metrics() -> (String, String) {
     };
     op.watch_errors.get_or_create(&expired).inc();
 
-    use framelane_runner::metrics::{MemoryLabels, Metrics as Runner, ResultLabels};
+    use framelane_runner::metrics::{LoadLabels, MemoryLabels, Metrics as Runner, ResultLabels};
     let runner_watch_errors = prometheus_client::metrics::family::Family::<
         WatchErrorLabels,
         prometheus_client::metrics::counter::Counter,
@@ -1329,8 +1329,14 @@ fn exported_metrics() -> (String, String) {
     };
     runner.jobs.get_or_create(&result).inc();
     runner.generation_seconds.observe(12.0);
-    runner.model_loads.inc();
+    for from in ["files", "host"] {
+        runner
+            .model_loads
+            .get_or_create(&LoadLabels { from: from.into() })
+            .inc();
+    }
     runner.warm_hits.inc();
+    runner.host_weight_bytes.set(1 << 30);
     let kind = MemoryLabels {
         kind: "reserved".into(),
     };

@@ -7,7 +7,8 @@
 //!   load in the runner's log); one whose image is missing or unreadable fails with the
 //!   reason, and the runner carries on;
 //! - a Shared runner fed alternating anisora/phr00t jobs logs each unload before the next
-//!   load, and every unload leaves the live tensor bytes where they were before any model;
+//!   load, every unload leaves the live tensor bytes where they were before any model, and
+//!   a switch back to a model comes from host memory (both fit its host budget);
 //! - a job deleted mid-generation stops at a step boundary, ends Cancelled and goes away; the
 //!   runner stays healthy and runs the next job;
 //! - a runner cut off from the API server mid-generation loses the job to a second runner;
@@ -509,6 +510,13 @@ async fn a_shared_runner_unloads_before_each_switch_and_keeps_no_old_tensor() ->
             (message(l), model, bytes)
         })
         .collect();
+    // Both tiny models fit the runner's host budget, so a switch back comes from host memory.
+    let froms: Vec<&str> = lines
+        .iter()
+        .filter(|l| message(l) == "model loaded")
+        .map(|l| l["fields"]["from"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(froms, ["files", "files", "host", "host"]);
     let expected: Vec<(String, String)> = [
         ("model loaded", "anisora"),
         ("model unloaded", "anisora"),

@@ -7,7 +7,7 @@
 
 use crate::accel::AccelError;
 use crate::memory::{RunnerDevice, is_out_of_memory};
-use crate::placement::{self, Placement};
+use crate::placement;
 use crate::wan::pipeline::{MemoryPlan, Mode, ModelSpec, PipelineError, Precision, WanPipeline};
 
 /// Free memory a load needs beyond the weights: the allocator's rounding and the first
@@ -65,6 +65,19 @@ pub enum CacheError {
         model: String,
         offered: Vec<&'static str>,
         runs: &'static str,
+    },
+    #[error(
+        "model {model:?} keeps {needed} bytes of weights in host memory in memory mode {mode}, \
+         more than the runner's host budget of {budget} bytes (--host-memory-bytes; by default \
+         80 % of the container's memory limit): raise the ModelLane's \
+         spec.runner.resources.limits.memory, or give the lane GPUs that hold more of the model \
+         (spec.runner.memory.mode)"
+    )]
+    HostMemory {
+        model: String,
+        mode: &'static str,
+        needed: u64,
+        budget: u64,
     },
     #[error(transparent)]
     Accel(#[from] AccelError),
@@ -138,21 +151,30 @@ impl ModelCache {
         })
     }
 
-    /// A Shared cache of several models keeps them all in host memory between switches when
-    /// their weights (every part, in the cache's precision, from the file headers) take at
-    /// most `budget` bytes; otherwise, and in Dedicated mode, a switch reads the files again.
+    /// Host memory the runner may fill with weights. Refused when a model's offloaded parts
+    /// alone (under expert-swap or model-offload) take more: its load would be killed for
+    /// memory. A Shared cache of several models keeps them all in host memory between
+    /// switches when their weights (every part, in the cache's precision, from the file
+    /// headers) fit; otherwise, and in Dedicated mode, a switch reads the files again.
     pub fn with_host_budget(mut self, budget: u64) -> Result<ModelCache, CacheError> {
-        if self.mode != LaneMode::Shared || self.models.len() < 2 {
-            return Ok(self);
-        }
+        let total = self.device.total_bytes()?;
         let mut needed = 0;
         for m in &self.models {
-            needed += WanPipeline::part_bytes(&m.spec, self.precision)
-                .map_err(|source| CacheError::Load {
+            let bytes = WanPipeline::part_bytes(&m.spec, self.precision)
+                .map_err(|source| self.load_error(&m.model, source))?;
+            let placement = placement::place(self.plan.mode, &bytes, total);
+            if bytes.host(placement) > budget {
+                return Err(CacheError::HostMemory {
                     model: m.model.clone(),
-                    source: Box::new(source),
-                })?
-                .all();
+                    mode: placement.as_str(),
+                    needed: bytes.host(placement),
+                    budget,
+                });
+            }
+            needed += bytes.all();
+        }
+        if self.mode != LaneMode::Shared || self.models.len() < 2 {
+            return Ok(self);
         }
         self.keep_in_host = needed <= budget;
         tracing::info!(
@@ -253,16 +275,11 @@ impl ModelCache {
         Ok(())
     }
 
-    /// Device bytes the model's placement keeps on the device between jobs: every weight
-    /// when resident, the text encoder and the VAE under expert-swap, nothing under
-    /// model-offload.
+    /// Device bytes the model's placement keeps on the device between jobs: what does not
+    /// wait in host memory.
     fn on_device_bytes(&self, bytes: &placement::PartBytes) -> Result<u64, CacheError> {
         let total = self.device.total_bytes()?;
-        Ok(match placement::place(self.plan.mode, bytes, total) {
-            Placement::Resident => bytes.all(),
-            Placement::ExpertSwap => bytes.text_encoder + bytes.vae,
-            Placement::ModelOffload => 0,
-        })
+        Ok(bytes.all() - bytes.host(placement::place(self.plan.mode, bytes, total)))
     }
 
     /// Errs when `needed` bytes do not fit the device's free memory (with headroom).

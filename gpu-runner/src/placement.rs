@@ -64,6 +64,16 @@ impl PartBytes {
         }
     }
 
+    /// What waits in host memory under `placement`: nothing when resident, both experts
+    /// under expert-swap, every part under model-offload.
+    pub fn host(&self, placement: Placement) -> u64 {
+        match placement {
+            Placement::Resident => 0,
+            Placement::ExpertSwap => self.transformer + self.transformer_2.unwrap_or(0),
+            Placement::ModelOffload => self.all(),
+        }
+    }
+
     /// What model-offload needs on the device at most: its largest part.
     pub fn largest(&self) -> u64 {
         [
@@ -155,6 +165,13 @@ mod tests {
         transformer_2: Some(28_600_000_000),
         vae: 254_000_000,
     };
+
+    #[test]
+    fn host_memory_holds_what_the_placement_offloads() {
+        assert_eq!(A14B.host(Placement::Resident), 0);
+        assert_eq!(A14B.host(Placement::ExpertSwap), 57_200_000_000);
+        assert_eq!(A14B.host(Placement::ModelOffload), A14B.all());
+    }
 
     #[test]
     fn auto_picks_by_the_devices_memory() {

@@ -3,8 +3,8 @@
 //! host budget that holds both tiny models, in every memory mode, a model switched away from
 //! leaves the device whole, and a switch back brings it from host memory (its files deleted by
 //! then) to the same device bytes and the same video, byte for byte. With a budget one byte too
-//! small, a switch reads the files again. One test per binary: the live-byte count is
-//! process-wide.
+//! small, a switch reads the files again; a budget that cannot hold a model's offloaded parts
+//! is refused. One test per binary: the live-byte count is process-wide.
 
 mod common;
 
@@ -142,4 +142,19 @@ fn a_switch_back_comes_from_host_memory_when_the_budget_holds_both_models() {
     assert!(matches!(err, CacheError::Load { .. }), "{err}");
     drop(cache);
     assert_eq!(live(), baseline);
+
+    // Under model-offload every part waits in host memory: a budget that cannot hold the
+    // larger model is refused before anything loads, naming what to change.
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _) = shared(&dir.path().join("models"), MemoryMode::ModelOffload);
+    let anisora = WanPipeline::part_bytes(&common::model("anisora").spec, Precision::FLOAT32)
+        .unwrap()
+        .all();
+    let err = cache.with_host_budget(anisora - 1).err().expect("refused");
+    assert!(matches!(err, CacheError::HostMemory { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("spec.runner.resources.limits.memory"),
+        "{err}"
+    );
 }

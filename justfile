@@ -77,6 +77,7 @@ bench: tools
     cargo bench -p framelane-operator --bench fuzz
     cargo bench -p framelane-operator --bench restart
     eval "$(gpu-runner/scripts/setup-torch.sh)" && cargo bench -p framelane-runner --bench runner
+    eval "$(gpu-runner/scripts/setup-torch.sh)" && cargo bench -p framelane-runner --bench fit
 
 # GPU memory check on one H100/H200 (torch 2.11, no network): full-size Wan 14B models (A14B i2v, AllInOne t2v), per size and memory cap 20 alternating jobs on a Shared runner, expandable_segments on and off, against diffusers. Args: --jobs N --sizes WxHxF,.. --caps 80G,.. --steps N --binary PATH --no-diffusers --tiny (CPU dry run).
 gpu-check *args:

@@ -84,8 +84,9 @@ pub struct ModelProfile {
     pub transformer: TransformerShape,
     pub text_encoder: TextEncoderShape,
     pub vae: VaeShape,
-    /// Whether the device's 3-D convolutions unfold their input into a scratch matrix, 27
-    /// times its size (libtorch on the CPU); cuDNN's implicit GEMM does not.
+    /// Whether the device's 3-D convolutions may unfold their input into a scratch matrix,
+    /// 27 times its size: libtorch on the CPU does for a small input (see
+    /// [`UNFOLD_MAX_INPUT`]); cuDNN's implicit GEMM never does.
     #[serde(default)]
     pub conv_unfold: bool,
 }
@@ -207,6 +208,14 @@ pub struct Estimate {
 }
 
 impl Estimate {
+    /// The peak of `stage`, or 0 when the job does not run it.
+    pub fn stage(&self, stage: Stage) -> u64 {
+        self.stages
+            .iter()
+            .find(|(s, _)| *s == stage)
+            .map_or(0, |&(_, bytes)| bytes)
+    }
+
     /// The largest stage peak and its stage.
     pub fn peak(&self) -> (Stage, u64) {
         self.stages
@@ -222,6 +231,11 @@ impl Estimate {
 const TILE: u64 = 256;
 /// Frames of the previous chunk each cached causal convolution keeps (the VAE's `CACHE_T`).
 const CACHE_T: u64 = 2;
+/// libtorch on the CPU runs a float32 3x3x3 convolution of batch 1 through oneDNN (one copy
+/// of its input in oneDNN's layout) once the input's batch x channels x frames x height
+/// exceeds this; up to it, through its native kernel, which unfolds the input 27 times
+/// (`use_mkldnn` in ATen's Convolution.cpp).
+const UNFOLD_MAX_INPUT: u64 = 20480;
 /// Positions of the transformer's rotary tables (Wan's `rope_max_seq_len`).
 const ROPE_LENGTH: u64 = 1024;
 
@@ -394,11 +408,19 @@ impl ModelProfile {
 
     /// VAE decoding of one chunk (the decoder runs one latent frame at a time): at each
     /// resolution the feature cache keeps `CACHE_T` frames for every cached convolution of
-    /// its residual blocks, and the widest resolution holds the working tensors of a
-    /// residual block (input, norms, the padded, cache-joined convolution inputs and outputs:
-    /// nine of its chunk's size), with a 3x3x3 convolution's unfolded input where the device
-    /// unfolds.
+    /// its residual blocks (`res_blocks + 1` of them per resolution), and the widest
+    /// resolution holds the working tensors of a residual block (input, norms, the padded,
+    /// cache-joined convolution inputs and outputs: nine of its chunk's size), with the
+    /// convolution's scratch where the device has one.
     fn decode_activations(&self, job: &JobSize, tiling: bool) -> u64 {
+        self.chunk_activations(job, tiling, 2 * (self.vae.res_blocks + 1) + 1)
+    }
+
+    /// A VAE pass over one chunk with `convs` cached convolutions per resolution; see
+    /// [`ModelProfile::decode_activations`]. On the CPU, a 3x3x3 convolution of a small input
+    /// unfolds it into a matrix 27 times its chunk, and a larger one goes through oneDNN,
+    /// which copies it once into its own layout.
+    fn chunk_activations(&self, job: &JobSize, tiling: bool, convs: u64) -> u64 {
         let e = self.vae_dtype_bytes;
         let (width, height) = if tiling {
             (job.width.min(TILE), job.height.min(TILE))
@@ -406,16 +428,19 @@ impl ModelProfile {
             (job.width, job.height)
         };
         let pixels = width * height;
-        let convs = 2 * (self.vae.res_blocks + 1) + 1;
         let mut cache = 0;
         let mut working: u64 = 0;
-        let mut unfolded: u64 = 0;
+        let mut scratch: u64 = 0;
         for (channels, level, frames) in self.vae_levels() {
             let level_pixels = pixels >> (2 * level);
+            let chunk = channels * frames * level_pixels;
             cache += convs * channels * CACHE_T * level_pixels;
-            working = working.max(9 * channels * frames * level_pixels);
+            working = working.max(9 * chunk);
             if self.conv_unfold {
-                unfolded = unfolded.max(27 * channels * frames * level_pixels);
+                // The convolution's input: the chunk after the cached frames, padded by a pixel.
+                let input = channels * (frames + CACHE_T) * ((height >> level) + 2);
+                let copies = if input <= UNFOLD_MAX_INPUT { 27 } else { 1 };
+                scratch = scratch.max(copies * chunk);
             }
         }
         let tiles = if tiling {
@@ -425,15 +450,15 @@ impl ModelProfile {
         } else {
             0
         };
-        (cache + working + unfolded) * e + tiles
+        (cache + working + scratch) * e + tiles
     }
 
     /// Image-to-video's VAE encoding of the start image followed by black frames: the whole
-    /// pixel video twice (the black frames and their concatenation), then the encoder's chunk
-    /// working set and caches, which mirror the decoder's.
+    /// pixel video twice (the black frames and their concatenation), then the encoder's
+    /// chunk, which mirrors the decoder's with one residual block fewer per resolution.
     fn encode_activations(&self, job: &JobSize, tiling: bool) -> u64 {
         let video = 2 * 3 * job.frames * job.width * job.height * self.vae_dtype_bytes;
-        video + self.decode_activations(job, tiling)
+        video + self.chunk_activations(job, tiling, 2 * self.vae.res_blocks + 1)
     }
 
     /// Each stage's peak and the resident bytes of `job` in `mode` (auto counts as
@@ -743,10 +768,7 @@ mod tests {
         let resident = peak(MemoryMode::Resident, false);
         let swap = peak(MemoryMode::ExpertSwap, false);
         let offload = peak(MemoryMode::ModelOffload, false);
-        let stage_bytes = |mode, stage| {
-            let estimate = p.estimate(&size, mode, false);
-            estimate.stages.iter().find(|(s, _)| *s == stage).unwrap().1
-        };
+        let stage_bytes = |mode, stage| p.estimate(&size, mode, false).stage(stage);
         let expert = 28_600_000_000 + 524_288;
         let fewer = |stage| {
             stage_bytes(MemoryMode::Resident, stage) - stage_bytes(MemoryMode::ExpertSwap, stage)
@@ -781,6 +803,45 @@ mod tests {
             ..size
         };
         assert!(p.estimate(&unguided, MemoryMode::Resident, false).peak().1 <= resident);
+    }
+
+    #[test]
+    fn the_cpu_unfolds_a_small_convolution_input_and_copies_a_large_one() {
+        let decoding = |p: &ModelProfile, side| {
+            let size = JobSize {
+                width: side,
+                height: side,
+                frames: 5,
+                guided: false,
+                mode: GenerationMode::T2v,
+            };
+            p.estimate(&size, MemoryMode::Resident, false)
+                .stage(Stage::Decoding)
+        };
+        let gpu = ModelProfile::wan22_a14b_i2v();
+        let cpu = ModelProfile {
+            conv_unfold: true,
+            ..gpu.clone()
+        };
+        // The Wan VAE's 96 channels x 6 frames x 258 rows exceed 20,480: oneDNN, which copies
+        // the full resolution's 4 frames once.
+        assert_eq!(
+            decoding(&cpu, 256) - decoding(&gpu, 256),
+            96 * 4 * 256 * 256 * 4
+        );
+        // 8 channels x 6 frames x 130 rows do not: full resolution's 4 frames unfold 27 times.
+        let narrow = |conv_unfold| ModelProfile {
+            conv_unfold,
+            vae: VaeShape {
+                base_dim: 8,
+                ..gpu.vae.clone()
+            },
+            ..gpu.clone()
+        };
+        assert_eq!(
+            decoding(&narrow(true), 128) - decoding(&narrow(false), 128),
+            27 * 8 * 4 * 128 * 128 * 4
+        );
     }
 
     #[test]

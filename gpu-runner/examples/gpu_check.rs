@@ -25,14 +25,12 @@ use std::time::Instant;
 use anyhow::{Context, bail, ensure};
 use framelane_core::memory::{ModeWeights, auto_mode, usable_bytes};
 use framelane_runner::cache::{LaneMode, LoadedFrom, ModelCache, ModelRef};
+use framelane_runner::check::check_models;
 use framelane_runner::generate::{JobRequest, Stage, run_job};
 use framelane_runner::memory::{RunnerDevice, default_host_budget};
 use framelane_runner::placement::{MemoryMode, PartBytes, VaeTiling};
 use framelane_runner::sampler::StepControl;
-use framelane_runner::wan::pipeline::{
-    ComfyUiFiles, MemoryPlan, Mode, ModelFiles, ModelSpec, Precision, WanPipeline,
-};
-use framelane_runner::wan::recipe::Solver;
+use framelane_runner::wan::pipeline::{MemoryPlan, Mode, Precision, WanPipeline};
 use tch::{Kind, Tensor};
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -111,50 +109,6 @@ fn bytes(text: &str) -> anyhow::Result<u64> {
     Ok((number.parse::<f64>().context("a cap's number")? * scale) as u64)
 }
 
-/// The two models, as ComfyUI files; the A14B reads its text encoder and VAE from the
-/// AllInOne file.
-fn models(root: &Path) -> Vec<(ModelRef, &'static str)> {
-    let aio = root.join("aio/aio.safetensors");
-    let comfy = |transformer, transformer_2| {
-        ModelFiles::ComfyUi(ComfyUiFiles {
-            transformer,
-            transformer_2,
-            text_encoder: vec![aio.clone()],
-            vae: vec![aio.clone()],
-            tokenizer: root.join("tokenizer"),
-        })
-    };
-    vec![
-        (
-            ModelRef {
-                model: "a14b".into(),
-                spec: ModelSpec {
-                    files: comfy(
-                        vec![root.join("a14b/high.safetensors")],
-                        vec![root.join("a14b/low.safetensors")],
-                    ),
-                    solver: Some(Solver::wan_unipc(5.0)),
-                    boundary_ratio: Some(0.9),
-                },
-                modes: vec![Mode::ImageToVideo],
-            },
-            "a14b",
-        ),
-        (
-            ModelRef {
-                model: "aio".into(),
-                spec: ModelSpec {
-                    files: comfy(vec![aio.clone()], Vec::new()),
-                    solver: Some(Solver::wan_unipc(3.0)),
-                    boundary_ratio: None,
-                },
-                modes: vec![Mode::TextToVideo],
-            },
-            "aio",
-        ),
-    ]
-}
-
 /// One stage of one job; reserved bytes above the ballast.
 struct StageRun {
     allocated: i64,
@@ -190,7 +144,7 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|| "libtorch_cuda loaded but sees no GPU".into());
         bail!("torch sees a GPU but this binary runs on the CPU: {why}");
     }
-    let models = models(&args.root);
+    let models = check_models(&args.root);
     let image = std::fs::read(args.root.join("inputs/first-frame.png"))
         .context("MODELS_DIR has no inputs/first-frame.png (make_full_size_wan.py writes it)")?;
     let mut bytes: Vec<PartBytes> = Vec::new();

@@ -11,9 +11,11 @@ download), as ComfyUI files:
 
 fp8 on disk keeps the three 14B transformers and umT5-XXL at about 49 GB (64 GB of disk); the
 runner upcasts to bfloat16 as it loads. `--tiny` writes the same layout at the tiny models'
-shapes, for the CPU dry run.
+shapes, for the CPU dry run. `--layers N` keeps the full widths (and the real VAE) but gives
+the transformers and umT5-XXL N blocks each: what the fit bench (benches/fit.rs) runs on the
+CPU.
 
-    python make_full_size_wan.py OUT [--tiny]
+    python make_full_size_wan.py OUT [--tiny | --layers N]
 """
 
 import argparse
@@ -73,8 +75,8 @@ def transformer(in_channels: int, seed: int, config: dict) -> dict:
     return out
 
 
-def text_encoder(vocab: int, tiny: bool) -> dict:
-    config = UMT5Config(vocab_size=vocab, **TINY_UMT5) if tiny else UMT5Config(**UMT5_XXL)
+def text_encoder(vocab: int, tiny: bool, layers: int) -> dict:
+    config = UMT5Config(vocab_size=vocab, **TINY_UMT5) if tiny else UMT5Config(**{**UMT5_XXL, "num_layers": layers})
     generator = torch.Generator(DEVICE).manual_seed(10)
     state = {name: random(shape, len(shape) >= 2, generator)
              for name, shape in shapes(lambda: UMT5EncoderModel(config)).items()}
@@ -82,21 +84,21 @@ def text_encoder(vocab: int, tiny: bool) -> dict:
     return {TEXT_PREFIX + k: v for k, v in state.items() if k != "encoder.embed_tokens.weight"}
 
 
-def main(out: Path, tiny: bool):
+def main(out: Path, tiny: bool, layers: int | None):
     tok = tokenizer()
     (out / "a14b").mkdir(parents=True, exist_ok=True)
     (out / "aio").mkdir(parents=True, exist_ok=True)
     (out / "inputs").mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(out / "tokenizer")
     first_frame(out / "inputs" / "first-frame.png")
-    config = TRANSFORMER if tiny else WAN_14B
+    config = TRANSFORMER if tiny else {**WAN_14B, "num_layers": layers or WAN_14B["num_layers"]}
     for name, seed in [("high", 2), ("low", 3)]:
         save_file(transformer(36, seed, config), out / "a14b" / f"{name}.safetensors")
     torch.manual_seed(20)
     vae = AutoencoderKLWan(**VAE) if tiny else AutoencoderKLWan()
     allinone = {
         **transformer(16, 1, config),
-        **text_encoder(len(tok), tiny),
+        **text_encoder(len(tok), tiny, layers or UMT5_XXL["num_layers"]),
         **{VAE_PREFIX + k: v.contiguous() for k, v in vae_to_comfy(vae.state_dict()).items()},
     }
     assert any(k.startswith(TEXT_PREFIX) for k in allinone)
@@ -107,5 +109,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--tiny", action="store_true", help="the tiny models' shapes (CPU dry run)")
+    parser.add_argument("--layers", type=int, help="full widths with this many blocks (the fit bench)")
     args = parser.parse_args()
-    main(args.out, args.tiny)
+    main(args.out, args.tiny, args.layers)

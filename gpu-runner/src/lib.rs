@@ -9,6 +9,7 @@
 //! - [`generate`]: one job end to end, with progress, cancellation and cleanup.
 //! - [`video`]: frames to MP4 + preview PNG.
 //! - [`cache`]: Dedicated / Shared model switching.
+//! - [`check`]: the full-size random-weight models of the GPU check and the fit bench.
 //! - [`job`]: a claimed VideoJob to a request, and the outcome back to its status.
 //! - [`memory`], [`accel`]: device selection, allocator statistics, emptying the cache.
 //! - [`placement`]: memory modes (what stays on the device), VAE tiling, host copies.
@@ -18,6 +19,7 @@
 
 pub mod accel;
 pub mod cache;
+pub mod check;
 pub mod generate;
 pub mod image;
 pub mod inputs;

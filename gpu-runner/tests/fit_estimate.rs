@@ -6,54 +6,21 @@
 
 mod common;
 
+use common::fit::{BAND, compare, request, stage_peaks, start_image};
 use framelane_api::{GenerationMode, modellane::MemoryMode};
 use framelane_core::memory::{JobSize, ModelProfile, Stage};
 use framelane_runner::{
     placement::VaeTiling,
     profile::model_profile,
     sampler::StepControl,
-    wan::pipeline::{MemoryPlan, ModelFiles, ModelSpec, Precision, Request, WanPipeline},
+    wan::pipeline::{MemoryPlan, ModelFiles, ModelSpec, Precision, WanPipeline},
 };
-use tch::{Kind, Tensor};
-
-/// How far above a measured peak an estimate may be: the estimate counts the tensors alive
-/// at each stage's worst moment from the code, and rounds up where libtorch's kernels keep
-/// scratch (docs/fit-check.md).
-const BAND: f64 = 0.20;
-
-const MIB: f64 = (1 << 20) as f64;
 
 struct Measured {
     weights: i64,
     /// Prompt encoding, the start image's encoding and denoising run in one call.
     denoise: i64,
     decode: i64,
-}
-
-/// The start image of an image-to-video job of `job`'s size.
-fn start_image(job: &JobSize) -> Option<Tensor> {
-    tch::manual_seed(0);
-    (job.mode == GenerationMode::I2v).then(|| {
-        Tensor::rand(
-            [1, 3, job.height as i64, job.width as i64],
-            (Kind::Float, common::device().device),
-        ) * 2.0
-            - 1.0
-    })
-}
-
-fn request<'a>(job: &JobSize, image: Option<&'a Tensor>) -> Request<'a> {
-    Request {
-        prompt: "a red fox running through snow",
-        negative_prompt: "blurry",
-        width: job.width as i64,
-        height: job.height as i64,
-        frames: job.frames as i64,
-        steps: 2,
-        guidance: if job.guided { 5.0 } else { 1.0 },
-        seed: 1,
-        image,
-    }
 }
 
 fn measure(pipeline: &mut WanPipeline, job: &JobSize) -> Measured {
@@ -98,18 +65,6 @@ fn tiny_model(folder: &str) -> (ModelProfile, ModelSpec) {
     (profile, spec)
 }
 
-/// Prints `what`'s measured and estimated bytes; a failure when the estimate lies outside
-/// `[measured, measured + BAND]`.
-fn compare(what: &str, measured: i64, estimated: i64) -> Option<String> {
-    let error = (estimated as f64 / measured as f64 - 1.0) * 100.0;
-    println!(
-        "{what}: measured {:.2} MiB, estimated {:.2} MiB ({error:+.1} %)",
-        measured as f64 / MIB,
-        estimated as f64 / MIB,
-    );
-    (!(0.0..=BAND * 100.0).contains(&error)).then(|| format!("{what}: {error:+.1} %"))
-}
-
 /// One test: the allocator's counts are the process's, so the checks run one after the other.
 #[test]
 fn estimates_lie_above_measured_peaks_within_the_band() {
@@ -152,13 +107,7 @@ fn resident_failures() -> Vec<String> {
             };
             let m = measure(&mut pipeline, &job);
             let estimate = profile.estimate(&job, MemoryMode::Resident, false);
-            let stage = |s: Stage| {
-                estimate
-                    .stages
-                    .iter()
-                    .find(|(stage, _)| *stage == s)
-                    .map_or(0, |(_, b)| *b as i64)
-            };
+            let stage = |s: Stage| estimate.stage(s) as i64;
             let resident = estimate.resident_bytes as i64;
             let denoise_estimate = [Stage::TextEncoding, Stage::ImageEncoding, Stage::Denoising]
                 .into_iter()
@@ -186,33 +135,6 @@ fn resident_failures() -> Vec<String> {
         }
     }
     failures
-}
-
-/// Each stage's peak as the pipeline measured it (bytes allocated on the device, above what
-/// was there before the model loaded), by the estimate's name of the stage.
-fn stage_peaks(pipeline: &mut WanPipeline, job: &JobSize, baseline: i64) -> Vec<(Stage, i64)> {
-    let image = start_image(job);
-    let latents = pipeline
-        .denoise(&request(job, image.as_ref()), &mut |_, _| {
-            StepControl::Continue
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
-    pipeline.decode(&latents).unwrap_or_else(|e| panic!("{e}"));
-    drop(latents);
-    pipeline
-        .take_stages()
-        .into_iter()
-        .map(|s| {
-            let stage = match s.stage.as_str() {
-                "EncodingPrompt" => Stage::TextEncoding,
-                "EncodingImage" => Stage::ImageEncoding,
-                "Denoising" => Stage::Denoising,
-                "Decoding" => Stage::Decoding,
-                other => panic!("unknown stage {other}"),
-            };
-            (stage, s.peak_allocated_bytes - baseline)
-        })
-        .collect()
 }
 
 /// The other modes, and a tiled VAE: each stage's estimate (what the mode keeps on the device
@@ -249,12 +171,8 @@ fn mode_failures() -> Vec<String> {
                     mode,
                 };
                 let estimate = profile.estimate(&job, memory_mode, tiled);
-                for (stage, measured) in stage_peaks(&mut pipeline, &job, baseline) {
-                    let estimated = estimate
-                        .stages
-                        .iter()
-                        .find(|(s, _)| *s == stage)
-                        .map_or(0, |(_, b)| *b as i64);
+                for (stage, measured, _) in stage_peaks(&mut pipeline, &job, baseline, true) {
+                    let estimated = estimate.stage(stage) as i64;
                     let what = format!(
                         "{folder} {memory_mode:?}{} {width}x{height}x{frames} {stage:?}",
                         if tiled { " tiled" } else { "" }

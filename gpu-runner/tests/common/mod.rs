@@ -17,6 +17,8 @@ use framelane_runner::memory::RunnerDevice;
 use framelane_runner::wan::pipeline::Mode;
 use serde::Deserialize;
 
+pub mod fit;
+
 pub const FIX: &str =
     "run `eval \"$(gpu-runner/scripts/setup-torch.sh)\"` first (see gpu-runner/README.md)";
 

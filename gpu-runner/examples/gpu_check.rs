@@ -29,6 +29,7 @@ use framelane_runner::check::check_models;
 use framelane_runner::generate::{JobRequest, Stage, run_job};
 use framelane_runner::memory::{RunnerDevice, default_host_budget};
 use framelane_runner::placement::{MemoryMode, PartBytes, VaeTiling};
+use framelane_runner::profile::model_profile;
 use framelane_runner::sampler::StepControl;
 use framelane_runner::wan::pipeline::{MemoryPlan, Mode, Precision, WanPipeline};
 use tch::{Kind, Tensor};
@@ -148,8 +149,12 @@ fn main() -> anyhow::Result<()> {
     let image = std::fs::read(args.root.join("inputs/first-frame.png"))
         .context("MODELS_DIR has no inputs/first-frame.png (make_full_size_wan.py writes it)")?;
     let mut bytes: Vec<PartBytes> = Vec::new();
+    let mut weights: Vec<ModeWeights> = Vec::new();
     for (r, _) in &models {
         bytes.push(WanPipeline::part_bytes(&r.spec, Precision::BFLOAT16)?);
+        // What `auto` weighs, read as a runner reads it at start.
+        weights
+            .push(model_profile(&r.spec.files, Precision::BFLOAT16, device.device)?.mode_weights());
     }
     let conf = std::env::var("PYTORCH_CUDA_ALLOC_CONF").unwrap_or_else(|_| "(unset)".into());
     let mut failed = Vec::new();
@@ -167,7 +172,6 @@ fn main() -> anyhow::Result<()> {
             continue;
         }
         // The lane's mode: what a Shared runner of both models resolves `auto` to under the cap.
-        let weights: Vec<ModeWeights> = bytes.iter().map(PartBytes::mode_weights).collect();
         let mode = auto_mode(&weights, budget);
         for &size in &args.sizes {
             let rows = run_config(&args, &device, &models, &image, cap, mode, size, &conf)?;

@@ -13,7 +13,7 @@
 #
 # --binary: a gpu_check built elsewhere (the GPU machine has no network for cargo):
 #   cargo build --release -p framelane-runner --example gpu_check
-# --tiny: the CPU dry run: tiny models, sizes and caps (586M,580M,572M pick each mode: a cap's
+# --tiny: the CPU dry run: tiny models, sizes and caps (590M,580M,572M pick each mode: a cap's
 #   usable bytes are the cap less 5 % and 512 MiB, as a runner counts them).
 # diffusers, transformers and accelerate must import in the torch Python; offline, install
 # them from the wheels gpu-check-wheels.sh downloads (FRAMELANE_GPU_CHECK_WHEELS=DIR).
@@ -39,7 +39,7 @@ while [[ $# -gt 0 ]]; do
     --binary) BINARY="$2"; shift 2 ;;
     --work) WORK="$2"; shift 2 ;;
     --no-diffusers) DIFFUSERS=0; shift ;;
-    --tiny) TINY=1; SIZES="64x48x9,96x64x17"; CAPS="586M,580M,572M"; shift ;;
+    --tiny) TINY=1; SIZES="64x48x9,96x64x17"; CAPS="590M,580M,572M"; shift ;;
     -h|--help) usage 0 ;;
     *) echo "gpu-check: unknown argument $1" >&2; usage 2 ;;
   esac

@@ -511,6 +511,33 @@ impl<M> Part<M> {
     }
 }
 
+/// What the pipeline does alike to each of its parts, whatever their modules.
+trait AnyPart {
+    fn release(&mut self);
+    fn park(&mut self);
+    fn on_device(&self) -> bool;
+    fn has_host_copy(&self) -> bool;
+    fn host_bytes(&self) -> u64;
+}
+
+impl<M> AnyPart for Part<M> {
+    fn release(&mut self) {
+        Part::release(self)
+    }
+    fn park(&mut self) {
+        Part::park(self)
+    }
+    fn on_device(&self) -> bool {
+        Part::on_device(self)
+    }
+    fn has_host_copy(&self) -> bool {
+        self.host.is_some()
+    }
+    fn host_bytes(&self) -> u64 {
+        Part::host_bytes(self)
+    }
+}
+
 /// A loaded model on one device.
 pub struct WanPipeline {
     tokenizer: PromptTokenizer,
@@ -663,12 +690,30 @@ impl WanPipeline {
     /// Which parts are on the device now: text encoder, high-noise (or only) transformer,
     /// low-noise transformer, VAE.
     pub fn on_device(&self) -> [bool; 4] {
+        self.parts()
+            .map(|part| part.is_some_and(AnyPart::on_device))
+    }
+
+    /// The text encoder, the high-noise (or only) transformer, the low-noise one if any, and
+    /// the VAE.
+    fn parts(&self) -> [Option<&dyn AnyPart>; 4] {
         [
-            self.text_encoder.on_device(),
-            self.transformer.on_device(),
-            self.transformer_2.as_ref().is_some_and(Part::on_device),
-            self.vae.on_device(),
+            Some(&self.text_encoder),
+            Some(&self.transformer),
+            self.transformer_2.as_ref().map(|p| p as &dyn AnyPart),
+            Some(&self.vae),
         ]
+    }
+
+    fn parts_mut(&mut self) -> impl Iterator<Item = &mut dyn AnyPart> {
+        [
+            Some(&mut self.text_encoder as &mut dyn AnyPart),
+            Some(&mut self.transformer),
+            self.transformer_2.as_mut().map(|p| p as &mut dyn AnyPart),
+            Some(&mut self.vae),
+        ]
+        .into_iter()
+        .flatten()
     }
 
     /// The measured stages since the last call, in order.
@@ -680,44 +725,32 @@ impl WanPipeline {
     /// Sends every offloaded part back to host memory (resident parts stay): after a job,
     /// whichever way it ended.
     pub fn release_offloaded(&mut self) {
-        self.text_encoder.release();
-        self.transformer.release();
-        if let Some(low) = &mut self.transformer_2 {
-            low.release();
-        }
-        self.vae.release();
+        self.parts_mut().for_each(AnyPart::release);
     }
 
     /// Whether every part has a host copy (loaded with [`MemoryPlan::host_copies`]), so that
     /// [`WanPipeline::park`] may take the model off the device.
     pub fn parkable(&self) -> bool {
-        self.text_encoder.host.is_some()
-            && self.transformer.host.is_some()
-            && self
-                .transformer_2
-                .as_ref()
-                .is_none_or(|low| low.host.is_some())
-            && self.vae.host.is_some()
+        self.parts()
+            .into_iter()
+            .flatten()
+            .all(AnyPart::has_host_copy)
     }
 
     /// Bytes of the host copies this model holds (pinned memory next to a GPU).
     pub fn host_bytes(&self) -> u64 {
-        self.text_encoder.host_bytes()
-            + self.transformer.host_bytes()
-            + self.transformer_2.as_ref().map_or(0, Part::host_bytes)
-            + self.vae.host_bytes()
+        self.parts()
+            .into_iter()
+            .flatten()
+            .map(AnyPart::host_bytes)
+            .sum()
     }
 
     /// Takes the whole model off the device; its host copies stay, so
     /// [`WanPipeline::unpark`] brings it back without reading its files. Panics unless
     /// [`WanPipeline::parkable`].
     pub fn park(&mut self) {
-        self.text_encoder.park();
-        self.transformer.park();
-        if let Some(low) = &mut self.transformer_2 {
-            low.park();
-        }
-        self.vae.park();
+        self.parts_mut().for_each(AnyPart::park);
     }
 
     /// Copies the parts the placement keeps on the device back from their host copies, as

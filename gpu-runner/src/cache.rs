@@ -256,7 +256,8 @@ impl ModelCache {
         let Some((model, mut old)) = self.loaded.take() else {
             return Ok(());
         };
-        let kept = self.keep_in_host && old.parkable();
+        // Kept in host memory, a model was loaded with a host copy of every part.
+        let kept = self.keep_in_host;
         if kept {
             old.park();
             self.parked.push((model.clone(), old));

@@ -474,14 +474,7 @@ impl<M> Part<M> {
         Ok(self.on_device.as_ref().expect("brought above"))
     }
 
-    /// Drops the device copy of an offloaded part; a resident part stays.
-    fn release(&mut self) {
-        if !self.resident {
-            self.on_device = None;
-        }
-    }
-
-    /// Brings a resident part back to the device after [`Part::park`].
+    /// Brings a resident part back to the device after [`AnyPart::park`].
     fn restore(
         &mut self,
         load_seconds: &mut f64,
@@ -492,8 +485,25 @@ impl<M> Part<M> {
         }
         Ok(())
     }
+}
 
+/// What the pipeline does alike to each of its parts, whatever their modules.
+trait AnyPart {
+    /// Drops the device copy of an offloaded part; a resident part stays.
+    fn release(&mut self);
     /// Drops the device copy whatever the placement; the host copy stays.
+    fn park(&mut self);
+    fn on_device(&self) -> bool;
+    fn host_bytes(&self) -> u64;
+}
+
+impl<M> AnyPart for Part<M> {
+    fn release(&mut self) {
+        if !self.resident {
+            self.on_device = None;
+        }
+    }
+
     fn park(&mut self) {
         assert!(
             self.host.is_some(),
@@ -508,33 +518,6 @@ impl<M> Part<M> {
 
     fn host_bytes(&self) -> u64 {
         self.host.as_ref().map_or(0, HostWeights::bytes)
-    }
-}
-
-/// What the pipeline does alike to each of its parts, whatever their modules.
-trait AnyPart {
-    fn release(&mut self);
-    fn park(&mut self);
-    fn on_device(&self) -> bool;
-    fn has_host_copy(&self) -> bool;
-    fn host_bytes(&self) -> u64;
-}
-
-impl<M> AnyPart for Part<M> {
-    fn release(&mut self) {
-        Part::release(self)
-    }
-    fn park(&mut self) {
-        Part::park(self)
-    }
-    fn on_device(&self) -> bool {
-        Part::on_device(self)
-    }
-    fn has_host_copy(&self) -> bool {
-        self.host.is_some()
-    }
-    fn host_bytes(&self) -> u64 {
-        Part::host_bytes(self)
     }
 }
 
@@ -728,15 +711,6 @@ impl WanPipeline {
         self.parts_mut().for_each(AnyPart::release);
     }
 
-    /// Whether every part has a host copy (loaded with [`MemoryPlan::host_copies`]), so that
-    /// [`WanPipeline::park`] may take the model off the device.
-    pub fn parkable(&self) -> bool {
-        self.parts()
-            .into_iter()
-            .flatten()
-            .all(AnyPart::has_host_copy)
-    }
-
     /// Bytes of the host copies this model holds (pinned memory next to a GPU).
     pub fn host_bytes(&self) -> u64 {
         self.parts()
@@ -747,8 +721,8 @@ impl WanPipeline {
     }
 
     /// Takes the whole model off the device; its host copies stay, so
-    /// [`WanPipeline::unpark`] brings it back without reading its files. Panics unless
-    /// [`WanPipeline::parkable`].
+    /// [`WanPipeline::unpark`] brings it back without reading its files. Panics unless it was
+    /// loaded with [`MemoryPlan::host_copies`].
     pub fn park(&mut self) {
         self.parts_mut().for_each(AnyPart::park);
     }
@@ -763,14 +737,13 @@ impl WanPipeline {
             &mut seconds,
             |host| Ok(files.from_host(host, kind, device)?),
         )?;
-        let config = &self.transformer_config;
-        self.transformer.restore(&mut seconds, |host| {
-            Ok(WanTransformer::from_host(config, host, kind, device)?)
-        })?;
+        let expert = |config| {
+            move |host: &HostWeights| Ok(WanTransformer::from_host(config, host, kind, device)?)
+        };
+        self.transformer
+            .restore(&mut seconds, expert(&self.transformer_config))?;
         if let (Some(low), Some(config)) = (&mut self.transformer_2, &self.transformer_2_config) {
-            low.restore(&mut seconds, |host| {
-                Ok(WanTransformer::from_host(config, host, kind, device)?)
-            })?;
+            low.restore(&mut seconds, expert(config))?;
         }
         let (files, vae_kind) = (&self.vae_files, self.precision.vae);
         self.vae.restore(&mut seconds, |host| {

@@ -157,8 +157,11 @@ async fn an_oversized_or_unsized_review_is_refused_and_takes_no_slot() -> Result
     let file = std::env::temp_dir().join(format!("{}-big-review.json", fx.ns.name));
     std::fs::write(&file, big.to_string())?;
     let from_file = format!("@{}", file.display());
+    // The webhook answers from the Content-Length, before the body: curl waits for that
+    // answer (Expect: 100-continue) instead of writing 600 KiB into a closed connection,
+    // which failed with EPIPE (curl 55) on a loaded machine.
     let mut args = cert.clone();
-    args.extend(["--data-binary", &from_file]);
+    args.extend(["-H", "Expect: 100-continue", "--data-binary", &from_file]);
     let oversized = answer(port, &args).await?;
     ensure!(
         oversized.ends_with("\n413") && oversized.contains("is over 512 KiB"),

@@ -79,9 +79,13 @@ bench: tools
     eval "$(gpu-runner/scripts/setup-torch.sh)" && cargo bench -p framelane-runner --bench runner
     eval "$(gpu-runner/scripts/setup-torch.sh)" && cargo bench -p framelane-runner --bench fit
 
-# GPU memory check on one H100/H200 (torch 2.11, no network): full-size Wan 14B models (A14B i2v, AllInOne t2v), per size and memory cap 20 alternating jobs on a Shared runner, expandable_segments on and off, against diffusers. Args: --jobs N --sizes WxHxF,.. --caps 80G,.. --steps N --binary PATH --no-diffusers --tiny (CPU dry run).
+# GPU memory check on one H100/H200 (torch 2.11, no network): full-size Wan 14B models (A14B i2v, AllInOne t2v), per size and memory cap 20 alternating jobs on a Shared runner, expandable_segments on and off, against diffusers. Args: --jobs N --sizes WxHxF,.. --caps 80G,.. --steps N --allocs CONF,.. --bundle DIR | --binary PATH --no-diffusers --tiny (CPU dry run).
 gpu-check *args:
     gpu-runner/scripts/gpu-check.sh {{args}}
+
+# Build here what `just gpu-check` needs on a GPU machine without network or Rust (the gpu_check binary and the diffusers wheels) into DIR; carry DIR there and pass `--bundle DIR`.
+gpu-check-bundle dir=".gpu-check":
+    gpu-runner/scripts/gpu-check-bundle.sh {{dir}}
 
 # Image tags `just images` builds (the chart's defaults); the runner's CPU flavour is tagged <runner_image>-cpu. Override with `just operator_image=... runner_image=... images`.
 operator_image := "ghcr.io/framelane/operator:0.1.0"

@@ -3,7 +3,7 @@
 //! a 14B AllInOne text-to-video file with umT5-XXL and the Wan VAE.
 //!
 //!     gpu_check MODELS_DIR [--jobs N] [--sizes 832x480x81,1280x720x81] [--caps 80G,48G,24G]
-//!               [--steps N] [--diffusers PYTHON] [--tiny]
+//!               [--steps N] [--diffusers PYTHON --diffusers-script PATH] [--tiny]
 //!
 //! For each memory cap (the GPU limited to that many bytes by a ballast allocation, standing for
 //! a smaller card) and each size: N jobs alternating the two models on one Shared model cache,
@@ -12,8 +12,8 @@
 //! stage: peak allocated and reserved (max, and the spread of reserved across jobs), seconds,
 //! part-load seconds, retries and OOMs; per model the switch time (from the files, and from
 //! host memory when the runner's host budget holds both models) and seconds per denoising step,
-//! and with `--diffusers` diffusers' seconds per step in the same mode (scripts/
-//! gpu_check_diffusers.py) and the ratio. `--tiny` passes the tiny shapes to that script (the
+//! and with `--diffusers` diffusers' seconds per step in the same mode (`--diffusers-script`:
+//! scripts/gpu_check_diffusers.py, run with that Python) and the ratio. `--tiny` passes the tiny shapes to that script (the
 //! CPU dry run). Exit 1 on any OOM or retry, a stage's peak reserved varying by more than
 //! 2 % across a model's jobs, or a switch from host memory over 30 s. Run it once per PYTORCH_CUDA_ALLOC_CONF setting.
 
@@ -45,7 +45,9 @@ struct Args {
     sizes: Vec<(u32, u32, u32)>,
     caps: Vec<u64>,
     steps: u32,
-    diffusers: Option<String>,
+    /// The Python and the path of scripts/gpu_check_diffusers.py (passed in: a binary built
+    /// elsewhere and carried to the GPU machine finds no source tree at its build path).
+    diffusers: Option<(String, PathBuf)>,
     tiny: bool,
 }
 
@@ -54,7 +56,7 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut parsed = Args {
         root: PathBuf::from(args.next().context(
             "usage: gpu_check MODELS_DIR [--jobs N] [--sizes WxHxF,..] [--caps 80G,..] \
-             [--steps N] [--diffusers PYTHON] [--tiny]",
+             [--steps N] [--diffusers PYTHON --diffusers-script PATH] [--tiny]",
         )?),
         jobs: 20,
         sizes: vec![(832, 480, 81), (1280, 720, 81)],
@@ -66,6 +68,7 @@ fn parse_args() -> anyhow::Result<Args> {
         diffusers: None,
         tiny: false,
     };
+    let (mut python, mut script) = (None, None);
     while let Some(flag) = args.next() {
         let mut value = || args.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
@@ -87,11 +90,17 @@ fn parse_args() -> anyhow::Result<Args> {
                     .map(bytes)
                     .collect::<anyhow::Result<_>>()?
             }
-            "--diffusers" => parsed.diffusers = Some(value()?),
+            "--diffusers" => python = Some(value()?),
+            "--diffusers-script" => script = Some(PathBuf::from(value()?)),
             "--tiny" => parsed.tiny = true,
             other => bail!("unknown argument {other}"),
         }
     }
+    parsed.diffusers = match (python, script) {
+        (Some(python), Some(script)) => Some((python, script)),
+        (None, None) => None,
+        _ => bail!("--diffusers and --diffusers-script go together"),
+    };
     ensure!(
         parsed.jobs >= 2 && parsed.steps >= 2,
         "--jobs and --steps must be at least 2"
@@ -182,9 +191,10 @@ fn main() -> anyhow::Result<()> {
                         .map(|f| format!("cap {:.3} GB, {size:?}, {model}: {f}", cap as f64 / 1e9)),
                 );
             }
-            if let Some(python) = &args.diffusers {
-                for ((r, kind), row) in models.iter().zip(rows.values()) {
-                    let theirs = diffusers_step(&args, python, kind, size, mode, cap)?;
+            if let Some((python, script)) = &args.diffusers {
+                for (r, kind) in &models {
+                    let row = &rows[&r.model];
+                    let theirs = diffusers_step(&args, python, script, kind, size, mode, cap)?;
                     let ours = mean(&row.step_seconds);
                     println!(
                         "{:<5} s/step: runner {ours:.3}, diffusers {theirs:.3} ({}), ratio {:.3}",
@@ -254,7 +264,8 @@ fn run_config(
         host_budget as f64 / 1e9,
         cache.keeps_in_host()
     );
-    let out = std::env::temp_dir().join("framelane-gpu-check");
+    // Not gpu-check.sh's default work directory (framelane-gpu-check), which holds the models.
+    let out = std::env::temp_dir().join(format!("gpu-check-videos-{}", std::process::id()));
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
     for i in 0..args.jobs {
         let (r, _) = &models[i as usize % models.len()];
@@ -409,22 +420,23 @@ fn mean(values: &[f64]) -> f64 {
 }
 
 /// diffusers' seconds per step for the same model shape, size and mode.
+#[allow(clippy::too_many_arguments)]
 fn diffusers_step(
     args: &Args,
     python: &str,
+    script: &Path,
     kind: &str,
     (width, height, frames): (u32, u32, u32),
     mode: MemoryMode,
     cap: u64,
 ) -> anyhow::Result<f64> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gpu_check_diffusers.py");
     let mode = if mode == MemoryMode::Resident {
         "resident"
     } else {
         "offload"
     };
     let mut command = Command::new(python);
-    command.arg(&script).arg(&args.root).arg(kind);
+    command.arg(script).arg(&args.root).arg(kind);
     for n in [width, height, frames, args.steps] {
         command.arg(n.to_string());
     }

@@ -9,14 +9,18 @@
 # same mode. Fails on any OOM or retry, or a stage's peak reserved varying by more than 2 %.
 #
 #   gpu-runner/scripts/gpu-check.sh [--jobs N] [--sizes WxHxF,..] [--caps 80G,48G,24G]
-#       [--steps N] [--binary PATH] [--work DIR] [--no-diffusers] [--tiny]
+#       [--steps N] [--allocs expandable_segments:True,..] [--bundle DIR | --binary PATH]
+#       [--work DIR] [--no-diffusers] [--tiny]
 #
-# --binary: a gpu_check built elsewhere (the GPU machine has no network for cargo):
-#   cargo build --release -p framelane-runner --example gpu_check
+# --bundle: what gpu-check-bundle.sh made here for a GPU machine without network or Rust: the
+#   gpu_check binary, and wheels (diffusers) installed under WORK/site for this run only.
+# --binary: a gpu_check built elsewhere (else it is built here with cargo).
+# --allocs: the PYTORCH_CUDA_ALLOC_CONF settings to run, in order (default: expandable
+#   segments on, then off).
 # --tiny: the CPU dry run: tiny models, sizes and caps (590M,580M,572M pick each mode: a cap's
 #   usable bytes are the cap less 5 % and 512 MiB, as a runner counts them).
-# diffusers, transformers and accelerate must import in the torch Python; offline, install
-# them from the wheels gpu-check-wheels.sh downloads (FRAMELANE_GPU_CHECK_WHEELS=DIR).
+# diffusers and transformers must import in the torch Python (FRAMELANE_TORCH_PYTHON, else
+# python3): the lent GPU machines lack diffusers alone, which --bundle brings.
 set -euo pipefail
 
 JOBS=20
@@ -24,12 +28,14 @@ SIZES="832x480x81,1280x720x81"
 CAPS="80G,48G,24G"
 STEPS=4
 BINARY=""
+BUNDLE=""
+ALLOCS="expandable_segments:True,expandable_segments:False"
 WORK="${TMPDIR:-/tmp}/framelane-gpu-check"
 DIFFUSERS=1
 TINY=""
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 
-usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --jobs) JOBS="$2"; shift 2 ;;
@@ -37,6 +43,8 @@ while [[ $# -gt 0 ]]; do
     --caps) CAPS="$2"; shift 2 ;;
     --steps) STEPS="$2"; shift 2 ;;
     --binary) BINARY="$2"; shift 2 ;;
+    --bundle) BUNDLE="$2"; BINARY="$2/gpu_check"; shift 2 ;;
+    --allocs) ALLOCS="$2"; shift 2 ;;
     --work) WORK="$2"; shift 2 ;;
     --no-diffusers) DIFFUSERS=0; shift ;;
     --tiny) TINY=1; SIZES="64x48x9,96x64x17"; CAPS="590M,580M,572M"; shift ;;
@@ -49,9 +57,10 @@ done
 PY="${FRAMELANE_TORCH_PYTHON:-python3}"
 "$PY" -c 'import sys, torch; sys.exit(0 if torch.__version__.startswith("2.11") else 1)' \
   || { echo "gpu-check: $PY has no torch 2.11 (set FRAMELANE_TORCH_PYTHON)" >&2; exit 1; }
-if [[ -n "${FRAMELANE_GPU_CHECK_WHEELS:-}" ]]; then
-  "$PY" -m pip install --quiet --no-index --no-deps --find-links "$FRAMELANE_GPU_CHECK_WHEELS" \
-    -r "$FRAMELANE_GPU_CHECK_WHEELS/requirements.txt"
+if [[ -n "$BUNDLE" ]]; then
+  "$PY" -m pip install --quiet --disable-pip-version-check --no-index --no-deps --no-compile \
+    --upgrade --target "$WORK/site" "$BUNDLE"/wheels/*.whl
+  export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 "$PY" -c 'import diffusers, transformers' \
   || { echo "gpu-check: $PY cannot import diffusers and transformers (see --help)" >&2; exit 1; }
@@ -74,14 +83,17 @@ MODELS="$WORK/models${TINY:+-tiny}"
 if [[ ! -f "$MODELS/.complete" ]]; then
   echo "gpu-check: writing the models to $MODELS"
   rm -rf "$MODELS"
+  started=$SECONDS
   "$PY" "$ROOT/gpu-runner/scripts/make_full_size_wan.py" "$MODELS" ${TINY:+--tiny}
   touch "$MODELS/.complete"
+  echo "gpu-check: models written in $((SECONDS - started)) s ($(du -sh "$MODELS" | cut -f1))"
 fi
 
 ARGS=(--jobs "$JOBS" --sizes "$SIZES" --caps "$CAPS" --steps "$STEPS" ${TINY:+--tiny})
-((DIFFUSERS)) && ARGS+=(--diffusers "$PY")
+((DIFFUSERS)) && ARGS+=(--diffusers "$PY" --diffusers-script "$ROOT/gpu-runner/scripts/gpu_check_diffusers.py")
 status=0
-for conf in "expandable_segments:True" "expandable_segments:False"; do
+IFS=, read -r -a CONFS <<<"$ALLOCS"
+for conf in "${CONFS[@]}"; do
   echo
   PYTORCH_CUDA_ALLOC_CONF="$conf" "$BINARY" "$MODELS" "${ARGS[@]}" || status=1
 done

@@ -49,10 +49,11 @@ def shapes(make) -> dict:
 
 
 def random(shape, fp8: bool, generator: torch.Generator):
-    """N(0, 0.02) for matrices (1 + N(0, 0.1) for norms' scales), as fp8 or bfloat16."""
+    """N(0, 0.02) for matrices (1 + N(0, 0.1) for norms' scales), as fp8 or bfloat16, on DEVICE:
+    a 14B transformer is made and quantised on the GPU and only its fp8 file comes to the host."""
     t = torch.randn(shape, generator=generator, device=DEVICE, dtype=torch.float32)
     t = t * 0.02 if len(shape) >= 2 else 1.0 + 0.1 * t
-    return (t.to(torch.float8_e4m3fn) if fp8 else t.to(torch.bfloat16)).cpu()
+    return t.to(torch.float8_e4m3fn) if fp8 else t.to(torch.bfloat16)
 
 
 def transformer(in_channels: int, seed: int, config: dict) -> dict:
@@ -68,17 +69,17 @@ def transformer(in_channels: int, seed: int, config: dict) -> dict:
         key = TRANSFORMER_PREFIX + name
         if tensor.ndim == 2 and name.endswith(".weight"):
             scale = (tensor.float().abs().max() / 448.0).clamp(min=1e-8)
-            out[key] = (tensor.float() / scale).to(torch.float8_e4m3fn)
-            out[key[: -len("weight")] + "scale_weight"] = scale.reshape(())
+            out[key] = (tensor.float() / scale).to(torch.float8_e4m3fn).cpu()
+            out[key[: -len("weight")] + "scale_weight"] = scale.reshape(()).cpu()
         else:
-            out[key] = tensor
+            out[key] = tensor.cpu()
     return out
 
 
 def text_encoder(vocab: int, tiny: bool, layers: int) -> dict:
     config = UMT5Config(vocab_size=vocab, **TINY_UMT5) if tiny else UMT5Config(**{**UMT5_XXL, "num_layers": layers})
     generator = torch.Generator(DEVICE).manual_seed(10)
-    state = {name: random(shape, len(shape) >= 2, generator)
+    state = {name: random(shape, len(shape) >= 2, generator).cpu()
              for name, shape in shapes(lambda: UMT5EncoderModel(config)).items()}
     # transformers saves the tied embedding twice; ComfyUI files keep `shared.weight` only.
     return {TEXT_PREFIX + k: v for k, v in state.items() if k != "encoder.embed_tokens.weight"}

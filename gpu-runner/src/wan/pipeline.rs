@@ -462,26 +462,37 @@ impl<M> Part<M> {
         load_seconds: &mut f64,
         build: impl FnOnce(&HostWeights) -> Result<M, PipelineError>,
     ) -> Result<&M, PipelineError> {
-        if self.on_device.is_none() {
-            let started = Instant::now();
-            let host = self
-                .host
-                .as_ref()
-                .expect("a part not on the device has a host copy");
-            self.on_device = Some(build(host)?);
+        let started = Instant::now();
+        if self.copy_in(build)? {
             *load_seconds += started.elapsed().as_secs_f64();
         }
         Ok(self.on_device.as_ref().expect("brought above"))
     }
 
-    /// Brings a resident part back to the device after [`AnyPart::park`].
+    /// Copies the part to the device from its host copy unless it is there; whether it copied.
+    fn copy_in(
+        &mut self,
+        build: impl FnOnce(&HostWeights) -> Result<M, PipelineError>,
+    ) -> Result<bool, PipelineError> {
+        if self.on_device.is_some() {
+            return Ok(false);
+        }
+        let host = self
+            .host
+            .as_ref()
+            .expect("a part not on the device has a host copy");
+        self.on_device = Some(build(host)?);
+        Ok(true)
+    }
+
+    /// Brings a resident part back to the device after [`AnyPart::park`] (the model cache
+    /// times the whole switch).
     fn restore(
         &mut self,
-        load_seconds: &mut f64,
         build: impl FnOnce(&HostWeights) -> Result<M, PipelineError>,
     ) -> Result<(), PipelineError> {
         if self.resident {
-            self.bring(load_seconds, build)?;
+            self.copy_in(build)?;
         }
         Ok(())
     }
@@ -730,25 +741,20 @@ impl WanPipeline {
     /// Copies the parts the placement keeps on the device back from their host copies, as
     /// they were before [`WanPipeline::park`].
     pub fn unpark(&mut self) -> Result<(), PipelineError> {
-        let mut seconds = 0.0;
         let (kind, device) = (self.precision.model, self.device);
         let files = &self.text_encoder_files;
-        self.text_encoder.restore(
-            &mut seconds,
-            |host| Ok(files.from_host(host, kind, device)?),
-        )?;
+        self.text_encoder
+            .restore(|host| Ok(files.from_host(host, kind, device)?))?;
         let expert = |config| {
             move |host: &HostWeights| Ok(WanTransformer::from_host(config, host, kind, device)?)
         };
-        self.transformer
-            .restore(&mut seconds, expert(&self.transformer_config))?;
+        self.transformer.restore(expert(&self.transformer_config))?;
         if let (Some(low), Some(config)) = (&mut self.transformer_2, &self.transformer_2_config) {
-            low.restore(&mut seconds, expert(config))?;
+            low.restore(expert(config))?;
         }
         let (files, vae_kind) = (&self.vae_files, self.precision.vae);
-        self.vae.restore(&mut seconds, |host| {
-            Ok(files.from_host(host, vae_kind, device)?)
-        })
+        self.vae
+            .restore(|host| Ok(files.from_host(host, vae_kind, device)?))
     }
 
     /// Whether a VAE pass since the last [`WanPipeline::take_stages`] was tiled.

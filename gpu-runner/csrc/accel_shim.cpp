@@ -301,8 +301,10 @@ int fl_set_tf32(int allow, char* err, size_t err_len) {
 // A copy of `src` in host memory that the device's allocator statistics do not count: pinned
 // (page-locked) memory when an accelerator is present, so copies back to it are fast and can
 // overlap with compute; on a CPU-only runner plain malloc'd memory outside the counting
-// allocator, so the CPU standing in for a GPU shows modules leaving "the device". `*out` is a
-// new tensor the caller owns (tch frees it).
+// allocator, so the CPU standing in for a GPU shows modules leaving "the device". Where CUDA
+// refuses to page-lock it, the copy stays pageable (slower copies, the same bytes): never
+// libtorch's pinned allocator, whose rounding up would overrun the host budget the runner
+// planned with. `*out` is a new tensor the caller owns (tch frees it).
 int fl_host_copy(const at::Tensor* src, at::Tensor** out, char* err, size_t err_len) {
   return guarded(err, err_len, [&] {
     at::Tensor cpu = src->to(at::kCPU).contiguous();
@@ -314,35 +316,31 @@ int fl_host_copy(const at::Tensor* src, at::Tensor** out, char* err, size_t err_
       throw std::runtime_error("cannot allocate " + std::to_string(bytes) + " bytes of host memory");
     }
     std::memcpy(data, cpu.data_ptr(), bytes);
-    if (!has_accelerator()) {
-      *out = new at::Tensor(
-          at::from_blob(data, cpu.sizes(), [](void* p) { std::free(p); }, cpu.options()));
-      return;
-    }
     // Page-locked in place rather than through libtorch's pinned allocator, which rounds each
     // allocation up to a power of two (a 141.6 MB Wan feed-forward matrix would pin 256 MiB)
     // and keeps freed blocks for reuse instead of returning them.
-    const HostRegister* reg = host_register();
-    int rc = reg == nullptr ? -1 : reg->enroll(data, size, kCudaHostRegisterPortable);
-    if (rc != 0) {
-      std::free(data);
-      static std::once_flag warned;
-      std::call_once(warned, [rc] {
-        std::fprintf(stderr,
-                     "framelane: cudaHostRegister %s (%d); host copies use libtorch's pinned "
-                     "allocator, which rounds each one up to a power of two\n",
-                     rc < 0 ? "not found" : "failed", rc);
-      });
-      *out = new at::Tensor(cpu.pin_memory());
-      return;
+    bool pinned = false;
+    if (has_accelerator()) {
+      const HostRegister* reg = host_register();
+      int rc = reg == nullptr ? -1 : reg->enroll(data, size, kCudaHostRegisterPortable);
+      pinned = rc == 0;
+      if (!pinned) {
+        static std::once_flag warned;
+        std::call_once(warned, [rc] {
+          std::fprintf(stderr,
+                       "framelane: cudaHostRegister %s (%d); host copies stay pageable (slower "
+                       "copies to the device)\n",
+                       rc < 0 ? "not found" : "failed", rc);
+        });
+      }
     }
-    *out = new at::Tensor(at::from_blob(
-        data, cpu.sizes(),
-        [](void* p) {
-          host_register()->unenroll(p);
-          std::free(p);
-        },
-        cpu.options()));
+    auto plain = [](void* p) { std::free(p); };
+    auto registered = [](void* p) {
+      host_register()->unenroll(p);
+      std::free(p);
+    };
+    *out = new at::Tensor(pinned ? at::from_blob(data, cpu.sizes(), registered, cpu.options())
+                                 : at::from_blob(data, cpu.sizes(), plain, cpu.options()));
   });
 }
 

@@ -3,12 +3,15 @@
 //! a 14B AllInOne text-to-video file with umT5-XXL and the Wan VAE.
 //!
 //!     gpu_check MODELS_DIR [--jobs N] [--sizes 832x480x81,1280x720x81] [--caps 80G,48G,24G]
-//!               [--steps N] [--diffusers PYTHON --diffusers-script PATH] [--tiny]
+//!               [--steps N] [--diffusers PYTHON --diffusers-script PATH] [--show-refusal]
+//!               [--tiny]
 //!
 //! For each memory cap (the GPU limited to that many bytes by a ballast allocation, standing for
 //! a smaller card) and each size: N jobs alternating the two models on one Shared model cache,
 //! in the memory mode `auto` picks for the cap. A cap where no mode fits a model's largest part
-//! is reported as refused and not run. Prints one line per job and one table row per model and
+//! is reported as refused and not run; with `--show-refusal` (on a GPU) one job of that model
+//! is forced through it anyway, in model-offload (the mode that needs least), and must fail for
+//! memory. Prints one line per job and one table row per model and
 //! stage: peak allocated and reserved (max, and the spread of reserved across jobs), seconds,
 //! part-load seconds, retries and OOMs; per model the switch time (from the files, and from
 //! host memory when the runner's host budget holds both models) and seconds per denoising step,
@@ -48,6 +51,7 @@ struct Args {
     /// The Python and the path of scripts/gpu_check_diffusers.py (passed in: a binary built
     /// elsewhere and carried to the GPU machine finds no source tree at its build path).
     diffusers: Option<(String, PathBuf)>,
+    show_refusal: bool,
     tiny: bool,
 }
 
@@ -56,7 +60,7 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut parsed = Args {
         root: PathBuf::from(args.next().context(
             "usage: gpu_check MODELS_DIR [--jobs N] [--sizes WxHxF,..] [--caps 80G,..] \
-             [--steps N] [--diffusers PYTHON --diffusers-script PATH] [--tiny]",
+             [--steps N] [--diffusers PYTHON --diffusers-script PATH] [--show-refusal] [--tiny]",
         )?),
         jobs: 20,
         sizes: vec![(832, 480, 81), (1280, 720, 81)],
@@ -66,6 +70,7 @@ fn parse_args() -> anyhow::Result<Args> {
             .collect::<anyhow::Result<_>>()?,
         steps: 4,
         diffusers: None,
+        show_refusal: false,
         tiny: false,
     };
     let (mut python, mut script) = (None, None);
@@ -92,6 +97,7 @@ fn parse_args() -> anyhow::Result<Args> {
             }
             "--diffusers" => python = Some(value()?),
             "--diffusers-script" => script = Some(PathBuf::from(value()?)),
+            "--show-refusal" => parsed.show_refusal = true,
             "--tiny" => parsed.tiny = true,
             other => bail!("unknown argument {other}"),
         }
@@ -178,6 +184,12 @@ fn main() -> anyhow::Result<()> {
                 bytes[i].largest() as f64 / 1e9,
                 budget as f64 / 1e9
             );
+            if args.show_refusal {
+                let size = args.sizes[0];
+                if let Err(e) = show_refusal(&args, &device, &models[i].0, &image, cap, size) {
+                    failed.push(format!("cap {:.3} GB, {size:?}: {e}", cap as f64 / 1e9));
+                }
+            }
             continue;
         }
         // The lane's mode: what a Shared runner of both models resolves `auto` to under the cap.
@@ -228,20 +240,7 @@ fn run_config(
     (width, height, frames): (u32, u32, u32),
     conf: &str,
 ) -> anyhow::Result<BTreeMap<String, Row>> {
-    // The ballast leaves `cap` bytes of the GPU free, as a card of that size would have.
-    let ballast = match device.free_bytes()? {
-        Some(free) => {
-            ensure!(
-                free > cap,
-                "the GPU has {free} bytes free, less than the cap {cap}"
-            );
-            Some(Tensor::empty(
-                [(free - cap) as i64],
-                (Kind::Uint8, device.device),
-            ))
-        }
-        None => None,
-    };
+    let ballast = ballast(device, cap)?;
     let baseline = device.stats()?.reserved_current;
     println!(
         "\ndevice {}, PYTORCH_CUDA_ALLOC_CONF={conf}, cap {:.3} GB, mode {mode:?}, {width}x{height}x{frames}, {} steps, {} jobs",
@@ -278,21 +277,7 @@ fn run_config(
         let (switch, from) = (cache.last_load_seconds(), cache.last_load_from());
         let host_bytes = cache.host_bytes();
         let pipeline = cache.get(&r.model)?;
-        let request = JobRequest {
-            namespace: "gpu-check".into(),
-            name: format!("job-{i}"),
-            mode: r.modes[0],
-            prompt: format!("a fox, take {i}"),
-            negative_prompt: None,
-            image: (r.modes[0] == Mode::ImageToVideo).then(|| image.to_vec()),
-            width,
-            height,
-            frames,
-            fps: 16,
-            steps: args.steps,
-            cfg: 1.0,
-            seed: i,
-        };
+        let request = job_request(r, i, image, (width, height, frames), args.steps);
         let started = Instant::now();
         let mut step_ends = Vec::new();
         let outcome = run_job(pipeline, device, &request, &out, |p| {
@@ -409,6 +394,111 @@ fn run_config(
         );
     }
     Ok(rows)
+}
+
+/// A ballast that leaves `cap` bytes of the GPU free, as a card of that size would have
+/// (`None` on the CPU).
+fn ballast(device: &RunnerDevice, cap: u64) -> anyhow::Result<Option<Tensor>> {
+    let Some(free) = device.free_bytes()? else {
+        return Ok(None);
+    };
+    ensure!(
+        free > cap,
+        "the GPU has {free} bytes free, less than the cap {cap}"
+    );
+    Ok(Some(Tensor::empty(
+        [(free - cap) as i64],
+        (Kind::Uint8, device.device),
+    )))
+}
+
+fn job_request(
+    r: &ModelRef,
+    i: u32,
+    image: &[u8],
+    (width, height, frames): (u32, u32, u32),
+    steps: u32,
+) -> JobRequest {
+    JobRequest {
+        namespace: "gpu-check".into(),
+        name: format!("job-{i}"),
+        mode: r.modes[0],
+        prompt: format!("a fox, take {i}"),
+        negative_prompt: None,
+        image: (r.modes[0] == Mode::ImageToVideo).then(|| image.to_vec()),
+        width,
+        height,
+        frames,
+        fps: 16,
+        steps,
+        cfg: 1.0,
+        seed: i,
+    }
+}
+
+/// A cap refused for `r` (no mode fits its largest part), forced: one job in model-offload
+/// under the ballast, which must fail for memory. Not shown on the CPU (no ballast).
+fn show_refusal(
+    args: &Args,
+    device: &RunnerDevice,
+    r: &ModelRef,
+    image: &[u8],
+    cap: u64,
+    size: (u32, u32, u32),
+) -> anyhow::Result<()> {
+    let Some(ballast) = ballast(device, cap)? else {
+        println!("  the refusal is not shown on the CPU (no ballast to stand for a smaller card)");
+        return Ok(());
+    };
+    let plan = MemoryPlan {
+        mode: MemoryMode::ModelOffload,
+        vae_tiling: VaeTiling::Auto,
+        ..MemoryPlan::default()
+    };
+    let mut cache = ModelCache::new(
+        LaneMode::Dedicated,
+        *device,
+        Precision::BFLOAT16,
+        plan,
+        vec![r.clone()],
+    )?;
+    let out = std::env::temp_dir().join(format!("gpu-check-refusal-{}", std::process::id()));
+    let outcome = cache.get(&r.model).map(|pipeline| {
+        run_job(
+            pipeline,
+            device,
+            &job_request(r, 0, image, size, args.steps),
+            &out,
+            |_| StepControl::Continue,
+        )
+    });
+    std::fs::remove_dir_all(&out).ok();
+    drop(cache);
+    drop(ballast);
+    let (failure, ooms) = match outcome {
+        Err(e) => (Some(e.to_string()), 0),
+        Ok(job) => (
+            job.result.err().map(|e| e.to_string()),
+            job.memory.map_or(0, |m| m.ooms),
+        ),
+    };
+    match failure {
+        Some(why) if ooms > 0 || why.contains("out of memory") => {
+            println!(
+                "  forced in model-offload, {} fails as refused ({ooms} OOMs): {why}",
+                r.model
+            );
+            Ok(())
+        }
+        Some(why) => bail!(
+            "{} forced under a refused cap failed, not for memory: {why}",
+            r.model
+        ),
+        None => bail!(
+            "{} ran in model-offload under a cap the check refuses",
+            r.model
+        ),
+    }
 }
 
 fn mean(values: &[f64]) -> f64 {

@@ -10,13 +10,15 @@
 #
 #   gpu-runner/scripts/gpu-check.sh [--jobs N] [--sizes WxHxF,..] [--caps 80G,48G,24G]
 #       [--steps N] [--allocs expandable_segments:True,..] [--bundle DIR | --binary PATH]
-#       [--work DIR] [--no-diffusers] [--tiny]
+#       [--work DIR] [--no-diffusers] [--show-refusal] [--tiny]
 #
 # --bundle: what gpu-check-bundle.sh made here for a GPU machine without network or Rust: the
 #   gpu_check binary, and wheels (diffusers) installed under WORK/site for this run only.
 # --binary: a gpu_check built elsewhere (else it is built here with cargo).
 # --allocs: the PYTORCH_CUDA_ALLOC_CONF settings to run, in order (default: expandable
 #   segments on, then off).
+# --show-refusal: under a cap the check refuses (no mode fits a model's largest part), force
+#   one job of that model in model-offload anyway; it must fail for memory (GPU only).
 # --tiny: the CPU dry run: tiny models, sizes and caps (590M,580M,572M pick each mode: a cap's
 #   usable bytes are the cap less 5 % and 512 MiB, as a runner counts them).
 # diffusers and transformers must import in the torch Python (FRAMELANE_TORCH_PYTHON, else
@@ -33,9 +35,10 @@ ALLOCS="expandable_segments:True,expandable_segments:False"
 WORK="${TMPDIR:-/tmp}/framelane-gpu-check"
 DIFFUSERS=1
 TINY=""
+SHOW_REFUSAL=""
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 
-usage() { sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --jobs) JOBS="$2"; shift 2 ;;
@@ -47,6 +50,7 @@ while [[ $# -gt 0 ]]; do
     --allocs) ALLOCS="$2"; shift 2 ;;
     --work) WORK="$2"; shift 2 ;;
     --no-diffusers) DIFFUSERS=0; shift ;;
+    --show-refusal) SHOW_REFUSAL=1; shift ;;
     --tiny) TINY=1; SIZES="64x48x9,96x64x17"; CAPS="590M,580M,572M"; shift ;;
     -h|--help) usage 0 ;;
     *) echo "gpu-check: unknown argument $1" >&2; usage 2 ;;
@@ -89,7 +93,8 @@ if [[ ! -f "$MODELS/.complete" ]]; then
   echo "gpu-check: models written in $((SECONDS - started)) s ($(du -sh "$MODELS" | cut -f1))"
 fi
 
-ARGS=(--jobs "$JOBS" --sizes "$SIZES" --caps "$CAPS" --steps "$STEPS" ${TINY:+--tiny})
+ARGS=(--jobs "$JOBS" --sizes "$SIZES" --caps "$CAPS" --steps "$STEPS" ${TINY:+--tiny}
+  ${SHOW_REFUSAL:+--show-refusal})
 ((DIFFUSERS)) && ARGS+=(--diffusers "$PY" --diffusers-script "$ROOT/gpu-runner/scripts/gpu_check_diffusers.py")
 status=0
 IFS=, read -r -a CONFS <<<"$ALLOCS"

@@ -2,8 +2,10 @@
 //! shapes: gpu-check.sh writes the tiny models into its default work directory, and the
 //! gpu_check example runs four alternating jobs under each tiny cap (one per memory mode:
 //! resident, expert-swap, model-offload), switching back to each model from host memory, and
-//! times diffusers in the same mode. The models must still be there afterwards: a later
-//! configuration, or a second device call on a warm machine, reads them again.
+//! times diffusers in the same mode. A fourth cap, 500 MB, leaves no usable bytes: refused
+//! without running (a forced job shows the refusal on a GPU only). The models must still be
+//! there afterwards: a later configuration, or a second device call on a warm machine, reads
+//! them again.
 
 mod common;
 
@@ -40,7 +42,15 @@ fn the_gpu_check_dry_run_passes_in_every_mode_and_keeps_its_models() {
     let tmp = tempfile::tempdir().unwrap();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/gpu-check.sh");
     let out = Command::new(&script)
-        .args(["--tiny", "--jobs", "4", "--sizes", "64x48x9"])
+        .args([
+            "--tiny",
+            "--jobs",
+            "4",
+            "--sizes",
+            "64x48x9",
+            "--show-refusal",
+        ])
+        .args(["--caps", "590M,580M,572M,500M"])
         .args(["--allocs", "expandable_segments:True", "--binary"])
         .arg(&binary)
         .env("FRAMELANE_TORCH_PYTHON", common::python())
@@ -59,6 +69,14 @@ fn the_gpu_check_dry_run_passes_in_every_mode_and_keeps_its_models() {
             "no configuration in {mode}:\n{text}"
         );
     }
+    assert!(
+        text.contains("cap 0.500 GB: refused, no mode fits: a14b's largest part is"),
+        "{text}"
+    );
+    assert!(
+        text.contains("the refusal is not shown on the CPU"),
+        "{text}"
+    );
     let lines = |needle: &str| text.lines().filter(|l| l.contains(needle)).count();
     // Per cap: each model's first job loads its files, its second comes back from host memory.
     assert_eq!(lines("s from files,"), 6, "{text}");

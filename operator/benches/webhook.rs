@@ -2,7 +2,10 @@
 //!
 //! 1. The webhook alone, over HTTPS with keep-alive (wrk, from Debian's packages): an
 //!    admitted create (the leader takes a queue slot) at concurrency 1, 4, 16 and 64, and one
-//!    refused with 422 at 64: decisions per second and p50/p99 latency at the client.
+//!    refused with 422 at 64: decisions per second and p50/p99 latency at the client. Then
+//!    with the fit check on (a runner of the lane reports an 80 GiB GPU serving Wan 2.2 A14B
+//!    resident, so each review also estimates the job's peak memory): the admitted create
+//!    and one refused because it does not fit, at 64.
 //! 2. VideoJob creates through the API server four ways, in alternating blocks of one run:
 //!    (a) no admission, (b) the same fixed-parameter rules as a ValidatingAdmissionPolicy
 //!    (CEL inside the API server, with the bench's VideoModels as its parameters), (c) our
@@ -28,11 +31,12 @@ mod support;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use framelane_api::VideoJob;
+use framelane_api::{VideoJob, modellane::MemoryMode, wellknown::LABEL_LANE};
 use futures::{StreamExt, stream};
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::{
     Api,
-    api::{ApiResource, DynamicObject, GroupVersionKind, PostParams},
+    api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams},
 };
 use serde_json::json;
 use support::{Fixture, QueuedAt, cpu_seconds_each, eventually};
@@ -85,17 +89,9 @@ async fn main() -> Result<()> {
         .map(|&(t, c)| ("admitted create", admitted.clone(), t, c))
         .chain([("refused create (422)", refused, 2, 64)]);
     for (what, body, threads, connections) in runs {
-        let before = buckets(&op.metrics().await?);
-        let (rps, p50, p99) = wrk(port, &body, threads, connections)?;
-        let after = buckets(&op.metrics().await?);
-        println!(
-            "webhook over HTTPS, keep-alive, concurrency {connections}, {what}: {rps:.0} decisions/s, p50 {p50:.3} ms, p99 {p99:.3} ms (at the client: queueing included)"
-        );
-        println!(
-            "  its own time (framelane_webhook_duration_seconds): p99 at most {} ms",
-            own_quantile(&before, &after, 0.99) * 1000.0
-        );
+        webhook_alone(&op, port, what, &body, threads, connections).await?;
     }
+    fit_check_on(&fx, &op, port, &model, &admitted).await?;
 
     policy(&fx).await?;
     let api: Api<VideoJob> = fx.jobs_without_retries().await?;
@@ -281,6 +277,88 @@ async fn policy(fx: &Fixture) -> Result<()> {
 /// Waits until the watch has seen all `stored` jobs Queued, and a little for their Events:
 /// each block starts on a quiet API server, not in the wake of the block before (which would
 /// be the other side's).
+/// One wrk run against the webhook alone, printed: at the client and its own time.
+async fn webhook_alone(
+    op: &support::OperatorProcess,
+    port: u16,
+    what: &str,
+    body: &str,
+    threads: u32,
+    connections: u32,
+) -> Result<()> {
+    let before = buckets(&op.metrics().await?);
+    let (rps, p50, p99) = wrk(port, body, threads, connections)?;
+    let after = buckets(&op.metrics().await?);
+    println!(
+        "webhook over HTTPS, keep-alive, concurrency {connections}, {what}: {rps:.0} decisions/s, p50 {p50:.3} ms, p99 {p99:.3} ms (at the client: queueing included)"
+    );
+    println!(
+        "  its own time (framelane_webhook_duration_seconds): p99 at most {} ms",
+        own_quantile(&before, &after, 0.99) * 1000.0
+    );
+    Ok(())
+}
+
+/// The webhook alone with the fit check on: a runner of the lane reports an 80 GiB GPU
+/// serving the model (Wan 2.2 A14B's shapes) resident, so every review also estimates the
+/// job's peak. The default 832x480x81 fits; 1280x720x81 does not (422, with the largest size
+/// that fits). The runner's Lease is removed afterwards, and the creates through the API
+/// server that follow run as before, without a memory report.
+async fn fit_check_on(
+    fx: &Fixture,
+    op: &support::OperatorProcess,
+    port: u16,
+    model: &str,
+    admitted: &str,
+) -> Result<()> {
+    let lane = fx.scoped("anisora");
+    let runner = fx.memory_runner("bench-runner-0", &lane, model, MemoryMode::Resident);
+    fx.until_ready_runners(&lane, 1).await?;
+    let too_large =
+        json!({"model": model, "prompt": "a cat", "width": 1280, "height": 720, "frames": 81});
+    let refuses = |refused: bool| {
+        let job: VideoJob = serde_json::from_value(json!({
+            "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob",
+            "metadata": {"name": "fit-probe", "labels": {SIDE_LABEL: "with"}}, "spec": too_large.clone()
+        }))
+        .expect("a VideoJob");
+        let api = fx.jobs.clone();
+        async move {
+            let dry_run = PostParams {
+                dry_run: true,
+                ..Default::default()
+            };
+            Ok(match api.create(&dry_run, &job).await {
+                Err(kube::Error::Api(s))
+                    if s.code == 422 && s.message.contains("the largest that fit") =>
+                {
+                    refused.then_some(())
+                }
+                Ok(_) => (!refused).then_some(()),
+                _ => None,
+            })
+        }
+    };
+    eventually(30, "the fit check to refuse 1280x720x81", || refuses(true)).await?;
+    for (what, body) in [
+        ("admitted create, fit check on", admitted.to_owned()),
+        (
+            "refused create, does not fit (422)",
+            review(&fx.ns.name, too_large.clone()),
+        ),
+    ] {
+        webhook_alone(op, port, what, &body, 2, 64).await?;
+    }
+    drop(runner);
+    Api::<Lease>::namespaced(fx.client.clone(), &fx.ns.name)
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels(&format!("{LABEL_LANE}={lane}")),
+        )
+        .await?;
+    eventually(30, "the fit check to be off again", || refuses(false)).await
+}
+
 async fn settle(queued: &QueuedAt, stored: usize) -> Result<()> {
     eventually(120, "the operator to admit the block", || async {
         Ok((queued.lock().unwrap().len() >= stored).then_some(()))

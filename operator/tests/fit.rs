@@ -12,8 +12,6 @@ use framelane_api::{
     videojob::JobPhase,
     wellknown::{ANNOTATION_MEMORY, LABEL_LANE, LABEL_RUNNER},
 };
-use framelane_contract::{Runner, heartbeat::HeartbeatHandle};
-use framelane_core::memory::{ANNOTATION_VERSION, ModelProfile, RunnerMemory, usable_bytes};
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
     apimachinery::pkg::apis::meta::v1::MicroTime,
@@ -24,37 +22,6 @@ use kube::{
 };
 use serde_json::json;
 use support::{Fixture, eventually, job, phase};
-use tokio::sync::watch;
-
-const GIB: u64 = 1 << 30;
-
-/// What a runner of an 80 GiB GPU serving `model` in `mode` reports.
-fn report(model: &str, mode: MemoryMode) -> RunnerMemory {
-    RunnerMemory {
-        v: ANNOTATION_VERSION,
-        device_bytes: 80 * GIB,
-        budget_bytes: usable_bytes(80 * GIB),
-        mode,
-        vae_tiling: false,
-        models: [(model.to_owned(), ModelProfile::wan22_a14b_i2v())].into(),
-    }
-}
-
-/// A runner that only heartbeats (it claims nothing, so admitted jobs stay Queued), reporting
-/// `memory` through the runner contract.
-fn heartbeat(fx: &Fixture, name: &str, lane: &str, memory: &RunnerMemory) -> HeartbeatHandle {
-    let runner = Runner::start(fx.client.clone(), &fx.ns.name, name, lane, fx.jobs.clone())
-        .reporting_memory(memory);
-    let (_, model) = watch::channel(None);
-    runner.keep_alive(model)
-}
-
-async fn until_ready_runners(fx: &Fixture, lane: &str) -> Result<()> {
-    eventually(30, "the lane's runner to be seen", || async {
-        Ok((fx.lane_status(lane).await?.ready_runners == 1).then_some(()))
-    })
-    .await
-}
 
 fn sized(name: &str, model: &str, width: i32, height: i32, frames: i32) -> VideoJob {
     job(
@@ -94,13 +61,8 @@ async fn a_job_too_large_for_the_lanes_gpu_is_refused_with_the_limit_and_what_fi
         .await?;
     until_queued(&fx, "early").await?;
 
-    let _runner = heartbeat(
-        &fx,
-        "runner-0",
-        &lane,
-        &report(&model, MemoryMode::Resident),
-    );
-    until_ready_runners(&fx, &lane).await?;
+    let _runner = fx.memory_runner("runner-0", &lane, &model, MemoryMode::Resident);
+    fx.until_ready_runners(&lane, 1).await?;
     let refused = match fx
         .jobs
         .create(
@@ -180,20 +142,20 @@ async fn model_offload_admits_what_the_same_gpu_refuses_resident() -> Result<()>
     let (_operator, port) = fx.webhook_operator("a", 0, &[])?;
     fx.register_webhook(port).await?;
     fx.webhook_effective(&resident_model).await?;
-    let _resident = heartbeat(
-        &fx,
+    let _resident = fx.memory_runner(
         "resident-0",
         &resident,
-        &report(&resident_model, MemoryMode::Resident),
+        &resident_model,
+        MemoryMode::Resident,
     );
-    let _offload = heartbeat(
-        &fx,
+    let _offload = fx.memory_runner(
         "offload-0",
         &offload,
-        &report(&offload_model, MemoryMode::ModelOffload),
+        &offload_model,
+        MemoryMode::ModelOffload,
     );
-    until_ready_runners(&fx, &resident).await?;
-    until_ready_runners(&fx, &offload).await?;
+    fx.until_ready_runners(&resident, 1).await?;
+    fx.until_ready_runners(&offload, 1).await?;
 
     let status = fx
         .jobs
@@ -254,7 +216,7 @@ async fn a_malformed_memory_annotation_does_not_break_admission() -> Result<()> 
     Api::<Lease>::namespaced(fx.client.clone(), &fx.ns.name)
         .create(&PostParams::default(), &lease)
         .await?;
-    until_ready_runners(&fx, &lane).await?;
+    fx.until_ready_runners(&lane, 1).await?;
     let created = fx
         .jobs
         .create(

@@ -16,13 +16,17 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
+use framelane_api::modellane::MemoryMode;
 use framelane_api::{
     ModelLane, VideoJob, VideoModel,
     reasons::JobReason,
     videojob::{JobPhase, Output},
 };
-use framelane_contract::{ContractError, Runner, readable::WatchErrorLabels};
+use framelane_contract::{
+    ContractError, Runner, heartbeat::HeartbeatHandle, readable::WatchErrorLabels,
+};
 use framelane_core::defaults;
+use framelane_core::memory::{ANNOTATION_VERSION, ModelProfile, RunnerMemory, usable_bytes};
 pub use framelane_testenv::eventually;
 use framelane_testenv::{TEST_LABEL, TestEnv, TestNamespace};
 use k8s_openapi::{ByteString, api::core::v1::Namespace};
@@ -380,6 +384,46 @@ impl Fixture {
             .await?
             .status
             .unwrap_or_default())
+    }
+
+    /// A runner of `lane` called `name` that only heartbeats, reporting an 80 GiB GPU serving
+    /// `model` (Wan 2.2 A14B's profile) in `mode` through the runner contract
+    /// (`framelane.dev/memory`): the webhook's fit check then weighs that lane's jobs. It claims
+    /// nothing, so admitted jobs stay Queued; it heartbeats until the handle is dropped.
+    pub fn memory_runner(
+        &self,
+        name: &str,
+        lane: &str,
+        model: &str,
+        mode: MemoryMode,
+    ) -> HeartbeatHandle {
+        const GIB: u64 = 1 << 30;
+        let memory = RunnerMemory {
+            v: ANNOTATION_VERSION,
+            device_bytes: 80 * GIB,
+            budget_bytes: usable_bytes(80 * GIB),
+            mode,
+            vae_tiling: false,
+            models: [(model.to_owned(), ModelProfile::wan22_a14b_i2v())].into(),
+        };
+        let runner = Runner::start(
+            self.client.clone(),
+            &self.ns.name,
+            name,
+            lane,
+            self.jobs.clone(),
+        )
+        .reporting_memory(&memory);
+        let (_, serving) = watch::channel(None);
+        runner.keep_alive(serving)
+    }
+
+    /// Waits until `lane`'s status counts `n` ready runners.
+    pub async fn until_ready_runners(&self, lane: &str, n: i32) -> Result<()> {
+        eventually(30, "the lane's runners to be seen", || async {
+            Ok((self.lane_status(lane).await?.ready_runners == n).then_some(()))
+        })
+        .await
     }
 
     /// Starts a simulated runner of `lane`, called `name`.

@@ -716,10 +716,7 @@ async fn a_runner_heartbeat_is_owned_by_its_pod_and_goes_with_the_lane() -> Resu
         leases.get(&pod.name_any()).await?.owner_references(),
         owners
     );
-    eventually(30, "the lane to count the runner", || async {
-        Ok((fx.lane_status(&lane).await?.ready_runners == 1).then_some(()))
-    })
-    .await?;
+    fx.until_ready_runners(&lane, 1).await?;
 
     // Deleting the lane takes its pod, and the garbage collector the pod's heartbeat.
     Api::<ModelLane>::all(fx.client.clone())
@@ -848,10 +845,7 @@ async fn a_lane_that_loses_its_runner_gives_queued_jobs_max_wait_from_then() -> 
         ..Default::default()
     };
     let runner = fx.runner("runner-old", &lane, holds);
-    eventually(30, "the lane to count the runner", || async {
-        Ok((fx.lane_status(&lane).await?.ready_runners == 1).then_some(()))
-    })
-    .await?;
+    fx.until_ready_runners(&lane, 1).await?;
     fx.create_job("patient", &model).await?;
     eventually(30, "the job queued", || async {
         let job = fx.jobs.get("patient").await?;

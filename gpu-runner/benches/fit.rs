@@ -4,10 +4,11 @@
 //! two blocks per transformer and text encoder, run in float32 with everything resident; each
 //! stage's measured peak (the counting allocator) against `framelane_core::memory`'s estimate,
 //! which must lie in `[measured, measured + 20 %]` as in tests/fit_estimate.rs; without the
-//! weights (which dominate), the estimate must not lie under the measured activations either. The tiny models of that test have a feed-forward a quarter of the
-//! hidden size wide, where Wan 14B's is 2.7 times (13,824 against 5,120), 2 attention heads
-//! where it has 40, and a VAE 8 channels wide where Wan's is 96: here the estimate meets the
-//! shapes it is for, the transformer at up to 7,800 tokens.
+//! weights (which dominate), the estimate must not lie under the measured activations either.
+//! The tiny models of that test have a feed-forward a quarter of the hidden size wide, where
+//! Wan 14B's is 2.7 times (13,824 against 5,120), 2 attention heads where it has 40, and a VAE
+//! 8 channels wide where Wan's is 96: here the estimate meets the shapes it is for, the
+//! transformer at up to 7,800 tokens.
 //!
 //!     eval "$(gpu-runner/scripts/setup-torch.sh)"; cargo bench -p framelane-runner --bench fit
 
@@ -17,7 +18,7 @@ mod common;
 use std::process::Command;
 use std::time::Instant;
 
-use common::fit::{BAND, MIB, compare, stage_peaks};
+use common::fit::{BAND, MIB, compare, error_percent, stage_peaks};
 use framelane_api::{GenerationMode, modellane::MemoryMode};
 use framelane_core::memory::JobSize;
 use framelane_runner::check::check_models;
@@ -110,15 +111,14 @@ fn main() {
             let what = format!("{name} {width}x{height}x{frames} {tiling} {stage:?}");
             // The weights (9.8 GB for A14B in float32) would hide the activations' error.
             let (active, active_estimate) = (measured - weights, estimated - resident);
-            let error = |m: i64, e: i64| (e as f64 / m as f64 - 1.0) * 100.0;
             println!(
                 "| {name} | {width}x{height}x{frames} | {tiling} | {stage:?} | {:.1} | {:.1} | {:+.1} % | {:.1} | {:.1} | {:+.1} % | {seconds:.0} |",
                 measured as f64 / MIB,
                 estimated as f64 / MIB,
-                error(measured, estimated),
+                error_percent(measured, estimated),
                 active as f64 / MIB,
                 active_estimate as f64 / MIB,
-                error(active, active_estimate),
+                error_percent(active, active_estimate),
             );
             failures.extend(compare(&what, measured, estimated));
             if active_estimate < active {

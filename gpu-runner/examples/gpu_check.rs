@@ -11,14 +11,15 @@
 //! in the memory mode `auto` picks for the cap. A cap where no mode fits a model's largest part
 //! is reported as refused and not run; with `--show-refusal` (on a GPU) one job of that model
 //! is forced through it anyway, in model-offload (the mode that needs least), and must fail for
-//! memory. Prints one line per job and one table row per model and
-//! stage: peak allocated and reserved (max, and the spread of reserved across jobs), seconds,
-//! part-load seconds, retries and OOMs; per model the switch time (from the files, and from
-//! host memory when the runner's host budget holds both models) and seconds per denoising step,
-//! and with `--diffusers` diffusers' seconds per step in the same mode (`--diffusers-script`:
-//! scripts/gpu_check_diffusers.py, run with that Python) and the ratio. `--tiny` passes the tiny shapes to that script (the
-//! CPU dry run). Exit 1 on any OOM or retry, a stage's peak reserved varying by more than
-//! 2 % across a model's jobs, or a switch from host memory over 30 s. Run it once per PYTORCH_CUDA_ALLOC_CONF setting.
+//! memory. Prints one line per job and one table row per model and stage: peak allocated and
+//! reserved (max, and the spread of reserved across jobs), seconds, part-load seconds, retries
+//! and OOMs; per model the switch time (from the files, and from host memory when the runner's
+//! host budget holds both models) and seconds per denoising step, and with `--diffusers`
+//! diffusers' seconds per step in the same mode (`--diffusers-script`:
+//! scripts/gpu_check_diffusers.py, run with that Python) and the ratio. `--tiny` passes the
+//! tiny shapes to that script (the CPU dry run). Exit 1 on any OOM or retry, a stage's peak
+//! reserved varying by more than 2 % across a model's jobs, or a switch from host memory over
+//! 30 s. Run it once per PYTORCH_CUDA_ALLOC_CONF setting.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

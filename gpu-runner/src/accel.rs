@@ -205,7 +205,8 @@ pub fn cpu_live() -> Result<(i64, i64), AccelError> {
 /// A copy of `tensor` in host memory the device's allocator statistics do not count:
 /// page-locked where there is an accelerator (registered with CUDA in place, so it takes the
 /// tensor's bytes, not libtorch's pinned allocator's next power of two; pageable where CUDA
-/// refuses), memory outside the counting allocator on a CPU-only runner. Where offloaded weights wait between stages.
+/// refuses), memory outside the counting allocator on a CPU-only runner. Where offloaded
+/// weights wait between stages.
 pub fn host_copy(tensor: &Tensor) -> Result<Tensor, AccelError> {
     let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
     let mut err = [0 as c_char; MSG_LEN];

@@ -77,10 +77,15 @@ pub fn stage_peaks(
         .collect()
 }
 
+/// How far `estimated` lies above `measured`, in percent (negative: under it).
+pub fn error_percent(measured: i64, estimated: i64) -> f64 {
+    (estimated as f64 / measured as f64 - 1.0) * 100.0
+}
+
 /// Prints `what`'s measured and estimated bytes; a failure when the estimate lies outside
 /// `[measured, measured + BAND]`.
 pub fn compare(what: &str, measured: i64, estimated: i64) -> Option<String> {
-    let error = (estimated as f64 / measured as f64 - 1.0) * 100.0;
+    let error = error_percent(measured, estimated);
     println!(
         "{what}: measured {:.2} MiB, estimated {:.2} MiB ({error:+.1} %)",
         measured as f64 / MIB,

@@ -28,7 +28,7 @@ use framelane_contract::{
 use framelane_core::defaults;
 use framelane_core::memory::{ANNOTATION_VERSION, ModelProfile, RunnerMemory, usable_bytes};
 pub use framelane_testenv::eventually;
-use framelane_testenv::{TEST_LABEL, TestEnv, TestNamespace};
+use framelane_testenv::{TEST_LABEL, TestEnv, TestNamespace, free_port};
 use k8s_openapi::{ByteString, api::core::v1::Namespace};
 use kube::{
     Api, Client, ResourceExt,
@@ -614,12 +614,6 @@ impl Drop for OperatorProcess {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// How long a replica's readiness takes to reach the round robin, as an EndpointSlice

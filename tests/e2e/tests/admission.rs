@@ -91,9 +91,7 @@ async fn images_and_modes_a_model_cannot_run_are_refused_with_422() -> Result<()
     }
     let (anisora, phr00t) = (names[0].clone(), names[1].clone());
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = framelane_testenv::free_port()?;
     let configuration = format!("framelane-{}", ns.name);
     let kubeconfig = env.kubeconfig.to_string_lossy().into_owned();
     let selector = format!("{INSTANCE_LABEL}={}", ns.name);

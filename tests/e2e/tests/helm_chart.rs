@@ -607,9 +607,7 @@ struct Release {
 impl Release {
     /// The release `ns` will be (named like it), with the PersistentVolumes its claims bind to.
     async fn new(ns: TestNamespace, watched: Option<TestNamespace>) -> Result<Release> {
-        let webhook_port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let webhook_port = framelane_testenv::free_port()?;
         let release = Release {
             env: ns.env,
             name: ns.name.clone(),

@@ -85,9 +85,7 @@ impl RunnerLane {
         kubeconfig: &std::path::Path,
         extra: &[&str],
     ) -> Result<(tokio::process::Child, String, PathBuf)> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = framelane_testenv::free_port()?;
         let health = format!("127.0.0.1:{port}");
         let log = out.join(format!("{name}.log"));
         let runner = tokio::process::Command::new(workspace_binary("framelane-runner"))

@@ -74,6 +74,30 @@ where
     }
 }
 
+/// A TCP port free on 127.0.0.1 now, for a process started later that must be told its address
+/// first (a webhook URL in a chart's values, a flag). Chosen below the kernel's ephemeral range
+/// (`ip_local_port_range`): a port from binding port 0 lies inside it, and until the process
+/// binds it any outgoing connection of this machine may take it as its local port (a webhook
+/// then could not listen: "Address already in use"). Each call starts somewhere else in the
+/// range, by process and call, so parallel tests rarely try the same port.
+pub fn free_port() -> anyhow::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral.saturating_sub(LOW).max(1);
+    let start = std::process::id()
+        .wrapping_mul(7_919)
+        .wrapping_add(CALLS.fetch_add(1, Ordering::Relaxed).wrapping_mul(104_729));
+    (0..span)
+        .map(|i| (LOW + start.wrapping_add(i) % span) as u16)
+        .find(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .ok_or_else(|| anyhow::anyhow!("no free port on 127.0.0.1 from {LOW} to {ephemeral}"))
+}
+
 /// Runs a tool and returns its stdout; a failure carries its output.
 pub fn run_tool(cmd: &mut Command) -> anyhow::Result<String> {
     use anyhow::Context;

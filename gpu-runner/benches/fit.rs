@@ -18,7 +18,7 @@ mod common;
 use std::process::Command;
 use std::time::Instant;
 
-use common::fit::{BAND, MIB, compare, error_percent, stage_peaks};
+use common::fit::{BAND, MIB, error_percent, outside_band, stage_peaks};
 use framelane_api::{GenerationMode, modellane::MemoryMode};
 use framelane_core::memory::JobSize;
 use framelane_runner::check::check_models;
@@ -120,7 +120,7 @@ fn main() {
                 active_estimate as f64 / MIB,
                 error_percent(active, active_estimate),
             );
-            failures.extend(compare(&what, measured, estimated));
+            failures.extend(outside_band(&what, measured, estimated));
             if active_estimate < active {
                 failures.push(format!("{what}: activations under their measured peak"));
             }

@@ -8,6 +8,7 @@
 use crate::accel::AccelError;
 use crate::memory::{RunnerDevice, is_out_of_memory};
 use crate::placement;
+use crate::profile::{self, ProfileError};
 use crate::wan::pipeline::{MemoryPlan, Mode, ModelSpec, PipelineError, Precision, WanPipeline};
 
 /// Free memory a load needs beyond the weights: the allocator's rounding and the first
@@ -81,6 +82,8 @@ pub enum CacheError {
     },
     #[error(transparent)]
     Accel(#[from] AccelError),
+    #[error("reading the models' shapes to resolve memory mode auto: {0}")]
+    Profile(#[from] Box<ProfileError>),
 }
 
 /// Whether `declared` weight bytes may be loaded into `free` bytes.
@@ -126,6 +129,8 @@ impl LoadedFrom {
 }
 
 impl ModelCache {
+    /// A cache of `models` on `device`; `auto` in `plan` is resolved here for all of them, as
+    /// a runner resolves it at start ([`profile::resolve_auto`]).
     pub fn new(
         mode: LaneMode,
         device: RunnerDevice,
@@ -136,6 +141,12 @@ impl ModelCache {
         if mode == LaneMode::Dedicated && models.len() != 1 {
             return Err(CacheError::DedicatedNeedsOneModel(models.len()));
         }
+        let files = models.iter().map(|m| &m.spec.files);
+        let plan = MemoryPlan {
+            mode: profile::resolve_auto(plan.mode, files, precision, device.device)
+                .map_err(Box::new)?,
+            ..plan
+        };
         Ok(ModelCache {
             mode,
             device,
@@ -157,12 +168,11 @@ impl ModelCache {
     /// switches when their weights (every part, in the cache's precision, from the file
     /// headers) fit; otherwise, and in Dedicated mode, a switch reads the files again.
     pub fn with_host_budget(mut self, budget: u64) -> Result<ModelCache, CacheError> {
-        let total = self.device.total_bytes()?;
         let mut needed = 0;
         for m in &self.models {
             let bytes = WanPipeline::part_bytes(&m.spec, self.precision)
                 .map_err(|source| self.load_error(&m.model, source))?;
-            let placement = placement::place(self.plan.mode, &bytes, total);
+            let placement = placement::place(self.plan.mode, &bytes);
             if bytes.host(placement) > budget {
                 return Err(CacheError::HostMemory {
                     model: m.model.clone(),
@@ -278,9 +288,8 @@ impl ModelCache {
 
     /// Device bytes the model's placement keeps on the device between jobs: what does not
     /// wait in host memory.
-    fn on_device_bytes(&self, bytes: &placement::PartBytes) -> Result<u64, CacheError> {
-        let total = self.device.total_bytes()?;
-        Ok(bytes.all() - bytes.host(placement::place(self.plan.mode, bytes, total)))
+    fn on_device_bytes(&self, bytes: &placement::PartBytes) -> u64 {
+        bytes.all() - bytes.host(placement::place(self.plan.mode, bytes))
     }
 
     /// Errs when `needed` bytes do not fit the device's free memory (with headroom).
@@ -298,7 +307,7 @@ impl ModelCache {
     /// Brings the parked model `i` back to the device from host memory.
     fn restore(&mut self, i: usize) -> Result<(), CacheError> {
         let (model, mut pipeline) = self.parked.remove(i);
-        let needed = self.on_device_bytes(&pipeline.bytes())?;
+        let needed = self.on_device_bytes(&pipeline.bytes());
         let restored = self.check_free(&model, needed).and_then(|()| {
             pipeline
                 .unpark()
@@ -360,7 +369,7 @@ impl ModelCache {
         let model = wanted.model.clone();
         let bytes = WanPipeline::part_bytes(&wanted.spec, self.precision)
             .map_err(|source| self.load_error(&model, source))?;
-        let needed = self.on_device_bytes(&bytes)?;
+        let needed = self.on_device_bytes(&bytes);
         self.check_free(&model, needed)?;
         let plan = MemoryPlan {
             host_copies: self.keep_in_host,

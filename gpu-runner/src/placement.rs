@@ -6,8 +6,6 @@ use std::collections::HashMap;
 
 use tch::{Device, TchError, Tensor};
 
-use framelane_core::memory::{ModeWeights, auto_mode, usable_bytes};
-
 use crate::accel::{self, AccelError};
 
 /// `--memory-mode` and `--vae-tiling` take the ModelLane's `spec.runner.memory` values
@@ -48,22 +46,6 @@ impl PartBytes {
         self.text_encoder + self.transformer + self.transformer_2.unwrap_or(0) + self.vae
     }
 
-    /// What expert-swap keeps on the device at most: everything but the smaller expert.
-    pub fn one_expert(&self) -> u64 {
-        self.all()
-            - self
-                .transformer_2
-                .map_or(0, |low| low.min(self.transformer))
-    }
-
-    /// What `auto` weighs ([`auto_mode`]).
-    pub fn mode_weights(&self) -> ModeWeights {
-        ModeWeights {
-            resident: self.all(),
-            expert_swap: self.transformer_2.map(|_| self.one_expert()),
-        }
-    }
-
     /// What waits in host memory under `placement`: nothing when resident, both experts
     /// under expert-swap, every part under model-offload.
     pub fn host(&self, placement: Placement) -> u64 {
@@ -88,18 +70,12 @@ impl PartBytes {
     }
 }
 
-/// The placement of a model of `bytes` on a device of `total` bytes (`None`: the CPU) in
-/// `mode`. `auto` (a runner resolves it at start; a pipeline loaded with it resolves it here)
-/// is [`auto_mode`] of this model on the device's usable bytes, and resident on the CPU.
+/// The placement of a model of `bytes` in `mode`, with `auto` resolved first
+/// ([`crate::profile::resolve_auto`]; an unresolved `auto` is resident, as on the CPU).
 /// Expert-swap of a one-transformer model is resident (nothing to swap). Model-offload: the
 /// text encoder, the transformer(s) and the VAE each come to the device for their stage only,
 /// as diffusers' `enable_model_cpu_offload`.
-pub fn place(mode: MemoryMode, bytes: &PartBytes, total: Option<u64>) -> Placement {
-    let mode = match (mode, total) {
-        (MemoryMode::Auto, None) => MemoryMode::Resident,
-        (MemoryMode::Auto, Some(total)) => auto_mode(&[bytes.mode_weights()], usable_bytes(total)),
-        (mode, _) => mode,
-    };
+pub fn place(mode: MemoryMode, bytes: &PartBytes) -> Placement {
     match mode {
         MemoryMode::Auto | MemoryMode::Resident => Placement::Resident,
         MemoryMode::ExpertSwap if bytes.transformer_2.is_some() => Placement::ExpertSwap,
@@ -156,8 +132,6 @@ impl HostWeights {
 mod tests {
     use super::*;
 
-    const GB: u64 = 1_000_000_000;
-
     /// Wan 2.2 A14B in bfloat16: two 28.6 GB experts, umT5-XXL 11.4 GB, the VAE 0.25 GB.
     const A14B: PartBytes = PartBytes {
         text_encoder: 11_400_000_000,
@@ -174,24 +148,25 @@ mod tests {
     }
 
     #[test]
-    fn auto_picks_by_the_devices_memory() {
-        let auto = |total: u64| place(MemoryMode::Auto, &A14B, Some(total));
-        assert_eq!(auto(141 * GB), Placement::Resident);
-        assert_eq!(auto(80 * GB), Placement::ExpertSwap);
-        assert_eq!(auto(48 * GB), Placement::ModelOffload);
-        assert_eq!(place(MemoryMode::Auto, &A14B, None), Placement::Resident);
+    fn each_mode_places_the_model() {
+        assert_eq!(place(MemoryMode::Resident, &A14B), Placement::Resident);
+        assert_eq!(place(MemoryMode::ExpertSwap, &A14B), Placement::ExpertSwap);
+        assert_eq!(
+            place(MemoryMode::ModelOffload, &A14B),
+            Placement::ModelOffload
+        );
         let one = PartBytes {
             transformer_2: None,
             ..A14B
         };
         assert_eq!(
-            place(MemoryMode::Auto, &one, Some(48 * GB)),
-            Placement::ModelOffload
-        );
-        assert_eq!(
-            place(MemoryMode::ExpertSwap, &one, Some(48 * GB)),
+            place(MemoryMode::ExpertSwap, &one),
             Placement::Resident,
             "nothing to swap"
+        );
+        assert_eq!(
+            place(MemoryMode::ModelOffload, &one),
+            Placement::ModelOffload
         );
     }
 

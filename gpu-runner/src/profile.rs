@@ -162,6 +162,31 @@ pub fn model_profile(
     })
 }
 
+/// `mode`, with `auto` resolved as a runner resolves it at start: [`resolve_mode`] of the
+/// models in `files` on the usable bytes of `device` (a CUDA device's memory), resident on
+/// the CPU. A cache, and a pipeline loaded with `auto`, decide with this.
+pub fn resolve_auto<'a>(
+    mode: MemoryMode,
+    files: impl IntoIterator<Item = &'a ModelFiles>,
+    precision: Precision,
+    device: tch::Device,
+) -> Result<MemoryMode, ProfileError> {
+    let total = match (mode, device) {
+        (MemoryMode::Auto, tch::Device::Cuda(i)) => accel::memory_info(i)?.1,
+        (MemoryMode::Auto, _) => return Ok(MemoryMode::Resident),
+        _ => return Ok(mode),
+    };
+    if total == 0 {
+        return Ok(MemoryMode::Resident);
+    }
+    let profiles = files
+        .into_iter()
+        .map(|files| model_profile(files, precision, device))
+        .collect::<Result<Vec<_>, _>>()?;
+    let all: Vec<&ModelProfile> = profiles.iter().collect();
+    Ok(resolve_mode(mode, &all, usable_bytes(total)))
+}
+
 /// Whether a diffusers folder's `model_index.json` names a second transformer.
 fn has_second_transformer(dir: &Path) -> Result<bool, ProfileError> {
     let path = dir.join("model_index.json");

@@ -31,6 +31,7 @@ use super::weights::{TransformerCheckpoint, WeightsError};
 use crate::accel::{self, AccelError};
 use crate::memory::{MeasuredStage, StageMeter};
 use crate::placement::{self, HostWeights, MemoryMode, PartBytes, Placement, VaeTiling};
+use crate::profile::{self, ProfileError};
 use crate::sampler::{StepControl, guide, uses_uncond};
 use crate::tokenizer::{PromptTokenizer, TokenizerError};
 use crate::video::Frames;
@@ -148,6 +149,8 @@ pub enum PipelineError {
     Vae(#[from] VaeError),
     #[error(transparent)]
     Accel(#[from] AccelError),
+    #[error(transparent)]
+    Profile(#[from] Box<ProfileError>),
     #[error("{0}")]
     Torch(#[from] TchError),
 }
@@ -590,11 +593,9 @@ impl WanPipeline {
         let parts = Parts::find(spec)?;
         let mode = parts.check()?;
         let bytes = parts.bytes(precision);
-        let total = match device {
-            Device::Cuda(index) => Some(accel::memory_info(index)?.1).filter(|&t| t > 0),
-            _ => None,
-        };
-        let placement = placement::place(plan.mode, &bytes, total);
+        let memory_mode =
+            profile::resolve_auto(plan.mode, [&spec.files], precision, device).map_err(Box::new)?;
+        let placement = placement::place(memory_mode, &bytes);
         let tokenizer = PromptTokenizer::load(&parts.tokenizer_dir, TEXT_LENGTH)?;
         let offload_experts = placement != Placement::Resident;
         let offload_rest = placement == Placement::ModelOffload;

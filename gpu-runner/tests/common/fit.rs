@@ -83,13 +83,19 @@ pub fn error_percent(measured: i64, estimated: i64) -> f64 {
 }
 
 /// Prints `what`'s measured and estimated bytes; a failure when the estimate lies outside
-/// `[measured, measured + BAND]`.
+/// `[measured, measured + BAND]` ([`outside_band`]).
 pub fn compare(what: &str, measured: i64, estimated: i64) -> Option<String> {
-    let error = error_percent(measured, estimated);
     println!(
-        "{what}: measured {:.2} MiB, estimated {:.2} MiB ({error:+.1} %)",
+        "{what}: measured {:.2} MiB, estimated {:.2} MiB ({:+.1} %)",
         measured as f64 / MIB,
         estimated as f64 / MIB,
+        error_percent(measured, estimated),
     );
+    outside_band(what, measured, estimated)
+}
+
+/// A failure when `what`'s estimate lies outside `[measured, measured + BAND]`.
+pub fn outside_band(what: &str, measured: i64, estimated: i64) -> Option<String> {
+    let error = error_percent(measured, estimated);
     (!(0.0..=BAND * 100.0).contains(&error)).then(|| format!("{what}: {error:+.1} %"))
 }

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use tch::{Device, Kind, TchError, Tensor};
 
 use super::safetensors::{SafetensorsError, TensorFiles};
-use super::tensors::WeightError;
+use super::tensors::{TensorSource, WeightError};
 use super::umt5::{Umt5Config, Umt5Encoder, Umt5Error};
 use super::vae::{AutoencoderKLWan, VaeConfig, VaeError};
 use super::weights::{DIFFUSERS_WEIGHTS, WeightsError, safetensors_in, unexpected_tensor};
@@ -153,9 +153,7 @@ impl TextEncoderFiles {
 
     /// The weights in host memory, for [`TextEncoderFiles::from_host`].
     pub fn read_host(&self, kind: Kind) -> Result<HostWeights, ComponentError> {
-        let mut host = HostWeights::default();
-        self.read(kind, Device::Cpu, Some(&mut host))?;
-        Ok(host)
+        read_host(|host| self.read(kind, Device::Cpu, Some(host)))
     }
 
     /// The encoder on `device` from weights [`TextEncoderFiles::read_host`] read.
@@ -165,14 +163,9 @@ impl TextEncoderFiles {
         kind: Kind,
         device: Device,
     ) -> Result<Umt5Encoder, ComponentError> {
-        let mut failed = None;
-        let built = Umt5Encoder::from_tensors(self.config.clone(), device, kind, &mut |name| {
-            from_host(host, name, device, &mut failed)
-        });
-        match failed {
-            Some(e) => Err(ComponentError::Copy(e)),
-            None => Ok(built?),
-        }
+        from_host(host, device, |source| {
+            Umt5Encoder::from_tensors(self.config.clone(), device, kind, source)
+        })
     }
 
     fn read(
@@ -198,19 +191,36 @@ impl TextEncoderFiles {
     }
 }
 
-/// `name` copied from `host` to `device`, remembering the first copy that failed.
-fn from_host(
+/// A component's weights, kept in host memory as `read` reads them.
+fn read_host<M>(
+    read: impl FnOnce(&mut HostWeights) -> Result<M, ComponentError>,
+) -> Result<HostWeights, ComponentError> {
+    let mut host = HostWeights::default();
+    read(&mut host)?;
+    Ok(host)
+}
+
+/// A component that `build` builds from `host`'s weights, each copied to `device`; the first
+/// copy that failed is the error.
+fn from_host<M, E>(
     host: &HostWeights,
-    name: &str,
     device: Device,
-    failed: &mut Option<TchError>,
-) -> Option<Tensor> {
-    match host.to_device(name, device)? {
+    build: impl FnOnce(&mut TensorSource<'_>) -> Result<M, E>,
+) -> Result<M, ComponentError>
+where
+    ComponentError: From<E>,
+{
+    let mut failed = None;
+    let built = build(&mut |name| match host.to_device(name, device)? {
         Ok(tensor) => Some(tensor),
         Err(e) => {
             failed.get_or_insert(e);
             None
         }
+    });
+    match failed {
+        Some(e) => Err(ComponentError::Copy(e)),
+        None => Ok(built?),
     }
 }
 
@@ -265,9 +275,7 @@ impl VaeFiles {
 
     /// The weights in host memory, for [`VaeFiles::from_host`].
     pub fn read_host(&self, kind: Kind) -> Result<HostWeights, ComponentError> {
-        let mut host = HostWeights::default();
-        self.read(kind, Device::Cpu, Some(&mut host))?;
-        Ok(host)
+        read_host(|host| self.read(kind, Device::Cpu, Some(host)))
     }
 
     /// The VAE on `device` from weights [`VaeFiles::read_host`] read.
@@ -277,15 +285,9 @@ impl VaeFiles {
         kind: Kind,
         device: Device,
     ) -> Result<AutoencoderKLWan, ComponentError> {
-        let mut failed = None;
-        let built =
-            AutoencoderKLWan::from_tensors(self.config.clone(), device, kind, &mut |name| {
-                from_host(host, name, device, &mut failed)
-            });
-        match failed {
-            Some(e) => Err(ComponentError::Copy(e)),
-            None => Ok(built?),
-        }
+        from_host(host, device, |source| {
+            AutoencoderKLWan::from_tensors(self.config.clone(), device, kind, source)
+        })
     }
 
     fn read(

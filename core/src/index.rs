@@ -240,8 +240,10 @@ impl Index {
         }
         let share = limits.max_per_namespace.map(|_| key.namespace.as_str());
         let mut held = self.occupancy(lane, share, route, now);
-        if self.holds.contains_key(&key) {
-            held.depth -= 1;
+        // A create reviewed again (a client's retry) does not count its own hold, when that
+        // hold is on this lane: the model's route may have changed lanes since.
+        if self.holds.get(&key).is_some_and(|(l, _, _)| l == lane) {
+            held.depth = held.depth.saturating_sub(1);
             held.namespace = held.namespace.saturating_sub(1);
         }
         room(lane, &key.namespace, held, limits)?;
@@ -555,6 +557,26 @@ mod tests {
         );
         index.forget(&job("a", 6));
         assert_eq!(index.occupancy("lane-a", None, lane_of, later).depth, 0);
+    }
+
+    #[test]
+    fn a_create_reviewed_again_after_its_model_moved_lanes_holds_the_new_lane() {
+        let mut index = Index::default();
+        let now = Instant::now();
+        let until = (now, now + Duration::from_secs(15));
+        let to = |lane: &'static str| move |_: &str| Some(lane.to_string());
+        assert_eq!(
+            index.hold(key("a"), None, "lane-a", LIMITS, to("lane-a"), until, false),
+            Ok(())
+        );
+        // The model's route moved to lane-b (a fallback episode began) and the client
+        // retried the create: lane-b is empty, so its own hold on lane-a is not taken off.
+        assert_eq!(
+            index.hold(key("a"), None, "lane-b", LIMITS, to("lane-b"), until, false),
+            Ok(())
+        );
+        assert_eq!(index.occupancy("lane-b", None, to("lane-b"), now).depth, 1);
+        assert_eq!(index.occupancy("lane-a", None, to("lane-b"), now).depth, 0);
     }
 
     #[test]

@@ -597,8 +597,10 @@ async fn an_empty_secret_made_by_the_chart_is_filled_and_serves_the_webhook() ->
         "type": "Opaque"}))?;
     let created = secrets.create(&PostParams::default(), &empty).await?;
     // Two replicas start at once: one fills the Secret, the other reads what it wrote.
-    let (_a, port) = s.fx.webhook_operator("a", 0, &[])?;
-    let (_b, _) = s.fx.webhook_operator("b", 0, &[])?;
+    // (100-second certificates: the leader checks the Secret every 10 s.)
+    let short = ["--webhook-cert-seconds", "100"];
+    let (_a, port) = s.fx.webhook_operator("a", 0, &short)?;
+    let (_b, _) = s.fx.webhook_operator("b", 0, &short)?;
     s.fx.register_webhook(port).await?;
     s.fx.webhook_effective(&s.anisora).await?;
 
@@ -639,6 +641,48 @@ async fn an_empty_secret_made_by_the_chart_is_filled_and_serves_the_webhook() ->
     )
     .await?;
     assert_eq!(refused.code, 422);
+
+    // An admin deletes the Secret to force new certificates: the leader makes it again under
+    // a new CA, publishes that CA, and both replicas serve the new certificate.
+    secrets
+        .delete("framelane-webhook-tls", &DeleteParams::default())
+        .await?;
+    let remade = eventually(60, "the webhook Secret to be made again", || async {
+        let Some(secret) = secrets.get_opt("framelane-webhook-tls").await? else {
+            return Ok(None);
+        };
+        let data = secret.data.unwrap_or_default();
+        Ok(data.contains_key("tls.key").then_some(data))
+    })
+    .await?;
+    assert_ne!(remade["ca.crt"], data["ca.crt"], "a new CA");
+    let configurations = Api::<ValidatingWebhookConfiguration>::all(s.fx.client.clone());
+    eventually(30, "the new CA in caBundle", || async {
+        let configuration = configurations.get(&s.fx.webhook_configuration()).await?;
+        let bundle = configuration.webhooks.unwrap_or_default()[0]
+            .client_config
+            .ca_bundle
+            .clone();
+        Ok((bundle.as_ref() == Some(&remade["ca.crt"])).then_some(()))
+    })
+    .await?;
+    eventually(
+        30,
+        "a wrong job refused over the new certificate",
+        || async {
+            let wrong = job(
+                "steps-again",
+                json!({"model": s.anisora, "prompt": "a cat", "steps": 20}),
+            );
+            Ok(
+                match s.fx.jobs.create(&PostParams::default(), &wrong).await {
+                    Err(kube::Error::Api(status)) if status.code == 422 => Some(()),
+                    _ => None,
+                },
+            )
+        },
+    )
+    .await?;
     Ok(())
 }
 

@@ -226,11 +226,21 @@ async fn maintain_once(
     configuration: &str,
     policy: &Policy,
 ) -> anyhow::Result<()> {
-    let mut secret = secrets.get(name).await?;
-    let material = secret
-        .data
-        .as_ref()
-        .and_then(Material::from_data)
+    let material_of = |s: &Secret| s.data.as_ref().and_then(Material::from_data);
+    let mut secret = match secrets.get_opt(name).await? {
+        Some(secret) if material_of(&secret).is_some() => secret,
+        // Deleted or emptied (an admin forcing new certificates): made again, under a new CA
+        // that the bundle below publishes at once.
+        _ => {
+            tracing::warn!(
+                secret = name,
+                "the webhook Secret is missing or unusable; making it again"
+            );
+            ensure_secret(secrets, name, policy).await?;
+            secrets.get(name).await?
+        }
+    };
+    let material = material_of(&secret)
         .ok_or_else(|| anyhow::anyhow!("Secret {name} lacks ca.crt, ca.key, tls.crt or tls.key"))?;
     let published = publish_ca_bundles(client, configuration, &material.ca_bundle).await?;
     let Some((next, what)) =

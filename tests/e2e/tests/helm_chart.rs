@@ -1061,6 +1061,8 @@ async fn install_run_upgrade_uninstall(release: &Release) -> Result<()> {
         (true, format!("create pods -n {n}")),
         (true, format!("delete pods -n {n}")),
         (true, format!("update secrets/{full}-webhook-tls -n {n}")),
+        (true, format!("create secrets -n {n}")),
+        (false, "create secrets -n default".into()),
         (
             true,
             format!("update validatingwebhookconfigurations/{full}"),

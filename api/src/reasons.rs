@@ -35,7 +35,8 @@ vocabulary! {
         Cancelled,
         /// The lane's queue was full.
         QueueOverloaded,
-        /// The job names a model that does not exist or that no lane serves.
+        /// The job names a model that does not exist or that no lane serves, or its lane was
+        /// deleted while the job waited in it.
         LaneNotFound,
         /// The job's parameters do not fit its model (it was created while the admission
         /// webhook did not check it); the message names each field and its fix.

@@ -227,10 +227,17 @@ fn admit(namespace: &str, lane: &Result<LaneFacts, NoLane>) -> Decision {
 /// - every runner of its lane is busy: it moves when a runner of the fallback lane is free;
 ///   it stays while that lane is busy too, and fails when that lane has no runner or is full.
 ///
-/// A job already on a fallback lane never moves again.
+/// A job already on a fallback lane never moves again; a job whose lane was deleted fails
+/// with `LaneNotFound` (nothing would ever run it).
 fn queued(namespace: &str, queued_at: Option<Timestamp>, moved: bool, facts: &Facts) -> Decision {
-    let Ok(lane) = &facts.lane else {
-        return Decision::Wait(Duration::from_secs(5));
+    let lane = match &facts.lane {
+        Ok(lane) => lane,
+        Err(why) => {
+            return Decision::Fail {
+                reason: JobReason::LaneNotFound,
+                message: why.to_string(),
+            };
+        }
     };
     let max_wait = lane.limits.max_wait;
     let fallback = lane.fallback.as_ref().filter(|_| !moved);
@@ -438,6 +445,20 @@ mod tests {
             panic!()
         };
         assert_eq!(reason, JobReason::QueueWaitTimeout);
+    }
+
+    #[test]
+    fn a_queued_job_whose_lane_was_deleted_fails_with_lane_not_found() {
+        let queued = job(json!({"phase": "Queued", "lane": "anisora", "queuedAt": micro(0)}));
+        assert_eq!(
+            decide(&queued, &facts(1, gone(), None)),
+            Decision::Fail {
+                reason: JobReason::LaneNotFound,
+                message: "lane anisora was deleted; create the job again once a lane serves \
+                          its model"
+                    .into()
+            }
+        );
     }
 
     #[test]

@@ -643,9 +643,15 @@ pub fn fits(memory: &RunnerMemory, model: &str, job: &JobSize) -> Result<(), Doe
         budget,
         mode,
         frames: profile.most_frames(job, mode, tiling, budget),
-        area: profile.largest_area(job, mode, tiling, budget),
+        // A size the VideoJob schema refuses is no fix.
+        area: profile
+            .largest_area(job, mode, tiling, budget)
+            .filter(|&(w, h)| w.min(h) >= MIN_SIDE),
     })
 }
+
+/// The smallest width and height a VideoJob may ask for (its schema's minimum).
+pub const MIN_SIDE: u64 = 256;
 
 /// The mode a runner runs in when its lane says `auto`: [`auto_mode`] of its models.
 pub fn resolve_mode(requested: MemoryMode, profiles: &[&ModelProfile], budget: u64) -> MemoryMode {
@@ -882,6 +888,24 @@ mod tests {
             message.contains(&format!("1280x720x{frames} (spec.frames: {frames}) or ")),
             "{message}"
         );
+    }
+
+    #[test]
+    fn no_size_under_the_schemas_minimum_is_suggested() {
+        // The largest area that fits 832x480 resident at 81 frames shrinks with the budget:
+        // once it would be under 256 pixels a side, none is suggested.
+        let profile = ModelProfile::wan22_a14b_i2v();
+        let size = job(832, 480, 81);
+        let small = (60..80)
+            .map(|gb| gb * GB)
+            .find(|&budget| {
+                profile
+                    .largest_area(&size, MemoryMode::Resident, false, budget)
+                    .is_some_and(|(_, h)| h < MIN_SIDE)
+            })
+            .expect("a budget where only a smaller size than the schema allows fits");
+        let refused = fits(&runner(small, MemoryMode::Resident), "anisora", &size).unwrap_err();
+        assert_eq!(refused.area, None);
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! the old model waits in host memory (pinned next to a GPU) and a switch back copies it to
 //! the device without reading its files; otherwise it is dropped and loaded again.
 
+use framelane_api::reasons::JobReason;
+
 use crate::accel::AccelError;
 use crate::memory::{RunnerDevice, is_out_of_memory};
 use crate::placement;
@@ -84,6 +86,19 @@ pub enum CacheError {
     Accel(#[from] AccelError),
     #[error("reading the models' shapes to resolve memory mode auto: {0}")]
     Profile(#[from] Box<ProfileError>),
+}
+
+impl CacheError {
+    /// A job's `status.reason` when its model could not be loaded this way: the GPU ran out
+    /// of memory; the model cannot fit the memory left (refused before loading); or the
+    /// generation failed.
+    pub fn reason(&self) -> JobReason {
+        match self {
+            CacheError::LoadOutOfMemory { .. } => JobReason::GpuOutOfMemory,
+            CacheError::WontFit { .. } => JobReason::DoesNotFit,
+            _ => JobReason::GenerationFailed,
+        }
+    }
 }
 
 /// Whether `declared` weight bytes may be loaded into `free` bytes.
@@ -407,5 +422,26 @@ mod tests {
         assert!(fits(1000, 1100));
         assert!(!fits(1000, 1099));
         assert!(fits(0, 0));
+    }
+
+    #[test]
+    fn a_failed_load_fails_the_job_for_what_went_wrong() {
+        let model = || "anisora".to_owned();
+        let oom = CacheError::LoadOutOfMemory {
+            model: model(),
+            source: Box::new(PipelineError::Sampling("CUDA out of memory".into())),
+        };
+        assert_eq!(oom.reason(), JobReason::GpuOutOfMemory);
+        let too_big = CacheError::WontFit {
+            model: model(),
+            needed: 2,
+            free: 1,
+        };
+        assert_eq!(too_big.reason(), JobReason::DoesNotFit);
+        let unknown = CacheError::UnknownModel {
+            model: model(),
+            known: vec![],
+        };
+        assert_eq!(unknown.reason(), JobReason::GenerationFailed);
     }
 }

@@ -271,9 +271,9 @@ struct Worker {
     lane: String,
 }
 
-/// What a generation task gives back: the outcome and the model loaded after it, or why the
-/// model could not be loaded.
-type Generated = Result<(JobOutcome, Option<String>), String>;
+/// What a generation task gives back: the outcome, or why the model could not be loaded; and
+/// the model loaded after it either way (a failed Shared switch leaves none).
+type Generated = (Result<JobOutcome, CacheError>, Option<String>);
 
 impl Worker {
     /// Generates one claimed job and writes its final status. Never panics the runner: every
@@ -319,15 +319,22 @@ impl Worker {
         self.metrics
             .generation_seconds
             .observe(started.elapsed().as_secs_f64());
-        let (outcome, loaded) = match generated {
-            Ok(Ok(done)) => done,
-            Ok(Err(load_error)) => {
+        let outcome = match generated {
+            Ok((Ok(outcome), loaded)) => {
+                self.loaded.send_replace(loaded);
+                outcome
+            }
+            Ok((Err(load_error), loaded)) => {
+                self.loaded.send_replace(loaded);
+                let reason = load_error.reason();
+                if reason == JobReason::GpuOutOfMemory {
+                    self.metrics.ooms.inc();
+                }
                 let message = format!(
                     "model {} could not be loaded: {load_error}",
                     model.name_any()
                 );
-                self.fail(claimed, JobReason::GenerationFailed, &message, None, &name)
-                    .await;
+                self.fail(claimed, reason, &message, None, &name).await;
                 return;
             }
             Err(panic) => {
@@ -337,7 +344,6 @@ impl Worker {
                 return;
             }
         };
-        self.loaded.send_replace(loaded);
         self.report(claimed, outcome, &name).await;
     }
 
@@ -373,7 +379,10 @@ impl Worker {
             move || {
                 let mut cache = cache.lock().expect("cache lock");
                 let loads = cache.loads();
-                let pipeline = cache.get(&model_name).map_err(|e| e.to_string())?;
+                let pipeline = match cache.get(&model_name) {
+                    Ok(pipeline) => pipeline,
+                    Err(e) => return (Err(e), cache.loaded_model().map(str::to_owned)),
+                };
                 let mut outcome = run_job(pipeline, &device, &request, &out, |p| {
                     let _ = progress_tx.send(*p);
                     if cancel.load(Ordering::Relaxed) {
@@ -390,7 +399,7 @@ impl Worker {
                 } else {
                     metrics.warm_hits.inc();
                 }
-                Ok((outcome, cache.loaded_model().map(str::to_owned)))
+                (Ok(outcome), cache.loaded_model().map(str::to_owned))
             }
         });
         tokio::pin!(task);

@@ -48,7 +48,8 @@ pub struct MemoryArgs {
     /// Host memory a Shared runner may fill with its models' weights (pinned next to a GPU)
     /// so that a switch back to a model copies it from there instead of reading its files: it
     /// does so when all its models fit. Default: 80 % of the container's memory limit, or of
-    /// the machine's memory without one. 0: always read the files.
+    /// the machine's memory without one. 0: always read the files (expert-swap and
+    /// model-offload, which keep parts in host memory, then refuse to start).
     #[arg(long, env = "FRAMELANE_HOST_MEMORY_BYTES")]
     pub host_memory_bytes: Option<u64>,
 }

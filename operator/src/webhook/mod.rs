@@ -34,7 +34,7 @@ use std::{
 use bytes::Bytes;
 use framelane_api::{VideoJob, VideoModel};
 use framelane_core::{defaults::missing, parameters::violations};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{ResourceExt, runtime::reflector::Store};
 use serde_json::json;
 
 use self::{
@@ -241,31 +241,12 @@ impl Webhook {
         Some(self.decided(&request.uid, &lane, denial.as_ref()))
     }
 
-    /// Answers one AdmissionReview of the mutating webhook: a new job gets what it leaves out
-    /// from its model (`framelane_core::defaults`), so the stored spec is what runs. Anything
-    /// it cannot read is allowed unchanged: the validating webhook refuses it.
+    /// Answers one AdmissionReview of the mutating webhook ([`defaults`]).
     pub fn mutate(&self, body: &[u8]) -> Vec<u8> {
-        let request = match review::parse(body) {
-            Ok(request) => request,
-            Err((uid, _)) => return review::respond(&uid, None),
-        };
-        let job = serde_json::from_str::<VideoJob>(request.object.get())
-            .ok()
-            .filter(|_| request.operation == "CREATE");
-        let patch: Vec<serde_json::Value> = job
-            .and_then(|job| {
-                let model = self.models.get(&ObjectRef::new(&job.spec.model))?;
-                Some(
-                    missing(&job.spec, &model)
-                        .into_iter()
-                        .map(|(field, value)| {
-                            json!({"op": "add", "path": format!("/spec/{field}"), "value": value})
-                        })
-                        .collect(),
-                )
-            })
-            .unwrap_or_default();
-        review::respond_patch(&request.uid, &patch)
+        use futures::FutureExt;
+        let models = matches!(self.models.wait_until_ready().now_or_never(), Some(Ok(())))
+            .then(|| self.models.state());
+        defaults(body, models.as_deref())
     }
 
     fn decided(&self, uid: &str, lane: &str, denial: Option<&Denial>) -> Vec<u8> {
@@ -285,6 +266,40 @@ impl Webhook {
             .inc();
         review::respond(uid, denial)
     }
+}
+
+/// The mutating webhook's answer: a new job gets what it leaves out from its model in
+/// `models` (`framelane_core::defaults`), so the stored spec is what runs. Refused with 503
+/// while the model cache is still being read (`None`): allowed unchanged, the job would be
+/// stored without its defaults. Anything it cannot read is allowed unchanged: the validating
+/// webhook refuses it.
+pub fn defaults(body: &[u8], models: Option<&[Arc<VideoModel>]>) -> Vec<u8> {
+    let request = match review::parse(body) {
+        Ok(request) => request,
+        Err((uid, _)) => return review::respond(&uid, None),
+    };
+    let Ok(job) = serde_json::from_str::<VideoJob>(request.object.get()) else {
+        return review::respond(&request.uid, None);
+    };
+    if request.operation != "CREATE" {
+        return review::respond(&request.uid, None);
+    }
+    let Some(models) = models else {
+        return review::respond(&request.uid, Some(&Denial::unavailable(STARTING)));
+    };
+    let patch: Vec<serde_json::Value> = models
+        .iter()
+        .find(|m| m.name_any() == job.spec.model)
+        .map(|model| {
+            missing(&job.spec, model)
+                .into_iter()
+                .map(|(field, value)| {
+                    json!({"op": "add", "path": format!("/spec/{field}"), "value": value})
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    review::respond_patch(&request.uid, &patch)
 }
 
 /// Everything the webhook decides without the queue: reads the review and checks the job's
@@ -356,6 +371,36 @@ mod tests {
         serde_yaml::Deserializer::from_str(yaml)
             .map(|doc| Arc::new(VideoModel::deserialize(doc).expect("a VideoModel")))
             .collect()
+    }
+
+    #[test]
+    fn defaults_wait_for_the_model_cache() {
+        let body = serde_json::to_vec(&json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "u1", "operation": "CREATE", "name": "cat", "namespace": "ns",
+                "kind": {"group": "framelane.dev", "version": "v1alpha1", "kind": "VideoJob"},
+                "object": {"apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob",
+                    "metadata": {"name": "cat"},
+                    "spec": {"model": "anisora", "prompt": "a cat", "width": 832}}}
+        }))
+        .unwrap();
+        let starting: Value = serde_json::from_slice(&defaults(&body, None)).unwrap();
+        assert_eq!(starting["response"]["allowed"], false);
+        assert_eq!(starting["response"]["status"]["code"], 503);
+        let models = models();
+        let filled: Value = serde_json::from_slice(&defaults(&body, Some(&models))).unwrap();
+        assert_eq!(filled["response"]["allowed"], true);
+        let patch: k8s_openapi::ByteString =
+            serde_json::from_value(filled["response"]["patch"].clone()).unwrap();
+        let patch: Value = serde_json::from_slice(&patch.0).unwrap();
+        let paths: Vec<&str> = patch
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|op| op["path"].as_str().unwrap())
+            .collect();
+        assert!(paths.contains(&"/spec/steps"), "{paths:?}");
+        assert!(!paths.contains(&"/spec/width"), "{paths:?}");
     }
 
     /// What a replica answers before the queue step, for any body.

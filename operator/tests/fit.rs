@@ -12,6 +12,7 @@ use framelane_api::{
     videojob::JobPhase,
     wellknown::{ANNOTATION_MEMORY, LABEL_LANE, LABEL_RUNNER},
 };
+use framelane_core::memory::{ANNOTATION_VERSION, ModelProfile, RunnerMemory, usable_bytes};
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
     apimachinery::pkg::apis::meta::v1::MicroTime,
@@ -180,6 +181,71 @@ async fn model_offload_admits_what_the_same_gpu_refuses_resident() -> Result<()>
         fx.jobs.get("offload").await?.status.and_then(|s| s.lane),
         Some(offload)
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_stale_heartbeat_refuses_nothing() -> Result<()> {
+    let fx = Fixture::new("fit-stale").await?;
+    let model = fx.model("a14b", 4, None).await?;
+    let lane = fx
+        .lane(
+            "a14b",
+            &[&model],
+            json!({"runner": {"memory": {"mode": "resident"}}}),
+        )
+        .await?;
+    let (_operator, port) = fx.webhook_operator("a", 0, &[])?;
+    fx.register_webhook(port).await?;
+    fx.webhook_effective(&model).await?;
+    // A runner on a 24 GiB GPU that stopped an hour ago, started by hand: nothing deleted
+    // its Lease.
+    const GIB: u64 = 1 << 30;
+    let small = RunnerMemory {
+        v: ANNOTATION_VERSION,
+        device_bytes: 24 * GIB,
+        budget_bytes: usable_bytes(24 * GIB),
+        mode: MemoryMode::Resident,
+        vae_tiling: false,
+        models: [(model.clone(), ModelProfile::wan22_a14b_i2v())].into(),
+    };
+    let lease = Lease {
+        metadata: ObjectMeta {
+            name: Some("gone-0".into()),
+            labels: Some(
+                [
+                    (LABEL_LANE.to_owned(), lane.clone()),
+                    (LABEL_RUNNER.to_owned(), "true".to_owned()),
+                ]
+                .into(),
+            ),
+            annotations: Some([(ANNOTATION_MEMORY.to_owned(), small.to_annotation())].into()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some("gone-0".into()),
+            lease_duration_seconds: Some(15),
+            renew_time: Some(MicroTime(
+                jiff::Timestamp::now() - jiff::SignedDuration::from_hours(1),
+            )),
+            ..Default::default()
+        }),
+    };
+    Api::<Lease>::namespaced(fx.client.clone(), &fx.ns.name)
+        .create(&PostParams::default(), &lease)
+        .await?;
+    // A live runner on an 80 GiB GPU: once the lane counts it, the operator has read both
+    // Leases (one watch, in order).
+    let _runner = fx.memory_runner("runner-0", &lane, &model, MemoryMode::Resident);
+    fx.until_ready_runners(&lane, 1).await?;
+    // 832x480x81 fits 80 GiB resident, not 24 GiB: only the live runner counts.
+    fx.jobs
+        .create(
+            &PostParams::default(),
+            &sized("default", &model, 832, 480, 81),
+        )
+        .await?;
+    until_queued(&fx, "default").await?;
     Ok(())
 }
 

@@ -5,10 +5,12 @@ use std::time::{Duration, Instant};
 
 use framelane_api::{VideoJob, wellknown::ANNOTATION_MEMORY};
 use framelane_core::{
+    availability::fresh_until,
     memory::{JobSize, RunnerMemory, fits},
     queue::JobKey,
     routing::route,
 };
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::{ResourceExt, runtime::reflector::ObjectRef};
 
 use super::review::{Denial, Request};
@@ -76,27 +78,32 @@ pub fn hold_slot(
     Some((name, denial))
 }
 
-/// Refuses a job whose estimated GPU memory does not fit every runner of `lane` that
+/// Refuses a job whose estimated GPU memory does not fit every live runner of `lane` that
 /// reported its memory (`framelane.dev/memory` on its heartbeat Lease), whichever claims it.
-/// Runners that reported nothing, or something unreadable (logged), do not count: their
-/// jobs are admitted and the runner checks again before it touches the GPU.
+/// Runners whose heartbeat is not fresh (gone, or started by hand and stopped: nothing
+/// deletes their Lease), that reported nothing, or something unreadable (logged), do not
+/// count: their jobs are admitted and the runner checks again before it touches the GPU.
 fn fit(ctx: &Context, lane: &str, request: &Request, job: &VideoJob) -> Option<Denial> {
     let model = ctx.models.get(&ObjectRef::new(&job.spec.model))?;
     let size = JobSize::of(&job.spec, &model);
     let leases = ctx.leases.state();
-    Context::runner_leases(&leases, lane).find_map(|lease| {
-        let value = lease.annotations().get(ANNOTATION_MEMORY)?;
-        let memory = RunnerMemory::from_annotation(value)
-            .inspect_err(|e| {
-                tracing::warn!(lease = %lease.name_any(), lane, error = %e,
+    let now = jiff::Timestamp::now();
+    let live = |lease: &&Lease| fresh_until(lease).is_some_and(|until| until > now);
+    Context::runner_leases(&leases, lane)
+        .filter(live)
+        .find_map(|lease| {
+            let value = lease.annotations().get(ANNOTATION_MEMORY)?;
+            let memory = RunnerMemory::from_annotation(value)
+                .inspect_err(|e| {
+                    tracing::warn!(lease = %lease.name_any(), lane, error = %e,
                     "ignoring the runner's unreadable {ANNOTATION_MEMORY} annotation")
-            })
-            .ok()?;
-        let refused = fits(&memory, &job.spec.model, &size).err()?;
-        Some(Denial::does_not_fit(
-            &request.name,
-            lane,
-            refused.cause(&size, lane),
-        ))
-    })
+                })
+                .ok()?;
+            let refused = fits(&memory, &job.spec.model, &size).err()?;
+            Some(Denial::does_not_fit(
+                &request.name,
+                lane,
+                refused.cause(&size, lane),
+            ))
+        })
 }

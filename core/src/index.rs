@@ -350,7 +350,10 @@ impl Index {
         self.reservations.get(&key).cloned()
     }
 
-    /// The admission was written (`written`) or failed (`None`): the reservation ends.
+    /// The admission (or move) was written (`written`) or failed (`None`): the reservation
+    /// ends. A failed write leaves the job as it was before the reservation (awaiting
+    /// admission, or queued in its old lane), so that its next reconcile tries again, unless
+    /// the watch showed a newer copy meanwhile: that copy stands.
     pub fn settle(
         &mut self,
         job: &VideoJob,
@@ -368,11 +371,18 @@ impl Index {
         match written {
             Some(written) => self.observe(written, now),
             None => {
-                self.versions.remove(&key);
+                let reserved = version(job).unwrap_or(0) + 1;
+                if self.versions.get(&key).is_some_and(|&seen| seen > reserved) {
+                    return Vec::new();
+                }
+                match version(job) {
+                    Some(v) => self.versions.insert(key.clone(), v),
+                    None => self.versions.remove(&key),
+                };
                 if job.status.as_ref().and_then(|s| s.phase).is_none() {
                     self.set_awaiting(&key, Some((creation_key(job), job.spec.model.clone())));
                 }
-                self.queues.set(key, Slot::None)
+                self.queues.set(key, slot_of(job))
             }
         }
     }
@@ -498,6 +508,63 @@ mod tests {
             "same slot"
         );
         assert_eq!(index.queues.depth("lane-a"), 1);
+    }
+
+    #[test]
+    fn a_failed_admission_or_move_write_leaves_the_job_as_it_was() {
+        let now = Timestamp::UNIX_EPOCH;
+        let mut index = Index::default();
+        // A new job: reserved, its write fails (a 500): it awaits admission again, and its
+        // next reconcile can reserve it.
+        let new = job("a", 5);
+        index.observe(&new, now);
+        index.reserve(&new, "lane-a", None, now);
+        assert_eq!(index.queues.depth("lane-a"), 1);
+        index.settle(&new, None, now);
+        assert_eq!(index.queues.depth("lane-a"), 0);
+        assert!(index.knows(&new) && !index.is_stale(&new));
+        assert_eq!(index.awaiting_upto(creation_key(&new)), [key("a")]);
+
+        // A queued job moving to its fallback lane: it keeps its slot in its own lane.
+        let mut queued = job("b", 7);
+        queued.status = Some(
+            serde_json::from_value(json!({
+                "phase": "Queued", "lane": "lane-a", "queuedAt": "2026-11-27T10:00:00.000001Z"
+            }))
+            .unwrap(),
+        );
+        index.observe(&queued, now);
+        let at = queued.status.as_ref().unwrap().queued_at.clone().unwrap().0;
+        index.reserve_move(&queued, "lane-b", FallbackCause::Capacity, at);
+        assert_eq!(
+            (index.queues.depth("lane-a"), index.queues.depth("lane-b")),
+            (0, 1)
+        );
+        index.settle(&queued, None, now);
+        assert_eq!(
+            (index.queues.depth("lane-a"), index.queues.depth("lane-b")),
+            (1, 0)
+        );
+        assert!(index.knows(&queued));
+
+        // The watch showed a newer copy while the write was on its way (a 409): it stands.
+        let c = job("c", 9);
+        index.observe(&c, now);
+        index.reserve(&c, "lane-a", None, now);
+        index.observe(&queued_as(job("c", 12), "lane-a"), now);
+        index.settle(&c, None, now);
+        assert_eq!(index.queues.depth("lane-a"), 2, "b and c");
+        assert!(index.is_stale(&c));
+    }
+
+    fn queued_as(mut j: VideoJob, lane: &str) -> VideoJob {
+        j.status = Some(
+            serde_json::from_value(json!({
+                "phase": "Queued", "lane": lane, "queuedAt": "2026-11-27T10:00:01.000001Z"
+            }))
+            .unwrap(),
+        );
+        j
     }
 
     #[test]

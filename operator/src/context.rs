@@ -127,10 +127,13 @@ impl Context {
     }
 
     /// The facts `lifecycle::decide` needs about a lane and its fallback lane for a job of
-    /// `namespace`; `index` is the locked queue index (for depths and running jobs).
+    /// `model` in `namespace`; `index` is the locked queue index (for depths and running
+    /// jobs). A fallback lane that does not serve the model is none for this job: its runners
+    /// would fail it.
     pub fn lane_facts(
         &self,
         lane: &ModelLane,
+        model: &str,
         namespace: &str,
         now: Timestamp,
         index: &Index,
@@ -143,6 +146,7 @@ impl Context {
             .fallback
             .as_ref()
             .and_then(|f| self.cached_lane(&f.lane))
+            .filter(|f| f.spec.models.iter().any(|m| m == model))
             .map(|f| {
                 let name = f.name_any();
                 FallbackFacts {

@@ -527,6 +527,39 @@ async fn a_job_behind_busy_runners_stays_queued_while_the_shared_runner_is_busy_
 }
 
 #[tokio::test]
+async fn a_job_never_moves_to_a_fallback_lane_that_does_not_serve_its_model() -> Result<()> {
+    let s = setup("fb-not-served", json!({}), json!({})).await?;
+    let other = s.fx.model("phr00t", 4, Some(1.0)).await?;
+    s.lanes()
+        .patch(
+            &s.shared,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"models": [&other]}})),
+        )
+        .await?;
+    let _op = OperatorProcess::start(&s.fx.ns, "a", OPERATOR)?;
+    let _own = s.fx.runner("own-0", &s.lane, busy());
+    let _shared = s.fx.runner("shared-0", &s.shared, Behaviour::default());
+    s.fx.create_job("long", &s.model).await?;
+    s.until_phase("long", JobPhase::Running, 30).await?;
+    s.fx.create_job("next", &s.model).await?;
+    // Well past maxWaitSeconds (3 s), the Shared runner free: it would fail the job.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let next = s.fx.jobs.get("next").await?;
+    assert_eq!(phase(&next), Some(JobPhase::Queued));
+    assert_eq!(
+        placement(&next),
+        (
+            Some(s.lane.clone()),
+            Some(LaneAssignment::Dedicated),
+            None,
+            None
+        )
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_job_behind_busy_runners_fails_when_the_shared_lane_has_no_runner() -> Result<()> {
     let s = setup("fb-no-shared", json!({}), json!({})).await?;
     let _op = OperatorProcess::start(&s.fx.ns, "a", OPERATOR)?;

@@ -115,7 +115,7 @@ fn lane_of(
         None => lane_for(&job.spec.model, &ctx.models.state(), &lanes)?.lane,
     };
     let namespace = job.metadata.namespace.as_deref().unwrap_or_default();
-    Ok(ctx.lane_facts(lane, namespace, now, index))
+    Ok(ctx.lane_facts(lane, &job.spec.model, namespace, now, index))
 }
 
 pub fn error_policy(job: Arc<VideoJob>, error: &Error, ctx: Arc<Context>) -> Action {

@@ -271,6 +271,10 @@ struct Worker {
     lane: String,
 }
 
+/// How often a running job's cancellation (deletion, or another runner taking it) is looked
+/// up in the watch cache, besides at each step.
+const CANCEL_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// What a generation task gives back: the outcome, or why the model could not be loaded; and
 /// the model loaded after it either way (a failed Shared switch leaves none).
 type Generated = (Result<JobOutcome, CacheError>, Option<String>);
@@ -314,6 +318,13 @@ impl Worker {
                     return;
                 }
             }
+        }
+        // Deleted while its image was read: no model switch, no GPU work for it.
+        if claimed.is_cancelled() {
+            let message = "cancelled before its generation started";
+            self.fail(claimed, JobReason::Cancelled, message, None, &name)
+                .await;
+            return;
         }
         let generated = self.generate(&mut claimed, &job, &model, request).await;
         self.metrics
@@ -404,8 +415,15 @@ impl Worker {
         });
         tokio::pin!(task);
         let mut percent = 0;
+        // A deletion is noticed within this, so that the step running then is the last.
+        let mut check = tokio::time::interval(CANCEL_CHECK);
         loop {
             tokio::select! {
+                _ = check.tick() => {
+                    if claimed.is_cancelled() {
+                        cancel.store(true, Ordering::Relaxed);
+                    }
+                }
                 Some(p) = progress_rx.recv() => {
                     if claimed.is_cancelled() {
                         cancel.store(true, Ordering::Relaxed);

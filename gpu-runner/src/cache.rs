@@ -5,6 +5,8 @@
 //! the old model waits in host memory (pinned next to a GPU) and a switch back copies it to
 //! the device without reading its files; otherwise it is dropped and loaded again.
 
+use std::sync::{Mutex, MutexGuard};
+
 use framelane_api::reasons::JobReason;
 
 use crate::accel::AccelError;
@@ -209,6 +211,27 @@ impl ModelCache {
             "Shared lane: models between switches"
         );
         Ok(self)
+    }
+
+    /// Locks a runner's cache. A generation that panicked while it held the lock (a bug, which
+    /// failed that job) left it poisoned, and whatever model it was loading or running in an
+    /// unknown state: that model is dropped and the device's memory returned, so the next job
+    /// loads its model afresh rather than every later job failing on the poisoned lock.
+    pub fn lock(cache: &Mutex<ModelCache>) -> Result<MutexGuard<'_, ModelCache>, CacheError> {
+        let poisoned = match cache.lock() {
+            Ok(guard) => return Ok(guard),
+            Err(poisoned) => poisoned,
+        };
+        cache.clear_poison();
+        let mut guard = poisoned.into_inner();
+        let model = guard.loaded.take().map(|(model, _)| model);
+        let after = guard.device.clean_up()?;
+        tracing::error!(
+            model,
+            allocated_bytes = after.allocated_current,
+            "a generation panicked holding the model cache; its model was dropped"
+        );
+        Ok(guard)
     }
 
     /// Whether models wait in host memory between switches.

@@ -206,7 +206,7 @@ async fn main() -> anyhow::Result<()> {
         let loaded = tokio::task::spawn_blocking({
             let (cache, metrics) = (cache.clone(), metrics.clone());
             move || {
-                let mut cache = cache.lock().expect("cache lock");
+                let mut cache = ModelCache::lock(&cache)?;
                 cache.get(&model)?;
                 metrics.record_load(&cache);
                 Ok::<_, CacheError>(())
@@ -388,7 +388,10 @@ impl Worker {
             );
             let model_name = model.name_any();
             move || {
-                let mut cache = cache.lock().expect("cache lock");
+                let mut cache = match ModelCache::lock(&cache) {
+                    Ok(cache) => cache,
+                    Err(e) => return (Err(e), None),
+                };
                 let loads = cache.loads();
                 let pipeline = match cache.get(&model_name) {
                     Ok(pipeline) => pipeline,

@@ -200,4 +200,42 @@ fn shared_switching_frees_the_old_model_and_dedicated_loads_once() {
         "VideoModel \"anisora\" offers [\"t2v\", \"i2v\"] but its weights run i2v only: set its spec.modes to [i2v]"
     );
     assert_eq!(live(), before, "the refused model's weights stayed");
+
+    // A generation that panics holding the cache (a bug) poisons its lock: the next job
+    // still gets the cache, with the model dropped and loaded afresh.
+    let cache = Mutex::new(
+        ModelCache::new(
+            LaneMode::Dedicated,
+            device,
+            Precision::FLOAT32,
+            MemoryPlan::default(),
+            refs()[1..].to_vec(),
+        )
+        .unwrap(),
+    );
+    ModelCache::lock(&cache).unwrap().get("phr00t").unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let _held = cache.lock().unwrap();
+            panic!("a bug mid-generation");
+        })
+        .join()
+        .expect_err("the thread panicked");
+    });
+    assert!(cache.is_poisoned());
+    let mut recovered = ModelCache::lock(&cache).unwrap();
+    assert!(!cache.is_poisoned());
+    assert_eq!(recovered.loaded_model(), None);
+    assert_eq!(live(), before, "the dropped model's weights stayed");
+    let pipeline = recovered.get("phr00t").unwrap();
+    run_job(
+        pipeline,
+        &device,
+        &common::job("phr00t", "after-panic", 9),
+        out.path(),
+        |_| StepControl::Continue,
+    )
+    .result
+    .unwrap();
+    assert_eq!(recovered.loads(), 2);
 }

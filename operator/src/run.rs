@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use framelane_api::{ModelLane, VideoJob, VideoModel, wellknown::LABEL_LANE};
+use framelane_api::{ModelLane, VideoJob, VideoModel, videojob::JobPhase, wellknown::LABEL_LANE};
 use framelane_contract::{
     backoff::{WATCH_BACKOFF_MAX, watch_backoff},
     readable::{Unreadable, count_watch_error, watch_readable},
@@ -33,7 +33,7 @@ use tokio_stream_shim::UnboundedReceiverStream;
 
 use crate::{
     config::{CertificateSource, Config},
-    context::{Context, Counted, LeaseView},
+    context::{Context, Counted, LeaseView, Told},
     events::EventSink,
     jobs, lanes,
     leader::Elector,
@@ -462,6 +462,7 @@ async fn controllers(
     let (lane_tx, lane_rx) = mpsc::unbounded_channel::<String>();
     let (job_tx, job_rx) = mpsc::unbounded_channel::<JobKey>();
     let counted = Arc::new(Mutex::new(Counted::default()));
+    let (left_queue_tx, left_queue_rx) = mpsc::unbounded_channel::<VideoJob>();
     let (jobs, job_stream) = job_stream(
         &client,
         &config,
@@ -469,6 +470,7 @@ async fn controllers(
         index.clone(),
         counted.clone(),
         lane_tx.clone(),
+        left_queue_tx,
     );
 
     let reporter = Reporter {
@@ -519,9 +521,13 @@ async fn controllers(
             UnboundedReceiverStream(job_rx)
                 .map(|key| ObjectRef::<VideoJob>::new(&key.name).within(&key.namespace)),
         )
-        .run(jobs::reconcile, jobs::error_policy, ctx)
+        .run(jobs::reconcile, jobs::error_policy, ctx.clone())
         .for_each(|_| future::ready(()));
-    future::join(lane_controller, job_controller).await;
+    let left_queue = UnboundedReceiverStream(left_queue_rx).for_each(|job| {
+        jobs::deleted_while_queued(&ctx, &job);
+        future::ready(())
+    });
+    future::join3(lane_controller, job_controller, left_queue).await;
     Ok(())
 }
 
@@ -535,6 +541,7 @@ fn job_stream(
     index: Arc<Mutex<Index>>,
     counted: Arc<Mutex<Counted>>,
     lanes_changed: mpsc::UnboundedSender<String>,
+    left_queue: mpsc::UnboundedSender<VideoJob>,
 ) -> (
     reflector::Store<VideoJob>,
     impl futures::Stream<Item = Result<VideoJob, watcher::Error>> + use<>,
@@ -562,7 +569,14 @@ fn job_stream(
                 }
                 watcher::Event::Delete(job) => {
                     let uid = job.metadata.uid.as_deref().unwrap_or_default();
-                    counted.lock().expect("counted lock").forget(uid);
+                    let mut counted = counted.lock().expect("counted lock");
+                    // A queued job leaves without a finalizer: no reconcile tells it.
+                    let queued =
+                        job.status.as_ref().and_then(|s| s.phase) == Some(JobPhase::Queued);
+                    if queued && counted.first_time(uid, Told::Finished) {
+                        let _ = left_queue.send(job.clone());
+                    }
+                    counted.forget(uid);
                     index.forget(job)
                 }
                 watcher::Event::InitDone => {

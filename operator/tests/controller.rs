@@ -418,7 +418,7 @@ async fn deleting_queued_and_running_jobs_cancels_them_and_frees_their_slots() -
     let fx = Fixture::new("cancel").await?;
     let model = fx.model("anisora", 8, None).await?;
     let lane = fx.lane("anisora", &[&model], json!({})).await?;
-    let _op = fx.operator("op")?;
+    let op = fx.operator("op")?;
     let slow = Behaviour {
         steps: 100,
         step_time: Duration::from_millis(200),
@@ -457,6 +457,18 @@ async fn deleting_queued_and_running_jobs_cancels_them_and_frees_their_slots() -
     eventually(10, "the queued job gone and its slot free", || async {
         let gone = fx.jobs.get_opt(&last).await?.is_none();
         Ok((gone && fx.lane_status(&lane).await?.queue_depth == 2).then_some(()))
+    })
+    .await?;
+    // Gone at once (no finalizer), it is still told: an Event and the finished counter.
+    let cancelled = "framelane_jobs_finished_total{phase=\"Failed\",reason=\"Cancelled\"}";
+    eventually(10, "the queued job's Cancelled Event and count", || async {
+        let events =
+            support::events_about(&fx.client, "VideoJob", Some(&fx.ns.name), &last).await?;
+        let told = events.iter().any(|(reason, note)| {
+            reason == "Cancelled" && note == "deleted while queued; it left the queue"
+        });
+        let counted = support::sample(&op.metrics().await?, cancelled) == Some(1.0);
+        Ok((told && counted).then_some(()))
     })
     .await?;
 

@@ -118,6 +118,14 @@ fn lane_of(
     Ok(ctx.lane_facts(lane, &job.spec.model, namespace, now, index))
 }
 
+/// Tells a queued job's deletion (its Event and `jobs_finished{reason=Cancelled}`): without a
+/// finalizer it is gone before any reconcile sees it. The job watch decides it once.
+pub fn deleted_while_queued(ctx: &Context, job: &VideoJob) {
+    if ctx.leading() {
+        record::tell_cancelled(ctx, job, false);
+    }
+}
+
 pub fn error_policy(job: Arc<VideoJob>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_error("videojob", error);
     if error.api_unreachable() {

@@ -69,8 +69,17 @@ pub fn requeued(ctx: &Context, job: &VideoJob, message: &str) {
     publish(ctx, job, EventType::Warning, JobReason::RunnerLost, message);
 }
 
-/// The Event and metric of a job deleted before it finished.
+/// The Event and metric of a job deleted before it finished, that the controller releases
+/// (it held the finalizer). A release retried after a failed finalizer write tells it no
+/// second time.
 pub fn cancelled(ctx: &Context, job: &VideoJob, was_running: bool) {
+    if ctx.first_time(job, Told::Finished) {
+        tell_cancelled(ctx, job, was_running);
+    }
+}
+
+/// The Event and metric of a job deleted before it finished, told once by the caller.
+pub fn tell_cancelled(ctx: &Context, job: &VideoJob, was_running: bool) {
     let message = if was_running {
         "deleted while running; its runner is gone, so the slot is freed"
     } else {

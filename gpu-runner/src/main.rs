@@ -431,9 +431,11 @@ impl Worker {
                     if claimed.is_cancelled() {
                         cancel.store(true, Ordering::Relaxed);
                     }
-                    // Stages without steps (loading, decoding, encoding) keep the last percent.
+                    // Stages without steps (loading, decoding, encoding) keep the last percent;
+                    // 100 is the finished job's (decoding and writing the video come after
+                    // the last step).
                     if let Some(done) = (p.step * 100).checked_div(p.total_steps) {
-                        percent = done as i32;
+                        percent = (done as i32).min(99);
                     }
                     match claimed.progress(p.stage.as_str(), p.step as i32, p.total_steps as i32, percent).await {
                         Err(ContractError::Lost(_)) => cancel.store(true, Ordering::Relaxed),

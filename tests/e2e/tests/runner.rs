@@ -365,6 +365,15 @@ async fn an_image_to_video_job_becomes_an_mp4_and_the_model_stays_loaded() -> Re
         let list = setup.jobs().list(&Default::default()).await?.items;
         for job in &list {
             let progress = job.status.as_ref().and_then(|s| s.progress.clone());
+            // 100 % is for a finished job: decoding and writing the video follow the steps.
+            if job.status.as_ref().and_then(|s| s.phase) == Some(JobPhase::Running) {
+                ensure!(
+                    progress.as_ref().is_none_or(|p| p.percent < 100),
+                    "{} is Running at {:?}",
+                    job.metadata.name.as_deref().unwrap_or_default(),
+                    progress
+                );
+            }
             if let Some(p) = progress
                 && p.stage.as_deref() == Some("Denoising")
                 && p.step > 0

@@ -317,6 +317,26 @@ async fn forcing_a_lane_sends_new_jobs_to_its_fallback_lane_until_released() -> 
 }
 
 #[tokio::test]
+async fn removing_a_lanes_fallback_mid_episode_ends_it_and_its_gauge() -> Result<()> {
+    let s = setup("fb-removed", json!({}), json!({})).await?;
+    let op = OperatorProcess::start(&s.fx.ns, "a", OPERATOR)?;
+    s.patch_lane(json!({"fallback": {"force": true}})).await?;
+    s.until_active(FallbackCause::Manual).await?;
+    let active = fallback_series("active", &s.lane, "manual");
+    eventually(10, "the active gauge at 1", || async {
+        Ok((sample(&op.metrics().await?, &active) == Some(1.0)).then_some(()))
+    })
+    .await?;
+    s.patch_lane(json!({"fallback": null})).await?;
+    s.until_ended().await?;
+    eventually(10, "the active gauge back to 0", || async {
+        Ok((sample(&op.metrics().await?, &active) == Some(0.0)).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_lane_whose_pods_cannot_be_scheduled_falls_back_until_a_node_appears() -> Result<()> {
     // No node has the lane's resource: its runner pod stays Unschedulable.
     let resource = "example.com/big-gpu";

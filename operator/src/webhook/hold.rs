@@ -17,8 +17,12 @@ use super::review::{Denial, Request};
 use crate::context::Context;
 
 /// How long a slot stays held for a create the webhook let through before the watch shows
-/// the job: longer than the API server waits for the webhook, so only a create that failed
-/// after admission (another webhook or a quota refused it) gives its slot back this way.
+/// the job: longer than a create usually takes from this webhook's answer to its storage, so
+/// that mostly a create that failed after admission (another webhook or a quota refused it)
+/// gives its slot back this way. A create that takes longer (a slow webhook called after
+/// this one) lets the next create take its slot; the controller, the final arbiter of
+/// `maxDepth`, then fails the extra job with `QueueOverloaded` instead of the webhook
+/// refusing it with 503.
 const HOLD: Duration = Duration::from_secs(15);
 
 /// Takes a slot of the job's lane, or refuses with `queue_overloaded`. Returns the lane it

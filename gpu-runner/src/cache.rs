@@ -288,6 +288,19 @@ impl ModelCache {
         self.last_load_seconds = 0.0;
         if self.loaded_model() != Some(model) {
             let started = std::time::Instant::now();
+            // A model whose weights run another mode than it offers is refused before the
+            // loaded one leaves the device (a parked model was checked when it was loaded).
+            if !self.parked.iter().any(|(m, _)| m == model) {
+                let runs = WanPipeline::mode_of(&wanted.spec)
+                    .map_err(|source| self.load_error(model, source))?;
+                if wanted.modes != [runs] {
+                    return Err(CacheError::Modes {
+                        model: model.to_owned(),
+                        offered: wanted.modes.iter().map(|m| m.as_str()).collect(),
+                        runs: runs.as_str(),
+                    });
+                }
+            }
             self.unload()?;
             match self.parked.iter().position(|(m, _)| m == model) {
                 Some(i) => self.restore(i)?,
@@ -422,16 +435,6 @@ impl ModelCache {
                     return Err(self.load_error(&model, source));
                 }
             };
-        if wanted.modes != [loaded.mode()] {
-            let runs = loaded.mode().as_str();
-            drop(loaded);
-            self.device.clean_up()?;
-            return Err(CacheError::Modes {
-                model,
-                offered: wanted.modes.iter().map(|m| m.as_str()).collect(),
-                runs,
-            });
-        }
         self.loaded(model, loaded, needed, LoadedFrom::Files)
     }
 }

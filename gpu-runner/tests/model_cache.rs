@@ -200,6 +200,31 @@ fn shared_switching_frees_the_old_model_and_dedicated_loads_once() {
         "VideoModel \"anisora\" offers [\"t2v\", \"i2v\"] but its weights run i2v only: set its spec.modes to [i2v]"
     );
     assert_eq!(live(), before, "the refused model's weights stayed");
+    drop(cache);
+    // On a Shared lane it is refused before the loaded model leaves the device.
+    let mut dishonest = common::model("anisora");
+    dishonest.modes = vec![Mode::TextToVideo, Mode::ImageToVideo];
+    let mut shared = ModelCache::new(
+        LaneMode::Shared,
+        device,
+        Precision::FLOAT32,
+        MemoryPlan::default(),
+        vec![common::model("phr00t"), dishonest],
+    )
+    .unwrap();
+    shared.get("phr00t").unwrap();
+    let warm = live();
+    assert!(matches!(
+        shared.get("anisora"),
+        Err(CacheError::Modes { .. })
+    ));
+    assert_eq!(
+        shared.loaded_model(),
+        Some("phr00t"),
+        "the warm model stays"
+    );
+    assert_eq!((shared.loads(), live()), (1, warm));
+    drop(shared);
 
     // A generation that panics holding the cache (a bug) poisons its lock: the next job
     // still gets the cache, with the model dropped and loaded afresh.

@@ -567,6 +567,12 @@ impl WanPipeline {
         Ok(Parts::find(spec)?.bytes(precision).all())
     }
 
+    /// The mode the model's weights run (image or text to video), read from its configs and
+    /// the file headers, no weight loaded.
+    pub fn mode_of(spec: &ModelSpec) -> Result<Mode, PipelineError> {
+        Parts::find(spec)?.check()
+    }
+
     /// Bytes of each part in `precision`, read from the file headers.
     pub fn part_bytes(spec: &ModelSpec, precision: Precision) -> Result<PartBytes, PipelineError> {
         Ok(Parts::find(spec)?.bytes(precision))

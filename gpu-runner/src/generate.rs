@@ -143,15 +143,16 @@ pub fn run_job(
     // Every tensor of the job lives inside `frames_for`; libtorch errors that tch raises as
     // panics are caught so the runner stays up.
     model.take_stages();
+    // The stage a panic (an out-of-memory error among them) is reported in: the last one
+    // begun.
+    let stage = std::cell::Cell::new(Stage::EncodingPrompt);
     let frames = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        frames_for(model, job, &mut on_progress)
+        frames_for(model, job, &mut |p: &Progress| {
+            stage.set(p.stage);
+            on_progress(p)
+        })
     }))
-    .unwrap_or_else(|panic| {
-        Err(JobError::torch(
-            Stage::Denoising,
-            crate::panic_message(&panic),
-        ))
-    });
+    .unwrap_or_else(|panic| Err(JobError::torch(stage.get(), crate::panic_message(&panic))));
     let result = frames.and_then(|frames| {
         // The frames are made; a cancel now would only throw the finished video away.
         let _ = on_progress(&Progress {

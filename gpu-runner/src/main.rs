@@ -349,6 +349,10 @@ impl Worker {
                 return;
             }
             Err(panic) => {
+                // Whatever the attempt wrote before it panicked stays out of the volume.
+                if let Err(e) = outputs::discard(&claimed.staging_dir(&self.output_dir)) {
+                    tracing::warn!(job = name, error = %e, "could not remove a failed attempt's files");
+                }
                 let message = format!("the generation task failed: {panic}");
                 self.fail(claimed, JobReason::GenerationFailed, &message, None, &name)
                     .await;

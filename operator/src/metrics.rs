@@ -298,4 +298,24 @@ impl Metrics {
     pub fn lane(lane: &str) -> LaneLabels {
         LaneLabels { lane: lane.into() }
     }
+
+    /// Drops a deleted lane's gauges (its depth, limit, ready runners and fallback state), so
+    /// that no alert keeps firing on its last values. Its counters and histograms stay.
+    pub fn forget_lane(&self, lane: &str) {
+        let labels = Metrics::lane(lane);
+        for gauge in [
+            &self.queue_depth,
+            &self.queue_max_depth,
+            &self.ready_runners,
+        ] {
+            gauge.remove(&labels);
+        }
+        for cause in [
+            FallbackCause::Capacity,
+            FallbackCause::Quota,
+            FallbackCause::Manual,
+        ] {
+            self.fallback_active.remove(&Metrics::fallback(lane, cause));
+        }
+    }
 }

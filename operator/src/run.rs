@@ -456,6 +456,14 @@ async fn controllers(
     .inspect_err(report_watch_errors(&metrics, "ModelLane"))
     .backoff(watch_backoff(WATCH_BACKOFF_MAX))
     .reflect(lanes_writer)
+    .inspect_ok({
+        let metrics = metrics.clone();
+        move |event| {
+            if let watcher::Event::Delete(lane) = event {
+                metrics.forget_lane(&lane.name_any());
+            }
+        }
+    })
     .applied_objects();
     let lane_stream = in_own_task(lane_stream);
     let index = Arc::new(Mutex::new(Index::default()));

@@ -539,7 +539,7 @@ async fn lane_pods_carry_the_gpu_and_allocator_setting_and_go_with_the_lane() ->
     let override_lane = fx
         .lane("override", &[&model], json!({"runner": {"env": [{"name": ALLOC_CONF_ENV, "value": "backend:cudaMallocAsync"}]}}))
         .await?;
-    let _op = OperatorProcess::start(&fx.ns, "op", &["--runner-service-account", "runner"])?;
+    let op = OperatorProcess::start(&fx.ns, "op", &["--runner-service-account", "runner"])?;
     let pod = eventually(30, "the GPU lane's pod Running", || async {
         let list = pods
             .list(&ListParams::default().labels(&format!("{LABEL_LANE}={gpu_lane}")))
@@ -669,6 +669,11 @@ async fn lane_pods_carry_the_gpu_and_allocator_setting_and_go_with_the_lane() ->
         "{text}"
     );
 
+    let ready = format!("framelane_lane_ready_runners{{lane=\"{gpu_lane}\"}}");
+    eventually(10, "the lane's gauges", || async {
+        Ok(support::sample(&op.metrics().await?, &ready).map(|_| ()))
+    })
+    .await?;
     lanes.delete(&gpu_lane, &DeleteParams::default()).await?;
     eventually(60, "the deleted lane's pods garbage-collected", || async {
         let list = pods
@@ -676,6 +681,18 @@ async fn lane_pods_carry_the_gpu_and_allocator_setting_and_go_with_the_lane() ->
             .await?
             .items;
         Ok(list.is_empty().then_some(()))
+    })
+    .await?;
+    // Its gauges go with it: no alert keeps firing on a lane that is no more.
+    eventually(10, "the deleted lane's gauges gone", || async {
+        let metrics = op.metrics().await?;
+        let left = metrics.lines().any(|l| {
+            !l.starts_with('#') && l.contains(&format!("lane=\"{gpu_lane}\"")) && {
+                let name = l.split('{').next().unwrap_or("");
+                name.ends_with("_jobs") || name.ends_with("_runners") || name.ends_with("_active")
+            }
+        });
+        Ok((!left).then_some(()))
     })
     .await?;
     Ok(())

@@ -69,6 +69,35 @@ impl Setup {
         Ok(())
     }
 
+    /// Has the Shared lane serve `models` only.
+    async fn shared_serves(&self, models: &[&str]) -> Result<()> {
+        self.lanes()
+            .patch(
+                &self.shared,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"models": models}})),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Checks, well past maxWaitSeconds (3 s), that job `name` still waits in its own lane.
+    async fn still_queued_on_its_lane(&self, name: &str) -> Result<()> {
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let job = self.fx.jobs.get(name).await?;
+        assert_eq!(phase(&job), Some(JobPhase::Queued));
+        assert_eq!(
+            placement(&job),
+            (
+                Some(self.lane.clone()),
+                Some(LaneAssignment::Dedicated),
+                None,
+                None
+            )
+        );
+        Ok(())
+    }
+
     async fn fallback(&self) -> Result<FallbackStatus> {
         Ok(self
             .fx
@@ -515,13 +544,7 @@ async fn a_job_behind_busy_runners_stays_queued_while_the_shared_runner_is_busy_
 {
     let s = setup("fb-both-busy", json!({}), json!({})).await?;
     let other = s.fx.model("phr00t", 4, Some(1.0)).await?;
-    s.lanes()
-        .patch(
-            &s.shared,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"models": [&s.model, &other]}})),
-        )
-        .await?;
+    s.shared_serves(&[s.model.as_str(), other.as_str()]).await?;
     let _op = OperatorProcess::start(&s.fx.ns, "a", OPERATOR)?;
     let _own = s.fx.runner("own-0", &s.lane, busy());
     let _shared = s.fx.runner("shared-0", &s.shared, busy());
@@ -531,32 +554,14 @@ async fn a_job_behind_busy_runners_stays_queued_while_the_shared_runner_is_busy_
     s.until_phase("long", JobPhase::Running, 30).await?;
     s.fx.create_job("next", &s.model).await?;
     // Well past maxWaitSeconds (3 s), both lanes' runners still busy.
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    let next = s.fx.jobs.get("next").await?;
-    assert_eq!(phase(&next), Some(JobPhase::Queued));
-    assert_eq!(
-        placement(&next),
-        (
-            Some(s.lane.clone()),
-            Some(LaneAssignment::Dedicated),
-            None,
-            None
-        )
-    );
-    Ok(())
+    s.still_queued_on_its_lane("next").await
 }
 
 #[tokio::test]
 async fn a_job_never_moves_to_a_fallback_lane_that_does_not_serve_its_model() -> Result<()> {
     let s = setup("fb-not-served", json!({}), json!({})).await?;
     let other = s.fx.model("phr00t", 4, Some(1.0)).await?;
-    s.lanes()
-        .patch(
-            &s.shared,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"models": [&other]}})),
-        )
-        .await?;
+    s.shared_serves(&[other.as_str()]).await?;
     let _op = OperatorProcess::start(&s.fx.ns, "a", OPERATOR)?;
     let _own = s.fx.runner("own-0", &s.lane, busy());
     let _shared = s.fx.runner("shared-0", &s.shared, Behaviour::default());
@@ -564,19 +569,7 @@ async fn a_job_never_moves_to_a_fallback_lane_that_does_not_serve_its_model() ->
     s.until_phase("long", JobPhase::Running, 30).await?;
     s.fx.create_job("next", &s.model).await?;
     // Well past maxWaitSeconds (3 s), the Shared runner free: it would fail the job.
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    let next = s.fx.jobs.get("next").await?;
-    assert_eq!(phase(&next), Some(JobPhase::Queued));
-    assert_eq!(
-        placement(&next),
-        (
-            Some(s.lane.clone()),
-            Some(LaneAssignment::Dedicated),
-            None,
-            None
-        )
-    );
-    Ok(())
+    s.still_queued_on_its_lane("next").await
 }
 
 #[tokio::test]

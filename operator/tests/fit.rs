@@ -22,13 +22,66 @@ use kube::{
     api::{ObjectMeta, PostParams},
 };
 use serde_json::json;
-use support::{Fixture, eventually, job, phase};
+use support::{Fixture, OperatorProcess, eventually, job, phase};
 
 fn sized(name: &str, model: &str, width: i32, height: i32, frames: i32) -> VideoJob {
     job(
         name,
         json!({"model": model, "prompt": "a cat", "width": width, "height": height, "frames": frames}),
     )
+}
+
+/// An A14B model on a resident lane, behind a webhook operator.
+async fn resident_lane(prefix: &str) -> Result<(Fixture, String, String, OperatorProcess)> {
+    let fx = Fixture::new(prefix).await?;
+    let model = fx.model("a14b", 4, None).await?;
+    let lane = fx
+        .lane(
+            "a14b",
+            &[&model],
+            json!({"runner": {"memory": {"mode": "resident"}}}),
+        )
+        .await?;
+    let (operator, port) = fx.webhook_operator("a", 0, &[])?;
+    fx.register_webhook(port).await?;
+    fx.webhook_effective(&model).await?;
+    Ok((fx, model, lane, operator))
+}
+
+/// A heartbeat Lease of `lane` made by hand, its memory report `memory`, renewed at
+/// `renewed` for `seconds`.
+async fn heartbeat(
+    fx: &Fixture,
+    name: &str,
+    lane: &str,
+    memory: String,
+    renewed: jiff::Timestamp,
+    seconds: i32,
+) -> Result<()> {
+    let lease = Lease {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(
+                [
+                    (LABEL_LANE.to_owned(), lane.to_owned()),
+                    (LABEL_RUNNER.to_owned(), "true".to_owned()),
+                ]
+                .into(),
+            ),
+            annotations: Some([(ANNOTATION_MEMORY.to_owned(), memory)].into()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(name.into()),
+            lease_duration_seconds: Some(seconds),
+            renew_time: Some(MicroTime(renewed)),
+            ..Default::default()
+        }),
+    };
+    Api::<Lease>::namespaced(fx.client.clone(), &fx.ns.name)
+        .create(&PostParams::default(), &lease)
+        .await?;
+    Ok(())
 }
 
 async fn until_queued(fx: &Fixture, name: &str) -> Result<()> {
@@ -40,18 +93,7 @@ async fn until_queued(fx: &Fixture, name: &str) -> Result<()> {
 
 #[tokio::test]
 async fn a_job_too_large_for_the_lanes_gpu_is_refused_with_the_limit_and_what_fits() -> Result<()> {
-    let fx = Fixture::new("fit-refuse").await?;
-    let model = fx.model("a14b", 4, None).await?;
-    let lane = fx
-        .lane(
-            "a14b",
-            &[&model],
-            json!({"runner": {"memory": {"mode": "resident"}}}),
-        )
-        .await?;
-    let (_operator, port) = fx.webhook_operator("a", 0, &[])?;
-    fx.register_webhook(port).await?;
-    fx.webhook_effective(&model).await?;
+    let (fx, model, lane, _operator) = resident_lane("fit-refuse").await?;
 
     // Before any runner reported, the job is admitted: its runner checks it.
     fx.jobs
@@ -186,18 +228,7 @@ async fn model_offload_admits_what_the_same_gpu_refuses_resident() -> Result<()>
 
 #[tokio::test]
 async fn a_stale_heartbeat_refuses_nothing() -> Result<()> {
-    let fx = Fixture::new("fit-stale").await?;
-    let model = fx.model("a14b", 4, None).await?;
-    let lane = fx
-        .lane(
-            "a14b",
-            &[&model],
-            json!({"runner": {"memory": {"mode": "resident"}}}),
-        )
-        .await?;
-    let (_operator, port) = fx.webhook_operator("a", 0, &[])?;
-    fx.register_webhook(port).await?;
-    fx.webhook_effective(&model).await?;
+    let (fx, model, lane, _operator) = resident_lane("fit-stale").await?;
     // A runner on a 24 GiB GPU that stopped an hour ago, started by hand: nothing deleted
     // its Lease.
     const GIB: u64 = 1 << 30;
@@ -209,31 +240,8 @@ async fn a_stale_heartbeat_refuses_nothing() -> Result<()> {
         vae_tiling: false,
         models: [(model.clone(), ModelProfile::wan22_a14b_i2v())].into(),
     };
-    let lease = Lease {
-        metadata: ObjectMeta {
-            name: Some("gone-0".into()),
-            labels: Some(
-                [
-                    (LABEL_LANE.to_owned(), lane.clone()),
-                    (LABEL_RUNNER.to_owned(), "true".to_owned()),
-                ]
-                .into(),
-            ),
-            annotations: Some([(ANNOTATION_MEMORY.to_owned(), small.to_annotation())].into()),
-            ..Default::default()
-        },
-        spec: Some(LeaseSpec {
-            holder_identity: Some("gone-0".into()),
-            lease_duration_seconds: Some(15),
-            renew_time: Some(MicroTime(
-                jiff::Timestamp::now() - jiff::SignedDuration::from_hours(1),
-            )),
-            ..Default::default()
-        }),
-    };
-    Api::<Lease>::namespaced(fx.client.clone(), &fx.ns.name)
-        .create(&PostParams::default(), &lease)
-        .await?;
+    let an_hour_ago = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(1);
+    heartbeat(&fx, "gone-0", &lane, small.to_annotation(), an_hour_ago, 15).await?;
     // A live runner on an 80 GiB GPU: once the lane counts it, the operator has read both
     // Leases (one watch, in order).
     let _runner = fx.memory_runner("runner-0", &lane, &model, MemoryMode::Resident);
@@ -257,31 +265,18 @@ async fn a_malformed_memory_annotation_does_not_break_admission() -> Result<()> 
     let (operator, port) = fx.webhook_operator("a", 0, &[])?;
     fx.register_webhook(port).await?;
     fx.webhook_effective(&model).await?;
-    // A heartbeat Lease with an unreadable report.
-    let lease = Lease {
-        metadata: ObjectMeta {
-            name: Some("broken-0".into()),
-            labels: Some(
-                [
-                    (LABEL_LANE.to_owned(), lane.clone()),
-                    (LABEL_RUNNER.to_owned(), "true".to_owned()),
-                ]
-                .into(),
-            ),
-            annotations: Some([(ANNOTATION_MEMORY.to_owned(), "{\"v\": 1, ".to_owned())].into()),
-            ..Default::default()
-        },
-        // Fresh, so the lane counts it as a runner once the operator has read it.
-        spec: Some(LeaseSpec {
-            holder_identity: Some("broken-0".into()),
-            lease_duration_seconds: Some(3600),
-            renew_time: Some(MicroTime(jiff::Timestamp::now())),
-            ..Default::default()
-        }),
-    };
-    Api::<Lease>::namespaced(fx.client.clone(), &fx.ns.name)
-        .create(&PostParams::default(), &lease)
-        .await?;
+    // A heartbeat Lease with an unreadable report, fresh, so the lane counts it as a runner
+    // once the operator has read it.
+    let unreadable = "{\"v\": 1, ".to_owned();
+    heartbeat(
+        &fx,
+        "broken-0",
+        &lane,
+        unreadable,
+        jiff::Timestamp::now(),
+        3600,
+    )
+    .await?;
     fx.until_ready_runners(&lane, 1).await?;
     let created = fx
         .jobs

@@ -343,6 +343,12 @@ pub enum FallbackCause {
 }
 
 impl FallbackCause {
+    pub const ALL: [FallbackCause; 3] = [
+        FallbackCause::Capacity,
+        FallbackCause::Quota,
+        FallbackCause::Manual,
+    ];
+
     /// The cause as the API writes it (and as the `cause` metric label).
     pub fn as_str(self) -> &'static str {
         match self {

@@ -203,10 +203,7 @@ fn lost(status: &VideoJobStatus, max_attempts: i32) -> Decision {
 
 fn admit(namespace: &str, lane: &Result<LaneFacts, NoLane>) -> Decision {
     match lane {
-        Err(why) => Decision::Fail {
-            reason: JobReason::LaneNotFound,
-            message: why.to_string(),
-        },
+        Err(why) => no_lane(why),
         Ok(lane) => match room(&lane.name, namespace, lane.held, lane.limits) {
             Ok(()) => Decision::Admit {
                 lane: lane.name.clone(),
@@ -216,6 +213,14 @@ fn admit(namespace: &str, lane: &Result<LaneFacts, NoLane>) -> Decision {
                 message: full.to_string(),
             },
         },
+    }
+}
+
+/// A job with no lane to be in fails with `LaneNotFound` and why.
+fn no_lane(why: &NoLane) -> Decision {
+    Decision::Fail {
+        reason: JobReason::LaneNotFound,
+        message: why.to_string(),
     }
 }
 
@@ -232,12 +237,7 @@ fn admit(namespace: &str, lane: &Result<LaneFacts, NoLane>) -> Decision {
 fn queued(namespace: &str, queued_at: Option<Timestamp>, moved: bool, facts: &Facts) -> Decision {
     let lane = match &facts.lane {
         Ok(lane) => lane,
-        Err(why) => {
-            return Decision::Fail {
-                reason: JobReason::LaneNotFound,
-                message: why.to_string(),
-            };
-        }
+        Err(why) => return no_lane(why),
     };
     let max_wait = lane.limits.max_wait;
     let fallback = lane.fallback.as_ref().filter(|_| !moved);

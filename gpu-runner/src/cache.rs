@@ -290,7 +290,8 @@ impl ModelCache {
             let started = std::time::Instant::now();
             // A model whose weights run another mode than it offers is refused before the
             // loaded one leaves the device (a parked model was checked when it was loaded).
-            if !self.parked.iter().any(|(m, _)| m == model) {
+            let parked = self.parked.iter().position(|(m, _)| m == model);
+            if parked.is_none() {
                 let runs = WanPipeline::mode_of(&wanted.spec)
                     .map_err(|source| self.load_error(model, source))?;
                 if wanted.modes != [runs] {
@@ -301,8 +302,9 @@ impl ModelCache {
                     });
                 }
             }
+            // Unloading appends to `parked`: the position found above still holds.
             self.unload()?;
-            match self.parked.iter().position(|(m, _)| m == model) {
+            match parked {
                 Some(i) => self.restore(i)?,
                 None => self.load(&wanted)?,
             }

@@ -377,13 +377,7 @@ fn contract(job: &Value, rng: &mut StdRng, counts: &mut Counts) {
         requeued.queued_at == before.queued_at,
         "requeued: queuedAt changed",
     );
-    let cause = *[
-        FallbackCause::Capacity,
-        FallbackCause::Quota,
-        FallbackCause::Manual,
-    ]
-    .choose(rng)
-    .unwrap();
+    let cause = *FallbackCause::ALL.choose(rng).unwrap();
     let moved = transitions::moved(&job, "shared", int(rng) as i32, cause, now);
     broken(
         moved.queued_at == before.queued_at,

@@ -310,11 +310,7 @@ impl Metrics {
         ] {
             gauge.remove(&labels);
         }
-        for cause in [
-            FallbackCause::Capacity,
-            FallbackCause::Quota,
-            FallbackCause::Manual,
-        ] {
+        for cause in FallbackCause::ALL {
             self.fallback_active.remove(&Metrics::fallback(lane, cause));
         }
     }

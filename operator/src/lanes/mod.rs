@@ -153,19 +153,14 @@ fn record_metrics(ctx: &Context, lane: &ModelLane, facts: &LaneFacts, status: &M
         .as_ref()
         .filter(|f| f.active)
         .and_then(|f| f.cause);
-    let causes = [
-        FallbackCause::Capacity,
-        FallbackCause::Quota,
-        FallbackCause::Manual,
-    ];
     // Also once the lane's fallback was removed: an episode it ended must not stay at 1.
-    let shown = causes.iter().any(|&c| {
+    let shown = FallbackCause::ALL.iter().any(|&c| {
         m.fallback_active
             .get(&Metrics::fallback(&name, c))
             .is_some()
     });
     if lane.spec.fallback.is_some() || active.is_some() || shown {
-        for cause in causes {
+        for cause in FallbackCause::ALL {
             m.fallback_active
                 .get_or_create(&Metrics::fallback(&name, cause))
                 .set(i64::from(active == Some(cause)));

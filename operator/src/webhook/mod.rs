@@ -218,10 +218,7 @@ impl Webhook {
     /// The review's request and job when the depth decision is still to be made, else the
     /// answer.
     fn checked(&self, body: &[u8]) -> Result<(Request, VideoJob), Vec<u8>> {
-        use futures::FutureExt;
-        let models = matches!(self.models.wait_until_ready().now_or_never(), Some(Ok(())))
-            .then(|| self.models.state());
-        match check(body, models.as_deref(), &self.image_url_hosts) {
+        match check(body, self.ready_models().as_deref(), &self.image_url_hosts) {
             Ok((request, Some(job))) => Ok((request, job)),
             Ok((request, None)) => Err(review::respond(&request.uid, None)),
             Err((uid, denial)) => Err(self.decided(&uid, "", Some(&denial))),
@@ -243,10 +240,14 @@ impl Webhook {
 
     /// Answers one AdmissionReview of the mutating webhook ([`defaults`]).
     pub fn mutate(&self, body: &[u8]) -> Vec<u8> {
+        defaults(body, self.ready_models().as_deref())
+    }
+
+    /// The VideoModels, once the cache has read them all (`None` before).
+    fn ready_models(&self) -> Option<Vec<Arc<VideoModel>>> {
         use futures::FutureExt;
-        let models = matches!(self.models.wait_until_ready().now_or_never(), Some(Ok(())))
-            .then(|| self.models.state());
-        defaults(body, models.as_deref())
+        matches!(self.models.wait_until_ready().now_or_never(), Some(Ok(())))
+            .then(|| self.models.state())
     }
 
     fn decided(&self, uid: &str, lane: &str, denial: Option<&Denial>) -> Vec<u8> {

@@ -108,7 +108,7 @@ pub struct RunnerMemorySpec {
     #[serde(default)]
     pub mode: MemoryMode,
     /// Whether the VAE decodes and encodes in spatial tiles and frame chunks: `on`, `off`, or
-    /// `auto` (default: when the model's default size does not fit otherwise).
+    /// `auto` (default: for each job whose untiled estimate does not fit the runner's GPU).
     #[serde(default)]
     pub vae_tiling: VaeTiling,
 }
@@ -171,7 +171,7 @@ impl MemoryMode {
 )]
 #[serde(rename_all = "camelCase")]
 pub enum VaeTiling {
-    /// When the model's default size does not fit otherwise.
+    /// Each job whose untiled estimate does not fit the runner's GPU.
     #[default]
     Auto,
     Off,

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::parameters::{Cause, CauseReason};
 
 /// The version of the annotation's JSON; a runner writes it, the operator reads only this.
-pub const ANNOTATION_VERSION: u32 = 1;
+pub const ANNOTATION_VERSION: u32 = 2;
 
 const GIB: f64 = (1u64 << 30) as f64;
 
@@ -35,8 +35,9 @@ pub struct RunnerMemory {
     pub budget_bytes: u64,
     /// The memory mode the runner runs in (never `auto`: resolved at start).
     pub mode: MemoryMode,
-    /// Whether the VAE decodes and encodes in tiles.
-    pub vae_tiling: bool,
+    /// Whether the VAE decodes and encodes in tiles: `on`, `off`, or `auto`: a job's passes
+    /// tile exactly when its untiled estimate does not fit the budget ([`RunnerMemory::tiles`]).
+    pub vae_tiling: VaeTiling,
     /// The shape of each model the runner serves, by VideoModel name.
     pub models: BTreeMap<String, ModelProfile>,
 }
@@ -60,6 +61,19 @@ impl RunnerMemory {
             return Err("mode auto: a runner reports the mode it resolved".into());
         }
         Ok(memory)
+    }
+
+    /// Whether this runner's VAE tiles `job` of `model`: by its setting, or under `auto` when
+    /// the job's untiled estimate does not fit the budget. The fit check estimates the job
+    /// with it, and the runner runs the job with it.
+    pub fn tiles(&self, model: &str, job: &JobSize) -> bool {
+        match self.vae_tiling {
+            VaeTiling::On => true,
+            VaeTiling::Off => false,
+            VaeTiling::Auto => self.models.get(model).is_some_and(|profile| {
+                profile.estimate(job, self.mode, false).peak().1 > self.budget_bytes
+            }),
+        }
     }
 }
 
@@ -156,24 +170,6 @@ impl JobSize {
             frames: positive(spec.frames.unwrap_or(defaults.frames)),
             guided: cfg > 1.0,
             mode: spec.mode,
-        }
-    }
-
-    /// The size of a job of `model` that leaves every size out, in its first mode.
-    pub fn defaults(model: &VideoModel) -> JobSize {
-        let d = &model.spec.defaults;
-        let positive = |v: i32| u64::try_from(v).unwrap_or(0);
-        JobSize {
-            width: positive(d.width),
-            height: positive(d.height),
-            frames: positive(d.frames),
-            guided: model.spec.fixed_parameters.cfg.unwrap_or(1.0) > 1.0,
-            mode: model
-                .spec
-                .modes
-                .first()
-                .copied()
-                .unwrap_or(GenerationMode::T2v),
         }
     }
 }
@@ -566,6 +562,8 @@ pub struct DoesNotFit {
     pub needs: u64,
     pub budget: u64,
     pub mode: MemoryMode,
+    /// Whether the estimate tiles the VAE (the largest sizes then do too).
+    pub tiled: bool,
     /// The most frames at the job's width and height that fit, if any.
     pub frames: Option<u64>,
     /// The largest width x height at the job's frames that fits, if any.
@@ -596,13 +594,18 @@ impl DoesNotFit {
             format!("the largest that fit: {}", fits.join(" or "))
         };
         format!(
-            "needs {:.1} GiB to {} {}x{}x{} in memory mode {}; lane {lane}'s runners have {:.1} GiB usable; {fits}",
+            "needs {:.1} GiB to {} {}x{}x{} in memory mode {}{}; lane {lane}'s runners have {:.1} GiB usable; {fits}",
             self.needs as f64 / GIB,
             self.stage.verb(),
             size.width,
             size.height,
             size.frames,
             self.mode.as_str(),
+            if self.tiled {
+                " with the VAE tiled"
+            } else {
+                ""
+            },
             self.budget as f64 / GIB,
         )
     }
@@ -632,7 +635,8 @@ pub fn fits(memory: &RunnerMemory, model: &str, job: &JobSize) -> Result<(), Doe
     let Some(profile) = memory.models.get(model) else {
         return Ok(());
     };
-    let (mode, tiling, budget) = (memory.mode, memory.vae_tiling, memory.budget_bytes);
+    let (mode, budget) = (memory.mode, memory.budget_bytes);
+    let tiling = memory.tiles(model, job);
     let (stage, needs) = profile.estimate(job, mode, tiling).peak();
     if needs <= budget {
         return Ok(());
@@ -642,6 +646,7 @@ pub fn fits(memory: &RunnerMemory, model: &str, job: &JobSize) -> Result<(), Doe
         needs,
         budget,
         mode,
+        tiled: tiling,
         frames: profile.most_frames(job, mode, tiling, budget),
         // A size the VideoJob schema refuses is no fix.
         area: profile
@@ -690,23 +695,6 @@ pub fn auto_mode(models: &[ModeWeights], budget: u64) -> MemoryMode {
     }
 }
 
-/// Whether the VAE tiles when the lane says `auto`: when the model's default size does not
-/// decode whole within the budget.
-pub fn resolve_tiling(
-    requested: VaeTiling,
-    profiles: &[(&ModelProfile, JobSize)],
-    mode: MemoryMode,
-    budget: u64,
-) -> bool {
-    match requested {
-        VaeTiling::On => true,
-        VaeTiling::Off => false,
-        VaeTiling::Auto => profiles
-            .iter()
-            .any(|(p, size)| p.estimate(size, mode, false).peak().1 > budget),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -729,7 +717,7 @@ mod tests {
             device_bytes: budget,
             budget_bytes: budget,
             mode,
-            vae_tiling: false,
+            vae_tiling: VaeTiling::Off,
             models: [("anisora".to_owned(), ModelProfile::wan22_a14b_i2v())].into(),
         }
     }
@@ -809,6 +797,56 @@ mod tests {
             ..size
         };
         assert!(p.estimate(&unguided, MemoryMode::Resident, false).peak().1 <= resident);
+    }
+
+    #[test]
+    fn auto_tiles_only_the_jobs_that_do_not_decode_whole() {
+        let p = ModelProfile::wan22_a14b_i2v();
+        let (small, large) = (job(832, 480, 81), job(1280, 720, 81));
+        let peak = |size, tiling| p.estimate(size, MemoryMode::Resident, tiling).peak().1;
+        // A card on which the small job decodes whole and the large one only in tiles (all
+        // resident, decoding is the A14B's largest stage untiled).
+        let budget = peak(&small, false).max(peak(&large, true));
+        assert!(peak(&large, false) > budget, "{budget}");
+        let mut memory = runner(budget, MemoryMode::Resident);
+        memory.vae_tiling = VaeTiling::Auto;
+        assert!(!memory.tiles("anisora", &small));
+        assert!(memory.tiles("anisora", &large));
+        assert_eq!(fits(&memory, "anisora", &large), Ok(()));
+        // An unprofiled model: nothing to estimate from, no tiles.
+        assert!(!memory.tiles("other", &large));
+        // `off` refuses what `auto` runs tiled, `on` tiles every job.
+        memory.vae_tiling = VaeTiling::Off;
+        let refused = fits(&memory, "anisora", &large).unwrap_err();
+        assert_eq!((refused.stage, refused.tiled), (Stage::Decoding, false));
+        assert!(!memory.tiles("anisora", &large));
+        memory.vae_tiling = VaeTiling::On;
+        assert!(memory.tiles("anisora", &small));
+        // Refused under `auto`: estimated tiled, and so are the sizes it suggests.
+        memory.vae_tiling = VaeTiling::Auto;
+        memory.budget_bytes = peak(&large, true) - 1;
+        let refused = fits(&memory, "anisora", &large).unwrap_err();
+        assert!(refused.tiled);
+        assert!(
+            refused
+                .message(&large, "a")
+                .contains("in memory mode resident with the VAE tiled;"),
+            "{}",
+            refused.message(&large, "a")
+        );
+        let (w, h) = refused.area.expect("a smaller size fits");
+        assert_eq!(
+            fits(
+                &memory,
+                "anisora",
+                &JobSize {
+                    width: w,
+                    height: h,
+                    ..large
+                }
+            ),
+            Ok(())
+        );
     }
 
     #[test]
@@ -929,11 +967,11 @@ mod tests {
         assert!(text.contains("\"mode\":\"expertSwap\""), "{text}");
         assert_eq!(RunnerMemory::from_annotation(&text), Ok(m.clone()));
         assert!(RunnerMemory::from_annotation("{").is_err());
-        let v2 = text.replace("\"v\":1", "\"v\":2");
+        let old = text.replace(&format!("\"v\":{ANNOTATION_VERSION}"), "\"v\":1");
         assert!(
-            RunnerMemory::from_annotation(&v2)
+            RunnerMemory::from_annotation(&old)
                 .unwrap_err()
-                .contains("version 2")
+                .contains("version 1")
         );
         let auto = text.replace("expertSwap", "auto");
         assert!(RunnerMemory::from_annotation(&auto).is_err());
@@ -960,25 +998,6 @@ mod tests {
             resolve_mode(MemoryMode::Resident, &all, budget(24)),
             MemoryMode::Resident
         );
-        let sized = [(&p, job(832, 480, 81))];
-        assert!(resolve_tiling(
-            VaeTiling::Auto,
-            &sized,
-            MemoryMode::ModelOffload,
-            budget(24)
-        ));
-        assert!(!resolve_tiling(
-            VaeTiling::Auto,
-            &sized,
-            MemoryMode::ModelOffload,
-            budget(80)
-        ));
-        assert!(!resolve_tiling(
-            VaeTiling::Off,
-            &sized,
-            MemoryMode::ModelOffload,
-            budget(24)
-        ));
         assert_eq!(
             usable_bytes(24 << 30),
             (24 << 30) - (24 << 30) / 20 - (512 << 20)

@@ -54,6 +54,7 @@ fn main() -> anyhow::Result<()> {
         steps: num(3, 8)?,
         cfg: 1.0,
         seed: num(4, 0)?,
+        vae_tiling: None,
     };
     let outcome = run_job(&mut pipeline, &device, &job, out.as_ref(), |p| {
         eprintln!("{} {}/{}", p.stage.as_str(), p.step, p.total_steps);

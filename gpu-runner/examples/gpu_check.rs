@@ -3,15 +3,16 @@
 //! a 14B AllInOne text-to-video file with umT5-XXL and the Wan VAE.
 //!
 //!     gpu_check MODELS_DIR [--jobs N] [--sizes 832x480x81,1280x720x81] [--caps 80G,48G,24G]
-//!               [--steps N] [--diffusers PYTHON --diffusers-script PATH] [--show-refusal]
-//!               [--tiny]
+//!               [--modes auto] [--steps N] [--diffusers PYTHON --diffusers-script PATH]
+//!               [--show-refusal] [--tiny]
 //!
 //! For each memory cap (the GPU limited to that many bytes by a ballast allocation, standing for
 //! a smaller card) and each size: N jobs alternating the two models on one Shared model cache,
-//! in the memory mode `auto` picks for the cap. A cap where no mode fits a model's largest part
-//! is reported as refused and not run; with `--show-refusal` (on a GPU) one job of that model
-//! is forced through it anyway, in model-offload (the mode that needs least), and must fail for
-//! memory. Prints one line per job and one table row per model and stage: peak allocated and
+//! in the memory mode `auto` picks for the cap (or in each of `--modes`), each job's VAE tiled
+//! as a runner's fit check decides (`RunnerMemory::tiles`). A size the fit check refuses under a
+//! cap is reported with its refusal and not run; with `--show-refusal` (on a GPU) the first such
+//! job of each cap and mode is forced through anyway, in that mode, and must fail for memory.
+//! Prints one line per job and one table row per model and stage: peak allocated and
 //! reserved (max, and the spread of reserved across jobs), seconds, part-load seconds, retries
 //! and OOMs; per model the switch time (from the files, and from host memory when the runner's
 //! host budget holds both models) and seconds per denoising step, and with `--diffusers`
@@ -27,15 +28,18 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, bail, ensure};
-use framelane_core::memory::{ModeWeights, auto_mode, usable_bytes};
+use framelane_api::GenerationMode;
+use framelane_core::memory::{
+    ANNOTATION_VERSION, JobSize, ModelProfile, RunnerMemory, fits, resolve_mode, usable_bytes,
+};
 use framelane_runner::cache::{LaneMode, LoadedFrom, ModelCache, ModelRef};
 use framelane_runner::check::check_models;
 use framelane_runner::generate::{JobRequest, Stage, run_job};
 use framelane_runner::memory::{RunnerDevice, default_host_budget};
-use framelane_runner::placement::{MemoryMode, PartBytes, VaeTiling};
+use framelane_runner::placement::{MemoryMode, VaeTiling};
 use framelane_runner::profile::model_profile;
 use framelane_runner::sampler::StepControl;
-use framelane_runner::wan::pipeline::{MemoryPlan, Mode, Precision, WanPipeline};
+use framelane_runner::wan::pipeline::{MemoryPlan, Mode, Precision};
 use tch::{Kind, Tensor};
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -48,6 +52,8 @@ struct Args {
     jobs: u32,
     sizes: Vec<(u32, u32, u32)>,
     caps: Vec<u64>,
+    /// The memory modes run under each cap (`auto`: the one a runner picks for it).
+    modes: Vec<MemoryMode>,
     steps: u32,
     /// The Python and the path of scripts/gpu_check_diffusers.py (passed in: a binary built
     /// elsewhere and carried to the GPU machine finds no source tree at its build path).
@@ -61,7 +67,8 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut parsed = Args {
         root: PathBuf::from(args.next().context(
             "usage: gpu_check MODELS_DIR [--jobs N] [--sizes WxHxF,..] [--caps 80G,..] \
-             [--steps N] [--diffusers PYTHON --diffusers-script PATH] [--show-refusal] [--tiny]",
+             [--modes auto,..] [--steps N] [--diffusers PYTHON --diffusers-script PATH] \
+             [--show-refusal] [--tiny]",
         )?),
         jobs: 20,
         sizes: vec![(832, 480, 81), (1280, 720, 81)],
@@ -69,6 +76,7 @@ fn parse_args() -> anyhow::Result<Args> {
             .iter()
             .map(|c| bytes(c))
             .collect::<anyhow::Result<_>>()?,
+        modes: vec![MemoryMode::Auto],
         steps: 4,
         diffusers: None,
         show_refusal: false,
@@ -94,6 +102,17 @@ fn parse_args() -> anyhow::Result<Args> {
                 parsed.caps = value()?
                     .split(',')
                     .map(bytes)
+                    .collect::<anyhow::Result<_>>()?
+            }
+            "--modes" => {
+                parsed.modes = value()?
+                    .split(',')
+                    .map(|m| {
+                        MemoryMode::from_flag(m).with_context(|| {
+                            let all = MemoryMode::ALL.map(MemoryMode::flag).join(", ");
+                            format!("--modes: {m:?} is not one of {all}")
+                        })
+                    })
                     .collect::<anyhow::Result<_>>()?
             }
             "--diffusers" => python = Some(value()?),
@@ -164,39 +183,62 @@ fn main() -> anyhow::Result<()> {
     let models = check_models(&args.root);
     let image = std::fs::read(args.root.join("inputs/first-frame.png"))
         .context("MODELS_DIR has no inputs/first-frame.png (make_full_size_wan.py writes it)")?;
-    let mut bytes: Vec<PartBytes> = Vec::new();
-    let mut weights: Vec<ModeWeights> = Vec::new();
+    // What a runner reads at start, for `auto` and its fit check.
+    let mut profiles = BTreeMap::new();
     for (r, _) in &models {
-        bytes.push(WanPipeline::part_bytes(&r.spec, Precision::BFLOAT16)?);
-        // What `auto` weighs, read as a runner reads it at start.
-        weights
-            .push(model_profile(&r.spec.files, Precision::BFLOAT16, device.device)?.mode_weights());
+        profiles.insert(
+            r.model.clone(),
+            model_profile(&r.spec.files, Precision::BFLOAT16, device.device)?,
+        );
     }
+    let all: Vec<&ModelProfile> = profiles.values().collect();
     let conf = std::env::var("PYTORCH_CUDA_ALLOC_CONF").unwrap_or_else(|_| "(unset)".into());
     let mut failed = Vec::new();
-    for &cap in &args.caps {
+    for (&cap, &requested) in args
+        .caps
+        .iter()
+        .flat_map(|cap| args.modes.iter().map(move |mode| (cap, mode)))
+    {
         let budget = usable_bytes(cap);
-        if let Some(i) = bytes.iter().position(|b| b.largest() > budget) {
-            println!(
-                "\ncap {:.3} GB: refused, no mode fits: {}'s largest part is {:.3} GB in bfloat16, \
-                 more than the {:.3} GB usable",
-                cap as f64 / 1e9,
-                models[i].1,
-                bytes[i].largest() as f64 / 1e9,
-                budget as f64 / 1e9
-            );
-            if args.show_refusal {
-                let size = args.sizes[0];
-                if let Err(e) = show_refusal(&args, &device, &models[i].0, &image, cap, size) {
-                    failed.push(format!("cap {:.3} GB, {size:?}: {e}", cap as f64 / 1e9));
-                }
-            }
-            continue;
-        }
-        // The lane's mode: what a Shared runner of both models resolves `auto` to under the cap.
-        let mode = auto_mode(&weights, budget);
+        // The lane's mode (under `auto`, what a Shared runner of both models resolves it to
+        // under the cap), and what that runner reports and checks each job against (its VAE
+        // tiling as it decides per job).
+        let fit = RunnerMemory {
+            v: ANNOTATION_VERSION,
+            device_bytes: cap,
+            budget_bytes: budget,
+            mode: resolve_mode(requested, &all, budget),
+            vae_tiling: VaeTiling::Auto,
+            models: profiles.clone(),
+        };
+        let mut shown = !args.show_refusal;
         for &size in &args.sizes {
-            let rows = run_config(&args, &device, &models, &image, cap, mode, size, &conf)?;
+            let refused: Vec<(&ModelRef, String)> = models
+                .iter()
+                .filter_map(|(r, _)| {
+                    let job = job_size(r, size);
+                    let refused = fits(&fit, &r.model, &job).err()?;
+                    Some((r, refused.message(&job, "gpu-check")))
+                })
+                .collect();
+            for (r, why) in &refused {
+                println!(
+                    "\ncap {:.3} GB, mode {:?}, {size:?}: the fit check refuses {}: {why}",
+                    cap as f64 / 1e9,
+                    fit.mode,
+                    r.model
+                );
+            }
+            if let Some((r, _)) = refused.first() {
+                if !shown {
+                    shown = true;
+                    if let Err(e) = show_refusal(&args, &device, r, &image, &fit, size) {
+                        failed.push(format!("cap {:.3} GB, {size:?}: {e}", cap as f64 / 1e9));
+                    }
+                }
+                continue;
+            }
+            let rows = run_config(&args, &device, &models, &image, &fit, size, &conf)?;
             for (model, row) in &rows {
                 failed.extend(
                     row.failures
@@ -204,6 +246,7 @@ fn main() -> anyhow::Result<()> {
                         .map(|f| format!("cap {:.3} GB, {size:?}, {model}: {f}", cap as f64 / 1e9)),
                 );
             }
+            let mode = fit.mode;
             if let Some((python, script)) = &args.diffusers {
                 for (r, kind) in &models {
                     let row = &rows[&r.model];
@@ -230,17 +273,16 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 fn run_config(
     args: &Args,
     device: &RunnerDevice,
     models: &[(ModelRef, &'static str)],
     image: &[u8],
-    cap: u64,
-    mode: MemoryMode,
+    fit: &RunnerMemory,
     (width, height, frames): (u32, u32, u32),
     conf: &str,
 ) -> anyhow::Result<BTreeMap<String, Row>> {
+    let (cap, mode) = (fit.device_bytes, fit.mode);
     let ballast = ballast(device, cap)?;
     let baseline = device.stats()?.reserved_current;
     println!(
@@ -278,7 +320,7 @@ fn run_config(
         let (switch, from) = (cache.last_load_seconds(), cache.last_load_from());
         let host_bytes = cache.host_bytes();
         let pipeline = cache.get(&r.model)?;
-        let request = job_request(r, i, image, (width, height, frames), args.steps);
+        let request = job_request(r, i, image, (width, height, frames), args.steps, fit);
         let started = Instant::now();
         let mut step_ends = Vec::new();
         let outcome = run_job(pipeline, device, &request, &out, |p| {
@@ -413,12 +455,14 @@ fn ballast(device: &RunnerDevice, cap: u64) -> anyhow::Result<Option<Tensor>> {
     )))
 }
 
+/// Job `i` of `r`, its VAE tiled as a runner reporting `fit` would tile it.
 fn job_request(
     r: &ModelRef,
     i: u32,
     image: &[u8],
     (width, height, frames): (u32, u32, u32),
     steps: u32,
+    fit: &RunnerMemory,
 ) -> JobRequest {
     JobRequest {
         namespace: "gpu-check".into(),
@@ -434,25 +478,41 @@ fn job_request(
         steps,
         cfg: 1.0,
         seed: i,
+        vae_tiling: Some(fit.tiles(&r.model, &job_size(r, (width, height, frames)))),
     }
 }
 
-/// A cap refused for `r` (no mode fits its largest part), forced: one job in model-offload
-/// under the ballast, which must fail for memory. Not shown on the CPU (no ballast).
+/// The size of a job of `r` as the fit check weighs it (cfg 1: one prompt).
+fn job_size(r: &ModelRef, (width, height, frames): (u32, u32, u32)) -> JobSize {
+    JobSize {
+        width: width.into(),
+        height: height.into(),
+        frames: frames.into(),
+        guided: false,
+        mode: match r.modes[0] {
+            Mode::ImageToVideo => GenerationMode::I2v,
+            Mode::TextToVideo => GenerationMode::T2v,
+        },
+    }
+}
+
+/// A job of `r` the fit check refuses under a runner reporting `fit`, forced: one job in
+/// that runner's mode and tiling under the ballast, which must fail for memory. Not shown on
+/// the CPU (no ballast).
 fn show_refusal(
     args: &Args,
     device: &RunnerDevice,
     r: &ModelRef,
     image: &[u8],
-    cap: u64,
+    fit: &RunnerMemory,
     size: (u32, u32, u32),
 ) -> anyhow::Result<()> {
-    let Some(ballast) = ballast(device, cap)? else {
+    let Some(ballast) = ballast(device, fit.device_bytes)? else {
         println!("  the refusal is not shown on the CPU (no ballast to stand for a smaller card)");
         return Ok(());
     };
     let plan = MemoryPlan {
-        mode: MemoryMode::ModelOffload,
+        mode: fit.mode,
         vae_tiling: VaeTiling::Auto,
         ..MemoryPlan::default()
     };
@@ -468,7 +528,7 @@ fn show_refusal(
         run_job(
             pipeline,
             device,
-            &job_request(r, 0, image, size, args.steps),
+            &job_request(r, 0, image, size, args.steps, fit),
             &out,
             |_| StepControl::Continue,
         )
@@ -486,18 +546,20 @@ fn show_refusal(
     match failure {
         Some(why) if ooms > 0 || why.contains("out of memory") => {
             println!(
-                "  forced in model-offload, {} fails as refused ({ooms} OOMs): {why}",
+                "  forced in {}, {} fails as refused ({ooms} OOMs): {why}",
+                fit.mode.as_str(),
                 r.model
             );
             Ok(())
         }
         Some(why) => bail!(
-            "{} forced under a refused cap failed, not for memory: {why}",
+            "{} forced where the fit check refuses it failed, not for memory: {why}",
             r.model
         ),
         None => bail!(
-            "{} ran in model-offload under a cap the check refuses",
-            r.model
+            "{} ran in {} where the fit check refuses it",
+            r.model,
+            fit.mode.as_str()
         ),
     }
 }

@@ -3,24 +3,28 @@
 # full-size Wan 2.2 A14B image to video (two 14B experts) and a 14B AllInOne text-to-video
 # model with umT5-XXL and the Wan VAE, random weights written here (make_full_size_wan.py, fp8
 # on disk, about 49 GB). For each size and each memory cap standing for a smaller card:
-# N jobs alternating the two models on one Shared runner in the mode `auto` picks, with
-# expandable_segments on and then off. Records per stage peak allocated/reserved, seconds,
-# OOMs and retries, the switch time, and seconds per denoising step against diffusers in the
-# same mode. Fails on any OOM or retry, or a stage's peak reserved varying by more than 2 %.
+# N jobs alternating the two models on one Shared runner in the mode `auto` picks, each job's
+# VAE tiled as the runner's fit check decides, with expandable_segments on and then off. A size
+# the fit check refuses under a cap is not run. Records per stage peak allocated/reserved,
+# seconds, OOMs and retries, the switch time, and seconds per denoising step against diffusers
+# in the same mode. Fails on any OOM or retry, or a stage's peak reserved varying by more than
+# 2 %.
 #
 #   gpu-runner/scripts/gpu-check.sh [--jobs N] [--sizes WxHxF,..] [--caps 80G,48G,24G]
-#       [--steps N] [--allocs expandable_segments:True,..] [--bundle DIR | --binary PATH]
-#       [--work DIR] [--no-diffusers] [--show-refusal] [--tiny]
+#       [--modes auto,..] [--steps N] [--allocs expandable_segments:True,..]
+#       [--bundle DIR | --binary PATH] [--work DIR] [--no-diffusers] [--show-refusal] [--tiny]
 #
 # --bundle: what gpu-check-bundle.sh made here for a GPU machine without network or Rust: the
 #   gpu_check binary, and wheels (diffusers) installed under WORK/site for this run only.
 # --binary: a gpu_check built elsewhere (else it is built here with cargo).
 # --allocs: the PYTORCH_CUDA_ALLOC_CONF settings to run, in order (default: expandable
 #   segments on, then off).
-# --show-refusal: under a cap the check refuses (no mode fits a model's largest part), force
-#   one job of that model in model-offload anyway; it must fail for memory (GPU only).
-# --tiny: the CPU dry run: tiny models, sizes and caps (590M,580M,572M pick each mode: a cap's
-#   usable bytes are the cap less 5 % and 512 MiB, as a runner counts them).
+# --modes: the memory modes to run under each cap (resident, expert-swap, model-offload;
+#   default auto: the one a runner picks for the cap).
+# --show-refusal: where the fit check refuses a job, force the first such one of each cap and
+#   mode anyway; it must fail for memory (GPU only).
+# --tiny: the CPU dry run: tiny models and sizes, each mode under one cap of 620M (a cap's
+#   usable bytes are the cap less 5 % and 512 MiB, as a runner counts them: 52 MB here).
 # diffusers and transformers must import in the torch Python (FRAMELANE_TORCH_PYTHON, else
 # python3): the lent GPU machines lack diffusers alone, which --bundle brings.
 set -euo pipefail
@@ -28,6 +32,7 @@ set -euo pipefail
 JOBS=20
 SIZES="832x480x81,1280x720x81"
 CAPS="80G,48G,24G"
+MODES="auto"
 STEPS=4
 BINARY=""
 BUNDLE=""
@@ -38,12 +43,13 @@ TINY=""
 SHOW_REFUSAL=""
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 
-usage() { sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --jobs) JOBS="$2"; shift 2 ;;
     --sizes) SIZES="$2"; shift 2 ;;
     --caps) CAPS="$2"; shift 2 ;;
+    --modes) MODES="$2"; shift 2 ;;
     --steps) STEPS="$2"; shift 2 ;;
     --binary) BINARY="$2"; shift 2 ;;
     --bundle) BUNDLE="$2"; BINARY="$2/gpu_check"; shift 2 ;;
@@ -51,7 +57,7 @@ while [[ $# -gt 0 ]]; do
     --work) WORK="$2"; shift 2 ;;
     --no-diffusers) DIFFUSERS=0; shift ;;
     --show-refusal) SHOW_REFUSAL=1; shift ;;
-    --tiny) TINY=1; SIZES="64x48x9,96x64x17"; CAPS="590M,580M,572M"; shift ;;
+    --tiny) TINY=1; SIZES="64x48x9,96x64x17"; CAPS="620M"; MODES="resident,expert-swap,model-offload"; shift ;;
     -h|--help) usage 0 ;;
     *) echo "gpu-check: unknown argument $1" >&2; usage 2 ;;
   esac
@@ -93,7 +99,7 @@ if [[ ! -f "$MODELS/.complete" ]]; then
   echo "gpu-check: models written in $((SECONDS - started)) s ($(du -sh "$MODELS" | cut -f1))"
 fi
 
-ARGS=(--jobs "$JOBS" --sizes "$SIZES" --caps "$CAPS" --steps "$STEPS" ${TINY:+--tiny}
+ARGS=(--jobs "$JOBS" --sizes "$SIZES" --caps "$CAPS" --modes "$MODES" --steps "$STEPS" ${TINY:+--tiny}
   ${SHOW_REFUSAL:+--show-refusal})
 ((DIFFUSERS)) && ARGS+=(--diffusers "$PY" --diffusers-script "$ROOT/gpu-runner/scripts/gpu_check_diffusers.py")
 status=0

@@ -30,6 +30,10 @@ pub struct JobRequest {
     /// Classifier-free guidance; 1.0 skips the unconditional pass.
     pub cfg: f64,
     pub seed: u32,
+    /// Whether the VAE tiles this job, as the runner's fit check decided
+    /// (`framelane_core::memory::RunnerMemory::tiles`); `None`: the model's
+    /// `MemoryPlan::vae_tiling` decides per pass.
+    pub vae_tiling: Option<bool>,
 }
 
 /// Where a job is; the names are `status.progress.stage` values.
@@ -143,6 +147,7 @@ pub fn run_job(
     // Every tensor of the job lives inside `frames_for`; libtorch errors that tch raises as
     // panics are caught so the runner stays up.
     model.take_stages();
+    model.set_job_tiling(job.vae_tiling);
     // The stage a panic (an out-of-memory error among them) is reported in: the last one
     // begun.
     let stage = std::cell::Cell::new(Stage::EncodingPrompt);

@@ -125,6 +125,7 @@ pub fn request_for(job: &VideoJob, model: &VideoModel) -> JobRequest {
         steps: model.spec.fixed_parameters.steps.max(1) as u32,
         cfg: model.spec.fixed_parameters.cfg.or(spec.cfg).unwrap_or(1.0),
         seed: u32::try_from(seed).unwrap_or(u32::MAX),
+        vae_tiling: None,
     }
 }
 

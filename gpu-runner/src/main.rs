@@ -29,8 +29,7 @@ use framelane_runner::{
     job::{model_ref, output_for, request_for},
     memory::{RunnerDevice, default_host_budget},
     metrics::{MemoryLabels, Metrics, ResultLabels},
-    placement::VaeTiling,
-    profile::{MemoryArgs, refusal, runner_memory},
+    profile::{MemoryArgs, fit_job, runner_memory},
     sampler::StepControl,
     wan::pipeline::{MemoryPlan, Precision},
 };
@@ -160,36 +159,30 @@ async fn main() -> anyhow::Result<()> {
         allocated_bytes = device.stats()?.allocated_current,
         "runner starting"
     );
-    let fit = runner_memory(&args.memory, &device, &models, &refs, precision)
+    let fit = runner_memory(&args.memory, &device, &refs, precision)
         .context("reading the models' shapes for the fit check")?;
-    // The mode the runner reports (resolved with the device's budget) is the one it runs in.
-    let plan = match &fit {
+    // The mode the runner reports (resolved with the device's budget) is the one it runs in;
+    // under `auto` tiling, each job tiles as its fit check decided (see `Worker::run`).
+    let memory_mode = match &fit {
         Some(fit) => {
             tracing::info!(
                 device_bytes = fit.device_bytes,
                 budget_bytes = fit.budget_bytes,
                 mode = fit.mode.as_str(),
-                vae_tiling = fit.vae_tiling,
+                vae_tiling = fit.vae_tiling.as_str(),
                 "fit check"
             );
-            MemoryPlan {
-                mode: fit.mode,
-                vae_tiling: if fit.vae_tiling {
-                    VaeTiling::On
-                } else {
-                    VaeTiling::Off
-                },
-                ..MemoryPlan::default()
-            }
+            fit.mode
         }
         None => {
             tracing::info!("device memory unknown: no fit check (see --device-memory-bytes)");
-            MemoryPlan {
-                mode: args.memory.memory_mode,
-                vae_tiling: args.memory.vae_tiling,
-                ..MemoryPlan::default()
-            }
+            args.memory.memory_mode
         }
+    };
+    let plan = MemoryPlan {
+        mode: memory_mode,
+        vae_tiling: args.memory.vae_tiling,
+        ..MemoryPlan::default()
     };
     let host_budget = args
         .memory
@@ -297,17 +290,23 @@ impl Worker {
             return;
         };
         // A job admitted before this lane's runners reported their memory is checked here,
-        // before the GPU is touched.
-        if let Some(message) = self
+        // before the GPU is touched; one that fits runs with the VAE tiling it was weighed with.
+        let fitted = self
             .fit
             .as_ref()
-            .and_then(|fit| refusal(fit, &job, &model, &self.lane))
-        {
-            self.fail(claimed, JobReason::DoesNotFit, &message, None, &name)
-                .await;
-            return;
-        }
-        let mut request = request_for(&job, &model);
+            .map(|fit| fit_job(fit, &job, &model, &self.lane));
+        let vae_tiling = match fitted.transpose() {
+            Ok(tiles) => tiles,
+            Err(message) => {
+                self.fail(claimed, JobReason::DoesNotFit, &message, None, &name)
+                    .await;
+                return;
+            }
+        };
+        let mut request = JobRequest {
+            vae_tiling,
+            ..request_for(&job, &model)
+        };
         if let Some(image) = &job.spec.image {
             match read_image(image, &self.models_dir, &self.image_url_hosts).await {
                 Ok(bytes) => request.image = Some(bytes),

@@ -12,7 +12,7 @@ use framelane_api::{
 };
 use framelane_core::memory::{
     ANNOTATION_VERSION, JobSize, ModelProfile, RunnerMemory, TextEncoderShape, TransformerShape,
-    VaeShape, fits, resolve_mode, resolve_tiling, usable_bytes,
+    VaeShape, fits, resolve_mode, usable_bytes,
 };
 use kube::ResourceExt;
 
@@ -208,7 +208,6 @@ fn has_second_transformer(dir: &Path) -> Result<bool, ProfileError> {
 pub fn runner_memory(
     args: &MemoryArgs,
     device: &RunnerDevice,
-    models: &[VideoModel],
     refs: &[ModelRef],
     precision: Precision,
 ) -> Result<Option<RunnerMemory>, ProfileError> {
@@ -232,32 +231,28 @@ pub fn runner_memory(
     }
     let all: Vec<&ModelProfile> = profiles.values().collect();
     let mode = resolve_mode(args.memory_mode, &all, budget);
-    let defaults: Vec<(&ModelProfile, JobSize)> = models
-        .iter()
-        .filter_map(|m| Some((profiles.get(&m.name_any())?, JobSize::defaults(m))))
-        .collect();
-    let vae_tiling = resolve_tiling(args.vae_tiling, &defaults, mode, budget);
     Ok(Some(RunnerMemory {
         v: ANNOTATION_VERSION,
         device_bytes,
         budget_bytes: budget,
         mode,
-        vae_tiling,
+        vae_tiling: args.vae_tiling,
         models: profiles,
     }))
 }
 
-/// Why this runner must not run `job` of `model`: its estimate does not fit the budget.
-pub fn refusal(
+/// How this runner runs `job` of `model`: whether its VAE tiles, as the fit check weighs it;
+/// or why it must not run it: its estimate does not fit the budget.
+pub fn fit_job(
     memory: &RunnerMemory,
     job: &VideoJob,
     model: &VideoModel,
     lane: &str,
-) -> Option<String> {
+) -> Result<bool, String> {
     let size = JobSize::of(&job.spec, model);
-    fits(memory, &model.name_any(), &size)
-        .err()
-        .map(|refused| refused.message(&size, lane))
+    let name = model.name_any();
+    fits(memory, &name, &size).map_err(|refused| refused.message(&size, lane))?;
+    Ok(memory.tiles(&name, &size))
 }
 
 #[cfg(test)]

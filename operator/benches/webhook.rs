@@ -31,7 +31,11 @@ mod support;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use framelane_api::{VideoJob, modellane::MemoryMode, wellknown::LABEL_LANE};
+use framelane_api::{
+    VideoJob,
+    modellane::{MemoryMode, VaeTiling},
+    wellknown::LABEL_LANE,
+};
 use futures::{StreamExt, stream};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{
@@ -312,7 +316,12 @@ async fn fit_check_on(
     admitted: &str,
 ) -> Result<()> {
     let lane = fx.scoped("anisora");
-    let runner = fx.memory_runner("bench-runner-0", &lane, model, MemoryMode::Resident);
+    let runner = fx.memory_runner(
+        "bench-runner-0",
+        &lane,
+        model,
+        (MemoryMode::Resident, VaeTiling::Off),
+    );
     fx.until_ready_runners(&lane, 1).await?;
     let too_large =
         json!({"model": model, "prompt": "a cat", "width": 1280, "height": 720, "frames": 81});

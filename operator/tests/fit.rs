@@ -8,7 +8,7 @@ mod support;
 use anyhow::{Result, ensure};
 use framelane_api::{
     VideoJob,
-    modellane::MemoryMode,
+    modellane::{MemoryMode, VaeTiling},
     videojob::JobPhase,
     wellknown::{ANNOTATION_MEMORY, LABEL_LANE, LABEL_RUNNER},
 };
@@ -104,7 +104,12 @@ async fn a_job_too_large_for_the_lanes_gpu_is_refused_with_the_limit_and_what_fi
         .await?;
     until_queued(&fx, "early").await?;
 
-    let _runner = fx.memory_runner("runner-0", &lane, &model, MemoryMode::Resident);
+    let _runner = fx.memory_runner(
+        "runner-0",
+        &lane,
+        &model,
+        (MemoryMode::Resident, VaeTiling::Off),
+    );
     fx.until_ready_runners(&lane, 1).await?;
     let refused = match fx
         .jobs
@@ -163,6 +168,46 @@ async fn a_job_too_large_for_the_lanes_gpu_is_refused_with_the_limit_and_what_fi
 }
 
 #[tokio::test]
+async fn a_lane_that_tiles_when_needed_admits_what_only_fits_tiled() -> Result<()> {
+    let (fx, model, lane, _operator) = resident_lane("fit-tiles").await?;
+    // All resident on 80 GiB, 1280x720x81 decodes only in tiles: an `auto` runner (the
+    // default) tiles that job and admits it.
+    let _auto = fx.memory_runner(
+        "runner-0",
+        &lane,
+        &model,
+        (MemoryMode::Resident, VaeTiling::Auto),
+    );
+    fx.until_ready_runners(&lane, 1).await?;
+    fx.jobs
+        .create(
+            &PostParams::default(),
+            &sized("auto", &model, 1280, 720, 81),
+        )
+        .await?;
+    until_queued(&fx, "auto").await?;
+    // With an `off` runner beside it (either may claim the job), it is refused.
+    let _off = fx.memory_runner(
+        "runner-1",
+        &lane,
+        &model,
+        (MemoryMode::Resident, VaeTiling::Off),
+    );
+    fx.until_ready_runners(&lane, 2).await?;
+    let refused = fx
+        .jobs
+        .create(&PostParams::default(), &sized("off", &model, 1280, 720, 81))
+        .await
+        .err();
+    ensure!(
+        matches!(&refused, Some(kube::Error::Api(s)) if s.code == 422
+            && s.message.contains("to decode 1280x720x81 in memory mode resident;")),
+        "an untiled runner refuses 1280x720x81: {refused:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn model_offload_admits_what_the_same_gpu_refuses_resident() -> Result<()> {
     let fx = Fixture::new("fit-modes").await?;
     // The same model twice, each with its lane: one resident, one offloading.
@@ -189,13 +234,13 @@ async fn model_offload_admits_what_the_same_gpu_refuses_resident() -> Result<()>
         "resident-0",
         &resident,
         &resident_model,
-        MemoryMode::Resident,
+        (MemoryMode::Resident, VaeTiling::Off),
     );
     let _offload = fx.memory_runner(
         "offload-0",
         &offload,
         &offload_model,
-        MemoryMode::ModelOffload,
+        (MemoryMode::ModelOffload, VaeTiling::Off),
     );
     fx.until_ready_runners(&resident, 1).await?;
     fx.until_ready_runners(&offload, 1).await?;
@@ -237,14 +282,19 @@ async fn a_stale_heartbeat_refuses_nothing() -> Result<()> {
         device_bytes: 24 * GIB,
         budget_bytes: usable_bytes(24 * GIB),
         mode: MemoryMode::Resident,
-        vae_tiling: false,
+        vae_tiling: VaeTiling::Off,
         models: [(model.clone(), ModelProfile::wan22_a14b_i2v())].into(),
     };
     let an_hour_ago = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(1);
     heartbeat(&fx, "gone-0", &lane, small.to_annotation(), an_hour_ago, 15).await?;
     // A live runner on an 80 GiB GPU: once the lane counts it, the operator has read both
     // Leases (one watch, in order).
-    let _runner = fx.memory_runner("runner-0", &lane, &model, MemoryMode::Resident);
+    let _runner = fx.memory_runner(
+        "runner-0",
+        &lane,
+        &model,
+        (MemoryMode::Resident, VaeTiling::Off),
+    );
     fx.until_ready_runners(&lane, 1).await?;
     // 832x480x81 fits 80 GiB resident, not 24 GiB: only the live runner counts.
     fx.jobs

@@ -558,6 +558,9 @@ pub struct WanPipeline {
     stages: Vec<StageMemoryReport>,
     /// Whether a VAE pass of the running job was tiled.
     tiled: bool,
+    /// Whether the running job's VAE passes tile, decided before it ran
+    /// ([`WanPipeline::set_job_tiling`]); `None`: `vae_tiling` decides per pass.
+    job_tiling: Option<bool>,
 }
 
 impl WanPipeline {
@@ -675,6 +678,7 @@ impl WanPipeline {
             device,
             stages: Vec::new(),
             tiled: false,
+            job_tiling: None,
         })
     }
 
@@ -762,6 +766,12 @@ impl WanPipeline {
         let (files, vae_kind) = (&self.vae_files, self.precision.vae);
         self.vae
             .restore(|host| Ok(files.from_host(host, vae_kind, device)?))
+    }
+
+    /// Tiles the VAE passes of the job about to run, or not, whatever the plan's
+    /// `vae_tiling` (`None`: as it says).
+    pub fn set_job_tiling(&mut self, tiles: Option<bool>) {
+        self.job_tiling = tiles;
     }
 
     /// Whether a VAE pass since the last [`WanPipeline::take_stages`] was tiled.
@@ -1036,9 +1046,13 @@ impl WanPipeline {
         elements as u64 * self.precision.vae.elt_size_in_bytes() as u64 * UNTILED_VAE_TENSORS
     }
 
-    /// The tiles of a VAE pass, if it is tiled: by `--vae-tiling`, or under `auto` when an
+    /// The tiles of a VAE pass, if it is tiled: as decided for the job
+    /// ([`WanPipeline::set_job_tiling`]), else by `--vae-tiling`, or under `auto` when an
     /// untiled pass would not fit in the device memory left (free plus cached-but-unused).
     fn vae_tiles(&self, height: i64, width: i64) -> Result<Option<Tiling>, PipelineError> {
+        if let Some(tiles) = self.job_tiling {
+            return Ok(tiles.then(Tiling::default));
+        }
         let room = match self.device {
             Device::Cuda(index) => {
                 let (free, _) = accel::memory_info(index)?;

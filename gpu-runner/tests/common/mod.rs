@@ -105,6 +105,7 @@ pub fn job(model: &str, name: &str, seed: u32) -> JobRequest {
         steps,
         cfg: 1.0,
         seed,
+        vae_tiling: None,
     }
 }
 

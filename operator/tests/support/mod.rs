@@ -16,7 +16,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use framelane_api::modellane::MemoryMode;
+use framelane_api::modellane::{MemoryMode, VaeTiling};
 use framelane_api::{
     ModelLane, VideoJob, VideoModel,
     reasons::JobReason,
@@ -387,7 +387,7 @@ impl Fixture {
     }
 
     /// A runner of `lane` called `name` that only heartbeats, reporting an 80 GiB GPU serving
-    /// `model` (Wan 2.2 A14B's profile) in `mode` through the runner contract
+    /// `model` (Wan 2.2 A14B's profile) in `mode` and `vae_tiling` through the runner contract
     /// (`framelane.dev/memory`): the webhook's fit check then weighs that lane's jobs. It claims
     /// nothing, so admitted jobs stay Queued; it heartbeats until the handle is dropped.
     pub fn memory_runner(
@@ -395,7 +395,7 @@ impl Fixture {
         name: &str,
         lane: &str,
         model: &str,
-        mode: MemoryMode,
+        (mode, vae_tiling): (MemoryMode, VaeTiling),
     ) -> HeartbeatHandle {
         const GIB: u64 = 1 << 30;
         let memory = RunnerMemory {
@@ -403,7 +403,7 @@ impl Fixture {
             device_bytes: 80 * GIB,
             budget_bytes: usable_bytes(80 * GIB),
             mode,
-            vae_tiling: false,
+            vae_tiling,
             models: [(model.to_owned(), ModelProfile::wan22_a14b_i2v())].into(),
         };
         let runner = Runner::start(

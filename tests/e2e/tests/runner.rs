@@ -715,9 +715,11 @@ async fn a_partitioned_runners_late_video_is_refused_and_the_retrys_stays() -> R
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_runner_refuses_a_job_too_large_for_its_device_and_runs_the_next() -> Result<()> {
-    // 1,227,000,000 bytes leave 600 MiB usable: the tiny anisora's weights and a 256x256x9
-    // job (about 350 MiB on the CPU) fit, 512x512 (four times that) does not.
+async fn a_runner_refuses_a_job_too_large_for_its_device_and_tiles_one_that_needs_it() -> Result<()>
+{
+    // 1,227,000,000 bytes leave 600 MiB usable. The tiny anisora's weights and a 256x256x9
+    // job (about 350 MiB on the CPU) fit whole; 512x512x17 needs 650 MiB to encode its start
+    // image whole and 540 MiB in tiles; 768x768x33 does not fit even in tiles.
     let setup = Setup::start_with(
         "runner-fit",
         "Dedicated",
@@ -743,8 +745,18 @@ async fn a_runner_refuses_a_job_too_large_for_its_device_and_runs_the_next() -> 
     .with_context(|| setup.log_text())?;
     let report: Value = serde_json::from_str(&lease)?;
     assert_eq!(
-        (&report["v"], &report["deviceBytes"], &report["mode"]),
-        (&json!(1), &json!(1_227_000_000u64), &json!("resident")),
+        (
+            &report["v"],
+            &report["deviceBytes"],
+            &report["mode"],
+            &report["vaeTiling"]
+        ),
+        (
+            &json!(2),
+            &json!(1_227_000_000u64),
+            &json!("resident"),
+            &json!("auto")
+        ),
         "{report}"
     );
     assert!(
@@ -753,13 +765,13 @@ async fn a_runner_refuses_a_job_too_large_for_its_device_and_runs_the_next() -> 
     );
 
     let large = json!({"model": model, "mode": "i2v", "image": FIRST_FRAME, "prompt": "a fox",
-        "width": 512, "height": 512, "frames": 17});
+        "width": 768, "height": 768, "frames": 33});
     setup.create_job("large", large).await?;
     let (reason, message) = setup.wait_failed("large", 120).await?;
     assert_eq!(reason, JobReason::DoesNotFit.as_str());
     assert!(
         message.starts_with("needs ")
-            && message.contains("512x512x17 in memory mode resident")
+            && message.contains("768x768x33 in memory mode resident with the VAE tiled;")
             && message.contains("runners have 0.6 GiB usable; the largest that fit: "),
         "{message}"
     );
@@ -775,6 +787,18 @@ async fn a_runner_refuses_a_job_too_large_for_its_device_and_runs_the_next() -> 
     let small = json!({"model": model, "mode": "i2v", "image": FIRST_FRAME, "prompt": "a fox",
         "width": 256, "height": 256, "frames": 9});
     setup.create_job("small", small).await?;
-    setup.wait_succeeded(&["small"], 180).await?;
+    let tiled = json!({"model": model, "mode": "i2v", "image": FIRST_FRAME, "prompt": "a fox",
+        "width": 512, "height": 512, "frames": 17});
+    setup.create_job("tiled", tiled).await?;
+    let done = setup.wait_succeeded(&["small", "tiled"], 300).await?;
+    let tiled: Vec<Option<bool>> = done
+        .iter()
+        .map(|job| job.status.as_ref()?.memory.as_ref()?.vae_tiled)
+        .collect();
+    assert_eq!(
+        tiled,
+        [Some(false), Some(true)],
+        "only the larger job tiles"
+    );
     setup.stop().await
 }

@@ -23,6 +23,16 @@ pub const ANNOTATION_VERSION: u32 = 2;
 
 const GIB: f64 = (1u64 << 30) as f64;
 
+/// `bytes` for a message: in GiB with one decimal from 1 GiB, else in whole MiB (a CPU lane's
+/// or a test's budget would read 0.0 GiB).
+fn readable(bytes: u64) -> String {
+    if bytes as f64 >= GIB {
+        format!("{:.1} GiB", bytes as f64 / GIB)
+    } else {
+        format!("{} MiB", (bytes as f64 / (1 << 20) as f64).round())
+    }
+}
+
 /// What a runner reports in its heartbeat Lease's `framelane.dev/memory` annotation.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -594,8 +604,8 @@ impl DoesNotFit {
             format!("the largest that fit: {}", fits.join(" or "))
         };
         format!(
-            "needs {:.1} GiB to {} {}x{}x{} in memory mode {}{}; lane {lane}'s runners have {:.1} GiB usable; {fits}",
-            self.needs as f64 / GIB,
+            "needs {} to {} {}x{}x{} in memory mode {}{}; lane {lane}'s runners have {} usable; {fits}",
+            readable(self.needs),
             self.stage.verb(),
             size.width,
             size.height,
@@ -606,7 +616,7 @@ impl DoesNotFit {
             } else {
                 ""
             },
-            self.budget as f64 / GIB,
+            readable(self.budget),
         )
     }
 }
@@ -957,6 +967,15 @@ mod tests {
                 .contains("no size of this model fits")
         );
         assert!(fits(&memory, "other", &job(1280, 720, 81)).is_ok());
+        // A budget under 1 GiB (a CPU lane's, a test's) reads in MiB, not as 0.0 GiB.
+        let small = RunnerMemory {
+            budget_bytes: 600 << 20,
+            ..memory
+        };
+        let message = fits(&small, "anisora", &job(832, 480, 81))
+            .unwrap_err()
+            .message(&job(832, 480, 81), "a");
+        assert!(message.contains("runners have 600 MiB usable"), "{message}");
     }
 
     #[test]

@@ -772,7 +772,7 @@ async fn a_runner_refuses_a_job_too_large_for_its_device_and_tiles_one_that_need
     assert!(
         message.starts_with("needs ")
             && message.contains("768x768x33 in memory mode resident with the VAE tiled;")
-            && message.contains("runners have 0.6 GiB usable; the largest that fit: "),
+            && message.contains("runners have 600 MiB usable; the largest that fit: "),
         "{message}"
     );
     let generated = setup.log_lines().iter().any(|l| {

@@ -572,7 +572,8 @@ pub struct DoesNotFit {
     pub needs: u64,
     pub budget: u64,
     pub mode: MemoryMode,
-    /// Whether the estimate tiles the VAE (the largest sizes then do too).
+    /// Whether the estimate tiles the VAE (the largest sizes then do too); the message says
+    /// so when the VAE's stage is the one that does not fit.
     pub tiled: bool,
     /// The most frames at the job's width and height that fit, if any.
     pub frames: Option<u64>,
@@ -611,7 +612,8 @@ impl DoesNotFit {
             size.height,
             size.frames,
             self.mode.as_str(),
-            if self.tiled {
+            // Only where the VAE is what runs out: tiles change nothing while denoising.
+            if self.tiled && matches!(self.stage, Stage::ImageEncoding | Stage::Decoding) {
                 " with the VAE tiled"
             } else {
                 ""
@@ -836,13 +838,23 @@ mod tests {
         memory.vae_tiling = VaeTiling::Auto;
         memory.budget_bytes = peak(&large, true) - 1;
         let refused = fits(&memory, "anisora", &large).unwrap_err();
-        assert!(refused.tiled);
+        assert_eq!((refused.stage, refused.tiled), (Stage::Denoising, true));
+        // Denoising runs out, not the VAE: the message does not talk of tiles.
+        let message = refused.message(&large, "a");
         assert!(
-            refused
+            message.contains("to denoise 1280x720x81 in memory mode resident;"),
+            "{message}"
+        );
+        let decoding = DoesNotFit {
+            stage: Stage::Decoding,
+            ..refused.clone()
+        };
+        assert!(
+            decoding
                 .message(&large, "a")
-                .contains("in memory mode resident with the VAE tiled;"),
+                .contains("to decode 1280x720x81 in memory mode resident with the VAE tiled;"),
             "{}",
-            refused.message(&large, "a")
+            decoding.message(&large, "a")
         );
         let (w, h) = refused.area.expect("a smaller size fits");
         assert_eq!(

@@ -640,18 +640,18 @@ impl DoesNotFit {
     }
 }
 
-/// Whether `job` of `model` fits the runner that reported `memory`: `Ok` when it fits or
-/// the runner did not profile that model (nothing to decide from), else what it needs and
-/// the largest sizes that fit.
-pub fn fits(memory: &RunnerMemory, model: &str, job: &JobSize) -> Result<(), DoesNotFit> {
+/// Whether `job` of `model` fits the runner that reported `memory`: `Ok` with whether its
+/// VAE tiles ([`RunnerMemory::tiles`]) when it fits or the runner did not profile that model
+/// (nothing to decide from), else what it needs and the largest sizes that fit.
+pub fn fits(memory: &RunnerMemory, model: &str, job: &JobSize) -> Result<bool, DoesNotFit> {
+    let tiling = memory.tiles(model, job);
     let Some(profile) = memory.models.get(model) else {
-        return Ok(());
+        return Ok(tiling);
     };
     let (mode, budget) = (memory.mode, memory.budget_bytes);
-    let tiling = memory.tiles(model, job);
     let (stage, needs) = profile.estimate(job, mode, tiling).peak();
     if needs <= budget {
-        return Ok(());
+        return Ok(tiling);
     }
     Err(DoesNotFit {
         stage,
@@ -824,7 +824,7 @@ mod tests {
         memory.vae_tiling = VaeTiling::Auto;
         assert!(!memory.tiles("anisora", &small));
         assert!(memory.tiles("anisora", &large));
-        assert_eq!(fits(&memory, "anisora", &large), Ok(()));
+        assert_eq!(fits(&memory, "anisora", &large), Ok(true));
         // An unprofiled model: nothing to estimate from, no tiles.
         assert!(!memory.tiles("other", &large));
         // `off` refuses what `auto` runs tiled, `on` tiles every job.
@@ -867,7 +867,7 @@ mod tests {
                     ..large
                 }
             ),
-            Ok(())
+            Ok(true)
         );
     }
 

@@ -250,9 +250,7 @@ pub fn fit_job(
     lane: &str,
 ) -> Result<bool, String> {
     let size = JobSize::of(&job.spec, model);
-    let name = model.name_any();
-    fits(memory, &name, &size).map_err(|refused| refused.message(&size, lane))?;
-    Ok(memory.tiles(&name, &size))
+    fits(memory, &model.name_any(), &size).map_err(|refused| refused.message(&size, lane))
 }
 
 #[cfg(test)]

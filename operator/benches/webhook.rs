@@ -320,7 +320,8 @@ async fn fit_check_on(
         "bench-runner-0",
         &lane,
         model,
-        (MemoryMode::Resident, VaeTiling::Off),
+        MemoryMode::Resident,
+        VaeTiling::Off,
     );
     fx.until_ready_runners(&lane, 1).await?;
     let too_large =

@@ -108,7 +108,8 @@ async fn a_job_too_large_for_the_lanes_gpu_is_refused_with_the_limit_and_what_fi
         "runner-0",
         &lane,
         &model,
-        (MemoryMode::Resident, VaeTiling::Off),
+        MemoryMode::Resident,
+        VaeTiling::Off,
     );
     fx.until_ready_runners(&lane, 1).await?;
     let refused = match fx
@@ -176,7 +177,8 @@ async fn a_lane_that_tiles_when_needed_admits_what_only_fits_tiled() -> Result<(
         "runner-0",
         &lane,
         &model,
-        (MemoryMode::Resident, VaeTiling::Auto),
+        MemoryMode::Resident,
+        VaeTiling::Auto,
     );
     fx.until_ready_runners(&lane, 1).await?;
     fx.jobs
@@ -191,7 +193,8 @@ async fn a_lane_that_tiles_when_needed_admits_what_only_fits_tiled() -> Result<(
         "runner-1",
         &lane,
         &model,
-        (MemoryMode::Resident, VaeTiling::Off),
+        MemoryMode::Resident,
+        VaeTiling::Off,
     );
     fx.until_ready_runners(&lane, 2).await?;
     let refused = fx
@@ -234,13 +237,15 @@ async fn model_offload_admits_what_the_same_gpu_refuses_resident() -> Result<()>
         "resident-0",
         &resident,
         &resident_model,
-        (MemoryMode::Resident, VaeTiling::Off),
+        MemoryMode::Resident,
+        VaeTiling::Off,
     );
     let _offload = fx.memory_runner(
         "offload-0",
         &offload,
         &offload_model,
-        (MemoryMode::ModelOffload, VaeTiling::Off),
+        MemoryMode::ModelOffload,
+        VaeTiling::Off,
     );
     fx.until_ready_runners(&resident, 1).await?;
     fx.until_ready_runners(&offload, 1).await?;
@@ -293,7 +298,8 @@ async fn a_stale_heartbeat_refuses_nothing() -> Result<()> {
         "runner-0",
         &lane,
         &model,
-        (MemoryMode::Resident, VaeTiling::Off),
+        MemoryMode::Resident,
+        VaeTiling::Off,
     );
     fx.until_ready_runners(&lane, 1).await?;
     // 832x480x81 fits 80 GiB resident, not 24 GiB: only the live runner counts.

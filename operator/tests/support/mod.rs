@@ -395,7 +395,8 @@ impl Fixture {
         name: &str,
         lane: &str,
         model: &str,
-        (mode, vae_tiling): (MemoryMode, VaeTiling),
+        mode: MemoryMode,
+        vae_tiling: VaeTiling,
     ) -> HeartbeatHandle {
         const GIB: u64 = 1 << 30;
         let memory = RunnerMemory {

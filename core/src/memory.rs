@@ -81,7 +81,7 @@ impl RunnerMemory {
             VaeTiling::On => true,
             VaeTiling::Off => false,
             VaeTiling::Auto => self.models.get(model).is_some_and(|profile| {
-                profile.estimate(job, self.mode, false).peak().1 > self.budget_bytes
+                !profile.fits_in(job, self.mode, VaeTiling::Off, self.budget_bytes)
             }),
         }
     }
@@ -495,21 +495,30 @@ impl ModelProfile {
         }
     }
 
+    /// Whether `job`'s peak in `mode` fits `budget` with the VAE as `tiling` says: under
+    /// `auto`, whole or else tiled, as a runner runs it ([`RunnerMemory::tiles`]).
+    pub fn fits_in(&self, job: &JobSize, mode: MemoryMode, tiling: VaeTiling, budget: u64) -> bool {
+        let fits = |tiled| self.estimate(job, mode, tiled).peak().1 <= budget;
+        match tiling {
+            VaeTiling::On => fits(true),
+            VaeTiling::Off => fits(false),
+            VaeTiling::Auto => fits(false) || fits(true),
+        }
+    }
+
     /// The most frames (of the form 4k+1, at most `job.frames`) that fit `budget` at the
-    /// job's width and height; `None` if not even one frame does.
+    /// job's width and height ([`ModelProfile::fits_in`]); `None` if not even one frame does.
     pub fn most_frames(
         &self,
         job: &JobSize,
         mode: MemoryMode,
-        tiling: bool,
+        tiling: VaeTiling,
         budget: u64,
     ) -> Option<u64> {
         let step = self.vae.temporal_compression.max(1);
-        let fits = |frames| {
-            let size = JobSize { frames, ..*job };
-            self.estimate(&size, mode, tiling).peak().1 <= budget
-        };
-        // Every stage grows with the frames: bisect over k in frames = step * k + 1.
+        let fits = |frames| self.fits_in(&JobSize { frames, ..*job }, mode, tiling, budget);
+        // Every stage grows with the frames, tiled or not: bisect over k in
+        // frames = step * k + 1.
         let (mut lo, mut hi) = (0, (job.frames.max(1) - 1) / step);
         if !fits(1) {
             return None;
@@ -526,13 +535,13 @@ impl ModelProfile {
     }
 
     /// The largest width x height (multiples of 16, at most the job's, in its aspect ratio
-    /// as near as multiples of 16 allow) that fits `budget` at the job's frames; `None` if
-    /// not even 16x16 does.
+    /// as near as multiples of 16 allow) that fits `budget` at the job's frames
+    /// ([`ModelProfile::fits_in`]); `None` if not even 16x16 does.
     pub fn largest_area(
         &self,
         job: &JobSize,
         mode: MemoryMode,
-        tiling: bool,
+        tiling: VaeTiling,
         budget: u64,
     ) -> Option<(u64, u64)> {
         let scaled = |n: u64| {
@@ -546,7 +555,7 @@ impl ModelProfile {
                 height,
                 ..*job
             };
-            self.estimate(&size, mode, tiling).peak().1 <= budget
+            self.fits_in(&size, mode, tiling, budget)
         };
         // Scale both sides by n/64: bisect over n.
         let (mut lo, mut hi) = (1u64, 64u64);
@@ -572,12 +581,13 @@ pub struct DoesNotFit {
     pub needs: u64,
     pub budget: u64,
     pub mode: MemoryMode,
-    /// Whether the estimate tiles the VAE (the largest sizes then do too); the message says
-    /// so when the VAE's stage is the one that does not fit.
+    /// Whether the estimate tiles the VAE; the message says so when the VAE's stage is the
+    /// one that does not fit.
     pub tiled: bool,
-    /// The most frames at the job's width and height that fit, if any.
+    /// The most frames at the job's width and height that fit, if any (tiled or whole as the
+    /// runner would run that size).
     pub frames: Option<u64>,
-    /// The largest width x height at the job's frames that fits, if any.
+    /// The largest width x height at the job's frames that fits, if any (likewise).
     pub area: Option<(u64, u64)>,
 }
 
@@ -659,10 +669,10 @@ pub fn fits(memory: &RunnerMemory, model: &str, job: &JobSize) -> Result<bool, D
         budget,
         mode,
         tiled: tiling,
-        frames: profile.most_frames(job, mode, tiling, budget),
+        frames: profile.most_frames(job, mode, memory.vae_tiling, budget),
         // A size the VideoJob schema refuses is no fix.
         area: profile
-            .largest_area(job, mode, tiling, budget)
+            .largest_area(job, mode, memory.vae_tiling, budget)
             .filter(|&(w, h)| w.min(h) >= MIN_SIDE),
     })
 }
@@ -834,7 +844,7 @@ mod tests {
         assert!(!memory.tiles("anisora", &large));
         memory.vae_tiling = VaeTiling::On;
         assert!(memory.tiles("anisora", &small));
-        // Refused under `auto`: estimated tiled, and so are the sizes it suggests.
+        // Refused under `auto`: estimated tiled (whole did not fit).
         memory.vae_tiling = VaeTiling::Auto;
         memory.budget_bytes = peak(&large, true) - 1;
         let refused = fits(&memory, "anisora", &large).unwrap_err();
@@ -869,6 +879,78 @@ mod tests {
             ),
             Ok(true)
         );
+    }
+
+    #[test]
+    fn auto_suggests_the_sizes_that_fit_whole_where_tiles_cost_more() {
+        // A narrow VAE over many frames: blending the tiles into the whole video costs more
+        // than decoding a chunk whole, so a refused job's largest sizes are whole ones.
+        let narrow = ModelProfile {
+            transformer_bytes: vec![1 << 20],
+            text_encoder_bytes: 1 << 20,
+            vae_bytes: 1 << 20,
+            dtype_bytes: 4,
+            vae_dtype_bytes: 4,
+            transformer: TransformerShape {
+                dim: 32,
+                ffn_dim: 64,
+                heads: 2,
+                layers: 2,
+                in_channels: 16,
+                out_channels: 16,
+                patch: [1, 2, 2],
+                text_dim: 32,
+            },
+            text_encoder: TextEncoderShape {
+                d_model: 32,
+                d_ff: 64,
+                heads: 2,
+                text_length: 512,
+            },
+            vae: VaeShape {
+                base_dim: 8,
+                ..ModelProfile::wan22_a14b_i2v().vae
+            },
+            conv_unfold: false,
+        };
+        let size = job(512, 512, 81);
+        let peak = |tiling| narrow.estimate(&size, MemoryMode::Resident, tiling).peak();
+        assert_eq!(peak(false).0, Stage::Decoding);
+        assert!(
+            peak(true).1 > peak(false).1,
+            "{:?} {:?}",
+            peak(true),
+            peak(false)
+        );
+        let memory = RunnerMemory {
+            v: ANNOTATION_VERSION,
+            device_bytes: peak(false).1,
+            budget_bytes: peak(false).1 - 1,
+            mode: MemoryMode::Resident,
+            vae_tiling: VaeTiling::Auto,
+            models: [("narrow".to_owned(), narrow.clone())].into(),
+        };
+        let refused = fits(&memory, "narrow", &size).unwrap_err();
+        assert!(refused.tiled);
+        let suggested = |tiling| {
+            let budget = memory.budget_bytes;
+            (
+                narrow.most_frames(&size, MemoryMode::Resident, tiling, budget),
+                narrow.largest_area(&size, MemoryMode::Resident, tiling, budget),
+            )
+        };
+        // Decoding whole runs a chunk at a time: fewer frames do not help it, a smaller area
+        // does, and more of it fits than tiled. Tiled, fewer frames fit. `auto` offers the
+        // most of each, and the runner runs each as it was weighed.
+        let (whole, tiled) = (suggested(VaeTiling::Off), suggested(VaeTiling::On));
+        assert_eq!(whole.0, None);
+        let (frames, (w, h)) = (tiled.0.expect("fewer frames fit tiled"), whole.1.unwrap());
+        assert!(whole.1 > tiled.1, "{whole:?} {tiled:?}");
+        assert_eq!((refused.frames, refused.area), (Some(frames), Some((w, h))));
+        assert_eq!(fits(&memory, "narrow", &job(512, 512, frames)), Ok(true));
+        assert_eq!(fits(&memory, "narrow", &job(w, h, 81)), Ok(false));
+        assert!(fits(&memory, "narrow", &job(512, 512, frames + 4)).is_err());
+        assert!(fits(&memory, "narrow", &job(w + 16, h + 16, 81)).is_err());
     }
 
     #[test]
@@ -960,7 +1042,7 @@ mod tests {
             .map(|gb| gb * GB)
             .find(|&budget| {
                 profile
-                    .largest_area(&size, MemoryMode::Resident, false, budget)
+                    .largest_area(&size, MemoryMode::Resident, VaeTiling::Off, budget)
                     .is_some_and(|(_, h)| h < MIN_SIDE)
             })
             .expect("a budget where only a smaller size than the schema allows fits");

@@ -5,13 +5,21 @@
 //!         [WIDTH HEIGHT FRAMES STEPS SEED [IMAGE]]
 //!
 //! An image-to-video model needs IMAGE (a PNG or JPEG). Writes
-//! OUT_DIR/default/example/{video.mp4,preview.png} and prints the output and memory.
+//! OUT_DIR/default/example/{video.mp4,preview.png} and prints the output and memory. On a
+//! GPU (or with FRAMELANE_DEVICE_MEMORY_BYTES), the job is weighed first as a runner weighs
+//! it (memory mode and VAE tiling `auto`): one that does not fit is refused with the runner's
+//! message, and its VAE tiles when only that fits.
 
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
+use framelane_core::memory::{JobSize, fits};
+use framelane_runner::cache::ModelRef;
 use framelane_runner::generate::{JobRequest, run_job};
+use framelane_runner::job::generation_mode;
 use framelane_runner::memory::RunnerDevice;
+use framelane_runner::placement::{MemoryMode, VaeTiling};
+use framelane_runner::profile::{MemoryArgs, runner_memory};
 use framelane_runner::sampler::StepControl;
 use framelane_runner::wan::pipeline::{ModelFiles, ModelSpec, Precision, WanPipeline};
 
@@ -35,7 +43,8 @@ fn main() -> anyhow::Result<()> {
         solver: None,
         boundary_ratio: None,
     };
-    let mut pipeline = WanPipeline::load(&spec, Precision::BFLOAT16, device.device)?;
+    let precision = Precision::BFLOAT16;
+    let mut pipeline = WanPipeline::load(&spec, precision, device.device)?;
     let image = rest
         .get(5)
         .map(|path| std::fs::read(path).with_context(|| format!("reading {path}")))
@@ -56,6 +65,36 @@ fn main() -> anyhow::Result<()> {
         seed: num(4, 0)?,
         vae_tiling: None,
     };
+    // As a runner with the lane defaults would: `None` on a CPU, which checks nothing unless
+    // FRAMELANE_DEVICE_MEMORY_BYTES gives it a device memory to check against.
+    let name = "example";
+    let args = MemoryArgs {
+        memory_mode: MemoryMode::Auto,
+        vae_tiling: VaeTiling::Auto,
+        device_memory_bytes: std::env::var("FRAMELANE_DEVICE_MEMORY_BYTES")
+            .ok()
+            .map(|bytes| bytes.parse())
+            .transpose()
+            .context("FRAMELANE_DEVICE_MEMORY_BYTES is a number of bytes")?,
+        host_memory_bytes: None,
+    };
+    let refs = [ModelRef {
+        model: name.to_owned(),
+        spec,
+        modes: vec![job.mode],
+    }];
+    let size = JobSize {
+        width: job.width.into(),
+        height: job.height.into(),
+        frames: job.frames.into(),
+        guided: job.cfg > 1.0,
+        mode: generation_mode(job.mode),
+    };
+    let vae_tiling = runner_memory(&args, &device, &refs, precision)?
+        .map(|memory| fits(&memory, name, &size))
+        .transpose()
+        .map_err(|refused| anyhow!("{}", refused.message(&size, name)))?;
+    let job = JobRequest { vae_tiling, ..job };
     let outcome = run_job(&mut pipeline, &device, &job, out.as_ref(), |p| {
         eprintln!("{} {}/{}", p.stage.as_str(), p.step, p.total_steps);
         StepControl::Continue

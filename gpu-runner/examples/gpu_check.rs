@@ -28,13 +28,13 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, bail, ensure};
-use framelane_api::GenerationMode;
 use framelane_core::memory::{
     ANNOTATION_VERSION, JobSize, ModelProfile, RunnerMemory, fits, resolve_mode, usable_bytes,
 };
 use framelane_runner::cache::{LaneMode, LoadedFrom, ModelCache, ModelRef};
 use framelane_runner::check::check_models;
 use framelane_runner::generate::{JobRequest, Stage, run_job};
+use framelane_runner::job::generation_mode;
 use framelane_runner::memory::{RunnerDevice, default_host_budget};
 use framelane_runner::placement::{MemoryMode, VaeTiling};
 use framelane_runner::profile::model_profile;
@@ -489,10 +489,7 @@ fn job_size(r: &ModelRef, (width, height, frames): (u32, u32, u32)) -> JobSize {
         height: height.into(),
         frames: frames.into(),
         guided: false,
-        mode: match r.modes[0] {
-            Mode::ImageToVideo => GenerationMode::I2v,
-            Mode::TextToVideo => GenerationMode::T2v,
-        },
+        mode: generation_mode(r.modes[0]),
     }
 }
 

@@ -22,6 +22,14 @@ pub fn mode(mode: GenerationMode) -> Mode {
     }
 }
 
+/// The pipeline's mode as a job names it ([`mode`] backwards).
+pub fn generation_mode(mode: Mode) -> GenerationMode {
+    match mode {
+        Mode::TextToVideo => GenerationMode::T2v,
+        Mode::ImageToVideo => GenerationMode::I2v,
+    }
+}
+
 /// What the runner loads for `model`, its weight paths below `models_dir`. Refuses (naming
 /// the field) what the VideoModel schema should have refused already.
 pub fn model_ref(model: &VideoModel, models_dir: &Path) -> Result<ModelRef, String> {

@@ -9,7 +9,8 @@ use tch::{Device, TchError, Tensor};
 use crate::accel::{self, AccelError};
 
 /// `--memory-mode` and `--vae-tiling` take the ModelLane's `spec.runner.memory` values
-/// (docs/memory.md): `auto` resolves by [`place`] and [`tiles`].
+/// (docs/memory.md): the mode's `auto` resolves by [`place`], tiling's per job by
+/// `framelane_core::memory::RunnerMemory::tiles`.
 pub use framelane_api::modellane::{MemoryMode, VaeTiling};
 
 /// What a loaded model keeps where: a [`MemoryMode`] resolved for one model on one device.
@@ -81,16 +82,6 @@ pub fn place(mode: MemoryMode, bytes: &PartBytes) -> Placement {
         MemoryMode::ExpertSwap if bytes.transformer_2.is_some() => Placement::ExpertSwap,
         MemoryMode::ExpertSwap => Placement::Resident,
         MemoryMode::ModelOffload => Placement::ModelOffload,
-    }
-}
-
-/// Whether to decode (or encode) in tiles with `tiling`, given the bytes an untiled pass needs
-/// and the device bytes free for it (`None`: the CPU, which `auto` never tiles).
-pub fn tiles(tiling: VaeTiling, untiled_bytes: u64, room: Option<u64>) -> bool {
-    match tiling {
-        VaeTiling::On => true,
-        VaeTiling::Off => false,
-        VaeTiling::Auto => room.is_some_and(|room| untiled_bytes > room),
     }
 }
 
@@ -168,14 +159,5 @@ mod tests {
             place(MemoryMode::ModelOffload, &one),
             Placement::ModelOffload
         );
-    }
-
-    #[test]
-    fn auto_tiles_only_what_would_not_fit() {
-        assert!(tiles(VaeTiling::Auto, 10, Some(9)));
-        assert!(!tiles(VaeTiling::Auto, 10, Some(10)));
-        assert!(!tiles(VaeTiling::Auto, u64::MAX, None));
-        assert!(tiles(VaeTiling::On, 0, None));
-        assert!(!tiles(VaeTiling::Off, u64::MAX, Some(0)));
     }
 }

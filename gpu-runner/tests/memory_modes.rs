@@ -281,13 +281,6 @@ fn tiled_decoding_peaks_lower_and_stays_close() {
         let frames = pipeline.decode(&latents).unwrap();
         let tiled = pipeline.vae_tiled();
         let mut stage = pipeline.take_stages().pop().unwrap();
-        if !tiled {
-            // What auto-tiling compares with the room left must cover an untiled pass.
-            let estimate = pipeline.untiled_vae_bytes(request.height, request.width);
-            let used = stage.peak_allocated_bytes - before;
-            println!("untiled decoding: {used} B above weights and latents, estimate {estimate} B");
-            assert!(estimate as i64 >= used, "estimate {estimate} B < {used} B");
-        }
         stage.peak_allocated_bytes -= before;
         (frames, stage, tiled)
     };

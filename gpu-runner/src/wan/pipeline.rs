@@ -28,7 +28,7 @@ use super::transformer::WanTransformer;
 use super::umt5::{Umt5Encoder, Umt5Error, tokenize_prompts};
 use super::vae::{AutoencoderKLWan, Tiling, VaeError};
 use super::weights::{TransformerCheckpoint, WeightsError};
-use crate::accel::{self, AccelError};
+use crate::accel::AccelError;
 use crate::memory::{MeasuredStage, StageMeter};
 use crate::placement::{self, HostWeights, MemoryMode, PartBytes, Placement, VaeTiling};
 use crate::profile::{self, ProfileError};
@@ -1033,36 +1033,13 @@ impl WanPipeline {
         )
     }
 
-    /// Device bytes an untiled VAE pass over `height` x `width` frames needs beyond the
-    /// weights: the decoder's widest full-resolution layer, for the 4 frames of a chunk,
-    /// [`UNTILED_VAE_TENSORS`] times (inputs, outputs, padded copies and the frame cache).
-    pub fn untiled_vae_bytes(&self, height: i64, width: i64) -> u64 {
-        let config = self.vae_files.config();
-        // The decoder's last upsampler doubles height and width at the second stage's width.
-        let multiplier = config.dim_mult.get(1).or(config.dim_mult.first());
-        let widest =
-            config.decoder_base_dim.unwrap_or(config.base_dim) * multiplier.copied().unwrap_or(1);
-        let elements = widest * config.scale_factor_temporal * height * width;
-        elements as u64 * self.precision.vae.elt_size_in_bytes() as u64 * UNTILED_VAE_TENSORS
-    }
-
     /// The tiles of a VAE pass, if it is tiled: as decided for the job
-    /// ([`WanPipeline::set_job_tiling`]), else by `--vae-tiling`, or under `auto` when an
-    /// untiled pass would not fit in the device memory left (free plus cached-but-unused).
-    fn vae_tiles(&self, height: i64, width: i64) -> Result<Option<Tiling>, PipelineError> {
-        if let Some(tiles) = self.job_tiling {
-            return Ok(tiles.then(Tiling::default));
-        }
-        let room = match self.device {
-            Device::Cuda(index) => {
-                let (free, _) = accel::memory_info(index)?;
-                let stats = accel::memory_stats(index)?;
-                Some(free + (stats.reserved_current - stats.allocated_current).max(0) as u64)
-            }
-            _ => None,
-        };
-        let untiled = self.untiled_vae_bytes(height, width);
-        Ok(placement::tiles(self.vae_tiling, untiled, room).then(Tiling::default))
+    /// ([`WanPipeline::set_job_tiling`], what a runner's fit check decided), else only under
+    /// `--vae-tiling on`: `auto` without a decision (a runner that does not know its device's
+    /// memory, which checks no job either) does not tile.
+    fn vae_tiles(&self) -> Option<Tiling> {
+        let tiles = self.job_tiling.unwrap_or(self.vae_tiling == VaeTiling::On);
+        tiles.then(Tiling::default)
     }
 
     /// The image-to-video condition: the mask and the encoded, normalized first frame
@@ -1084,7 +1061,7 @@ impl WanPipeline {
             });
         }
         let (vae_kind, device) = (self.precision.vae, self.device);
-        let tiles = self.vae_tiles(request.height, request.width)?;
+        let tiles = self.vae_tiles();
         self.tiled |= tiles.is_some();
         let first = image.f_to_device(device)?.f_to_kind(vae_kind)?;
         let rest = Tensor::f_zeros(
@@ -1122,9 +1099,7 @@ impl WanPipeline {
         latents: &Tensor,
         load_seconds: &mut f64,
     ) -> Result<Frames, PipelineError> {
-        let scale = self.vae_files.config().scale_factor_spatial;
-        let (_, _, _, h, w) = latents.size5()?;
-        let tiles = self.vae_tiles(h * scale, w * scale)?;
+        let tiles = self.vae_tiles();
         self.tiled |= tiles.is_some();
         let kind = self.precision.vae;
         let vae = self.vae_on_device(load_seconds)?;
@@ -1144,9 +1119,3 @@ fn prompt_embeds(
     let embeds = encoder.prompt_embeds(tokenizer, &[text])?;
     Ok(embeds.f_to_kind(kind)?)
 }
-
-/// Full-resolution tensors of the VAE's widest layer an untiled pass holds at once (see
-/// [`WanPipeline::untiled_vae_bytes`]).
-/// Measured on the CPU (tests/memory_modes.rs: 20.5 for the tiny VAE at 480x320), where
-/// convolutions unfold their input; a GPU needs less, so `auto` tiles early rather than late.
-const UNTILED_VAE_TENSORS: u64 = 24;

@@ -111,6 +111,13 @@ pub struct RunnerMemorySpec {
     /// `auto` (default: for each job whose untiled estimate does not fit the runner's GPU).
     #[serde(default)]
     pub vae_tiling: VaeTiling,
+    /// How the denoisers' linear weights are stored on the GPU and in host memory: `compute`
+    /// (default), in the precision they compute in; `fp8`, in float8 (e4m3) with a scale per
+    /// tensor, each upcast as its layer runs: half the bytes of bfloat16, so a 14B expert
+    /// takes 14.5 GB. An fp8 checkpoint keeps its own values (the same video as
+    /// `compute`); a bfloat16 one is rounded to fp8 at load, which changes the video slightly.
+    #[serde(default)]
+    pub transformer_weights: TransformerWeights,
 }
 
 /// How a runner holds the models in GPU memory (`spec.runner.memory.mode`).
@@ -193,6 +200,39 @@ impl VaeTiling {
             VaeTiling::Auto => "auto",
             VaeTiling::Off => "off",
             VaeTiling::On => "on",
+        }
+    }
+}
+
+/// How a runner stores its denoisers' linear weights (`spec.runner.memory.transformerWeights`).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum TransformerWeights {
+    /// In the precision they compute in.
+    #[default]
+    Compute,
+    /// float8 e4m3 with a scale per tensor, upcast layer by layer.
+    Fp8,
+}
+
+impl TransformerWeights {
+    /// Every setting.
+    pub const ALL: [TransformerWeights; 2] = [TransformerWeights::Compute, TransformerWeights::Fp8];
+
+    /// The setting a `--transformer-weights` value names.
+    pub fn from_flag(flag: &str) -> Option<TransformerWeights> {
+        TransformerWeights::ALL
+            .into_iter()
+            .find(|t| t.as_str() == flag)
+    }
+
+    /// The value as the API writes it, and of the runner's `--transformer-weights` flag.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransformerWeights::Compute => "compute",
+            TransformerWeights::Fp8 => "fp8",
         }
     }
 }

@@ -97,8 +97,13 @@ pub fn usable_bytes(device_bytes: u64) -> u64 {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelProfile {
-    /// Bytes of each transformer's weights on the device (two for a two-expert model).
+    /// Bytes of each transformer's weights on the device (two for a two-expert model), as
+    /// the runner stores them (float8 linear weights under `transformerWeights: fp8`).
     pub transformer_bytes: Vec<u64>,
+    /// Bytes a float8 weight's upcast holds while its layer runs, for the largest one (0
+    /// unless the weights are stored in fp8).
+    #[serde(default)]
+    pub upcast_bytes: u64,
     pub text_encoder_bytes: u64,
     pub vae_bytes: u64,
     /// Bytes per element the transformers and the text encoder compute in.
@@ -275,6 +280,7 @@ impl ModelProfile {
     pub fn wan22_a14b_i2v() -> ModelProfile {
         ModelProfile {
             transformer_bytes: vec![28_600_000_000, 28_600_000_000],
+            upcast_bytes: 0,
             text_encoder_bytes: 11_400_000_000,
             vae_bytes: 254_000_000,
             dtype_bytes: 2,
@@ -381,7 +387,8 @@ impl ModelProfile {
     }
 
     /// Denoising: what a step keeps (the latents, the solver's history of three velocities,
-    /// the image condition, both prompts' projected context) plus one block at its worst.
+    /// the image condition, both prompts' projected context) plus one block at its worst,
+    /// with a float8 weight's upcast beside it.
     fn denoise_activations(&self, job: &JobSize) -> u64 {
         let s = &self.transformer;
         let [f, h, w] = self.latent(job);
@@ -396,7 +403,7 @@ impl ModelProfile {
         let prompts = if job.guided { 2 } else { 1 };
         let context =
             prompts * self.text_encoder.text_length * (s.dim + s.text_dim) * self.dtype_bytes;
-        kept + context + self.block_activations(tokens)
+        kept + context + self.block_activations(tokens) + self.upcast_bytes
     }
 
     /// The decoder's width and frames per chunk at each resolution, full resolution first
@@ -733,6 +740,17 @@ mod tests {
         }
     }
 
+    /// Wan 2.2 A14B with `transformerWeights: fp8`: each expert's linear weights in float8,
+    /// as the runner counts them (its `fp8_storage_halves_an_a14b_expert` test), and the
+    /// feed-forward's weight upcast to float32 and bfloat16 while it runs.
+    fn a14b_fp8() -> ModelProfile {
+        ModelProfile {
+            transformer_bytes: vec![14_526_557_892; 2],
+            upcast_bytes: 13824 * 5120 * 6,
+            ..ModelProfile::wan22_a14b_i2v()
+        }
+    }
+
     fn runner(budget: u64, mode: MemoryMode) -> RunnerMemory {
         RunnerMemory {
             v: ANNOTATION_VERSION,
@@ -887,6 +905,7 @@ mod tests {
         // than decoding a chunk whole, so a refused job's largest sizes are whole ones.
         let narrow = ModelProfile {
             transformer_bytes: vec![1 << 20],
+            upcast_bytes: 0,
             text_encoder_bytes: 1 << 20,
             vae_bytes: 1 << 20,
             dtype_bytes: 4,
@@ -1070,6 +1089,49 @@ mod tests {
             .unwrap_err()
             .message(&job(832, 480, 81), "a");
         assert!(message.contains("runners have 600 MiB usable"), "{message}");
+    }
+
+    #[test]
+    fn fp8_weights_run_the_a14b_on_a_24_gb_card() {
+        // A 24 GB card, every part offloaded: a bfloat16 expert alone outweighs the budget
+        // once denoising starts; stored in fp8 it leaves room for 832x480x81.
+        let budget = usable_bytes(24_000_000_000);
+        let mut memory = runner(budget, MemoryMode::ModelOffload);
+        let size = JobSize {
+            mode: GenerationMode::I2v,
+            ..job(832, 480, 81)
+        };
+        let refused = fits(&memory, "anisora", &size).unwrap_err();
+        assert_eq!(refused.stage, Stage::Denoising);
+        memory.models.insert("anisora".into(), a14b_fp8());
+        assert_eq!(fits(&memory, "anisora", &size), Ok(false));
+        let fp8 = a14b_fp8().estimate(&size, MemoryMode::ModelOffload, false);
+        let bf16 = ModelProfile::wan22_a14b_i2v().estimate(&size, MemoryMode::ModelOffload, false);
+        // Denoising holds half the expert, and one upcast weight more.
+        assert_eq!(
+            bf16.stage(Stage::Denoising) - fp8.stage(Stage::Denoising),
+            28_600_000_000 - 14_526_557_892 - 13824 * 5120 * 6
+        );
+        // 1280x720x81 still does not fit: fewer frames do.
+        let large = JobSize {
+            mode: GenerationMode::I2v,
+            ..job(1280, 720, 81)
+        };
+        let refused = fits(&memory, "anisora", &large).unwrap_err();
+        assert!(refused.frames.is_some_and(|f| f < 81), "{refused:?}");
+        // Resident, the A14B in fp8 (two experts, umT5, the VAE: 40.7 GB) fits an 80 GB card
+        // with room for 1280x720x81 whole; in bfloat16 it takes expert-swap.
+        let all = [&a14b_fp8()];
+        assert_eq!(
+            resolve_mode(MemoryMode::Auto, &all, usable_bytes(80_000_000_000)),
+            MemoryMode::Resident
+        );
+        let resident = RunnerMemory {
+            budget_bytes: usable_bytes(80_000_000_000),
+            mode: MemoryMode::Resident,
+            ..memory
+        };
+        assert_eq!(fits(&resident, "anisora", &large), Ok(false));
     }
 
     #[test]

@@ -13,6 +13,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, anyhow, bail};
+use framelane_api::modellane::TransformerWeights;
 use framelane_core::memory::{JobSize, fits};
 use framelane_runner::cache::ModelRef;
 use framelane_runner::generate::{JobRequest, run_job};
@@ -71,6 +72,7 @@ fn main() -> anyhow::Result<()> {
     let args = MemoryArgs {
         memory_mode: MemoryMode::Auto,
         vae_tiling: VaeTiling::Auto,
+        transformer_weights: TransformerWeights::Compute,
         device_memory_bytes: std::env::var("FRAMELANE_DEVICE_MEMORY_BYTES")
             .ok()
             .map(|bytes| bytes.parse())

@@ -8,7 +8,7 @@ use std::path::Path;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use framelane_api::{
     VideoJob, VideoModel,
-    modellane::{MemoryMode, VaeTiling},
+    modellane::{MemoryMode, TransformerWeights, VaeTiling},
 };
 use framelane_core::memory::{
     ANNOTATION_VERSION, JobSize, ModelProfile, RunnerMemory, TextEncoderShape, TransformerShape,
@@ -41,6 +41,12 @@ pub struct MemoryArgs {
         value_parser = PossibleValuesParser::new(VaeTiling::ALL.map(VaeTiling::as_str))
             .map(|flag| VaeTiling::from_flag(&flag).expect("a listed --vae-tiling")))]
     pub vae_tiling: VaeTiling,
+    /// How the transformers' linear weights are stored (the lane's
+    /// spec.runner.memory.transformerWeights): `fp8` halves them against bfloat16.
+    #[arg(long, env = "FRAMELANE_TRANSFORMER_WEIGHTS", default_value = "compute",
+        value_parser = PossibleValuesParser::new(TransformerWeights::ALL.map(TransformerWeights::as_str))
+            .map(|flag| TransformerWeights::from_flag(&flag).expect("a listed --transformer-weights")))]
+    pub transformer_weights: TransformerWeights,
     /// For tests and CPU lanes: the device memory to report and check jobs against, in bytes,
     /// instead of the GPU's. Without it a CPU runner reports none and checks nothing.
     #[arg(long, env = "FRAMELANE_DEVICE_MEMORY_BYTES")]
@@ -114,6 +120,7 @@ pub fn model_profile(
         }
     };
     let dtype = precision.model.elt_size_in_bytes() as u64;
+    let storage = precision.transformer_storage();
     let config = transformers[0].config();
     let text = text_encoder.config();
     let v = vae.config();
@@ -121,16 +128,9 @@ pub fn model_profile(
     Ok(ModelProfile {
         transformer_bytes: transformers
             .iter()
-            .map(|t| {
-                let elements: i64 = t
-                    .config()
-                    .parameters()
-                    .iter()
-                    .map(|(_, shape)| shape.iter().product::<i64>())
-                    .sum();
-                u(elements) * dtype
-            })
+            .map(|t| t.config().stored_bytes(storage))
             .collect(),
+        upcast_bytes: config.upcast_bytes(storage),
         text_encoder_bytes: text_encoder.bytes(precision.model),
         vae_bytes: vae.bytes(precision.vae),
         dtype_bytes: dtype,

@@ -1,6 +1,7 @@
 //! The fit check's estimate (`framelane_core::memory`) against measured peaks: tiny
 //! random-weight Wan models run at a few sizes with everything resident, then in expert-swap
-//! and model-offload and with a tiled VAE, and each stage's measured peak (the counting
+//! and model-offload, with a tiled VAE and with the transformers' linear weights stored in
+//! fp8, and each stage's measured peak (the counting
 //! allocator on the CPU, the caching allocator on a GPU) must lie under its estimate, by at
 //! most [`BAND`]. Its own test binary, so no other test's tensors count.
 
@@ -53,10 +54,10 @@ fn measure(pipeline: &mut WanPipeline, job: &JobSize) -> Measured {
     }
 }
 
-/// A tiny model's profile, as a runner reads it, and its spec.
-fn tiny_model(folder: &str) -> (ModelProfile, ModelSpec) {
+/// A tiny model's profile in `precision`, as a runner reads it, and its spec.
+fn tiny_model(folder: &str, precision: Precision) -> (ModelProfile, ModelSpec) {
     let files = ModelFiles::Diffusers(common::models().join(folder));
-    let profile = model_profile(&files, Precision::FLOAT32, common::device().device).unwrap();
+    let profile = model_profile(&files, precision, common::device().device).unwrap();
     let spec = ModelSpec {
         files,
         solver: None,
@@ -95,7 +96,7 @@ fn resident_failures() -> Vec<String> {
             [(64, 64, 5), (128, 128, 9), (192, 128, 13)],
         ),
     ] {
-        let (profile, spec) = tiny_model(folder);
+        let (profile, spec) = tiny_model(folder, Precision::FLOAT32);
         let mut pipeline = WanPipeline::load(&spec, Precision::FLOAT32, device.device).unwrap();
         for (width, height, frames) in sizes {
             let job = JobSize {
@@ -137,23 +138,33 @@ fn resident_failures() -> Vec<String> {
     failures
 }
 
-/// The other modes, and a tiled VAE: each stage's estimate (what the mode keeps on the device
-/// during it, and its activations, tiled or not) against the stage's measured peak.
+/// The other modes, a tiled VAE and fp8 storage: each stage's estimate (what the mode keeps
+/// on the device during it, and its activations, tiled or not) against the stage's measured
+/// peak.
 fn mode_failures() -> Vec<String> {
     let device = common::device();
     let mut failures = Vec::new();
+    let (full, fp8) = (
+        Precision::FLOAT32,
+        Precision {
+            fp8_transformers: true,
+            ..Precision::FLOAT32
+        },
+    );
     for (folder, mode, guided) in [
         ("wan-t2v", GenerationMode::T2v, false),
         ("anisora", GenerationMode::I2v, true),
     ] {
-        let (profile, spec) = tiny_model(folder);
         // Tiles are 256x256 pixels: only a frame above that is cut in several.
         let (small, large) = ((128, 128, 9), (320, 288, 5));
-        for (memory_mode, tiled, sizes) in [
-            (MemoryMode::ExpertSwap, false, &[small, large][..]),
-            (MemoryMode::ModelOffload, false, &[small, large]),
-            (MemoryMode::Resident, true, &[large]),
+        for (memory_mode, tiled, precision, sizes) in [
+            (MemoryMode::ExpertSwap, false, full, &[small, large][..]),
+            (MemoryMode::ModelOffload, false, full, &[small, large]),
+            (MemoryMode::Resident, true, full, &[large]),
+            (MemoryMode::Resident, false, fp8, &[small, large]),
+            (MemoryMode::ModelOffload, false, fp8, &[small]),
         ] {
+            let (profile, spec) = tiny_model(folder, precision);
             let baseline = device.stats().unwrap().allocated_current;
             let plan = MemoryPlan {
                 mode: memory_mode,
@@ -161,7 +172,7 @@ fn mode_failures() -> Vec<String> {
                 ..MemoryPlan::default()
             };
             let mut pipeline =
-                WanPipeline::load_with(&spec, Precision::FLOAT32, device.device, plan).unwrap();
+                WanPipeline::load_with(&spec, precision, device.device, plan).unwrap();
             for &(width, height, frames) in sizes {
                 let job = JobSize {
                     width,
@@ -174,8 +185,13 @@ fn mode_failures() -> Vec<String> {
                 for (stage, measured, _) in stage_peaks(&mut pipeline, &job, baseline, true) {
                     let estimated = estimate.stage(stage) as i64;
                     let what = format!(
-                        "{folder} {memory_mode:?}{} {width}x{height}x{frames} {stage:?}",
-                        if tiled { " tiled" } else { "" }
+                        "{folder} {memory_mode:?}{}{} {width}x{height}x{frames} {stage:?}",
+                        if tiled { " tiled" } else { "" },
+                        if precision.fp8_transformers {
+                            " fp8"
+                        } else {
+                            ""
+                        }
                     );
                     failures.extend(compare(&what, measured, estimated));
                 }

@@ -6,7 +6,9 @@
 //!   the job only what it keeps resident;
 //! - each stage's peak falls from resident to expert-swap (denoising) and again to
 //!   model-offload (prompt encoding, decoding);
-//! - a tiled decode peaks lower than an untiled one and stays within 3 levels of 255 of it.
+//! - a tiled decode peaks lower than an untiled one and stays within 3 levels of 255 of it;
+//! - fp8 storage of the transformer's linear weights holds fewer bytes by exactly what the
+//!   weights' sizes say, lowers the denoising peak, and works under model offload.
 //!
 //! One test per binary: the live-byte count is process-wide.
 
@@ -35,6 +37,10 @@ struct Run {
 }
 
 fn run(model: &str, mode: MemoryMode, job: &JobRequest) -> Run {
+    run_in(model, mode, Precision::FLOAT32, job)
+}
+
+fn run_in(model: &str, mode: MemoryMode, precision: Precision, job: &JobRequest) -> Run {
     let device = common::device();
     let live = || device.stats().unwrap().allocated_current;
     let baseline = live();
@@ -43,13 +49,9 @@ fn run(model: &str, mode: MemoryMode, job: &JobRequest) -> Run {
         vae_tiling: VaeTiling::Off,
         ..MemoryPlan::default()
     };
-    let mut pipeline = WanPipeline::load_with(
-        &common::model(model).spec,
-        Precision::FLOAT32,
-        device.device,
-        plan,
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let mut pipeline =
+        WanPipeline::load_with(&common::model(model).spec, precision, device.device, plan)
+            .unwrap_or_else(|e| panic!("{e}"));
     let after_load = live() - baseline;
     let out = tempfile::tempdir().unwrap();
     let mut live_at = Vec::new();
@@ -238,6 +240,40 @@ fn modes_give_the_same_video_and_keep_only_their_parts_on_the_device() {
     assert_about(
         "one transformer, model-offload after the job",
         single_offload.after_job,
+        0,
+        slack,
+    );
+
+    // fp8 storage: the transformer's linear weights in float8 (rounded from the float32
+    // file), resident and offloaded.
+    let fp8 = Precision {
+        fp8_transformers: true,
+        ..Precision::FLOAT32
+    };
+    let stored = run_in("phr00t", MemoryMode::Resident, fp8, &text);
+    let stored_offload = run_in("phr00t", MemoryMode::ModelOffload, fp8, &text);
+    let saved = single.bytes.transformer - stored.bytes.transformer;
+    println!(
+        "fp8 storage: transformer {} B (float32: {} B); after load {} B (float32: {} B); \
+         denoising peak {} B (float32: {} B)",
+        stored.bytes.transformer,
+        single.bytes.transformer,
+        stored.after_load,
+        single.after_load,
+        peak(&stored, "Denoising"),
+        peak(&single, "Denoising")
+    );
+    assert!(saved > 0);
+    assert_eq!(single.after_load - stored.after_load, saved as i64);
+    assert!(peak(&stored, "Denoising") < peak(&single, "Denoising"));
+    assert_ne!(
+        stored.sha256, single.sha256,
+        "rounded weights, another video"
+    );
+    assert_eq!(stored_offload.sha256, stored.sha256);
+    assert_about(
+        "fp8 storage, model-offload after the job",
+        stored_offload.after_job,
         0,
         slack,
     );

@@ -3,7 +3,8 @@
 //! - text to video: `WanPipeline` with the UniPC scheduler it was saved with;
 //! - image to video: `WanImageToVideoPipeline` in the Wan 2.2 A14B shape (two experts, a
 //!   boundary, no image encoder) from the same picture, resized as its image processor does;
-//! - the text-to-video model as one ComfyUI AllInOne file, and as scaled fp8;
+//! - the text-to-video model as one ComfyUI AllInOne file, and as scaled fp8, its linear
+//!   weights stored in fp8 on the device or upcast at load;
 //! - Euler ancestral on ComfyUI's `beta` schedule through the whole pipeline;
 //! - the refusals of files and requests that do not fit.
 //!
@@ -16,9 +17,11 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use framelane_runner::image::Rgb8;
+use framelane_runner::placement::MemoryMode;
 use framelane_runner::sampler::StepControl;
 use framelane_runner::wan::pipeline::{
-    ComfyUiFiles, Mode, ModelFiles, ModelSpec, PipelineError, Precision, Request, WanPipeline,
+    ComfyUiFiles, MemoryPlan, Mode, ModelFiles, ModelSpec, PipelineError, Precision, Request,
+    WanPipeline,
 };
 use framelane_runner::wan::recipe::{AncestralSchedule, Solver};
 use framelane_runner::wan::safetensors::TensorFiles;
@@ -294,6 +297,77 @@ fn a_scaled_fp8_allinone_file_matches_its_dequantized_weights() {
     let quantization = (&latents - full).abs().max().double_value(&[]);
     println!("fp8 vs full-precision weights: latents max diff {quantization:e}");
     assert!(quantization > LATENT_TOLERANCE, "fp8 changed nothing?");
+}
+
+/// float32 with the transformers' linear weights stored in fp8.
+const FP8_STORAGE: Precision = Precision {
+    fp8_transformers: true,
+    ..Precision::FLOAT32
+};
+
+/// A pipeline of `spec` loaded in `precision` and `mode`, and its video of the `t2v` case.
+fn loaded(
+    spec: &ModelSpec,
+    precision: Precision,
+    mode: MemoryMode,
+) -> (WanPipeline, Tensor, framelane_runner::video::Frames) {
+    let plan = MemoryPlan {
+        mode,
+        ..MemoryPlan::default()
+    };
+    let mut pipeline =
+        WanPipeline::load_with(spec, precision, device(), plan).unwrap_or_else(|e| panic!("{e}"));
+    let (latents, frames) = generate(&mut pipeline, &case("t2v"));
+    (pipeline, latents, frames)
+}
+
+/// fp8 storage keeps an fp8 file's own values and scales and upcasts each weight as its layer
+/// runs, as a load would: the same video, bit for bit, from fewer bytes (tests/memory_modes.rs
+/// measures them on the device); under model offload the host copies are fp8 too.
+#[test]
+fn an_fp8_file_stored_in_fp8_makes_the_same_video_from_fewer_bytes() {
+    let spec = allinone("phr00t-aio-fp8.safetensors", Solver::wan_unipc(3.0));
+    let (upcast, upcast_latents, upcast_frames) =
+        loaded(&spec, Precision::FLOAT32, MemoryMode::Resident);
+    let (fp8, latents, frames) = loaded(&spec, FP8_STORAGE, MemoryMode::Resident);
+    assert!(
+        latents.equal(&upcast_latents),
+        "fp8 storage changed the latents"
+    );
+    assert_eq!(frames.rgb, upcast_frames.rgb);
+    assert_matches("fp8 storage", "t2v_fp8", &latents, &frames);
+    let (upcast_bytes, fp8_bytes) = (upcast.bytes().transformer, fp8.bytes().transformer);
+    println!("transformer: {upcast_bytes} B upcast at load, {fp8_bytes} B stored in fp8");
+    assert!(fp8_bytes < upcast_bytes, "{fp8_bytes} {upcast_bytes}");
+
+    // Model offload: the transformer waits in host memory in fp8 and comes back the same.
+    let (offloaded, offloaded_latents, _) = loaded(&spec, FP8_STORAGE, MemoryMode::ModelOffload);
+    assert!(offloaded_latents.equal(&latents));
+    assert_eq!(offloaded.host_bytes(), offloaded.bytes().all());
+    assert_eq!(offloaded.bytes().transformer, fp8_bytes);
+}
+
+/// A float32 file stored in fp8 is rounded at load, each weight scaled so its largest
+/// magnitude is fp8's largest (as ComfyUI's scaled fp8 is made): the video moves away from
+/// full precision by about as much as the scaled-fp8 file's does.
+#[test]
+fn a_full_precision_file_stored_in_fp8_is_rounded_as_scaled_fp8_is() {
+    let spec = allinone("phr00t-aio.safetensors", Solver::wan_unipc(3.0));
+    let (_, latents, _) = loaded(&spec, FP8_STORAGE, MemoryMode::Resident);
+    let reference = reference();
+    let diff = |name: &str| {
+        (&latents - &reference.tensor(&format!("{name}.latents")))
+            .abs()
+            .max()
+            .double_value(&[])
+    };
+    let (from_full, from_fp8_file) = (diff("t2v"), diff("t2v_fp8"));
+    // The scaled-fp8 file against full precision: 5.9e-2; its embeddings are fp8 too.
+    println!(
+        "rounded at load: latents max diff {from_full:e} from full precision, {from_fp8_file:e} from the scaled-fp8 file's"
+    );
+    assert!(from_full > LATENT_TOLERANCE, "rounding changed nothing?");
+    assert!(from_fp8_file < from_full, "{from_fp8_file} {from_full}");
 }
 
 #[test]

@@ -23,8 +23,8 @@ use super::components::{ComponentError, TextEncoderFiles, VaeFiles};
 use super::recipe::Solver;
 use super::safetensors::{SafetensorsError, TensorFiles};
 use super::scheduler::{Expert, SchedulerConfig, SchedulerError, expert_for};
-use super::transformer::TransformerConfig;
 use super::transformer::WanTransformer;
+use super::transformer::{Storage, TransformerConfig};
 use super::umt5::{Umt5Encoder, Umt5Error, tokenize_prompts};
 use super::vae::{AutoencoderKLWan, Tiling, VaeError};
 use super::weights::{TransformerCheckpoint, WeightsError};
@@ -85,6 +85,9 @@ pub struct Precision {
     pub model: Kind,
     /// The VAE.
     pub vae: Kind,
+    /// Whether the transformers' linear weights are stored in float8 and upcast to `model`
+    /// as each layer runs (`--transformer-weights fp8`; see [`Storage`]).
+    pub fp8_transformers: bool,
 }
 
 impl Precision {
@@ -92,11 +95,21 @@ impl Precision {
     pub const BFLOAT16: Precision = Precision {
         model: Kind::BFloat16,
         vae: Kind::Float,
+        fp8_transformers: false,
     };
     pub const FLOAT32: Precision = Precision {
         model: Kind::Float,
         vae: Kind::Float,
+        fp8_transformers: false,
     };
+
+    /// How the transformers keep their weights.
+    pub fn transformer_storage(self) -> Storage {
+        Storage {
+            kind: self.model,
+            fp8: self.fp8_transformers,
+        }
+    }
 }
 
 /// What a model generates from.
@@ -374,14 +387,8 @@ impl Parts {
     }
 
     fn bytes(&self, precision: Precision) -> PartBytes {
-        let transformer = |c: &TransformerCheckpoint| -> u64 {
-            c.config()
-                .parameters()
-                .iter()
-                .map(|(_, shape)| shape.iter().product::<i64>() as u64)
-                .sum::<u64>()
-                * precision.model.elt_size_in_bytes() as u64
-        };
+        let transformer =
+            |c: &TransformerCheckpoint| c.config().stored_bytes(precision.transformer_storage());
         PartBytes {
             text_encoder: self.text_encoder.bytes(precision.model),
             transformer: transformer(&self.transformer),
@@ -608,13 +615,13 @@ impl WanPipeline {
         let tokenizer = PromptTokenizer::load(&parts.tokenizer_dir, TEXT_LENGTH)?;
         let offload_experts = placement != Placement::Resident;
         let offload_rest = placement == Placement::ModelOffload;
-        let kind = precision.model;
+        let (kind, storage) = (precision.model, precision.transformer_storage());
         // The host copy a resident part is built from, when the model must be parkable.
         let host_copy = |read: &dyn Fn() -> Result<HostWeights, PipelineError>| {
             plan.host_copies.then(read).transpose()
         };
         let transformer_part = |checkpoint: &TransformerCheckpoint| {
-            let read = || Ok(WanTransformer::read_host(checkpoint, kind)?);
+            let read = || Ok(WanTransformer::read_host(checkpoint, storage)?);
             if offload_experts {
                 return Ok::<_, PipelineError>(Part::offloaded(read()?));
             }
@@ -624,11 +631,11 @@ impl WanPipeline {
                     Ok(WanTransformer::from_host(
                         checkpoint.config(),
                         host,
-                        kind,
+                        storage,
                         device,
                     )?)
                 },
-                || Ok(WanTransformer::load(checkpoint, kind, device)?),
+                || Ok(WanTransformer::load(checkpoint, storage, device)?),
             )
         };
         let transformer = transformer_part(&parts.transformer)?;
@@ -756,8 +763,9 @@ impl WanPipeline {
         let files = &self.text_encoder_files;
         self.text_encoder
             .restore(|host| Ok(files.from_host(host, kind, device)?))?;
+        let storage = self.precision.transformer_storage();
         let expert = |config| {
-            move |host: &HostWeights| Ok(WanTransformer::from_host(config, host, kind, device)?)
+            move |host: &HostWeights| Ok(WanTransformer::from_host(config, host, storage, device)?)
         };
         self.transformer.restore(expert(&self.transformer_config))?;
         if let (Some(low), Some(config)) = (&mut self.transformer_2, &self.transformer_2_config) {
@@ -970,7 +978,7 @@ impl WanPipeline {
         let timesteps = sampler.timesteps().to_vec();
         let total = timesteps.len();
         let train = self.solver.num_train_timesteps();
-        let (kind, device) = (self.precision.model, self.device);
+        let (storage, device) = (self.precision.transformer_storage(), self.device);
         for (i, &t) in timesteps.iter().enumerate() {
             let expert = expert_for(t, self.boundary_ratio, train);
             // Expert-swap and model-offload: the expert not in use goes back to host memory
@@ -995,7 +1003,7 @@ impl WanPipeline {
                 }
             };
             let transformer = part.bring(&mut meter.load_seconds, |host| {
-                Ok(WanTransformer::from_host(config, host, kind, device)?)
+                Ok(WanTransformer::from_host(config, host, storage, device)?)
             })?;
             let input = match condition {
                 Some(condition) => Tensor::f_cat(&[&latents, condition], 1)?,

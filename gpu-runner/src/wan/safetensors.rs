@@ -233,10 +233,7 @@ impl TensorFiles {
                 dtype: format!("{:?}", info.dtype),
             });
         }
-        let scale = name
-            .strip_suffix(".weight")
-            .map(|stem| format!("{stem}.scale_weight"))
-            .filter(|scale| info.dtype.is_fp8() && self.info(scale).is_some());
+        let scale = self.scale_name(name, info);
         let torch = |source| SafetensorsError::Torch {
             name: name.to_owned(),
             path: self.path_of(info).to_path_buf(),
@@ -252,6 +249,41 @@ impl TensorFiles {
             }
             None => self.read(name, info, kind, device),
         }
+    }
+
+    /// A float8 tensor as stored, on `device`, with its float32 scale (0-dim): the `X.scale_weight`
+    /// beside a float8 `X.weight` (ComfyUI's scaled fp8), or 1. `None` when `name` is not
+    /// float8.
+    pub fn fp8(
+        &self,
+        name: &str,
+        device: Device,
+    ) -> Result<Option<(Tensor, Tensor)>, SafetensorsError> {
+        let info = self.require(name)?;
+        if !info.dtype.is_fp8() {
+            return Ok(None);
+        }
+        let values = self.read(name, info, info.dtype.kind(), device)?;
+        let scale = match self.scale_name(name, info) {
+            Some(scale) => self
+                .weight(&scale, Kind::Float, device)?
+                .f_reshape([])
+                .map_err(|source| SafetensorsError::Torch {
+                    name: scale.clone(),
+                    path: self.path_of(info).to_path_buf(),
+                    source,
+                })?,
+            None => Tensor::from(1f32).to_device(device),
+        };
+        Ok(Some((values, scale)))
+    }
+
+    /// The scale of a float8 `X.weight` in ComfyUI's scaled fp8, `X.scale_weight`, if the
+    /// files have it.
+    fn scale_name(&self, name: &str, info: &TensorInfo) -> Option<String> {
+        name.strip_suffix(".weight")
+            .map(|stem| format!("{stem}.scale_weight"))
+            .filter(|scale| info.dtype.is_fp8() && self.info(scale).is_some())
     }
 
     fn require(&self, name: &str) -> Result<&TensorInfo, SafetensorsError> {

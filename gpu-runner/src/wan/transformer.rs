@@ -7,6 +7,12 @@
 //! Precision follows diffusers loading the model with a reduced `torch_dtype`: the time
 //! embedder, every `scale_shift_table` and the cross-attention norm keep float32 weights, the
 //! modulated layer norms and gated residual adds run in float32, the rest in the model's kind.
+//!
+//! With [`Storage::fp8`], the blocks' linear weights and the output projection are kept in
+//! float8 (e4m3) with a float32 scale per tensor and upcast as each runs (what diffusers'
+//! layerwise casting does, which skips the same embeddings and norms): half the bytes of
+//! bfloat16. A float8 checkpoint keeps its own values and scales, so the upcast weight is the
+//! one a load in the model's kind would have made.
 
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, TchError, Tensor};
@@ -182,22 +188,84 @@ fn keeps_f32(name: &str) -> bool {
     name.split('.').any(|part| KEEP_F32.contains(&part))
 }
 
+/// How a transformer keeps its weights: the kind it computes in, and whether its blocks'
+/// linear weights and output projection are stored in float8 ([`stores_fp8`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Storage {
+    pub kind: Kind,
+    pub fp8: bool,
+}
+
+impl From<Kind> for Storage {
+    /// Every weight in `kind` (or float32 where diffusers keeps it).
+    fn from(kind: Kind) -> Storage {
+        Storage { kind, fp8: false }
+    }
+}
+
+/// The largest value of float8 e4m3 (no infinities): a weight rounded to fp8 is scaled so
+/// that its largest magnitude lands here.
+const FP8_MAX: f64 = 448.0;
+
+/// Whether fp8 storage keeps the parameter `name` of `shape` in float8: the 2-D weights of
+/// the blocks' linear layers and of the output projection; not the embeddings, the norms or
+/// anything diffusers keeps in float32.
+pub fn stores_fp8(name: &str, shape: &[i64]) -> bool {
+    shape.len() == 2
+        && name.ends_with(".weight")
+        && (name.starts_with("blocks.") || name.starts_with("proj_out."))
+        && !keeps_f32(name)
+}
+
+/// The name of a float8 weight's scale in host copies.
+fn scale_name(weight: &str) -> String {
+    format!("{weight}.fp8_scale")
+}
+
+enum Weight {
+    Dense(Tensor),
+    /// float8 values and their float32 scale (0-dim): the weight is `values * scale`.
+    Fp8 {
+        values: Tensor,
+        scale: Tensor,
+    },
+}
+
 struct Linear {
-    weight: Tensor,
+    weight: Weight,
     bias: Tensor,
 }
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
-        x.f_linear(&self.weight, Some(&self.bias))
+        match &self.weight {
+            Weight::Dense(weight) => x.f_linear(weight, Some(&self.bias)),
+            // Upcast as a load in the model's kind does: float32, scaled, then that kind (the
+            // float32 copy is gone before the product runs).
+            Weight::Fp8 { values, scale } => {
+                let weight = {
+                    let mut upcast = values.f_to_kind(Kind::Float)?;
+                    let scaled = upcast.f_mul_(scale)?;
+                    scaled.f_to_kind(self.bias.kind())?
+                };
+                x.f_linear(&weight, Some(&self.bias))
+            }
+        }
     }
+}
+
+/// The patch embedding: a 3-D convolution with stride equal to its kernel, run as a linear
+/// layer over the patchified latents.
+struct PatchEmbedding {
+    weight: Tensor,
+    bias: Tensor,
 }
 
 /// Walks the model's parameters by diffusers name: reads each from a checkpoint, in the kind
 /// diffusers would give it, or only lists names and shapes.
 struct Loader<'a> {
     source: Source<'a>,
-    kind: Kind,
+    storage: Storage,
     /// Every parameter visited, in order.
     visited: Vec<(String, Vec<i64>)>,
 }
@@ -215,24 +283,13 @@ impl Loader<'_> {
         let kind = if keeps_f32(&name) {
             Kind::Float
         } else {
-            self.kind
+            self.storage.kind
         };
         let tensor = match self.source {
             Source::Checkpoint(checkpoint, device) => {
                 checkpoint.tensor(&name, shape, kind, device)?
             }
-            Source::Host(host, device) => host
-                .to_device(&name, device)
-                .ok_or_else(|| WeightsError::Missing {
-                    name: name.clone(),
-                    files: "the host copy".to_owned(),
-                    expected: shape.to_vec(),
-                })?
-                .map_err(|source| WeightsError::Torch {
-                    what: format!("copying `{name}` to the device"),
-                    files: "the host copy".to_owned(),
-                    source,
-                })?,
+            Source::Host(host, device) => from_host(host, &name, shape, device)?,
             Source::Shapes => Tensor::new(),
         };
         self.visited.push((name, shape.to_vec()));
@@ -240,11 +297,61 @@ impl Loader<'_> {
     }
 
     fn linear(&mut self, prefix: &str, input: i64, output: i64) -> Result<Linear, WeightsError> {
+        let (name, shape) = (format!("{prefix}.weight"), [output, input]);
+        let weight = if self.storage.fp8 && stores_fp8(&name, &shape) {
+            let (values, scale) = match self.source {
+                Source::Checkpoint(checkpoint, device) => {
+                    checkpoint.fp8_tensor(&name, &shape, device)?
+                }
+                Source::Host(host, device) => (
+                    from_host(host, &name, &shape, device)?,
+                    from_host(host, &scale_name(&name), &[], device)?,
+                ),
+                Source::Shapes => (Tensor::new(), Tensor::new()),
+            };
+            self.visited.push((name, shape.to_vec()));
+            Weight::Fp8 { values, scale }
+        } else {
+            Weight::Dense(self.tensor(name, &shape)?)
+        };
         Ok(Linear {
-            weight: self.tensor(format!("{prefix}.weight"), &[output, input])?,
+            weight,
             bias: self.tensor(format!("{prefix}.bias"), &[output])?,
         })
     }
+}
+
+/// The host copy of `name` on `device`.
+fn from_host(
+    host: &HostWeights,
+    name: &str,
+    shape: &[i64],
+    device: Device,
+) -> Result<Tensor, WeightsError> {
+    host.to_device(name, device)
+        .ok_or_else(|| WeightsError::Missing {
+            name: name.to_owned(),
+            files: "the host copy".to_owned(),
+            expected: shape.to_vec(),
+        })?
+        .map_err(|source| WeightsError::Torch {
+            what: format!("copying `{name}` to the device"),
+            files: "the host copy".to_owned(),
+            source,
+        })
+}
+
+/// `weight` (float32) in float8 e4m3 with a float32 scale (0-dim) that maps its largest
+/// magnitude to [`FP8_MAX`]: what fp8 storage keeps of a weight a checkpoint holds in a wider
+/// kind.
+pub(super) fn quantize_fp8(weight: &Tensor) -> Result<(Tensor, Tensor), TchError> {
+    let scale = weight
+        .f_abs()?
+        .f_max()?
+        .f_div_scalar(FP8_MAX)?
+        .f_clamp_min(f64::from(f32::MIN_POSITIVE))?;
+    let values = weight.f_div(&scale)?.f_to_kind(Kind::Float8e4m3fn)?;
+    Ok((values, scale))
 }
 
 impl TransformerConfig {
@@ -253,11 +360,43 @@ impl TransformerConfig {
     pub fn parameters(&self) -> Vec<(String, Vec<i64>)> {
         let mut loader = Loader {
             source: Source::Shapes,
-            kind: Kind::Float,
+            storage: Kind::Float.into(),
             visited: Vec::new(),
         };
         Weights::load(&mut loader, self).expect("listing shapes reads no file");
         loader.visited
+    }
+
+    /// Bytes the weights take stored as `storage` says (each float8 weight with its 4-byte
+    /// scale; the few float32 parameters counted in the model's kind).
+    pub fn stored_bytes(&self, storage: Storage) -> u64 {
+        let element = storage.kind.elt_size_in_bytes() as u64;
+        self.parameters()
+            .iter()
+            .map(|(name, shape)| {
+                let numel = shape.iter().product::<i64>() as u64;
+                if storage.fp8 && stores_fp8(name, shape) {
+                    numel + 4
+                } else {
+                    numel * element
+                }
+            })
+            .sum()
+    }
+
+    /// Bytes one float8 weight's upcast holds at once (float32, and its copy in the model's
+    /// kind unless that is float32), for the largest such weight: 0 without fp8 storage.
+    pub fn upcast_bytes(&self, storage: Storage) -> u64 {
+        let copy = match storage.kind {
+            Kind::Float => 0,
+            kind => kind.elt_size_in_bytes() as u64,
+        };
+        self.parameters()
+            .iter()
+            .filter(|(name, shape)| storage.fp8 && stores_fp8(name, shape))
+            .map(|(_, shape)| shape.iter().product::<i64>() as u64 * (4 + copy))
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -517,7 +656,7 @@ impl Rotary {
 /// The transformer's parameters, as its config shapes them.
 struct Weights {
     /// The patch embedding Conv3d: `[dim, in_channels, pt, ph, pw]`.
-    patch_embedding: Linear,
+    patch_embedding: PatchEmbedding,
     time_1: Linear,
     time_2: Linear,
     time_proj: Linear,
@@ -533,7 +672,7 @@ impl Weights {
     fn load(loader: &mut Loader<'_>, config: &TransformerConfig) -> Result<Weights, WeightsError> {
         let dim = config.dim();
         let [pt, ph, pw] = config.patch_size;
-        let patch_embedding = Linear {
+        let patch_embedding = PatchEmbedding {
             weight: loader.tensor(
                 "patch_embedding.weight".to_owned(),
                 &[dim, config.in_channels, pt, ph, pw],
@@ -575,18 +714,21 @@ pub struct WanTransformer {
 }
 
 impl WanTransformer {
-    /// Loads the checkpoint's weights onto `device`, computing in `kind` (float32 or
-    /// bfloat16; see the module doc for the parts kept in float32). Tensors of the checkpoint
-    /// that no parameter uses are refused: they belong to a variant this code does not run.
+    /// Loads the checkpoint's weights onto `device`, computing in `storage`'s kind (float32
+    /// or bfloat16; see the module doc for the parts kept in float32 and for fp8 storage).
+    /// Tensors of the checkpoint that no parameter uses are refused: they belong to a variant
+    /// this code does not run.
     pub fn load(
         checkpoint: &TransformerCheckpoint,
-        kind: Kind,
+        storage: impl Into<Storage>,
         device: Device,
     ) -> Result<WanTransformer, WeightsError> {
+        let storage = storage.into();
+        let kind = storage.kind;
         let config = checkpoint.config().clone();
         let mut loader = Loader {
             source: Source::Checkpoint(checkpoint, device),
-            kind,
+            storage,
             visited: Vec::new(),
         };
         let weights = Weights::load(&mut loader, &config)?;
@@ -607,12 +749,23 @@ impl WanTransformer {
     /// them, tensor by tensor), for [`WanTransformer::from_host`].
     pub fn read_host(
         checkpoint: &TransformerCheckpoint,
-        kind: Kind,
+        storage: impl Into<Storage>,
     ) -> Result<HostWeights, WeightsError> {
+        let storage = storage.into();
         let parameters = checkpoint.config().parameters();
         let mut host = HostWeights::default();
         for (name, shape) in &parameters {
-            let kind = if keeps_f32(name) { Kind::Float } else { kind };
+            if storage.fp8 && stores_fp8(name, shape) {
+                let (values, scale) = checkpoint.fp8_tensor(name, shape, Device::Cpu)?;
+                host.keep(name, &values).map(drop)?;
+                host.keep(&scale_name(name), &scale).map(drop)?;
+                continue;
+            }
+            let kind = if keeps_f32(name) {
+                Kind::Float
+            } else {
+                storage.kind
+            };
             let tensor = checkpoint.tensor(name, shape, kind, Device::Cpu)?;
             host.keep(name, &tensor).map(drop)?;
         }
@@ -625,12 +778,14 @@ impl WanTransformer {
     pub fn from_host(
         config: &TransformerConfig,
         host: &HostWeights,
-        kind: Kind,
+        storage: impl Into<Storage>,
         device: Device,
     ) -> Result<WanTransformer, WeightsError> {
+        let storage = storage.into();
+        let kind = storage.kind;
         let mut loader = Loader {
             source: Source::Host(host, device),
-            kind,
+            storage,
             visited: Vec::new(),
         };
         let weights = Weights::load(&mut loader, config)?;
@@ -849,6 +1004,35 @@ mod tests {
             ..TransformerConfig::default()
         };
         assert_eq!(count(&a14b), (14_288_901_184, 1095));
+    }
+
+    #[test]
+    fn fp8_storage_halves_an_a14b_expert() {
+        let a14b = TransformerConfig {
+            in_channels: 36,
+            ..TransformerConfig::default()
+        };
+        let bf16 = Storage::from(Kind::BFloat16);
+        let fp8 = Storage { fp8: true, ..bf16 };
+        let stored: Vec<_> = a14b
+            .parameters()
+            .into_iter()
+            .filter(|(name, shape)| stores_fp8(name, shape))
+            .collect();
+        // Per block: self- and cross-attention's four projections, the feed-forward's two.
+        assert_eq!(stored.len(), 40 * 10 + 1);
+        assert!(stores_fp8("proj_out.weight", &[64, 5120]));
+        assert!(!stores_fp8(
+            "condition_embedder.time_proj.weight",
+            &[30720, 5120]
+        ));
+        assert!(!stores_fp8("blocks.0.attn1.norm_q.weight", &[5120]));
+        assert_eq!(a14b.stored_bytes(bf16), 2 * 14_288_901_184);
+        // What core's fp8 A14B profile (`a14b_fp8` in core/src/memory.rs's tests) says.
+        assert_eq!(a14b.stored_bytes(fp8), 14_526_557_892);
+        // The feed-forward's 13824x5120 weight, float32 then bfloat16.
+        assert_eq!(a14b.upcast_bytes(fp8), 13824 * 5120 * 6);
+        assert_eq!(a14b.upcast_bytes(bf16), 0);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use tch::{Device, Kind, TchError, Tensor};
 
 use super::safetensors::{SafetensorsError, TensorFiles};
-use super::transformer::{ConfigError, QK_NORM, TransformerConfig};
+use super::transformer::{ConfigError, QK_NORM, TransformerConfig, quantize_fp8};
 
 /// Why a transformer checkpoint cannot be loaded. Each message names the file and, where one
 /// is at fault, the tensor.
@@ -203,6 +203,29 @@ impl TransformerCheckpoint {
         kind: Kind,
         device: Device,
     ) -> Result<Tensor, WeightsError> {
+        let name = self.checked(diffusers_name, shape)?;
+        Ok(self.files.weight(&name, kind, device)?)
+    }
+
+    /// The parameter `diffusers_name`, checked against `shape`, in float8 on `device` with
+    /// its float32 scale: a float8 tensor's own values and scale (ComfyUI's `scale_weight`, or
+    /// 1), else the tensor rounded to float8 ([`quantize_fp8`]).
+    pub(super) fn fp8_tensor(
+        &self,
+        diffusers_name: &str,
+        shape: &[i64],
+        device: Device,
+    ) -> Result<(Tensor, Tensor), WeightsError> {
+        let name = self.checked(diffusers_name, shape)?;
+        if let Some(stored) = self.files.fp8(&name, device)? {
+            return Ok(stored);
+        }
+        let weight = self.files.weight(&name, Kind::Float, device)?;
+        quantize_fp8(&weight).map_err(|e| self.torch_error(&format!("rounding `{name}` to fp8"), e))
+    }
+
+    /// The file name of `diffusers_name`, once its tensor is found with `shape`.
+    fn checked(&self, diffusers_name: &str, shape: &[i64]) -> Result<String, WeightsError> {
         let name = self.file_name(diffusers_name);
         let Some(info) = self.files.info(&name) else {
             return Err(WeightsError::Missing {
@@ -219,7 +242,7 @@ impl TransformerCheckpoint {
                 name,
             });
         }
-        Ok(self.files.weight(&name, kind, device)?)
+        Ok(name)
     }
 
     /// Refuses tensors of the transformer that no parameter read (`used`, diffusers names):

@@ -175,7 +175,8 @@ fn container(lane: &ModelLane, runner: &RunnerTemplate, config: &Config) -> Cont
     }
 }
 
-/// The lane's memory mode and VAE tiling (`spec.runner.memory`), as the runner's flags.
+/// The lane's memory mode, VAE tiling and transformer weights (`spec.runner.memory`), as
+/// the runner's flags.
 fn memory_args(runner: &RunnerTemplate) -> Vec<String> {
     let memory = runner.memory.clone().unwrap_or_default();
     vec![
@@ -183,6 +184,8 @@ fn memory_args(runner: &RunnerTemplate) -> Vec<String> {
         memory.mode.flag().into(),
         "--vae-tiling".into(),
         memory.vae_tiling.as_str().into(),
+        "--transformer-weights".into(),
+        memory.transformer_weights.as_str().into(),
     ]
 }
 
@@ -346,17 +349,39 @@ mod tests {
         };
         assert_eq!(
             args(json!({"mode": "Dedicated", "models": ["anisora"]})),
-            ["--memory-mode", "auto", "--vae-tiling", "auto"]
+            [
+                "--memory-mode",
+                "auto",
+                "--vae-tiling",
+                "auto",
+                "--transformer-weights",
+                "compute"
+            ]
         );
         assert_eq!(
             args(json!({"mode": "Dedicated", "models": ["anisora"],
-                "runner": {"memory": {"mode": "modelOffload", "vaeTiling": "on"}}})),
-            ["--memory-mode", "model-offload", "--vae-tiling", "on"]
+                "runner": {"memory": {"mode": "modelOffload", "vaeTiling": "on",
+                    "transformerWeights": "fp8"}}})),
+            [
+                "--memory-mode",
+                "model-offload",
+                "--vae-tiling",
+                "on",
+                "--transformer-weights",
+                "fp8"
+            ]
         );
         assert_eq!(
             args(json!({"mode": "Dedicated", "models": ["anisora"],
                 "runner": {"memory": {"mode": "expertSwap"}}})),
-            ["--memory-mode", "expert-swap", "--vae-tiling", "auto"]
+            [
+                "--memory-mode",
+                "expert-swap",
+                "--vae-tiling",
+                "auto",
+                "--transformer-weights",
+                "compute"
+            ]
         );
     }
 

@@ -719,12 +719,18 @@ async fn a_runner_refuses_a_job_too_large_for_its_device_and_tiles_one_that_need
 {
     // 1,227,000,000 bytes leave 600 MiB usable. The tiny anisora's weights and a 256x256x9
     // job (about 350 MiB on the CPU) fit whole; 384x384x9 needs 771 MiB to encode its start
-    // image whole and 396 MiB in tiles; 768x768x33 does not fit even in tiles.
+    // image whole and 396 MiB in tiles; 768x768x33 does not fit even in tiles. The experts'
+    // linear weights are stored in fp8 (the lane's `transformerWeights: fp8`).
     let setup = Setup::start_with(
         "runner-fit",
         "Dedicated",
         &["anisora"],
-        &["--device-memory-bytes", "1227000000"],
+        &[
+            "--device-memory-bytes",
+            "1227000000",
+            "--transformer-weights",
+            "fp8",
+        ],
     )
     .await?;
     let model = setup.model("anisora").to_owned();
@@ -759,8 +765,21 @@ async fn a_runner_refuses_a_job_too_large_for_its_device_and_tiles_one_that_need
         ),
         "{report}"
     );
+    // fp8: each expert under three quarters of its 3,559,296 bfloat16 bytes (its linear
+    // weights are about two thirds of them), and an upcast weight while it runs.
+    let profile = &report["models"][&model];
+    let experts = profile["transformerBytes"]
+        .as_array()
+        .context("transformerBytes")?;
+    assert_eq!(experts.len(), 2, "{report}");
     assert!(
-        report["models"][&model]["transformerBytes"].is_array(),
+        experts
+            .iter()
+            .all(|b| b.as_u64().is_some_and(|b| b < 3_559_296 * 3 / 4)),
+        "{report}"
+    );
+    assert!(
+        profile["upcastBytes"].as_u64().is_some_and(|b| b > 0),
         "{report}"
     );
 

@@ -8,7 +8,9 @@
 //! The tiny models of that test have a feed-forward a quarter of the hidden size wide, where
 //! Wan 14B's is 2.7 times (13,824 against 5,120), 2 attention heads where it has 40, and a VAE
 //! 8 channels wide where Wan's is 96: here the estimate meets the shapes it is for, the
-//! transformer at up to 7,800 tokens.
+//! transformer at up to 7,800 tokens. Two runs store the transformers' linear weights in fp8
+//! (`--transformer-weights fp8`): the upcast of the 13824x5120 feed-forward weight, 270 MiB in
+//! float32, is then the largest part of denoising's activations.
 //!
 //!     eval "$(gpu-runner/scripts/setup-torch.sh)"; cargo bench -p framelane-runner --bench fit
 
@@ -32,6 +34,7 @@ struct Run {
     size: (u64, u64, u64),
     tiled: bool,
     decode: bool,
+    fp8: bool,
 }
 
 const fn run(model: &'static str, size: (u64, u64, u64), tiled: bool, decode: bool) -> Run {
@@ -40,17 +43,28 @@ const fn run(model: &'static str, size: (u64, u64, u64), tiled: bool, decode: bo
         size,
         tiled,
         decode,
+        fp8: false,
+    }
+}
+
+/// The same, the transformers' linear weights stored in fp8.
+const fn fp8(model: &'static str, size: (u64, u64, u64)) -> Run {
+    Run {
+        fp8: true,
+        ..run(model, size, false, false)
     }
 }
 
 /// The real VAE whole and in 256x256 tiles at small sizes (a VAE pass over 832x480 takes
 /// minutes on two cores), and the text-to-video transformer at 832x480x17: 7,800 tokens.
-const RUNS: [Run; 5] = [
+const RUNS: [Run; 7] = [
     run("a14b", (256, 256, 5), false, true),
     run("aio", (256, 256, 5), false, true),
     run("a14b", (320, 288, 5), true, true),
     run("aio", (320, 288, 5), true, true),
     run("aio", (832, 480, 17), false, false),
+    fp8("a14b", (256, 256, 5)),
+    fp8("aio", (832, 480, 17)),
 ];
 
 fn main() {
@@ -80,18 +94,22 @@ fn main() {
         size: (width, height, frames),
         tiled,
         decode,
+        fp8,
     } in RUNS
     {
         let (model, _) = models.iter().find(|(_, n)| *n == name).unwrap();
-        let profile = model_profile(&model.spec.files, Precision::FLOAT32, device.device).unwrap();
+        let precision = Precision {
+            fp8_transformers: fp8,
+            ..Precision::FLOAT32
+        };
+        let profile = model_profile(&model.spec.files, precision, device.device).unwrap();
         let baseline = device.stats().unwrap().allocated_current;
         let plan = MemoryPlan {
             vae_tiling: if tiled { VaeTiling::On } else { VaeTiling::Off },
             ..MemoryPlan::default()
         };
-        let mut pipeline =
-            WanPipeline::load_with(&model.spec, Precision::FLOAT32, device.device, plan)
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut pipeline = WanPipeline::load_with(&model.spec, precision, device.device, plan)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         let job = JobSize {
             width,
             height,
@@ -105,7 +123,11 @@ fn main() {
         let weights = device.stats().unwrap().allocated_current - baseline;
         let estimate = profile.estimate(&job, MemoryMode::Resident, tiled);
         let resident = estimate.resident_bytes as i64;
-        let tiling = if tiled { "tiled" } else { "whole" };
+        let tiling = match (tiled, fp8) {
+            (true, _) => "tiled",
+            (false, true) => "whole, fp8 weights",
+            (false, false) => "whole",
+        };
         for (stage, measured, seconds) in stage_peaks(&mut pipeline, &job, baseline, decode) {
             let estimated = estimate.stage(stage) as i64;
             let what = format!("{name} {width}x{height}x{frames} {tiling} {stage:?}");

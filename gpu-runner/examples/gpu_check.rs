@@ -28,6 +28,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, bail, ensure};
+use framelane_api::modellane::TransformerWeights;
 use framelane_core::memory::{
     ANNOTATION_VERSION, JobSize, ModelProfile, RunnerMemory, fits, resolve_mode, usable_bytes,
 };
@@ -60,6 +61,8 @@ struct Args {
     diffusers: Option<(String, PathBuf)>,
     show_refusal: bool,
     tiny: bool,
+    /// bfloat16, the experts' linear weights in fp8 under `--transformer-weights fp8`.
+    precision: Precision,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -68,7 +71,7 @@ fn parse_args() -> anyhow::Result<Args> {
         root: PathBuf::from(args.next().context(
             "usage: gpu_check MODELS_DIR [--jobs N] [--sizes WxHxF,..] [--caps 80G,..] \
              [--modes auto,..] [--steps N] [--diffusers PYTHON --diffusers-script PATH] \
-             [--show-refusal] [--tiny]",
+             [--transformer-weights compute|fp8] [--show-refusal] [--tiny]",
         )?),
         jobs: 20,
         sizes: vec![(832, 480, 81), (1280, 720, 81)],
@@ -81,6 +84,7 @@ fn parse_args() -> anyhow::Result<Args> {
         diffusers: None,
         show_refusal: false,
         tiny: false,
+        precision: Precision::BFLOAT16,
     };
     let (mut python, mut script) = (None, None);
     while let Some(flag) = args.next() {
@@ -114,6 +118,13 @@ fn parse_args() -> anyhow::Result<Args> {
                         })
                     })
                     .collect::<anyhow::Result<_>>()?
+            }
+            "--transformer-weights" => {
+                let weights = value()?;
+                let weights = TransformerWeights::from_flag(&weights).with_context(|| {
+                    format!("--transformer-weights: {weights:?} is not compute or fp8")
+                })?;
+                parsed.precision.fp8_transformers = weights == TransformerWeights::Fp8;
             }
             "--diffusers" => python = Some(value()?),
             "--diffusers-script" => script = Some(PathBuf::from(value()?)),
@@ -188,7 +199,7 @@ fn main() -> anyhow::Result<()> {
     for (r, _) in &models {
         profiles.insert(
             r.model.clone(),
-            model_profile(&r.spec.files, Precision::BFLOAT16, device.device)?,
+            model_profile(&r.spec.files, args.precision, device.device)?,
         );
     }
     let all: Vec<&ModelProfile> = profiles.values().collect();
@@ -286,9 +297,14 @@ fn run_config(
     let ballast = ballast(device, cap)?;
     let baseline = device.stats()?.reserved_current;
     println!(
-        "\ndevice {}, PYTORCH_CUDA_ALLOC_CONF={conf}, cap {:.3} GB, mode {mode:?}, {width}x{height}x{frames}, {} steps, {} jobs",
+        "\ndevice {}, PYTORCH_CUDA_ALLOC_CONF={conf}, cap {:.3} GB, mode {mode:?}, transformer weights {}, {width}x{height}x{frames}, {} steps, {} jobs",
         device.name(),
         cap as f64 / 1e9,
+        if args.precision.fp8_transformers {
+            "fp8"
+        } else {
+            "bf16"
+        },
         args.steps,
         args.jobs
     );
@@ -299,7 +315,7 @@ fn run_config(
     };
     let refs = models.iter().map(|(r, _)| r.clone()).collect();
     let host_budget = default_host_budget().unwrap_or(0);
-    let mut cache = ModelCache::new(LaneMode::Shared, *device, Precision::BFLOAT16, plan, refs)?
+    let mut cache = ModelCache::new(LaneMode::Shared, *device, args.precision, plan, refs)?
         .with_host_budget(host_budget)?;
     println!(
         "host budget {:.1} GB: the models wait in host memory between switches: {}",
@@ -516,7 +532,7 @@ fn show_refusal(
     let mut cache = ModelCache::new(
         LaneMode::Dedicated,
         *device,
-        Precision::BFLOAT16,
+        args.precision,
         plan,
         vec![r.clone()],
     )?;
@@ -593,6 +609,9 @@ fn diffusers_step(
     command.arg(mode).arg(cap.to_string());
     if args.tiny {
         command.arg("--tiny");
+    }
+    if args.precision.fp8_transformers {
+        command.arg("--fp8");
     }
     let output = command
         .output()

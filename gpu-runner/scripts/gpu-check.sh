@@ -12,7 +12,8 @@
 #
 #   gpu-runner/scripts/gpu-check.sh [--jobs N] [--sizes WxHxF,..] [--caps 80G,48G,24G]
 #       [--modes auto,..] [--steps N] [--allocs expandable_segments:True,..]
-#       [--bundle DIR | --binary PATH] [--work DIR] [--no-diffusers] [--show-refusal] [--tiny]
+#       [--transformer-weights compute|fp8] [--bundle DIR | --binary PATH] [--work DIR]
+#       [--no-diffusers] [--show-refusal] [--tiny]
 #
 # --bundle: what gpu-check-bundle.sh made here for a GPU machine without network or Rust: the
 #   gpu_check binary, and wheels (diffusers) installed under WORK/site for this run only.
@@ -21,6 +22,9 @@
 #   segments on, then off).
 # --modes: the memory modes to run under each cap (resident, expert-swap, model-offload;
 #   default auto: the one a runner picks for the cap).
+# --transformer-weights: how the runner stores the experts' linear weights (a lane's
+#   spec.runner.memory.transformerWeights; fp8 halves them), and diffusers too (its layerwise
+#   casting to float8).
 # --show-refusal: where the fit check refuses a job, force the first such one of each cap and
 #   mode anyway; it must fail for memory (GPU only).
 # --tiny: the CPU dry run: tiny models and sizes, each mode under one cap of 620M (a cap's
@@ -41,9 +45,10 @@ WORK="${TMPDIR:-/tmp}/framelane-gpu-check"
 DIFFUSERS=1
 TINY=""
 SHOW_REFUSAL=""
+WEIGHTS="compute"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 
-usage() { sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,33p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --jobs) JOBS="$2"; shift 2 ;;
@@ -54,6 +59,7 @@ while [[ $# -gt 0 ]]; do
     --binary) BINARY="$2"; shift 2 ;;
     --bundle) BUNDLE="$2"; BINARY="$2/gpu_check"; shift 2 ;;
     --allocs) ALLOCS="$2"; shift 2 ;;
+    --transformer-weights) WEIGHTS="$2"; shift 2 ;;
     --work) WORK="$2"; shift 2 ;;
     --no-diffusers) DIFFUSERS=0; shift ;;
     --show-refusal) SHOW_REFUSAL=1; shift ;;
@@ -99,8 +105,8 @@ if [[ ! -f "$MODELS/.complete" ]]; then
   echo "gpu-check: models written in $((SECONDS - started)) s ($(du -sh "$MODELS" | cut -f1))"
 fi
 
-ARGS=(--jobs "$JOBS" --sizes "$SIZES" --caps "$CAPS" --modes "$MODES" --steps "$STEPS" ${TINY:+--tiny}
-  ${SHOW_REFUSAL:+--show-refusal})
+ARGS=(--jobs "$JOBS" --sizes "$SIZES" --caps "$CAPS" --modes "$MODES" --steps "$STEPS"
+  --transformer-weights "$WEIGHTS" ${TINY:+--tiny} ${SHOW_REFUSAL:+--show-refusal})
 ((DIFFUSERS)) && ARGS+=(--diffusers "$PY" --diffusers-script "$ROOT/gpu-runner/scripts/gpu_check_diffusers.py")
 status=0
 IFS=, read -r -a CONFS <<<"$ALLOCS"

@@ -2,10 +2,12 @@
 random weights of the same shapes as the runner's models (gpu-runner/scripts/make_full_size_wan.py),
 the same job size, steps and memory mode, on the same GPU under the same memory cap.
 
-    python gpu_check_diffusers.py MODELS_DIR a14b|aio WIDTH HEIGHT FRAMES STEPS MODE CAP_BYTES [--tiny]
+    python gpu_check_diffusers.py MODELS_DIR a14b|aio WIDTH HEIGHT FRAMES STEPS MODE CAP_BYTES [--tiny] [--fp8]
 
 MODE: `resident` (the pipeline on the GPU) or `offload` (`enable_model_cpu_offload`, which the
 runner's `expert-swap` and `model-offload` are compared with: diffusers has no expert swap alone).
+--fp8: the transformers stored in float8 and upcast layer by layer (diffusers' layerwise casting),
+as the runner's `--transformer-weights fp8`.
 Prints one JSON line: {"sPerStep": ..., "steps": ...}. Weights are random and bfloat16 (the
 runner upcasts its fp8 files to bfloat16 too); their values do not change the time of a step.
 """
@@ -44,7 +46,7 @@ def built(make):
 
 
 def main(models: Path, kind: str, width: int, height: int, frames: int, steps: int, mode: str, cap: int,
-         tiny: bool):
+         tiny: bool, fp8: bool):
     if DEVICE == "cuda" and cap > 0:
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap / torch.cuda.get_device_properties(0).total_memory))
     tok = AutoTokenizer.from_pretrained(models / "tokenizer")
@@ -61,6 +63,8 @@ def main(models: Path, kind: str, width: int, height: int, frames: int, steps: i
         if name == "transformer_2" and kind != "a14b":
             continue
         parts[name] = built(make)
+        if fp8 and name.startswith("transformer"):
+            parts[name].enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
         if mode == "offload":
             parts[name] = parts[name].to("cpu")
     vae = AutoencoderKLWan(**VAE) if tiny else AutoencoderKLWan()
@@ -95,6 +99,6 @@ def main(models: Path, kind: str, width: int, height: int, frames: int, steps: i
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    tiny = "--tiny" in a
-    a = [x for x in a if x != "--tiny"]
-    main(Path(a[0]), a[1], int(a[2]), int(a[3]), int(a[4]), int(a[5]), a[6], int(a[7]), tiny)
+    tiny, fp8 = "--tiny" in a, "--fp8" in a
+    a = [x for x in a if x not in ("--tiny", "--fp8")]
+    main(Path(a[0]), a[1], int(a[2]), int(a[3]), int(a[4]), int(a[5]), a[6], int(a[7]), tiny, fp8)

@@ -12,7 +12,7 @@ mod wan_fixtures;
 use std::path::{Path, PathBuf};
 
 use framelane_runner::wan::safetensors::{SafetensorsError, TensorFiles};
-use framelane_runner::wan::transformer::WanTransformer;
+use framelane_runner::wan::transformer::{Storage, WanTransformer};
 use framelane_runner::wan::weights::{Layout, TransformerCheckpoint, WeightsError};
 use tch::{Kind, Tensor};
 use wan_fixtures::{case, diffusers, load, max_diff, run, transformers};
@@ -110,7 +110,8 @@ fn sharded_diffusers_transformer_2_matches_diffusers() {
 
 /// float8 weights upcast at load reproduce diffusers run on the dequantized weights within
 /// 1e-4 (both compute in float32; only the summation order differs). The printed distance to
-/// the unquantized model is float8's own error, for information.
+/// the unquantized model is float8's own error, for information. Kept in float8 and upcast as
+/// each layer runs (fp8 storage), plain and scaled fp8 give the same output, bit for bit.
 #[test]
 fn fp8_and_scaled_fp8_stay_within_1e_4_of_their_dequantized_reference() {
     for (file, reference) in [
@@ -122,6 +123,12 @@ fn fp8_and_scaled_fp8_stay_within_1e_4_of_their_dequantized_reference() {
         assert!(max_diff(file, &out, &case(reference)) < 1e-4);
         let quantization = max_diff(&format!("{file} vs unquantized"), &out, &case("i2v.out"));
         assert!(quantization > 1e-4, "{file}: the weights were not float8");
+        let stored = Storage {
+            kind: Kind::Float,
+            fp8: true,
+        };
+        let kept = run(&load(&checkpoint, stored), "i2v");
+        assert!(kept.equal(&out), "{file}: fp8 storage changed the output");
     }
     let bf16 = load(
         &comfy(&[comfy_file("fp8.safetensors")]).unwrap(),

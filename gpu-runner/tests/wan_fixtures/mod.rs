@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use framelane_runner::memory::RunnerDevice;
 use framelane_runner::wan::safetensors::TensorFiles;
-use framelane_runner::wan::transformer::WanTransformer;
+use framelane_runner::wan::transformer::{Storage, WanTransformer};
 use framelane_runner::wan::weights::TransformerCheckpoint;
 use tch::{Device, Kind, Tensor};
 
@@ -55,8 +55,8 @@ pub fn run(model: &WanTransformer, prefix: &str) -> Tensor {
         .to_device(Device::Cpu)
 }
 
-pub fn load(checkpoint: &TransformerCheckpoint, kind: Kind) -> WanTransformer {
-    WanTransformer::load(checkpoint, kind, device()).unwrap()
+pub fn load(checkpoint: &TransformerCheckpoint, storage: impl Into<Storage>) -> WanTransformer {
+    WanTransformer::load(checkpoint, storage, device()).unwrap()
 }
 
 pub fn diffusers(folder: &str) -> TransformerCheckpoint {

@@ -566,7 +566,7 @@ pub struct WanPipeline {
     /// Whether a VAE pass of the running job was tiled.
     tiled: bool,
     /// Whether the running job's VAE passes tile, decided before it ran
-    /// ([`WanPipeline::set_job_tiling`]); `None`: `vae_tiling` decides per pass.
+    /// ([`WanPipeline::set_job_tiling`]); `None`: they tile only under `vae_tiling` `on`.
     job_tiling: Option<bool>,
 }
 

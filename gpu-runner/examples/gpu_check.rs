@@ -297,16 +297,16 @@ fn run_config(
     let ballast = ballast(device, cap)?;
     let baseline = device.stats()?.reserved_current;
     println!(
-        "\ndevice {}, PYTORCH_CUDA_ALLOC_CONF={conf}, cap {:.3} GB, mode {mode:?}, transformer weights {}, {width}x{height}x{frames}, {} steps, {} jobs",
+        "\ndevice {}, PYTORCH_CUDA_ALLOC_CONF={conf}, cap {:.3} GB, mode {mode:?}, {width}x{height}x{frames}, {} steps, {} jobs, transformer weights {}",
         device.name(),
         cap as f64 / 1e9,
+        args.steps,
+        args.jobs,
         if args.precision.fp8_transformers {
             "fp8"
         } else {
             "bf16"
-        },
-        args.steps,
-        args.jobs
+        }
     );
     let plan = MemoryPlan {
         mode,

@@ -14,10 +14,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, anyhow, bail};
 use framelane_api::modellane::TransformerWeights;
-use framelane_core::memory::{JobSize, fits};
+use framelane_core::memory::fits;
 use framelane_runner::cache::ModelRef;
 use framelane_runner::generate::{JobRequest, run_job};
-use framelane_runner::job::generation_mode;
+use framelane_runner::job;
 use framelane_runner::memory::RunnerDevice;
 use framelane_runner::placement::{MemoryMode, VaeTiling};
 use framelane_runner::profile::{MemoryArgs, runner_memory};
@@ -44,7 +44,20 @@ fn main() -> anyhow::Result<()> {
         solver: None,
         boundary_ratio: None,
     };
-    let precision = Precision::BFLOAT16;
+    // A runner's flags with the lane defaults. Its fit check below is `None` on a CPU, which
+    // checks nothing unless FRAMELANE_DEVICE_MEMORY_BYTES gives it a device memory.
+    let args = MemoryArgs {
+        memory_mode: MemoryMode::Auto,
+        vae_tiling: VaeTiling::Auto,
+        transformer_weights: TransformerWeights::Compute,
+        device_memory_bytes: std::env::var("FRAMELANE_DEVICE_MEMORY_BYTES")
+            .ok()
+            .map(|bytes| bytes.parse())
+            .transpose()
+            .context("FRAMELANE_DEVICE_MEMORY_BYTES is a number of bytes")?,
+        host_memory_bytes: None,
+    };
+    let precision = args.precision(Precision::BFLOAT16);
     let mut pipeline = WanPipeline::load(&spec, precision, device.device)?;
     let image = rest
         .get(5)
@@ -66,32 +79,13 @@ fn main() -> anyhow::Result<()> {
         seed: num(4, 0)?,
         vae_tiling: None,
     };
-    // As a runner with the lane defaults would: `None` on a CPU, which checks nothing unless
-    // FRAMELANE_DEVICE_MEMORY_BYTES gives it a device memory to check against.
     let name = "example";
-    let args = MemoryArgs {
-        memory_mode: MemoryMode::Auto,
-        vae_tiling: VaeTiling::Auto,
-        transformer_weights: TransformerWeights::Compute,
-        device_memory_bytes: std::env::var("FRAMELANE_DEVICE_MEMORY_BYTES")
-            .ok()
-            .map(|bytes| bytes.parse())
-            .transpose()
-            .context("FRAMELANE_DEVICE_MEMORY_BYTES is a number of bytes")?,
-        host_memory_bytes: None,
-    };
     let refs = [ModelRef {
         model: name.to_owned(),
         spec,
         modes: vec![job.mode],
     }];
-    let size = JobSize {
-        width: job.width.into(),
-        height: job.height.into(),
-        frames: job.frames.into(),
-        guided: job.cfg > 1.0,
-        mode: generation_mode(job.mode),
-    };
+    let size = job::size(&job);
     let vae_tiling = runner_memory(&args, &device, &refs, precision)?
         .map(|memory| fits(&memory, name, &size))
         .transpose()

@@ -30,12 +30,12 @@ use std::time::Instant;
 use anyhow::{Context, bail, ensure};
 use framelane_api::modellane::TransformerWeights;
 use framelane_core::memory::{
-    ANNOTATION_VERSION, JobSize, ModelProfile, RunnerMemory, fits, resolve_mode, usable_bytes,
+    ANNOTATION_VERSION, ModelProfile, RunnerMemory, fits, resolve_mode, usable_bytes,
 };
 use framelane_runner::cache::{LaneMode, LoadedFrom, ModelCache, ModelRef};
 use framelane_runner::check::check_models;
 use framelane_runner::generate::{JobRequest, Stage, run_job};
-use framelane_runner::job::generation_mode;
+use framelane_runner::job;
 use framelane_runner::memory::{RunnerDevice, default_host_budget};
 use framelane_runner::placement::{MemoryMode, VaeTiling};
 use framelane_runner::profile::model_profile;
@@ -227,7 +227,7 @@ fn main() -> anyhow::Result<()> {
             let refused: Vec<(&ModelRef, String)> = models
                 .iter()
                 .filter_map(|(r, _)| {
-                    let job = job_size(r, size);
+                    let job = job::size(&job_request(r, 0, &image, size, args.steps, &fit));
                     let refused = fits(&fit, &r.model, &job).err()?;
                     Some((r, refused.message(&job, "gpu-check")))
                 })
@@ -480,7 +480,7 @@ fn job_request(
     steps: u32,
     fit: &RunnerMemory,
 ) -> JobRequest {
-    JobRequest {
+    let request = JobRequest {
         namespace: "gpu-check".into(),
         name: format!("job-{i}"),
         mode: r.modes[0],
@@ -494,18 +494,11 @@ fn job_request(
         steps,
         cfg: 1.0,
         seed: i,
-        vae_tiling: Some(fit.tiles(&r.model, &job_size(r, (width, height, frames)))),
-    }
-}
-
-/// The size of a job of `r` as the fit check weighs it (cfg 1: one prompt).
-fn job_size(r: &ModelRef, (width, height, frames): (u32, u32, u32)) -> JobSize {
-    JobSize {
-        width: width.into(),
-        height: height.into(),
-        frames: frames.into(),
-        guided: false,
-        mode: generation_mode(r.modes[0]),
+        vae_tiling: None,
+    };
+    JobRequest {
+        vae_tiling: Some(fit.tiles(&r.model, &job::size(&request))),
+        ..request
     }
 }
 

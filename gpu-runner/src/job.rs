@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use framelane_api::videomodel::{Schedule, Solver as ApiSolver, WeightsFormat};
 use framelane_api::{GenerationMode, VideoJob, VideoModel, videojob::Output};
+use framelane_core::memory::JobSize;
 use kube::ResourceExt;
 
 use crate::cache::ModelRef;
@@ -22,11 +23,18 @@ pub fn mode(mode: GenerationMode) -> Mode {
     }
 }
 
-/// The pipeline's mode as a job names it ([`mode`] backwards).
-pub fn generation_mode(mode: Mode) -> GenerationMode {
-    match mode {
-        Mode::TextToVideo => GenerationMode::T2v,
-        Mode::ImageToVideo => GenerationMode::I2v,
+/// The size of `request` as the fit check weighs it: what [`JobSize::of`] makes of the
+/// VideoJob that [`request_for`] turned into `request`.
+pub fn size(request: &JobRequest) -> JobSize {
+    JobSize {
+        width: request.width.into(),
+        height: request.height.into(),
+        frames: request.frames.into(),
+        guided: request.cfg > 1.0,
+        mode: match request.mode {
+            Mode::TextToVideo => GenerationMode::T2v,
+            Mode::ImageToVideo => GenerationMode::I2v,
+        },
     }
 }
 
@@ -208,6 +216,49 @@ mod tests {
         );
         let r = request_for(&job(5.0), &free);
         assert_eq!((r.steps, r.cfg), (8, 5.0));
+    }
+
+    #[test]
+    fn a_request_weighs_what_admission_weighed_for_its_job() {
+        let job = |spec: Value| -> VideoJob {
+            serde_json::from_value(json!({
+                "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob", "metadata": {"name": "j", "namespace": "ns"},
+                "spec": spec
+            }))
+            .unwrap()
+        };
+        let free = model(
+            json!({"weights": {"format": "diffusers", "path": "anisora"},
+            "modes": ["t2v", "i2v"], "fixedParameters": {"steps": 8}}),
+        );
+        let fixed =
+            model(json!({"weights": {"format": "diffusers", "path": "phr00t"}, "modes": ["t2v"]}));
+        let sizes = [
+            (json!({"model": "m", "prompt": "a cat"}), &free),
+            (
+                json!({"model": "m", "prompt": "a cat", "cfg": 5.0, "mode": "i2v",
+                "image": "start.png", "width": 1280, "height": 720, "frames": 45}),
+                &free,
+            ),
+            (
+                json!({"model": "m", "prompt": "a cat", "cfg": 5.0, "frames": 33}),
+                &fixed,
+            ),
+        ]
+        .map(|(spec, model)| {
+            let job = job(spec);
+            let size = size(&request_for(&job, model));
+            assert_eq!(size, JobSize::of(&job.spec, model));
+            size
+        });
+        assert_eq!(
+            sizes.map(|s| (s.width, s.height, s.frames, s.guided, s.mode)),
+            [
+                (832, 480, 81, false, GenerationMode::T2v),
+                (1280, 720, 45, true, GenerationMode::I2v),
+                (832, 480, 33, false, GenerationMode::T2v),
+            ]
+        );
     }
 
     #[test]

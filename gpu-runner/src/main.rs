@@ -17,7 +17,6 @@ use anyhow::Context as _;
 use clap::Parser;
 use framelane_api::{
     VideoJob, VideoModel,
-    modellane::TransformerWeights,
     reasons::JobReason,
     videojob::{JobPhase, MemoryReport},
 };
@@ -147,13 +146,10 @@ async fn main() -> anyhow::Result<()> {
         .map(|m| model_ref(m, &args.models_dir))
         .collect::<Result<Vec<_>, String>>()
         .map_err(anyhow::Error::msg)?;
-    let precision = Precision {
-        fp8_transformers: args.memory.transformer_weights == TransformerWeights::Fp8,
-        ..match args.weights_dtype {
-            WeightsDtype::Bfloat16 => Precision::BFLOAT16,
-            WeightsDtype::Float32 => Precision::FLOAT32,
-        }
-    };
+    let precision = args.memory.precision(match args.weights_dtype {
+        WeightsDtype::Bfloat16 => Precision::BFLOAT16,
+        WeightsDtype::Float32 => Precision::FLOAT32,
+    });
     let device = RunnerDevice::detect()?;
     // Bytes allocated before any model is loaded: after a Shared switch's unload the device
     // is back to this (on the CPU, the counting allocator's live tensor bytes).

@@ -60,6 +60,17 @@ pub struct MemoryArgs {
     pub host_memory_bytes: Option<u64>,
 }
 
+impl MemoryArgs {
+    /// The precision this runner loads its models in: `weights` (the weights' dtype), the
+    /// transformers' linear weights stored as `--transformer-weights` says.
+    pub fn precision(&self, weights: Precision) -> Precision {
+        Precision {
+            fp8_transformers: self.transformer_weights == TransformerWeights::Fp8,
+            ..weights
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
     #[error(transparent)]
@@ -204,13 +215,15 @@ fn has_second_transformer(dir: &Path) -> Result<bool, ProfileError> {
 }
 
 /// What the runner reports and checks jobs against: `None` when it does not know its
-/// device's memory (a CPU without `--device-memory-bytes`).
+/// device's memory (a CPU without `--device-memory-bytes`). The models weigh what they
+/// weigh loaded in `weights` as [`MemoryArgs::precision`] makes it.
 pub fn runner_memory(
     args: &MemoryArgs,
     device: &RunnerDevice,
     refs: &[ModelRef],
-    precision: Precision,
+    weights: Precision,
 ) -> Result<Option<RunnerMemory>, ProfileError> {
+    let precision = args.precision(weights);
     let device_bytes = match args.device_memory_bytes {
         Some(bytes) => bytes,
         None => match device.device {
@@ -292,6 +305,34 @@ mod tests {
         assert!(
             wrong.contains("expert-swap") && wrong.contains("model-offload"),
             "{wrong}"
+        );
+    }
+
+    #[test]
+    fn the_transformer_weights_flag_sets_how_the_models_load() {
+        let parse = |args: &[&str]| {
+            Flags::try_parse_from([&["runner"], args].concat())
+                .unwrap()
+                .memory
+        };
+        assert_eq!(
+            parse(&[]).precision(Precision::BFLOAT16),
+            Precision::BFLOAT16
+        );
+        let fp8 = parse(&["--transformer-weights", "fp8"]);
+        assert_eq!(fp8.transformer_weights, TransformerWeights::Fp8);
+        assert_eq!(
+            fp8.precision(Precision::FLOAT32),
+            Precision {
+                fp8_transformers: true,
+                ..Precision::FLOAT32
+            }
+        );
+        assert_eq!(
+            parse(&["--transformer-weights", "compute"])
+                .precision(fp8.precision(Precision::BFLOAT16)),
+            Precision::BFLOAT16,
+            "the flag, not the precision passed in, says how the transformers store"
         );
     }
 }

@@ -119,9 +119,21 @@ pub fn decide(job: &VideoJob, facts: &Facts) -> Decision {
     let deleted = job.metadata.deletion_timestamp.is_some();
     let alive = runner_alive(facts.runner_fresh_until, facts.now);
     let runner_expiry = || until(facts.now, facts.runner_fresh_until.unwrap_or(facts.now));
+    let deadline = || {
+        run_deadline(
+            status.started_at.as_ref().map(|t| t.0),
+            job_deadline(job, &facts.lane),
+        )
+    };
     match status.phase {
-        // The runner sees the deletion and stops at the next step boundary.
-        Some(JobPhase::Running) if deleted && alive => Decision::Wait(runner_expiry()),
+        // The runner sees the deletion and stops at the next step boundary; one hung past the
+        // job's deadline never does, and the deletion goes through as it would have failed.
+        Some(JobPhase::Running) if deleted && alive => match deadline() {
+            Some(at) if at <= facts.now => Decision::Release,
+            at => Decision::Wait(at.map_or(runner_expiry(), |at| {
+                runner_expiry().min(until(facts.now, at))
+            })),
+        },
         _ if deleted => Decision::Release,
         None => match &facts.invalid {
             // Created while the webhook did not check it: refused before any runner sees it.
@@ -137,20 +149,16 @@ pub fn decide(job: &VideoJob, facts: &Facts) -> Decision {
             status.lane_mode == Some(LaneAssignment::Fallback),
             facts,
         ),
-        Some(JobPhase::Running) => {
-            let limit = job_deadline(job, &facts.lane);
-            let deadline = run_deadline(status.started_at.as_ref().map(|t| t.0), limit);
-            match deadline {
-                Some(at) if at <= facts.now => Decision::Fail {
-                    reason: JobReason::DeadlineExceeded,
-                    message: overran(&status, limit),
-                },
-                _ if alive => Decision::Wait(deadline.map_or(runner_expiry(), |at| {
-                    runner_expiry().min(until(facts.now, at))
-                })),
-                _ => lost(&status, facts.max_attempts),
-            }
-        }
+        Some(JobPhase::Running) => match deadline() {
+            Some(at) if at <= facts.now => Decision::Fail {
+                reason: JobReason::DeadlineExceeded,
+                message: overran(&status, job_deadline(job, &facts.lane)),
+            },
+            at if alive => Decision::Wait(at.map_or(runner_expiry(), |at| {
+                runner_expiry().min(until(facts.now, at))
+            })),
+            _ => lost(&status, facts.max_attempts),
+        },
         Some(JobPhase::Succeeded | JobPhase::Failed) => {
             let finished = status.finished_at.map(|t| t.0);
             match expiry(finished, job.spec.ttl_seconds_after_finished) {
@@ -579,6 +587,19 @@ mod tests {
         ));
         assert_eq!(
             decide(&running, &facts(11, lane(1, None), Some(10))),
+            Decision::Release
+        );
+        // A runner hung in a step keeps heartbeating and never stops: past the job's deadline
+        // (where it would have failed DeadlineExceeded) the deletion goes through.
+        let mut hung =
+            job(json!({"phase": "Running", "runner": "r-0", "attempts": 1, "startedAt": micro(0)}));
+        hung.metadata.deletion_timestamp = Some(Time(t(3000)));
+        assert_eq!(
+            decide(&hung, &facts(3595, lane(1, None), Some(3605))),
+            Decision::Wait(Duration::from_millis(5_100))
+        );
+        assert_eq!(
+            decide(&hung, &facts(3600, lane(1, None), Some(3610))),
             Decision::Release
         );
     }

@@ -14,7 +14,9 @@ pub struct Config {
     /// Namespace of the runner pods, their heartbeat Leases and the leader-election Lease.
     #[arg(long, env = "POD_NAMESPACE", default_value = "framelane-system")]
     pub namespace: String,
-    /// This replica's name in leader election (the pod name in a cluster).
+    /// This replica's name in leader election (the pod name in a cluster). Default: the
+    /// host's name and a random suffix, new at each start, so that two replicas never share
+    /// one (as a process id would: each container's first process is 1).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
     /// Only VideoJobs of this namespace (default: every namespace).

@@ -58,6 +58,18 @@ mod tokio_stream_shim {
     }
 }
 
+/// A leader-election identity for a replica started without `--identity`: the host's name
+/// (a container's is its pod's) and a random suffix.
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "framelane-operator".to_owned());
+    format!("{host}_{:08x}", rand::random::<u32>())
+}
+
 /// Runs the operator until SIGTERM/SIGINT, or until it loses leadership (then it returns an
 /// error: the process exits non-zero and its Deployment restarts it as a standby).
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -71,10 +83,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "starting".into(),
     ));
 
-    let identity = config
-        .identity
-        .clone()
-        .unwrap_or_else(|| format!("framelane-operator-{}", std::process::id()));
+    let identity = config.identity.clone().unwrap_or_else(default_identity);
     let elector = Arc::new(Elector::new(
         Api::namespaced(election_client(&config).await?, &config.namespace),
         &config.leader_lease,
@@ -602,4 +611,17 @@ fn job_stream(
     })
     .touched_objects();
     (jobs, stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replicas_started_without_an_identity_get_different_ones() {
+        let (a, b) = (default_identity(), default_identity());
+        assert_ne!(a, b, "two replicas in one leader election");
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        assert!(a.starts_with(&format!("{}_", host.trim())), "{a}");
+    }
 }

@@ -173,11 +173,11 @@ pub struct JobSize {
 }
 
 impl JobSize {
-    /// The size `spec` asks of `model`, its model's defaults filling what it leaves out; cfg
-    /// is the model's fixed value, else the job's (as the runner runs it).
+    /// The size `spec` asks of `model`, the model's defaults and fixed cfg filling what it
+    /// leaves out (as the runner runs it).
     pub fn of(spec: &VideoJobSpec, model: &VideoModel) -> JobSize {
         let defaults = &model.spec.defaults;
-        let cfg = model.spec.fixed_parameters.cfg.or(spec.cfg).unwrap_or(1.0);
+        let cfg = spec.cfg.or(model.spec.fixed_parameters.cfg).unwrap_or(1.0);
         let positive = |v: i32| u64::try_from(v).unwrap_or(0);
         JobSize {
             width: positive(spec.width.unwrap_or(defaults.width)),

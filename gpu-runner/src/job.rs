@@ -114,9 +114,11 @@ pub fn model_ref(model: &VideoModel, models_dir: &Path) -> Result<ModelRef, Stri
     })
 }
 
-/// What to generate for `job`, with the model's defaults for what the job left out, its
-/// fixed steps and cfg (whatever the job says: it may have been created while the webhook
-/// was off), and the seed the controller resolved. The start image is read separately.
+/// What to generate for `job`: its stored spec (the admission webhook wrote the model's
+/// values into it, and the controller checked it against the model before admitting it), the
+/// model's values for what a job stored without the webhook left out, and the seed the
+/// controller resolved. A model changed since does not change what the job runs with (the
+/// runner read its copy at start). The start image is read separately.
 pub fn request_for(job: &VideoJob, model: &VideoModel) -> JobRequest {
     let spec = &job.spec;
     let defaults = &model.spec.defaults;
@@ -138,8 +140,11 @@ pub fn request_for(job: &VideoJob, model: &VideoModel) -> JobRequest {
         height: spec.height.unwrap_or(defaults.height).max(0) as u32,
         frames: spec.frames.unwrap_or(defaults.frames).max(0) as u32,
         fps: spec.fps.unwrap_or(defaults.fps).max(1) as u32,
-        steps: model.spec.fixed_parameters.steps.max(1) as u32,
-        cfg: model.spec.fixed_parameters.cfg.or(spec.cfg).unwrap_or(1.0),
+        steps: spec
+            .steps
+            .unwrap_or(model.spec.fixed_parameters.steps)
+            .max(1) as u32,
+        cfg: spec.cfg.or(model.spec.fixed_parameters.cfg).unwrap_or(1.0),
         seed: u32::try_from(seed).unwrap_or(u32::MAX),
         vae_tiling: None,
     }
@@ -198,24 +203,33 @@ mod tests {
     }
 
     #[test]
-    fn the_models_fixed_steps_and_cfg_win_over_the_jobs() {
-        let job = |cfg: f64| -> VideoJob {
+    fn a_job_runs_its_stored_steps_and_cfg_even_after_its_model_changed() {
+        let job = |spec: Value| -> VideoJob {
             serde_json::from_value(json!({
                 "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob", "metadata": {"name": "j", "namespace": "ns"},
-                "spec": {"model": "phr00t", "prompt": "a cat", "steps": 50, "cfg": cfg}
+                "spec": spec
             }))
             .unwrap()
         };
-        let fixed =
-            model(json!({"weights": {"format": "diffusers", "path": "phr00t"}, "modes": ["t2v"]}));
-        let r = request_for(&job(7.5), &fixed);
-        assert_eq!((r.steps, r.cfg), (4, 1.0));
-        let free = model(
-            json!({"weights": {"format": "diffusers", "path": "anisora"}, "modes": ["t2v"],
-            "fixedParameters": {"steps": 8}}),
+        // Admitted under steps 8 and a free cfg; the model now fixes 12 steps and cfg 1.
+        let admitted = job(json!({"model": "anisora", "prompt": "a cat", "steps": 8, "cfg": 5.0}));
+        let changed = model(
+            json!({"weights": {"format": "diffusers", "path": "anisora"},
+            "modes": ["t2v"], "fixedParameters": {"steps": 12, "cfg": 1.0}}),
         );
-        let r = request_for(&job(5.0), &free);
+        let r = request_for(&admitted, &changed);
         assert_eq!((r.steps, r.cfg), (8, 5.0));
+        assert!(size(&r).guided);
+        // Stored without the webhook: the model's values fill what the job left out.
+        let bare = job(json!({"model": "anisora", "prompt": "a cat"}));
+        let r = request_for(&bare, &changed);
+        assert_eq!((r.steps, r.cfg), (12, 1.0));
+        let free = model(
+            json!({"weights": {"format": "diffusers", "path": "anisora"},
+            "modes": ["t2v"], "fixedParameters": {"steps": 8}}),
+        );
+        let r = request_for(&bare, &free);
+        assert_eq!((r.steps, r.cfg), (8, 1.0));
     }
 
     #[test]
@@ -241,7 +255,7 @@ mod tests {
                 &free,
             ),
             (
-                json!({"model": "m", "prompt": "a cat", "cfg": 5.0, "frames": 33}),
+                json!({"model": "m", "prompt": "a cat", "frames": 33}),
                 &fixed,
             ),
         ]

@@ -626,19 +626,48 @@ async fn lane_pods_carry_the_gpu_and_allocator_setting_and_go_with_the_lane() ->
     );
 
     // A runner pod that dies is replaced.
-    pods.delete(&pod.name_any(), &DeleteParams::default().grace_period(0))
-        .await?;
-    eventually(30, "a replacement pod", || async {
+    let replacement = || async {
         let list = pods
             .list(&ListParams::default().labels(&format!("{LABEL_LANE}={gpu_lane}")))
             .await?
             .items;
         Ok(list
-            .iter()
-            .any(|p| p.uid() != pod.uid() && p.metadata.deletion_timestamp.is_none())
-            .then_some(()))
+            .into_iter()
+            .find(|p| p.uid() != pod.uid() && p.metadata.deletion_timestamp.is_none()))
+    };
+    pods.delete(&pod.name_any(), &DeleteParams::default().grace_period(0))
+        .await?;
+    let pod = eventually(30, "a replacement pod", replacement).await?;
+    // So is one that fails without being deleted (evicted: it never runs again under
+    // restartPolicy Always, and nothing else deletes it).
+    eventually(30, "the replacement Running", || async {
+        let p = pods.get(&pod.name_any()).await?;
+        Ok((p.uid() == pod.uid()
+            && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        .then_some(()))
     })
     .await?;
+    pods.patch_status(
+        &pod.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"phase": "Failed", "reason": "Evicted",
+            "message": "The node was low on resource: memory."}})),
+    )
+    .await?;
+    eventually(30, "the evicted pod replaced", || async {
+        let p = pods.get_opt(&pod.name_any()).await?;
+        Ok(p.filter(|p| {
+            p.uid() != pod.uid()
+                && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        }))
+    })
+    .await?;
+    let events = support::events_about(&fx.client, "ModelLane", None, &gpu_lane).await?;
+    assert!(
+        events.iter().any(|(reason, note)| reason == "PodDeleted"
+            && note.contains("Evicted: The node was low on resource: memory.")),
+        "{events:?}"
+    );
 
     let lanes: Api<ModelLane> = Api::all(fx.client.clone());
     let overridden = eventually(30, "the override condition", || async {

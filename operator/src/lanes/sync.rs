@@ -39,6 +39,27 @@ pub async fn pods(lane: &ModelLane, ctx: &Context) -> Result<Pods, Error> {
         .list(&ListParams::default().labels(&format!("{LABEL_LANE}={}", lane.name_any())))
         .await?
         .items;
+    // A pod that ended (evicted, refused by its node, its node shut down) never runs again
+    // under `restartPolicy: Always`, and nothing else deletes it: deleted here, it is made
+    // anew once gone (its name is taken until then).
+    for pod in existing.iter().filter(|p| ended(p)) {
+        ignore_not_found(api.delete(&pod.name_any(), &DeleteParams::default()).await)?;
+        let status = pod.status.as_ref();
+        let why = [
+            status.and_then(|s| s.reason.as_deref()),
+            status.and_then(|s| s.message.as_deref()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(": ");
+        let note = format!(
+            "deleted runner pod {} ({}); a new one replaces it",
+            pod.name_any(),
+            if why.is_empty() { "it failed" } else { &why }
+        );
+        publish(ctx, lane, EventType::Warning, LaneReason::PodDeleted, &note);
+    }
     let mut created = Ok(());
     let mut quota = None;
     for pod in &desired {
@@ -79,7 +100,7 @@ pub async fn pods(lane: &ModelLane, ctx: &Context) -> Result<Pods, Error> {
     );
     for pod in existing {
         let wanted = desired.iter().any(|d| d.name_any() == pod.name_any());
-        if !wanted && pod.metadata.deletion_timestamp.is_none() {
+        if !wanted && pod.metadata.deletion_timestamp.is_none() && !ended(&pod) {
             ignore_not_found(api.delete(&pod.name_any(), &DeleteParams::default()).await)?;
             let note = format!("deleted runner pod {} (lane changed)", pod.name_any());
             publish(ctx, lane, EventType::Normal, LaneReason::PodDeleted, &note);
@@ -90,6 +111,15 @@ pub async fn pods(lane: &ModelLane, ctx: &Context) -> Result<Pods, Error> {
         quota,
         unschedulable,
     })
+}
+
+/// Whether `pod` ended for good (phase Failed or Succeeded) and is not yet being deleted.
+fn ended(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && matches!(
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Failed" | "Succeeded")
+        )
 }
 
 /// Which ResourceQuota of the pods' namespace has no room for `pod`, if one has none.

@@ -136,6 +136,14 @@ impl Queues {
         self.lanes.get(lane)
     }
 
+    /// The queued jobs of a lane, first first.
+    pub fn queued(&self, lane: &str) -> Vec<JobKey> {
+        self.lanes
+            .get(lane)
+            .map(|q| q.positions().map(|(k, _)| k.clone()).collect())
+            .unwrap_or_default()
+    }
+
     /// Unfinished jobs of a lane.
     pub fn depth(&self, lane: &str) -> usize {
         self.lanes.get(lane).map_or(0, LaneQueue::depth)

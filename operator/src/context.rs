@@ -2,7 +2,7 @@
 //! the facts the core's decisions take, gathered from the caches.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     sync::{Arc, Mutex, MutexGuard},
 };
 
@@ -51,6 +51,9 @@ pub struct Context {
     /// Transitions already counted in the finished and queue-wait metrics or told by an
     /// Event: see [`Context::first_time`].
     pub counted: Arc<Mutex<Counted>>,
+    /// Lanes this replica saw deleted (their watch said so, and a read without the lane
+    /// selector found nothing): their jobs are this operator's to fail, with a selector too.
+    pub deleted_lanes: Arc<Mutex<BTreeSet<String>>>,
 }
 
 /// What was already counted or told of each job, by the job's UID. The job watch forgets a job's entries when it shows the
@@ -215,15 +218,22 @@ impl Context {
     }
 
     /// Whether this operator is responsible for a job. Without a lane selector it owns every
-    /// job; with one, only jobs in (or routed to) one of its lanes: other jobs belong to the
-    /// operator that runs their lane.
+    /// job; with one, only jobs in (or routed to) one of its lanes, or in a lane it saw
+    /// deleted: other jobs belong to the operator that runs their lane.
     pub fn owns(&self, job: &VideoJob) -> bool {
         if self.config.lane_selector.is_none() {
             return true;
         }
         let lanes = self.lanes.state();
         match job.status.as_ref().and_then(|s| s.lane.as_deref()) {
-            Some(lane) => lanes.iter().any(|l| l.name_any() == lane),
+            Some(lane) => {
+                lanes.iter().any(|l| l.name_any() == lane)
+                    || self
+                        .deleted_lanes
+                        .lock()
+                        .expect("deleted lanes lock")
+                        .contains(lane)
+            }
             None => route(&job.spec.model, &lanes).is_some(),
         }
     }
@@ -250,12 +260,7 @@ impl Context {
 
     /// Has the queued jobs of `lane` decided again.
     pub fn notify_queued(&self, lane: &str) {
-        let keys: Vec<JobKey> = self
-            .index()
-            .queues
-            .lane(lane)
-            .map(|q| q.positions().map(|(k, _)| k.clone()).collect())
-            .unwrap_or_default();
+        let keys = self.index().queues.queued(lane);
         for key in keys {
             let _ = self.job_changes.send(key);
         }

@@ -2,6 +2,7 @@
 //! HTTP endpoints.
 
 use std::{
+    collections::BTreeSet,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -455,6 +456,9 @@ async fn controllers(
         Some(selector) => watcher::Config::default().labels(selector),
         None => watcher::Config::default(),
     };
+    let index = Arc::new(Mutex::new(Index::default()));
+    let (job_tx, job_rx) = mpsc::unbounded_channel::<JobKey>();
+    let deleted_lanes = Arc::new(Mutex::new(BTreeSet::new()));
     let (lanes, lanes_writer) = reflector::store();
     let lane_stream = watch_readable::<ModelLane, _>(
         client.clone(),
@@ -466,18 +470,29 @@ async fn controllers(
     .backoff(watch_backoff(WATCH_BACKOFF_MAX))
     .reflect(lanes_writer)
     .inspect_ok({
-        let metrics = metrics.clone();
-        move |event| {
-            if let watcher::Event::Delete(lane) = event {
+        let (metrics, index, job_tx) = (metrics.clone(), index.clone(), job_tx.clone());
+        let (deleted_lanes, client) = (deleted_lanes.clone(), client.clone());
+        move |event| match event {
+            watcher::Event::Delete(lane) => {
                 metrics.forget_lane(&lane.name_any());
+                tokio::spawn(lane_deleted(
+                    client.clone(),
+                    lane.name_any(),
+                    deleted_lanes.clone(),
+                    index.clone(),
+                    job_tx.clone(),
+                ));
             }
+            watcher::Event::Apply(lane) | watcher::Event::InitApply(lane) => {
+                let mut deleted = deleted_lanes.lock().expect("deleted lanes lock");
+                deleted.remove(&lane.name_any());
+            }
+            _ => {}
         }
     })
     .applied_objects();
     let lane_stream = in_own_task(lane_stream);
-    let index = Arc::new(Mutex::new(Index::default()));
     let (lane_tx, lane_rx) = mpsc::unbounded_channel::<String>();
-    let (job_tx, job_rx) = mpsc::unbounded_channel::<JobKey>();
     let counted = Arc::new(Mutex::new(Counted::default()));
     let (left_queue_tx, left_queue_rx) = mpsc::unbounded_channel::<VideoJob>();
     let (jobs, job_stream) = job_stream(
@@ -513,6 +528,7 @@ async fn controllers(
         leases_seen,
         elector,
         counted,
+        deleted_lanes,
     });
     if let Some(webhook) = webhook {
         let _ = webhook.leader.set(ctx.clone());
@@ -546,6 +562,36 @@ async fn controllers(
     });
     future::join3(lane_controller, job_controller, left_queue).await;
     Ok(())
+}
+
+/// A lane left this operator's watch: deleted, or (under a lane selector) relabelled for
+/// another operator. Read without the selector: when it is gone, its queued jobs are decided
+/// again now and fail `LaneNotFound`, not at the end of their wait.
+async fn lane_deleted(
+    client: Client,
+    name: String,
+    deleted_lanes: Arc<Mutex<BTreeSet<String>>>,
+    index: Arc<Mutex<Index>>,
+    jobs: mpsc::UnboundedSender<JobKey>,
+) {
+    match Api::<ModelLane>::all(client).get_opt(&name).await {
+        Ok(None) => {
+            deleted_lanes
+                .lock()
+                .expect("deleted lanes lock")
+                .insert(name.clone());
+            let queued = index.lock().expect("index lock").queues.queued(&name);
+            for key in queued {
+                let _ = jobs.send(key);
+            }
+        }
+        Ok(Some(_)) => {
+            tracing::info!(lane = %name, "lane left the lane selector; its jobs are another operator's")
+        }
+        Err(e) => {
+            tracing::warn!(lane = %name, error = %e, "cannot tell whether a lane was deleted; its queued jobs wait")
+        }
+    }
 }
 
 /// The VideoJob cache and the stream that feeds it. Each watch event updates the queue

@@ -886,6 +886,50 @@ async fn queued_jobs_time_out_when_their_lane_has_no_runner() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_deleted_lanes_queued_jobs_fail_lane_not_found_at_once() -> Result<()> {
+    let fx = Fixture::new("lane-gone").await?;
+    let (anisora, phr00t) = (
+        fx.model("anisora", 8, None).await?,
+        fx.model("phr00t", 4, Some(1.0)).await?,
+    );
+    // No runners, and a wait far longer than the test: only the deletion can end it.
+    let gone = fx.lane("gone", &[&anisora], json!({})).await?;
+    let handed = fx.lane("handed", &[&phr00t], json!({})).await?;
+    let _op = OperatorProcess::start(&fx.ns, "op", &[])?;
+    fx.create_job("orphan", &anisora).await?;
+    fx.create_job("kept", &phr00t).await?;
+    all_in_phase(&fx, 2, JobPhase::Queued, 30).await?;
+    let lanes: Api<ModelLane> = Api::all(fx.client.clone());
+    // One lane leaves this operator's lane selector for another operator's: its job is that
+    // operator's to run, and stays queued here.
+    lanes
+        .patch(
+            &handed,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {support::INSTANCE_LABEL: "another"}}})),
+        )
+        .await?;
+    lanes.delete(&gone, &DeleteParams::default()).await?;
+    let failed = eventually(15, "the deleted lane's job failed", || async {
+        let job = fx.jobs.get("orphan").await?;
+        Ok((phase(&job) == Some(JobPhase::Failed)).then_some(job))
+    })
+    .await?;
+    let status = failed.status.unwrap();
+    assert_eq!(status.reason, Some(JobReason::LaneNotFound));
+    let message = status.message.unwrap_or_default();
+    assert!(
+        message.contains(&format!("lane {gone} was deleted")),
+        "{message}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let kept = fx.jobs.get("kept").await?;
+    assert_eq!(phase(&kept), Some(JobPhase::Queued));
+    lanes.delete(&handed, &DeleteParams::default()).await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_lane_that_loses_its_runner_gives_queued_jobs_max_wait_from_then() -> Result<()> {
     let fx = Fixture::new("grace").await?;
     let model = fx.model("anisora", 8, None).await?;

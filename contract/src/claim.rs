@@ -170,39 +170,15 @@ impl Runner {
 
     /// Claims the oldest Queued job of this lane, or returns `None` when there is none.
     pub async fn claim_next(&self) -> Result<Option<ClaimedJob>, ContractError> {
+        let incarnation = self.incarnation();
         for job in claims::claim_order(self.store.state(), &self.lane) {
             let api = self.api_for(&job);
-            let mut current: VideoJob = (*job).clone();
-            // A conflict means the job changed since the cache saw it (often only its queue
-            // position): look again, and take it if it is still queued, so claims stay FIFO.
-            loop {
-                let claimed = with_status(
-                    &current,
-                    transitions::claimed(
-                        &current,
-                        &self.name,
-                        &self.incarnation(),
-                        Timestamp::now(),
-                    ),
-                );
-                match api
-                    .replace_status(&current.name_any(), &PostParams::default(), &claimed)
-                    .await
-                {
-                    Ok(job) => {
-                        return Ok(Some(ClaimedJob {
-                            runner: self.clone(),
-                            api,
-                            job,
-                        }));
-                    }
-                    Err(e) if is_conflict(&e) => match api.get_opt(&current.name_any()).await? {
-                        Some(fresh) if claims::claimable(&fresh, &self.lane) => current = fresh,
-                        _ => break,
-                    },
-                    Err(e) if is_not_found(&e) => break,
-                    Err(e) => return Err(e.into()),
-                }
+            if let Some(job) = claim(&api, &job, &self.lane, &self.name, &incarnation).await? {
+                return Ok(Some(ClaimedJob {
+                    runner: self.clone(),
+                    api,
+                    job,
+                }));
             }
         }
         Ok(None)
@@ -218,6 +194,51 @@ impl Runner {
             self.jobs.clone().into_client(),
             &job.namespace().unwrap_or_default(),
         )
+    }
+}
+
+/// Claims `job` for runner `name` (start `incarnation`): the job as written, or `None` when
+/// it is no longer claimable. A conflict means the job changed since the cache saw it (often
+/// only its queue position): look again, and take it if it is still queued, so claims stay
+/// FIFO. A claim whose answer was lost (the connection dropped, or a retried request found
+/// its own earlier write) landed when the job reads as running under this very start: it is
+/// this runner's, and left it would sit Running, its runner alive, until its deadline.
+async fn claim(
+    api: &Api<VideoJob>,
+    job: &VideoJob,
+    lane: &str,
+    name: &str,
+    incarnation: &str,
+) -> Result<Option<VideoJob>, ContractError> {
+    let ours = |job: &VideoJob| {
+        job.status.as_ref().is_some_and(|s| {
+            s.phase == Some(JobPhase::Running)
+                && s.runner.as_deref() == Some(name)
+                && s.runner_incarnation.as_deref() == Some(incarnation)
+        })
+    };
+    let mut current = job.clone();
+    loop {
+        let claimed = with_status(
+            &current,
+            transitions::claimed(&current, name, incarnation, Timestamp::now()),
+        );
+        let error = match api
+            .replace_status(&current.name_any(), &PostParams::default(), &claimed)
+            .await
+        {
+            Ok(job) => return Ok(Some(job)),
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => e,
+        };
+        match api.get_opt(&current.name_any()).await {
+            Ok(Some(fresh)) if ours(&fresh) => return Ok(Some(fresh)),
+            Ok(Some(fresh)) if is_conflict(&error) && claims::claimable(&fresh, lane) => {
+                current = fresh
+            }
+            Ok(_) if is_conflict(&error) => return Ok(None),
+            _ => return Err(error.into()),
+        }
     }
 }
 
@@ -431,5 +452,130 @@ impl ClaimedJob {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use http::{Request, Response};
+    use http_body_util::BodyExt;
+    use kube::client::Body;
+    use serde_json::json;
+
+    use super::*;
+
+    /// What becomes of the claim's write.
+    #[derive(Clone, Copy)]
+    enum Write {
+        /// It lands, and a retry of the request is answered 409 (its own write moved the
+        /// resourceVersion on).
+        LandsThenConflict,
+        /// It lands, and the connection drops before the answer.
+        LandsThenDrops,
+        /// The connection drops before it reaches the server.
+        Drops,
+        /// Another runner's claim landed first: 409.
+        Taken,
+    }
+
+    /// An API server holding one queued job of lane `l`; how many claim writes reached it.
+    fn server(write: Write) -> (Api<VideoJob>, Arc<Mutex<VideoJob>>, VideoJob) {
+        let job: VideoJob = serde_json::from_value(json!({
+            "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob",
+            "metadata": {"name": "j", "namespace": "ns", "resourceVersion": "1"},
+            "spec": {"model": "m", "prompt": "a fox"},
+            "status": {"phase": "Queued", "lane": "l", "queuedAt": "2026-12-07T00:00:00Z"}
+        }))
+        .unwrap();
+        let stored = Arc::new(Mutex::new(job.clone()));
+        let state = stored.clone();
+        let service = tower::service_fn(move |request: Request<Body>| {
+            let stored = state.clone();
+            async move {
+                let answer = |code: u16, body: serde_json::Value| {
+                    Response::builder()
+                        .status(code)
+                        .header("content-type", "application/json")
+                        .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                        .unwrap()
+                };
+                let conflict = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "reason": "Conflict", "code": 409, "message": "the object has been modified"});
+                if request.method() == http::Method::GET {
+                    let job = stored.lock().unwrap().clone();
+                    return Ok(answer(200, serde_json::to_value(job).unwrap()));
+                }
+                let body = request.into_body().collect().await.unwrap().to_bytes();
+                let mut written: VideoJob = serde_json::from_slice(&body).unwrap();
+                written.metadata.resource_version = Some("2".into());
+                match write {
+                    Write::LandsThenConflict => {
+                        *stored.lock().unwrap() = written;
+                        Ok(answer(409, conflict))
+                    }
+                    Write::LandsThenDrops => {
+                        *stored.lock().unwrap() = written;
+                        Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset))
+                    }
+                    Write::Drops => Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+                    Write::Taken => {
+                        let mut status = written.status.clone().unwrap();
+                        status.runner = Some("other-0".into());
+                        status.runner_incarnation = Some("other/1".into());
+                        written.status = Some(status);
+                        *stored.lock().unwrap() = written;
+                        Ok(answer(409, conflict))
+                    }
+                }
+            }
+        });
+        let api = Api::namespaced(Client::new(service, "ns"), "ns");
+        (api, stored, job)
+    }
+
+    #[tokio::test]
+    async fn a_claim_whose_answer_was_lost_is_this_runners_when_it_landed() {
+        for write in [Write::LandsThenConflict, Write::LandsThenDrops] {
+            let (api, stored, job) = server(write);
+            let claimed = claim(&api, &job, "l", "r-0", "uid/7")
+                .await
+                .unwrap()
+                .expect("the landed claim is the runner's");
+            let status = claimed.status.unwrap();
+            assert_eq!(status.phase, Some(JobPhase::Running));
+            assert_eq!(
+                (
+                    status.runner.as_deref(),
+                    status.runner_incarnation.as_deref()
+                ),
+                (Some("r-0"), Some("uid/7"))
+            );
+            assert_eq!(claimed.metadata.resource_version.as_deref(), Some("2"));
+            assert_eq!(
+                stored.lock().unwrap().status.as_ref().unwrap().phase,
+                Some(JobPhase::Running)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_claim_that_did_not_land_is_not_taken_for_one_that_did() {
+        let (api, stored, job) = server(Write::Drops);
+        let error = claim(&api, &job, "l", "r-0", "uid/7").await.unwrap_err();
+        assert!(matches!(error, ContractError::Kube(_)), "{error}");
+        assert_eq!(
+            stored.lock().unwrap().status.as_ref().unwrap().phase,
+            Some(JobPhase::Queued)
+        );
+        // Another runner's claim landed first: not this one's.
+        let (api, _, job) = server(Write::Taken);
+        assert!(
+            claim(&api, &job, "l", "r-0", "uid/7")
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
 }

@@ -344,6 +344,15 @@ impl ClaimedJob {
         Ok(self.job)
     }
 
+    /// Gives the job back unfinished, to its old place in the queue, because this runner is
+    /// stopping (SIGTERM): another runner takes it at once instead of after this runner's
+    /// heartbeat lapses. Written only while the job is still this runner's.
+    pub async fn hand_back(mut self) -> Result<VideoJob, ContractError> {
+        self.update(|job| transitions::handed_back(job, Timestamp::now()))
+            .await?;
+        Ok(self.job)
+    }
+
     /// Where this attempt writes its files before [`ClaimedJob::publish`] moves them into
     /// place: `<root>/.staging/<job uid>-<attempt>/`, laid out like `root`.
     pub fn staging_dir(&self, root: &Path) -> PathBuf {

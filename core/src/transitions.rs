@@ -245,32 +245,57 @@ pub fn failed(
 /// A running job whose runner was lost: back to its old place in the queue (it keeps
 /// `queuedAt`). Returns the status and the message that tells what happened.
 pub fn requeued(job: &VideoJob, max_attempts: i32, now: Timestamp) -> (VideoJobStatus, String) {
-    let mut status = job.status.clone().unwrap_or_default();
-    let runner = status.runner.take().unwrap_or_default();
-    status.runner_incarnation = None;
-    let attempts = status.attempts.unwrap_or(1);
-    let lane = status.lane.clone().unwrap_or_default();
+    let status = job.status.as_ref();
+    let runner = status.and_then(|s| s.runner.as_deref()).unwrap_or_default();
+    let attempts = status.and_then(|s| s.attempts).unwrap_or(1);
+    let lane = status.and_then(|s| s.lane.as_deref()).unwrap_or_default();
     let message = format!(
         "runner {runner} stopped sending heartbeats; the job is back at its place in lane {lane} \
          (attempt {attempts} of {max_attempts} lost)"
     );
+    (
+        back_in_queue(job, JobReason::RunnerLost, &message, now),
+        message,
+    )
+}
+
+/// A running job its runner gave back unfinished because it is stopping (its pod is being
+/// deleted: a lane change, a drain): back to its old place in the queue at once, without
+/// waiting for the runner's heartbeat to lapse. The run counts as an attempt.
+pub fn handed_back(job: &VideoJob, now: Timestamp) -> VideoJobStatus {
+    let status = job.status.as_ref();
+    let runner = status.and_then(|s| s.runner.as_deref()).unwrap_or_default();
+    let lane = status.and_then(|s| s.lane.as_deref()).unwrap_or_default();
+    let message = format!(
+        "runner {runner} is stopping (its pod is going away) and gave the job back unfinished; \
+         it is back at its place in lane {lane}"
+    );
+    back_in_queue(job, JobReason::Requeued, &message, now)
+}
+
+/// `job` back at its place in its lane's queue (it keeps `queuedAt`), its Running condition
+/// false with `why` and `message`.
+fn back_in_queue(job: &VideoJob, why: JobReason, message: &str, now: Timestamp) -> VideoJobStatus {
+    let mut status = job.status.clone().unwrap_or_default();
+    status.runner = None;
+    status.runner_incarnation = None;
     status.phase = Some(JobPhase::Queued);
     status.started_at = None;
     status.progress = None;
     status.reason = Some(JobReason::Requeued);
-    status.message = Some(message.clone());
+    status.message = Some(message.into());
     set_job(
         &mut status.conditions,
         JobCondition::Running,
-        JobReason::RunnerLost,
+        why,
         Observed {
             status: false,
-            message: &message,
+            message,
             generation: job.metadata.generation,
             now,
         },
     );
-    (status, message)
+    status
 }
 
 #[cfg(test)]
@@ -422,6 +447,39 @@ mod tests {
         assert_eq!(
             condition(&requeued, JobCondition::Running),
             ("False".into(), "RunnerLost".into())
+        );
+
+        // A runner that stops gives its job back at once, at the same place.
+        let back = handed_back(&job(Some(running.clone())), at(4));
+        assert_eq!(
+            (
+                back.phase,
+                back.runner.as_deref(),
+                back.runner_incarnation.as_deref(),
+                back.queued_at.clone().map(|t| t.0),
+                back.started_at.clone(),
+                back.attempts,
+                back.reason,
+            ),
+            (
+                Some(JobPhase::Queued),
+                None,
+                None,
+                Some(at(1)),
+                None,
+                Some(1),
+                Some(JobReason::Requeued)
+            )
+        );
+        assert_eq!(
+            back.message.as_deref(),
+            Some(
+                "runner r-0 is stopping (its pod is going away) and gave the job back unfinished; it is back at its place in lane anisora"
+            )
+        );
+        assert_eq!(
+            condition(&back, JobCondition::Running),
+            ("False".into(), "Requeued".into())
         );
 
         let failed = failed(

@@ -34,7 +34,8 @@ use framelane_runner::{
     wan::pipeline::{MemoryPlan, Precision},
 };
 use kube::{Api, ResourceExt};
-use tokio::sync::{mpsc, watch};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{Notify, mpsc, watch};
 
 /// framelane-runner: generates the VideoJobs of one lane.
 #[derive(Parser, Debug)]
@@ -126,6 +127,29 @@ async fn main() -> anyhow::Result<()> {
         ready.clone(),
         "loading the model".into(),
     ));
+
+    // SIGTERM (the pod is being deleted: a lane change, a drain) or Ctrl-C: no more claims,
+    // and a running job stops at its next step and goes back to the queue. A runner not yet
+    // ready has nothing to give back and exits at once.
+    let stopping = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(Notify::new());
+    tokio::spawn({
+        let (stopping, stop, ready) = (stopping.clone(), stop.clone(), ready.clone());
+        async move {
+            let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            if !ready.swap(false, Ordering::Relaxed) {
+                tracing::info!("stopping before the runner was ready");
+                std::process::exit(0);
+            }
+            tracing::info!("stopping: no more claims; a running job goes back to the queue");
+            stopping.store(true, Ordering::Relaxed);
+            stop.notify_one();
+        }
+    });
 
     let mode = match args.mode.as_str() {
         "Dedicated" => LaneMode::Dedicated,
@@ -230,24 +254,33 @@ async fn main() -> anyhow::Result<()> {
         loaded: loaded_tx,
         fit,
         lane: args.lane.clone(),
+        stopping: stopping.clone(),
     };
     let retry = || Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     let mut backoff = retry();
-    loop {
+    while !stopping.load(Ordering::Relaxed) {
         match runner.claim_next().await {
             Ok(claimed) => {
                 backoff = retry();
                 match claimed {
                     Some(job) => worker.run(job).await,
-                    None => runner.wait_for_change(Duration::from_secs(2)).await,
+                    None => tokio::select! {
+                        _ = runner.wait_for_change(Duration::from_secs(2)) => {}
+                        _ = stop.notified() => {}
+                    },
                 }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "claiming a job failed; retrying");
-                tokio::time::sleep(backoff.next_wait()).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next_wait()) => {}
+                    _ = stop.notified() => {}
+                }
             }
         }
     }
+    tracing::info!("runner stopped");
+    Ok(())
 }
 
 struct Worker {
@@ -262,6 +295,8 @@ struct Worker {
     /// What the fit check measures jobs against, when the device's memory is known.
     fit: Option<RunnerMemory>,
     lane: String,
+    /// Set on SIGTERM: the running job stops at its next step and is handed back.
+    stopping: Arc<AtomicBool>,
 }
 
 /// How often a running job's cancellation (deletion, or another runner taking it) is looked
@@ -317,6 +352,10 @@ impl Worker {
                     return;
                 }
             }
+        }
+        if self.stopping.load(Ordering::Relaxed) && !claimed.is_cancelled() {
+            self.hand_back(claimed, &name).await;
+            return;
         }
         // Deleted while its image was read: no model switch, no GPU work for it.
         if claimed.is_cancelled() {
@@ -426,12 +465,12 @@ impl Worker {
         loop {
             tokio::select! {
                 _ = check.tick() => {
-                    if claimed.is_cancelled() {
+                    if claimed.is_cancelled() || self.stopping.load(Ordering::Relaxed) {
                         cancel.store(true, Ordering::Relaxed);
                     }
                 }
                 Some(p) = progress_rx.recv() => {
-                    if claimed.is_cancelled() {
+                    if claimed.is_cancelled() || self.stopping.load(Ordering::Relaxed) {
                         cancel.store(true, Ordering::Relaxed);
                     }
                     // Stages without steps (loading, decoding, encoding) keep the last percent;
@@ -491,11 +530,28 @@ impl Worker {
                     tracing::warn!(job = name, error = %e, "could not remove a failed attempt's files");
                 }
                 let reason = error.reason();
+                if reason == JobReason::Cancelled
+                    && self.stopping.load(Ordering::Relaxed)
+                    && !claimed.is_cancelled()
+                {
+                    self.hand_back(claimed, name).await;
+                    return;
+                }
                 if reason == JobReason::GpuOutOfMemory {
                     self.metrics.ooms.inc();
                 }
                 self.fail(claimed, reason, &error.to_string(), memory, name)
                     .await;
+            }
+        }
+    }
+
+    /// Gives a job this stopping runner did not finish back to its queue.
+    async fn hand_back(&self, claimed: ClaimedJob, name: &str) {
+        match claimed.hand_back().await {
+            Ok(_) => tracing::info!(job = name, "job handed back: the runner is stopping"),
+            Err(e) => {
+                tracing::warn!(job = name, error = %e, "could not hand the job back; it is requeued once this runner's heartbeat lapses")
             }
         }
     }

@@ -306,7 +306,10 @@ impl Setup {
     /// Fails if any attempt's files are left in the output volume's staging folder.
     fn no_staged_files(&self) -> Result<()> {
         let staging = self.out.path().join(".staging");
-        let left: Vec<_> = std::fs::read_dir(&staging)?.collect::<Result<_, _>>()?;
+        let left: Vec<_> = match std::fs::read_dir(&staging) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            entries => entries?.collect::<Result<_, _>>()?,
+        };
         ensure!(
             left.is_empty(),
             "attempts' files left in {}: {left:?}",
@@ -637,6 +640,105 @@ async fn a_job_deleted_mid_generation_stops_and_the_runner_runs_the_next() -> Re
     .await
     .with_context(|| setup.log_text())?;
     setup.no_staged_files()?;
+    setup.stop().await
+}
+
+/// A runner told to stop (SIGTERM: its pod is being deleted) claims nothing more, stops its
+/// job at the next step, gives it back to its place in the queue at once, and exits well
+/// inside a pod's 30 s grace period; another runner then takes the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_runner_hands_its_job_back_and_exits() -> Result<()> {
+    let setup = Setup::start("runner-stop", "Dedicated", &["anisora"]).await?;
+    let model = setup.model("anisora").to_owned();
+    let spec = json!({"model": model, "mode": "i2v", "image": FIRST_FRAME, "prompt": "a long fox",
+        "seed": 3, "width": 512, "height": 512, "frames": 33});
+    setup.create_job("long", spec).await?;
+    setup.until_denoising("long").await?;
+    let queued_at = setup.jobs().get("long").await?.status.unwrap().queued_at;
+    let later = json!({"model": model, "mode": "i2v", "image": FIRST_FRAME, "prompt": "a later fox",
+        "seed": 4});
+    setup.create_job("later", later).await?;
+    let pid = setup
+        .runner
+        .lock()
+        .expect("runner lock")
+        .id()
+        .context("the runner's pid")?;
+    let sent = std::time::Instant::now();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    ensure!(kill.success(), "kill -TERM {pid}: {kill}");
+    let exited = eventually(30, "the runner to exit", || async {
+        Ok(setup.runner.lock().expect("runner lock").try_wait()?)
+    })
+    .await
+    .with_context(|| setup.log_text())?;
+    let took = sent.elapsed();
+    assert!(
+        exited.success(),
+        "the runner exited with {exited}:\n{}",
+        setup.log_text()
+    );
+    assert!(took < Duration::from_secs(20), "it took {took:?} to stop");
+    let job = setup.jobs().get("long").await?;
+    let status = job.status.unwrap();
+    assert_eq!(
+        (
+            status.phase,
+            status.reason,
+            status.runner.as_deref(),
+            status.attempts
+        ),
+        (
+            Some(JobPhase::Queued),
+            Some(JobReason::Requeued),
+            None,
+            Some(1)
+        )
+    );
+    assert_eq!(
+        status.queued_at, queued_at,
+        "its place in the queue is kept"
+    );
+    // Its Running condition tells why (the message moves on to its place in the queue).
+    let running = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Running")
+        .context("a Running condition")?;
+    assert_eq!(
+        (running.status.as_str(), running.reason.as_str()),
+        ("False", "Requeued")
+    );
+    assert!(
+        running.message.contains("gave the job back unfinished"),
+        "{}",
+        running.message
+    );
+    // It claimed nothing after the signal.
+    let later = setup.jobs().get("later").await?;
+    assert_eq!(later.status.and_then(|s| s.phase), Some(JobPhase::Queued));
+    assert!(
+        setup
+            .log_lines()
+            .iter()
+            .any(|l| l["fields"]["message"] == "job handed back: the runner is stopping"),
+        "{}",
+        setup.log_text()
+    );
+    setup.no_staged_files()?;
+    // Another runner of the lane takes it, first in line.
+    let (mut next, _, log) = setup.another_runner("runner-1")?;
+    let taken = eventually(120, "runner-1 to take the job back", || async {
+        let job = setup.jobs().get("long").await?;
+        let status = job.status.unwrap_or_default();
+        Ok((status.runner.as_deref() == Some("runner-1")).then_some(status))
+    })
+    .await
+    .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
+    assert_eq!(taken.attempts, Some(2));
+    next.kill().await?;
     setup.stop().await
 }
 

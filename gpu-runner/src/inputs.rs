@@ -9,7 +9,8 @@ use std::time::Duration;
 use framelane_core::parameters::{ImageSource, image_source};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Bytes;
-use hyper_util::client::legacy::Client;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder, builderstates::WantsSchemes};
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
 
 use crate::image::MAX_IMAGE_BYTES;
@@ -80,16 +81,18 @@ async fn fetch(url: &str) -> Result<Vec<u8>, InputError> {
         url: url.to_owned(),
         reason,
     };
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_native_roots(rustls::crypto::ring::default_provider())
-        .map_err(|e| failed(format!("no TLS root certificates: {e}")))?
-        .https_or_http()
-        .enable_http1()
-        .build();
-    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
     let uri: hyper::Uri = url.parse().map_err(|e| failed(format!("{e}")))?;
+    let client = Client::builder(TokioExecutor::new());
     let get = async {
-        let response = client.get(uri).await.map_err(|e| failed(e.to_string()))?;
+        let response = if uri.scheme() == Some(&hyper::http::uri::Scheme::HTTPS) {
+            client
+                .build::<_, Empty<Bytes>>(https().map_err(|e| failed(e.to_string()))?)
+                .get(uri)
+                .await
+        } else {
+            client.build_http::<Empty<Bytes>>().get(uri).await
+        }
+        .map_err(|e| failed(e.to_string()))?;
         let status = response.status();
         if !status.is_success() {
             return Err(failed(format!(
@@ -116,6 +119,26 @@ async fn fetch(url: &str) -> Result<Vec<u8>, InputError> {
     tokio::time::timeout(FETCH_TIMEOUT, get)
         .await
         .map_err(|_| failed(format!("no answer within {} s", FETCH_TIMEOUT.as_secs())))?
+}
+
+/// A TLS connector that trusts the system's CA certificates (`ca-certificates`, with any the
+/// cluster's image adds), else, in an image without them (the runner's base has none), the
+/// Mozilla roots built into the runner.
+fn https() -> Result<HttpsConnector<HttpConnector>, rustls::Error> {
+    let provider = rustls::crypto::ring::default_provider;
+    https_from(HttpsConnectorBuilder::new().with_provider_and_native_roots(provider()))
+}
+
+/// [`https`], given what loading the system's CA certificates gave.
+fn https_from(
+    native: std::io::Result<HttpsConnectorBuilder<WantsSchemes>>,
+) -> Result<HttpsConnector<HttpConnector>, rustls::Error> {
+    let builder = match native {
+        Ok(native) => native,
+        Err(_) => HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?,
+    };
+    Ok(builder.https_only().enable_http1().build())
 }
 
 #[cfg(test)]
@@ -178,5 +201,15 @@ mod tests {
                 .contains("answered 302 Found (redirects are not followed"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_image_without_ca_certificates_still_fetches_over_https() {
+        // What rustls-native-certs answers in the runner's base image (no ca-certificates).
+        let none = std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no native root CA certificates found",
+        );
+        assert!(https_from(Err(none)).is_ok());
     }
 }

@@ -57,6 +57,8 @@ pub struct Runner {
     /// The `framelane.dev/memory` annotation the heartbeat carries, when the runner knows
     /// its device's memory.
     pub(crate) memory: Option<String>,
+    /// The models this runner can run, when it said (see [`Runner::serving`]).
+    models: Option<Vec<String>>,
     /// Drawn when the runner starts: a container restarted in the same pod is a new holder.
     nonce: String,
     pub(crate) leases: Api<Lease>,
@@ -119,6 +121,7 @@ impl Runner {
             lane: lane.into(),
             pod_uid: None,
             memory: None,
+            models: None,
             nonce: format!("{:016x}", rand::random::<u64>()),
             leases: Api::namespaced(client, namespace),
             jobs,
@@ -155,6 +158,14 @@ impl Runner {
         self
     }
 
+    /// Claims only jobs of `models`: a runner started before its lane took another model
+    /// (its pod about to be replaced) leaves that model's jobs queued for the runners that
+    /// load it, instead of failing them.
+    pub fn serving(mut self, models: impl IntoIterator<Item = String>) -> Self {
+        self.models = Some(models.into_iter().collect());
+        self
+    }
+
     /// The runner's name (its pod's name).
     pub fn name(&self) -> &str {
         &self.name
@@ -171,7 +182,15 @@ impl Runner {
     /// Claims the oldest Queued job of this lane, or returns `None` when there is none.
     pub async fn claim_next(&self) -> Result<Option<ClaimedJob>, ContractError> {
         let incarnation = self.incarnation();
+        let serves = |job: &VideoJob| {
+            self.models
+                .as_ref()
+                .is_none_or(|models| models.contains(&job.spec.model))
+        };
         for job in claims::claim_order(self.store.state(), &self.lane) {
+            if !serves(&job) {
+                continue;
+            }
             let api = self.api_for(&job);
             if let Some(job) = claim(&api, &job, &self.lane, &self.name, &incarnation).await? {
                 return Ok(Some(ClaimedJob {

@@ -235,6 +235,7 @@ async fn main() -> anyhow::Result<()> {
     }
     ready.store(true, Ordering::Relaxed);
 
+    runner = runner.serving(args.models.clone());
     if let Some(uid) = &args.pod_uid {
         runner = runner.owned_by_pod(uid);
     }

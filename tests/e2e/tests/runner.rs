@@ -643,6 +643,66 @@ async fn a_job_deleted_mid_generation_stops_and_the_runner_runs_the_next() -> Re
     setup.stop().await
 }
 
+/// A runner that does not load a model its lane serves (started before the lane took it, its
+/// pod about to be replaced) leaves that model's jobs queued and runs the next job it can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_leaves_jobs_of_a_model_it_does_not_load_queued() -> Result<()> {
+    let setup = Setup::start("runner-serves", "Shared", &["anisora", "phr00t"]).await?;
+    setup.runner.lock().expect("runner lock").start_kill()?;
+    let (anisora, phr00t) = (
+        setup.model("anisora").to_owned(),
+        setup.model("phr00t").to_owned(),
+    );
+    let older = RunnerLane {
+        name: setup.lane.name.clone(),
+        mode: "Shared".into(),
+        models: anisora.clone(),
+    };
+    let (mut runner, _, log) = older.spawn(
+        "runner-1",
+        &setup.ns,
+        setup.out.path(),
+        &setup.env.kubeconfig,
+        &[],
+    )?;
+    setup
+        .create_job(
+            "other",
+            json!({"model": phr00t, "prompt": "a lighthouse", "seed": 1}),
+        )
+        .await?;
+    setup
+        .create_job(
+            "mine",
+            json!({"model": anisora, "mode": "i2v", "image": FIRST_FRAME,
+            "prompt": "a fox", "seed": 2}),
+        )
+        .await?;
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let done = eventually(180, "runner-1 to finish its model's job", || async {
+        let job = setup.jobs().get("mine").await?;
+        let status = job.status.unwrap_or_default();
+        ensure!(
+            status.phase != Some(JobPhase::Failed),
+            "mine failed: {:?}",
+            status.message
+        );
+        Ok((status.phase == Some(JobPhase::Succeeded)).then_some(status))
+    })
+    .await
+    .with_context(log_text)?;
+    assert_eq!(done.runner.as_deref(), Some("runner-1"));
+    let other = setup.jobs().get("other").await?.status.unwrap_or_default();
+    assert_eq!(
+        (other.phase, other.runner),
+        (Some(JobPhase::Queued), None),
+        "{}",
+        log_text()
+    );
+    runner.kill().await?;
+    setup.stop().await
+}
+
 /// A runner told to stop (SIGTERM: its pod is being deleted) claims nothing more, stops its
 /// job at the next step, gives it back to its place in the queue at once, and exits well
 /// inside a pod's 30 s grace period; another runner then takes the job.

@@ -51,15 +51,24 @@ pub struct FallbackFacts {
     pub held: Occupancy,
     pub fresh: i32,
     pub running: usize,
+    /// Why the job's estimated GPU memory does not fit a runner of this lane (the fit
+    /// check's message), when it does not.
+    pub does_not_fit: Option<String>,
 }
 
 impl FallbackFacts {
-    /// Why this lane cannot take a job of `namespace` now (no fresh runner, or full), if it
-    /// cannot.
+    /// Why this lane cannot take a job of `namespace` now (no fresh runner, its runners'
+    /// memory too small for the job, or full), if it cannot.
     fn refusal(&self, namespace: &str) -> Option<String> {
         if self.fresh == 0 {
             return Some(format!(
                 "its fallback lane {} has no available runner either",
+                self.name
+            ));
+        }
+        if let Some(why) = &self.does_not_fit {
+            return Some(format!(
+                "its fallback lane {} cannot run it ({why})",
                 self.name
             ));
         }
@@ -265,7 +274,9 @@ fn queued(namespace: &str, queued_at: Option<Timestamp>, moved: bool, facts: &Fa
             },
         };
     }
-    let Some(fallback) = fallback else {
+    // A fallback lane whose runners cannot fit the job is none while the job's own lane has
+    // a runner: the job waits its turn there.
+    let Some(fallback) = fallback.filter(|f| f.does_not_fit.is_none()) else {
         // The lane has a runner: the job waits its turn, however long the queue.
         return Decision::Wait(max_wait);
     };
@@ -614,6 +625,7 @@ mod tests {
             },
             fresh,
             running,
+            does_not_fit: None,
         })
     }
 
@@ -715,6 +727,46 @@ mod tests {
             decide(&queued, &facts(300, busy(None), None)),
             Decision::Wait(Duration::from_secs(30)),
             "no fallback lane: it waits its turn"
+        );
+    }
+
+    #[test]
+    fn a_job_never_moves_to_a_fallback_lane_whose_runners_cannot_fit_it() {
+        let queued = job(json!({"phase": "Queued", "queuedAt": micro(0)}));
+        let too_small = || {
+            shared(1, 0, 0).map(|f| FallbackFacts {
+                does_not_fit: Some(
+                    "needs 31 GiB to denoise; lane shared's runners have 20 GiB usable".into(),
+                ),
+                ..f
+            })
+        };
+        // Its own lane down: it fails when its wait ends, saying why it did not move.
+        let down = with(lane(1, Some(t(0))), |l| l.fallback = too_small());
+        let Decision::Fail { reason, message } = decide(&queued, &facts(30, down, None)) else {
+            panic!()
+        };
+        assert_eq!(reason, JobReason::QueueWaitTimeout);
+        assert!(
+            message.contains("its fallback lane shared cannot run it (needs 31 GiB to denoise;"),
+            "{message}"
+        );
+        // Its own runners busy, or in an episode: it waits its turn there.
+        let busy = with(lane(2, None), |l| {
+            l.running = 2;
+            l.fallback = too_small();
+        });
+        assert_eq!(
+            decide(&queued, &facts(300, busy, None)),
+            Decision::Wait(Duration::from_secs(30))
+        );
+        let manual = with(lane(2, None), |l| {
+            l.episode = Some((FallbackCause::Manual, t(100)));
+            l.fallback = too_small();
+        });
+        assert_eq!(
+            decide(&queued, &facts(300, manual, None)),
+            Decision::Wait(Duration::from_secs(30))
         );
     }
 

@@ -6,12 +6,16 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use framelane_api::{ModelLane, VideoJob, VideoModel, wellknown::LABEL_LANE};
+use framelane_api::{
+    ModelLane, VideoJob, VideoModel,
+    wellknown::{ANNOTATION_MEMORY, LABEL_LANE},
+};
 use framelane_core::{
-    availability::{Availability, availability},
+    availability::{Availability, availability, fresh_until},
     depth::{Occupancy, QueueLimits},
     index::Index,
     lifecycle::{FallbackFacts, LaneFacts},
+    memory::{DoesNotFit, JobSize, RunnerMemory, fits},
     queue::JobKey,
     routing::{episode_cause, route},
     timeouts::DEFAULT_JOB_DEADLINE,
@@ -129,18 +133,48 @@ impl Context {
         availability(lane, Self::runner_leases(&leases, &lane.name_any()), now)
     }
 
-    /// The facts `lifecycle::decide` needs about a lane and its fallback lane for a job of
-    /// `model` in `namespace`; `index` is the locked queue index (for depths and running
-    /// jobs). A fallback lane that does not serve the model is none for this job: its runners
-    /// would fail it.
+    /// Why `job`'s estimated GPU memory does not fit a live runner of `lane` that reported
+    /// its memory (`framelane.dev/memory` on its heartbeat Lease), whichever would claim it,
+    /// with the size weighed; `None` when it fits them all. Runners whose heartbeat is not
+    /// fresh (gone, or started by hand and stopped: nothing deletes their Lease), that
+    /// reported nothing, or something unreadable (logged), do not count: their jobs are
+    /// admitted and the runner checks again before it touches the GPU.
+    pub fn does_not_fit(&self, lane: &str, job: &VideoJob) -> Option<(DoesNotFit, JobSize)> {
+        let model = self.models.get(&ObjectRef::new(&job.spec.model))?;
+        let size = JobSize::of(&job.spec, &model);
+        let leases = self.leases.state();
+        let now = Timestamp::now();
+        let live = |lease: &&Lease| fresh_until(lease).is_some_and(|until| until > now);
+        Self::runner_leases(&leases, lane)
+            .filter(live)
+            .find_map(|lease| {
+                let value = lease.annotations().get(ANNOTATION_MEMORY)?;
+                let memory = RunnerMemory::from_annotation(value)
+                    .inspect_err(|e| {
+                        tracing::warn!(lease = %lease.name_any(), lane, error = %e,
+                        "ignoring the runner's unreadable {ANNOTATION_MEMORY} annotation")
+                    })
+                    .ok()?;
+                fits(&memory, &job.spec.model, &size).err()
+            })
+            .map(|refused| (refused, size))
+    }
+
+    /// The facts `lifecycle::decide` needs about `job`'s lane `lane` and its fallback lane;
+    /// `index` is the locked queue index (for depths and running jobs). A fallback lane that
+    /// does not serve the job's model is none for this job: its runners would fail it; one
+    /// whose runners' memory does not fit the job says so.
     pub fn lane_facts(
         &self,
         lane: &ModelLane,
-        model: &str,
-        namespace: &str,
+        job: &VideoJob,
         now: Timestamp,
         index: &Index,
     ) -> LaneFacts {
+        let (model, namespace) = (
+            job.spec.model.as_str(),
+            job.metadata.namespace.as_deref().unwrap_or_default(),
+        );
         let name = lane.name_any();
         let availability = self.lane_availability(lane, now);
         let running = |lane: &str| index.queues.lane(lane).map_or(0, |q| q.running());
@@ -157,6 +191,9 @@ impl Context {
                     held: admitted(index, &name, namespace),
                     fresh: self.lane_availability(&f, now).fresh,
                     running: running(&name),
+                    does_not_fit: self
+                        .does_not_fit(&name, job)
+                        .map(|(refused, size)| refused.message(&size, &name)),
                     name,
                 }
             });

@@ -277,6 +277,70 @@ async fn model_offload_admits_what_the_same_gpu_refuses_resident() -> Result<()>
 }
 
 #[tokio::test]
+async fn a_job_moves_only_to_a_fallback_lane_whose_runners_fit_it() -> Result<()> {
+    let fx = Fixture::new("fit-fallback").await?;
+    let model = fx.model("a14b", 4, None).await?;
+    // The fallback lane's runner: 80 GiB, resident, the VAE untiled (1280x720x81 does not
+    // fit, 832x480x81 does). The job's own lane has no runner.
+    let shared = fx
+        .lane(
+            "shared",
+            &[&model],
+            json!({"mode": "Shared", "runner": {"memory": {"mode": "resident", "vaeTiling": "off"}}}),
+        )
+        .await?;
+    let own = fx
+        .lane(
+            "a14b",
+            &[&model],
+            json!({"fallback": {"lane": shared}, "queue": {"maxWaitSeconds": 2}}),
+        )
+        .await?;
+    let _runner = fx.memory_runner(
+        "shared-0",
+        &shared,
+        &model,
+        MemoryMode::Resident,
+        VaeTiling::Off,
+    );
+    let _operator = OperatorProcess::start(&fx.ns, "op", &[])?;
+    fx.until_ready_runners(&shared, 1).await?;
+    fx.jobs
+        .create(
+            &PostParams::default(),
+            &sized("large", &model, 1280, 720, 81),
+        )
+        .await?;
+    fx.jobs
+        .create(
+            &PostParams::default(),
+            &sized("default", &model, 832, 480, 81),
+        )
+        .await?;
+    let large = eventually(30, "the large job to time out", || async {
+        let job = fx.jobs.get("large").await?;
+        Ok((phase(&job) == Some(JobPhase::Failed)).then_some(job))
+    })
+    .await?;
+    let status = large.status.unwrap();
+    assert_eq!(status.lane.as_deref(), Some(own.as_str()), "it never moved");
+    let message = status.message.unwrap_or_default();
+    for part in [
+        &format!("its fallback lane {shared} cannot run it ("),
+        "to decode 1280x720x81 in memory mode resident",
+    ] {
+        ensure!(message.contains(part), "{part:?} is not in {message:?}");
+    }
+    eventually(30, "the default job moved to the fallback lane", || async {
+        let job = fx.jobs.get("default").await?;
+        let status = job.status.unwrap_or_default();
+        Ok((status.lane.as_deref() == Some(shared.as_str())).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_stale_heartbeat_refuses_nothing() -> Result<()> {
     let (fx, model, lane, _operator) = resident_lane("fit-stale").await?;
     // A runner on a 24 GiB GPU that stopped an hour ago, started by hand: nothing deleted

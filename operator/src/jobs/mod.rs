@@ -114,8 +114,7 @@ fn lane_of(
             .ok_or_else(|| NoLane::Deleted(name.into()))?,
         None => lane_for(&job.spec.model, &ctx.models.state(), &lanes)?.lane,
     };
-    let namespace = job.metadata.namespace.as_deref().unwrap_or_default();
-    Ok(ctx.lane_facts(lane, &job.spec.model, namespace, now, index))
+    Ok(ctx.lane_facts(lane, job, now, index))
 }
 
 /// Tells a queued job's deletion (its Event and `jobs_finished{reason=Cancelled}`): without a

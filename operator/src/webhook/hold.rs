@@ -3,15 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use framelane_api::{VideoJob, wellknown::ANNOTATION_MEMORY};
-use framelane_core::{
-    availability::fresh_until,
-    memory::{JobSize, RunnerMemory, fits},
-    queue::JobKey,
-    routing::route,
-};
-use k8s_openapi::api::coordination::v1::Lease;
-use kube::{ResourceExt, runtime::reflector::ObjectRef};
+use framelane_api::VideoJob;
+use framelane_core::{queue::JobKey, routing::route};
 
 use super::review::{Denial, Request};
 use crate::context::Context;
@@ -83,31 +76,12 @@ pub fn hold_slot(
 }
 
 /// Refuses a job whose estimated GPU memory does not fit every live runner of `lane` that
-/// reported its memory (`framelane.dev/memory` on its heartbeat Lease), whichever claims it.
-/// Runners whose heartbeat is not fresh (gone, or started by hand and stopped: nothing
-/// deletes their Lease), that reported nothing, or something unreadable (logged), do not
-/// count: their jobs are admitted and the runner checks again before it touches the GPU.
+/// reported its memory ([`Context::does_not_fit`]).
 fn fit(ctx: &Context, lane: &str, request: &Request, job: &VideoJob) -> Option<Denial> {
-    let model = ctx.models.get(&ObjectRef::new(&job.spec.model))?;
-    let size = JobSize::of(&job.spec, &model);
-    let leases = ctx.leases.state();
-    let now = jiff::Timestamp::now();
-    let live = |lease: &&Lease| fresh_until(lease).is_some_and(|until| until > now);
-    Context::runner_leases(&leases, lane)
-        .filter(live)
-        .find_map(|lease| {
-            let value = lease.annotations().get(ANNOTATION_MEMORY)?;
-            let memory = RunnerMemory::from_annotation(value)
-                .inspect_err(|e| {
-                    tracing::warn!(lease = %lease.name_any(), lane, error = %e,
-                    "ignoring the runner's unreadable {ANNOTATION_MEMORY} annotation")
-                })
-                .ok()?;
-            let refused = fits(&memory, &job.spec.model, &size).err()?;
-            Some(Denial::does_not_fit(
-                &request.name,
-                lane,
-                refused.cause(&size, lane),
-            ))
-        })
+    let (refused, size) = ctx.does_not_fit(lane, job)?;
+    Some(Denial::does_not_fit(
+        &request.name,
+        lane,
+        refused.cause(&size, lane),
+    ))
 }

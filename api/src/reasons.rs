@@ -107,6 +107,9 @@ vocabulary! {
         Recovered,
         /// The lane has been in no episode (condition Fallback False).
         NotNeeded,
+        /// `spec.fallback.lane` names a lane that does not exist or serves none of this
+        /// lane's models: no episode starts (condition Fallback False, Event).
+        FallbackLaneInvalid,
         /// The lane entered fallback (Event).
         FallbackStarted,
         /// The lane left fallback (Event, with the episode's duration).

@@ -33,6 +33,9 @@ pub struct LaneFacts {
     /// Why the lane would be in fallback now (`fallback::trigger`); it is only with a
     /// fallback lane.
     pub fallback: Option<Trigger>,
+    /// `Err`: why the lane's `spec.fallback.lane` cannot take its jobs (it does not exist, or
+    /// serves none of the lane's models); such a lane is never in fallback.
+    pub fallback_lane: Result<(), String>,
     pub now: Timestamp,
 }
 
@@ -172,7 +175,11 @@ fn set_fallback(
 ) -> Vec<Change> {
     let name = lane.metadata.name.as_deref().unwrap_or_default();
     let to = lane.spec.fallback.as_ref().map(|f| f.lane.as_str());
-    let trigger = facts.fallback.as_ref().filter(|_| to.is_some());
+    let invalid = to.and(facts.fallback_lane.as_ref().err());
+    let trigger = facts
+        .fallback
+        .as_ref()
+        .filter(|_| to.is_some() && invalid.is_none());
     let (fallback, changes) = fallback::next(status.fallback.as_ref(), trigger, facts.now);
     for change in &changes {
         events.push(match change {
@@ -197,7 +204,26 @@ fn set_fallback(
             },
         });
     }
+    if let Some(why) = invalid {
+        let told = status.conditions.iter().any(|c| {
+            c.type_ == LaneCondition::Fallback.as_str()
+                && c.reason == LaneReason::FallbackLaneInvalid.as_str()
+                && c.message == *why
+        });
+        if !told {
+            events.push(LaneEvent {
+                warning: true,
+                reason: LaneReason::FallbackLaneInvalid,
+                note: why.clone(),
+            });
+        }
+    }
     let condition = match (trigger, to) {
+        _ if invalid.is_some() => Some((
+            false,
+            LaneReason::FallbackLaneInvalid,
+            invalid.cloned().unwrap_or_default(),
+        )),
         (Some(t), Some(to)) => Some((
             true,
             t.reason,
@@ -283,6 +309,7 @@ mod tests {
             pods: Ok(()),
             allocator_override: None,
             fallback: None,
+            fallback_lane: Ok(()),
             now: at(10),
         }
     }
@@ -456,6 +483,41 @@ mod tests {
                 .unwrap()
                 .duration_seconds,
             30.0
+        );
+
+        // A fallback lane that cannot take the lane's jobs: no episode, and the lane says so
+        // once.
+        let mut typo = lane(1, json!(null));
+        typo.spec.fallback = serde_json::from_value(json!({"lane": "shraed"})).unwrap();
+        let why =
+            "spec.fallback.lane: lane shraed does not exist; create it or name an existing lane";
+        let invalid = LaneFacts {
+            fallback_lane: Err(why.into()),
+            ..f.clone()
+        };
+        let refused = desired(&typo, &invalid);
+        assert!(!refused.status.fallback.as_ref().is_some_and(|f| f.active));
+        assert!(refused.episode.is_empty());
+        let (on, reason, _) = condition(&refused.status, LaneCondition::Fallback);
+        assert_eq!(
+            (on.as_str(), reason.as_str()),
+            ("False", "FallbackLaneInvalid")
+        );
+        let told: Vec<_> = refused
+            .events
+            .iter()
+            .filter(|e| e.reason == LaneReason::FallbackLaneInvalid)
+            .map(|e| (e.warning, e.note.as_str()))
+            .collect();
+        assert_eq!(told, [(true, why)]);
+        typo.status = Some(refused.status);
+        let again = desired(&typo, &invalid);
+        assert!(
+            !again
+                .events
+                .iter()
+                .any(|e| e.reason == LaneReason::FallbackLaneInvalid),
+            "told once"
         );
 
         let without = desired(&lane(1, json!(null)), &f);

@@ -573,6 +573,52 @@ async fn a_job_never_moves_to_a_fallback_lane_that_does_not_serve_its_model() ->
 }
 
 #[tokio::test]
+async fn a_fallback_lane_that_does_not_exist_starts_no_episode_and_says_so() -> Result<()> {
+    let s = setup(
+        "fb-typo",
+        json!({"fallback": {"lane": "shraed"}}),
+        json!({}),
+    )
+    .await?;
+    let _op = OperatorProcess::start(&s.fx.ns, "a", OPERATOR)?;
+    // No runner, well past the 3 s grace period: nothing would take its jobs, so no episode.
+    let condition = eventually(30, "the Fallback condition", || async {
+        let status = s.fx.lane_status(&s.lane).await?;
+        Ok(status
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Fallback" && c.reason == "FallbackLaneInvalid"))
+    })
+    .await?;
+    assert_eq!(condition.status, "False");
+    assert!(
+        condition
+            .message
+            .contains("spec.fallback.lane: lane shraed does not exist"),
+        "{}",
+        condition.message
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!s.fallback().await?.active, "an episode started");
+    let events = events_about(&s.fx.client, "ModelLane", None, &s.lane).await?;
+    assert!(
+        events
+            .iter()
+            .any(|(reason, note)| reason == "FallbackLaneInvalid" && note == &condition.message),
+        "{events:?}"
+    );
+    assert!(
+        !events.iter().any(|(reason, _)| reason == "FallbackStarted"),
+        "{events:?}"
+    );
+    // Named right, the episode starts.
+    s.patch_lane(json!({"fallback": {"lane": s.shared}}))
+        .await?;
+    s.until_active(FallbackCause::Capacity).await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_job_behind_busy_runners_fails_when_the_shared_lane_has_no_runner() -> Result<()> {
     let s = setup("fb-no-shared", json!({}), json!({})).await?;
     let _op = OperatorProcess::start(&s.fx.ns, "a", OPERATOR)?;

@@ -27,6 +27,39 @@ use crate::{context::Context, error::Error, metrics::Metrics};
 /// The field manager of everything the operator writes with server-side apply.
 pub const FIELD_MANAGER: &str = "framelane-operator";
 
+/// Whether the lane's `spec.fallback.lane` can take its jobs: it exists and serves one of
+/// the lane's models (routing sends a model's jobs only to a fallback lane that serves it).
+fn fallback_lane(lane: &ModelLane, ctx: &Context) -> Result<(), String> {
+    let Some(spec) = &lane.spec.fallback else {
+        return Ok(());
+    };
+    let Some(fallback) = ctx.cached_lane(&spec.lane) else {
+        let among = if ctx.config.lane_selector.is_some() {
+            " among the lanes this operator manages (--lane-selector)"
+        } else {
+            ""
+        };
+        return Err(format!(
+            "spec.fallback.lane: lane {} does not exist{among}; create it or name an existing lane",
+            spec.lane
+        ));
+    };
+    if lane
+        .spec
+        .models
+        .iter()
+        .any(|m| fallback.spec.models.contains(m))
+    {
+        return Ok(());
+    }
+    Err(format!(
+        "spec.fallback.lane: lane {} serves none of this lane's models ({}); add them to its \
+         spec.models or name another lane",
+        spec.lane,
+        lane.spec.models.join(", ")
+    ))
+}
+
 pub async fn reconcile(lane: Arc<ModelLane>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.metrics
         .timed("modellane", reconcile_inner(&lane, &ctx))
@@ -57,6 +90,7 @@ async fn reconcile_inner(lane: &ModelLane, ctx: &Context) -> Result<Action, Erro
     };
     let facts = LaneFacts {
         fallback: fallback::trigger(&signals),
+        fallback_lane: fallback_lane(lane, ctx),
         availability: availability.clone(),
         depth: ctx.index().queues.depth(&name),
         pods: pods.created,

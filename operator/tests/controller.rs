@@ -8,7 +8,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use framelane_api::{
-    ModelLane, VideoJob,
+    ModelLane, VideoJob, VideoModel,
     modellane::LanePhase,
     reasons::JobReason,
     videojob::JobPhase,
@@ -668,6 +668,36 @@ async fn lane_pods_carry_the_gpu_and_allocator_setting_and_go_with_the_lane() ->
             && note.contains("Evicted: The node was low on resource: memory.")),
         "{events:?}"
     );
+    // A model given new weights replaces the runners, which read it at start.
+    let lane_pods = || async {
+        let list = pods
+            .list(&ListParams::default().labels(&format!("{LABEL_LANE}={gpu_lane}")))
+            .await?
+            .items;
+        anyhow::Ok(
+            list.into_iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .map(|p| p.name_any())
+                .collect::<Vec<_>>(),
+        )
+    };
+    let before = lane_pods().await?;
+    Api::<VideoModel>::all(fx.client.clone())
+        .patch(
+            &model,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"weights": {"path": format!("{model}-v2")}}})),
+        )
+        .await?;
+    eventually(
+        30,
+        "the runner pods replaced after the model changed",
+        || async {
+            let now = lane_pods().await?;
+            Ok((!now.is_empty() && now.iter().all(|p| !before.contains(p))).then_some(()))
+        },
+    )
+    .await?;
 
     let lanes: Api<ModelLane> = Api::all(fx.client.clone());
     let overridden = eventually(30, "the override condition", || async {

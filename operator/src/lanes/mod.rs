@@ -75,6 +75,11 @@ async fn reconcile_inner(lane: &ModelLane, ctx: &Context) -> Result<Action, Erro
         // Its pods are owned by it: the garbage collector removes them.
         return Ok(Action::await_change());
     }
+    // The runner pods' names cover their models: before the VideoModels are read, every
+    // pod would look changed.
+    if !ctx.synced() {
+        return Ok(Action::requeue(Duration::from_millis(200)));
+    }
     let name = lane.name_any();
     let pods = sync::pods(lane, ctx).await?;
     sync::positions(lane, ctx).await?;

@@ -1,10 +1,10 @@
 //! The runner pods a lane should have, built from plain data (no client), so the shape of
 //! a runner pod is tested without a cluster.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use framelane_api::{
-    ModelLane,
+    ModelLane, VideoModel,
     modellane::{LaneMode, LaneVolume, RunnerTemplate},
     wellknown::{ALLOC_CONF_DEFAULT, ALLOC_CONF_ENV, LABEL_LANE, LABEL_MODEL, SHARED_MODEL_LABEL},
 };
@@ -57,13 +57,15 @@ pub fn allocator_override(lane: &ModelLane) -> Option<String> {
 }
 
 /// The runner pods the lane should have: `replicas` of them (at least one), named
-/// `<lane>-<template hash>-<index>` so that a changed template replaces them. The chart's
-/// runner policies (runner-policies.yaml) read a runner's lane back from this name, so it
-/// must keep its form: a 6-hex hash and a decimal index.
-pub fn desired_pods(lane: &ModelLane, config: &Config) -> Vec<Pod> {
+/// `<lane>-<template hash>-<index>` so that a changed template replaces them. The hash also
+/// covers what the runners read from the lane's VideoModels at start (their weights,
+/// sampling and modes), so a changed model replaces them too; `models` are the VideoModels
+/// the operator knows. The chart's runner policies (runner-policies.yaml) read a runner's
+/// lane back from this name, so it must keep its form: a 6-hex hash and a decimal index.
+pub fn desired_pods(lane: &ModelLane, config: &Config, models: &[Arc<VideoModel>]) -> Vec<Pod> {
     let replicas = lane.spec.replicas.unwrap_or(1).max(1);
     let template = pod_spec(lane, config);
-    let hash = template_hash(&template);
+    let hash = template_hash(&template, &models_run(lane, models));
     let owner = lane
         .controller_owner_ref(&())
         .expect("a ModelLane read from the API server has a name and uid");
@@ -264,10 +266,25 @@ fn volume(name: &str, source: LaneVolume) -> Volume {
     }
 }
 
-/// A short, stable hash of the pod template (FNV-1a over its JSON), so pods are replaced
-/// exactly when what they would run changes.
-fn template_hash(spec: &PodSpec) -> String {
-    let json = serde_json::to_vec(spec).expect("a PodSpec serializes");
+/// What a runner of `lane` reads from each of its VideoModels at start and runs by: the
+/// weights, the sampling and the modes (not the limits, defaults or fixed parameters, which
+/// admission writes into each job). A model the operator does not know adds nothing.
+fn models_run(lane: &ModelLane, models: &[Arc<VideoModel>]) -> serde_json::Value {
+    lane.spec
+        .models
+        .iter()
+        .filter_map(|name| models.iter().find(|m| m.name_any() == *name))
+        .map(|m| {
+            serde_json::json!({"name": m.name_any(), "weights": m.spec.weights,
+                "sampling": m.spec.sampling, "modes": m.spec.modes})
+        })
+        .collect()
+}
+
+/// A short, stable hash of the pod template and what its runners read from their models
+/// (FNV-1a over their JSON), so pods are replaced exactly when what they would run changes.
+fn template_hash(spec: &PodSpec, models: &serde_json::Value) -> String {
+    let json = serde_json::to_vec(&(spec, models)).expect("a PodSpec serializes");
     let hash = json.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
     });
@@ -307,6 +324,7 @@ mod tests {
         let pods = desired_pods(
             &lane(json!({"mode": "Dedicated", "models": ["anisora"]})),
             &config(),
+            &[],
         );
         assert_eq!(pods.len(), 1);
         let pod = &pods[0];
@@ -338,7 +356,7 @@ mod tests {
     #[test]
     fn the_lanes_memory_mode_and_tiling_are_the_runners_flags() {
         let args = |spec: serde_json::Value| {
-            desired_pods(&lane(spec), &config())[0]
+            desired_pods(&lane(spec), &config(), &[])[0]
                 .spec
                 .as_ref()
                 .unwrap()
@@ -390,6 +408,7 @@ mod tests {
         let pods = desired_pods(
             &lane(json!({"mode": "Dedicated", "models": ["anisora"]})),
             &config(),
+            &[],
         );
         let spec = pods[0].spec.as_ref().unwrap();
         let pod = spec.security_context.as_ref().unwrap();
@@ -429,7 +448,7 @@ mod tests {
     #[test]
     fn runner_pods_know_their_uid_and_use_the_configured_account() {
         let minimal = lane(json!({"mode": "Dedicated", "models": ["anisora"]}));
-        let pods = desired_pods(&minimal, &config());
+        let pods = desired_pods(&minimal, &config(), &[]);
         let env = pods[0].spec.as_ref().unwrap().containers[0]
             .env
             .clone()
@@ -450,7 +469,7 @@ mod tests {
             "--runner-service-account",
             "framelane-runner",
         ]);
-        let pods = desired_pods(&minimal, &with_account);
+        let pods = desired_pods(&minimal, &with_account, &[]);
         assert_eq!(
             pods[0]
                 .spec
@@ -466,7 +485,7 @@ mod tests {
     fn runner_pods_watch_the_operators_job_namespace_when_it_has_one() {
         let minimal = lane(json!({"mode": "Dedicated", "models": ["anisora"]}));
         let watched = |config: &Config| {
-            env_of(&desired_pods(&minimal, config)[0])
+            env_of(&desired_pods(&minimal, config, &[])[0])
                 .into_iter()
                 .find(|(name, _)| name == "FRAMELANE_WATCH_NAMESPACE")
                 .map(|(_, value)| value)
@@ -492,7 +511,7 @@ mod tests {
             allocator_override(&lane).as_deref(),
             Some("backend:cudaMallocAsync")
         );
-        let pods = desired_pods(&lane, &config());
+        let pods = desired_pods(&lane, &config(), &[]);
         assert_eq!(pods.len(), 2);
         let settings: Vec<_> = env_of(&pods[0])
             .into_iter()
@@ -513,18 +532,57 @@ mod tests {
         let a = desired_pods(
             &lane(json!({"mode": "Dedicated", "models": ["anisora"]})),
             &config(),
+            &[],
         );
         let b = desired_pods(
             &lane(
                 json!({"mode": "Dedicated", "models": ["anisora"], "runner": {"image": "other:1"}}),
             ),
             &config(),
+            &[],
         );
         assert_ne!(a[0].name_any(), b[0].name_any());
         let again = desired_pods(
             &lane(json!({"mode": "Dedicated", "models": ["anisora"]})),
             &config(),
+            &[],
         );
         assert_eq!(a[0].name_any(), again[0].name_any());
+    }
+
+    #[test]
+    fn changing_what_runners_read_from_a_model_renames_the_pods() {
+        let model = |spec: serde_json::Value| -> Arc<VideoModel> {
+            let mut full = json!({"weights": {"format": "diffusers", "path": "anisora"},
+                "modes": ["t2v", "i2v"], "fixedParameters": {"steps": 8},
+                "defaults": {"width": 832, "height": 480, "frames": 81, "fps": 16},
+                "limits": {"maxWidth": 1280, "maxHeight": 1280, "maxFrames": 161}});
+            for (k, v) in spec.as_object().unwrap() {
+                full[k] = v.clone();
+            }
+            Arc::new(
+                serde_json::from_value(json!({"apiVersion": "framelane.dev/v1alpha1",
+                    "kind": "VideoModel", "metadata": {"name": "anisora"}, "spec": full}))
+                .unwrap(),
+            )
+        };
+        let lane = lane(json!({"mode": "Dedicated", "models": ["anisora"]}));
+        let name = |m: Arc<VideoModel>| desired_pods(&lane, &config(), &[m])[0].name_any();
+        let first = name(model(json!({})));
+        for changed in [
+            json!({"weights": {"format": "diffusers", "path": "anisora-v2"}}),
+            json!({"sampling": {"solver": "euler", "shift": 5.0}}),
+            json!({"modes": ["i2v"]}),
+        ] {
+            assert_ne!(name(model(changed.clone())), first, "{changed}");
+        }
+        // What admission writes into each job does not restart the runners.
+        for same in [
+            json!({"limits": {"maxWidth": 1920, "maxHeight": 1080, "maxFrames": 161}}),
+            json!({"defaults": {"width": 1280, "height": 720, "frames": 81, "fps": 16}}),
+            json!({"fixedParameters": {"steps": 12}}),
+        ] {
+            assert_eq!(name(model(same.clone())), first, "{same}");
+        }
     }
 }

@@ -34,7 +34,7 @@ pub struct Pods {
 /// Creates the missing runner pods and deletes the ones the lane no longer wants.
 pub async fn pods(lane: &ModelLane, ctx: &Context) -> Result<Pods, Error> {
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
-    let desired = desired_pods(lane, &ctx.config);
+    let desired = desired_pods(lane, &ctx.config, &ctx.models.state());
     let existing = api
         .list(&ListParams::default().labels(&format!("{LABEL_LANE}={}", lane.name_any())))
         .await?

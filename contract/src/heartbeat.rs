@@ -33,18 +33,10 @@ impl Runner {
     /// Creates or renews the heartbeat Lease, recording the loaded model.
     pub async fn heartbeat(&self, loaded_model: Option<&str>) -> Result<(), ContractError> {
         let now = MicroTime(Timestamp::now());
-        let mut annotations = std::collections::BTreeMap::new();
-        if let Some(model) = loaded_model {
-            annotations.insert(ANNOTATION_LOADED_MODEL.to_string(), model.to_string());
-        }
-        if let Some(memory) = &self.memory {
-            annotations.insert(ANNOTATION_MEMORY.to_string(), memory.clone());
-        }
         let seconds = LEASE_DURATION.as_secs() as i32;
         let incarnation = self.incarnation();
         match self.leases.get_opt(&self.name).await? {
             Some(mut lease) => {
-                lease.metadata.annotations = Some(annotations);
                 lease.metadata.owner_references = pod_owned(
                     lease.metadata.owner_references.take(),
                     &self.name,
@@ -62,9 +54,14 @@ impl Runner {
                 // A patch without a resourceVersion: the Lease is this runner's alone, and
                 // right after etcd comes back the API server may answer the read above from
                 // its stale cache, which would make a conditional write conflict every time.
+                // A merge patch keeps a key it leaves out: one with no value is sent as null,
+                // which removes it (a model unloaded since the last renewal).
                 let patch = serde_json::json!({
                     "metadata": {
-                        "annotations": lease.metadata.annotations,
+                        "annotations": {
+                            ANNOTATION_LOADED_MODEL: loaded_model,
+                            ANNOTATION_MEMORY: self.memory,
+                        },
                         "ownerReferences": lease.metadata.owner_references,
                     },
                     "spec": lease.spec,
@@ -84,7 +81,15 @@ impl Runner {
                             ]
                             .into(),
                         ),
-                        annotations: Some(annotations),
+                        annotations: Some(
+                            [
+                                (ANNOTATION_LOADED_MODEL, loaded_model.map(str::to_owned)),
+                                (ANNOTATION_MEMORY, self.memory.clone()),
+                            ]
+                            .into_iter()
+                            .filter_map(|(key, value)| Some((key.to_owned(), value?)))
+                            .collect(),
+                        ),
                         owner_references: pod_owned(None, &self.name, self.pod_uid.as_deref()),
                         ..Default::default()
                     },

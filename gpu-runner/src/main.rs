@@ -304,9 +304,8 @@ struct Worker {
 /// up in the watch cache, besides at each step.
 const CANCEL_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// What a generation task gives back: the outcome, or why the model could not be loaded; and
-/// the model loaded after it either way (a failed Shared switch leaves none).
-type Generated = (Result<JobOutcome, CacheError>, Option<String>);
+/// What a generation task gives back: the outcome, or why the model could not be loaded.
+type Generated = Result<JobOutcome, CacheError>;
 
 impl Worker {
     /// Generates one claimed job and writes its final status. Never panics the runner: every
@@ -370,12 +369,8 @@ impl Worker {
             .generation_seconds
             .observe(started.elapsed().as_secs_f64());
         let outcome = match generated {
-            Ok((Ok(outcome), loaded)) => {
-                self.loaded.send_replace(loaded);
-                outcome
-            }
-            Ok((Err(load_error), loaded)) => {
-                self.loaded.send_replace(loaded);
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(load_error)) => {
                 let reason = load_error.reason();
                 if reason == JobReason::GpuOutOfMemory {
                     self.metrics.ooms.inc();
@@ -422,24 +417,28 @@ impl Worker {
         let task = tokio::task::spawn_blocking({
             // The attempt's own folder: `report` moves the files into place once the job
             // is confirmed still this runner's.
-            let (cache, device, out, cancel, metrics) = (
+            let (cache, device, out, cancel, metrics, loaded) = (
                 self.cache.clone(),
                 self.device,
                 claimed.staging_dir(&self.output_dir),
                 cancel.clone(),
                 self.metrics.clone(),
+                self.loaded.clone(),
             );
             let model_name = model.name_any();
             move || {
-                let mut cache = match ModelCache::lock(&cache) {
-                    Ok(cache) => cache,
-                    Err(e) => return (Err(e), None),
-                };
+                let mut cache = ModelCache::lock(&cache)?;
                 let loads = cache.loads();
+                // The heartbeat tells the model loaded as soon as it is (or none, after a
+                // Shared switch that unloaded one and could not load the next).
                 let pipeline = match cache.get(&model_name) {
                     Ok(pipeline) => pipeline,
-                    Err(e) => return (Err(e), cache.loaded_model().map(str::to_owned)),
+                    Err(e) => {
+                        loaded.send_replace(cache.loaded_model().map(str::to_owned));
+                        return Err(e);
+                    }
                 };
+                loaded.send_replace(Some(model_name.clone()));
                 let mut outcome = run_job(pipeline, &device, &request, &out, |p| {
                     let _ = progress_tx.send(*p);
                     if cancel.load(Ordering::Relaxed) {
@@ -456,7 +455,7 @@ impl Worker {
                 } else {
                     metrics.warm_hits.inc();
                 }
-                (Ok(outcome), cache.loaded_model().map(str::to_owned))
+                Ok(outcome)
             }
         });
         tokio::pin!(task);

@@ -12,7 +12,7 @@ use framelane_api::{
     modellane::LanePhase,
     reasons::JobReason,
     videojob::JobPhase,
-    wellknown::{ALLOC_CONF_DEFAULT, ALLOC_CONF_ENV, LABEL_LANE},
+    wellknown::{ALLOC_CONF_DEFAULT, ALLOC_CONF_ENV, ANNOTATION_LOADED_MODEL, LABEL_LANE},
 };
 use framelane_contract::Runner;
 use k8s_openapi::api::{
@@ -804,6 +804,14 @@ async fn a_runner_heartbeat_is_owned_by_its_pod_and_goes_with_the_lane() -> Resu
         leases.get(&pod.name_any()).await?.owner_references(),
         owners
     );
+    // The loaded model it tells is the one loaded now: none after an unload.
+    let loaded = |lease: Lease| lease.annotations().get(ANNOTATION_LOADED_MODEL).cloned();
+    assert_eq!(
+        loaded(leases.get(&pod.name_any()).await?),
+        Some(model.clone())
+    );
+    runner.heartbeat(None).await?;
+    assert_eq!(loaded(leases.get(&pod.name_any()).await?), None);
     fx.until_ready_runners(&lane, 1).await?;
 
     // Deleting the lane takes its pod, and the garbage collector the pod's heartbeat.

@@ -183,6 +183,14 @@ mod tests {
         .unwrap()
     }
 
+    fn job(spec: Value) -> VideoJob {
+        serde_json::from_value(json!({
+            "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob", "metadata": {"name": "j", "namespace": "ns"},
+            "spec": spec
+        }))
+        .unwrap()
+    }
+
     #[test]
     fn a_job_takes_the_model_defaults_fixed_steps_and_the_resolved_seed() {
         let model = model(json!({"weights": {"format": "diffusers", "path": "phr00t"},
@@ -204,13 +212,6 @@ mod tests {
 
     #[test]
     fn a_job_runs_its_stored_steps_and_cfg_even_after_its_model_changed() {
-        let job = |spec: Value| -> VideoJob {
-            serde_json::from_value(json!({
-                "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob", "metadata": {"name": "j", "namespace": "ns"},
-                "spec": spec
-            }))
-            .unwrap()
-        };
         // Admitted under steps 8 and a free cfg; the model now fixes 12 steps and cfg 1.
         let admitted = job(json!({"model": "anisora", "prompt": "a cat", "steps": 8, "cfg": 5.0}));
         let changed = model(
@@ -234,13 +235,6 @@ mod tests {
 
     #[test]
     fn a_request_weighs_what_admission_weighed_for_its_job() {
-        let job = |spec: Value| -> VideoJob {
-            serde_json::from_value(json!({
-                "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob", "metadata": {"name": "j", "namespace": "ns"},
-                "spec": spec
-            }))
-            .unwrap()
-        };
         let free = model(
             json!({"weights": {"format": "diffusers", "path": "anisora"},
             "modes": ["t2v", "i2v"], "fixedParameters": {"steps": 8}}),

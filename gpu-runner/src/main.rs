@@ -427,7 +427,10 @@ impl Worker {
             );
             let model_name = model.name_any();
             move || {
-                let mut cache = ModelCache::lock(&cache)?;
+                let mut cache = ModelCache::lock(&cache).inspect_err(|_| {
+                    // A poisoned cache that could not be cleaned up dropped its model.
+                    loaded.send_replace(None);
+                })?;
                 let loads = cache.loads();
                 // The heartbeat tells the model loaded as soon as it is (or none, after a
                 // Shared switch that unloaded one and could not load the next).

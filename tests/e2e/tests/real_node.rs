@@ -661,7 +661,8 @@ async fn install_and_run(
                     }
                     Err(e) => bail!("creating {name} during the upgrade: {e}"),
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                // Often enough that an upgrade of a few seconds sees several creates.
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
             anyhow::Ok((created, refused))
         }

@@ -229,13 +229,6 @@ async fn claim(
     name: &str,
     incarnation: &str,
 ) -> Result<Option<VideoJob>, ContractError> {
-    let ours = |job: &VideoJob| {
-        job.status.as_ref().is_some_and(|s| {
-            s.phase == Some(JobPhase::Running)
-                && s.runner.as_deref() == Some(name)
-                && s.runner_incarnation.as_deref() == Some(incarnation)
-        })
-    };
     let mut current = job.clone();
     loop {
         let claimed = with_status(
@@ -251,7 +244,7 @@ async fn claim(
             Err(e) => e,
         };
         match api.get_opt(&current.name_any()).await {
-            Ok(Some(fresh)) if ours(&fresh) => return Ok(Some(fresh)),
+            Ok(Some(fresh)) if runs_under(&fresh, name, incarnation) => return Ok(Some(fresh)),
             Ok(Some(fresh)) if is_conflict(&error) && claims::claimable(&fresh, lane) => {
                 current = fresh
             }
@@ -259,6 +252,15 @@ async fn claim(
             _ => return Err(error.into()),
         }
     }
+}
+
+/// Whether `job` is running under runner `name` in its start `incarnation`.
+fn runs_under(job: &VideoJob, name: &str, incarnation: &str) -> bool {
+    job.status.as_ref().is_some_and(|s| {
+        s.phase == Some(JobPhase::Running)
+            && s.runner.as_deref() == Some(name)
+            && s.runner_incarnation.as_deref() == Some(incarnation)
+    })
 }
 
 /// Removes a deleted job's files off the async threads, logging what happened.
@@ -311,11 +313,7 @@ impl ClaimedJob {
     }
 
     fn is_mine(&self, job: &VideoJob) -> bool {
-        let s = job.status.as_ref();
-        s.and_then(|s| s.phase) == Some(JobPhase::Running)
-            && s.and_then(|s| s.runner.as_deref()) == Some(self.runner.name())
-            && s.and_then(|s| s.runner_incarnation.as_deref())
-                == Some(self.runner.incarnation().as_str())
+        runs_under(job, self.runner.name(), &self.runner.incarnation())
     }
 
     /// Records progress (stage and denoising step).
@@ -508,7 +506,8 @@ mod tests {
         Taken,
     }
 
-    /// An API server holding one queued job of lane `l`; how many claim writes reached it.
+    /// An API server holding one queued job of lane `l`, answering a claim as `write` says:
+    /// the API, the job as stored, and the job as the runner's cache saw it.
     fn server(write: Write) -> (Api<VideoJob>, Arc<Mutex<VideoJob>>, VideoJob) {
         let job: VideoJob = serde_json::from_value(json!({
             "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob",

@@ -218,28 +218,24 @@ fn set_fallback(
             });
         }
     }
-    let condition = match (trigger, to) {
-        _ if invalid.is_some() => Some((
-            false,
-            LaneReason::FallbackLaneInvalid,
-            invalid.cloned().unwrap_or_default(),
-        )),
-        (Some(t), Some(to)) => Some((
+    let condition = match (invalid, trigger, to) {
+        (Some(why), _, _) => Some((false, LaneReason::FallbackLaneInvalid, why.clone())),
+        (None, Some(t), Some(to)) => Some((
             true,
             t.reason,
             format!("new jobs go to lane {to}: {}", t.detail),
         )),
-        (None, Some(_)) if fallback.last_episode.is_some() => Some((
+        (None, None, Some(_)) if fallback.last_episode.is_some() => Some((
             false,
             LaneReason::Recovered,
             "the lane runs its own jobs".into(),
         )),
-        (None, Some(_)) => Some((
+        (None, None, Some(_)) => Some((
             false,
             LaneReason::NotNeeded,
             "the lane runs its own jobs".into(),
         )),
-        (_, None) => None,
+        (None, _, None) => None,
     };
     match condition {
         Some((on, reason, message)) => set_lane(

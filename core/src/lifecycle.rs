@@ -128,21 +128,19 @@ pub fn decide(job: &VideoJob, facts: &Facts) -> Decision {
     let deleted = job.metadata.deletion_timestamp.is_some();
     let alive = runner_alive(facts.runner_fresh_until, facts.now);
     let runner_expiry = || until(facts.now, facts.runner_fresh_until.unwrap_or(facts.now));
-    let deadline = || {
-        run_deadline(
-            status.started_at.as_ref().map(|t| t.0),
-            job_deadline(job, &facts.lane),
-        )
+    let limit = job_deadline(job, &facts.lane);
+    let deadline = run_deadline(status.started_at.as_ref().map(|t| t.0), limit);
+    let overdue = deadline.is_some_and(|at| at <= facts.now);
+    // A live runner's job: look again when its heartbeat or its deadline is due.
+    let look_again = || {
+        Decision::Wait(deadline.map_or(runner_expiry(), |at| {
+            runner_expiry().min(until(facts.now, at))
+        }))
     };
     match status.phase {
         // The runner sees the deletion and stops at the next step boundary; one hung past the
         // job's deadline never does, and the deletion goes through as it would have failed.
-        Some(JobPhase::Running) if deleted && alive => match deadline() {
-            Some(at) if at <= facts.now => Decision::Release,
-            at => Decision::Wait(at.map_or(runner_expiry(), |at| {
-                runner_expiry().min(until(facts.now, at))
-            })),
-        },
+        Some(JobPhase::Running) if deleted && alive && !overdue => look_again(),
         _ if deleted => Decision::Release,
         None => match &facts.invalid {
             // Created while the webhook did not check it: refused before any runner sees it.
@@ -158,16 +156,12 @@ pub fn decide(job: &VideoJob, facts: &Facts) -> Decision {
             status.lane_mode == Some(LaneAssignment::Fallback),
             facts,
         ),
-        Some(JobPhase::Running) => match deadline() {
-            Some(at) if at <= facts.now => Decision::Fail {
-                reason: JobReason::DeadlineExceeded,
-                message: overran(&status, job_deadline(job, &facts.lane)),
-            },
-            at if alive => Decision::Wait(at.map_or(runner_expiry(), |at| {
-                runner_expiry().min(until(facts.now, at))
-            })),
-            _ => lost(&status, facts.max_attempts),
+        Some(JobPhase::Running) if overdue => Decision::Fail {
+            reason: JobReason::DeadlineExceeded,
+            message: overran(&status, limit),
         },
+        Some(JobPhase::Running) if alive => look_again(),
+        Some(JobPhase::Running) => lost(&status, facts.max_attempts),
         Some(JobPhase::Succeeded | JobPhase::Failed) => {
             let finished = status.finished_at.map(|t| t.0);
             match expiry(finished, job.spec.ttl_seconds_after_finished) {

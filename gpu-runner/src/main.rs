@@ -468,12 +468,12 @@ impl Worker {
         loop {
             tokio::select! {
                 _ = check.tick() => {
-                    if claimed.is_cancelled() || self.stopping.load(Ordering::Relaxed) {
+                    if self.must_stop(claimed) {
                         cancel.store(true, Ordering::Relaxed);
                     }
                 }
                 Some(p) = progress_rx.recv() => {
-                    if claimed.is_cancelled() || self.stopping.load(Ordering::Relaxed) {
+                    if self.must_stop(claimed) {
                         cancel.store(true, Ordering::Relaxed);
                     }
                     // Stages without steps (loading, decoding, encoding) keep the last percent;
@@ -547,6 +547,12 @@ impl Worker {
                     .await;
             }
         }
+    }
+
+    /// Whether the running job stops at its next step: it was deleted or taken away, or this
+    /// runner is stopping.
+    fn must_stop(&self, claimed: &ClaimedJob) -> bool {
+        claimed.is_cancelled() || self.stopping.load(Ordering::Relaxed)
     }
 
     /// Gives a job this stopping runner did not finish back to its queue.

@@ -567,14 +567,18 @@ async fn a_shared_runner_unloads_before_each_switch_and_keeps_no_old_tensor() ->
     setup.stop().await
 }
 
+/// An image-to-video job of `model` large enough that its eight steps take seconds on the
+/// CPU, so a test can act while it generates.
+fn long_job(model: &str) -> Value {
+    json!({"model": model, "mode": "i2v", "image": FIRST_FRAME, "prompt": "a long fox",
+        "seed": 3, "width": 512, "height": 512, "frames": 33})
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_deleted_mid_generation_stops_and_the_runner_runs_the_next() -> Result<()> {
     let setup = Setup::start("runner-cancel", "Dedicated", &["anisora"]).await?;
     let model = setup.model("anisora").to_owned();
-    // Large enough that its eight steps take seconds on the CPU.
-    let spec = json!({"model": model, "mode": "i2v", "image": FIRST_FRAME, "prompt": "a long fox",
-        "seed": 3, "width": 512, "height": 512, "frames": 33});
-    setup.create_job("long", spec).await?;
+    setup.create_job("long", long_job(&model)).await?;
     let seen = setup.until_denoising("long").await?;
     setup
         .jobs()
@@ -710,9 +714,7 @@ async fn a_runner_leaves_jobs_of_a_model_it_does_not_load_queued() -> Result<()>
 async fn a_stopping_runner_hands_its_job_back_and_exits() -> Result<()> {
     let setup = Setup::start("runner-stop", "Dedicated", &["anisora"]).await?;
     let model = setup.model("anisora").to_owned();
-    let spec = json!({"model": model, "mode": "i2v", "image": FIRST_FRAME, "prompt": "a long fox",
-        "seed": 3, "width": 512, "height": 512, "frames": 33});
-    setup.create_job("long", spec).await?;
+    setup.create_job("long", long_job(&model)).await?;
     setup.until_denoising("long").await?;
     let queued_at = setup.jobs().get("long").await?.status.unwrap().queued_at;
     let later = json!({"model": model, "mode": "i2v", "image": FIRST_FRAME, "prompt": "a later fox",

@@ -43,6 +43,10 @@ pub enum ContractError {
         "job {0} is no longer this runner's (cancelled, finished, or requeued after this runner was declared lost); stop working on it"
     )]
     Lost(String),
+    #[error(
+        "job {0} was deleted while its video was being finished: its files were thrown away, not published"
+    )]
+    Deleted(String),
     #[error("moving the job's files into place: {0}")]
     Files(#[from] std::io::Error),
 }
@@ -334,17 +338,60 @@ impl ClaimedJob {
             .await
     }
 
-    /// Marks the job Succeeded with its output. Final.
+    /// Marks the job Succeeded with its output. Final. When the job stopped being this
+    /// runner's after its files were published (the operator failed it `DeadlineExceeded`
+    /// meanwhile, say), the published video and preview are taken off the output volume
+    /// again, when the volume is known ([`Runner::removing_outputs_of_deleted_jobs`]): no
+    /// job's status names them, so nothing else would ever remove them.
     pub async fn complete(
         mut self,
         output: Output,
         memory: Option<MemoryReport>,
     ) -> Result<VideoJob, ContractError> {
-        self.finish(|job| {
-            transitions::completed(job, output.clone(), memory.clone(), Timestamp::now())
-        })
-        .await?;
+        let written = self
+            .finish(|job| {
+                transitions::completed(job, output.clone(), memory.clone(), Timestamp::now())
+            })
+            .await;
+        if let Err(ContractError::Lost(name)) = &written
+            && let Some(root) = self.runner.outputs.get().cloned()
+        {
+            self.withdraw(root, &output).await;
+            return Err(ContractError::Lost(name.clone()));
+        }
+        written?;
         Ok(self.job)
+    }
+
+    /// Removes the published files of `output` that no job names: left alone when the job,
+    /// read again, names them after all (or cannot be read).
+    async fn withdraw(&self, root: PathBuf, output: &Output) {
+        let name = self.job.name_any();
+        let named = match self.api.get_opt(&name).await {
+            Ok(current) => current
+                .and_then(|job| job.status)
+                .and_then(|status| status.output)
+                .is_some_and(|named| named.sha256 == output.sha256),
+            Err(error) => {
+                tracing::warn!(job = %name, %error, "cannot read the job back: its published files stay");
+                return;
+            }
+        };
+        if named {
+            return;
+        }
+        let (job, sha256) = (self.job.clone(), output.sha256.clone());
+        let removed =
+            tokio::task::spawn_blocking(move || outputs::withdraw(&root, &job, &sha256)).await;
+        match removed.map_err(std::io::Error::other).and_then(|r| r) {
+            Ok(Removal::Removed) => {
+                tracing::warn!(job = %name, "the job stopped being this runner's after its files were published: they were removed")
+            }
+            Ok(Removal::NotItsFiles) => {}
+            Err(error) => {
+                tracing::warn!(job = %name, %error, "could not remove the files of a job no longer this runner's")
+            }
+        }
     }
 
     /// Marks the job Failed with a reason and a message saying what to do next. Final.
@@ -379,19 +426,21 @@ impl ClaimedJob {
     /// Moves the attempt's `files` (relative paths) from its staging folder into `root`, after
     /// a fresh read from the API server shows the job still this runner's: a runner that was
     /// declared lost, and whose job another runner took over, has its files thrown away
-    /// (`Lost`) instead of replacing the ones the job's status describes. While the API server
-    /// cannot be reached the read is retried with backoff, the files kept.
+    /// (`Lost`) instead of replacing the ones the job's status describes, and so has a job
+    /// deleted while its video was being finished (`Deleted`): its user asked for no video.
+    /// While the API server cannot be reached the read is retried with backoff, the files kept.
     pub async fn publish(&mut self, root: &Path, files: &[String]) -> Result<(), ContractError> {
         let staging = self.staging_dir(root);
         let name = self.job.name_any();
         let mut backoff = Backoff::new(FINAL_RETRY_FIRST, FINAL_RETRY_MAX);
-        let mine = loop {
+        let (mine, deleted) = loop {
             match self.api.get_opt(&name).await {
                 Ok(Some(current)) if self.is_mine(&current) => {
+                    let deleted = current.metadata.deletion_timestamp.is_some();
                     self.job = current;
-                    break true;
+                    break (!deleted, deleted);
                 }
-                Ok(_) => break false,
+                Ok(_) => break (false, false),
                 Err(error) => {
                     let wait = backoff.next_wait();
                     tracing::warn!(job = %name, %error, ?wait, "cannot confirm the job is still this runner's; keeping its files staged and retrying");
@@ -411,6 +460,10 @@ impl ClaimedJob {
         })
         .await
         .map_err(std::io::Error::other)?;
+        if deleted {
+            tracing::info!(job = %name, "the job was deleted: its files were thrown away, not published");
+            return Err(ContractError::Deleted(name));
+        }
         if !mine {
             tracing::warn!(job = %name, staging = %staging.display(), "the job is no longer this runner's: its files were thrown away, not published");
             return Err(ContractError::Lost(name));

@@ -83,7 +83,22 @@ pub fn remove_deleted(root: &Path, job: &VideoJob) -> io::Result<Removal> {
         .as_ref()
         .and_then(|s| s.output.as_ref())
         .map(|o| o.sha256.as_str());
-    let dir = root.join(dir);
+    remove_video(&root.join(dir), expected)
+}
+
+/// Removes the video (and preview, and folder once empty) published for `job` that its status
+/// does not name, while the video there is still the one with `sha256`. Reads the video to
+/// hash it: call it off the async threads.
+pub fn withdraw(root: &Path, job: &VideoJob, sha256: &str) -> io::Result<Removal> {
+    match job_dir(&job.namespace().unwrap_or_default(), &job.name_any()) {
+        Some(dir) => remove_video(&root.join(dir), Some(sha256)),
+        None => Ok(Removal::NotItsFiles),
+    }
+}
+
+/// Removes the video and preview in a job's folder `dir` when the video's sha256 is
+/// `expected`, then the folder once empty (a re-created job's files stay).
+fn remove_video(dir: &Path, expected: Option<&str>) -> io::Result<Removal> {
     let video = dir.join(VIDEO_FILE);
     let removal = match (expected, sha256_of(&video)?) {
         (Some(expected), Some(found)) if expected == found => {
@@ -93,8 +108,7 @@ pub fn remove_deleted(root: &Path, job: &VideoJob) -> io::Result<Removal> {
         }
         _ => Removal::NotItsFiles,
     };
-    // Only an empty folder goes: a re-created job's files stay.
-    let _ = std::fs::remove_dir(&dir);
+    let _ = std::fs::remove_dir(dir);
     Ok(removal)
 }
 

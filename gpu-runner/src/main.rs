@@ -520,6 +520,12 @@ impl Worker {
                     }
                     // Taken over by another runner meanwhile (`publish` logged it).
                     Err(ContractError::Lost(_)) => {}
+                    Err(ContractError::Deleted(_)) => {
+                        let message =
+                            "cancelled while its video was being finished: nothing was saved";
+                        self.fail(claimed, JobReason::Cancelled, message, memory, name)
+                            .await;
+                    }
                     Err(e) => {
                         let message = format!("the video was made but not saved: {e}");
                         self.fail(claimed, JobReason::GenerationFailed, &message, memory, name)

@@ -7,9 +7,16 @@ mod support;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use framelane_api::videojob::{JobPhase, Output};
+use framelane_api::{
+    VideoJob,
+    reasons::JobReason,
+    videojob::{JobPhase, Output},
+};
 use framelane_contract::{ClaimedJob, ContractError, Runner, outputs};
-use kube::{ResourceExt, api::DeleteParams};
+use kube::{
+    ResourceExt,
+    api::{DeleteParams, PostParams},
+};
 use serde_json::json;
 use support::{Fixture, eventually, phase};
 use tokio::sync::watch;
@@ -106,5 +113,86 @@ async fn a_runner_declared_lost_cannot_replace_the_retrys_files_and_deleted_file
         Ok((!folder.exists()).then_some(()))
     })
     .await?;
+    Ok(())
+}
+
+/// A video that no job's status names would stay on the volume for good: nothing removes it
+/// when its job goes. Neither a job deleted while its video was finished nor one that
+/// stopped being its runner's just after the video was published keeps one.
+#[tokio::test]
+async fn no_video_stays_on_the_volume_that_no_job_names() -> Result<()> {
+    let fx = Fixture::new("unnamed").await?;
+    let model = fx.model("anisora", 8, None).await?;
+    let lane = fx.lane("anisora", &[&model], json!({})).await?;
+    let _op = fx.operator("op")?;
+    let root = tempfile::tempdir()?;
+    let (_loaded, loaded_rx) = watch::channel(None::<String>);
+    let runner = Runner::start(
+        fx.client.clone(),
+        &fx.ns.name,
+        "runner-0",
+        &lane,
+        fx.jobs.clone(),
+    )
+    .removing_outputs_of_deleted_jobs(root.path());
+    let _heartbeat = runner.keep_alive(loaded_rx);
+
+    // Deleted while its video was being finished (decoded, encoded): the files stay staged
+    // only, are thrown away, and the job goes once its runner says it was cancelled.
+    fx.create_job("deleted", &model).await?;
+    let mut claimed = claim(&runner).await?;
+    let (files, output) = stage(&claimed, root.path(), b"a video nobody wants")?;
+    // The operator's finalizer keeps a running job until its runner has stopped.
+    eventually(60, "the running job's finalizer", || async {
+        let job = fx.jobs.get("deleted").await?;
+        Ok((!job.finalizers().is_empty()).then_some(()))
+    })
+    .await?;
+    fx.jobs.delete("deleted", &DeleteParams::default()).await?;
+    let refused = claimed.publish(root.path(), &files).await;
+    assert!(
+        matches!(refused, Err(ContractError::Deleted(_))),
+        "a deleted job's video was published: {refused:?}"
+    );
+    assert!(!root.path().join(&output.path).exists());
+    assert!(!claimed.staging_dir(root.path()).exists());
+    claimed
+        .fail(JobReason::Cancelled, "cancelled while finishing", None)
+        .await?;
+    eventually(60, "the deleted job to go", || async {
+        Ok(fx.jobs.get_opt("deleted").await?.is_none().then_some(()))
+    })
+    .await?;
+
+    // Its deadline passes between the publish and the final write: the operator fails it
+    // DeadlineExceeded, and the published files go again.
+    let job: VideoJob = serde_json::from_value(json!({
+        "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob", "metadata": {"name": "late"},
+        "spec": {"model": model, "prompt": "a late fox", "frames": 17, "width": 256, "height": 256,
+            "deadlineSeconds": 2}
+    }))?;
+    fx.jobs.create(&PostParams::default(), &job).await?;
+    let mut claimed = claim(&runner).await?;
+    let (files, output) = stage(&claimed, root.path(), b"a video too late")?;
+    claimed.publish(root.path(), &files).await?;
+    let video = root.path().join(&output.path);
+    assert!(video.exists());
+    eventually(
+        60,
+        "the operator to fail the job past its deadline",
+        || async {
+            let job = fx.jobs.get("late").await?;
+            let reason = job.status.as_ref().and_then(|s| s.reason);
+            Ok((reason == Some(JobReason::DeadlineExceeded)).then_some(()))
+        },
+    )
+    .await?;
+    let refused = claimed.complete(output, None).await;
+    assert!(
+        matches!(refused, Err(ContractError::Lost(_))),
+        "a job failed past its deadline was completed: {refused:?}"
+    );
+    assert!(!video.exists(), "a video no job names stayed on the volume");
+    assert!(!video.parent().context("the job's folder")?.exists());
     Ok(())
 }

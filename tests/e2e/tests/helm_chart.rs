@@ -1569,6 +1569,17 @@ async fn runner_policies(ns: &TestNamespace, release: &str, dir: &Path) -> Resul
         ..Default::default()
     };
     claimed.complete(output, None).await?;
+    // A stopping runner gives the job it holds back to its place in the queue (SIGTERM).
+    new_job("given-back", queued("x")).await?;
+    let claimed = eventually(30, "runner x to claim the next job", || async {
+        Ok(runner.claim_next().await?)
+    })
+    .await?;
+    ensure!(claimed.job().metadata.name.as_deref() == Some("given-back"));
+    let back = claimed.hand_back().await?;
+    let status = back.status.context("a status")?;
+    ensure!(status.phase == Some(framelane_api::videojob::JobPhase::Queued));
+    ensure!(status.runner.is_none() && status.lane.as_deref() == Some("x"));
     runner.heartbeat(None).await?;
     runner.heartbeat(Some("anisora")).await?;
 
@@ -1612,7 +1623,19 @@ async fn runner_policies(ns: &TestNamespace, release: &str, dir: &Path) -> Resul
     )?;
     new_job("held-by-x", running("x", "x-0a1b2c-0", &x_self)).await?;
     expect_refused(
-        write_status(&as_x, "held-by-x", queued("x")).await,
+        write_status(&as_x, "held-by-x", running("x", "x-0a1b2c-1", &x_self)).await,
+        403,
+        "a runner may not hand a job on",
+    )?;
+    expect_refused(
+        write_status(&as_x, "held-by-x", queued("x-b")).await,
+        403,
+        "a runner may not hand a job on",
+    )?;
+    let mut still_held = queued("x");
+    still_held["runner"] = json!("x-0a1b2c-0");
+    expect_refused(
+        write_status(&as_x, "held-by-x", still_held).await,
         403,
         "a runner may not hand a job on",
     )?;

@@ -17,6 +17,7 @@ use crate::{
     routing::RouteError,
     timeouts::{
         DEFAULT_JOB_DEADLINE, expiry, queue_wait_deadline, run_deadline, runner_alive, until,
+        waiting_since,
     },
 };
 
@@ -152,7 +153,7 @@ pub fn decide(job: &VideoJob, facts: &Facts) -> Decision {
         },
         Some(JobPhase::Queued) => queued(
             namespace,
-            status.queued_at.map(|t| t.0),
+            waiting_since(&status),
             status.lane_mode == Some(LaneAssignment::Fallback),
             facts,
         ),
@@ -722,6 +723,43 @@ mod tests {
             Decision::Wait(Duration::from_secs(30)),
             "no fallback lane: it waits its turn"
         );
+    }
+
+    #[test]
+    fn a_job_given_back_to_the_queue_waits_max_wait_anew() {
+        // Admitted at 0, run, and given back at 600 (its runner was lost, or stopping) while
+        // the lane's other runner is busy.
+        let requeued = job(
+            json!({"phase": "Queued", "queuedAt": micro(0), "attempts": 1,
+            "reason": "Requeued", "conditions": [{"type": "Running", "status": "False",
+                "reason": "Requeued", "message": "runner r-0 is stopping",
+                "lastTransitionTime": serde_json::to_value(Time(t(600))).unwrap()}]}),
+        );
+        let busy = |fallback| {
+            with(lane(2, None), |l| {
+                l.running = 1;
+                l.fallback = fallback;
+            })
+        };
+        assert_eq!(
+            decide(&requeued, &facts(610, busy(shared(0, 0, 0)), None)),
+            Decision::Wait(Duration::from_millis(20_100)),
+            "it waits maxWaitSeconds from its requeue, not from its admission"
+        );
+        assert_eq!(
+            decide(&requeued, &facts(610, busy(shared(1, 0, 0)), None)),
+            Decision::Wait(Duration::from_millis(20_100))
+        );
+        assert_eq!(
+            decide(&requeued, &facts(630, busy(shared(1, 0, 0)), None)),
+            moved(FallbackCause::Capacity)
+        );
+        // Its lane lost its runners before the requeue: the wait counts from the requeue too.
+        let down = with(lane(2, Some(t(560))), |l| l.fallback = shared(0, 0, 0));
+        assert!(matches!(
+            decide(&requeued, &facts(620, down, None)),
+            Decision::Wait(_)
+        ));
     }
 
     #[test]

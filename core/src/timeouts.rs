@@ -4,10 +4,28 @@
 
 use std::time::Duration;
 
+use framelane_api::{VideoJobStatus, reasons::JobCondition};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::coordination::v1::Lease;
 
 use crate::availability::fresh_until;
+
+/// Since when a queued job has waited: its admission (`queuedAt`, its place in the queue) or,
+/// for a job given back to the queue (its runner was lost, or stopping), the moment it left
+/// Running, whichever is later. A requeued job waits `maxWaitSeconds` anew before it moves or
+/// fails: the wait before its first run is over.
+pub fn waiting_since(status: &VideoJobStatus) -> Option<Timestamp> {
+    let queued_at = status.queued_at.as_ref().map(|t| t.0);
+    let left_running = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == JobCondition::Running.as_str() && c.status == "False")
+        .map(|c| c.last_transition_time.0);
+    match (queued_at, left_running) {
+        (Some(q), Some(r)) => Some(q.max(r)),
+        (q, r) => q.or(r),
+    }
+}
 
 /// When a queued job has waited long enough for a runner: `max_wait` after the later of its
 /// admission and the moment its lane lost its last runner. `None` while the lane has a fresh

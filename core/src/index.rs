@@ -32,12 +32,26 @@ pub struct Index {
     awaiting_keys: HashMap<JobKey, (CreationKey, String)>,
     /// Jobs awaiting admission, counted by model.
     awaiting_models: HashMap<String, usize>,
-    /// Creates the admission webhook let through that the watch has not shown yet, with the
-    /// lane they count against, when the hold lapses (the create failed after all), and the
-    /// new job's UID.
-    holds: HashMap<JobKey, (String, Instant, Option<String>)>,
+    /// Creates the admission webhook let through that the watch has not shown yet.
+    holds: HashMap<JobKey, Hold>,
     /// Whether a full list of jobs has been read (before that the counts are partial).
     pub synced: bool,
+}
+
+/// A slot the admission webhook holds for a create the watch has not shown yet.
+#[derive(Debug)]
+struct Hold {
+    /// The lane it counts against.
+    lane: String,
+    /// When it lapses: the create failed after all (another webhook or a quota refused it).
+    until: Instant,
+    /// The new job's UID.
+    uid: Option<String>,
+    /// The UID of a job of the same name that the index knows and that holds a slot: the
+    /// create is a duplicate (the API server refuses it) or re-creates that job after a delete
+    /// the watch has not shown yet. Either way the old job's slot stands in for this one,
+    /// which counts only once the index has forgotten the old job.
+    behind: Option<String>,
 }
 
 /// The order users created jobs in: creation time, then the API server's revision.
@@ -146,9 +160,11 @@ impl Index {
     /// Ends the webhook's hold for `job`'s create, unless the hold is another job's.
     fn drop_hold(&mut self, key: &JobKey, job: &VideoJob) {
         let uid = job.metadata.uid.as_deref();
-        if self.holds.get(key).is_some_and(
-            |(_, _, held)| matches!((held.as_deref(), uid), (Some(h), Some(u)) if h != u),
-        ) {
+        if self
+            .holds
+            .get(key)
+            .is_some_and(|hold| matches!((hold.uid.as_deref(), uid), (Some(h), Some(u)) if h != u))
+        {
             return;
         }
         self.holds.remove(key);
@@ -193,7 +209,7 @@ impl Index {
         let holds = self
             .holds
             .iter()
-            .filter(|(_, (l, until, _))| l == lane && *until > now);
+            .filter(|(key, hold)| hold.lane == lane && hold.until > now && self.counts(key, hold));
         let Some(namespace) = namespace else {
             return Occupancy {
                 depth: queue.map_or(0, LaneQueue::depth) + awaiting + holds.count(),
@@ -216,11 +232,19 @@ impl Index {
         held
     }
 
+    /// Whether a hold counts against its lane: not while the job it is behind still does.
+    fn counts(&self, key: &JobKey, hold: &Hold) -> bool {
+        hold.behind.is_none() || self.uids.get(key) != hold.behind.as_ref()
+    }
+
     /// The admission webhook's atomic check-and-take: holds a slot of `lane` for the create
     /// of `key` (a new job with `uid`) if the lane has [`room`], else says why not. A job the
-    /// index already knows takes no second slot (its create fails as a duplicate); a job of
-    /// the same name but another UID does (the old one was deleted, the watch has not shown
-    /// it yet). With `dry_run` nothing is held.
+    /// index already knows takes no second slot (its create fails as a duplicate). A create
+    /// under the name of a known job with another UID (the API server gives every create a
+    /// new one) is a duplicate or re-creates that job after a delete the watch has not shown
+    /// yet: while the known job holds a slot, that slot stands in for the create's, which
+    /// counts once the old job is gone ([`Hold::behind`]), so a duplicate neither takes a
+    /// slot nor meets a full lane with 503 instead of its 409. With `dry_run` nothing is held.
     #[allow(clippy::too_many_arguments)]
     pub fn hold(
         &mut self,
@@ -232,24 +256,41 @@ impl Index {
         (now, until): (Instant, Instant),
         dry_run: bool,
     ) -> Result<(), Overloaded> {
-        self.holds.retain(|_, (_, u, _)| *u > now);
+        self.holds.retain(|_, hold| hold.until > now);
         if (self.versions.contains_key(&key) || self.awaiting_keys.contains_key(&key))
             && !self.replaced(&key, uid)
         {
             return Ok(());
         }
-        let share = limits.max_per_namespace.map(|_| key.namespace.as_str());
-        let mut held = self.occupancy(lane, share, route, now);
-        // A create reviewed again (a client's retry) does not count its own hold, when that
-        // hold is on this lane: the model's route may have changed lanes since.
-        if self.holds.get(&key).is_some_and(|(l, _, _)| l == lane) {
-            held.depth = held.depth.saturating_sub(1);
-            held.namespace = held.namespace.saturating_sub(1);
+        let holds_here = self.queues.lane_of(&key) == Some(lane)
+            || self
+                .awaiting_keys
+                .get(&key)
+                .is_some_and(|(_, model)| route(model).as_deref() == Some(lane));
+        let behind = self.uids.get(&key).filter(|_| holds_here).cloned();
+        if behind.is_none() {
+            let share = limits.max_per_namespace.map(|_| key.namespace.as_str());
+            let mut held = self.occupancy(lane, share, route, now);
+            // A create reviewed again (a client's retry) does not count its own hold, when
+            // that hold is on this lane: the model's route may have changed lanes since.
+            if self
+                .holds
+                .get(&key)
+                .is_some_and(|hold| hold.lane == lane && self.counts(&key, hold))
+            {
+                held.depth = held.depth.saturating_sub(1);
+                held.namespace = held.namespace.saturating_sub(1);
+            }
+            room(lane, &key.namespace, held, limits)?;
         }
-        room(lane, &key.namespace, held, limits)?;
         if !dry_run {
-            self.holds
-                .insert(key, (lane.to_string(), until, uid.map(str::to_string)));
+            let hold = Hold {
+                lane: lane.to_string(),
+                until,
+                uid: uid.map(str::to_string),
+                behind,
+            };
+            self.holds.insert(key, hold);
         }
         Ok(())
     }
@@ -681,8 +722,8 @@ mod tests {
         );
         assert_eq!(
             index.occupancy("lane-a", None, lane_of, now).depth,
-            2,
-            "the old job's slot and the new job's hold"
+            1,
+            "the old job's slot stands in for the new job's hold"
         );
         index.forget(&with_uid(3, "old", true));
         assert_eq!(
@@ -698,5 +739,60 @@ mod tests {
         assert!(index.knows(&new) && !index.knows(&old));
         assert!(index.reservation(&old).is_none());
         assert_eq!(index.occupancy("lane-a", None, lane_of, now).depth, 1);
+    }
+
+    #[test]
+    fn a_duplicate_create_takes_no_slot_and_meets_no_full_lane() {
+        // The API server gives every create a new UID before the webhook sees it, so a create
+        // under a queued job's name carries another UID than the job.
+        let lane_of = |_: &str| Some("lane-a".to_string());
+        let queued = |name: &str| {
+            let mut j = queued_as(job(name, 2), "lane-a");
+            j.metadata.uid = Some(format!("{name}-uid"));
+            j
+        };
+        let mut index = Index::default();
+        let now = Instant::now();
+        let until = (now, now + Duration::from_secs(15));
+        index.observe(&queued("a"), Timestamp::UNIX_EPOCH);
+        let again = |index: &mut Index, name: &str| {
+            index.hold(
+                key(name),
+                Some("fresh"),
+                "lane-a",
+                LIMITS,
+                lane_of,
+                until,
+                false,
+            )
+        };
+        assert_eq!(again(&mut index, "a"), Ok(()));
+        assert_eq!(
+            index.occupancy("lane-a", None, lane_of, now).depth,
+            1,
+            "the duplicate of a took no slot"
+        );
+        index.observe(&queued("b"), Timestamp::UNIX_EPOCH);
+        assert_eq!(again(&mut index, "c"), Ok(()));
+        assert_eq!(index.occupancy("lane-a", None, lane_of, now).depth, 3);
+        assert_eq!(
+            again(&mut index, "b"),
+            Ok(()),
+            "on a full lane, a duplicate is let through to meet its 409"
+        );
+        assert!(matches!(
+            again(&mut index, "d"),
+            Err(Overloaded::Lane { depth: 3, .. })
+        ));
+        // Re-created under a finished job's name: that job holds no slot to stand in.
+        let mut done = job("e", 3);
+        done.metadata.uid = Some("e-uid".into());
+        done.status =
+            Some(serde_json::from_value(json!({"phase": "Succeeded", "lane": "lane-a"})).unwrap());
+        index.observe(&done, Timestamp::UNIX_EPOCH);
+        assert!(matches!(
+            again(&mut index, "e"),
+            Err(Overloaded::Lane { depth: 3, .. })
+        ));
     }
 }

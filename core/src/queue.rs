@@ -126,6 +126,14 @@ impl Queues {
         changed
     }
 
+    /// The lane whose slot (Queued or Running) the job holds.
+    pub fn lane_of(&self, key: &JobKey) -> Option<&str> {
+        match self.slots.get(key)? {
+            Slot::Queued { lane, .. } | Slot::Running { lane } => Some(lane),
+            Slot::None => None,
+        }
+    }
+
     /// The lanes that have held jobs.
     pub fn lane_names(&self) -> impl Iterator<Item = &String> {
         self.lanes.keys()

@@ -425,6 +425,36 @@ async fn a_burst_fills_a_lane_exactly_and_freed_slots_are_taken_at_once() -> Res
 }
 
 #[tokio::test]
+async fn a_duplicate_create_is_answered_409_and_takes_no_slot() -> Result<()> {
+    let s = setup("wh-dup", 2).await?;
+    let (_operator, port) = s.fx.webhook_operator("a", 0, NO_RESYNC)?;
+    s.fx.register_webhook(port).await?;
+    s.fx.webhook_effective(&s.anisora).await?;
+    let jobs = s.fx.jobs_without_retries().await?;
+    let new = |name: &str| job(name, json!({"model": s.anisora, "prompt": "a fox"}));
+    let exists = |status: &kube::core::Status| {
+        (status.code, status.reason.as_str()) == (409, "AlreadyExists")
+    };
+    jobs.create(&PostParams::default(), &new("a")).await?;
+    lane_depth(&s, 1).await?;
+    let again = refusal(&jobs, &new("a")).await?;
+    ensure!(exists(&again), "a duplicate create: {again:?}");
+    // The duplicate held no slot: the lane's second one is still free.
+    jobs.create(&PostParams::default(), &new("b")).await?;
+    lane_depth(&s, 2).await?;
+    // On the full lane a duplicate still learns that its job exists, a new job that the
+    // lane is full.
+    let again = refusal(&jobs, &new("a")).await?;
+    ensure!(
+        exists(&again),
+        "a duplicate create on a full lane: {again:?}"
+    );
+    let full = refusal(&jobs, &new("c")).await?;
+    ensure!(full.code == 503, "a create on a full lane: {full:?}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn two_replicas_behind_one_address_admit_exactly_max_depth() -> Result<()> {
     let s = setup("wh-replicas", 25).await?;
     let (a, port_a) = s.fx.webhook_operator("a", 0, NO_RESYNC)?;

@@ -2,8 +2,10 @@
 //! the facts the core's decisions take, gathered from the caches.
 
 use std::{
+    borrow::Borrow,
     collections::{BTreeSet, HashMap, HashSet},
     sync::{Arc, Mutex, MutexGuard},
+    time::Instant,
 };
 
 use framelane_api::{
@@ -188,7 +190,7 @@ impl Context {
                 let name = f.name_any();
                 FallbackFacts {
                     limits: self.lane_limits(&f),
-                    held: admitted(index, &name, namespace),
+                    held: promised(index, &self.lanes.state(), &name, namespace),
                     fresh: self.lane_availability(&f, now).fresh,
                     running: running(&name),
                     does_not_fit: self
@@ -346,9 +348,70 @@ pub fn admitted(index: &Index, lane: &str, namespace: &str) -> Occupancy {
         })
 }
 
+/// Jobs that count against `lane` for a job of `namespace` that joins it from another lane
+/// (a fallback move): those admitted to it, and the slots already promised to creates (jobs
+/// awaiting admission whose model routes there, and the webhook's holds for creates the watch
+/// has not shown yet), which a move must not take.
+pub fn promised<L: Borrow<ModelLane>>(
+    index: &Index,
+    lanes: &[L],
+    lane: &str,
+    namespace: &str,
+) -> Occupancy {
+    let route = |model: &str| route(model, lanes).map(|r| r.name());
+    index.occupancy(lane, Some(namespace), route, Instant::now())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_move_counts_the_slots_promised_to_creates() {
+        let lane: ModelLane = serde_json::from_value(serde_json::json!({
+            "apiVersion": "framelane.dev/v1alpha1", "kind": "ModelLane",
+            "metadata": {"name": "shared"}, "spec": {"mode": "Shared", "models": ["m"]}
+        }))
+        .unwrap();
+        let mut index = Index::default();
+        for i in 0..24 {
+            let job: VideoJob = serde_json::from_value(serde_json::json!({
+                "apiVersion": "framelane.dev/v1alpha1", "kind": "VideoJob",
+                "metadata": {"name": format!("j{i}"), "namespace": "ns", "uid": format!("u{i}"),
+                    "resourceVersion": "1"},
+                "spec": {"model": "m", "prompt": "a fox"},
+                "status": {"phase": "Queued", "lane": "shared",
+                    "queuedAt": format!("2026-12-08T00:00:{i:02}.000000Z")}
+            }))
+            .unwrap();
+            index.observe(&job, Timestamp::now());
+        }
+        // The webhook let a 25th create through; the watch has not shown it yet.
+        let limits = QueueLimits {
+            max_depth: 25,
+            max_wait: std::time::Duration::from_secs(30),
+            max_per_namespace: None,
+            job_deadline: DEFAULT_JOB_DEADLINE,
+        };
+        let now = Instant::now();
+        let key = JobKey {
+            namespace: "ns".into(),
+            name: "new".into(),
+        };
+        let lanes = [lane];
+        let route = |m: &str| route(m, &lanes).map(|r| r.name());
+        let until = (now, now + std::time::Duration::from_secs(15));
+        index
+            .hold(key, Some("new"), "shared", limits, route, until, false)
+            .unwrap();
+        assert_eq!(admitted(&index, "shared", "ns").depth, 24);
+        let held = promised(&index, &lanes, "shared", "ns");
+        assert_eq!((held.depth, held.namespace), (25, 25));
+        assert!(
+            framelane_core::depth::room("shared", "ns", held, limits).is_err(),
+            "a move took the slot promised to the create"
+        );
+    }
 
     #[test]
     fn a_transition_counts_once_until_its_job_is_forgotten() {

@@ -19,7 +19,7 @@ use rand::Rng;
 
 use super::{apply, facts, record};
 use crate::{
-    context::{Context, admitted},
+    context::{Context, admitted, promised},
     error::Error,
 };
 
@@ -160,7 +160,7 @@ pub async fn move_to(
             || room(
                 to,
                 namespace,
-                admitted(&index, to, namespace),
+                promised(&index, &ctx.lanes.state(), to, namespace),
                 ctx.lane_limits(&target),
             )
             .is_err()

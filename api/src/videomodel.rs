@@ -37,6 +37,9 @@ use crate::GenerationMode;
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.defaults.width <= self.limits.maxWidth").field_path(".defaults.width").message("must be at most limits.maxWidth: every job that leaves width out would be refused; lower the default or raise the limit"))]
+#[x_kube(validation = Rule::new("self.defaults.height <= self.limits.maxHeight").field_path(".defaults.height").message("must be at most limits.maxHeight: every job that leaves height out would be refused; lower the default or raise the limit"))]
+#[x_kube(validation = Rule::new("self.defaults.frames <= self.limits.maxFrames").field_path(".defaults.frames").message("must be at most limits.maxFrames: every job that leaves frames out would be refused; lower the default or raise the limit"))]
 pub struct VideoModelSpec {
     /// Sampling parameters every job of this model must use. A job that sets a different
     /// value is rejected at admission (HTTP 422); a job that leaves one out gets this value.

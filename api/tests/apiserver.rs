@@ -454,6 +454,24 @@ async fn videomodel_schema_rules_reject_bad_input_naming_the_field() -> Result<(
             "4k+1",
         ),
         (
+            "/spec/limits/maxFrames",
+            json!(49),
+            "spec.defaults.frames",
+            "must be at most limits.maxFrames: every job that leaves frames out would be refused",
+        ),
+        (
+            "/spec/limits",
+            json!({"maxWidth": 640, "maxHeight": 640, "maxFrames": 161}),
+            "spec.defaults.width",
+            "must be at most limits.maxWidth",
+        ),
+        (
+            "/spec/defaults/height",
+            json!(1296),
+            "spec.defaults.height",
+            "must be at most limits.maxHeight",
+        ),
+        (
             "/spec/weights/path",
             json!("../etc"),
             "spec.weights.path",

@@ -17,8 +17,12 @@ pub fn leaves_a_default_out() -> String {
         .join(" || ")
 }
 
+/// The cfg of a job that sets none, of a model that fixes none: no guidance.
+pub const DEFAULT_CFG: f64 = 1.0;
+
 /// The fields of `spec` its model fills in, as (field name under `spec`, value): the model's
-/// fixed steps and cfg (when it fixes one), and its default size, length and frame rate.
+/// fixed steps and cfg ([`DEFAULT_CFG`] when it fixes none: the stored job says what it runs
+/// with, whatever the model fixes later), and its default size, length and frame rate.
 pub fn missing(spec: &VideoJobSpec, model: &VideoModel) -> Vec<(&'static str, Value)> {
     let m = &model.spec;
     let candidates = [
@@ -30,7 +34,7 @@ pub fn missing(spec: &VideoJobSpec, model: &VideoModel) -> Vec<(&'static str, Va
         (
             "cfg",
             spec.cfg.is_none(),
-            m.fixed_parameters.cfg.map(|c| json!(c)),
+            Some(json!(m.fixed_parameters.cfg.unwrap_or(DEFAULT_CFG))),
         ),
         ("width", spec.width.is_none(), Some(json!(m.defaults.width))),
         (
@@ -114,10 +118,13 @@ mod tests {
         assert!(missing(&all_set, &phr00t).is_empty());
         let free_cfg = model(json!({"steps": 8}));
         assert!(
-            missing(&spec(json!({})), &free_cfg)
+            missing(&spec(json!({})), &free_cfg).contains(&("cfg", json!(1.0))),
+            "a model that fixes no cfg gives no guidance, written into the job"
+        );
+        assert!(
+            missing(&spec(json!({"cfg": 3.5})), &free_cfg)
                 .iter()
-                .all(|(f, _)| *f != "cfg"),
-            "a model that fixes no cfg gives none"
+                .all(|(f, _)| *f != "cfg")
         );
     }
 

@@ -177,7 +177,10 @@ impl JobSize {
     /// leaves out (as the runner runs it).
     pub fn of(spec: &VideoJobSpec, model: &VideoModel) -> JobSize {
         let defaults = &model.spec.defaults;
-        let cfg = spec.cfg.or(model.spec.fixed_parameters.cfg).unwrap_or(1.0);
+        let cfg = spec
+            .cfg
+            .or(model.spec.fixed_parameters.cfg)
+            .unwrap_or(crate::defaults::DEFAULT_CFG);
         let positive = |v: i32| u64::try_from(v).unwrap_or(0);
         JobSize {
             width: positive(spec.width.unwrap_or(defaults.width)),

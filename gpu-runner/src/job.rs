@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use framelane_api::videomodel::{Schedule, Solver as ApiSolver, WeightsFormat};
 use framelane_api::{GenerationMode, VideoJob, VideoModel, videojob::Output};
-use framelane_core::memory::JobSize;
+use framelane_core::{defaults::DEFAULT_CFG, memory::JobSize};
 use kube::ResourceExt;
 
 use crate::cache::ModelRef;
@@ -144,7 +144,10 @@ pub fn request_for(job: &VideoJob, model: &VideoModel) -> JobRequest {
             .steps
             .unwrap_or(model.spec.fixed_parameters.steps)
             .max(1) as u32,
-        cfg: spec.cfg.or(model.spec.fixed_parameters.cfg).unwrap_or(1.0),
+        cfg: spec
+            .cfg
+            .or(model.spec.fixed_parameters.cfg)
+            .unwrap_or(DEFAULT_CFG),
         seed: u32::try_from(seed).unwrap_or(u32::MAX),
         vae_tiling: None,
     }

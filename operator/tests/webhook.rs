@@ -106,8 +106,8 @@ async fn a_job_that_leaves_parameters_out_is_stored_with_its_models_values() -> 
             own.spec.width,
             own.spec.frames
         ),
-        (Some(8), None, Some(256), Some(17)),
-        "what the job sets stays; a model without a fixed cfg gives none"
+        (Some(8), Some(1.0), Some(256), Some(17)),
+        "what the job sets stays; a model without a fixed cfg gives no guidance, stored"
     );
     Ok(())
 }

@@ -29,7 +29,8 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Queue", type_ = "integer", json_path = ".status.queueDepth"),
     printcolumn(name = "Fallback", type_ = "string", json_path = ".status.fallback.cause"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    validation = Rule::new("!has(self.spec.fallback) || self.spec.fallback.lane != self.metadata.name").message("spec.fallback.lane must name another lane, not this one")
+    validation = Rule::new("!has(self.spec.fallback) || self.spec.fallback.lane != self.metadata.name").message("spec.fallback.lane must name another lane, not this one"),
+    validation = Rule::new("self.metadata.name.size() <= 63").message("metadata.name must be at most 63 characters: it is the framelane.dev/lane label of the lane's runner pods and heartbeat Leases")
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.mode != 'Dedicated' || size(self.models) == 1").message("a Dedicated lane serves exactly one model: list one in spec.models, or use mode: Shared"))]

@@ -416,6 +416,12 @@ async fn modellane_schema_rules_reject_bad_input_naming_the_field() -> Result<()
             "<nil>",
             "spec.fallback.lane must name another lane",
         ),
+        (
+            "/metadata/name",
+            json!(format!("{name}-{}", "x".repeat(63 - name.len()))),
+            "<nil>",
+            "metadata.name must be at most 63 characters",
+        ),
     ];
     for (pointer, value, field, hint) in cases {
         expect_invalid(&api, with(good.clone(), pointer, value), field, hint)

@@ -101,7 +101,7 @@ SCHEMA = {
             "certificates": obj({
                 "source": {"enum": ["operator", "cert-manager"]}, "secretName": STR,
                 "certSeconds": {"type": "integer", "minimum": 60}, "caSeconds": {"type": "integer", "minimum": 120},
-                "certManager": obj({"issuerRef": obj({"name": STR, "kind": {"enum": ["Issuer", "ClusterIssuer"]}, "group": STR}), "duration": STR, "renewBefore": STR}),
+                "certManager": obj({"issuerRef": {**obj({"name": {"type": "string", "minLength": 1}, "kind": {"enum": ["Issuer", "ClusterIssuer"]}, "group": STR}), "if": {"minProperties": 1}, "then": {"required": ["name"]}}, "duration": STR, "renewBefore": STR}),
             }),
         }),
         "metrics": obj({
@@ -112,7 +112,7 @@ SCHEMA = {
         }),
         "networkPolicy": obj({"enabled": BOOL, "metricsFrom": LIST, "webhookFrom": LIST}),
         "models": {"type": "array", "items": obj({"name": NAME, "labels": STRMAP, "spec": crd_spec("videomodels")}, ["name", "spec"])},
-        "lanes": {"type": "array", "items": obj({"name": NAME, "labels": STRMAP, "spec": crd_spec("modellanes")}, ["name", "spec"])},
+        "lanes": {"type": "array", "items": obj({"name": {**NAME, "maxLength": 63}, "labels": STRMAP, "spec": crd_spec("modellanes")}, ["name", "spec"])},
     }),
 }
 

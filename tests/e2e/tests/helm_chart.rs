@@ -375,6 +375,14 @@ async fn the_chart_lints_and_renders_valid_manifests_for_every_option() -> Resul
             "models[0].spec.fixedParameters.steps=zero",
             "/models/0/spec/fixedParameters/steps",
         ),
+        (
+            "lanes[0].name=a-lane-name-longer-than-a-label-value-may-be-which-is-63-characters",
+            "/lanes/0/name",
+        ),
+        (
+            "webhook.certificates.certManager.issuerRef.kind=ClusterIssuer",
+            "/webhook/certificates/certManager/issuerRef",
+        ),
     ] {
         let out = run_failing(
             helm(env)

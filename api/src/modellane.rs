@@ -1,10 +1,12 @@
 //! `ModelLane` (cluster-scoped): where models run — a set of warm runner pods with a bounded
 //! queue and a fallback lane.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::{
     api::core::v1::{
         EmptyDirVolumeSource, EnvVar, HostPathVolumeSource, NFSVolumeSource,
-        PersistentVolumeClaimVolumeSource, ResourceRequirements,
+        PersistentVolumeClaimVolumeSource, ResourceRequirements, Toleration,
     },
     apimachinery::pkg::apis::meta::v1::{Condition, MicroTime},
 };
@@ -94,6 +96,19 @@ pub struct RunnerTemplate {
     /// How the runners hold the models in GPU memory. Left out: `auto` for both fields.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<RunnerMemorySpec>,
+    /// Node labels the runner pods must match, e.g. a GPU node pool's
+    /// (`cloud.google.com/gke-accelerator: nvidia-h100-80gb`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints of the nodes the runner pods may run on, e.g. the `nvidia.com/gpu` taint GPU
+    /// node pools carry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// PriorityClass of the runner pods, so that warm runners are not the first pods
+    /// preempted on a busy GPU node (the class must exist).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
 }
 
 /// How a lane's runners hold the models in GPU memory. A job whose estimated peak does not

@@ -43,6 +43,17 @@ pub struct Config {
         default_value = "ghcr.io/framelane/runner:0.1.0"
     )]
     pub runner_image: String,
+    /// Pull policy of the runner image (Always, IfNotPresent or Never). Unset: Kubernetes'
+    /// default for the image's tag.
+    #[arg(long, env = "FRAMELANE_RUNNER_IMAGE_PULL_POLICY", value_parser = ["Always", "IfNotPresent", "Never"])]
+    pub runner_image_pull_policy: Option<String>,
+    /// Secrets (in --namespace) the runner pods pull their image with, comma-separated.
+    #[arg(
+        long,
+        env = "FRAMELANE_RUNNER_IMAGE_PULL_SECRETS",
+        value_delimiter = ','
+    )]
+    pub runner_image_pull_secrets: Vec<String>,
     /// ServiceAccount of the runner pods, in --namespace (it needs the runner's RBAC: its
     /// heartbeat Leases, VideoModels, VideoJobs and their status). Unset: the namespace's
     /// `default` account.

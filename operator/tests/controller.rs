@@ -17,7 +17,8 @@ use framelane_api::{
 use framelane_contract::Runner;
 use k8s_openapi::api::{
     coordination::v1::Lease,
-    core::v1::{Namespace, Pod, ServiceAccount},
+    core::v1::{Namespace, Node, Pod, ServiceAccount},
+    scheduling::v1::PriorityClass,
 };
 use kube::{
     Api, ResourceExt,
@@ -1327,4 +1328,81 @@ async fn a_queued_at_at_the_end_of_time_does_not_stop_admissions() -> Result<()>
         "the job keeps its place at the back"
     );
     Ok(())
+}
+
+/// Runner pods go to the GPU node pool their lane names: its label (`nodeSelector`), its
+/// taint (`tolerations`), and a PriorityClass. Without the toleration they stay Pending.
+#[tokio::test]
+async fn runner_pods_go_to_the_tainted_node_pool_their_lane_names() -> Result<()> {
+    let fx = Fixture::new("pool").await?;
+    let pool = fx.ns.name.clone();
+    const POOL: &str = "framelane.dev/test-pool";
+    let nodes: Api<Node> = Api::all(fx.client.clone());
+    let node: Node = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": pool, "annotations": {"kwok.x-k8s.io/node": "fake"},
+            "labels": {"type": "kwok", "kubernetes.io/hostname": pool, POOL: pool}},
+        "spec": {"taints": [{"key": POOL, "value": pool, "effect": "NoSchedule"}]},
+        "status": {"capacity": {"cpu": "16", "memory": "64Gi", "pods": "110", "nvidia.com/gpu": "1"},
+            "allocatable": {"cpu": "16", "memory": "64Gi", "pods": "110", "nvidia.com/gpu": "1"}}
+    }))?;
+    nodes.create(&PostParams::default(), &node).await?;
+    let classes: Api<PriorityClass> = Api::all(fx.client.clone());
+    let class: PriorityClass = serde_json::from_value(json!({
+        "apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+        "metadata": {"name": pool}, "value": 1000
+    }))?;
+    classes.create(&PostParams::default(), &class).await?;
+    let result = async {
+        let model = fx.model("anisora", 8, None).await?;
+        let lane = fx
+            .lane(
+                "pool",
+                &[&model],
+                json!({"runner": {"resources": {"limits": {"nvidia.com/gpu": 1}},
+                    "nodeSelector": {POOL: pool}, "priorityClassName": pool}}),
+            )
+            .await?;
+        let _op = fx.operator("op")?;
+        let pods: Api<Pod> = fx.ns.api();
+        let lane_pods = ListParams::default().labels(&format!("{LABEL_LANE}={lane}"));
+        eventually(30, "the pod refused by the pool's taint", || async {
+            let list = pods.list(&lane_pods).await?.items;
+            Ok(list.into_iter().find(|p| {
+                let conditions = p.status.as_ref().and_then(|s| s.conditions.clone());
+                conditions.into_iter().flatten().any(|c| {
+                    c.type_ == "PodScheduled"
+                        && c.reason.as_deref() == Some("Unschedulable")
+                        && c.message
+                            .as_deref()
+                            .is_some_and(|m| m.contains("untolerated taint"))
+                })
+            }))
+        })
+        .await?;
+        Api::<ModelLane>::all(fx.client.clone())
+            .patch(
+                &lane,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"runner": {"tolerations": [
+                    {"key": POOL, "operator": "Equal", "value": pool, "effect": "NoSchedule"}]}}})),
+            )
+            .await?;
+        let pod = eventually(60, "a new pod Running on the pool's node", || async {
+            let list = pods.list(&lane_pods).await?.items;
+            Ok(list.into_iter().find(|p| {
+                p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(pool.as_str())
+                    && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+            }))
+        })
+        .await?;
+        let spec = pod.spec.context("a pod spec")?;
+        ensure!(spec.priority == Some(1000), "{:?}", spec.priority);
+        ensure!(spec.priority_class_name.as_deref() == Some(pool.as_str()));
+        anyhow::Ok(())
+    }
+    .await;
+    nodes.delete(&pool, &DeleteParams::default()).await?;
+    classes.delete(&pool, &DeleteParams::default()).await?;
+    result
 }

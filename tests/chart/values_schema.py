@@ -60,6 +60,8 @@ NAME = {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]
 PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
 POSITIVE = {"type": "integer", "minimum": 1}
 IMAGE = obj({"repository": {"type": "string", "minLength": 1}, "tag": STR, "digest": {"type": "string", "pattern": "^(|sha256:[a-f0-9]{64})$"}, "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]}}, ["repository"])
+RUNNER_IMAGE = obj({**IMAGE["properties"], "pullPolicy": {"enum": ["", "Always", "IfNotPresent", "Never"]}}, ["repository"])
+PULL_SECRETS = {"type": "array", "items": obj({"name": {"type": "string", "minLength": 1}}, ["name"])}
 SERVICE_ACCOUNT = obj({"create": BOOL, "name": STR, "annotations": STRMAP})
 VOLUME = obj({
     "create": BOOL, "existingClaim": STR,
@@ -89,7 +91,7 @@ SCHEMA = {
             "podDisruptionBudget": obj({"enabled": BOOL, "minAvailable": {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": "^[0-9]+%$"}]}}),
             "podSecurityContext": MAP, "securityContext": MAP,
         }),
-        "runner": obj({"image": IMAGE, "serviceAccount": SERVICE_ACCOUNT, "gpuResource": {"type": "string", "minLength": 1}, "admissionPolicies": BOOL}),
+        "runner": obj({"image": RUNNER_IMAGE, "imagePullSecrets": PULL_SECRETS, "serviceAccount": SERVICE_ACCOUNT, "gpuResource": {"type": "string", "minLength": 1}, "admissionPolicies": BOOL}),
         "queueDefaults": obj({"maxDepth": POSITIVE, "maxWaitSeconds": POSITIVE}, ["maxDepth", "maxWaitSeconds"]),
         "volumes": obj({"models": VOLUME, "outputs": VOLUME}),
         "webhook": obj({

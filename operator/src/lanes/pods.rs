@@ -11,8 +11,9 @@ use framelane_api::{
 use k8s_openapi::{
     api::core::v1::{
         Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-        ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec,
-        ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
+        LocalObjectReference, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod,
+        PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, SecurityContext, Volume,
+        VolumeMount,
     },
     apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::ObjectMeta},
 };
@@ -120,6 +121,16 @@ fn pod_spec(lane: &ModelLane, config: &Config) -> PodSpec {
         security_context: Some(pod_security()),
         service_account_name: config.runner_service_account.clone(),
         restart_policy: Some("Always".into()),
+        node_selector: (!runner.node_selector.is_empty()).then(|| runner.node_selector.clone()),
+        tolerations: (!runner.tolerations.is_empty()).then(|| runner.tolerations.clone()),
+        priority_class_name: runner.priority_class_name.clone(),
+        image_pull_secrets: (!config.runner_image_pull_secrets.is_empty()).then(|| {
+            config
+                .runner_image_pull_secrets
+                .iter()
+                .map(|name| LocalObjectReference { name: name.clone() })
+                .collect()
+        }),
         ..Default::default()
     }
 }
@@ -150,6 +161,7 @@ fn container(lane: &ModelLane, runner: &RunnerTemplate, config: &Config) -> Cont
                 .clone()
                 .unwrap_or_else(|| config.runner_image.clone()),
         ),
+        image_pull_policy: config.runner_image_pull_policy.clone(),
         env: Some(env(lane, runner, config)),
         args: Some(memory_args(runner)),
         ports: Some(vec![ContainerPort {
@@ -478,6 +490,52 @@ mod tests {
                 .service_account_name
                 .as_deref(),
             Some("framelane-runner")
+        );
+    }
+
+    #[test]
+    fn runner_pods_pull_with_the_configured_policy_and_secrets() {
+        let minimal = lane(json!({"mode": "Dedicated", "models": ["anisora"]}));
+        let plain = desired_pods(&minimal, &config(), &[]);
+        let spec = plain[0].spec.as_ref().unwrap();
+        assert_eq!(spec.image_pull_secrets, None);
+        assert_eq!(spec.containers[0].image_pull_policy, None);
+        let private = Config::parse_from([
+            "framelane-operator",
+            "--namespace",
+            "fl",
+            "--runner-image-pull-policy",
+            "Always",
+            "--runner-image-pull-secrets",
+            "regcred,mirror",
+        ]);
+        let pods = desired_pods(&minimal, &private, &[]);
+        let spec = pods[0].spec.as_ref().unwrap();
+        let secrets: Vec<&str> = spec
+            .image_pull_secrets
+            .iter()
+            .flatten()
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(secrets, ["regcred", "mirror"]);
+        assert_eq!(
+            spec.containers[0].image_pull_policy.as_deref(),
+            Some("Always")
+        );
+        assert_ne!(
+            pods[0].name_any(),
+            plain[0].name_any(),
+            "the pods are replaced"
+        );
+        assert!(
+            Config::try_parse_from([
+                "framelane-operator",
+                "--namespace",
+                "fl",
+                "--runner-image-pull-policy",
+                "Sometimes",
+            ])
+            .is_err()
         );
     }
 

@@ -144,6 +144,11 @@ async fn the_chart_lints_and_renders_valid_manifests_for_every_option() -> Resul
             "webhook.certificates.certManager.issuerRef.kind=ClusterIssuer",
         ],
         &["operator.watchNamespace=team-a"],
+        &[
+            "runner.image.pullPolicy=Always",
+            "runner.imagePullSecrets[0].name=regcred",
+            "runner.imagePullSecrets[1].name=mirror",
+        ],
         &["webhook.enabled=false"],
         &["webhook.url=https://10.0.0.5:9443"],
         &[
@@ -249,6 +254,20 @@ async fn the_chart_lints_and_renders_valid_manifests_for_every_option() -> Resul
                 ensure!(
                     vwc["webhooks"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
                         == "team-a"
+                );
+            }
+            ["runner.image.pullPolicy=Always", ..] => {
+                let env =
+                    find(&docs, "Deployment", "fl-framelane-operator")?["spec"]["template"]["spec"]
+                        ["containers"][0]["env"]
+                        .to_string();
+                ensure!(
+                    env.contains(
+                        r#"{"name":"FRAMELANE_RUNNER_IMAGE_PULL_POLICY","value":"Always"}"#
+                    ) && env.contains(
+                        r#"{"name":"FRAMELANE_RUNNER_IMAGE_PULL_SECRETS","value":"regcred,mirror"}"#
+                    ),
+                    "{env}"
                 );
             }
             ["webhook.enabled=false"] => {

@@ -68,7 +68,7 @@ VOLUME = obj({
     "storageClassName": {"type": ["string", "null"]},
     "accessModes": {"type": "array", "minItems": 1, "items": {"enum": ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]}},
     "size": {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?([EPTGMK]i?|[mkMGTPE])?$"},
-    "volumeName": STR,
+    "volumeName": STR, "keep": BOOL,
 })
 
 SCHEMA = {

@@ -11,7 +11,7 @@
 //!   runner cannot write another runner's heartbeat Lease;
 //! - `helm upgrade` changes a lane's replicas and the lane follows; `helm rollback` restores
 //!   it; jobs in flight all finish; operator-made certificates survive both;
-//! - `helm uninstall` leaves nothing behind but the CRDs.
+//! - `helm uninstall` leaves nothing behind but the CRDs and the kept volume claims.
 
 use std::{
     collections::BTreeSet,
@@ -33,7 +33,7 @@ use k8s_openapi::api::{
     admissionregistration::v1::ValidatingWebhookConfiguration,
     apps::v1::Deployment,
     coordination::v1::Lease,
-    core::v1::{EnvVar, PersistentVolume, Pod, Secret},
+    core::v1::{EnvVar, PersistentVolume, PersistentVolumeClaim, Pod, Secret},
     policy::v1::PodDisruptionBudget,
 };
 use kube::{
@@ -1235,12 +1235,22 @@ async fn install_run_upgrade_uninstall(release: &Release) -> Result<()> {
     release.helm("uninstall", &["--wait", "--timeout=180s"])?;
 
     let instance = format!("app.kubernetes.io/instance={}", release.name);
+    // The volume claims stay with the weights and videos on them (helm.sh/resource-policy).
+    let claims: Vec<String> = ["models", "outputs"]
+        .iter()
+        .map(|which| format!("{}-{which}", release.full))
+        .collect();
+    let kept: Vec<String> = claims
+        .iter()
+        .map(|c| format!("persistentvolumeclaim/{c}"))
+        .collect();
     let ours = |out: String| -> Vec<String> {
         out.lines()
             .filter(|l| {
                 !l.is_empty()
                     && *l != "serviceaccount/default"
                     && *l != "configmap/kube-root-ca.crt"
+                    && !kept.iter().any(|k| k == l)
             })
             .map(str::to_string)
             .collect()
@@ -1266,6 +1276,20 @@ async fn install_run_upgrade_uninstall(release: &Release) -> Result<()> {
             Ok((cluster.is_empty() && namespaced.is_empty()).then_some(()))
         })
         .await?;
+    let pvcs = ns.api::<PersistentVolumeClaim>();
+    for claim in &claims {
+        let kept = pvcs
+            .get(claim)
+            .await
+            .context("helm uninstall keeps the volume claims")?;
+        ensure!(
+            kept.annotations()
+                .get("helm.sh/resource-policy")
+                .map(String::as_str)
+                == Some("keep")
+        );
+        pvcs.delete(claim, &DeleteParams::default()).await?;
+    }
     let crds = run_tool(env.kubectl().args(["get", "crd", "-o", "name"]))?;
     for crd in ["videojobs", "videomodels", "modellanes"] {
         ensure!(

@@ -7,7 +7,8 @@
 //! coefficients, a horizontal pass, then a vertical one, rounding to 8 bits between them), so
 //! an 8-bit RGB image gives the pipeline's tensor exactly. Other images are made RGB first:
 //! alpha is dropped, grey is repeated in the three channels, 16-bit samples keep their high
-//! byte.
+//! byte. A JPEG is turned upright as its EXIF orientation says (a phone's portrait photo is
+//! stored sideways), as diffusers' `load_image` does with PIL's `ImageOps.exif_transpose`.
 
 use std::f64::consts::PI;
 
@@ -111,6 +112,41 @@ impl Rgb8 {
         }
     }
 
+    /// The image upright, as EXIF `orientation` (1 to 8) says to show it: PIL's
+    /// `ImageOps.exif_transpose` (2 mirrors, 3 turns half round, 4 flips, 5 transposes, 6 turns
+    /// a quarter clockwise, 7 transverses, 8 turns a quarter counter-clockwise).
+    fn oriented(self, orientation: u16) -> Rgb8 {
+        let (w, h) = (self.width, self.height);
+        // Where each upright pixel (x, y) is in the stored image.
+        let source = |x: usize, y: usize| match orientation {
+            2 => (w - 1 - x, y),
+            3 => (w - 1 - x, h - 1 - y),
+            4 => (x, h - 1 - y),
+            5 => (y, x),
+            6 => (y, h - 1 - x),
+            7 => (w - 1 - y, h - 1 - x),
+            8 => (w - 1 - y, x),
+            _ => (x, y),
+        };
+        if !(2..=8).contains(&orientation) {
+            return self;
+        }
+        let (width, height) = if orientation >= 5 { (h, w) } else { (w, h) };
+        let mut pixels = Vec::with_capacity(self.pixels.len());
+        for y in 0..height {
+            for x in 0..width {
+                let (sx, sy) = source(x, y);
+                let at = (sy * w + sx) * 3;
+                pixels.extend_from_slice(&self.pixels[at..at + 3]);
+            }
+        }
+        Rgb8 {
+            width,
+            height,
+            pixels,
+        }
+    }
+
     /// `[1, 3, height, width]` float32 in [-1, 1], as the pipelines' image processor makes a
     /// picture: `x / 255`, then `2x - 1`.
     pub fn to_tensor(&self) -> Tensor {
@@ -168,7 +204,48 @@ fn decode_jpeg(bytes: &[u8]) -> Result<Rgb8, ImageError> {
             });
         }
     };
-    Ok(to_rgb(width as usize, height as usize, channels, &pixels))
+    let orientation = decoder.exif_data().map_or(1, exif_orientation);
+    Ok(to_rgb(width as usize, height as usize, channels, &pixels).oriented(orientation))
+}
+
+/// The orientation tag (1 to 8) of raw EXIF data that starts at its TIFF header: how the
+/// stored pixels are turned from upright. 1 (upright) when there is none or it is unreadable.
+fn exif_orientation(exif: &[u8]) -> u16 {
+    let big_endian = match exif.get(..4) {
+        Some(b"MM\0*") => true,
+        Some(b"II*\0") => false,
+        _ => return 1,
+    };
+    let bytes = |at: usize, n: usize| exif.get(at..at.checked_add(n)?);
+    let u16_at = |at: usize| {
+        let b: [u8; 2] = bytes(at, 2)?.try_into().ok()?;
+        Some(if big_endian {
+            u16::from_be_bytes(b)
+        } else {
+            u16::from_le_bytes(b)
+        })
+    };
+    let u32_at = |at: usize| {
+        let b: [u8; 4] = bytes(at, 4)?.try_into().ok()?;
+        Some(if big_endian {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        })
+    };
+    // The first image file directory: a count, then 12-byte entries (tag, type, count, value);
+    // the orientation is one SHORT, in the first two bytes of the value.
+    const ORIENTATION: u16 = 0x0112;
+    let Some(ifd) = u32_at(4).and_then(|at| usize::try_from(at).ok()) else {
+        return 1;
+    };
+    let entries = u16_at(ifd).unwrap_or(0);
+    (0..usize::from(entries))
+        .map(|i| ifd + 2 + 12 * i)
+        .find(|&entry| u16_at(entry) == Some(ORIENTATION))
+        .and_then(|entry| u16_at(entry + 8))
+        .filter(|o| (1..=8).contains(o))
+        .unwrap_or(1)
 }
 
 fn check_pixels(width: u64, height: u64) -> Result<(), ImageError> {

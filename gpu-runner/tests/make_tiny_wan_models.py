@@ -15,6 +15,8 @@ OUT_DIR gets:
   phr00t/tokenizer/           the tokenizer (ComfyUI files carry none the runner reads)
   phr00t/fp8-dequantized-transformer.safetensors  what the fp8 file's transformer stands for
   inputs/first-frame.png      an 80x56 RGB picture for image-to-video jobs
+  inputs/orientation-N.jpg    the same picture as a JPEG, stored as EXIF orientation N (1 to 8)
+                              says a camera stores it
 
 The transformers have Wan's head size (128) so ComfyUI's config inference applies, and the VAE has
 the Wan 2.1 VAE's block structure (4 stages, 2 residual blocks each), the one diffusers' single-file
@@ -201,7 +203,19 @@ def first_frame(path: Path):
         numpy.where((x // 10 + y // 8) % 2 == 0, 220, 40),
         (128 + 100 * numpy.sin(x / 6.0) * numpy.cos(y / 5.0)).astype(int),
     ], axis=-1).astype(numpy.uint8)
-    Image.fromarray(rgb, "RGB").save(path)
+    picture = Image.fromarray(rgb, "RGB")
+    picture.save(path)
+    # What a camera stores for each EXIF orientation: the upright picture turned the other way,
+    # so that ImageOps.exif_transpose turns it upright again.
+    stored = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+              6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_270}
+    for orientation, turn in stored.items():
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        image = picture if turn is None else picture.transpose(turn)
+        image.save(path.parent / f"orientation-{orientation}.jpg", quality=95, exif=exif)
 
 
 def contiguous(state: dict) -> dict:

@@ -61,6 +61,8 @@ fn cases() -> Value {
             "eta": 1.0})),
         {"name": "resize", "kind": "resize", "image": "inputs/first-frame.png",
          "sizes": [[64, 48], [32, 48], [200, 120], [80, 16], [7, 5]]},
+        {"name": "upright", "kind": "upright",
+         "images": (1..=8).map(|n| format!("inputs/orientation-{n}.jpg")).collect::<Vec<_>>()},
     ])
 }
 
@@ -266,6 +268,32 @@ fn the_first_frame_is_resized_as_pils_lanczos_resizes_it() {
         let expected = &reference().tensor(&format!("resize.{w}x{h}"));
         let expected = Vec::<u8>::try_from(expected.to_kind(Kind::Uint8).flatten(0, -1)).unwrap();
         assert_eq!(ours.pixels, expected, "{w}x{h}");
+    }
+}
+
+/// A JPEG stored sideways or mirrored, as cameras store pictures, is turned upright as its EXIF
+/// orientation says, as diffusers' `load_image` turns it (`ImageOps.exif_transpose`).
+#[test]
+fn a_jpeg_is_turned_upright_as_its_exif_orientation_says() {
+    for n in 1..=8 {
+        let bytes = std::fs::read(models().join(format!("inputs/orientation-{n}.jpg"))).unwrap();
+        let ours = Rgb8::decode(&bytes).unwrap();
+        assert_eq!((ours.width, ours.height), (80, 56), "orientation {n}");
+        let pil = reference().tensor(&format!("upright.{}", n - 1));
+        let pil = Vec::<u8>::try_from(pil.to_kind(Kind::Uint8).flatten(0, -1)).unwrap();
+        // Two JPEG decoders differ by a level or two in places (their IDCT and chroma
+        // upsampling); a picture the wrong way round differs everywhere.
+        let mean = ours
+            .pixels
+            .iter()
+            .zip(&pil)
+            .map(|(a, b)| f64::from(a.abs_diff(*b)))
+            .sum::<f64>()
+            / pil.len() as f64;
+        assert!(
+            mean < 2.0,
+            "orientation {n}: mean difference {mean} from PIL"
+        );
     }
 }
 

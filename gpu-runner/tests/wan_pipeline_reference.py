@@ -12,7 +12,9 @@ MODELS_DIR is from make_tiny_wan_models.py. cases.json is a list of cases, each 
   `beta` schedule (with "shift") and `sample_euler_ancestral_RF` (with "eta") as
   wan_sampler_reference.py writes them from ComfyUI's definitions, guidance on the velocity;
 - kind "resize": only "image" and "sizes" ([[width, height], ...]): PIL's LANCZOS resize of
-  the picture to each size, as the image processor does, in NAME.WxH (float32 of the bytes).
+  the picture to each size, as the image processor does, in NAME.WxH (float32 of the bytes);
+- kind "upright": only "images": each JPEG as diffusers' load_image reads it (turned upright by
+  ImageOps.exif_transpose, then RGB), in NAME.I for the I-th (float32 of the bytes).
 
 Noise: a CPU generator seeded with "seed" draws the initial latents (as the pipelines do), then,
 for "comfy", one standard normal tensor per step.
@@ -31,7 +33,7 @@ import torch
 import diffusers.pipelines.wan.pipeline_wan_i2v as wan_i2v
 from diffusers import WanImageToVideoPipeline, WanPipeline
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
-from PIL import Image
+from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -114,6 +116,11 @@ def main(root: Path, out_file: Path):
     cases = json.load(sys.stdin)
     tensors, ids = {}, {}
     for case in cases:
+        if case["kind"] == "upright":
+            for i, path in enumerate(case["images"]):
+                upright = ImageOps.exif_transpose(Image.open(root / path)).convert("RGB")
+                tensors[f"{case['name']}.{i}"] = torch.from_numpy(numpy.array(upright))
+            continue
         if case["kind"] == "resize":
             image = Image.open(root / case["image"]).convert("RGB")
             for width, height in case["sizes"]:

@@ -243,6 +243,8 @@ impl Estimate {
 /// Tiles the VAE decodes and encodes in when tiling is on: diffusers' `enable_tiling`
 /// defaults (256-pixel tiles every 192 pixels).
 const TILE: u64 = 256;
+/// The lines two neighbouring tiles share and blend over (diffusers' 256 - 192).
+const TILE_BLEND: u64 = 64;
 /// Frames of the previous chunk each cached causal convolution keeps (the VAE's `CACHE_T`).
 const CACHE_T: u64 = 2;
 /// libtorch on the CPU runs a float32 3x3x3 convolution of batch 1 through oneDNN (one copy
@@ -361,14 +363,16 @@ impl ModelProfile {
     }
 
     /// umT5 over `text_length` tokens: the hidden state and its norm, the gated feed-forward's
-    /// three `d_ff`-wide tensors, and the attention scores with the position bias (float32,
-    /// every head), for each prompt; the embeddings of both prompts stay.
+    /// three `d_ff`-wide tensors, and for every head the additive position-bias mask (the
+    /// model's dtype) and three float32 score-sized tensors (what scaled dot-product attention
+    /// makes of them on the CPU, measured: 16 bytes a score in float32, 13 in bfloat16), for
+    /// each prompt; the embeddings of both prompts stay.
     fn text_activations(&self, job: &JobSize) -> u64 {
         let t = &self.text_encoder;
         let e = self.dtype_bytes;
         let prompts = if job.guided { 2 } else { 1 };
         let one = t.text_length * (4 * t.d_model + 3 * t.d_ff) * e
-            + 4 * t.heads * t.text_length * t.text_length * 4;
+            + t.heads * t.text_length * t.text_length * (e + 3 * 4);
         one + prompts * t.text_length * t.d_model * e
     }
 
@@ -429,7 +433,17 @@ impl ModelProfile {
     /// cache-joined convolution inputs and outputs: nine of its chunk's size), with the
     /// convolution's scratch where the device has one.
     fn decode_activations(&self, job: &JobSize, tiling: bool) -> u64 {
-        self.chunk_activations(job, tiling, 2 * (self.vae.res_blocks + 1) + 1)
+        let chunk = self.chunk_activations(job, tiling, 2 * (self.vae.res_blocks + 1) + 1);
+        if !tiling {
+            return chunk;
+        }
+        // Tiles decode one after another into the whole video: beside a tile's decoding, the
+        // video, the tile's frames decoded so far (then their concatenation), and the lines of
+        // the tiles above and to the left that it blends from.
+        let e = self.vae_dtype_bytes;
+        let (tile_w, tile_h) = (job.width.min(TILE), job.height.min(TILE));
+        let frame = job.width * job.height + tile_w * tile_h + TILE_BLEND * (job.width + tile_h);
+        chunk + 3 * job.frames * frame * e
     }
 
     /// A VAE pass over one chunk with `convs` cached convolutions per resolution; see
@@ -459,14 +473,7 @@ impl ModelProfile {
                 scratch = scratch.max(copies * chunk);
             }
         }
-        let tiles = if tiling {
-            // Tiles decode one after another; their decoded pixels are blended into the
-            // whole video (float32, with the pieces kept for blending).
-            2 * 3 * job.frames * job.width * job.height * 4
-        } else {
-            0
-        };
-        (cache + working + scratch) * e + tiles
+        (cache + working + scratch) * e
     }
 
     /// Image-to-video's VAE encoding of the start image followed by black frames: the whole
@@ -935,7 +942,7 @@ mod tests {
             },
             conv_unfold: false,
         };
-        let size = job(512, 512, 81);
+        let size = job(512, 512, 161);
         let peak = |tiling| narrow.estimate(&size, MemoryMode::Resident, tiling).peak();
         assert_eq!(peak(false).0, Stage::Decoding);
         assert!(
@@ -970,9 +977,9 @@ mod tests {
         assert!(whole.1 > tiled.1, "{whole:?} {tiled:?}");
         assert_eq!((refused.frames, refused.area), (Some(frames), Some((w, h))));
         assert_eq!(fits(&memory, "narrow", &job(512, 512, frames)), Ok(true));
-        assert_eq!(fits(&memory, "narrow", &job(w, h, 81)), Ok(false));
+        assert_eq!(fits(&memory, "narrow", &job(w, h, size.frames)), Ok(false));
         assert!(fits(&memory, "narrow", &job(512, 512, frames + 4)).is_err());
-        assert!(fits(&memory, "narrow", &job(w + 16, h + 16, 81)).is_err());
+        assert!(fits(&memory, "narrow", &job(w + 16, h + 16, size.frames)).is_err());
     }
 
     #[test]

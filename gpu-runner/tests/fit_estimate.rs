@@ -82,22 +82,16 @@ fn estimates_lie_above_measured_peaks_within_the_band() {
 fn resident_failures() -> Vec<String> {
     let device = common::device();
     let mut failures = Vec::new();
-    for (folder, mode, guided, sizes) in [
-        (
-            "wan-t2v",
-            GenerationMode::T2v,
-            false,
-            [(64, 64, 5), (128, 128, 9), (192, 128, 13)],
-        ),
-        (
-            "anisora",
-            GenerationMode::I2v,
-            true,
-            [(64, 64, 5), (128, 128, 9), (192, 128, 13)],
-        ),
+    let sizes = [(64, 64, 5), (128, 128, 9), (192, 128, 13)];
+    for (folder, mode, guided, precision) in [
+        ("wan-t2v", GenerationMode::T2v, false, Precision::FLOAT32),
+        ("anisora", GenerationMode::I2v, true, Precision::FLOAT32),
+        // The runners' own precision: float32 sums beside bfloat16 activations.
+        ("wan-t2v", GenerationMode::T2v, false, Precision::BFLOAT16),
+        ("anisora", GenerationMode::I2v, true, Precision::BFLOAT16),
     ] {
-        let (profile, spec) = tiny_model(folder, Precision::FLOAT32);
-        let mut pipeline = WanPipeline::load(&spec, Precision::FLOAT32, device.device).unwrap();
+        let (profile, spec) = tiny_model(folder, precision);
+        let mut pipeline = WanPipeline::load(&spec, precision, device.device).unwrap();
         for (width, height, frames) in sizes {
             let job = JobSize {
                 width,
@@ -130,7 +124,14 @@ fn resident_failures() -> Vec<String> {
                     denoise_estimate - resident,
                 ),
             ] {
-                let what = format!("{folder} {width}x{height}x{frames} {label}");
+                let what = format!(
+                    "{folder} {}{width}x{height}x{frames} {label}",
+                    if precision == Precision::BFLOAT16 {
+                        "bf16 "
+                    } else {
+                        ""
+                    }
+                );
                 failures.extend(compare(&what, measured, estimated));
             }
         }
@@ -157,10 +158,15 @@ fn mode_failures() -> Vec<String> {
     ] {
         // Tiles are 256x256 pixels: only a frame above that is cut in several.
         let (small, large) = ((128, 128, 9), (320, 288, 5));
+        // A tiled video long enough that the whole video, not the decoder's working tensors,
+        // is most of decoding's peak. Only the VAE's stages are compared at this length: the
+        // tiny transformers' feed-forward is a quarter of Wan's width, so their denoising
+        // estimate is loose at thousands of tokens (benches/fit.rs checks denoising at Wan's).
+        let long = (320, 288, 41);
         for (memory_mode, tiled, precision, sizes) in [
             (MemoryMode::ExpertSwap, false, full, &[small, large][..]),
             (MemoryMode::ModelOffload, false, full, &[small, large]),
-            (MemoryMode::Resident, true, full, &[large]),
+            (MemoryMode::Resident, true, full, &[large, long]),
             (MemoryMode::Resident, false, fp8, &[small, large]),
             (MemoryMode::ModelOffload, false, fp8, &[small]),
         ] {
@@ -183,6 +189,10 @@ fn mode_failures() -> Vec<String> {
                 };
                 let estimate = profile.estimate(&job, memory_mode, tiled);
                 for (stage, measured, _) in stage_peaks(&mut pipeline, &job, baseline, true) {
+                    let vae = matches!(stage, Stage::ImageEncoding | Stage::Decoding);
+                    if (width, height, frames) == long && !vae {
+                        continue;
+                    }
                     let estimated = estimate.stage(stage) as i64;
                     let what = format!(
                         "{folder} {memory_mode:?}{}{} {width}x{height}x{frames} {stage:?}",

@@ -364,7 +364,7 @@ impl TransformerConfig {
     }
 
     /// Bytes the weights take stored as `storage` says (each float8 weight with its 4-byte
-    /// scale; the few float32 parameters counted in the model's kind).
+    /// scale; the parameters diffusers keeps in float32 in float32, whatever the model's kind).
     pub fn stored_bytes(&self, storage: Storage) -> u64 {
         let element = storage.kind.elt_size_in_bytes() as u64;
         self.parameters()
@@ -373,6 +373,8 @@ impl TransformerConfig {
                 let numel = shape.iter().product::<i64>() as u64;
                 if storage.fp8 && stores_fp8(name, shape) {
                     numel + 4
+                } else if keeps_f32(name) {
+                    numel * 4
                 } else {
                     numel * element
                 }
@@ -521,39 +523,57 @@ impl Block {
             .f_chunk(6, 1)?;
         let (shift, scale, gate) = (&m[0], &m[1], &m[2]);
         let (c_shift, c_scale, c_gate) = (&m[3], &m[4], &m[5]);
+        // Each intermediate goes as soon as the next one is made (a binding would live to the
+        // end of the call), and the float32 sums are made in place: in bfloat16 the block's
+        // peak is then what `framelane_core::memory` counts for it. The arithmetic is
+        // diffusers' own, operation for operation.
         let modulate = |x: &Tensor, shift: &Tensor, scale: &Tensor| -> Result<Tensor, TchError> {
-            x.f_to_kind(Kind::Float)?
-                .f_layer_norm([dim], None::<Tensor>, None::<Tensor>, eps, true)?
-                .f_mul(&scale.f_add_scalar(1.0)?)?
-                .f_add(shift)?
-                .f_to_kind(kind)
+            let mut normed = x.f_to_kind(Kind::Float)?.f_layer_norm(
+                [dim],
+                None::<Tensor>,
+                None::<Tensor>,
+                eps,
+                true,
+            )?;
+            let _ = normed.f_mul_(&scale.f_add_scalar(1.0)?)?;
+            let _ = normed.f_add_(shift)?;
+            normed.f_to_kind(kind)
+        };
+        // `x + out * gate` in float32, back in the model's kind.
+        let gated_residual = |x: &Tensor, out: Tensor, gate: &Tensor| -> Result<Tensor, TchError> {
+            let mut sum = out.f_to_kind(Kind::Float)?.f_mul(gate)?;
+            drop(out);
+            let _ = sum.f_add_(x)?;
+            sum.f_to_kind(kind)
         };
 
         let attn = self
             .attn1
             .forward(&modulate(x, shift, scale)?, None, Some(rope))?;
-        let x = x
-            .f_to_kind(Kind::Float)?
-            .f_add(&attn.f_mul(gate)?)?
-            .f_to_kind(kind)?;
+        let x = gated_residual(x, attn, gate)?;
 
-        let normed = match &self.norm2 {
-            Some((w, b)) => x
-                .f_to_kind(Kind::Float)?
-                .f_layer_norm([dim], Some(w), Some(b), eps, true)?
-                .f_to_kind(kind)?,
-            None => x.shallow_clone(),
+        let cross = {
+            let normed = match &self.norm2 {
+                Some((w, b)) => x
+                    .f_to_kind(Kind::Float)?
+                    .f_layer_norm([dim], Some(w), Some(b), eps, true)?
+                    .f_to_kind(kind)?,
+                None => x.shallow_clone(),
+            };
+            self.attn2.forward(&normed, Some(context), None)?
         };
-        let x = x.f_add(&self.attn2.forward(&normed, Some(context), None)?)?;
+        let x = {
+            let before = x;
+            before.f_add(&cross)?
+        };
+        drop(cross);
 
-        let hidden = self
-            .ffn_in
-            .forward(&modulate(&x, c_shift, c_scale)?)?
-            .f_gelu("tanh")?;
-        let ff = self.ffn_out.forward(&hidden)?;
-        x.f_to_kind(Kind::Float)?
-            .f_add(&ff.f_to_kind(Kind::Float)?.f_mul(c_gate)?)?
-            .f_to_kind(kind)
+        let ff = {
+            let mut hidden = self.ffn_in.forward(&modulate(&x, c_shift, c_scale)?)?;
+            let _ = hidden.f_gelu_("tanh")?;
+            self.ffn_out.forward(&hidden)?
+        };
+        gated_residual(&x, ff, c_gate)
     }
 }
 

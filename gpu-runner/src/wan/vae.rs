@@ -355,7 +355,9 @@ impl AutoencoderKLWan {
         if let Some(tiling) = tiling {
             tiling.check(scale)?;
             if width > tiling.min_width / scale || height > tiling.min_height / scale {
-                return sink(self.decode_tiled(&z, tiling)?.f_clamp(-1.0, 1.0)?);
+                let mut video = self.decode_tiled(&z, tiling)?;
+                let _ = video.f_clamp_(-1.0, 1.0)?;
+                return sink(video);
             }
         }
         let x = self.post_quant_conv.forward(&z, None)?;
@@ -373,10 +375,16 @@ impl AutoencoderKLWan {
         let scale = self.config.scale_factor_spatial;
         let (tile_h, tile_w) = (tiling.min_height / scale, tiling.min_width / scale);
         let (stride_h, stride_w) = (tiling.stride_height / scale, tiling.stride_width / scale);
-        let mut rows = Vec::new();
-        for i in (0..height).step_by(stride_h as usize) {
-            let mut row = Vec::new();
-            for j in (0..width).step_by(stride_w as usize) {
+        let mut joiner = TileJoiner::new(
+            [
+                tiling.min_height - tiling.stride_height,
+                tiling.min_width - tiling.stride_width,
+            ],
+            [tiling.stride_height, tiling.stride_width],
+            [height * scale, width * scale],
+        );
+        for (row, i) in (0..height).step_by(stride_h as usize).enumerate() {
+            for (column, j) in (0..width).step_by(stride_w as usize).enumerate() {
                 let mut cache = FeatCache::default();
                 let mut pieces = Vec::new();
                 for k in 0..frames {
@@ -388,19 +396,12 @@ impl AutoencoderKLWan {
                     let tile = self.post_quant_conv.forward(&tile, None)?;
                     pieces.push(self.decoder.forward(&tile, &mut cache)?);
                 }
-                row.push(Tensor::f_cat(&pieces, 2)?);
+                let tile = Tensor::f_cat(&pieces, 2)?;
+                drop(pieces);
+                joiner.push(row, column, tile)?;
             }
-            rows.push(row);
         }
-        blend_tiles(
-            rows,
-            [
-                tiling.min_height - tiling.stride_height,
-                tiling.min_width - tiling.stride_width,
-            ],
-            [tiling.stride_height, tiling.stride_width],
-            [height * scale, width * scale],
-        )
+        joiner.finish()
     }
 
     /// Encodes a video `[B, 3, T, H, W]` in [-1, 1] into unnormalized latents `[B, z_dim,
@@ -443,10 +444,16 @@ impl AutoencoderKLWan {
         let scale = self.config.scale_factor_spatial;
         let (tile_h, tile_w) = (tiling.min_height / scale, tiling.min_width / scale);
         let (stride_h, stride_w) = (tiling.stride_height / scale, tiling.stride_width / scale);
-        let mut rows = Vec::new();
-        for i in (0..height).step_by(tiling.stride_height as usize) {
-            let mut row = Vec::new();
-            for j in (0..width).step_by(tiling.stride_width as usize) {
+        let mut joiner = TileJoiner::new(
+            [tile_h - stride_h, tile_w - stride_w],
+            [stride_h, stride_w],
+            [height / scale, width / scale],
+        );
+        for (row, i) in (0..height)
+            .step_by(tiling.stride_height as usize)
+            .enumerate()
+        {
+            for (column, j) in (0..width).step_by(tiling.stride_width as usize).enumerate() {
                 let region = x
                     .f_narrow(3, i, tiling.min_height.min(height - i))?
                     .f_narrow(4, j, tiling.min_width.min(width - j))?;
@@ -457,16 +464,12 @@ impl AutoencoderKLWan {
                     let moments = self.encoder.forward(&chunk, &mut cache)?;
                     pieces.push(self.quant_conv.forward(&moments, None)?);
                 }
-                row.push(Tensor::f_cat(&pieces, 2)?);
+                let tile = Tensor::f_cat(&pieces, 2)?;
+                drop(pieces);
+                joiner.push(row, column, tile)?;
             }
-            rows.push(row);
         }
-        blend_tiles(
-            rows,
-            [tile_h - stride_h, tile_w - stride_w],
-            [stride_h, stride_w],
-            [height / scale, width / scale],
-        )
+        joiner.finish()
     }
 }
 
@@ -480,41 +483,86 @@ fn encoder_chunks(x: &Tensor) -> Result<Vec<Tensor>, TchError> {
     Ok(chunks)
 }
 
-/// Joins tiles `[B, C, T, h, w]` into one video `size` pixels large: each tile is blended
-/// into the one above and the one to its left over `blend` pixels, then cut to `stride`
-/// pixels. Blending writes into the tiles, so a tile's neighbours below and to the right
-/// see it blended, as diffusers' in-place blending does.
-fn blend_tiles(
-    mut rows: Vec<Vec<Tensor>>,
+/// Joins tiles `[B, C, T, h, w]`, handed over row by row, into one video `size` large, as
+/// diffusers joins them: each tile is blended into the one above and the one to its left over
+/// `blend` lines, then cut to `stride` and put in its place. Blending writes into the tiles, so
+/// a tile's neighbours below and to the right see it blended, as diffusers' in-place blending
+/// does. Of each tile only the lines a later tile blends from are kept, and the video is
+/// written in place: joining holds the video once, one tile, and the edges.
+struct TileJoiner {
     blend: [i64; 2],
     stride: [i64; 2],
     size: [i64; 2],
-) -> Result<Tensor, TchError> {
-    let mut joined_rows = Vec::new();
-    for i in 0..rows.len() {
-        let mut joined = Vec::new();
-        for j in 0..rows[i].len() {
-            let mut tile = rows[i][j].shallow_clone();
-            if i > 0 {
-                blend_edge(&rows[i - 1][j], &mut tile, 3, blend[0])?;
-            }
-            if j > 0 {
-                blend_edge(&rows[i][j - 1], &mut tile, 4, blend[1])?;
-            }
-            let (_, _, _, h, w) = tile.size5()?;
-            joined.push(
-                tile.f_narrow(3, 0, stride[0].min(h))?
-                    .f_narrow(4, 0, stride[1].min(w))?,
-            );
-            rows[i][j] = tile;
+    video: Option<Tensor>,
+    /// The last `blend` rows of each tile of the row above, by column.
+    above: Vec<Tensor>,
+    /// The same of this row's tiles so far.
+    below: Vec<Tensor>,
+    /// The last `blend` columns of the tile to the left.
+    left: Option<Tensor>,
+}
+
+impl TileJoiner {
+    fn new(blend: [i64; 2], stride: [i64; 2], size: [i64; 2]) -> TileJoiner {
+        TileJoiner {
+            blend,
+            stride,
+            size,
+            video: None,
+            above: Vec::new(),
+            below: Vec::new(),
+            left: None,
         }
-        joined_rows.push(Tensor::f_cat(&joined, 4)?);
     }
-    let video = Tensor::f_cat(&joined_rows, 3)?;
-    let (_, _, _, h, w) = video.size5()?;
-    video
-        .f_narrow(3, 0, size[0].min(h))?
-        .f_narrow(4, 0, size[1].min(w))
+
+    /// Adds the tile at `row`, `column`; tiles come row by row, each row left to right.
+    fn push(&mut self, row: usize, column: usize, mut tile: Tensor) -> Result<(), TchError> {
+        if column == 0 {
+            if row > 0 {
+                self.above = std::mem::take(&mut self.below);
+            }
+            self.left = None;
+        }
+        if row > 0 {
+            let above = self.above.get(column).ok_or_else(|| {
+                TchError::Shape(format!("tile row {row} has more tiles than the one above"))
+            })?;
+            blend_edge(above, &mut tile, 3, self.blend[0])?;
+        }
+        if let Some(left) = &self.left {
+            blend_edge(left, &mut tile, 4, self.blend[1])?;
+        }
+        let (b, c, t, h, w) = tile.size5()?;
+        let [height, width] = self.size;
+        let video = match &mut self.video {
+            Some(video) => video,
+            None => self.video.insert(Tensor::f_zeros(
+                [b, c, t, height, width],
+                (tile.kind(), tile.device()),
+            )?),
+        };
+        let (top, left) = (row as i64 * self.stride[0], column as i64 * self.stride[1]);
+        let rows = self.stride[0].min(h).min(height - top);
+        let columns = self.stride[1].min(w).min(width - left);
+        if rows > 0 && columns > 0 {
+            video
+                .f_narrow(3, top, rows)?
+                .f_narrow(4, left, columns)?
+                .f_copy_(&tile.f_narrow(3, 0, rows)?.f_narrow(4, 0, columns)?)?;
+        }
+        let edge = |dim: i64, len: i64, blend: i64| {
+            let n = blend.min(len);
+            tile.f_narrow(dim, len - n, n)?.f_contiguous()
+        };
+        self.below.push(edge(3, h, self.blend[0])?);
+        self.left = Some(edge(4, w, self.blend[1])?);
+        Ok(())
+    }
+
+    fn finish(self) -> Result<Tensor, TchError> {
+        self.video
+            .ok_or_else(|| TchError::Shape("a tiled video pass made no tile".into()))
+    }
 }
 
 /// Fades the first `extent` rows (`dim` 3) or columns (`dim` 4) of `tile` in from the last
@@ -534,24 +582,33 @@ fn blend_edge(before: &Tensor, tile: &mut Tensor, dim: i64, extent: i64) -> Resu
     Ok(())
 }
 
-/// Appends a video piece `[1, 3, t, H, W]` in [-1, 1] as `t` RGB8 frames.
+/// Appends a video piece `[1, 3, t, H, W]` in [-1, 1] as `t` RGB8 frames, a few frames at a
+/// time and each step in place, so that converting a whole tiled video takes little beside it.
 fn append_rgb8(piece: &Tensor, rgb: &mut Vec<u8>) -> Result<(), TchError> {
-    let bytes = piece
-        .f_mul_scalar(0.5)?
-        .f_add_scalar(0.5)?
-        .f_clamp(0.0, 1.0)?
-        .f_to_kind(Kind::Float)?
-        .f_mul_scalar(255.0)?
-        .f_round()?
-        .f_to_kind(Kind::Uint8)?
-        .f_squeeze_dim(0)?
-        .f_permute([1, 2, 3, 0])?
-        .f_to_device(Device::Cpu)?
-        .f_contiguous()?;
-    let start = rgb.len();
-    let numel = bytes.numel();
-    rgb.resize(start + numel, 0);
-    bytes.f_copy_data_u8(&mut rgb[start..], numel)
+    const FRAMES_AT_ONCE: i64 = 4;
+    let frames = piece.size()[2];
+    for start in (0..frames).step_by(FRAMES_AT_ONCE as usize) {
+        let chunk = piece.f_narrow(2, start, FRAMES_AT_ONCE.min(frames - start))?;
+        let mut unit = chunk.f_mul_scalar(0.5)?;
+        let _ = unit.f_add_scalar_(0.5)?;
+        let _ = unit.f_clamp_(0.0, 1.0)?;
+        let mut scaled = unit.f_to_kind(Kind::Float)?;
+        drop(unit);
+        let _ = scaled.f_mul_scalar_(255.0)?;
+        let _ = scaled.f_round_()?;
+        let bytes = scaled
+            .f_to_kind(Kind::Uint8)?
+            .f_squeeze_dim(0)?
+            .f_permute([1, 2, 3, 0])?
+            .f_to_device(Device::Cpu)?
+            .f_contiguous()?;
+        drop(scaled);
+        let at = rgb.len();
+        let numel = bytes.numel();
+        rgb.resize(at + numel, 0);
+        bytes.f_copy_data_u8(&mut rgb[at..], numel)?;
+    }
+    Ok(())
 }
 
 /// What one cached layer kept of the previous chunk.

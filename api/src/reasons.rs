@@ -14,7 +14,8 @@ vocabulary! {
         Started,
         /// The video was generated.
         Completed,
-        /// The job waited `maxWaitSeconds` and neither its lane nor a fallback lane could run it.
+        /// The job waited `maxWaitSeconds` while its lane had no runner, and its fallback lane
+        /// (if any) could not take it.
         QueueWaitTimeout,
         /// The job ran longer than its deadline (`spec.deadlineSeconds`, else its lane's
         /// `spec.queue.jobDeadlineSeconds`).

@@ -28,6 +28,8 @@ const FREE_RUNNER_POLL: Duration = Duration::from_secs(1);
 #[derive(Clone, Debug, PartialEq)]
 pub struct LaneFacts {
     pub name: String,
+    /// The namespace of the lane's runner pods (the operator's), for the messages.
+    pub pods_namespace: String,
     pub limits: QueueLimits,
     /// Unfinished jobs the lane holds now, all and those of the job's namespace.
     pub held: Occupancy,
@@ -241,8 +243,9 @@ fn no_lane(why: &NoLane) -> Decision {
 ///   and room, else it fails with `QueueWaitTimeout`;
 /// - its lane is in fallback: it moves when the fallback lane can take it, else it stays
 ///   (its own runners may still run it);
-/// - every runner of its lane is busy: it moves when a runner of the fallback lane is free;
-///   it stays while that lane is busy too, and fails when that lane has no runner or is full.
+/// - every runner of its lane is busy: it moves when a runner of the fallback lane is free,
+///   and waits its turn while there is none (that lane busy, down or full): its own lane's
+///   runners will run it.
 ///
 /// A job already on a fallback lane never moves again; a job whose lane was deleted fails
 /// with `LaneNotFound` (nothing would ever run it).
@@ -296,20 +299,16 @@ fn queued(namespace: &str, queued_at: Option<Timestamp>, moved: bool, facts: &Fa
             Some(_) => Decision::Wait(FREE_RUNNER_POLL),
         };
     }
-    match fallback.refusal(namespace) {
-        Some(why) => Decision::Fail {
-            reason: JobReason::QueueWaitTimeout,
-            message: format!(
-                "every runner of lane {} was busy for {} s (maxWaitSeconds) and {why}; create the job again",
-                lane.name,
-                max_wait.as_secs()
-            ),
-        },
-        None if fallback.running < usize::try_from(fallback.fresh).unwrap_or(0) => Decision::Move {
+    // Its own lane's runners will run it: it moves only to a free runner of the fallback
+    // lane, and waits its turn while there is none (the fallback lane busy, down or full).
+    let free = fallback.running < usize::try_from(fallback.fresh).unwrap_or(0);
+    if free && fallback.refusal(namespace).is_none() {
+        Decision::Move {
             to: fallback.name.clone(),
             cause: FallbackCause::Capacity,
-        },
-        None => Decision::Wait(FREE_RUNNER_POLL),
+        }
+    } else {
+        Decision::Wait(FREE_RUNNER_POLL)
     }
 }
 
@@ -317,9 +316,10 @@ fn timed_out(lane: &LaneFacts, fallback: Option<String>) -> String {
     let also = fallback.map_or(String::new(), |why| format!(" and {why}"));
     format!(
         "lane {} had no available runner for {} s (maxWaitSeconds){also}; check its runner pods \
-         (kubectl get pods -l framelane.dev/lane={}) and create the job again",
+         (kubectl get pods -n {} -l framelane.dev/lane={}) and create the job again",
         lane.name,
         lane.limits.max_wait.as_secs(),
+        lane.pods_namespace,
         lane.name
     )
 }
@@ -361,6 +361,7 @@ mod tests {
     fn lane(depth: usize, unavailable_since: Option<Timestamp>) -> Result<LaneFacts, NoLane> {
         Ok(LaneFacts {
             name: "anisora".into(),
+            pods_namespace: "framelane-system".into(),
             limits: LIMITS,
             held: Occupancy {
                 depth,
@@ -669,6 +670,11 @@ mod tests {
             };
             assert_eq!(reason, JobReason::QueueWaitTimeout);
             assert!(message.contains(why), "{message}");
+            assert!(
+                message
+                    .contains("kubectl get pods -n framelane-system -l framelane.dev/lane=anisora"),
+                "the runner pods are in the operator's namespace: {message}"
+            );
         }
         // Already on the fallback lane: it does not move again.
         let on_shared =
@@ -705,13 +711,16 @@ mod tests {
             Decision::Wait(FREE_RUNNER_POLL),
             "the fallback lane is busy too: it stays queued"
         );
-        assert!(matches!(
+        assert_eq!(
             decide(&queued, &facts(30, busy(shared(0, 0, 0)), None)),
-            Decision::Fail {
-                reason: JobReason::QueueWaitTimeout,
-                ..
-            }
-        ));
+            Decision::Wait(FREE_RUNNER_POLL),
+            "the fallback lane is down: it waits its turn on its own busy lane"
+        );
+        assert_eq!(
+            decide(&queued, &facts(30, busy(shared(1, 0, 25)), None)),
+            Decision::Wait(FREE_RUNNER_POLL),
+            "the fallback lane is full: the same"
+        );
         let idle = with(lane(2, None), |l| l.fallback = shared(1, 0, 0));
         assert_eq!(
             decide(&queued, &facts(300, idle, None)),

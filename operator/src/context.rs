@@ -209,6 +209,7 @@ impl Context {
             (cause, since)
         });
         LaneFacts {
+            pods_namespace: self.config.namespace.clone(),
             limits: self.lane_limits(lane),
             held: admitted(index, &name, namespace),
             unavailable_since: availability.unavailable_since,

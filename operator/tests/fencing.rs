@@ -419,7 +419,10 @@ async fn a_job_deleted_and_re_created_before_the_leader_saw_the_delete_is_counte
     proxy.thaw();
     deleted?;
     let created = created.context("the new job under the deleted one's name")?;
-    assert_eq!(during, 0, "the lane took more than its maxDepth while it stalled");
+    assert_eq!(
+        during, 0,
+        "the lane took more than its maxDepth while it stalled"
+    );
 
     // Once the leader has seen the delete and the new job, the lane holds 25 again, the next
     // create is refused, and nothing failed.

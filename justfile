@@ -6,7 +6,7 @@ export KUBECONFIG := justfile_directory() / ".testenv/kubeconfig"
 
 # List the recipes.
 default:
-    @just --list
+    @{{just_executable()}} --justfile {{justfile()}} --list
 
 # Build (or reuse from the cache) the control plane binaries and Kueue (the peer `just bench` compares with, and a test checks); prints the control plane's directory.
 tools:

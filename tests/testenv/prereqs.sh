@@ -14,8 +14,13 @@ command -v cargo >/dev/null || missing cargo "install Rust with rustup and put ~
 command -v python3 >/dev/null || missing python3 "install Python 3.11 with pip and venv"
 python3 -c 'import venv, ensurepip' 2>/dev/null \
   || missing "python3's venv" "install it (Debian: apt-get install python3-venv)"
-for tool in curl openssl; do
+for tool in curl openssl git; do
   command -v "$tool" >/dev/null || missing "$tool" "install it (Debian: apt-get install $tool)"
+done
+command -v ps >/dev/null || missing ps "install procps (Debian: apt-get install procps)"
+# The runner's C++ shim, torch-sys and ring compile C and C++.
+for tool in cc c++; do
+  command -v "$tool" >/dev/null || missing "$tool" "install a C and C++ compiler (Debian: apt-get install g++)"
 done
 
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then

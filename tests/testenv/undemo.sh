@@ -24,5 +24,14 @@ for file in "${runners[@]}"; do
   fi
   rm -f "$file"
 done
-[ -z "$lanes" ] || kubectl delete $lanes --wait=true >/dev/null
+if [ -n "$lanes" ]; then
+  kubectl delete $lanes --wait=true >/dev/null
+  # The garbage collector deletes the lanes' runner pods after the lanes: wait for them, or
+  # the first tests would find the fake GPUs still taken.
+  names=$(echo "$lanes" | sed 's|.*/||' | paste -sd, -)
+  for _ in $(seq 120); do
+    [ -z "$(kubectl get pods -A -l "framelane.dev/lane in ($names)" -o name)" ] && break
+    sleep 0.5
+  done
+fi
 [ -z "$nodes" ] || kubectl delete $nodes --wait=true >/dev/null

@@ -24,7 +24,7 @@ use kube::{
     runtime::{
         Controller, WatchStreamExt,
         controller::Config as ControllerConfig,
-        events::{Recorder, Reporter},
+        events::Reporter,
         reflector::{self, ObjectRef},
         watcher::{self, watcher},
     },
@@ -35,7 +35,7 @@ use tokio_stream_shim::UnboundedReceiverStream;
 use crate::{
     config::{CertificateSource, Config},
     context::{Context, Counted, LeaseView, Told},
-    events::EventSink,
+    events::{EventSink, Publisher},
     jobs, lanes,
     leader::Elector,
     metrics::{KindLabels, Metrics},
@@ -511,7 +511,7 @@ async fn controllers(
     };
     let ctx = Arc::new(Context {
         events: EventSink::start(
-            Recorder::new(client.clone(), reporter),
+            Publisher::new(client.clone(), reporter),
             metrics.events_dropped.clone(),
         ),
         client: client.clone(),

@@ -699,6 +699,22 @@ async fn lane_pods_carry_the_gpu_and_allocator_setting_and_go_with_the_lane() ->
         },
     )
     .await?;
+    // Each pod created has its own Event naming it, not a count on the first one's.
+    let after = lane_pods().await?;
+    eventually(30, "a PodCreated Event naming each pod", || async {
+        let events = support::events_about(&fx.client, "ModelLane", None, &gpu_lane).await?;
+        let created: Vec<String> = events
+            .into_iter()
+            .filter(|(reason, _)| reason == "PodCreated")
+            .map(|(_, note)| note)
+            .collect();
+        Ok(before
+            .iter()
+            .chain(&after)
+            .all(|pod| created.iter().any(|note| note.contains(pod.as_str())))
+            .then_some(()))
+    })
+    .await?;
 
     let lanes: Api<ModelLane> = Api::all(fx.client.clone());
     let overridden = eventually(30, "the override condition", || async {

@@ -77,6 +77,8 @@ pub enum Told {
     Finished,
     /// The failure's Warning Event.
     FailedEvent,
+    /// Given back to the queue by its stopping runner, after this attempt.
+    HandedBack { attempt: i32 },
 }
 
 impl Counted {

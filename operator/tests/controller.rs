@@ -26,7 +26,7 @@ use kube::{
 };
 use serde_json::json;
 use support::{Behaviour, Fixture, OperatorProcess, count_phases, eventually, phase};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 
 async fn all_in_phase(fx: &Fixture, n: usize, want: JobPhase, secs: u64) -> Result<Vec<VideoJob>> {
     eventually(secs, &format!("{n} jobs {want:?}"), || async {
@@ -1421,4 +1421,39 @@ async fn runner_pods_go_to_the_tainted_node_pool_their_lane_names() -> Result<()
     nodes.delete(&pool, &DeleteParams::default()).await?;
     classes.delete(&pool, &DeleteParams::default()).await?;
     result
+}
+
+/// A stopping runner's hand-back is told in the job's Events (runners post none).
+#[tokio::test]
+async fn a_job_given_back_by_a_stopping_runner_says_so_in_its_events() -> Result<()> {
+    let fx = Fixture::new("handback").await?;
+    let model = fx.model("anisora", 8, None).await?;
+    let lane = fx.lane("anisora", &[&model], json!({})).await?;
+    let _op = fx.operator("op")?;
+    let (_loaded, loaded_rx) = watch::channel(None::<String>);
+    let runner = Runner::start(
+        fx.client.clone(),
+        &fx.ns.name,
+        "runner-0",
+        &lane,
+        fx.jobs.clone(),
+    );
+    let _heartbeat = runner.keep_alive(loaded_rx);
+    fx.create_job("back", &model).await?;
+    let claimed = eventually(60, "the runner to claim the job", || async {
+        Ok(runner.claim_next().await?)
+    })
+    .await?;
+    claimed.hand_back().await?;
+    let note = eventually(30, "a Requeued Event", || async {
+        let events =
+            support::events_about(&fx.client, "VideoJob", Some(&fx.ns.name), "back").await?;
+        Ok(events
+            .into_iter()
+            .find(|(reason, _)| reason == "Requeued")
+            .map(|(_, note)| note))
+    })
+    .await?;
+    assert!(note.contains("runner runner-0 is stopping"), "{note}");
+    Ok(())
 }

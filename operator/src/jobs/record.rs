@@ -2,7 +2,12 @@
 //! (admitted, failed, requeued, cancelled) as it decides, and what runners did (started,
 //! completed, failed) as the watch shows it, each once (see `Context::first_time`).
 
-use framelane_api::{VideoJob, modellane::FallbackCause, reasons::JobReason, videojob::JobPhase};
+use framelane_api::{
+    VideoJob,
+    modellane::FallbackCause,
+    reasons::{JobCondition, JobReason},
+    videojob::JobPhase,
+};
 use framelane_core::transitions::Admission;
 use kube::{Resource, ResourceExt, runtime::events::EventType};
 
@@ -91,8 +96,9 @@ pub fn tell_cancelled(ctx: &Context, job: &VideoJob, was_running: bool) {
 
 /// Counts a job once in the queue-wait histogram (when it starts) and the finished counter
 /// (when it ends), for what happened while this replica leads, and tells the job's Events
-/// what its runner did: `Started`, `Completed`, or the runner's failure (the controller's own
-/// failures have their Event from [`failed_by_controller`]).
+/// what its runner did: `Started`, `Requeued` (a stopping runner gave it back), `Completed`,
+/// or the runner's failure (the controller's own failures have their Event from
+/// [`failed_by_controller`]).
 pub fn transitions(job: &VideoJob, ctx: &Context) {
     let Some(status) = job.status.as_ref() else {
         return;
@@ -118,6 +124,32 @@ pub fn transitions(job: &VideoJob, ctx: &Context) {
             status.attempts.unwrap_or(1)
         );
         publish(ctx, job, EventType::Normal, JobReason::Started, &note);
+    }
+    // A stopping runner gave it back (the runner writes no Events): its Running condition
+    // says which runner and why.
+    let handed_back = status.conditions.iter().find(|c| {
+        c.type_ == JobCondition::Running.as_str()
+            && c.status == "False"
+            && c.reason == JobReason::Requeued.as_str()
+    });
+    if status.phase == Some(JobPhase::Queued)
+        && let Some(condition) = handed_back
+        // A condition's time has whole seconds: one in the second the leader started counts.
+        && condition.last_transition_time.0.as_second() >= ctx.leader_since.as_second()
+        && ctx.first_time(
+            job,
+            Told::HandedBack {
+                attempt: status.attempts.unwrap_or(0),
+            },
+        )
+    {
+        publish(
+            ctx,
+            job,
+            EventType::Normal,
+            JobReason::Requeued,
+            &condition.message,
+        );
     }
     if let (Some(phase @ (JobPhase::Succeeded | JobPhase::Failed)), Some(finished_at)) =
         (status.phase, &status.finished_at)

@@ -146,12 +146,20 @@ func main() {
 GO
 }
 
-install_go_tool() { # name module-path version
-  have "$1" && return
+install_go_tool() { # name module-path version [ldflags]
+  # $BIN's name carries the control plane's versions, not these tools': a stamp beside each
+  # says what it was built from, so a new version is built rather than the old one kept.
+  local stamp="$BIN/.$1.built-from" want="$2@$3 ${4:-}"
+  if have "$1"; then
+    # A binary cached before the stamps were written is taken as the version asked for.
+    [ -f "$stamp" ] || echo "$want" >"$stamp"
+    [ "$(cat "$stamp")" = "$want" ] && return
+  fi
   log "building $1 $3"
   local work; work=$(mktemp -d)
   GOBIN="$work" go install -trimpath -ldflags "-s -w ${4:-}" "$2@$3" >&2
   mv "$work/$1" "$BIN/$1"
+  echo "$want" >"$stamp"
   rm -rf "$work"
 }
 

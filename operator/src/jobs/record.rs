@@ -86,7 +86,7 @@ pub fn cancelled(ctx: &Context, job: &VideoJob, was_running: bool) {
 /// The Event and metric of a job deleted before it finished, told once by the caller.
 pub fn tell_cancelled(ctx: &Context, job: &VideoJob, was_running: bool) {
     let message = if was_running {
-        "deleted while running; its runner is gone, so the slot is freed"
+        "deleted while running; its runner stopped (or its deadline passed), so the slot is freed"
     } else {
         "deleted while queued; it left the queue"
     };

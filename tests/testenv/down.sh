@@ -25,39 +25,6 @@ pids_of() { # component
   done < <(ps -eo pid=,args= 2>/dev/null || true)
 }
 
-# A process is ours if it runs the component's binary and names our state dir in its
-# arguments (every component is started with a path inside it), so a stale pid file whose pid
-# got reused, or another checkout's testenv, is never signalled.
-matches() { # component args
-  local exe=${2%% *}
-  [ "${exe##*/}" = "$1" ] && [[ "$2" == *"$STATE/"* ]]
-}
-is_ours() { # component pid
-  local args
-  args=$(ps -o args= -p "$2" 2>/dev/null) || return 1
-  matches "$1" "$args"
-}
-
-# Signals a process and, when it leads its own process group (up.sh starts every component
-# with setsid), the whole group, so nothing it forked survives.
-signal() { # SIG pid
-  local pgid
-  pgid=$(ps -o pgid= -p "$2" 2>/dev/null | tr -d ' ' || true)
-  if [ "$pgid" = "$2" ]; then kill -"$1" -- "-$2" 2>/dev/null || true; fi
-  kill -"$1" "$2" 2>/dev/null || true
-}
-
-# Waits up to 5 s for the pids to exit; returns the ones still alive in $left.
-wait_gone() { # pids...
-  local p
-  for _ in $(seq 50); do
-    left=()
-    for p in "$@"; do kill -0 "$p" 2>/dev/null && left+=("$p"); done
-    [ "${#left[@]}" -eq 0 ] && return 0
-    sleep 0.1
-  done
-}
-
 # SIGTERM, then SIGKILL whatever is still there after a few seconds.
 stop() { # component...
   local pids

@@ -20,12 +20,11 @@ kubectl() { "$TOOLS/kubectl" "$@"; }
 NS=framelane-system
 
 cargo build --quiet --manifest-path "$REPO/Cargo.toml" -p framelane-operator
-BIN="$REPO/target/debug/framelane-operator"
+BIN="${CARGO_TARGET_DIR:-$REPO/target}/debug/framelane-operator"
 
-if pid=$(cat "$STATE/framelane-operator.pid" 2>/dev/null) && kill -0 "$pid" 2>/dev/null; then
+if pid=$(cat "$STATE/framelane-operator.pid" 2>/dev/null) && is_ours framelane-operator "$pid"; then
   log "restarting the operator (pid $pid)"
-  kill "$pid"
-  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+  stop_pid framelane-operator "$pid"
 fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }

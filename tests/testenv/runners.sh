@@ -17,7 +17,7 @@ KUBECTL="$("$HERE/tools.sh")/kubectl"
 eval "$("$REPO/gpu-runner/scripts/setup-torch.sh")"
 
 cargo build --quiet --manifest-path "$REPO/Cargo.toml" -p framelane-runner
-BIN="$REPO/target/debug/framelane-runner"
+BIN="${CARGO_TARGET_DIR:-$REPO/target}/debug/framelane-runner"
 if [ ! -f "$STATE/models/inputs/first-frame.png" ]; then
   log "making the tiny Wan models in $STATE/models"
   rm -rf "$STATE/models"
@@ -26,10 +26,9 @@ fi
 mkdir -p "$STATE/outputs"
 
 for lane in "$@"; do
-  if pid=$(cat "$STATE/framelane-runner-$lane.pid" 2>/dev/null) && kill -0 "$pid" 2>/dev/null; then
+  if pid=$(cat "$STATE/framelane-runner-$lane.pid" 2>/dev/null) && is_ours framelane-runner "$pid"; then
     log "restarting the runner of lane $lane (pid $pid)"
-    kill "$pid"
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+    stop_pid framelane-runner "$pid"
   fi
   pod=$("$KUBECTL" get pods -n framelane-system -l "framelane.dev/lane=$lane" -o jsonpath='{.items[0].metadata.name}')
   [ -n "$pod" ] || { log "lane $lane has no runner pod yet"; exit 1; }

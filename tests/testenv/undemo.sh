@@ -19,9 +19,7 @@ log "removing what just demo left running, so that it does not take the tests' j
 for file in "${runners[@]}"; do
   [ -e "$file" ] || continue
   pid=$(cat "$file")
-  if kill "$pid" 2>/dev/null; then
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
-  fi
+  [[ "$pid" =~ ^[0-9]+$ ]] && stop_pid framelane-runner "$pid"
   rm -f "$file"
 done
 if [ -n "$lanes" ]; then

@@ -216,34 +216,28 @@ fn exif_orientation(exif: &[u8]) -> u16 {
         Some(b"II*\0") => false,
         _ => return 1,
     };
-    let bytes = |at: usize, n: usize| exif.get(at..at.checked_add(n)?);
-    let u16_at = |at: usize| {
-        let b: [u8; 2] = bytes(at, 2)?.try_into().ok()?;
+    // An unsigned number of `n` bytes at `at`, in the data's byte order.
+    let number = |at: usize, n: usize| {
+        let bytes = exif.get(at..at.checked_add(n)?)?;
+        let digit = |value: u32, byte: &u8| value << 8 | u32::from(*byte);
         Some(if big_endian {
-            u16::from_be_bytes(b)
+            bytes.iter().fold(0, digit)
         } else {
-            u16::from_le_bytes(b)
-        })
-    };
-    let u32_at = |at: usize| {
-        let b: [u8; 4] = bytes(at, 4)?.try_into().ok()?;
-        Some(if big_endian {
-            u32::from_be_bytes(b)
-        } else {
-            u32::from_le_bytes(b)
+            bytes.iter().rev().fold(0, digit)
         })
     };
     // The first image file directory: a count, then 12-byte entries (tag, type, count, value);
     // the orientation is one SHORT, in the first two bytes of the value.
-    const ORIENTATION: u16 = 0x0112;
-    let Some(ifd) = u32_at(4).and_then(|at| usize::try_from(at).ok()) else {
+    const ORIENTATION: u32 = 0x0112;
+    let Some(ifd) = number(4, 4).and_then(|at| usize::try_from(at).ok()) else {
         return 1;
     };
-    let entries = u16_at(ifd).unwrap_or(0);
-    (0..usize::from(entries))
+    let entries = number(ifd, 2).unwrap_or(0) as usize;
+    (0..entries)
         .map(|i| ifd + 2 + 12 * i)
-        .find(|&entry| u16_at(entry) == Some(ORIENTATION))
-        .and_then(|entry| u16_at(entry + 8))
+        .find(|&entry| number(entry, 2) == Some(ORIENTATION))
+        .and_then(|entry| number(entry + 8, 2))
+        .and_then(|o| u16::try_from(o).ok())
         .filter(|o| (1..=8).contains(o))
         .unwrap_or(1)
 }

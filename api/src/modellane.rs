@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
     status = "ModelLaneStatus",
     printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
     printcolumn(name = "Models", type_ = "string", json_path = ".spec.models"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyRunners"),
     printcolumn(name = "Queue", type_ = "integer", json_path = ".status.queueDepth"),
     printcolumn(name = "Fallback", type_ = "string", json_path = ".status.fallback.cause"),

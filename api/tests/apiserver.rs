@@ -642,7 +642,7 @@ async fn kubectl_shows_printer_columns_short_names_and_docs() -> Result<()> {
     assert_eq!(
         header,
         [
-            "NAME", "MODE", "MODELS", "READY", "QUEUE", "FALLBACK", "AGE"
+            "NAME", "MODE", "MODELS", "PHASE", "READY", "QUEUE", "FALLBACK", "AGE"
         ],
         "{out}"
     );
@@ -652,11 +652,12 @@ async fn kubectl_shows_printer_columns_short_names_and_docs() -> Result<()> {
         .split_whitespace()
         .collect();
     assert_eq!(
-        &row[..6],
+        &row[..7],
         [
             name.as_str(),
             "Dedicated",
             "[\"anisora\"]",
+            "Ready",
             "1",
             "3",
             "capacity"

@@ -20,9 +20,11 @@ vocabulary! {
         /// The job ran longer than its deadline (`spec.deadlineSeconds`, else its lane's
         /// `spec.queue.jobDeadlineSeconds`).
         DeadlineExceeded,
-        /// The job's runner died mid-job too many times.
+        /// The job's runner stopped heartbeating mid-job: the reason of the Warning Event of
+        /// each such loss, and of the job's failure once it lost `--max-attempts` runners.
         RunnerLost,
-        /// A runner died mid-job; the job went back to its place in the queue.
+        /// The job went back to its place in the queue: its runner was lost, or gave it back
+        /// while stopping (`status.reason`; the Event of a stopping runner's give-back).
         Requeued,
         /// The job waited `maxWaitSeconds` and moved to its lane's fallback lane.
         MovedToFallback,

@@ -35,6 +35,11 @@ pub fn set_lane(
     set(conditions, type_.as_str(), reason.as_str(), observed);
 }
 
+/// The job condition of `type_`, if set.
+pub fn job_condition(conditions: &[Condition], type_: JobCondition) -> Option<&Condition> {
+    conditions.iter().find(|c| c.type_ == type_.as_str())
+}
+
 /// The lane condition of `type_`, if set.
 pub fn lane_condition(conditions: &[Condition], type_: LaneCondition) -> Option<&Condition> {
     conditions.iter().find(|c| c.type_ == type_.as_str())

@@ -8,7 +8,7 @@ use framelane_api::{VideoJobStatus, reasons::JobCondition};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::coordination::v1::Lease;
 
-use crate::availability::fresh_until;
+use crate::{availability::fresh_until, conditions::job_condition};
 
 /// Since when a queued job has waited: its admission (`queuedAt`, its place in the queue) or,
 /// for a job given back to the queue (its runner was lost, or stopping), the moment it left
@@ -16,10 +16,8 @@ use crate::availability::fresh_until;
 /// fails: the wait before its first run is over.
 pub fn waiting_since(status: &VideoJobStatus) -> Option<Timestamp> {
     let queued_at = status.queued_at.as_ref().map(|t| t.0);
-    let left_running = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == JobCondition::Running.as_str() && c.status == "False")
+    let left_running = job_condition(&status.conditions, JobCondition::Running)
+        .filter(|c| c.status == "False")
         .map(|c| c.last_transition_time.0);
     match (queued_at, left_running) {
         (Some(q), Some(r)) => Some(q.max(r)),

@@ -8,7 +8,7 @@ use framelane_api::{
     reasons::{JobCondition, JobReason},
     videojob::JobPhase,
 };
-use framelane_core::transitions::Admission;
+use framelane_core::{conditions::job_condition, transitions::Admission};
 use kube::{Resource, ResourceExt, runtime::events::EventType};
 
 use crate::{
@@ -127,11 +127,8 @@ pub fn transitions(job: &VideoJob, ctx: &Context) {
     }
     // A stopping runner gave it back (the runner writes no Events): its Running condition
     // says which runner and why.
-    let handed_back = status.conditions.iter().find(|c| {
-        c.type_ == JobCondition::Running.as_str()
-            && c.status == "False"
-            && c.reason == JobReason::Requeued.as_str()
-    });
+    let handed_back = job_condition(&status.conditions, JobCondition::Running)
+        .filter(|c| c.status == "False" && c.reason == JobReason::Requeued.as_str());
     if status.phase == Some(JobPhase::Queued)
         && let Some(condition) = handed_back
         // A condition's time has whole seconds: one in the second the leader started counts.
